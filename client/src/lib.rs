@@ -1,0 +1,1 @@
+//! Client of the `keywardd` Varlink API (`org.keyward.Custodian`).

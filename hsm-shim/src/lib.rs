@@ -1,0 +1,322 @@
+//! The device layer of Keyward: seal, unseal and sign **inside** a TPM 2.0 or a PKCS#11 token.
+//!
+//! This crate owns the conversation with the hardware and nothing else: it knows no sockets, no
+//! store, no callers and no policy. Every backend implements the same three small traits
+//! ([`Device`], [`Sealer`], [`Signer`]) with `&mut self` methods, because a cryptoki session and an
+//! ESAPI context each belong to exactly one thread; the daemon gives every device its own owner
+//! thread and talks to it over channels.
+//!
+//! **The device keeps nothing we must remember.** What a backend hands back ([`SealedBlob`],
+//! [`KeyHandle`]) is a versioned, serialisable value that the caller stores; with it, the object can
+//! be found again (PKCS#11: by `CKA_ID` on the token the URI names) or loaded again (TPM: public +
+//! private blobs under a primary key re-created from a fixed template).
+//!
+//! There is never a silent software fallback: an absent or broken device is an error.
+
+pub mod error;
+pub mod pkcs11;
+mod pubkey;
+pub mod secret;
+pub mod tpm;
+pub mod uri;
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+pub use error::DeviceError;
+pub use secret::{Pin, SecretBytes};
+
+/// Result of every device operation.
+pub type Result<T, E = DeviceError> = std::result::Result<T, E>;
+
+/// Which kind of device a backend drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// A PKCS#11 token or HSM.
+    Pkcs11,
+    /// A TPM 2.0.
+    Tpm2,
+}
+
+/// What a device says about itself; shown to admins, never secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// The backend.
+    pub kind: DeviceKind,
+    /// Manufacturer as reported by the device.
+    pub manufacturer: String,
+    /// Model (PKCS#11) or vendor string (TPM).
+    pub model: String,
+    /// Serial number (PKCS#11 token) or firmware version (TPM).
+    pub serial: String,
+    /// Token label (PKCS#11) or the TCTI in use (TPM).
+    pub label: String,
+}
+
+/// Signing algorithms Keyward offers. Names are the wire names used by the API and the CLI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum KeyAlgorithm {
+    /// Ed25519 (pure EdDSA); signature is the raw 64 bytes.
+    #[serde(rename = "ed25519")]
+    Ed25519,
+    /// ECDSA over P-256 with SHA-256; signature is DER (X9.62 `Ecdsa-Sig-Value`).
+    #[serde(rename = "ecdsa-p256")]
+    EcdsaP256,
+    /// RSA-3072 with PSS padding, SHA-256, MGF1-SHA-256, 32-byte salt; signature is raw.
+    #[serde(rename = "rsa-pss-3072")]
+    RsaPss3072,
+}
+
+impl KeyAlgorithm {
+    /// Every algorithm, for help texts and exhaustive tests.
+    pub const ALL: [KeyAlgorithm; 3] = [Self::Ed25519, Self::EcdsaP256, Self::RsaPss3072];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ed25519 => "ed25519",
+            Self::EcdsaP256 => "ecdsa-p256",
+            Self::RsaPss3072 => "rsa-pss-3072",
+        }
+    }
+}
+
+impl fmt::Display for KeyAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for KeyAlgorithm {
+    type Err = DeviceError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| {
+                DeviceError::InvalidArgument(format!(
+                    "unknown algorithm {s:?}: expected one of ed25519, ecdsa-p256, rsa-pss-3072"
+                ))
+            })
+    }
+}
+
+/// What to create with [`Signer::generate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeySpec {
+    /// A human label stored with the object where the device has room for one (PKCS#11 `CKA_LABEL`).
+    pub label: String,
+    /// The algorithm.
+    pub algorithm: KeyAlgorithm,
+}
+
+/// A signing key that lives in a device. Store it; pass it back to sign.
+///
+/// The variant names carry a version so that a stored handle keeps its meaning when the format
+/// grows: a new layout is a new variant, never a changed one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "format")]
+pub enum KeyHandle {
+    /// A key pair on a PKCS#11 token, found by `CKA_ID` (the private and public object share it).
+    #[serde(rename = "pkcs11/v1")]
+    Pkcs11 {
+        /// Algorithm of the pair.
+        algorithm: KeyAlgorithm,
+        /// `CKA_ID` of both objects.
+        id: Vec<u8>,
+    },
+    /// A TPM key, loadable under the storage root key.
+    #[serde(rename = "tpm2/v1")]
+    Tpm2 {
+        /// Algorithm of the key.
+        algorithm: KeyAlgorithm,
+        /// Marshalled `TPM2B_PUBLIC`.
+        public: Vec<u8>,
+        /// The `TPM2B_PRIVATE` buffer (encrypted by the TPM under its parent).
+        private: Vec<u8>,
+    },
+}
+
+impl KeyHandle {
+    /// The key's algorithm.
+    pub fn algorithm(&self) -> KeyAlgorithm {
+        match self {
+            Self::Pkcs11 { algorithm, .. } | Self::Tpm2 { algorithm, .. } => *algorithm,
+        }
+    }
+}
+
+/// A secret sealed by a device. Only that device (and, for a TPM, only in the sealed-to state)
+/// can turn it back into the secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "format")]
+pub enum SealedBlob {
+    /// AES-256-GCM by a token-resident, non-extractable key.
+    #[serde(rename = "pkcs11-aes-gcm/v1")]
+    Pkcs11AesGcm {
+        /// `CKA_ID` of the AES key.
+        key_id: Vec<u8>,
+        /// 12-byte GCM IV.
+        iv: Vec<u8>,
+        /// Ciphertext followed by the 16-byte tag.
+        ciphertext: Vec<u8>,
+    },
+    /// RSA-OAEP (SHA-256) by a token-resident key pair, for tokens without AES (smart cards).
+    #[serde(rename = "pkcs11-rsa-oaep/v1")]
+    Pkcs11RsaOaep {
+        /// `CKA_ID` of the RSA key pair.
+        key_id: Vec<u8>,
+        /// OAEP ciphertext of `SHA-256(context) || secret`.
+        ciphertext: Vec<u8>,
+    },
+    /// A TPM sealed-data object bound to PCR values (and optionally a PIN).
+    #[serde(rename = "tpm2-sealed/v1")]
+    Tpm2 {
+        /// Marshalled `TPM2B_PUBLIC` of the sealed object.
+        public: Vec<u8>,
+        /// Its `TPM2B_PRIVATE` buffer.
+        private: Vec<u8>,
+        /// PCR indices (sha256 bank) of the policy.
+        pcrs: Vec<u8>,
+        /// Whether the policy also needs the PIN (`PolicyAuthValue`).
+        pin: bool,
+    },
+}
+
+/// What a sealed secret is bound to, beyond the device itself.
+#[derive(Debug, Default)]
+pub struct SealPolicy {
+    /// TPM only: PCR indices of the sha256 bank whose current values the secret is bound to.
+    /// `None` uses the device's configured default. A PKCS#11 token rejects `Some`.
+    pub pcrs: Option<Vec<u8>>,
+    /// TPM only: a PIN that is needed on top of the PCR policy. A PKCS#11 token is protected by
+    /// its login PIN instead and rejects `Some`.
+    pub pin: Option<Pin>,
+}
+
+/// What [`Signer::sign`] signs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignInput<'a> {
+    /// The message; the device (or the host, where the device needs a digest) hashes it.
+    Message(&'a [u8]),
+    /// A SHA-256 digest the caller computed. Ed25519 signs messages only and rejects this.
+    Sha256Digest(&'a [u8; 32]),
+}
+
+/// How a device protects a key, read back from the device itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyProtection {
+    /// Can the private key leave the device (wrapped)? Keyward keys never can.
+    pub extractable: bool,
+    /// Is the private key readable in clear? Keyward keys never are.
+    pub sensitive: bool,
+    /// Was the key generated inside the device (PKCS#11 `CKA_LOCAL`, TPM `sensitiveDataOrigin`)?
+    pub generated_on_device: bool,
+}
+
+/// A public key as DER `SubjectPublicKeyInfo`, the form OpenSSL and every X.509 library read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicKeyDer(pub Vec<u8>);
+
+impl PublicKeyDer {
+    /// PEM (`-----BEGIN PUBLIC KEY-----`).
+    pub fn to_pem(&self) -> String {
+        pubkey::to_pem(&self.0)
+    }
+}
+
+/// Liveness and identity.
+pub trait Device {
+    /// What the device says it is.
+    fn info(&self) -> &DeviceInfo;
+    /// A cheap round trip to the device. `Err(DeviceGone)` means the caller should reopen it.
+    ///
+    /// # Errors
+    /// [`DeviceError::DeviceGone`] when the device no longer answers.
+    fn ping(&mut self) -> Result<()>;
+}
+
+/// Seal and unseal small secrets (a vault master key) inside the device.
+pub trait Sealer {
+    /// Seal `secret` (at most [`MAX_SEALED_SECRET`] bytes). `context` is bound into the blob:
+    /// unsealing with another context fails, so a blob can't be replayed for another purpose.
+    ///
+    /// # Errors
+    /// [`DeviceError::Unsupported`] for a policy the device cannot enforce, device errors otherwise.
+    fn seal(&mut self, secret: &SecretBytes, context: &[u8], policy: &SealPolicy) -> Result<SealedBlob>;
+
+    /// Unseal a blob made by [`Sealer::seal`] on this device with the same `context`.
+    ///
+    /// # Errors
+    /// [`DeviceError::PolicyMismatch`] when PCRs changed, [`DeviceError::PinIncorrect`] for a wrong
+    /// PIN, [`DeviceError::InvalidBlob`] for a tampered or foreign blob or another context.
+    fn unseal(&mut self, blob: &SealedBlob, context: &[u8], pin: Option<&Pin>) -> Result<SecretBytes>;
+}
+
+/// Create keys in the device and sign with them there.
+pub trait Signer {
+    /// Generate a key pair inside the device; the private key is non-extractable and sensitive.
+    ///
+    /// # Errors
+    /// [`DeviceError::Unsupported`] when the device lacks the algorithm.
+    fn generate(&mut self, spec: &KeySpec) -> Result<KeyHandle>;
+
+    /// The public half as DER SubjectPublicKeyInfo.
+    ///
+    /// # Errors
+    /// [`DeviceError::NotFound`] when the key is not on this device.
+    fn public_key(&mut self, handle: &KeyHandle) -> Result<PublicKeyDer>;
+
+    /// Sign inside the device. Signatures come in the forms OpenSSL verifies: Ed25519 raw 64 bytes,
+    /// ECDSA DER, RSA-PSS raw.
+    ///
+    /// # Errors
+    /// [`DeviceError::NotFound`] when the key is gone, [`DeviceError::Unsupported`] for a digest
+    /// given to Ed25519.
+    fn sign(&mut self, handle: &KeyHandle, input: SignInput<'_>) -> Result<Vec<u8>>;
+
+    /// How the device protects the private key, as the device reports it.
+    ///
+    /// # Errors
+    /// [`DeviceError::NotFound`] when the key is not on this device.
+    fn protection(&mut self, handle: &KeyHandle) -> Result<KeyProtection>;
+
+    /// Destroy the key in the device, where the device holds it (a TPM key lives only in its
+    /// blobs, so for a TPM this is a no-op and forgetting the handle destroys it).
+    ///
+    /// # Errors
+    /// Device errors; a key that is already gone is not an error.
+    fn destroy(&mut self, handle: &KeyHandle) -> Result<()>;
+}
+
+/// Everything a configured device does, for callers that hold any backend.
+pub trait Backend: Device + Sealer + Signer + Send {}
+impl<T: Device + Sealer + Signer + Send> Backend for T {}
+
+/// Largest secret [`Sealer::seal`] accepts: a TPM sealed-data object holds 128 bytes, of which
+/// 32 carry the context digest.
+pub const MAX_SEALED_SECRET: usize = 64;
+
+/// SHA-256 of the seal context, as bound into blobs that have no AAD of their own.
+pub(crate) fn context_digest(context: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"keyward seal context v1\0");
+    h.update(context);
+    h.finalize().into()
+}
+
+/// Check a secret's size against [`MAX_SEALED_SECRET`].
+pub(crate) fn check_secret_len(secret: &SecretBytes) -> Result<()> {
+    let n = secret.expose().len();
+    if n == 0 || n > MAX_SEALED_SECRET {
+        return Err(DeviceError::InvalidArgument(format!(
+            "a sealed secret is 1 to {MAX_SEALED_SECRET} bytes, not {n}"
+        )));
+    }
+    Ok(())
+}

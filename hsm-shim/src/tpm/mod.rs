@@ -1,0 +1,1 @@
+//! TPM 2.0 backend (tss-esapi).

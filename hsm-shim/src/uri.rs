@@ -1,0 +1,1 @@
+//! PKCS#11 URIs (RFC 7512). Placeholder until the parser lands.

@@ -1,0 +1,41 @@
+//! Test fixtures that run **real** devices: a SoftHSM token in its own temp dir
+//! ([`softhsm::SoftHsm`]), an swtpm process on its own port pair ([`swtpm::Swtpm`]), and helpers
+//! that check results with independent tools ([`openssl`]). Nothing here mocks a device.
+//!
+//! Fixtures panic on setup failure: a test that cannot build its world has nothing to assert.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod openssl;
+pub mod softhsm;
+pub mod swtpm;
+
+use std::path::Path;
+use std::process::Command;
+
+/// True when `program` runs (`--version` or `-v` exits), so a fixture can say which package is
+/// missing instead of failing with ENOENT.
+pub fn have_program(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Run a command to completion, panicking with its output when it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The workspace root (for `softhsm-config/` and friends).
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("."))
+}

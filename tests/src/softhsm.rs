@@ -1,0 +1,1 @@
+//! SoftHSM fixture (placeholder).

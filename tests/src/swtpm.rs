@@ -1,0 +1,1 @@
+//! swtpm fixture (placeholder).
