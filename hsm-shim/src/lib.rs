@@ -134,7 +134,7 @@ pub enum KeyHandle {
     Tpm2 {
         /// Algorithm of the key.
         algorithm: KeyAlgorithm,
-        /// Marshalled `TPM2B_PUBLIC`.
+        /// Marshalled `TPMT_PUBLIC` (no size prefix).
         public: Vec<u8>,
         /// The `TPM2B_PRIVATE` buffer (encrypted by the TPM under its parent).
         private: Vec<u8>,
@@ -165,7 +165,8 @@ pub enum SealedBlob {
         /// Ciphertext followed by the 16-byte tag.
         ciphertext: Vec<u8>,
     },
-    /// RSA-OAEP (SHA-256) by a token-resident key pair, for tokens without AES (smart cards).
+    /// RSA-OAEP (SHA-1, MGF1-SHA-1) by a token-resident key pair, for tokens without AES
+    /// (smart cards).
     #[serde(rename = "pkcs11-rsa-oaep/v1")]
     Pkcs11RsaOaep {
         /// `CKA_ID` of the RSA key pair.
@@ -176,7 +177,7 @@ pub enum SealedBlob {
     /// A TPM sealed-data object bound to PCR values (and optionally a PIN).
     #[serde(rename = "tpm2-sealed/v1")]
     Tpm2 {
-        /// Marshalled `TPM2B_PUBLIC` of the sealed object.
+        /// Marshalled `TPMT_PUBLIC` of the sealed object (no size prefix).
         public: Vec<u8>,
         /// Its `TPM2B_PRIVATE` buffer.
         private: Vec<u8>,
@@ -247,14 +248,24 @@ pub trait Sealer {
     ///
     /// # Errors
     /// [`DeviceError::Unsupported`] for a policy the device cannot enforce, device errors otherwise.
-    fn seal(&mut self, secret: &SecretBytes, context: &[u8], policy: &SealPolicy) -> Result<SealedBlob>;
+    fn seal(
+        &mut self,
+        secret: &SecretBytes,
+        context: &[u8],
+        policy: &SealPolicy,
+    ) -> Result<SealedBlob>;
 
     /// Unseal a blob made by [`Sealer::seal`] on this device with the same `context`.
     ///
     /// # Errors
     /// [`DeviceError::PolicyMismatch`] when PCRs changed, [`DeviceError::PinIncorrect`] for a wrong
     /// PIN, [`DeviceError::InvalidBlob`] for a tampered or foreign blob or another context.
-    fn unseal(&mut self, blob: &SealedBlob, context: &[u8], pin: Option<&Pin>) -> Result<SecretBytes>;
+    fn unseal(
+        &mut self,
+        blob: &SealedBlob,
+        context: &[u8],
+        pin: Option<&Pin>,
+    ) -> Result<SecretBytes>;
 }
 
 /// Create keys in the device and sign with them there.
@@ -268,14 +279,16 @@ pub trait Signer {
     /// The public half as DER SubjectPublicKeyInfo.
     ///
     /// # Errors
-    /// [`DeviceError::NotFound`] when the key is not on this device.
+    /// [`DeviceError::NotFound`] when a token no longer holds the key,
+    /// [`DeviceError::InvalidBlob`] for a handle of another device or a tampered one.
     fn public_key(&mut self, handle: &KeyHandle) -> Result<PublicKeyDer>;
 
     /// Sign inside the device. Signatures come in the forms OpenSSL verifies: Ed25519 raw 64 bytes,
     /// ECDSA DER, RSA-PSS raw.
     ///
     /// # Errors
-    /// [`DeviceError::NotFound`] when the key is gone, [`DeviceError::Unsupported`] for a digest
+    /// [`DeviceError::NotFound`] when the key is gone, [`DeviceError::InvalidBlob`] for a foreign
+    /// or tampered handle, [`DeviceError::Unsupported`] for a digest
     /// given to Ed25519.
     fn sign(&mut self, handle: &KeyHandle, input: SignInput<'_>) -> Result<Vec<u8>>;
 

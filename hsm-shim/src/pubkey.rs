@@ -12,25 +12,38 @@ const OID_ED25519: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.101.112"
 const OID_RSA_ENCRYPTION: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
 
 fn encoding(what: &str, e: impl std::fmt::Display) -> DeviceError {
-    DeviceError::Backend { op: "public key encoding", detail: format!("{what}: {e}") }
+    DeviceError::Backend {
+        op: "public key encoding",
+        detail: format!("{what}: {e}"),
+    }
 }
 
 /// SPKI for a raw 32-byte Ed25519 public key.
 pub(crate) fn ed25519_spki(raw: &[u8]) -> Result<PublicKeyDer> {
     if raw.len() != 32 {
-        return Err(encoding("Ed25519 public key", format!("{} bytes, want 32", raw.len())));
+        return Err(encoding(
+            "Ed25519 public key",
+            format!("{} bytes, want 32", raw.len()),
+        ));
     }
     let spki = SubjectPublicKeyInfoOwned {
-        algorithm: AlgorithmIdentifierOwned { oid: OID_ED25519, parameters: None },
+        algorithm: AlgorithmIdentifierOwned {
+            oid: OID_ED25519,
+            parameters: None,
+        },
         subject_public_key: BitString::from_bytes(raw).map_err(|e| encoding("Ed25519", e))?,
     };
-    Ok(PublicKeyDer(spki.to_der().map_err(|e| encoding("Ed25519 SPKI", e))?))
+    Ok(PublicKeyDer(
+        spki.to_der().map_err(|e| encoding("Ed25519 SPKI", e))?,
+    ))
 }
 
 /// SPKI for a P-256 point in SEC1 form (`04 || x || y`).
 pub(crate) fn p256_spki(sec1: &[u8]) -> Result<PublicKeyDer> {
     let key = p256::PublicKey::from_sec1_bytes(sec1).map_err(|e| encoding("P-256 point", e))?;
-    let der = key.to_public_key_der().map_err(|e| encoding("P-256 SPKI", e))?;
+    let der = key
+        .to_public_key_der()
+        .map_err(|e| encoding("P-256 SPKI", e))?;
     Ok(PublicKeyDer(der.as_bytes().to_vec()))
 }
 
@@ -55,12 +68,15 @@ pub(crate) fn rsa_spki(modulus: &[u8], exponent: &[u8]) -> Result<PublicKeyDer> 
         },
         subject_public_key: BitString::from_bytes(&inner).map_err(|e| encoding("RSA", e))?,
     };
-    Ok(PublicKeyDer(spki.to_der().map_err(|e| encoding("RSA SPKI", e))?))
+    Ok(PublicKeyDer(
+        spki.to_der().map_err(|e| encoding("RSA SPKI", e))?,
+    ))
 }
 
 /// An ECDSA P-256 signature from raw `r || s` (what PKCS#11 returns) to DER.
 pub(crate) fn ecdsa_p256_raw_to_der(raw: &[u8]) -> Result<Vec<u8>> {
-    let sig = p256::ecdsa::Signature::from_slice(raw).map_err(|e| encoding("ECDSA signature", e))?;
+    let sig =
+        p256::ecdsa::Signature::from_slice(raw).map_err(|e| encoding("ECDSA signature", e))?;
     Ok(sig.to_der().as_bytes().to_vec())
 }
 
@@ -90,7 +106,10 @@ mod tests {
     fn ed25519_spki_matches_dalek_encoding_prefix() {
         let der = ed25519_spki(&[7u8; 32]).unwrap();
         // RFC 8410 §4: 30 2a 30 05 06 03 2b 65 70 03 21 00 || key
-        assert_eq!(&der.0[..12], &[0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00]);
+        assert_eq!(
+            &der.0[..12],
+            &[0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00]
+        );
         assert_eq!(&der.0[12..], &[7u8; 32]);
         assert!(der.to_pem().starts_with("-----BEGIN PUBLIC KEY-----\n"));
     }

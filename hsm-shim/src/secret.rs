@@ -73,7 +73,9 @@ impl Pin {
             )));
         }
         if pin.chars().any(char::is_control) {
-            return Err(DeviceError::InvalidArgument("a PIN has no control characters".into()));
+            return Err(DeviceError::InvalidArgument(
+                "a PIN has no control characters".into(),
+            ));
         }
         Ok(Self(pin))
     }
@@ -141,7 +143,10 @@ mod tests {
         std::fs::write(&f, "1234\r\n").unwrap();
         assert_eq!(Pin::from_file(&f).unwrap().expose(), "1234");
         std::fs::write(&f, "1234\n\n").unwrap();
-        assert!(Pin::from_file(&f).is_err(), "two newlines is a malformed PIN file");
+        assert!(
+            Pin::from_file(&f).is_err(),
+            "two newlines is a malformed PIN file"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

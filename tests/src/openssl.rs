@@ -31,11 +31,20 @@ pub fn verify(
                 .arg(&sig);
         }
         KeyAlgorithm::EcdsaP256 => {
-            cmd.args(["dgst", "-sha256", "-verify"]).arg(&key).arg("-signature").arg(&sig).arg(&msg);
+            cmd.args(["dgst", "-sha256", "-verify"])
+                .arg(&key)
+                .arg("-signature")
+                .arg(&sig)
+                .arg(&msg);
         }
         KeyAlgorithm::RsaPss3072 => {
             cmd.args(["dgst", "-sha256", "-sigopt", "rsa_padding_mode:pss"])
-                .args(["-sigopt", "rsa_pss_saltlen:32", "-sigopt", "rsa_mgf1_md:sha256"])
+                .args([
+                    "-sigopt",
+                    "rsa_pss_saltlen:32",
+                    "-sigopt",
+                    "rsa_mgf1_md:sha256",
+                ])
                 .arg("-verify")
                 .arg(&key)
                 .arg("-signature")
@@ -49,8 +58,14 @@ pub fn verify(
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    anyhow::ensure!(out.status.success(), "openssl rejected the {algorithm} signature: {text}");
-    anyhow::ensure!(text.contains("Verified"), "openssl said neither yes nor no: {text}");
+    anyhow::ensure!(
+        out.status.success(),
+        "openssl rejected the {algorithm} signature: {text}"
+    );
+    anyhow::ensure!(
+        text.contains("Verified"),
+        "openssl said neither yes nor no: {text}"
+    );
     Ok(())
 }
 
@@ -63,6 +78,10 @@ pub fn describe_public_key(public_key: &PublicKeyDer) -> anyhow::Result<String> 
         .args(["pkey", "-pubin", "-inform", "DER", "-noout", "-text", "-in"])
         .arg(&key)
         .output()?;
-    anyhow::ensure!(out.status.success(), "openssl cannot read the key: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "openssl cannot read the key: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -1,1 +1,331 @@
-//! PKCS#11 backend (cryptoki).
+//! PKCS#11 backend (cryptoki): a token named by a PKCS#11 URI, one logged-in session owned by
+//! one thread.
+//!
+//! What lives where:
+//! - `mod.rs`: configuration, loading the module once per process, finding the token, the session
+//!   and login, [`Device`];
+//! - `error.rs`: the one mapping from `CKR_*` codes to [`DeviceError`];
+//! - `seal.rs`: [`crate::Sealer`] with a token-resident AES-256 key (GCM) or RSA key pair (OAEP);
+//! - `keys.rs` and `sign.rs`: [`crate::Signer`].
+//!
+//! Objects are found by `CKA_ID` (random, made by the token's RNG); handles are cached for the
+//! session's life because a `C_FindObjects*` round trip per signature would cost more than the
+//! signature itself on a fast token.
+
+mod error;
+mod keys;
+mod seal;
+mod sign;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::object::ObjectHandle;
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+
+use crate::uri::{Pkcs11Uri, TokenFields};
+use crate::{Device, DeviceError, DeviceInfo, DeviceKind, Pin, Result};
+
+pub use error::map_error;
+
+/// Debian's SoftHSM module, the development and test token.
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// How [`crate::Sealer::seal`] protects a secret on this token.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SealMode {
+    /// AES-GCM when the token has it, else RSA-OAEP.
+    #[default]
+    Auto,
+    /// AES-256-GCM with a token-resident secret key.
+    AesGcm,
+    /// RSA-OAEP (SHA-256) with a token-resident RSA-3072 key pair: smart cards without AES.
+    RsaOaep,
+}
+
+/// Where the token is and how to log in.
+pub struct Pkcs11Config {
+    /// Path of the PKCS#11 module (shared library).
+    pub module: PathBuf,
+    /// The token: a URI that names it by `token`, `serial`, `manufacturer` and/or `model`.
+    pub token: Pkcs11Uri,
+    /// The user PIN. `None` for tokens that need no login.
+    pub pin: Option<Pin>,
+    /// `CKA_LABEL` of the sealing key (created on first seal when absent).
+    pub seal_key_label: String,
+    /// How secrets are sealed.
+    pub seal_mode: SealMode,
+}
+
+impl Pkcs11Config {
+    /// A config for `module` and `token` with defaults for the rest.
+    pub fn new(module: impl Into<PathBuf>, token: Pkcs11Uri, pin: Option<Pin>) -> Self {
+        Self {
+            module: module.into(),
+            token,
+            pin,
+            seal_key_label: "keyward-seal".into(),
+            seal_mode: SealMode::Auto,
+        }
+    }
+}
+
+impl fmt::Debug for Pkcs11Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pkcs11Config")
+            .field("module", &self.module)
+            .field("token", &self.token.to_string())
+            .field("pin", &self.pin.as_ref().map(|_| "(set)"))
+            .field("seal_key_label", &self.seal_key_label)
+            .field("seal_mode", &self.seal_mode)
+            .finish()
+    }
+}
+
+/// A logged-in session on one token. Owned by one thread (`Session` is `Send`, not `Sync`).
+pub struct Pkcs11Device {
+    ctx: Pkcs11,
+    config: Pkcs11Config,
+    slot: Slot,
+    session: Session,
+    info: DeviceInfo,
+    /// `(class, CKA_ID)` → handle, valid for this session.
+    handles: HashMap<(u64, Vec<u8>), ObjectHandle>,
+}
+
+impl fmt::Debug for Pkcs11Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pkcs11Device")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One `Pkcs11` per module path for the whole process: `C_Initialize` may run once per process
+/// (SoftHSM crashes on a second one), and every device on that module shares it.
+fn module(path: &Path) -> Result<Pkcs11> {
+    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+    let modules = MODULES.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut modules = modules
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(ctx) = modules.get(path) {
+        return Ok(ctx.clone());
+    }
+    if path.to_string_lossy().contains("softhsm") && std::env::var_os("SOFTHSM2_CONF").is_none() {
+        // SoftHSM would silently use /etc/softhsm/softhsm2.conf and its system-wide tokens.
+        return Err(DeviceError::Config(format!(
+            "{} is SoftHSM and SOFTHSM2_CONF is not set: refusing to fall back to the \
+             system-wide /etc/softhsm/softhsm2.conf; name the config explicitly",
+            path.display()
+        )));
+    }
+    let ctx = Pkcs11::new(path).map_err(|e| {
+        DeviceError::Config(format!(
+            "cannot load PKCS#11 module {}: {e}",
+            path.display()
+        ))
+    })?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(map_error("C_Initialize", e)),
+    }
+    tracing::info!(
+        module = %path.display(),
+        softhsm2_conf = ?std::env::var_os("SOFTHSM2_CONF"),
+        "PKCS#11 module initialised"
+    );
+    modules.insert(path.to_path_buf(), ctx.clone());
+    Ok(ctx)
+}
+
+impl Pkcs11Device {
+    /// Load the module (once per process), find the one token the URI names, open a read-write
+    /// session and log in.
+    ///
+    /// # Errors
+    /// [`DeviceError::Config`] for a URI that names no token or several, a module that does not
+    /// load; [`DeviceError::PinIncorrect`] / [`DeviceError::PinLocked`] from login (a failed PIN
+    /// is never retried here: each try burns one of the token's retries).
+    pub fn open(config: Pkcs11Config) -> Result<Self> {
+        if !config.token.names_token() {
+            return Err(DeviceError::Config(format!(
+                "the token URI {} must name a token (token=, serial=, manufacturer= or model=)",
+                config.token
+            )));
+        }
+        let ctx = module(&config.module)?;
+        let (slot, info) = find_token(&ctx, &config.token)?;
+        let session = open_session(&ctx, slot, config.pin.as_ref())?;
+        tracing::debug!(token = %info.label, serial = %info.serial, "PKCS#11 session open");
+        Ok(Self {
+            ctx,
+            config,
+            slot,
+            session,
+            info,
+            handles: HashMap::new(),
+        })
+    }
+
+    /// Find the token again and open a new session, after [`DeviceError::DeviceGone`].
+    ///
+    /// # Errors
+    /// As [`Pkcs11Device::open`].
+    pub fn reopen(&mut self) -> Result<()> {
+        let (slot, info) = find_token(&self.ctx, &self.config.token)?;
+        self.session = open_session(&self.ctx, slot, self.config.pin.as_ref())?;
+        self.slot = slot;
+        self.info = info;
+        self.handles.clear();
+        Ok(())
+    }
+
+    /// The configuration this device was opened with.
+    pub fn config(&self) -> &Pkcs11Config {
+        &self.config
+    }
+
+    /// `count` random bytes from the token's RNG.
+    fn random(&self, count: u32) -> Result<Vec<u8>> {
+        self.session
+            .generate_random_vec(count)
+            .map_err(|e| map_error("C_GenerateRandom", e))
+    }
+
+    /// The object of `class` with `CKA_ID == id`, from the cache or the token.
+    fn find(&mut self, class: cryptoki::object::ObjectClass, id: &[u8]) -> Result<ObjectHandle> {
+        use cryptoki::object::Attribute;
+        let key = (u64::from(class), id.to_vec());
+        if let Some(h) = self.handles.get(&key) {
+            return Ok(*h);
+        }
+        let found = self
+            .session
+            .find_objects(&[Attribute::Class(class), Attribute::Id(id.to_vec())])
+            .map_err(|e| map_error("C_FindObjects", e))?;
+        match found.as_slice() {
+            [h] => {
+                self.handles.insert(key, *h);
+                Ok(*h)
+            }
+            [] => Err(DeviceError::NotFound(format!(
+                "{class} with CKA_ID {}",
+                hex(id)
+            ))),
+            _ => Err(DeviceError::Backend {
+                op: "C_FindObjects",
+                detail: format!(
+                    "{} objects of class {class} share CKA_ID {}",
+                    found.len(),
+                    hex(id)
+                ),
+            }),
+        }
+    }
+}
+
+fn find_token(ctx: &Pkcs11, uri: &Pkcs11Uri) -> Result<(Slot, DeviceInfo)> {
+    let slots = ctx
+        .get_slots_with_token()
+        .map_err(|e| map_error("C_GetSlotList", e))?;
+    let mut seen = Vec::new();
+    let mut matches = Vec::new();
+    for slot in slots {
+        let t = ctx
+            .get_token_info(slot)
+            .map_err(|e| map_error("C_GetTokenInfo", e))?;
+        let info = DeviceInfo {
+            kind: DeviceKind::Pkcs11,
+            manufacturer: t.manufacturer_id().trim_end().to_owned(),
+            model: t.model().trim_end().to_owned(),
+            serial: t.serial_number().trim_end().to_owned(),
+            label: t.label().trim_end().to_owned(),
+        };
+        let fields = TokenFields {
+            label: &info.label,
+            manufacturer: &info.manufacturer,
+            serial: &info.serial,
+            model: &info.model,
+        };
+        if uri.matches_token(&fields) {
+            matches.push((slot, info));
+        } else {
+            seen.push(format!("{:?} (serial {})", info.label, info.serial));
+        }
+    }
+    match matches.len() {
+        1 => Ok(matches.remove(0)),
+        0 => Err(DeviceError::Config(format!(
+            "no token matches {uri}; tokens present: {}",
+            if seen.is_empty() {
+                "none".to_owned()
+            } else {
+                seen.join(", ")
+            }
+        ))),
+        n => Err(DeviceError::Config(format!(
+            "{n} tokens match {uri}; add serial= to pick one"
+        ))),
+    }
+}
+
+fn open_session(ctx: &Pkcs11, slot: Slot, pin: Option<&Pin>) -> Result<Session> {
+    let session = ctx
+        .open_rw_session(slot)
+        .map_err(|e| map_error("C_OpenSession", e))?;
+    if let Some(pin) = pin {
+        let auth = AuthPin::new(pin.expose().into());
+        match session.login(UserType::User, Some(&auth)) {
+            // Another session of this process is logged in already: login state is per token.
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
+                return Err(DeviceError::PinIncorrect {
+                    retries_left: pin_retries(ctx, slot),
+                })
+            }
+            Err(e) => return Err(map_error("C_Login", e)),
+        }
+    }
+    Ok(session)
+}
+
+/// What the token admits about the retries left: PKCS#11 has only "count low" and "final try".
+fn pin_retries(ctx: &Pkcs11, slot: Slot) -> Option<u32> {
+    let t = ctx.get_token_info(slot).ok()?;
+    if t.user_pin_final_try() {
+        Some(1)
+    } else {
+        None
+    }
+}
+
+impl Device for Pkcs11Device {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn ping(&mut self) -> Result<()> {
+        let t = self
+            .ctx
+            .get_token_info(self.slot)
+            .map_err(|e| map_error("C_GetTokenInfo", e))?;
+        if t.user_pin_locked() {
+            return Err(DeviceError::PinLocked);
+        }
+        self.session
+            .get_session_info()
+            .map_err(|e| map_error("C_GetSessionInfo", e))?;
+        Ok(())
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

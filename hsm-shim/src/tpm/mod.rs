@@ -1,1 +1,254 @@
-//! TPM 2.0 backend (tss-esapi).
+//! TPM 2.0 backend (tss-esapi 7.7): [`TpmDevice`] owns one ESAPI context and the storage root key
+//! (SRK) for the device's life, and implements [`Device`], [`Sealer`](crate::Sealer)
+//! (`seal.rs`) and [`Signer`](crate::Signer) (`sign.rs`) on it.
+//!
+//! The TPM keeps nothing of ours: the SRK is re-created from a fixed template on every open
+//! (`template.rs`), and everything we make under it comes back as public + private blobs the
+//! daemon stores. Connection strings are validated in `tcti.rs`; every TPM error is mapped in
+//! `error.rs`; sessions live in `session.rs`.
+//!
+//! An ESAPI context must never be shared between threads, and a TPM has very few object and
+//! session slots (swtpm: 3 each), so the device is `&mut self` throughout, holds at most the SRK,
+//! one cached signing key and, during a call, one more object and one session.
+
+mod error;
+mod seal;
+mod session;
+mod sign;
+mod tcti;
+mod template;
+
+use serde::{Deserialize, Serialize};
+use tss_esapi::constants::{CapabilityType, PropertyTag};
+use tss_esapi::handles::KeyHandle as TpmKey;
+use tss_esapi::interface_types::resource_handles::Hierarchy;
+use tss_esapi::interface_types::session_handles::AuthSession;
+use tss_esapi::structures::{CapabilityData, Private, Public};
+use tss_esapi::traits::UnMarshall;
+use tss_esapi::Context;
+
+pub use tcti::{Tcti, DEFAULT_DEVICE};
+
+use error::{map, Op};
+use session::flush_quietly;
+
+use crate::{Device, DeviceError, DeviceInfo, DeviceKind, Result};
+
+/// How to open a TPM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmConfig {
+    /// Which TPM (default `device:/dev/tpmrm0`).
+    #[serde(default)]
+    pub tcti: Tcti,
+    /// PCRs of the sha256 bank that seals bind to when the caller doesn't say (default `[7]`,
+    /// the Secure Boot policy: stable across kernel updates, changed by a different boot chain).
+    #[serde(default = "default_pcrs")]
+    pub pcrs: Vec<u8>,
+}
+
+fn default_pcrs() -> Vec<u8> {
+    vec![7]
+}
+
+impl TpmConfig {
+    /// The TPM `tcti` names, sealing to the default PCRs (`[7]`).
+    pub fn new(tcti: Tcti) -> Self {
+        Self {
+            tcti,
+            pcrs: default_pcrs(),
+        }
+    }
+}
+
+impl Default for TpmConfig {
+    fn default() -> Self {
+        Self {
+            tcti: Tcti::default(),
+            pcrs: default_pcrs(),
+        }
+    }
+}
+
+/// A signing key we loaded and kept loaded, so repeated signs with one key are one round trip.
+#[derive(Debug)]
+struct CachedKey {
+    public: Vec<u8>,
+    private: Vec<u8>,
+    handle: TpmKey,
+}
+
+/// An open TPM: one ESAPI context and the SRK handle, owned by one thread.
+#[derive(Debug)]
+pub struct TpmDevice {
+    ctx: Context,
+    srk: TpmKey,
+    /// Canonical (sorted, checked) default PCR list.
+    pcrs: Vec<u8>,
+    info: DeviceInfo,
+    cached_key: Option<CachedKey>,
+}
+
+impl TpmDevice {
+    /// Connect to the TPM `config.tcti` names and re-create the SRK.
+    ///
+    /// # Errors
+    /// [`DeviceError::Config`] for a bad PCR list or TCTI, or an owner hierarchy with a password;
+    /// [`DeviceError::DeviceGone`] when the TPM can't be reached.
+    pub fn open(config: TpmConfig) -> Result<TpmDevice> {
+        let pcrs = template::check_pcrs(&config.pcrs)
+            .map_err(|why| DeviceError::Config(format!("TPM PCR list: {why}")))?;
+        let conf = config.tcti.name_conf()?;
+        let mut ctx = Context::new(conf).map_err(|e| match map(Op::Open, e) {
+            DeviceError::DeviceGone(why) => {
+                DeviceError::DeviceGone(format!("cannot reach the TPM at {}: {why}", config.tcti))
+            }
+            other => other,
+        })?;
+        let srk_template = template::srk()?;
+        let srk = ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.create_primary(Hierarchy::Owner, srk_template, None, None, None, None)
+            })
+            .map_err(|e| map(Op::CreatePrimary, e))?
+            .key_handle;
+        let info = read_info(&mut ctx, &config.tcti)?;
+        tracing::debug!(tcti = %config.tcti, manufacturer = %info.manufacturer, "TPM opened");
+        Ok(TpmDevice {
+            ctx,
+            srk,
+            pcrs,
+            info,
+            cached_key: None,
+        })
+    }
+
+    /// Load stored blobs under the SRK. Loading authorises the SRK (empty auth) with a password
+    /// session: the private blob is already encrypted by the TPM, nothing secret goes over.
+    fn load(&mut self, public: Public, private: &[u8]) -> Result<TpmKey> {
+        let private = Private::try_from(private.to_vec()).map_err(|e| map(Op::Load, e))?;
+        let srk = self.srk;
+        self.ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.load(srk, private, public)
+            })
+            .map_err(|e| map(Op::Load, e))
+    }
+
+    /// Drop the cached signing key from the TPM.
+    fn evict_cached_key(&mut self) {
+        if let Some(cached) = self.cached_key.take() {
+            flush_quietly(&mut self.ctx, cached.handle.into());
+        }
+    }
+}
+
+/// Parse a stored public area.
+fn unmarshal_public(public: &[u8]) -> Result<Public> {
+    Public::unmarshall(public).map_err(|e| map(Op::Unmarshal, e))
+}
+
+/// Manufacturer, vendor strings and firmware version, in one GetCapability.
+fn read_info(ctx: &mut Context, tcti: &Tcti) -> Result<DeviceInfo> {
+    let (data, _) = ctx
+        .execute_without_session(|c| {
+            // TPM_PT_MANUFACTURER (0x105) through TPM_PT_FIRMWARE_VERSION_2 (0x10c).
+            c.get_capability(
+                CapabilityType::TpmProperties,
+                PropertyTag::Manufacturer.into(),
+                8,
+            )
+        })
+        .map_err(|e| map(Op::GetCapability, e))?;
+    let CapabilityData::TpmProperties(props) = data else {
+        return Err(DeviceError::Backend {
+            op: Op::GetCapability.name(),
+            detail: "the TPM answered with another capability".into(),
+        });
+    };
+    let prop = |tag| props.find(tag).map_or(0, |p| p.value());
+    let model: String = [
+        PropertyTag::VendorString1,
+        PropertyTag::VendorString2,
+        PropertyTag::VendorString3,
+        PropertyTag::VendorString4,
+    ]
+    .into_iter()
+    .map(|t| ascii(prop(t)))
+    .collect();
+    let (fw1, fw2) = (
+        prop(PropertyTag::FirmwareVersion1),
+        prop(PropertyTag::FirmwareVersion2),
+    );
+    Ok(DeviceInfo {
+        kind: DeviceKind::Tpm2,
+        manufacturer: ascii(prop(PropertyTag::Manufacturer)).trim().to_owned(),
+        model: model.trim().to_owned(),
+        // The TCG convention (and what Windows and tpm2-tools show): four 16-bit fields.
+        serial: format!(
+            "{}.{}.{}.{}",
+            fw1 >> 16,
+            fw1 & 0xffff,
+            fw2 >> 16,
+            fw2 & 0xffff
+        ),
+        label: tcti.to_string(),
+    })
+}
+
+/// A TPM property that packs four ASCII characters big-endian; NULs and non-printables dropped.
+fn ascii(v: u32) -> String {
+    v.to_be_bytes()
+        .into_iter()
+        .filter(|b| b.is_ascii_graphic() || *b == b' ')
+        .map(char::from)
+        .collect()
+}
+
+impl Device for TpmDevice {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// Reads the SRK's public area: one round trip that fails both when the TPM is unreachable
+    /// and when it was reset under us (the SRK handle is gone), the two cases a reopen fixes.
+    fn ping(&mut self) -> Result<()> {
+        let srk = self.srk;
+        self.ctx
+            .execute_without_session(|c| c.read_public(srk))
+            .map(|_| ())
+            .map_err(|e| map(Op::Ping, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults() {
+        let c: TpmConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(c, TpmConfig::default());
+        assert_eq!(c.pcrs, vec![7]);
+        assert_eq!(c.tcti.to_string(), "device:/dev/tpmrm0");
+        assert!(serde_json::from_str::<TpmConfig>(r#"{"pcr":[7]}"#).is_err());
+    }
+
+    #[test]
+    fn bad_pcr_config_fails_before_connecting() {
+        let config = TpmConfig {
+            tcti: "swtpm:host=127.0.0.1,port=1".parse().unwrap(),
+            pcrs: vec![24],
+        };
+        assert!(matches!(
+            TpmDevice::open(config),
+            Err(DeviceError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn vendor_strings() {
+        assert_eq!(ascii(0x4942_4d00), "IBM");
+        assert_eq!(ascii(0x5357_2020), "SW  ");
+    }
+}

@@ -1,0 +1,86 @@
+//! Signing on a PKCS#11 token, and the [`Signer`] impl that ties `keys.rs` and this together.
+//!
+//! Mechanisms (checked against SoftHSM 2.6): Ed25519 with `CKM_EDDSA` (pure), ECDSA with
+//! `CKM_ECDSA` over a host-computed SHA-256 (`CKM_ECDSA_SHA256` is missing on SoftHSM), RSA-PSS
+//! with `CKM_SHA256_RSA_PKCS_PSS` for messages and `CKM_RSA_PKCS_PSS` for digests.
+
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::ObjectClass;
+use sha2::{Digest, Sha256};
+
+use super::{map_error, Pkcs11Device};
+use crate::{
+    pubkey, DeviceError, KeyAlgorithm, KeyHandle, KeyProtection, KeySpec, PublicKeyDer, Result,
+    SignInput, Signer,
+};
+
+fn pss() -> PkcsPssParams {
+    PkcsPssParams {
+        hash_alg: MechanismType::SHA256,
+        mgf: PkcsMgfType::MGF1_SHA256,
+        s_len: 32.into(),
+    }
+}
+
+impl Signer for Pkcs11Device {
+    fn generate(&mut self, spec: &KeySpec) -> Result<KeyHandle> {
+        self.generate_pair(spec)
+    }
+
+    fn public_key(&mut self, handle: &KeyHandle) -> Result<PublicKeyDer> {
+        self.read_public(handle)
+    }
+
+    fn sign(&mut self, handle: &KeyHandle, input: SignInput<'_>) -> Result<Vec<u8>> {
+        let (id, algorithm) = self.key_id(handle)?;
+        let id = id.to_vec();
+        let digest: [u8; 32];
+        let (mechanism, data): (Mechanism<'_>, &[u8]) = match (algorithm, input) {
+            (KeyAlgorithm::Ed25519, SignInput::Message(m)) => (
+                Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+                m,
+            ),
+            (KeyAlgorithm::Ed25519, SignInput::Sha256Digest(_)) => {
+                return Err(DeviceError::Unsupported(
+                    "Ed25519 signs messages, not digests (pure EdDSA)".into(),
+                ))
+            }
+            (KeyAlgorithm::EcdsaP256, SignInput::Message(m)) => {
+                digest = Sha256::digest(m).into();
+                (Mechanism::Ecdsa, &digest[..])
+            }
+            (KeyAlgorithm::EcdsaP256, SignInput::Sha256Digest(d)) => {
+                (Mechanism::Ecdsa, d.as_slice())
+            }
+            (KeyAlgorithm::RsaPss3072, SignInput::Message(m)) => {
+                (Mechanism::Sha256RsaPkcsPss(pss()), m)
+            }
+            (KeyAlgorithm::RsaPss3072, SignInput::Sha256Digest(d)) => {
+                (Mechanism::RsaPkcsPss(pss()), d.as_slice())
+            }
+        };
+        let key = self.find(ObjectClass::PRIVATE_KEY, &id)?;
+        let signature = match self.session.sign(&mechanism, key, data) {
+            Ok(s) => s,
+            Err(e) => {
+                // A cached handle can go stale (object destroyed elsewhere): forget it.
+                self.handles.retain(|(_, cached), _| *cached != id);
+                return Err(map_error("C_Sign", e));
+            }
+        };
+        match algorithm {
+            KeyAlgorithm::EcdsaP256 => pubkey::ecdsa_p256_raw_to_der(&signature),
+            KeyAlgorithm::Ed25519 | KeyAlgorithm::RsaPss3072 => Ok(signature),
+        }
+    }
+
+    fn protection(&mut self, handle: &KeyHandle) -> Result<KeyProtection> {
+        self.read_protection(handle)
+    }
+
+    fn destroy(&mut self, handle: &KeyHandle) -> Result<()> {
+        self.destroy_pair(handle)
+    }
+}

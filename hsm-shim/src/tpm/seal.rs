@@ -1,0 +1,187 @@
+//! [`Sealer`] for the TPM: a sealed-data object under the SRK whose authPolicy is PolicyPCR
+//! (sha256 bank) and, with a PIN, PolicyAuthValue.
+//!
+//! The sealed data is `context_digest(context) || secret`, so a blob unsealed for another purpose
+//! is refused on the host after the TPM released it. Both commands that carry the secret (Create
+//! in, Unseal out) run in a session salted with the SRK with AES-128-CFB parameter encryption.
+
+use tss_esapi::constants::SessionType;
+use tss_esapi::handles::ObjectHandle;
+use tss_esapi::interface_types::session_handles::AuthSession;
+use tss_esapi::structures::{Auth, SensitiveData};
+use tss_esapi::traits::Marshall;
+use zeroize::Zeroizing;
+
+use super::error::{map, with_retries, Op};
+use super::session::{self, flush_quietly, ParamEncryption};
+use super::{template, unmarshal_public, TpmDevice};
+use crate::{
+    check_secret_len, context_digest, DeviceError, Pin, Result, SealPolicy, SealedBlob, Sealer,
+    SecretBytes,
+};
+
+/// A TPM authValue is at most the size of the object's name digest (SHA-256: 32 bytes).
+const MAX_TPM_PIN: usize = 32;
+
+fn pin_auth(pin: &Pin) -> Result<Auth> {
+    let bytes = pin.expose().as_bytes();
+    if bytes.len() > MAX_TPM_PIN {
+        return Err(DeviceError::InvalidArgument(format!(
+            "a TPM PIN is at most {MAX_TPM_PIN} bytes (the size of a SHA-256 digest)"
+        )));
+    }
+    // `Auth` copies into a zeroizing buffer.
+    Auth::try_from(bytes).map_err(|e| map(Op::SessionSetup, e))
+}
+
+impl Sealer for TpmDevice {
+    fn seal(
+        &mut self,
+        secret: &SecretBytes,
+        context: &[u8],
+        policy: &SealPolicy,
+    ) -> Result<SealedBlob> {
+        check_secret_len(secret)?;
+        let pcrs = template::check_pcrs(policy.pcrs.as_deref().unwrap_or(&self.pcrs))
+            .map_err(DeviceError::InvalidArgument)?;
+        let auth = policy.pin.as_ref().map(pin_auth).transpose()?;
+        let selection = template::pcr_selection(&pcrs)?;
+        let digest = session::trial_policy_digest(&mut self.ctx, &selection, auth.is_some())?;
+        let public = template::sealed_object(digest, auth.is_some())?;
+
+        // Exactly sized so the zeroizing buffer never reallocates and leaves a copy behind.
+        let mut data = Zeroizing::new(Vec::with_capacity(32 + secret.len()));
+        data.extend_from_slice(&context_digest(context));
+        data.extend_from_slice(secret.expose());
+        let sensitive = SensitiveData::try_from(data.as_slice()).map_err(|e| map(Op::Create, e))?;
+
+        let srk = self.srk;
+        let hmac = session::start_salted(
+            &mut self.ctx,
+            srk,
+            SessionType::Hmac,
+            ParamEncryption {
+                command: true,
+                response: true,
+            },
+        )?;
+        let created = self
+            .ctx
+            .execute_with_session(Some(hmac), |c| {
+                c.create(srk, public, auth, Some(sensitive), None, None)
+            })
+            .map_err(|e| map(Op::Create, e));
+        flush_quietly(&mut self.ctx, session::session_object(hmac));
+        let created = created?;
+
+        Ok(SealedBlob::Tpm2 {
+            public: created
+                .out_public
+                .marshall()
+                .map_err(|e| map(Op::Create, e))?,
+            private: created.out_private.value().to_vec(),
+            pcrs,
+            pin: policy.pin.is_some(),
+        })
+    }
+
+    fn unseal(
+        &mut self,
+        blob: &SealedBlob,
+        context: &[u8],
+        pin: Option<&Pin>,
+    ) -> Result<SecretBytes> {
+        let SealedBlob::Tpm2 {
+            public,
+            private,
+            pcrs,
+            pin: needs_pin,
+        } = blob
+        else {
+            return Err(DeviceError::InvalidBlob("not a TPM sealed blob".into()));
+        };
+        let auth = match (needs_pin, pin) {
+            (true, None) => {
+                return Err(DeviceError::InvalidArgument("this slot needs a PIN".into()));
+            }
+            (true, Some(pin)) => Some(pin_auth(pin)?),
+            // A PIN offered to a slot that has none is not needed, and ignoring it costs nothing.
+            (false, _) => None,
+        };
+        let pcrs = template::check_pcrs(pcrs).map_err(DeviceError::InvalidBlob)?;
+        let selection = template::pcr_selection(&pcrs)?;
+        let public = unmarshal_public(public)?;
+        let object = self.load(public, private)?;
+
+        let result = self.unseal_loaded(object.into(), &selection, auth);
+        flush_quietly(&mut self.ctx, object.into());
+        let data = result?;
+
+        let data = data.value();
+        let expected = context_digest(context);
+        let Some((digest, rest)) = data.split_first_chunk::<32>() else {
+            return Err(DeviceError::InvalidBlob(
+                "the sealed data is too short".into(),
+            ));
+        };
+        if digest != &expected {
+            return Err(DeviceError::InvalidBlob(
+                "the blob was sealed for another context".into(),
+            ));
+        }
+        if rest.is_empty() {
+            return Err(DeviceError::InvalidBlob(
+                "the sealed data holds no secret".into(),
+            ));
+        }
+        // Exactly sized, so the only copies are this one and tss-esapi's zeroizing buffer.
+        let mut secret = Vec::with_capacity(rest.len());
+        secret.extend_from_slice(rest);
+        Ok(SecretBytes::new(secret))
+    }
+}
+
+impl TpmDevice {
+    /// Satisfy the policy of a loaded sealed object and unseal it; the policy session is flushed
+    /// whatever happens.
+    fn unseal_loaded(
+        &mut self,
+        object: ObjectHandle,
+        selection: &tss_esapi::structures::PcrSelectionList,
+        auth: Option<Auth>,
+    ) -> Result<SensitiveData> {
+        let srk = self.srk;
+        let policy = session::start_salted(
+            &mut self.ctx,
+            srk,
+            SessionType::Policy,
+            // Unseal has no command parameter; its response (the secret) is what we encrypt.
+            ParamEncryption {
+                command: false,
+                response: true,
+            },
+        )?;
+        let result = self.run_unseal(policy, object, selection, auth);
+        flush_quietly(&mut self.ctx, session::session_object(policy));
+        result.map_err(|e| with_retries(&mut self.ctx, e))
+    }
+
+    fn run_unseal(
+        &mut self,
+        policy: AuthSession,
+        object: ObjectHandle,
+        selection: &tss_esapi::structures::PcrSelectionList,
+        auth: Option<Auth>,
+    ) -> Result<SensitiveData> {
+        let policy_session = session::policy_session(policy)?;
+        session::apply_policy(&mut self.ctx, policy_session, selection, auth.is_some())?;
+        if let Some(auth) = auth {
+            self.ctx
+                .tr_set_auth(object, auth)
+                .map_err(|e| map(Op::SessionSetup, e))?;
+        }
+        self.ctx
+            .execute_with_session(Some(policy), |c| c.unseal(object))
+            .map_err(|e| map(Op::Unseal, e))
+    }
+}

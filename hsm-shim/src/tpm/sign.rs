@@ -1,0 +1,204 @@
+//! [`Signer`] for the TPM: ECDSA P-256 keys generated inside the TPM under the SRK, stored by the
+//! caller as public + private blobs, signing with a password session.
+//!
+//! Signing is the hot path, so it costs one TPM round trip when the same key signs again: the
+//! most recently used key stays loaded (a TPM has only a few transient slots, so only one) and a
+//! password session needs no TPM-side setup. Nothing secret crosses the bus when signing: the
+//! digest is not confidential and the key's auth value is empty (the daemon's policy decides who
+//! may sign).
+
+use sha2::{Digest as _, Sha256};
+use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
+use tss_esapi::handles::KeyHandle as TpmKey;
+use tss_esapi::interface_types::algorithm::HashingAlgorithm;
+use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::session_handles::AuthSession;
+use tss_esapi::structures::{
+    Digest, HashScheme, HashcheckTicket, Public, Signature, SignatureScheme,
+};
+use tss_esapi::traits::Marshall;
+use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
+
+use super::error::{map, Op};
+use super::{template, unmarshal_public, CachedKey, TpmDevice};
+use crate::pubkey::{ecdsa_p256_rs_to_der, p256_spki};
+use crate::{
+    DeviceError, KeyAlgorithm, KeyHandle, KeyProtection, KeySpec, PublicKeyDer, Result, SignInput,
+    Signer,
+};
+
+/// The blobs of a TPM key handle, refusing other devices' handles and algorithms we don't make.
+fn tpm_blobs(handle: &KeyHandle) -> Result<(&[u8], &[u8])> {
+    match handle {
+        KeyHandle::Tpm2 {
+            algorithm: KeyAlgorithm::EcdsaP256,
+            public,
+            private,
+        } => Ok((public, private)),
+        KeyHandle::Tpm2 { algorithm, .. } => Err(DeviceError::Unsupported(format!(
+            "{algorithm} keys in the TPM"
+        ))),
+        KeyHandle::Pkcs11 { .. } => Err(DeviceError::NotFound(
+            "a PKCS#11 key handle is not on the TPM".into(),
+        )),
+    }
+}
+
+/// `04 || x || y` of a P-256 public area, each coordinate left-padded to 32 bytes (the TPM may
+/// drop leading zeros).
+fn p256_point(public: &Public) -> Result<Vec<u8>> {
+    let Public::Ecc {
+        parameters, unique, ..
+    } = public
+    else {
+        return Err(DeviceError::InvalidBlob("the key is not an ECC key".into()));
+    };
+    if parameters.ecc_curve() != EccCurve::NistP256 {
+        return Err(DeviceError::InvalidBlob("the key is not on P-256".into()));
+    }
+    let (x, y) = (unique.x().value(), unique.y().value());
+    if x.len() > 32 || y.len() > 32 {
+        return Err(DeviceError::InvalidBlob(
+            "P-256 coordinate longer than 32 bytes".into(),
+        ));
+    }
+    let mut point = vec![0u8; 65];
+    point[0] = 0x04;
+    point[33 - x.len()..33].copy_from_slice(x);
+    point[65 - y.len()..].copy_from_slice(y);
+    Ok(point)
+}
+
+/// The ticket for signing a digest the TPM did not hash itself; valid for unrestricted keys.
+fn null_ticket() -> Result<HashcheckTicket> {
+    HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
+        tag: TPM2_ST_HASHCHECK,
+        hierarchy: TPM2_RH_NULL,
+        digest: Default::default(),
+    })
+    .map_err(|e| map(Op::Sign, e))
+}
+
+impl TpmDevice {
+    /// The loaded TPM object for a key handle: the cached one, or load it (evicting the cached
+    /// one first, since swtpm has three transient slots and the SRK holds one).
+    fn key_object(&mut self, public: &[u8], private: &[u8]) -> Result<TpmKey> {
+        if let Some(cached) = &self.cached_key {
+            if cached.public == public && cached.private == private {
+                return Ok(cached.handle);
+            }
+        }
+        self.evict_cached_key();
+        let area = unmarshal_public(public)?;
+        let handle = self.load(area, private)?;
+        self.cached_key = Some(CachedKey {
+            public: public.to_vec(),
+            private: private.to_vec(),
+            handle,
+        });
+        Ok(handle)
+    }
+
+    /// The public area as the TPM holds it for a loaded key (not as the caller's blob says).
+    fn loaded_public(&mut self, handle: &KeyHandle) -> Result<Public> {
+        let (public, private) = tpm_blobs(handle)?;
+        let object = self.key_object(public, private)?;
+        let (area, _, _) = self
+            .ctx
+            .execute_without_session(|c| c.read_public(object))
+            .map_err(|e| map(Op::ReadPublic, e))?;
+        Ok(area)
+    }
+}
+
+impl Signer for TpmDevice {
+    fn generate(&mut self, spec: &KeySpec) -> Result<KeyHandle> {
+        if spec.algorithm != KeyAlgorithm::EcdsaP256 {
+            return Err(DeviceError::Unsupported(format!(
+                "{} keys in a TPM (Keyward's TPM backend makes ecdsa-p256 keys)",
+                spec.algorithm
+            )));
+        }
+        let template = template::ecdsa_p256_signing_key()?;
+        let srk = self.srk;
+        // The key is generated inside the TPM: no secret goes in, so a password session is enough.
+        let created = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.create(srk, template, None, None, None, None)
+            })
+            .map_err(|e| map(Op::Create, e))?;
+        Ok(KeyHandle::Tpm2 {
+            algorithm: KeyAlgorithm::EcdsaP256,
+            public: created
+                .out_public
+                .marshall()
+                .map_err(|e| map(Op::Create, e))?,
+            private: created.out_private.value().to_vec(),
+        })
+    }
+
+    fn public_key(&mut self, handle: &KeyHandle) -> Result<PublicKeyDer> {
+        let area = self.loaded_public(handle)?;
+        p256_spki(&p256_point(&area)?)
+    }
+
+    fn sign(&mut self, handle: &KeyHandle, input: SignInput<'_>) -> Result<Vec<u8>> {
+        let (public, private) = tpm_blobs(handle)?;
+        let digest: [u8; 32] = match input {
+            SignInput::Message(m) => Sha256::digest(m).into(),
+            SignInput::Sha256Digest(d) => *d,
+        };
+        let digest = Digest::try_from(digest.as_slice()).map_err(|e| map(Op::Sign, e))?;
+        let ticket = null_ticket()?;
+        let object = self.key_object(public, private)?;
+        let scheme = SignatureScheme::EcDsa {
+            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+        };
+        let signature = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.sign(object, digest, scheme, ticket)
+            })
+            .map_err(|e| map(Op::Sign, e))?;
+        match signature {
+            Signature::EcDsa(sig) => {
+                ecdsa_p256_rs_to_der(sig.signature_r().value(), sig.signature_s().value())
+            }
+            other => Err(DeviceError::Backend {
+                op: Op::Sign.name(),
+                detail: format!("the TPM returned a {:?} signature", other.algorithm()),
+            }),
+        }
+    }
+
+    fn protection(&mut self, handle: &KeyHandle) -> Result<KeyProtection> {
+        let attributes = self.loaded_public(handle)?.object_attributes();
+        Ok(KeyProtection {
+            // With fixedParent clear the key can be duplicated to another parent; with fixedTPM
+            // clear, one of its ancestors could be, taking it to another TPM.
+            extractable: !(attributes.fixed_tpm() && attributes.fixed_parent()),
+            // A TPM never reveals a private key in clear; `private` is encrypted under the SRK.
+            sensitive: true,
+            generated_on_device: attributes.sensitive_data_origin(),
+        })
+    }
+
+    fn destroy(&mut self, handle: &KeyHandle) -> Result<()> {
+        // The key exists only in the caller's blobs; forgetting them destroys it. Just don't
+        // keep it loaded.
+        if let KeyHandle::Tpm2 {
+            public, private, ..
+        } = handle
+        {
+            if self
+                .cached_key
+                .as_ref()
+                .is_some_and(|c| &c.public == public && &c.private == private)
+            {
+                self.evict_cached_key();
+            }
+        }
+        Ok(())
+    }
+}
