@@ -1,1 +1,4 @@
-//! Client of the `keywardd` Varlink API (`org.keyward.Custodian`).
+//! Client of the `keywardd` Varlink API (`org.keyward.Custodian`), and the wire types both sides
+//! share ([`api`]).
+
+pub mod api;

@@ -1,2 +1,18 @@
-//! keywardd: the vault, its store and the transports (Varlink, D-Bus, credential socket).
-//! The device layer it builds on is the `hsm-shim` crate.
+//! keywardd: a vault whose master key only a TPM or a PKCS#11 token can release, the store it
+//! keeps secrets in, and the transports that serve them.
+//!
+//! Data flows one way: a transport (`transport/`) turns bytes and a kernel-verified identity
+//! into an [`keyward::api::Request`] and a [`identity::Caller`]; the [`service`] checks the
+//! [`policy`] and runs the request against the [`vault`], the [`store`] and the device actors
+//! ([`device`]). A transport never touches the store or a device.
+
+pub mod config;
+pub mod device;
+pub mod identity;
+pub mod names;
+pub mod policy;
+pub mod service;
+pub mod store;
+pub mod sys;
+pub mod transport;
+pub mod vault;

@@ -1,0 +1,866 @@
+//! The wire contract of `org.keyward.Custodian`: method names, parameter and reply types, errors,
+//! and the Varlink interface description. The daemon's transports and this crate's client both
+//! use these types, so the two sides cannot drift apart.
+//!
+//! Binary values travel as base64 strings. Secret values use [`SecretValue`], which decodes
+//! straight into zeroizing memory and never prints its content.
+
+use std::fmt;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use zeroize::Zeroizing;
+
+/// The interface name.
+pub const INTERFACE: &str = "org.keyward.Custodian";
+
+/// Largest secret value, in bytes (before base64).
+pub const MAX_SECRET_LEN: usize = 1024 * 1024;
+
+/// Largest Varlink message (request or reply), in bytes, NUL excluded. A 1 MiB secret is about
+/// 1.4 MiB in base64; the rest is headroom for names and JSON.
+pub const MAX_FRAME_LEN: usize = 2 * 1024 * 1024;
+
+/// The Varlink interface description served by `org.varlink.service.GetInterfaceDescription`.
+pub const INTERFACE_DESCRIPTION: &str = r#"# Keyward: a hardware-backed key custodian.
+# Secrets are encrypted under a vault master key that only a TPM 2.0 or a PKCS#11 token can
+# release; signing keys live inside those devices. Binary values are base64.
+interface org.keyward.Custodian
+
+# One way into the vault: the master key sealed by a TPM, a PKCS#11 token, or recovery shares.
+type Keyslot (
+  id: int,
+  kind: string,
+  device: ?string,
+  pcrs: ?[]int,
+  pin: bool,
+  threshold: ?int,
+  shares: ?int,
+  created: string
+)
+
+# What to enroll: kind is tpm2, pkcs11 or recovery.
+type SlotSpec (
+  kind: string,
+  device: ?string,
+  pcrs: ?[]int,
+  pin: ?string,
+  threshold: ?int,
+  shares: ?int
+)
+
+type DeviceStatus (name: string, kind: string, available: bool, detail: string)
+
+type SecretVersion (version: int, term: int, created: string)
+
+type KeyInfo (name: string, device: string, algorithm: string, created: string)
+
+# State of the vault and its devices.
+method Status() -> (
+  initialized: bool,
+  sealed: bool,
+  unsealed_by: ?string,
+  reason: ?string,
+  keyslots: []Keyslot,
+  devices: []DeviceStatus,
+  shares_pending: ?int,
+  term: ?int,
+  version: string
+)
+
+# Create the vault master key and enroll its first keyslots.
+method Init(slots: []SlotSpec) -> (keyslots: []Keyslot, recovery_shares: []string)
+
+# Add a keyslot; acknowledged only after a test unseal through it.
+method Enroll(slot: SlotSpec) -> (keyslot: Keyslot, recovery_shares: []string)
+
+method ListKeyslots() -> (keyslots: []Keyslot)
+
+# Removing the last hardware slot while no recovery slot exists needs force.
+method RemoveKeyslot(id: int, force: ?bool) -> ()
+
+# New master key: the keyring and every slot are sealed again.
+method Rekey() -> ()
+
+# New data-key term for new secret versions; old terms stay readable.
+method Rotate() -> (term: int)
+
+# Forget the master key until the next unseal.
+method Seal() -> ()
+
+# Give one recovery share, or a PIN; sealed is false once the vault is open.
+method Unseal(recovery_share: ?string, pin: ?string) -> (sealed: bool, shares_needed: ?int)
+
+method PutSecret(name: string, value: string) -> (version: int)
+
+method GetSecret(name: string, version: ?int) -> (value: string, version: int)
+
+method ListSecrets(prefix: ?string) -> (names: []string)
+
+method SecretVersions(name: string) -> (versions: []SecretVersion)
+
+method DeleteSecret(name: string) -> ()
+
+# Generate a key pair inside a device: algorithm is ed25519, ecdsa-p256 or rsa-pss-3072.
+# public_key is DER SubjectPublicKeyInfo.
+method CreateKey(name: string, device: string, algorithm: string) -> (public_key: string)
+
+method ListKeys() -> (keys: []KeyInfo)
+
+method PublicKey(name: string) -> (public_key: string)
+
+# Sign data inside the device. With prehashed, data is a SHA-256 digest.
+# Ed25519: raw 64 bytes; ECDSA: DER; RSA-PSS: raw.
+method Sign(name: string, data: string, prehashed: ?bool) -> (signature: string)
+
+method DeleteKey(name: string) -> ()
+
+error NotInitialized ()
+error AlreadyInitialized ()
+error Sealed (reason: string)
+error NotFound (kind: string, name: string)
+error AlreadyExists (kind: string, name: string)
+error PermissionDenied (action: string, resource: string)
+error InvalidArgument (parameter: string, reason: string)
+error TooLarge (parameter: string, limit: int)
+error LastKeyslot (id: int)
+error DeviceUnavailable (device: string, reason: string)
+error PinIncorrect (retries_left: ?int)
+error PinLocked (device: string)
+error PolicyMismatch (device: string)
+error Busy ()
+error Internal (reason: string)
+"#;
+
+/// A secret value: base64 on the wire, zeroizing bytes in memory, redacted in `Debug`.
+pub struct SecretValue(Zeroizing<Vec<u8>>);
+
+impl SecretValue {
+    /// Wrap bytes (zeroized on drop).
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    /// The bytes. Callers say why they need them.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Take the zeroizing buffer.
+    pub fn into_inner(self) -> Zeroizing<Vec<u8>> {
+        self.0
+    }
+}
+
+impl From<Zeroizing<Vec<u8>>> for SecretValue {
+    fn from(z: Zeroizing<Vec<u8>>) -> Self {
+        Self(z)
+    }
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretValue({} bytes, redacted)", self.0.len())
+    }
+}
+
+impl Serialize for SecretValue {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let text = Zeroizing::new(B64.encode(&*self.0));
+        s.serialize_str(&text)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = SecretValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a base64 string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SecretValue, E> {
+                if v.len() > MAX_SECRET_LEN.div_ceil(3) * 4 {
+                    return Err(E::custom(format!("longer than {MAX_SECRET_LEN} bytes")));
+                }
+                let mut out = Zeroizing::new(Vec::with_capacity(v.len() / 4 * 3 + 3));
+                B64.decode_vec(v, &mut out)
+                    .map_err(|_| E::custom("not valid base64"))?;
+                Ok(SecretValue(out))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<SecretValue, E> {
+                let v = Zeroizing::new(v);
+                self.visit_str(&v)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Non-secret binary data (public keys, signatures, data to sign): base64 on the wire.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Bytes(pub Vec<u8>);
+
+impl fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Bytes({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for Bytes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&B64.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'_, str>>::deserialize(d)?;
+        B64.decode(s.as_bytes())
+            .map(Bytes)
+            .map_err(|_| serde::de::Error::custom("not valid base64"))
+    }
+}
+
+/// One keyslot, as shown to admins.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Keyslot {
+    pub id: u32,
+    /// `tpm2`, `pkcs11` or `recovery`.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcrs: Option<Vec<u8>>,
+    pub pin: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shares: Option<u8>,
+    /// RFC 3339 UTC.
+    pub created: String,
+}
+
+/// What to enroll.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotSpec {
+    /// `tpm2`, `pkcs11` or `recovery`.
+    pub kind: String,
+    /// The configured device (tpm2, pkcs11).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// tpm2: PCRs of the sha256 bank (default: the device's configured list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcrs: Option<Vec<u8>>,
+    /// tpm2: a PIN needed on top of the PCR policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<SecretString>,
+    /// recovery: shares needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<u8>,
+    /// recovery: shares made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shares: Option<u8>,
+}
+
+/// A short secret text (a PIN, a recovery share): zeroized, redacted in `Debug`.
+#[derive(Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretString(pub Zeroizing<String>);
+
+impl SecretString {
+    /// Wrap a string.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(Zeroizing::new(s.into()))
+    }
+    /// The text.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretString(redacted)")
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    pub name: String,
+    /// `tpm2` or `pkcs11`.
+    pub kind: String,
+    pub available: bool,
+    /// What the device says it is, or why it is unavailable.
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretVersion {
+    pub version: u64,
+    pub term: u32,
+    pub created: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInfo {
+    pub name: String,
+    pub device: String,
+    pub algorithm: String,
+    pub created: String,
+}
+
+/// A parameterless call.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReply {
+    pub initialized: bool,
+    pub sealed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsealed_by: Option<String>,
+    /// Why the vault is sealed, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub keyslots: Vec<Keyslot>,
+    pub devices: Vec<DeviceStatus>,
+    /// Recovery shares still needed to unseal, once the first has been given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shares_pending: Option<u8>,
+    /// The current data-key term, when unsealed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub term: Option<u32>,
+    pub version: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitParams {
+    pub slots: Vec<SlotSpec>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InitReply {
+    pub keyslots: Vec<Keyslot>,
+    /// Printed once; Keyward keeps no copy.
+    pub recovery_shares: Vec<SecretString>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollParams {
+    pub slot: SlotSpec,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EnrollReply {
+    pub keyslot: Keyslot,
+    pub recovery_shares: Vec<SecretString>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KeyslotsReply {
+    pub keyslots: Vec<Keyslot>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveKeyslotParams {
+    pub id: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force: Option<bool>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RotateReply {
+    pub term: u32,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnsealParams {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_share: Option<SecretString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<SecretString>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UnsealReply {
+    pub sealed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shares_needed: Option<u8>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutSecretParams {
+    pub name: String,
+    pub value: SecretValue,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VersionReply {
+    pub version: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GetSecretParams {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GetSecretReply {
+    pub value: SecretValue,
+    pub version: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListSecretsParams {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NamesReply {
+    pub names: Vec<String>,
+}
+
+/// A call that names one secret or key.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameParams {
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VersionsReply {
+    pub versions: Vec<SecretVersion>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyParams {
+    pub name: String,
+    pub device: String,
+    pub algorithm: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PublicKeyReply {
+    pub public_key: Bytes,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KeysReply {
+    pub keys: Vec<KeyInfo>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignParams {
+    pub name: String,
+    pub data: Bytes,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prehashed: Option<bool>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SignReply {
+    pub signature: Bytes,
+}
+
+/// Every call of the interface, with its parameters. Transports build one of these and hand it
+/// to the daemon's service layer.
+#[derive(Debug)]
+pub enum Request {
+    Status,
+    Init(InitParams),
+    Enroll(EnrollParams),
+    ListKeyslots,
+    RemoveKeyslot(RemoveKeyslotParams),
+    Rekey,
+    Rotate,
+    Seal,
+    Unseal(UnsealParams),
+    PutSecret(PutSecretParams),
+    GetSecret(GetSecretParams),
+    ListSecrets(ListSecretsParams),
+    SecretVersions(NameParams),
+    DeleteSecret(NameParams),
+    CreateKey(CreateKeyParams),
+    ListKeys,
+    PublicKey(NameParams),
+    Sign(SignParams),
+    DeleteKey(NameParams),
+}
+
+/// Every reply, matching [`Request`] one to one.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Reply {
+    Status(StatusReply),
+    Init(InitReply),
+    Enroll(EnrollReply),
+    Keyslots(KeyslotsReply),
+    Rotate(RotateReply),
+    Unseal(UnsealReply),
+    Version(VersionReply),
+    GetSecret(GetSecretReply),
+    Names(NamesReply),
+    Versions(VersionsReply),
+    PublicKey(PublicKeyReply),
+    Keys(KeysReply),
+    Sign(SignReply),
+    Empty(Empty),
+}
+
+impl Request {
+    /// The method's short name (`GetSecret`), for logs, audit and policy.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Self::Status => "Status",
+            Self::Init(_) => "Init",
+            Self::Enroll(_) => "Enroll",
+            Self::ListKeyslots => "ListKeyslots",
+            Self::RemoveKeyslot(_) => "RemoveKeyslot",
+            Self::Rekey => "Rekey",
+            Self::Rotate => "Rotate",
+            Self::Seal => "Seal",
+            Self::Unseal(_) => "Unseal",
+            Self::PutSecret(_) => "PutSecret",
+            Self::GetSecret(_) => "GetSecret",
+            Self::ListSecrets(_) => "ListSecrets",
+            Self::SecretVersions(_) => "SecretVersions",
+            Self::DeleteSecret(_) => "DeleteSecret",
+            Self::CreateKey(_) => "CreateKey",
+            Self::ListKeys => "ListKeys",
+            Self::PublicKey(_) => "PublicKey",
+            Self::Sign(_) => "Sign",
+            Self::DeleteKey(_) => "DeleteKey",
+        }
+    }
+
+    /// Build a request from a method's short name and its JSON parameters (`None` or `{}` for
+    /// none).
+    ///
+    /// # Errors
+    /// [`ApiError::MethodNotFound`] for an unknown method, [`ApiError::InvalidParameter`] for
+    /// parameters that don't fit (a missing or unknown field, a wrong type, bad base64).
+    pub fn parse(method: &str, params: Option<&str>) -> Result<Self, ApiError> {
+        fn p<'a, T: Deserialize<'a>>(params: Option<&'a str>) -> Result<T, ApiError> {
+            serde_json::from_str(params.unwrap_or("{}")).map_err(|e| ApiError::InvalidParameter {
+                parameter: field_of(&e.to_string()),
+            })
+        }
+        fn none(params: Option<&str>) -> Result<(), ApiError> {
+            p::<Empty>(params).map(|_| ())
+        }
+        Ok(match method {
+            "Status" => none(params).map(|()| Self::Status)?,
+            "Init" => Self::Init(p(params)?),
+            "Enroll" => Self::Enroll(p(params)?),
+            "ListKeyslots" => none(params).map(|()| Self::ListKeyslots)?,
+            "RemoveKeyslot" => Self::RemoveKeyslot(p(params)?),
+            "Rekey" => none(params).map(|()| Self::Rekey)?,
+            "Rotate" => none(params).map(|()| Self::Rotate)?,
+            "Seal" => none(params).map(|()| Self::Seal)?,
+            "Unseal" => Self::Unseal(p(params)?),
+            "PutSecret" => Self::PutSecret(p(params)?),
+            "GetSecret" => Self::GetSecret(p(params)?),
+            "ListSecrets" => Self::ListSecrets(p(params)?),
+            "SecretVersions" => Self::SecretVersions(p(params)?),
+            "DeleteSecret" => Self::DeleteSecret(p(params)?),
+            "CreateKey" => Self::CreateKey(p(params)?),
+            "ListKeys" => none(params).map(|()| Self::ListKeys)?,
+            "PublicKey" => Self::PublicKey(p(params)?),
+            "Sign" => Self::Sign(p(params)?),
+            "DeleteKey" => Self::DeleteKey(p(params)?),
+            _ => {
+                return Err(ApiError::MethodNotFound {
+                    method: format!("{INTERFACE}.{method}"),
+                })
+            }
+        })
+    }
+}
+
+/// Best effort at naming the offending field from a serde_json message, for
+/// `InvalidParameter`. Never includes the value (it may be a secret).
+fn field_of(message: &str) -> String {
+    for marker in ["missing field `", "unknown field `"] {
+        if let Some(rest) = message.split(marker).nth(1) {
+            if let Some(name) = rest.split('`').next() {
+                return name.to_owned();
+            }
+        }
+    }
+    "parameters".to_owned()
+}
+
+/// Every error the interface returns: the `org.keyward.Custodian.*` errors, plus the
+/// `org.varlink.service.*` protocol errors.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    #[error("the vault is not initialised: run `keyward init`")]
+    NotInitialized,
+    #[error("the vault is already initialised")]
+    AlreadyInitialized,
+    #[error("the vault is sealed ({reason}): run `keyward unseal` or check `keyward status`")]
+    Sealed { reason: String },
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: String, name: String },
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists { kind: String, name: String },
+    #[error("permission denied: {action} on {resource:?}")]
+    PermissionDenied { action: String, resource: String },
+    #[error("invalid {parameter}: {reason}")]
+    InvalidArgument { parameter: String, reason: String },
+    #[error("{parameter} is larger than {limit} bytes")]
+    TooLarge { parameter: String, limit: u64 },
+    #[error(
+        "keyslot {id} is the last way into the vault: add another keyslot first, or use --force"
+    )]
+    LastKeyslot { id: u32 },
+    #[error("device {device:?} unavailable: {reason}")]
+    DeviceUnavailable { device: String, reason: String },
+    #[error("PIN incorrect{}", .retries_left.map(|n| format!(" ({n} tries left)")).unwrap_or_default())]
+    PinIncorrect { retries_left: Option<u32> },
+    #[error("PIN locked on device {device:?}")]
+    PinLocked { device: String },
+    #[error(
+        "device {device:?} refuses to unseal: its PCR values changed since the slot was enrolled"
+    )]
+    PolicyMismatch { device: String },
+    #[error("the daemon is busy: try again")]
+    Busy,
+    #[error("internal error: {reason}")]
+    Internal { reason: String },
+    /// `org.varlink.service.MethodNotFound`.
+    #[error("no such method {method:?}")]
+    MethodNotFound { method: String },
+    /// `org.varlink.service.InterfaceNotFound`.
+    #[error("no such interface {interface:?}")]
+    InterfaceNotFound { interface: String },
+    /// `org.varlink.service.InvalidParameter`.
+    #[error("invalid parameter {parameter:?}")]
+    InvalidParameter { parameter: String },
+    /// An error name this client does not know (a newer daemon).
+    #[error("{name}: {parameters}")]
+    Other { name: String, parameters: String },
+}
+
+impl ApiError {
+    /// The Varlink error name.
+    pub fn name(&self) -> String {
+        let short = match self {
+            Self::NotInitialized => "NotInitialized",
+            Self::AlreadyInitialized => "AlreadyInitialized",
+            Self::Sealed { .. } => "Sealed",
+            Self::NotFound { .. } => "NotFound",
+            Self::AlreadyExists { .. } => "AlreadyExists",
+            Self::PermissionDenied { .. } => "PermissionDenied",
+            Self::InvalidArgument { .. } => "InvalidArgument",
+            Self::TooLarge { .. } => "TooLarge",
+            Self::LastKeyslot { .. } => "LastKeyslot",
+            Self::DeviceUnavailable { .. } => "DeviceUnavailable",
+            Self::PinIncorrect { .. } => "PinIncorrect",
+            Self::PinLocked { .. } => "PinLocked",
+            Self::PolicyMismatch { .. } => "PolicyMismatch",
+            Self::Busy => "Busy",
+            Self::Internal { .. } => "Internal",
+            Self::MethodNotFound { .. } => return "org.varlink.service.MethodNotFound".into(),
+            Self::InterfaceNotFound { .. } => {
+                return "org.varlink.service.InterfaceNotFound".into()
+            }
+            Self::InvalidParameter { .. } => return "org.varlink.service.InvalidParameter".into(),
+            Self::Other { name, .. } => return name.clone(),
+        };
+        format!("{INTERFACE}.{short}")
+    }
+
+    /// The error's parameters as a JSON object.
+    pub fn parameters(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            Self::NotInitialized | Self::AlreadyInitialized | Self::Busy => json!({}),
+            Self::Sealed { reason } => json!({ "reason": reason }),
+            Self::NotFound { kind, name } | Self::AlreadyExists { kind, name } => {
+                json!({ "kind": kind, "name": name })
+            }
+            Self::PermissionDenied { action, resource } => {
+                json!({ "action": action, "resource": resource })
+            }
+            Self::InvalidArgument { parameter, reason } => {
+                json!({ "parameter": parameter, "reason": reason })
+            }
+            Self::TooLarge { parameter, limit } => {
+                json!({ "parameter": parameter, "limit": limit })
+            }
+            Self::LastKeyslot { id } => json!({ "id": id }),
+            Self::DeviceUnavailable { device, reason } => {
+                json!({ "device": device, "reason": reason })
+            }
+            Self::PinIncorrect { retries_left } => match retries_left {
+                Some(n) => json!({ "retries_left": n }),
+                None => json!({}),
+            },
+            Self::PinLocked { device } | Self::PolicyMismatch { device } => {
+                json!({ "device": device })
+            }
+            Self::Internal { reason } => json!({ "reason": reason }),
+            Self::MethodNotFound { method } => json!({ "method": method }),
+            Self::InterfaceNotFound { interface } => json!({ "interface": interface }),
+            Self::InvalidParameter { parameter } => json!({ "parameter": parameter }),
+            Self::Other { parameters, .. } => {
+                serde_json::from_str(parameters).unwrap_or_else(|_| json!({}))
+            }
+        }
+    }
+
+    /// Rebuild an error from its Varlink name and parameters (the client side).
+    pub fn from_wire(name: &str, parameters: &serde_json::Value) -> Self {
+        let s = |k: &str| {
+            parameters
+                .get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let n = |k: &str| parameters.get(k).and_then(serde_json::Value::as_u64);
+        let short = name
+            .strip_prefix(INTERFACE)
+            .and_then(|r| r.strip_prefix('.'));
+        match (short, name) {
+            (Some("NotInitialized"), _) => Self::NotInitialized,
+            (Some("AlreadyInitialized"), _) => Self::AlreadyInitialized,
+            (Some("Sealed"), _) => Self::Sealed {
+                reason: s("reason"),
+            },
+            (Some("NotFound"), _) => Self::NotFound {
+                kind: s("kind"),
+                name: s("name"),
+            },
+            (Some("AlreadyExists"), _) => Self::AlreadyExists {
+                kind: s("kind"),
+                name: s("name"),
+            },
+            (Some("PermissionDenied"), _) => Self::PermissionDenied {
+                action: s("action"),
+                resource: s("resource"),
+            },
+            (Some("InvalidArgument"), _) => Self::InvalidArgument {
+                parameter: s("parameter"),
+                reason: s("reason"),
+            },
+            (Some("TooLarge"), _) => Self::TooLarge {
+                parameter: s("parameter"),
+                limit: n("limit").unwrap_or_default(),
+            },
+            (Some("LastKeyslot"), _) => Self::LastKeyslot {
+                id: n("id").unwrap_or_default() as u32,
+            },
+            (Some("DeviceUnavailable"), _) => Self::DeviceUnavailable {
+                device: s("device"),
+                reason: s("reason"),
+            },
+            (Some("PinIncorrect"), _) => Self::PinIncorrect {
+                retries_left: n("retries_left").map(|v| v as u32),
+            },
+            (Some("PinLocked"), _) => Self::PinLocked {
+                device: s("device"),
+            },
+            (Some("PolicyMismatch"), _) => Self::PolicyMismatch {
+                device: s("device"),
+            },
+            (Some("Busy"), _) => Self::Busy,
+            (Some("Internal"), _) => Self::Internal {
+                reason: s("reason"),
+            },
+            (_, "org.varlink.service.MethodNotFound") => Self::MethodNotFound {
+                method: s("method"),
+            },
+            (_, "org.varlink.service.InterfaceNotFound") => Self::InterfaceNotFound {
+                interface: s("interface"),
+            },
+            (_, "org.varlink.service.InvalidParameter") => Self::InvalidParameter {
+                parameter: s("parameter"),
+            },
+            _ => Self::Other {
+                name: name.to_owned(),
+                parameters: parameters.to_string(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_value_round_trip_and_redaction() {
+        let v: SecretValue = serde_json::from_str("\"aHVudGVyMg==\"").unwrap();
+        assert_eq!(v.expose(), b"hunter2");
+        assert!(!format!("{v:?}").contains("hunter2"));
+        assert_eq!(serde_json::to_string(&v).unwrap(), "\"aHVudGVyMg==\"");
+        assert!(serde_json::from_str::<SecretValue>("\"not base64!\"").is_err());
+    }
+
+    #[test]
+    fn parse_names_the_bad_field_not_the_value() {
+        let e = Request::parse("PutSecret", Some(r#"{"name":"a","valu":"c2VjcmV0"}"#)).unwrap_err();
+        assert_eq!(
+            e,
+            ApiError::InvalidParameter {
+                parameter: "valu".into()
+            }
+        );
+        let e = Request::parse("PutSecret", Some(r#"{"name":"a"}"#)).unwrap_err();
+        assert_eq!(
+            e,
+            ApiError::InvalidParameter {
+                parameter: "value".into()
+            }
+        );
+        let e = Request::parse("GetSecrets", None).unwrap_err();
+        assert!(matches!(e, ApiError::MethodNotFound { .. }));
+        assert!(matches!(
+            Request::parse("Status", None),
+            Ok(Request::Status)
+        ));
+        assert!(Request::parse("Status", Some(r#"{"x":1}"#)).is_err());
+    }
+
+    #[test]
+    fn errors_round_trip_through_the_wire_form() {
+        let all = [
+            ApiError::Sealed {
+                reason: "no slot".into(),
+            },
+            ApiError::NotFound {
+                kind: "secret".into(),
+                name: "db".into(),
+            },
+            ApiError::PinIncorrect {
+                retries_left: Some(2),
+            },
+            ApiError::LastKeyslot { id: 3 },
+            ApiError::InvalidParameter {
+                parameter: "name".into(),
+            },
+            ApiError::Busy,
+        ];
+        for e in all {
+            assert_eq!(ApiError::from_wire(&e.name(), &e.parameters()), e);
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! `keywardd.toml`: where the state lives, which sockets to serve, which devices to use and in
+//! which order to try them at start. Unknown keys are errors, so a typo never silently turns a
+//! protection off. PINs are never in this file: only the path of a file that holds one (a
+//! systemd credential, typically).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use hsm_shim::tpm::TpmConfig;
+use hsm_shim::uri::Pkcs11Uri;
+use serde::Deserialize;
+
+/// Default path of the config file.
+pub const DEFAULT_CONFIG: &str = "/etc/keyward/keywardd.toml";
+
+/// A config that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// The whole configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the database lives (mode 0700).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The Varlink API socket.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// The policy file (TOML). Without one, everything but `Status` is denied.
+    #[serde(default)]
+    pub policy: Option<PathBuf>,
+    /// Device names to try, in order, for the unattended unseal at start. Default: every
+    /// configured device, in name order. Recovery slots are never tried unattended.
+    #[serde(default)]
+    pub unseal_order: Option<Vec<String>>,
+    /// The devices, by the name keyslots and keys refer to (`tpm`, `hsm`, ...).
+    #[serde(default)]
+    pub devices: BTreeMap<String, DeviceConfig>,
+    /// Limits on what clients can make the daemon do.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/keyward")
+}
+
+/// The Varlink socket.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Path of the socket (ignored under socket activation).
+    #[serde(default = "default_api_socket")]
+    pub socket: PathBuf,
+    /// Permission bits of the socket, octal as a string ("0660").
+    #[serde(default = "default_mode")]
+    pub mode: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            socket: default_api_socket(),
+            mode: default_mode(),
+        }
+    }
+}
+
+fn default_api_socket() -> PathBuf {
+    PathBuf::from("/run/keyward/api.sock")
+}
+
+fn default_mode() -> String {
+    "0660".into()
+}
+
+impl ApiConfig {
+    /// The socket mode as bits.
+    ///
+    /// # Errors
+    /// A mode that isn't octal or grants more than `0777`.
+    pub fn mode_bits(&self) -> Result<u32, String> {
+        let bits = u32::from_str_radix(self.mode.trim_start_matches("0o"), 8).map_err(|_| {
+            format!(
+                "api.mode {:?} is not an octal mode like \"0660\"",
+                self.mode
+            )
+        })?;
+        if bits > 0o777 {
+            return Err(format!("api.mode {:?} has bits beyond 0777", self.mode));
+        }
+        Ok(bits)
+    }
+}
+
+/// Bounds on client-controlled resources.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Connections served at once; more wait in the kernel's backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A connection with no complete request for this long is closed.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// How long a request may wait for a device before `DeviceUnavailable`.
+    #[serde(default = "default_device_timeout")]
+    pub device_timeout_secs: u64,
+    /// Requests queued per device before callers get `Busy`.
+    #[serde(default = "default_device_queue")]
+    pub device_queue: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_connections(),
+            idle_timeout_secs: default_idle_timeout(),
+            device_timeout_secs: default_device_timeout(),
+            device_queue: default_device_queue(),
+        }
+    }
+}
+
+fn default_max_connections() -> usize {
+    256
+}
+fn default_idle_timeout() -> u64 {
+    300
+}
+fn default_device_timeout() -> u64 {
+    30
+}
+fn default_device_queue() -> usize {
+    64
+}
+
+/// One device.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum DeviceConfig {
+    /// A TPM 2.0.
+    Tpm2 {
+        /// `device:/dev/tpmrm0` (default) or `swtpm:host=…,port=…`.
+        #[serde(default)]
+        tcti: hsm_shim::tpm::Tcti,
+        /// Default PCRs of the sha256 bank for new tpm2 keyslots.
+        #[serde(default = "default_pcrs")]
+        pcrs: Vec<u8>,
+    },
+    /// A PKCS#11 token.
+    Pkcs11 {
+        /// The module (shared library).
+        module: PathBuf,
+        /// The token, by a PKCS#11 URI that names it (`pkcs11:token=…`).
+        token: Pkcs11Uri,
+        /// File holding the user PIN (a systemd credential). Never the PIN itself.
+        #[serde(default)]
+        pin_file: Option<PathBuf>,
+        /// For SoftHSM: its config file, exported as `SOFTHSM2_CONF` at start. Keyward never
+        /// lets SoftHSM fall back to `/etc/softhsm/softhsm2.conf`.
+        #[serde(default)]
+        softhsm_conf: Option<PathBuf>,
+        /// `CKA_LABEL` of the sealing key.
+        #[serde(default = "default_seal_key_label")]
+        seal_key_label: String,
+    },
+}
+
+fn default_pcrs() -> Vec<u8> {
+    vec![7]
+}
+
+fn default_seal_key_label() -> String {
+    "keyward-seal".into()
+}
+
+impl DeviceConfig {
+    /// `tpm2` or `pkcs11`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Tpm2 { .. } => "tpm2",
+            Self::Pkcs11 { .. } => "pkcs11",
+        }
+    }
+
+    /// The TPM config, for a TPM.
+    pub fn tpm_config(&self) -> Option<TpmConfig> {
+        match self {
+            Self::Tpm2 { tcti, pcrs } => Some(TpmConfig {
+                tcti: tcti.clone(),
+                pcrs: pcrs.clone(),
+            }),
+            Self::Pkcs11 { .. } => None,
+        }
+    }
+}
+
+/// Device names must be short identifiers: they appear in keyslots, key records and logs.
+fn check_device_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "device name {name:?}: use 1 to 32 of a-z, 0-9, '-' and '_'"
+        ))
+    }
+}
+
+impl Config {
+    /// Load and check a config file.
+    ///
+    /// # Errors
+    /// The file can't be read, isn't valid TOML, has unknown keys, or is inconsistent.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.check().map_err(|reason| ConfigError::Invalid {
+            path: path.to_owned(),
+            reason,
+        })?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        self.api.mode_bits()?;
+        for (name, device) in &self.devices {
+            check_device_name(name)?;
+            if let DeviceConfig::Pkcs11 { token, .. } = device {
+                if !token.names_token() {
+                    return Err(format!(
+                        "devices.{name}.token {token} must name a token (token=, serial=, ...)"
+                    ));
+                }
+            }
+        }
+        for name in self.unseal_order.iter().flatten() {
+            if !self.devices.contains_key(name) {
+                return Err(format!(
+                    "unseal_order names {name:?}, which is not a configured device"
+                ));
+            }
+        }
+        if self.limits.max_connections == 0 || self.limits.device_queue == 0 {
+            return Err("limits must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Device names in unattended-unseal order.
+    pub fn unseal_order(&self) -> Vec<String> {
+        match &self.unseal_order {
+            Some(order) => order.clone(),
+            None => self.devices.keys().cloned().collect(),
+        }
+    }
+
+    /// The path of the database.
+    pub fn database(&self) -> PathBuf {
+        self.state_dir.join("keyward.db")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.check()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = parse(
+            r#"
+            state_dir = "/tmp/kw"
+            policy = "/etc/keyward/policy.toml"
+            unseal_order = ["tpm", "hsm"]
+            [api]
+            socket = "/tmp/kw/api.sock"
+            mode = "0600"
+            [devices.tpm]
+            kind = "tpm2"
+            tcti = "swtpm:host=127.0.0.1,port=2321"
+            pcrs = [7, 11]
+            [devices.hsm]
+            kind = "pkcs11"
+            module = "/usr/lib/softhsm/libsofthsm2.so"
+            token = "pkcs11:token=keyward"
+            pin_file = "/run/credentials/keywardd.service/hsm-pin"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.api.mode_bits().unwrap(), 0o600);
+        assert_eq!(c.unseal_order(), ["tpm", "hsm"]);
+        assert_eq!(c.devices["tpm"].kind(), "tpm2");
+        assert_eq!(c.devices["tpm"].tpm_config().unwrap().pcrs, [7, 11]);
+    }
+
+    #[test]
+    fn mistakes_are_errors() {
+        assert!(parse("state_dri = \"/x\"")
+            .unwrap_err()
+            .contains("unknown field"));
+        assert!(parse("[devices.tpm]\nkind = \"tpm2\"\ntcti = \"swtpm:path=/x\"").is_err());
+        assert!(parse("[devices.tpm]\nkind = \"tpm2\"\npin = \"1234\"").is_err());
+        assert!(parse(
+            "[devices.h]\nkind = \"pkcs11\"\nmodule = \"/m.so\"\ntoken = \"pkcs11:object=x\""
+        )
+        .unwrap_err()
+        .contains("must name a token"));
+        assert!(parse("unseal_order = [\"nope\"]")
+            .unwrap_err()
+            .contains("not a configured device"));
+        assert!(parse("[api]\nmode = \"rw\"").is_err());
+        assert!(parse("[devices.\"Bad Name\"]\nkind = \"tpm2\"").is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! Varlink transport (being written).
