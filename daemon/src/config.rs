@@ -167,7 +167,7 @@ pub enum DeviceConfig {
         /// The module (shared library).
         module: PathBuf,
         /// The token, by a PKCS#11 URI that names it (`pkcs11:token=…`).
-        token: Pkcs11Uri,
+        token: Box<Pkcs11Uri>,
         /// File holding the user PIN (a systemd credential). Never the PIN itself.
         #[serde(default)]
         pin_file: Option<PathBuf>,
