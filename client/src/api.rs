@@ -80,8 +80,9 @@ method ListKeyslots() -> (keyslots: []Keyslot)
 # Removing the last hardware slot while no recovery slot exists needs force.
 method RemoveKeyslot(id: int, force: ?bool) -> ()
 
-# New master key: the keyring and every slot are sealed again.
-method Rekey() -> ()
+# New master key: the keyring and every slot are sealed again. A slot bound to a PIN needs
+# the PIN; recovery slots get new shares (the old ones stop working), returned once.
+method Rekey(pin: ?string) -> (recovery_shares: []string)
 
 # New data-key term for new secret versions; old terms stay readable.
 method Rotate() -> (term: int)
@@ -375,6 +376,20 @@ pub struct RemoveKeyslotParams {
     pub force: Option<bool>,
 }
 
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RekeyParams {
+    /// The PIN of PIN-bound TPM slots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<SecretString>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RekeyReply {
+    /// New shares for every recovery slot; the old ones no longer open the vault.
+    pub recovery_shares: Vec<SecretString>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RotateReply {
     pub term: u32,
@@ -487,7 +502,7 @@ pub enum Request {
     Enroll(EnrollParams),
     ListKeyslots,
     RemoveKeyslot(RemoveKeyslotParams),
-    Rekey,
+    Rekey(RekeyParams),
     Rotate,
     Seal,
     Unseal(UnsealParams),
@@ -511,6 +526,7 @@ pub enum Reply {
     Init(InitReply),
     Enroll(EnrollReply),
     Keyslots(KeyslotsReply),
+    Rekey(RekeyReply),
     Rotate(RotateReply),
     Unseal(UnsealReply),
     Version(VersionReply),
@@ -532,7 +548,7 @@ impl Request {
             Self::Enroll(_) => "Enroll",
             Self::ListKeyslots => "ListKeyslots",
             Self::RemoveKeyslot(_) => "RemoveKeyslot",
-            Self::Rekey => "Rekey",
+            Self::Rekey(_) => "Rekey",
             Self::Rotate => "Rotate",
             Self::Seal => "Seal",
             Self::Unseal(_) => "Unseal",
@@ -570,7 +586,7 @@ impl Request {
             "Enroll" => Self::Enroll(p(params)?),
             "ListKeyslots" => none(params).map(|()| Self::ListKeyslots)?,
             "RemoveKeyslot" => Self::RemoveKeyslot(p(params)?),
-            "Rekey" => none(params).map(|()| Self::Rekey)?,
+            "Rekey" => Self::Rekey(p(params)?),
             "Rotate" => none(params).map(|()| Self::Rotate)?,
             "Seal" => none(params).map(|()| Self::Seal)?,
             "Unseal" => Self::Unseal(p(params)?),

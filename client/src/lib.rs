@@ -2,3 +2,6 @@
 //! share ([`api`]).
 
 pub mod api;
+pub mod varlink;
+
+pub use varlink::{Client, ClientError, DEFAULT_SOCKET, SOCKET_ENV};

@@ -1,9 +1,8 @@
-//! `keyward`, the admin command line.
+//! `keyward`, the admin and scripting command line of `keywardd`: a thin front end over the
+//! client library; everything lives in [`cli`].
+
+mod cli;
 
 fn main() -> std::process::ExitCode {
-    eprintln!(
-        "keyward {}: the command line is not built yet",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::ExitCode::FAILURE
+    cli::main()
 }

@@ -1,9 +1,190 @@
-//! `keywardd` entry point.
+//! `keywardd`: start-up, readiness, signals. Everything it serves lives in the library.
 
-fn main() -> std::process::ExitCode {
-    eprintln!(
-        "keywardd {}: the daemon is not built yet",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::ExitCode::FAILURE
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use keywardd::config::{Config, DeviceConfig, DEFAULT_CONFIG};
+use keywardd::device::{self, ActorOptions, DeviceHandle};
+use keywardd::policy::Policy;
+use keywardd::service::Service;
+use keywardd::store::Store;
+use keywardd::sys;
+use keywardd::transport::varlink::{self, VarlinkLimits};
+use keywardd::vault::Vault;
+use sd_notify::NotifyState;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// The Keyward daemon: a vault master key sealed to a TPM or PKCS#11 token, secrets encrypted
+/// under it, signing inside the devices.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The configuration file.
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    // Before any secret exists and before any thread starts.
+    if let Err(e) = sys::harden() {
+        eprintln!("keywardd: cannot harden the process: {e}");
+        return ExitCode::FAILURE;
+    }
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KEYWARD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = export_softhsm_conf(&config) {
+        tracing::error!("{e}");
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = sys::private_dir(&config.state_dir) {
+        tracing::error!("{e}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config, args.config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            sys::notify(&[NotifyState::Status(&format!("failed: {e}"))]);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SoftHSM reads `SOFTHSM2_CONF` from the environment at `C_Initialize`; set it from the config
+/// while the process is still single-threaded.
+fn export_softhsm_conf(config: &Config) -> Result<(), String> {
+    let mut chosen: Option<&PathBuf> = None;
+    for (name, device) in &config.devices {
+        if let DeviceConfig::Pkcs11 {
+            softhsm_conf: Some(path),
+            ..
+        } = device
+        {
+            if chosen.is_some_and(|c| c != path) {
+                return Err(format!("devices.{name}.softhsm_conf differs from another device's: SoftHSM reads one config per process"));
+            }
+            chosen = Some(path);
+        }
+    }
+    if let Some(path) = chosen {
+        if !path.is_file() {
+            return Err(format!("softhsm_conf {} does not exist", path.display()));
+        }
+        // Single-threaded here (no runtime, no device threads yet): the one sound moment.
+        std::env::set_var("SOFTHSM2_CONF", path);
+        tracing::info!(softhsm2_conf = %path.display(), "SoftHSM config");
+    }
+    Ok(())
+}
+
+fn load_policy(config: &Config) -> Result<Policy, String> {
+    match &config.policy {
+        Some(path) => Policy::load(path).map_err(|e| format!("policy {}: {e}", path.display())),
+        None => {
+            tracing::warn!("no policy file configured: every request but Status is denied");
+            Ok(Policy::deny_all())
+        }
+    }
+}
+
+async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
+    let store = Store::open(&config.database())
+        .map_err(|e| format!("store {}: {e}", config.database().display()))?;
+    let policy = load_policy(&config)?;
+    let options = ActorOptions::from_limits(&config.limits);
+    let devices: BTreeMap<String, DeviceHandle> = config
+        .devices
+        .iter()
+        .map(|(name, cfg)| {
+            let opener = device::opener_from_config(name, cfg);
+            (
+                name.clone(),
+                DeviceHandle::spawn(name.clone(), cfg.kind(), opener, options),
+            )
+        })
+        .collect();
+    let on_change: Arc<dyn Fn(&str) + Send + Sync> =
+        Arc::new(|line: &str| sys::notify(&[NotifyState::Status(line)]));
+    let vault = Vault::load(store, devices, config.unseal_order(), on_change)
+        .await
+        .map_err(|e| e.to_string())?;
+    let service = Arc::new(Service::new(vault, policy));
+
+    // Listen before unsealing: early clients wait in the backlog instead of failing.
+    let listener = match sys::activated_listener().map_err(|e| format!("LISTEN_FDS: {e}"))? {
+        Some(l) => {
+            tokio::net::UnixListener::from_std(l).map_err(|e| format!("activated socket: {e}"))?
+        }
+        None => {
+            let mode = config.api.mode_bits()?;
+            varlink::bind(&config.api.socket, mode)
+                .map_err(|e| format!("cannot listen on {}: {e}", config.api.socket.display()))?
+        }
+    };
+
+    service.vault().unseal_unattended().await;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let limits = VarlinkLimits::from_config(&config.limits);
+    let server = tokio::spawn(varlink::serve(listener, service.clone(), limits, stop_rx));
+
+    let status = service.vault().status().await.map_err(|e| e.to_string())?;
+    let line = if status.sealed {
+        format!("sealed: {}", status.reason.unwrap_or_default())
+    } else {
+        format!("unsealed by {}", status.unsealed_by.unwrap_or_default())
+    };
+    sys::notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
+    tracing::info!(socket = %config.api.socket.display(), "{line}; ready");
+
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                // Re-read the config's policy path; a bad file keeps the old policy.
+                match Config::load(&config_path).map_err(|e| e.to_string()).and_then(|c| load_policy(&c)) {
+                    Ok(p) => {
+                        service.set_policy(p);
+                        tracing::info!("policy reloaded");
+                    }
+                    Err(e) => tracing::error!("policy reload rejected, keeping the old policy: {e}"),
+                }
+            }
+        }
+    }
+    sys::notify(&[NotifyState::Stopping]);
+    tracing::info!("stopping: draining in-flight requests");
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    Ok(())
 }

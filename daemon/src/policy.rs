@@ -1,1 +1,1026 @@
-//! Policy (being written).
+//! The access policy: who may do what to which secret or key. Default deny.
+//!
+//! This module owns the policy file (TOML: `[[rule]]` tables of `who` × `allow` × name globs, and
+//! `[[credential]]` tables mapping a unit's `LoadCredential=` id to a secret) and the pure
+//! decision function [`decide`]. It must not do I/O when deciding: user and group names are
+//! resolved to ids once, when the file loads, so [`decide`] reads no files, asks no NSS and reads
+//! no clock. It knows nothing of transports, the store or devices; the service asks it, and the
+//! caller's identity comes from the kernel via [`crate::identity::Caller`].
+//!
+//! Rules are numbered from 1 in file order; load errors and [`Decision::Allow`] use that number.
+
+use std::fmt;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+use crate::identity::{Caller, Via};
+
+/// Largest policy file accepted, in bytes.
+pub const MAX_POLICY_SIZE: u64 = 1 << 20;
+
+/// What a caller wants to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// `GetSecret`, `ListSecrets`, `SecretVersions`: matched against `secrets`.
+    Read,
+    /// `PutSecret`, `DeleteSecret`: matched against `secrets`.
+    Write,
+    /// `Sign`, `PublicKey`: matched against `keys`.
+    Sign,
+    /// `CreateKey`, `DeleteKey`, `ListKeys`: matched against `keys`.
+    Keys,
+    /// Vault operations (init, enroll, keyslots, rekey, rotate, seal, unseal) on [`Resource::Vault`].
+    Admin,
+}
+
+impl Action {
+    /// Every action, in the order the policy file documents them.
+    pub const ALL: [Action; 5] = [Self::Read, Self::Write, Self::Sign, Self::Keys, Self::Admin];
+
+    /// The name used in the policy file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Sign => "sign",
+            Self::Keys => "keys",
+            Self::Admin => "admin",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        match self {
+            Self::Read => 1,
+            Self::Write => 2,
+            Self::Sign => 4,
+            Self::Keys => 8,
+            Self::Admin => 16,
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A name that is not an [`Action`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown action {0:?}: expected one of read, write, sign, keys, admin")]
+pub struct UnknownAction(pub String);
+
+impl FromStr for Action {
+    type Err = UnknownAction;
+
+    fn from_str(s: &str) -> Result<Self, UnknownAction> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| UnknownAction(s.to_owned()))
+    }
+}
+
+/// What an action is done to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resource<'a> {
+    /// A secret by name (for [`Action::Read`] and [`Action::Write`]).
+    Secret(&'a str),
+    /// A signing key by name (for [`Action::Sign`] and [`Action::Keys`]).
+    Key(&'a str),
+    /// The vault itself (for [`Action::Admin`]).
+    Vault,
+}
+
+/// The outcome of [`decide`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed by the rule with this number (1-based, in file order). `0` is the built-in rule
+    /// that lets the daemon act for itself ([`Via::Daemon`]).
+    Allow {
+        /// The rule's number, for the audit log.
+        rule: usize,
+    },
+    /// No rule allows it.
+    Deny,
+}
+
+impl Decision {
+    /// True for [`Decision::Allow`].
+    pub fn is_allowed(self) -> bool {
+        matches!(self, Self::Allow { .. })
+    }
+}
+
+/// A policy that could not be loaded. Messages name the rule (1-based) and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The file could not be opened or read.
+    #[error("cannot read policy {path}: {source}")]
+    Read {
+        /// The policy file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file (or its directory) could be changed by someone who must not write policy.
+    #[error("refusing policy {path}: {reason}")]
+    Insecure {
+        /// The policy file.
+        path: PathBuf,
+        /// What is unsafe about it and how to fix it.
+        reason: String,
+    },
+    /// Not valid TOML, an unknown field, a missing field or a value of the wrong type.
+    #[error("{origin}: {source}")]
+    Parse {
+        /// The file, or `policy` when parsed from text.
+        origin: String,
+        /// The parser's message (with line and column).
+        source: toml::de::Error,
+    },
+    /// Well-formed, but inconsistent (an unknown action, an empty `who`, an unknown user, ...).
+    #[error("{origin}: {reason}")]
+    Invalid {
+        /// The file, or `policy` when parsed from text.
+        origin: String,
+        /// What is wrong, naming the rule.
+        reason: String,
+    },
+}
+
+/// A name glob: `*` matches any run of characters (including `/`), `?` exactly one character,
+/// everything else itself.
+#[derive(Clone, PartialEq, Eq)]
+struct Glob {
+    pattern: Vec<char>,
+}
+
+impl fmt::Debug for Glob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text: String = self.pattern.iter().collect();
+        write!(f, "{text:?}")
+    }
+}
+
+impl Glob {
+    fn new(pattern: &str) -> Self {
+        Self {
+            pattern: pattern.chars().collect(),
+        }
+    }
+
+    /// Iterative matching with one backtrack point (the last `*`): O(pattern × text) at worst,
+    /// never exponential.
+    fn matches(&self, text: &str) -> bool {
+        let p = &self.pattern;
+        let mut pi = 0; // index into the pattern (chars)
+        let mut ti = 0; // byte index into the text
+                        // After the last `*` seen: where the pattern resumes, and where in the text the star's
+                        // match currently ends.
+        let mut star: Option<(usize, usize)> = None;
+        while let Some(c) = text[ti..].chars().next() {
+            match p.get(pi) {
+                Some('*') => {
+                    pi += 1;
+                    star = Some((pi, ti));
+                }
+                Some(&pc) if pc == '?' || pc == c => {
+                    pi += 1;
+                    ti += c.len_utf8();
+                }
+                _ => match star {
+                    // Let the last star eat one more character and retry from there.
+                    Some((resume, end)) => {
+                        let eaten = text[end..].chars().next().map_or(1, char::len_utf8);
+                        star = Some((resume, end + eaten));
+                        pi = resume;
+                        ti = end + eaten;
+                    }
+                    None => return false,
+                },
+            }
+        }
+        p[pi..].iter().all(|&c| c == '*')
+    }
+}
+
+/// The caller conditions of a rule; every condition given must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Who {
+    uid: Option<u32>,
+    /// `user = "name"`, resolved at load: (name, uid).
+    user: Option<(String, u32)>,
+    gid: Option<u32>,
+    /// `group = "name"`, resolved at load: (name, gid).
+    group: Option<(String, u32)>,
+    unit: Option<String>,
+}
+
+impl Who {
+    fn matches(&self, caller: &Caller) -> bool {
+        let in_group = |gid: u32| caller.gid == gid || caller.groups.contains(&gid);
+        self.uid.is_none_or(|uid| caller.uid == uid)
+            && self.user.as_ref().is_none_or(|(_, uid)| caller.uid == *uid)
+            && self.gid.is_none_or(in_group)
+            && self.group.as_ref().is_none_or(|(_, gid)| in_group(*gid))
+            && self
+                .unit
+                .as_ref()
+                .is_none_or(|unit| caller.unit.as_deref() == Some(unit.as_str()))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Rule {
+    who: Who,
+    /// Bit set of [`Action::bit`].
+    allow: u8,
+    secrets: Vec<Glob>,
+    keys: Vec<Glob>,
+}
+
+impl Rule {
+    fn allows(&self, action: Action) -> bool {
+        self.allow & action.bit() != 0
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct CredentialMap {
+    unit: String,
+    id: String,
+    secret: String,
+}
+
+/// A loaded, checked policy. Build one with [`Policy::load`], [`Policy::from_toml`] or
+/// [`Policy::deny_all`]; ask it with [`decide`] and [`credential_secret`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    rules: Vec<Rule>,
+    credentials: Vec<CredentialMap>,
+}
+
+// The file's shape. Every table denies unknown fields: a typo must not silently widen or
+// narrow access.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    rule: Vec<RuleSpec>,
+    #[serde(default)]
+    credential: Vec<CredentialSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleSpec {
+    who: WhoSpec,
+    allow: Vec<String>,
+    #[serde(default)]
+    secrets: Option<Vec<String>>,
+    #[serde(default)]
+    keys: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WhoSpec {
+    #[serde(default)]
+    uid: Option<u32>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    gid: Option<u32>,
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    unit: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialSpec {
+    unit: String,
+    id: String,
+    secret: String,
+}
+
+/// Name resolution at load time. The real one asks NSS; tests use a table.
+trait Resolver {
+    fn uid_of(&self, user: &str) -> Result<Option<u32>, String>;
+    fn gid_of(&self, group: &str) -> Result<Option<u32>, String>;
+}
+
+struct Nss;
+
+impl Resolver for Nss {
+    fn uid_of(&self, user: &str) -> Result<Option<u32>, String> {
+        nix::unistd::User::from_name(user)
+            .map(|u| u.map(|u| u.uid.as_raw()))
+            .map_err(|e| e.to_string())
+    }
+
+    fn gid_of(&self, group: &str) -> Result<Option<u32>, String> {
+        nix::unistd::Group::from_name(group)
+            .map(|g| g.map(|g| g.gid.as_raw()))
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Policy {
+    /// The empty policy: every request is denied (except the daemon's own).
+    pub fn deny_all() -> Self {
+        Self::default()
+    }
+
+    /// Parse and check a policy. User and group names are resolved to ids now (NSS), so that
+    /// deciding never needs a lookup; a later rename in `/etc/passwd` takes effect on reload.
+    ///
+    /// # Errors
+    /// [`PolicyError::Parse`] for bad TOML, an unknown or missing field; [`PolicyError::Invalid`]
+    /// for an unknown action, an empty `who`, an unknown user or group, a rule granting
+    /// `read`/`write` without `secrets` or `sign`/`keys` without `keys`, an empty glob, or a
+    /// credential mapped twice.
+    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
+        Self::parse(text, "policy", &Nss)
+    }
+
+    /// Load the policy file at `path`, after checking that only root or the daemon's own user
+    /// can change it: the file must be a regular file owned by root or by the daemon's uid, not
+    /// writable by group or others, in a directory that group and others can't write to
+    /// (unless the directory is sticky).
+    ///
+    /// # Errors
+    /// [`PolicyError::Read`] when it can't be read, [`PolicyError::Insecure`] for the
+    /// ownership and mode rules above or a file over [`MAX_POLICY_SIZE`], and as
+    /// [`Policy::from_toml`].
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let read_err = |source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let insecure = |reason: String| PolicyError::Insecure {
+            path: path.to_owned(),
+            reason,
+        };
+        let mut file = std::fs::File::open(path).map_err(read_err)?;
+        // Check the file we opened, not the path again (no window to swap it in between).
+        let meta = file.metadata().map_err(read_err)?;
+        check_file_meta(&meta, nix::unistd::geteuid().as_raw()).map_err(insecure)?;
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let dir_meta = std::fs::metadata(&dir).map_err(read_err)?;
+        check_dir_meta(&dir_meta, &dir).map_err(insecure)?;
+        let mut text = String::new();
+        file.by_ref()
+            .take(MAX_POLICY_SIZE + 1)
+            .read_to_string(&mut text)
+            .map_err(read_err)?;
+        if text.len() as u64 > MAX_POLICY_SIZE {
+            return Err(insecure(format!("larger than {MAX_POLICY_SIZE} bytes")));
+        }
+        Self::parse(&text, &path.display().to_string(), &Nss)
+    }
+
+    fn parse(text: &str, origin: &str, names: &dyn Resolver) -> Result<Self, PolicyError> {
+        let file: PolicyFile = toml::from_str(text).map_err(|source| PolicyError::Parse {
+            origin: origin.to_owned(),
+            source,
+        })?;
+        let invalid = |reason: String| PolicyError::Invalid {
+            origin: origin.to_owned(),
+            reason,
+        };
+        let mut rules = Vec::with_capacity(file.rule.len());
+        for (i, spec) in file.rule.into_iter().enumerate() {
+            rules.push(check_rule(i + 1, spec, names).map_err(invalid)?);
+        }
+        let mut credentials: Vec<CredentialMap> = Vec::with_capacity(file.credential.len());
+        for (i, c) in file.credential.into_iter().enumerate() {
+            let n = i + 1;
+            if c.unit.is_empty() || c.id.is_empty() || c.secret.is_empty() {
+                return Err(invalid(format!(
+                    "credential {n}: unit, id and secret must not be empty"
+                )));
+            }
+            check_unit_name(&c.unit).map_err(|why| invalid(format!("credential {n}: {why}")))?;
+            if let Some(prev) = credentials
+                .iter()
+                .position(|m| m.unit == c.unit && m.id == c.id)
+            {
+                return Err(invalid(format!(
+                    "credential {n}: unit {:?} id {:?} is already mapped by credential {}",
+                    c.unit,
+                    c.id,
+                    prev + 1
+                )));
+            }
+            credentials.push(CredentialMap {
+                unit: c.unit,
+                id: c.id,
+                secret: c.secret,
+            });
+        }
+        Ok(Self { rules, credentials })
+    }
+
+    /// Number of `[[rule]]` tables.
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Number of `[[credential]]` mappings.
+    pub fn credential_count(&self) -> usize {
+        self.credentials.len()
+    }
+}
+
+fn check_file_meta(meta: &std::fs::Metadata, own_uid: u32) -> Result<(), String> {
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.uid() != 0 && meta.uid() != own_uid {
+        return Err(format!(
+            "owned by uid {}, not by root or the daemon's uid {own_uid}: \
+             whoever owns it can grant themselves access (chown root:root)",
+            meta.uid()
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "mode {mode:04o} lets group or others write it, and so grant themselves access \
+             (chmod go-w)"
+        ));
+    }
+    Ok(())
+}
+
+fn check_dir_meta(meta: &std::fs::Metadata, dir: &Path) -> Result<(), String> {
+    let mode = meta.mode() & 0o7777;
+    let sticky = mode & 0o1000 != 0;
+    if mode & 0o022 != 0 && !sticky {
+        return Err(format!(
+            "its directory {} (mode {mode:04o}) lets group or others replace the file \
+             (chmod go-w on the directory)",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// A systemd unit name has a type suffix (`postgresql.service`); without one it is a typo that
+/// would never match.
+fn check_unit_name(unit: &str) -> Result<(), String> {
+    const TYPES: [&str; 11] = [
+        ".service",
+        ".socket",
+        ".scope",
+        ".slice",
+        ".mount",
+        ".automount",
+        ".swap",
+        ".timer",
+        ".path",
+        ".target",
+        ".device",
+    ];
+    if TYPES
+        .iter()
+        .any(|t| unit.len() > t.len() && unit.ends_with(t))
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "unit {unit:?} has no unit type suffix: write the full name, e.g. \"{unit}.service\""
+        ))
+    }
+}
+
+fn check_globs(n: usize, field: &str, globs: Option<Vec<String>>) -> Result<Vec<Glob>, String> {
+    let globs = globs.unwrap_or_default();
+    if globs.iter().any(String::is_empty) {
+        return Err(format!(
+            "rule {n}: an empty pattern in `{field}` matches nothing"
+        ));
+    }
+    Ok(globs.iter().map(|g| Glob::new(g)).collect())
+}
+
+fn check_rule(n: usize, spec: RuleSpec, names: &dyn Resolver) -> Result<Rule, String> {
+    let w = spec.who;
+    if w.uid.is_none()
+        && w.user.is_none()
+        && w.gid.is_none()
+        && w.group.is_none()
+        && w.unit.is_none()
+    {
+        return Err(format!(
+            "rule {n}: `who` is empty: give at least one of uid, user, gid, group, unit"
+        ));
+    }
+    let user = match w.user {
+        Some(name) => match names.uid_of(&name) {
+            Ok(Some(uid)) => Some((name, uid)),
+            Ok(None) => return Err(format!("rule {n}: unknown user {name:?}")),
+            Err(e) => return Err(format!("rule {n}: cannot look up user {name:?}: {e}")),
+        },
+        None => None,
+    };
+    let group = match w.group {
+        Some(name) => match names.gid_of(&name) {
+            Ok(Some(gid)) => Some((name, gid)),
+            Ok(None) => return Err(format!("rule {n}: unknown group {name:?}")),
+            Err(e) => return Err(format!("rule {n}: cannot look up group {name:?}: {e}")),
+        },
+        None => None,
+    };
+    if let Some(unit) = &w.unit {
+        check_unit_name(unit).map_err(|why| format!("rule {n}: {why}"))?;
+    }
+    if spec.allow.is_empty() {
+        return Err(format!(
+            "rule {n}: `allow` is empty, so the rule grants nothing"
+        ));
+    }
+    let mut allow = 0u8;
+    for name in &spec.allow {
+        let action: Action = name.parse().map_err(|e| format!("rule {n}: {e}"))?;
+        allow |= action.bit();
+    }
+    let secrets = check_globs(n, "secrets", spec.secrets)?;
+    let keys = check_globs(n, "keys", spec.keys)?;
+    for action in Action::ALL {
+        if allow & action.bit() == 0 {
+            continue;
+        }
+        let (missing, field, example) = match action {
+            Action::Read | Action::Write => (secrets.is_empty(), "secrets", "secrets = [\"db/*\"]"),
+            Action::Sign | Action::Keys => (keys.is_empty(), "keys", "keys = [\"release-*\"]"),
+            Action::Admin => (false, "", ""),
+        };
+        if missing {
+            return Err(format!(
+                "rule {n} allows {action} but has no `{field}` list: say which, e.g. {example}"
+            ));
+        }
+    }
+    Ok(Rule {
+        who: Who {
+            uid: w.uid,
+            user,
+            gid: w.gid,
+            group,
+            unit: w.unit,
+        },
+        allow,
+        secrets,
+        keys,
+    })
+}
+
+/// May `caller` do `action` to `resource`? The first rule (in file order) that allows it wins;
+/// without one, [`Decision::Deny`]. Pure: no I/O, no clock.
+///
+/// [`Action::Read`]/[`Action::Write`] need a [`Resource::Secret`] matching the rule's `secrets`,
+/// [`Action::Sign`]/[`Action::Keys`] a [`Resource::Key`] matching its `keys`, and
+/// [`Action::Admin`] [`Resource::Vault`]; any other pairing is denied. The daemon acting for itself
+/// ([`Via::Daemon`]) is always allowed, as rule 0.
+pub fn decide(
+    policy: &Policy,
+    caller: &Caller,
+    action: Action,
+    resource: Resource<'_>,
+) -> Decision {
+    if caller.via == Via::Daemon {
+        return Decision::Allow { rule: 0 };
+    }
+    for (i, rule) in policy.rules.iter().enumerate() {
+        if !rule.allows(action) || !rule.who.matches(caller) {
+            continue;
+        }
+        let covered = match (action, resource) {
+            (Action::Read | Action::Write, Resource::Secret(name)) => {
+                rule.secrets.iter().any(|g| g.matches(name))
+            }
+            (Action::Sign | Action::Keys, Resource::Key(name)) => {
+                rule.keys.iter().any(|g| g.matches(name))
+            }
+            (Action::Admin, Resource::Vault) => true,
+            _ => false,
+        };
+        if covered {
+            return Decision::Allow { rule: i + 1 };
+        }
+    }
+    Decision::Deny
+}
+
+/// The secret that unit `unit` gets for its `LoadCredential=` id `id`, if the policy maps one.
+/// Whether to trust the unit name is the credential transport's business (only from uid 0).
+pub fn credential_secret<'p>(policy: &'p Policy, unit: &str, id: &str) -> Option<&'p str> {
+    policy
+        .credentials
+        .iter()
+        .find(|m| m.unit == unit && m.id == id)
+        .map(|m| m.secret.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A fixed name table, so tests don't depend on the machine's users and groups.
+    struct Names(HashMap<&'static str, u32>, HashMap<&'static str, u32>);
+
+    impl Resolver for Names {
+        fn uid_of(&self, user: &str) -> Result<Option<u32>, String> {
+            Ok(self.0.get(user).copied())
+        }
+        fn gid_of(&self, group: &str) -> Result<Option<u32>, String> {
+            Ok(self.1.get(group).copied())
+        }
+    }
+
+    fn names() -> Names {
+        Names(
+            HashMap::from([("root", 0), ("alice", 1000), ("deploy", 1001)]),
+            HashMap::from([("deployers", 2000), ("keyward-readers", 2001)]),
+        )
+    }
+
+    fn parse(text: &str) -> Result<Policy, PolicyError> {
+        Policy::parse(text, "policy", &names())
+    }
+
+    const EXAMPLE: &str = r#"
+        # Admins: init, enroll, keyslots, rekey, rotate, seal, unseal.
+        [[rule]]
+        who = { uid = 0 }
+        allow = ["admin", "read", "write", "sign", "keys"]
+        secrets = ["*"]
+        keys = ["*"]
+
+        [[rule]]
+        who = { unit = "postgresql.service" }
+        allow = ["read"]
+        secrets = ["db/*"]
+
+        [[rule]]
+        who = { group = "deployers" }
+        allow = ["sign"]
+        keys = ["release-*"]
+
+        [[rule]]
+        who = { user = "alice", gid = 2001 }
+        allow = ["read", "write"]
+        secrets = ["alice/??/*", "shared/config"]
+
+        [[rule]]
+        who = { uid = 1001, unit = "deploy.service" }
+        allow = ["keys", "sign"]
+        keys = ["ci-*"]
+
+        [[credential]]
+        unit = "postgresql.service"
+        id = "db-pass"
+        secret = "db/password"
+    "#;
+
+    fn caller(uid: u32, gid: u32, groups: &[u32], unit: Option<&str>) -> Caller {
+        Caller {
+            uid,
+            gid,
+            groups: groups.to_vec(),
+            pid: Some(4242),
+            unit: unit.map(str::to_owned),
+            via: Via::Varlink,
+        }
+    }
+
+    #[test]
+    fn decision_table() {
+        use Action::*;
+        use Resource::*;
+        let p = parse(EXAMPLE).unwrap();
+        let root = caller(0, 0, &[], None);
+        let pg = caller(105, 105, &[], Some("postgresql.service"));
+        let nobody = caller(65534, 65534, &[], None);
+        let deployer_supp = caller(1500, 1500, &[27, 2000], None);
+        let deployer_primary = caller(1501, 2000, &[], None);
+        let alice_reader = caller(1000, 1000, &[2001], None);
+        let alice_plain = caller(1000, 1000, &[], None);
+        let deploy_in_unit = caller(1001, 1001, &[], Some("deploy.service"));
+        let deploy_elsewhere = caller(1001, 1001, &[], Some("session-3.scope"));
+        let other_in_deploy_unit = caller(1002, 1002, &[], Some("deploy.service"));
+        let mut daemon = Caller::daemon();
+        daemon.uid = 65534; // the daemon's own requests pass whatever its uid
+
+        let allow = |rule| Decision::Allow { rule };
+        let deny = Decision::Deny;
+        #[rustfmt::skip]
+        let table: &[(&str, &Caller, Action, Resource<'_>, Decision)] = &[
+            ("root admin", &root, Admin, Vault, allow(1)),
+            ("root reads anything", &root, Read, Secret("x/y/z"), allow(1)),
+            ("root signs", &root, Sign, Key("anything"), allow(1)),
+            ("pg reads db/*", &pg, Read, Secret("db/password"), allow(2)),
+            ("pg: * crosses /", &pg, Read, Secret("db/replica/password"), allow(2)),
+            ("pg: db alone isn't db/*", &pg, Read, Secret("db"), deny),
+            ("pg: prefix is literal", &pg, Read, Secret("dbx/password"), deny),
+            ("pg can't write", &pg, Write, Secret("db/password"), deny),
+            ("pg can't admin", &pg, Admin, Vault, deny),
+            ("nobody reads", &nobody, Read, Secret("db/password"), deny),
+            ("nobody signs", &nobody, Sign, Key("release-1"), deny),
+            ("nobody admin", &nobody, Admin, Vault, deny),
+            ("supplementary group signs", &deployer_supp, Sign, Key("release-2025"), allow(3)),
+            ("primary group signs", &deployer_primary, Sign, Key("release-"), allow(3)),
+            ("group: glob holds", &deployer_supp, Sign, Key("debug-1"), deny),
+            ("group: sign isn't keys", &deployer_supp, Keys, Key("release-1"), deny),
+            ("group: sign isn't read", &deployer_supp, Read, Secret("release-1"), deny),
+            ("user+gid both hold", &alice_reader, Read, Secret("alice/ab/c/d"), allow(4)),
+            ("? is one char", &alice_reader, Read, Secret("alice/abc/d"), deny),
+            ("? is one char (short)", &alice_reader, Read, Secret("alice/a/d"), deny),
+            ("literal pattern", &alice_reader, Write, Secret("shared/config"), allow(4)),
+            ("literal pattern exact", &alice_reader, Write, Secret("shared/config2"), deny),
+            ("user without gid", &alice_plain, Read, Secret("alice/ab/c"), deny),
+            ("uid+unit both hold", &deploy_in_unit, Keys, Key("ci-build"), allow(5)),
+            ("uid, wrong unit", &deploy_elsewhere, Keys, Key("ci-build"), deny),
+            ("unit, wrong uid", &other_in_deploy_unit, Sign, Key("ci-build"), deny),
+            ("action/resource mismatch", &root, Read, Key("k"), deny),
+            ("admin needs the vault", &root, Admin, Secret("x"), deny),
+            ("daemon always", &daemon, Admin, Vault, allow(0)),
+            ("daemon always (read)", &daemon, Read, Secret("anything"), allow(0)),
+        ];
+        for (what, who, action, resource, want) in table {
+            assert_eq!(decide(&p, who, *action, *resource), *want, "{what}");
+        }
+    }
+
+    #[test]
+    fn default_deny() {
+        let root = caller(0, 0, &[], None);
+        for p in [Policy::deny_all(), parse("").unwrap()] {
+            for action in Action::ALL {
+                for r in [Resource::Secret("a"), Resource::Key("a"), Resource::Vault] {
+                    assert_eq!(decide(&p, &root, action, r), Decision::Deny);
+                }
+            }
+        }
+        assert!(decide(
+            &Policy::deny_all(),
+            &Caller::daemon(),
+            Action::Admin,
+            Resource::Vault
+        )
+        .is_allowed());
+    }
+
+    #[test]
+    fn first_matching_rule_wins() {
+        let p = parse(
+            r#"
+            [[rule]]
+            who = { uid = 5 }
+            allow = ["read"]
+            secrets = ["a/*"]
+            [[rule]]
+            who = { gid = 5 }
+            allow = ["read", "write"]
+            secrets = ["*"]
+            "#,
+        )
+        .unwrap();
+        let c = caller(5, 5, &[], None);
+        assert_eq!(
+            decide(&p, &c, Action::Read, Resource::Secret("a/b")),
+            Decision::Allow { rule: 1 }
+        );
+        assert_eq!(
+            decide(&p, &c, Action::Write, Resource::Secret("a/b")),
+            Decision::Allow { rule: 2 }
+        );
+    }
+
+    #[test]
+    fn credentials_map() {
+        let p = parse(EXAMPLE).unwrap();
+        assert_eq!(
+            credential_secret(&p, "postgresql.service", "db-pass"),
+            Some("db/password")
+        );
+        assert_eq!(credential_secret(&p, "postgresql.service", "other"), None);
+        assert_eq!(credential_secret(&p, "nginx.service", "db-pass"), None);
+        assert_eq!(p.rule_count(), 5);
+        assert_eq!(p.credential_count(), 1);
+    }
+
+    #[test]
+    fn glob_table() {
+        #[rustfmt::skip]
+        let table: &[(&str, &str, bool)] = &[
+            ("*", "", true),
+            ("*", "a/b/c", true),
+            ("", "", true),
+            ("", "a", false),
+            ("abc", "abc", true),
+            ("abc", "abd", false),
+            ("abc", "ab", false),
+            ("ab", "abc", false),
+            ("?", "a", true),
+            ("?", "", false),
+            ("?", "ab", false),
+            ("?", "é", true),
+            ("a?c", "a/c", true),
+            ("db/*", "db/", true),
+            ("db/*", "db/x/y", true),
+            ("db/*", "db", false),
+            ("*/password", "a/b/password", true),
+            ("*/password", "password", false),
+            ("a*b*c", "abc", true),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "aXbY", false),
+            ("a*b*c", "acb", false),
+            ("a*b", "abab", true),
+            ("a*ab", "aab", true),
+            ("*a", "bbba", true),
+            ("*a", "bbbab", false),
+            ("**", "x", true),
+            ("*?", "", false),
+            ("*?", "x", true),
+            ("x*", "x", true),
+            ("*.*", "a.b.c", true),
+            ("release-*", "release-1.2", true),
+            ("release-*", "Release-1", false),
+        ];
+        for (pattern, text, want) in table {
+            assert_eq!(
+                Glob::new(pattern).matches(text),
+                *want,
+                "{pattern:?} vs {text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn glob_is_not_exponential() {
+        let pattern = format!("{}b", "a*".repeat(30));
+        let text = "a".repeat(5000);
+        // Backtracking matchers take ages here; this one is O(pattern × text).
+        assert!(!Glob::new(&pattern).matches(&text));
+    }
+
+    fn invalid(text: &str) -> String {
+        match parse(text) {
+            Err(e @ (PolicyError::Invalid { .. } | PolicyError::Parse { .. })) => e.to_string(),
+            other => panic!("expected a load error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn load_errors() {
+        let e = invalid("[[rule]]\nwho = { uid = 0 }\nallow = [\"raed\"]\nsecrets = [\"*\"]");
+        assert!(
+            e.contains("rule 1") && e.contains("unknown action \"raed\""),
+            "{e}"
+        );
+
+        let e = invalid("[[rule]]\nwho = {}\nallow = [\"admin\"]");
+        assert!(e.contains("rule 1") && e.contains("`who` is empty"), "{e}");
+
+        let e = invalid("[[rule]]\nallow = [\"admin\"]");
+        assert!(e.contains("missing field `who`"), "{e}");
+
+        let e = invalid("[[rule]]\nwho = { uid = 0 }\nallow = [\"admin\"]\nsecret = [\"*\"]");
+        assert!(e.contains("unknown field `secret`"), "{e}");
+
+        let e = invalid("[[rule]]\nwho = { uid = 0, name = \"x\" }\nallow = [\"admin\"]");
+        assert!(e.contains("unknown field `name`"), "{e}");
+
+        let e = invalid("[[rules]]\nwho = { uid = 0 }\nallow = [\"admin\"]");
+        assert!(e.contains("unknown field `rules`"), "{e}");
+
+        let e = invalid(
+            "[[rule]]\nwho = { uid = 0 }\nallow = [\"admin\"]\n\
+             [[rule]]\nwho = { user = \"mallory\" }\nallow = [\"admin\"]",
+        );
+        assert!(e.contains("rule 2: unknown user \"mallory\""), "{e}");
+
+        let e = invalid("[[rule]]\nwho = { group = \"nogrp\" }\nallow = [\"admin\"]");
+        assert!(e.contains("rule 1: unknown group \"nogrp\""), "{e}");
+
+        let e = invalid("[[rule]]\nwho = { uid = 7 }\nallow = [\"read\"]");
+        assert!(e.contains("allows read but has no `secrets` list"), "{e}");
+
+        let e = invalid("[[rule]]\nwho = { uid = 7 }\nallow = [\"write\"]\nsecrets = []");
+        assert!(e.contains("allows write but has no `secrets` list"), "{e}");
+
+        let e =
+            invalid("[[rule]]\nwho = { uid = 7 }\nallow = [\"read\", \"sign\"]\nsecrets = [\"*\"]");
+        assert!(e.contains("allows sign but has no `keys` list"), "{e}");
+
+        let e = invalid("[[rule]]\nwho = { uid = 7 }\nallow = []");
+        assert!(e.contains("grants nothing"), "{e}");
+
+        let e = invalid("[[rule]]\nwho = { uid = 7 }\nallow = [\"read\"]\nsecrets = [\"\"]");
+        assert!(e.contains("empty pattern"), "{e}");
+
+        let e = invalid("[[rule]]\nwho = { unit = \"postgresql\" }\nallow = [\"admin\"]");
+        assert!(e.contains("no unit type suffix"), "{e}");
+
+        let e = invalid("[[rule]]\nwho = { uid = -1 }\nallow = [\"admin\"]");
+        assert!(e.contains("line 2") && e.contains("expected u32"), "{e}");
+
+        let e = invalid(
+            "[[credential]]\nunit = \"a.service\"\nid = \"x\"\nsecret = \"s\"\n\
+             [[credential]]\nunit = \"a.service\"\nid = \"x\"\nsecret = \"t\"",
+        );
+        assert!(
+            e.contains("credential 2") && e.contains("credential 1"),
+            "{e}"
+        );
+
+        let e = invalid("[[credential]]\nunit = \"a.service\"\nid = \"x\"");
+        assert!(e.contains("missing field `secret`"), "{e}");
+    }
+
+    #[test]
+    fn real_name_lookup() {
+        // root and its group exist on every Linux system; the other name on none.
+        let p = Policy::from_toml(
+            "[[rule]]\nwho = { user = \"root\", group = \"root\" }\nallow = [\"admin\"]",
+        )
+        .unwrap();
+        assert!(decide(&p, &caller(0, 0, &[], None), Action::Admin, Resource::Vault).is_allowed());
+        let e = Policy::from_toml(
+            "[[rule]]\nwho = { user = \"keyward-no-such-user-x9\" }\nallow = [\"admin\"]",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("rule 1: unknown user"), "{e}");
+    }
+
+    #[test]
+    fn action_names_round_trip() {
+        for a in Action::ALL {
+            assert_eq!(a.as_str().parse::<Action>(), Ok(a));
+            assert_eq!(a.to_string(), a.as_str());
+        }
+        assert!("Admin".parse::<Action>().is_err());
+    }
+
+    #[test]
+    fn load_checks_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        std::fs::write(
+            &path,
+            "[[rule]]\nwho = { user = \"root\" }\nallow = [\"admin\"]\n",
+        )
+        .unwrap();
+        let set_mode = |p: &Path, mode| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+
+        set_mode(&path, 0o644);
+        assert_eq!(Policy::load(&path).unwrap().rule_count(), 1);
+
+        for mode in [0o666, 0o646, 0o664, 0o620] {
+            set_mode(&path, mode);
+            let e = Policy::load(&path).unwrap_err();
+            assert!(
+                matches!(&e, PolicyError::Insecure { reason, .. } if reason.contains("lets group or others write")),
+                "{mode:o}: {e}"
+            );
+        }
+        set_mode(&path, 0o600);
+
+        set_mode(dir.path(), 0o777);
+        let e = Policy::load(&path).unwrap_err().to_string();
+        assert!(e.contains("its directory"), "{e}");
+        set_mode(dir.path(), 0o1777);
+        Policy::load(&path).unwrap();
+        set_mode(dir.path(), 0o700);
+
+        let e = Policy::load(&dir.path().join("absent.toml")).unwrap_err();
+        assert!(matches!(e, PolicyError::Read { .. }), "{e}");
+
+        let e = Policy::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+
+        // Owned by someone else: only checkable when we may chown (as root).
+        let me = nix::unistd::geteuid().as_raw();
+        if me == 0 && std::os::unix::fs::chown(&path, Some(65534), None).is_ok() {
+            let e = Policy::load(&path).unwrap_err().to_string();
+            assert!(e.contains("owned by uid 65534"), "{e}");
+        }
+    }
+}

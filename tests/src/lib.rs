@@ -5,6 +5,7 @@
 //! Fixtures panic on setup failure: a test that cannot build its world has nothing to assert.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod keywardd;
 pub mod openssl;
 pub mod softhsm;
 pub mod swtpm;

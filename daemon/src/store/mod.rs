@@ -1,1 +1,366 @@
-//! Store (being written).
+//! The embedded database: one SQLite file (WAL, `synchronous=FULL`) holding the vault's metadata,
+//! keyslots, encrypted secrets and device-key records.
+//!
+//! This module owns the connections and the threads they run on; [`schema`] owns the versioned
+//! migrations and [`tables`] the typed rows and their SQL. It knows nothing about cryptography:
+//! every blob it stores is opaque, already sealed by the vault, so nothing here is secret and
+//! nothing here can leak a secret.
+//!
+//! Writes go to ONE connection on its own OS thread, through a bounded queue: each
+//! [`Store::write`] is one `BEGIN IMMEDIATE` transaction that is committed (and, with
+//! `synchronous=FULL` in WAL mode, fsynced) before the caller hears `Ok`. Reads use a small pool
+//! of read-only connections on tokio's blocking threads, so a read never queues behind a write
+//! (WAL lets readers and the writer run at once); each read sees one consistent snapshot.
+
+pub mod schema;
+pub mod tables;
+
+pub use tables::now_rfc3339;
+
+use std::fmt;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// Read-only connections kept open for [`Store::read`]: reads beyond this many wait.
+const READERS: usize = 4;
+/// Writes queued for the writer thread before [`Store::write`] waits for room.
+const WRITE_QUEUE: usize = 64;
+/// How long a statement waits for a lock held by another connection (or process).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A store failure. No variant carries a secret: the store holds none, and SQLite's messages
+/// name tables and columns, never bound values.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Any other SQLite failure.
+    #[error("database error: {0}")]
+    Sqlite(#[source] rusqlite::Error),
+    /// `SQLITE_FULL`: the disk (or the file-size limit) is full. Nothing was written.
+    #[error("the database's disk is full")]
+    DiskFull,
+    /// The database stayed locked by another connection for longer than the busy timeout.
+    #[error("the database is locked by another process")]
+    Busy,
+    /// The file is not a Keyward database, or a row does not decode.
+    #[error("corrupt database: {0}")]
+    Corrupt(String),
+    /// The file's schema is newer than this build knows: refuse rather than misread it.
+    #[error(
+        "the database has schema version {found}, newer than the {known} this keywardd knows: \
+         run the newer keywardd that wrote it"
+    )]
+    TooNew { found: i64, known: i64 },
+    /// The database already holds a vault.
+    #[error("the database already holds a vault")]
+    VaultExists,
+    /// A row with this unique name already exists.
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists { kind: &'static str, name: String },
+    /// An update found no row to change.
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: &'static str, name: String },
+    /// Another constraint failed (SQLite names the table and column, not the values).
+    #[error("constraint violated: {0}")]
+    Conflict(String),
+    /// The writer thread is gone; no write can succeed any more.
+    #[error("the database writer has stopped")]
+    Closed,
+    /// The closure given to [`Store::read`] or [`Store::write`] panicked; a write was rolled back.
+    #[error("a database operation panicked and was rolled back")]
+    Panicked,
+    /// The file could not be created or its permissions set, or a thread could not start.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::Error as E;
+        match &e {
+            E::SqliteFailure(f, _) => match f.code {
+                ErrorCode::DiskFull => Self::DiskFull,
+                ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => Self::Busy,
+                ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => {
+                    Self::Corrupt(e.to_string())
+                }
+                ErrorCode::ConstraintViolation => Self::Conflict(e.to_string()),
+                _ => Self::Sqlite(e),
+            },
+            E::InvalidColumnType(..)
+            | E::IntegralValueOutOfRange(..)
+            | E::FromSqlConversionFailure(..)
+            | E::Utf8Error(..) => Self::Corrupt(e.to_string()),
+            _ => Self::Sqlite(e),
+        }
+    }
+}
+
+/// A write job for the writer thread: runs its transaction and answers its caller itself.
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// The database. Cheap to clone (an `Arc` inside); `Send + Sync`. The writer thread stops when
+/// the last clone is dropped, after finishing the writes already queued.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: mpsc::Sender<Job>,
+    /// One permit per reader connection, so at most [`READERS`] reads run at once.
+    permits: Arc<Semaphore>,
+    /// Idle reader connections. Held only to push or pop, never while running a query.
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Open the database at `path`, creating it (mode 0600) if it does not exist, and migrate its
+    /// schema forward. The parent directory must exist.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] when the file can't be created or its mode set;
+    /// [`StoreError::TooNew`] when a newer keywardd wrote it; [`StoreError::Corrupt`] when it is
+    /// not a Keyward database; any SQLite failure while configuring or migrating.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        create_private(path)?;
+        let mut writer = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        configure_writer(&writer)?;
+        schema::migrate(&mut writer)?;
+        let readers = (0..READERS)
+            .map(|_| open_reader(path))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        std::thread::Builder::new()
+            .name("keyward-store".into())
+            .spawn(move || writer_loop(writer, rx))
+            .map_err(|source| StoreError::Io {
+                what: "cannot start the database writer thread".into(),
+                source,
+            })?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                writer: tx,
+                permits: Arc::new(Semaphore::new(READERS)),
+                idle: Mutex::new(readers),
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Run `f` in one `BEGIN IMMEDIATE` transaction on the writer thread and commit it. `Ok`
+    /// means committed durably; if `f` returns `Err` (or panics) nothing it did is kept.
+    ///
+    /// Once queued, a write runs to its end even if the caller stops waiting for it.
+    ///
+    /// # Errors
+    /// What `f` returns; [`StoreError::Closed`] when the writer thread is gone;
+    /// [`StoreError::Panicked`] when `f` panicked; a failed `BEGIN` or `COMMIT`
+    /// ([`StoreError::DiskFull`], [`StoreError::Busy`], ...).
+    pub async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(move |conn: &mut Connection| {
+            // The caller may have stopped waiting; the outcome stands all the same.
+            let _ = reply.send(run_write(conn, f));
+        });
+        self.inner
+            .writer
+            .send(job)
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Run `f` on a read-only connection, inside one read transaction (one consistent
+    /// snapshot), on a blocking thread. Reads don't wait for writes.
+    ///
+    /// # Errors
+    /// What `f` returns; [`StoreError::Panicked`] when `f` panicked; a reader connection that
+    /// could not be (re)opened.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let permit = Arc::clone(&self.inner.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let inner = Arc::clone(&self.inner);
+        let joined = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut conn = inner.take_reader()?;
+            let result = match conn.transaction() {
+                // Dropping the transaction ends the snapshot (a rollback: nothing was written).
+                Ok(snapshot) => f(&snapshot),
+                Err(e) => Err(e.into()),
+            };
+            // A reader whose closure panicked is dropped instead; the pool reopens one.
+            inner.put_reader(conn);
+            result
+        })
+        .await;
+        match joined {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => Err(StoreError::Panicked),
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+}
+
+impl Inner {
+    fn take_reader(&self) -> Result<Connection, StoreError> {
+        let pooled = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        match pooled {
+            Some(conn) => Ok(conn),
+            None => open_reader(&self.path),
+        }
+    }
+
+    fn put_reader(&self, conn: Connection) {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(conn);
+    }
+}
+
+/// Create the file with mode 0600 if it does not exist; tighten an existing file that others
+/// can read. SQLite gives the `-wal` and `-shm` files the database file's mode.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    let io = |what: &str| {
+        let what = format!("{what} {}", path.display());
+        move |source| StoreError::Io { what, source }
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io("cannot create or open"))?;
+    let mode = file
+        .metadata()
+        .map_err(io("cannot stat"))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format_args!("{:o}", mode & 0o777),
+            "database file was accessible to others; setting mode 0600"
+        );
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io("cannot set mode 0600 on"))?;
+    }
+    Ok(())
+}
+
+fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String =
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Corrupt(format!(
+            "the database refused WAL mode (journal_mode is {mode})"
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Freed pages (a deleted secret's ciphertext) are overwritten with zeros.
+    conn.pragma_update(None, "secure_delete", "ON")?;
+    // After a checkpoint, truncate the WAL back to this size: bounded disk use, and old page
+    // images don't linger in it.
+    conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024)?;
+    // The schema is ours; never run functions an altered schema might name.
+    conn.pragma_update(None, "trusted_schema", "OFF")?;
+    Ok(())
+}
+
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "trusted_schema", "OFF")?;
+    Ok(conn)
+}
+
+fn writer_loop(mut conn: Connection, mut jobs: mpsc::Receiver<Job>) {
+    while let Some(job) = jobs.blocking_recv() {
+        job(&mut conn);
+        // A failed COMMIT or ROLLBACK can leave a transaction open: never let it leak into the
+        // next job.
+        if !conn.is_autocommit() {
+            if let Err(e) = conn.execute_batch("ROLLBACK") {
+                tracing::error!(error = %StoreError::from(e), "cannot roll back a failed write");
+            }
+        }
+    }
+    // Every Store handle is gone: close, which checkpoints the WAL into the database file.
+    if let Err((_, e)) = conn.close() {
+        tracing::warn!(error = %StoreError::from(e), "closing the database");
+    }
+}
+
+fn run_write<T>(
+    conn: &mut Connection,
+    f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    match std::panic::catch_unwind(AssertUnwindSafe(|| f(&tx))) {
+        Ok(Ok(value)) => {
+            tx.commit()?;
+            Ok(value)
+        }
+        Ok(Err(e)) => {
+            if let Err(rollback) = tx.rollback() {
+                tracing::error!(error = %StoreError::from(rollback), "cannot roll back a failed write");
+            }
+            Err(e)
+        }
+        Err(_) => {
+            // Dropping the transaction rolls it back.
+            drop(tx);
+            tracing::error!("a database write panicked; rolled back");
+            Err(StoreError::Panicked)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,1143 @@
-//! Varlink transport (being written).
+//! The Varlink transport (varlink.org): NUL-terminated JSON messages on a Unix stream socket,
+//! answered by the one [`Handler`].
+//!
+//! It owns the socket's life — bind, accept, per-connection identity from `SO_PEERCRED`, the
+//! bounds on what a client controls (frame size, connections, idle time), `org.varlink.service`
+//! introspection, and the drain at shutdown. It turns frames into [`Request`]s and results into
+//! frames, nothing more: it never touches the store, the vault or a device, and it never logs,
+//! prints or keeps a copy of request or reply contents (they hold secret values and PINs). Every
+//! buffer that held a frame is zeroized before it is freed, and grown only by copying into a new
+//! zeroizing buffer, never by a reallocation that would leave a copy behind.
+
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyward::api::{self, ApiError, Request};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::{timeout_at, Instant};
+use tracing::{debug, info, warn};
+use zeroize::{Zeroize, Zeroizing};
+
+use super::Handler;
+use crate::identity::{Caller, Via};
+
+/// The interface every Varlink service implements, answered by this transport itself.
+pub const SERVICE_INTERFACE: &str = "org.varlink.service";
+
+/// The description of `org.varlink.service`, as varlink.org defines it.
+pub const SERVICE_DESCRIPTION: &str = r#"# The Varlink Service Interface is provided by every varlink service. It
+# describes the service and the interfaces it implements.
+interface org.varlink.service
+
+# Get a list of all the interfaces a service provides and information
+# about the implementation.
+method GetInfo() -> (
+  vendor: string,
+  product: string,
+  version: string,
+  url: string,
+  interfaces: []string
+)
+
+# Get the description of an interface that is implemented by this service.
+method GetInterfaceDescription(interface: string) -> (description: string)
+
+# The requested interface was not found.
+error InterfaceNotFound (interface: string)
+
+# The requested method was not found
+error MethodNotFound (method: string)
+
+# The interface defines the requested method, but the service does not
+# implement it.
+error MethodNotImplemented (method: string)
+
+# One of the passed parameters is invalid.
+error InvalidParameter (parameter: string)
+
+# Client is denied access
+error PermissionDenied ()
+
+# Method is expected to be called with 'more' set to true, but wasn't
+error ExpectedMore ()
+"#;
+
+/// How much is read from a socket at a time; also the buffer an idle connection keeps.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Bounds on what one client, and all of them together, can make the transport hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VarlinkLimits {
+    /// Largest request, in bytes, NUL excluded (normally [`api::MAX_FRAME_LEN`]). Replies are
+    /// held to the same bound.
+    pub max_frame: usize,
+    /// Connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// A connection that sends no complete request for this long is closed; so is one that
+    /// does not take its reply within this time.
+    pub idle_timeout: Duration,
+}
+
+impl VarlinkLimits {
+    /// The limits of the daemon's config, with the API's frame bound.
+    pub fn from_config(limits: &crate::config::Limits) -> Self {
+        Self {
+            max_frame: api::MAX_FRAME_LEN,
+            max_connections: limits.max_connections,
+            idle_timeout: Duration::from_secs(limits.idle_timeout_secs),
+        }
+    }
+}
+
+/// Bind the API socket at `path` with permission bits `mode`.
+///
+/// Creates the parent directory (mode 0750) if it is missing, and replaces a stale socket left
+/// by an earlier run. Must be called from within a Tokio runtime (with I/O enabled).
+///
+/// # Errors
+/// The directory can't be created; `path` exists and is not a socket (it is never removed);
+/// another process is listening on `path` (`AddrInUse`); binding or `chmod` fails; or there is
+/// no Tokio runtime.
+pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() && !parent.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(parent)?;
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "{}: another process is listening on this socket",
+                        path.display()
+                    ),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket: refusing to replace it",
+                    path.display()
+                ),
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(io::Error::other(
+            "the Varlink socket must be bound inside a Tokio runtime",
+        ));
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    listener.set_nonblocking(true)?;
+    UnixListener::from_std(listener)
+}
+
+/// Serve Varlink on `listener` until `shutdown` becomes true (or its sender is dropped).
+///
+/// Then stop accepting, close idle connections, let each busy connection finish the request
+/// it is running and send its reply, and return once all of them are done. At most
+/// `limits.max_connections` connections are served at once: when all slots are taken, no
+/// further connection is accepted until one closes.
+pub async fn serve<H: Handler>(
+    listener: UnixListener,
+    handler: Arc<H>,
+    limits: VarlinkLimits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut connections = JoinSet::new();
+    loop {
+        while let Some(done) = connections.try_join_next() {
+            log_join(done);
+        }
+        let permit = tokio::select! {
+            biased;
+            () = shutdown_requested(&mut shutdown) => break,
+            permit = Arc::clone(&slots).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break, // never closed; nothing left to serve with if it were
+            },
+        };
+        let stream = tokio::select! {
+            biased;
+            () = shutdown_requested(&mut shutdown) => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors or memory, typically: back off instead of spinning.
+                    warn!(error = %e, "varlink: accept failed");
+                    tokio::select! {
+                        () = shutdown_requested(&mut shutdown) => break,
+                        () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    }
+                }
+            },
+        };
+        // Identity from the kernel, once per connection; without it the connection is closed.
+        let cred = match stream.peer_cred() {
+            Ok(cred) => cred,
+            Err(e) => {
+                info!(error = %e, "varlink: no peer credentials; connection closed");
+                continue;
+            }
+        };
+        let peer = (cred.uid(), cred.gid(), cred.pid());
+        connections.spawn(connection(
+            stream,
+            peer,
+            Arc::clone(&handler),
+            limits,
+            shutdown.clone(),
+            permit,
+        ));
+    }
+    drop(listener);
+    debug!(
+        connections = connections.len(),
+        "varlink: no longer accepting; draining"
+    );
+    while let Some(done) = connections.join_next().await {
+        log_join(done);
+    }
+    debug!("varlink: drained");
+}
+
+fn log_join(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        warn!(error = %e, "varlink: a connection task failed");
+    }
+}
+
+/// Resolves once a shutdown is requested. A dropped sender counts as one: nobody is left who
+/// could ask for it.
+async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Why a connection ended (for the debug log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closed {
+    Eof,
+    Idle,
+    Shutdown,
+    TooLarge,
+    Io,
+}
+
+/// One client connection: its requests in order, one at a time.
+async fn connection<H: Handler>(
+    mut stream: UnixStream,
+    (uid, gid, pid): (u32, u32, Option<i32>),
+    handler: Arc<H>,
+    limits: VarlinkLimits,
+    mut shutdown: watch::Receiver<bool>,
+    _slot: OwnedSemaphorePermit,
+) {
+    let caller = Caller::from_peer(uid, gid, pid, Via::Varlink);
+    debug!(caller = %caller, "varlink: connection accepted");
+    let closed = run_connection(&mut stream, &caller, &*handler, limits, &mut shutdown).await;
+    debug!(caller = %caller, reason = ?closed, "varlink: connection closed");
+}
+
+async fn run_connection<H: Handler>(
+    stream: &mut UnixStream,
+    caller: &Caller,
+    handler: &H,
+    limits: VarlinkLimits,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Closed {
+    let mut frames = FrameBuf::new(limits.max_frame);
+    let mut deadline = Instant::now() + limits.idle_timeout;
+    loop {
+        // Answer every complete request already buffered, in order.
+        loop {
+            let call = match frames.next_frame() {
+                Next::Incomplete => break,
+                Next::TooLarge => {
+                    info!(caller = %caller, limit = limits.max_frame,
+                        "varlink: request larger than the frame limit; connection closed");
+                    let e = ApiError::TooLarge {
+                        parameter: "request".into(),
+                        limit: limits.max_frame as u64,
+                    };
+                    let reply = encode_error(&e);
+                    // The stream is out of step: the reply is a courtesy, then close.
+                    let _ = timeout_at(
+                        Instant::now() + limits.idle_timeout,
+                        stream.write_all(&reply),
+                    )
+                    .await;
+                    return Closed::TooLarge;
+                }
+                Next::Frame(range) => parse_frame(&frames.buf[range], caller),
+            };
+            let reply = match call {
+                Call::Handler { request, oneway } => {
+                    let method = request.method();
+                    let result = handler.handle(caller.clone(), request).await;
+                    if let Err(e) = &result {
+                        debug!(caller = %caller, method, error = %e.name(), "varlink: error reply");
+                    }
+                    (!oneway).then(|| encode_result(&result, limits.max_frame))
+                }
+                Call::Answer { result, oneway } => {
+                    (!oneway).then(|| encode_result(&result, limits.max_frame))
+                }
+            };
+            if let Some(reply) = reply {
+                match timeout_at(
+                    Instant::now() + limits.idle_timeout,
+                    stream.write_all(&reply),
+                )
+                .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Closed::Io,
+                    Err(_) => {
+                        info!(caller = %caller, "varlink: client does not take its reply; connection closed");
+                        return Closed::Idle;
+                    }
+                }
+            }
+            deadline = Instant::now() + limits.idle_timeout;
+            if *shutdown.borrow() {
+                return Closed::Shutdown;
+            }
+        }
+        let space = frames.space();
+        let read = tokio::select! {
+            biased;
+            () = shutdown_requested(shutdown) => return Closed::Shutdown,
+            read = timeout_at(deadline, stream.read(space)) => read,
+        };
+        match read {
+            Ok(Ok(0)) => return Closed::Eof,
+            Ok(Ok(n)) => frames.filled(n),
+            Ok(Err(_)) => return Closed::Io,
+            Err(_) => return Closed::Idle,
+        }
+    }
+}
+
+/// What one frame asks for.
+enum Call {
+    /// A call of `org.keyward.Custodian`, for the handler.
+    Handler { request: Request, oneway: bool },
+    /// Answered by the transport: introspection, or a protocol error.
+    Answer {
+        result: Result<serde_json::Value, ApiError>,
+        oneway: bool,
+    },
+}
+
+/// The message envelope. Every field stays raw JSON text here so that (a) the parameters,
+/// which may hold secrets, are not copied into an intermediate tree, and (b) a field of the
+/// wrong type can be named in the error without quoting its value.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    method: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    parameters: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    oneway: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    more: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    upgrade: Option<&'a RawValue>,
+}
+
+fn invalid(parameter: &str) -> ApiError {
+    ApiError::InvalidParameter {
+        parameter: parameter.into(),
+    }
+}
+
+fn flag(raw: Option<&RawValue>, name: &str) -> Result<bool, ApiError> {
+    match raw {
+        None => Ok(false),
+        Some(raw) => serde_json::from_str::<Option<bool>>(raw.get())
+            .map(Option::unwrap_or_default)
+            .map_err(|_| invalid(name)),
+    }
+}
+
+fn parse_frame(frame: &[u8], caller: &Caller) -> Call {
+    let answer = |result, oneway| Call::Answer { result, oneway };
+    // Never log serde's message: it may quote a value.
+    let envelope = match std::str::from_utf8(frame)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Envelope<'_>>(text).ok())
+    {
+        Some(envelope) => envelope,
+        None => {
+            info!(caller = %caller, "varlink: malformed message");
+            return answer(Err(invalid("method")), false);
+        }
+    };
+    let oneway = match flag(envelope.oneway, "oneway") {
+        Ok(oneway) => oneway,
+        Err(e) => return answer(Err(e), false),
+    };
+    let method = match envelope
+        .method
+        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+    {
+        Some(method) => method,
+        None => {
+            info!(caller = %caller, "varlink: message without a method");
+            return answer(Err(invalid("method")), oneway);
+        }
+    };
+    for (raw, name) in [(envelope.more, "more"), (envelope.upgrade, "upgrade")] {
+        match flag(raw, name) {
+            Ok(false) => {}
+            Ok(true) | Err(_) => {
+                info!(caller = %caller, method, flag = name, "varlink: unsupported flag");
+                return answer(Err(invalid(name)), oneway);
+            }
+        }
+    }
+    let Some((interface, member)) = method.rsplit_once('.') else {
+        info!(caller = %caller, "varlink: method name without an interface");
+        return answer(Err(invalid("method")), oneway);
+    };
+    let params = envelope.parameters.map(RawValue::get);
+    match interface {
+        api::INTERFACE => match Request::parse(member, params) {
+            Ok(request) => Call::Handler { request, oneway },
+            Err(e) => {
+                info!(caller = %caller, method, error = %e.name(), "varlink: request refused");
+                answer(Err(e), oneway)
+            }
+        },
+        SERVICE_INTERFACE => answer(service_call(member, params), oneway),
+        _ => {
+            info!(caller = %caller, interface, "varlink: unknown interface");
+            answer(
+                Err(ApiError::InterfaceNotFound {
+                    interface: interface.to_owned(),
+                }),
+                oneway,
+            )
+        }
+    }
+}
+
+/// `org.varlink.service`, answered here.
+fn service_call(member: &str, params: Option<&str>) -> Result<serde_json::Value, ApiError> {
+    #[derive(Deserialize)]
+    struct DescriptionParams {
+        interface: String,
+    }
+    match member {
+        "GetInfo" => Ok(serde_json::json!({
+            "vendor": "Keyward",
+            "product": "keywardd",
+            "version": env!("CARGO_PKG_VERSION"),
+            "url": "urn:keyward",
+            "interfaces": [SERVICE_INTERFACE, api::INTERFACE],
+        })),
+        "GetInterfaceDescription" => {
+            let p: DescriptionParams =
+                serde_json::from_str(params.unwrap_or("{}")).map_err(|_| invalid("interface"))?;
+            let description = match p.interface.as_str() {
+                api::INTERFACE => api::INTERFACE_DESCRIPTION,
+                SERVICE_INTERFACE => SERVICE_DESCRIPTION,
+                _ => {
+                    return Err(ApiError::InterfaceNotFound {
+                        interface: p.interface,
+                    })
+                }
+            };
+            Ok(serde_json::json!({ "description": description }))
+        }
+        _ => Err(ApiError::MethodNotFound {
+            method: format!("{SERVICE_INTERFACE}.{member}"),
+        }),
+    }
+}
+
+#[derive(Serialize)]
+struct OkMessage<'a, T: Serialize> {
+    parameters: &'a T,
+}
+
+#[derive(Serialize)]
+struct ErrorMessage<'a> {
+    error: &'a str,
+    parameters: &'a serde_json::Value,
+}
+
+/// Counts what serde_json would write, so the real buffer is allocated once at its final size.
+struct Counter(usize);
+
+impl io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `msg` as a NUL-terminated frame in a zeroizing buffer that never reallocated, or `None` if
+/// it is longer than `max` (or can't be serialized).
+fn encode_bounded<T: Serialize>(msg: &T, max: usize) -> Option<Zeroizing<Vec<u8>>> {
+    let mut count = Counter(0);
+    serde_json::to_writer(&mut count, msg).ok()?;
+    if count.0 > max {
+        return None;
+    }
+    let mut out = Zeroizing::new(Vec::with_capacity(count.0 + 1));
+    serde_json::to_writer(&mut *out, msg).ok()?;
+    out.push(0);
+    Some(out)
+}
+
+fn encode_error(e: &ApiError) -> Zeroizing<Vec<u8>> {
+    let name = e.name();
+    let parameters = e.parameters();
+    let msg = ErrorMessage {
+        error: &name,
+        parameters: &parameters,
+    };
+    // Error messages are small; no bound is needed for them.
+    encode_bounded(&msg, usize::MAX).unwrap_or_else(|| {
+        let mut out = Zeroizing::new(
+            br#"{"error":"org.keyward.Custodian.Internal","parameters":{"reason":"unencodable error"}}"#
+                .to_vec(),
+        );
+        out.push(0);
+        out
+    })
+}
+
+fn encode_result<T: Serialize>(result: &Result<T, ApiError>, max: usize) -> Zeroizing<Vec<u8>> {
+    match result {
+        Ok(reply) => encode_bounded(&OkMessage { parameters: reply }, max).unwrap_or_else(|| {
+            warn!(limit = max, "varlink: reply larger than the frame limit");
+            encode_error(&ApiError::TooLarge {
+                parameter: "reply".into(),
+                limit: max as u64,
+            })
+        }),
+        Err(e) => encode_error(e),
+    }
+}
+
+/// What the buffer holds next.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// A complete request (NUL excluded) at this range of `buf`.
+    Frame(Range<usize>),
+    /// More than `max_frame` bytes without a NUL.
+    TooLarge,
+    /// Read more.
+    Incomplete,
+}
+
+/// The receive buffer of one connection. It never holds more than `max_frame + 1` bytes, is
+/// allocated in steps (never past `max_frame + 1`), grows by copying into a new zeroizing
+/// buffer (the old one is zeroized), and wipes consumed frames.
+struct FrameBuf {
+    buf: Zeroizing<Vec<u8>>,
+    /// First byte not yet handed out as a frame.
+    start: usize,
+    /// Bytes after `start` already searched for a NUL.
+    scanned: usize,
+    /// Where the slice handed out by [`FrameBuf::space`] begins.
+    fill_from: usize,
+    max_frame: usize,
+}
+
+impl FrameBuf {
+    fn new(max_frame: usize) -> Self {
+        Self {
+            buf: Zeroizing::new(Vec::new()),
+            start: 0,
+            scanned: 0,
+            fill_from: 0,
+            max_frame,
+        }
+    }
+
+    fn next_frame(&mut self) -> Next {
+        let from = self.start + self.scanned;
+        match self.buf[from..].iter().position(|&b| b == 0) {
+            Some(i) => {
+                let end = from + i;
+                if end - self.start > self.max_frame {
+                    return Next::TooLarge;
+                }
+                let frame = self.start..end;
+                self.start = end + 1;
+                self.scanned = 0;
+                Next::Frame(frame)
+            }
+            None => {
+                self.scanned = self.buf.len() - self.start;
+                if self.scanned > self.max_frame {
+                    Next::TooLarge
+                } else {
+                    Next::Incomplete
+                }
+            }
+        }
+    }
+
+    /// Room to read into: consumed frames are wiped and dropped first. Only called after
+    /// [`FrameBuf::next_frame`] said `Incomplete`, so what is left is at most `max_frame`.
+    fn space(&mut self) -> &mut [u8] {
+        let len = self.buf.len();
+        if self.start > 0 {
+            let rest = len - self.start;
+            self.buf.copy_within(self.start.., 0);
+            self.buf[rest..].zeroize();
+            self.buf.truncate(rest);
+            self.start = 0;
+        }
+        let len = self.buf.len();
+        if len == 0 && self.buf.capacity() > READ_CHUNK {
+            // An idle connection keeps a small buffer; the big one is zeroized on drop.
+            self.buf = Zeroizing::new(Vec::new());
+        }
+        let limit = self.max_frame.saturating_add(1);
+        let want = READ_CHUNK.min(limit.saturating_sub(len)).max(1);
+        if self.buf.capacity() - len < want {
+            let capacity = (self.buf.capacity() * 2)
+                .max(len + want)
+                .min(limit.max(len + want));
+            let mut bigger = Zeroizing::new(Vec::with_capacity(capacity));
+            bigger.extend_from_slice(&self.buf);
+            self.buf = bigger;
+        }
+        self.buf.resize(len + want, 0);
+        self.fill_from = len;
+        &mut self.buf[len..]
+    }
+
+    /// `n` bytes were read into the slice [`FrameBuf::space`] returned.
+    fn filled(&mut self, n: usize) {
+        // space() zero-filled the free room; keep only what was read.
+        let keep = (self.fill_from + n).min(self.buf.len());
+        self.buf.truncate(keep);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tokio::sync::{mpsc, Notify};
+
+    use keyward::api::{Empty, NamesReply, Reply, VersionReply};
+    use serde_json::{json, Value};
+
+    /// Guards every wait so a broken server fails a test instead of hanging it.
+    const GUARD: Duration = Duration::from_secs(20);
+
+    /// A stand-in for the service: echoes, fails, or blocks on request.
+    #[derive(Default)]
+    struct Stub {
+        calls: Mutex<Vec<String>>,
+        started: Mutex<Option<mpsc::UnboundedSender<()>>>,
+        release: Notify,
+    }
+
+    impl Handler for Stub {
+        async fn handle(&self, caller: Caller, request: Request) -> Result<Reply, ApiError> {
+            assert_eq!(caller.via, Via::Varlink);
+            self.calls.lock().unwrap().push(request.method().to_owned());
+            match request {
+                Request::ListSecrets(p) => Ok(Reply::Names(NamesReply {
+                    names: vec![p.prefix.unwrap_or_default()],
+                })),
+                Request::PutSecret(p) => Ok(Reply::Version(VersionReply {
+                    version: p.value.expose().len() as u64,
+                })),
+                Request::GetSecret(p) => Err(ApiError::NotFound {
+                    kind: "secret".into(),
+                    name: p.name,
+                }),
+                Request::Seal => {
+                    let started = self.started.lock().unwrap().clone();
+                    if let Some(started) = started {
+                        let _ = started.send(());
+                    }
+                    self.release.notified().await;
+                    Ok(Reply::Empty(Empty {}))
+                }
+                _ => Ok(Reply::Empty(Empty {})),
+            }
+        }
+    }
+
+    struct Server {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        stub: Arc<Stub>,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn limits() -> VarlinkLimits {
+        VarlinkLimits {
+            max_frame: 4096,
+            max_connections: 8,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+
+    fn start(limits: VarlinkLimits) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/api.sock");
+        let listener = bind(&path, 0o600).unwrap();
+        let stub = Arc::new(Stub::default());
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, Arc::clone(&stub), limits, stopped));
+        Server {
+            _dir: dir,
+            path,
+            stub,
+            stop,
+            task,
+        }
+    }
+
+    /// A raw client.
+    struct Conn {
+        stream: UnixStream,
+        pending: Vec<u8>,
+    }
+
+    impl Conn {
+        async fn open(server: &Server) -> Self {
+            Self {
+                stream: UnixStream::connect(&server.path).await.unwrap(),
+                pending: Vec::new(),
+            }
+        }
+
+        async fn send(&mut self, text: &str) {
+            self.stream.write_all(text.as_bytes()).await.unwrap();
+            self.stream.write_all(b"\0").await.unwrap();
+        }
+
+        /// The next message, or None once the server closed the connection.
+        async fn recv(&mut self) -> Option<Value> {
+            tokio::time::timeout(GUARD, self.recv_unguarded())
+                .await
+                .expect("the server answers or closes")
+        }
+
+        async fn recv_unguarded(&mut self) -> Option<Value> {
+            loop {
+                if let Some(i) = self.pending.iter().position(|&b| b == 0) {
+                    let frame: Vec<u8> = self.pending.drain(..=i).collect();
+                    return Some(serde_json::from_slice(&frame[..i]).unwrap());
+                }
+                let mut chunk = [0u8; 4096];
+                match self.stream.read(&mut chunk).await {
+                    Ok(0) => return None,
+                    Ok(n) => self.pending.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return None,
+                    Err(e) => panic!("read: {e}"),
+                }
+            }
+        }
+
+        async fn call(&mut self, text: &str) -> Value {
+            self.send(text).await;
+            self.recv().await.expect("a reply")
+        }
+    }
+
+    fn custodian(method: &str, parameters: Value) -> String {
+        json!({ "method": format!("org.keyward.Custodian.{method}"), "parameters": parameters })
+            .to_string()
+    }
+
+    async fn finish(server: Server) {
+        server.stop.send(true).unwrap();
+        tokio::time::timeout(GUARD, server.task)
+            .await
+            .expect("serve returns after shutdown")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_call_round_trips_and_errors_carry_their_parameters() {
+        let server = start(limits());
+        let mut c = Conn::open(&server).await;
+        let r = c
+            .call(&custodian(
+                "PutSecret",
+                json!({ "name": "a", "value": "aGVsbG8=" }),
+            ))
+            .await;
+        assert_eq!(r, json!({ "parameters": { "version": 5 } }));
+        let r = c
+            .call(&custodian("GetSecret", json!({ "name": "db" })))
+            .await;
+        assert_eq!(
+            r,
+            json!({ "error": "org.keyward.Custodian.NotFound",
+                    "parameters": { "kind": "secret", "name": "db" } })
+        );
+        let r = c.call(r#"{"method":"org.keyward.Custodian.Rotate"}"#).await;
+        assert_eq!(r, json!({ "parameters": {} }));
+        // Unknown method, unknown interface, a parameter that doesn't fit.
+        let r = c.call(&custodian("Frobnicate", json!({}))).await;
+        assert_eq!(r["error"], "org.varlink.service.MethodNotFound");
+        assert_eq!(
+            r["parameters"]["method"],
+            "org.keyward.Custodian.Frobnicate"
+        );
+        let r = c.call(r#"{"method":"com.example.Nope.Call"}"#).await;
+        assert_eq!(
+            r,
+            json!({ "error": "org.varlink.service.InterfaceNotFound",
+                    "parameters": { "interface": "com.example.Nope" } })
+        );
+        let r = c
+            .call(&custodian("PutSecret", json!({ "name": "a" })))
+            .await;
+        assert_eq!(r["parameters"]["parameter"], "value");
+        // `more` and `upgrade` are not supported; `more: false` is fine.
+        let r = c
+            .call(r#"{"method":"org.keyward.Custodian.Status","more":true}"#)
+            .await;
+        assert_eq!(
+            r,
+            json!({ "error": "org.varlink.service.InvalidParameter",
+                    "parameters": { "parameter": "more" } })
+        );
+        let r = c
+            .call(r#"{"method":"org.keyward.Custodian.Status","upgrade":true}"#)
+            .await;
+        assert_eq!(r["parameters"]["parameter"], "upgrade");
+        let r = c
+            .call(r#"{"method":"org.keyward.Custodian.Status","more":false,"oneway":false}"#)
+            .await;
+        assert_eq!(r, json!({ "parameters": {} }));
+        assert_eq!(
+            *server.stub.calls.lock().unwrap(),
+            ["PutSecret", "GetSecret", "Rotate", "Status"]
+        );
+        finish(server).await;
+    }
+
+    #[tokio::test]
+    async fn introspection() {
+        let server = start(limits());
+        let mut c = Conn::open(&server).await;
+        let r = c.call(r#"{"method":"org.varlink.service.GetInfo"}"#).await;
+        assert_eq!(r["parameters"]["vendor"], "Keyward");
+        assert_eq!(r["parameters"]["product"], "keywardd");
+        assert_eq!(r["parameters"]["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(
+            r["parameters"]["interfaces"],
+            json!(["org.varlink.service", "org.keyward.Custodian"])
+        );
+        let describe = |interface: &str| {
+            json!({ "method": "org.varlink.service.GetInterfaceDescription",
+                    "parameters": { "interface": interface } })
+            .to_string()
+        };
+        let r = c.call(&describe("org.keyward.Custodian")).await;
+        assert_eq!(r["parameters"]["description"], api::INTERFACE_DESCRIPTION);
+        let r = c.call(&describe("org.varlink.service")).await;
+        let text = r["parameters"]["description"].as_str().unwrap();
+        assert!(text.contains("interface org.varlink.service\n"));
+        assert!(text.contains("method GetInterfaceDescription(interface: string)"));
+        let r = c.call(&describe("org.example.None")).await;
+        assert_eq!(
+            r,
+            json!({ "error": "org.varlink.service.InterfaceNotFound",
+                    "parameters": { "interface": "org.example.None" } })
+        );
+        let r = c
+            .call(r#"{"method":"org.varlink.service.GetInterfaceDescription"}"#)
+            .await;
+        assert_eq!(r["parameters"]["parameter"], "interface");
+        let r = c.call(r#"{"method":"org.varlink.service.Nope"}"#).await;
+        assert_eq!(r["error"], "org.varlink.service.MethodNotFound");
+        assert!(server.stub.calls.lock().unwrap().is_empty());
+        finish(server).await;
+    }
+
+    #[tokio::test]
+    async fn malformed_messages_get_invalid_parameter_and_the_connection_keeps_working() {
+        let server = start(limits());
+        let mut c = Conn::open(&server).await;
+        for bad in [
+            "{not json",
+            "[1,2]",
+            "",
+            r#"{"parameters":{}}"#,
+            r#"{"method":7}"#,
+            r#"{"method":"NoInterface"}"#,
+        ] {
+            let r = c.call(bad).await;
+            assert_eq!(
+                r,
+                json!({ "error": "org.varlink.service.InvalidParameter",
+                        "parameters": { "parameter": "method" } }),
+                "{bad:?}"
+            );
+        }
+        let r = c
+            .call(r#"{"method":"org.keyward.Custodian.Status","oneway":"yes"}"#)
+            .await;
+        assert_eq!(r["parameters"]["parameter"], "oneway");
+        // Not UTF-8.
+        c.stream.write_all(b"\xff\xfe\0").await.unwrap();
+        assert_eq!(
+            c.recv().await.unwrap()["error"],
+            "org.varlink.service.InvalidParameter"
+        );
+        let r = c
+            .call(&custodian("ListSecrets", json!({ "prefix": "still" })))
+            .await;
+        assert_eq!(r["parameters"]["names"], json!(["still"]));
+        finish(server).await;
+    }
+
+    #[tokio::test]
+    async fn an_oversized_frame_gets_too_large_and_the_connection_closes() {
+        let server = start(limits());
+        let mut c = Conn::open(&server).await;
+        let mut other = Conn::open(&server).await;
+        // One byte over the limit, no NUL: refused without waiting for the rest.
+        c.stream.write_all(&vec![b'x'; 4097]).await.unwrap();
+        let r = c.recv().await.unwrap();
+        assert_eq!(
+            r,
+            json!({ "error": "org.keyward.Custodian.TooLarge",
+                    "parameters": { "parameter": "request", "limit": 4096 } })
+        );
+        assert!(c.recv().await.is_none(), "closed after TooLarge");
+        // Exactly at the limit is fine.
+        let mut exact = custodian("ListSecrets", json!({ "prefix": "p" })).into_bytes();
+        exact.resize(4096, b' ');
+        let exact = String::from_utf8(exact).unwrap();
+        let r = other.call(&exact).await;
+        assert_eq!(r["parameters"]["names"], json!(["p"]));
+        finish(server).await;
+    }
+
+    #[test]
+    fn the_receive_buffer_stays_bounded() {
+        let max = 100_000;
+        let mut frames = FrameBuf::new(max);
+        let mut total = 0;
+        let outcome = loop {
+            match frames.next_frame() {
+                Next::Incomplete => {}
+                other => break other,
+            }
+            let space = frames.space();
+            space.fill(b'x');
+            let n = space.len();
+            frames.filled(n);
+            total += n;
+            assert!(
+                frames.buf.capacity() <= max + 1,
+                "{}",
+                frames.buf.capacity()
+            );
+        };
+        assert_eq!(outcome, Next::TooLarge);
+        assert_eq!(total, max + 1);
+        // Frames are handed out in order; consumed ones are wiped when room is made.
+        let mut frames = FrameBuf::new(max);
+        let space = frames.space();
+        space[..8].copy_from_slice(b"one\0two\0");
+        frames.filled(8);
+        assert_eq!(frames.next_frame(), Next::Frame(0..3));
+        assert_eq!(frames.next_frame(), Next::Frame(4..7));
+        assert_eq!(frames.next_frame(), Next::Incomplete);
+        let _ = frames.space();
+        assert!(frames.buf.iter().all(|&b| b == 0));
+        // A partial frame survives compaction.
+        let mut frames = FrameBuf::new(max);
+        let space = frames.space();
+        space[..6].copy_from_slice(b"a\0bcde");
+        frames.filled(6);
+        assert_eq!(frames.next_frame(), Next::Frame(0..1));
+        assert_eq!(frames.next_frame(), Next::Incomplete);
+        let space = frames.space();
+        space[..2].copy_from_slice(b"f\0");
+        frames.filled(2);
+        assert_eq!(frames.next_frame(), Next::Frame(0..5));
+        assert_eq!(&frames.buf[0..5], b"bcdef");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed() {
+        let server = start(VarlinkLimits {
+            idle_timeout: Duration::from_millis(100),
+            ..limits()
+        });
+        let mut quiet = Conn::open(&server).await;
+        let mut partial = Conn::open(&server).await;
+        partial
+            .stream
+            .write_all(br#"{"method":"org.keyward"#)
+            .await
+            .unwrap();
+        assert!(quiet.recv().await.is_none());
+        assert!(partial.recv().await.is_none());
+        finish(server).await;
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order() {
+        let server = start(limits());
+        let mut c = Conn::open(&server).await;
+        let mut batch = String::new();
+        for i in 0..20 {
+            batch.push_str(&custodian(
+                "ListSecrets",
+                json!({ "prefix": i.to_string() }),
+            ));
+            batch.push('\0');
+        }
+        c.stream.write_all(batch.as_bytes()).await.unwrap();
+        for i in 0..20 {
+            let r = c.recv().await.unwrap();
+            assert_eq!(r["parameters"]["names"], json!([i.to_string()]));
+        }
+        finish(server).await;
+    }
+
+    #[tokio::test]
+    async fn oneway_calls_run_without_a_reply() {
+        let server = start(limits());
+        let mut c = Conn::open(&server).await;
+        c.send(
+            &json!({ "method": "org.keyward.Custodian.ListSecrets",
+                     "parameters": { "prefix": "quiet" }, "oneway": true })
+            .to_string(),
+        )
+        .await;
+        // A oneway call that fails is not answered either.
+        c.send(r#"{"method":"org.keyward.Custodian.Nope","oneway":true}"#)
+            .await;
+        let r = c
+            .call(&custodian("ListSecrets", json!({ "prefix": "loud" })))
+            .await;
+        assert_eq!(r["parameters"]["names"], json!(["loud"]));
+        assert_eq!(
+            *server.stub.calls.lock().unwrap(),
+            ["ListSecrets", "ListSecrets"]
+        );
+        finish(server).await;
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_wait_for_a_slot() {
+        let server = start(VarlinkLimits {
+            max_connections: 1,
+            ..limits()
+        });
+        let mut first = Conn::open(&server).await;
+        let r = first
+            .call(&custodian("ListSecrets", json!({ "prefix": "1" })))
+            .await;
+        assert_eq!(r["parameters"]["names"], json!(["1"]));
+        // The second client connects (listen backlog) but is not served...
+        let mut second = Conn::open(&server).await;
+        second
+            .send(&custodian("ListSecrets", json!({ "prefix": "2" })))
+            .await;
+        let early = tokio::time::timeout(Duration::from_millis(300), second.recv_unguarded()).await;
+        assert!(early.is_err(), "served beyond max_connections");
+        // ...until the first one leaves.
+        drop(first);
+        let r = second.recv().await.unwrap();
+        assert_eq!(r["parameters"]["names"], json!(["2"]));
+        finish(server).await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_drains_the_request_in_flight_then_serve_returns() {
+        let server = start(limits());
+        let (started_tx, mut started) = mpsc::unbounded_channel();
+        *server.stub.started.lock().unwrap() = Some(started_tx);
+        let mut idle = Conn::open(&server).await;
+        idle.call(&custodian("Status", json!({}))).await;
+        let mut busy = Conn::open(&server).await;
+        busy.send(r#"{"method":"org.keyward.Custodian.Seal"}"#)
+            .await;
+        tokio::time::timeout(GUARD, started.recv())
+            .await
+            .unwrap()
+            .unwrap();
+
+        server.stop.send(true).unwrap();
+        assert!(idle.recv().await.is_none(), "idle connections are closed");
+        assert!(
+            !server.task.is_finished(),
+            "serve waits for the request in flight"
+        );
+        server.stub.release.notify_one();
+        assert_eq!(busy.recv().await.unwrap(), json!({ "parameters": {} }));
+        assert!(busy.recv().await.is_none());
+        tokio::time::timeout(GUARD, server.task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            UnixStream::connect(&server.path).await.is_err(),
+            "no longer accepting"
+        );
+    }
+
+    #[tokio::test]
+    async fn bind_prepares_the_directory_and_replaces_only_a_stale_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/keyward/api.sock");
+        let listener = bind(&path, 0o660).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&path), 0o660);
+        assert_eq!(mode(path.parent().unwrap()) & 0o027, 0, "no world access");
+        // In use: refused.
+        let e = bind(&path, 0o600).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        // Stale: replaced.
+        drop(listener);
+        let _listener = bind(&path, 0o600).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        // Not a socket: left alone.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"keep").unwrap();
+        assert_eq!(
+            bind(&file, 0o600).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+    }
+}

@@ -1,1 +1,332 @@
-//! Vault.
+//! The vault: the master key (VMK) and its state, the keyslots that seal it, the keyring of
+//! data keys it protects, and the secrets and device keys it serves.
+//!
+//! The VMK exists in clear only here, inside [`State::Unsealed`], in zeroizing memory; sealing
+//! drops it. Keyslots hold the VMK sealed by one method each (`slots.rs`); any one of them
+//! unseals. The VMK never encrypts secrets directly: it encrypts the [`keyring::Keyring`] of data
+//! keys by term, so a rekey (new VMK) re-seals one keyring and the slots, whatever the number of
+//! secrets.
+//!
+//! Every state change is one store transaction, committed before the caller hears success.
+
+pub mod crypto;
+pub mod keyring;
+pub mod recovery;
+
+mod errors;
+mod keys;
+mod secrets;
+mod slots;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use chacha20poly1305::aead::rand_core::RngCore as _;
+use keyward::api::{self, ApiError, SecretString, SlotSpec};
+use tokio::sync::RwLock;
+
+use crate::device::DeviceHandle;
+use crate::store::{self, Store};
+use crypto::Key32;
+use keyring::Keyring;
+use recovery::ParsedShare;
+
+pub use errors::{device_error, store_error};
+
+/// Where the vault stands.
+enum State {
+    /// No vault yet: `Init` creates one.
+    Uninitialized,
+    /// The VMK is not in memory. `reason` says why (for `Status` and `STATUS=`); recovery
+    /// shares given so far wait in `shares`, by recovery set.
+    Sealed {
+        reason: String,
+        shares: HashMap<[u8; 4], Vec<ParsedShare>>,
+    },
+    /// The VMK and the keyring are in memory.
+    Unsealed(Box<Open>),
+}
+
+/// An unsealed vault.
+struct Open {
+    vault_id: [u8; 16],
+    vmk: Key32,
+    keyring: Keyring,
+    /// Which keyslot opened it, for `Status`.
+    by: String,
+}
+
+/// The vault and everything it needs to serve.
+pub struct Vault {
+    store: Store,
+    devices: BTreeMap<String, DeviceHandle>,
+    unseal_order: Vec<String>,
+    state: RwLock<State>,
+    /// Called with a one-line status whenever the vault is sealed or unsealed (`STATUS=`).
+    on_change: Arc<dyn Fn(&str) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault")
+            .field("devices", &self.devices.keys())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The context every device-sealed VMK blob is bound to: this vault's id.
+fn seal_context(vault_id: &[u8; 16]) -> Vec<u8> {
+    let mut c = b"keyward vmk v1\0".to_vec();
+    c.extend_from_slice(vault_id);
+    c
+}
+
+impl Vault {
+    /// A vault over `store`, sealed if the store holds one, else uninitialised.
+    ///
+    /// # Errors
+    /// The store can't be read.
+    pub async fn load(
+        store: Store,
+        devices: BTreeMap<String, DeviceHandle>,
+        unseal_order: Vec<String>,
+        on_change: Arc<dyn Fn(&str) + Send + Sync>,
+    ) -> Result<Self, ApiError> {
+        let meta = store
+            .read(store::tables::get_meta)
+            .await
+            .map_err(store_error)?;
+        let state = match meta {
+            Some(_) => State::Sealed {
+                reason: "not unsealed yet".into(),
+                shares: HashMap::new(),
+            },
+            None => State::Uninitialized,
+        };
+        Ok(Self {
+            store,
+            devices,
+            unseal_order,
+            state: RwLock::new(state),
+            on_change,
+        })
+    }
+
+    /// The configured devices.
+    pub fn devices(&self) -> &BTreeMap<String, DeviceHandle> {
+        &self.devices
+    }
+
+    fn device(&self, name: &str) -> Result<&DeviceHandle, ApiError> {
+        self.devices
+            .get(name)
+            .ok_or_else(|| ApiError::InvalidArgument {
+                parameter: "device".into(),
+                reason: format!(
+                    "no device {name:?} is configured (configured: {})",
+                    self.devices.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            })
+    }
+
+    fn changed(&self, state: &State) {
+        (self.on_change)(&status_line(state));
+    }
+
+    /// `Status`.
+    ///
+    /// # Errors
+    /// The store can't be read.
+    pub async fn status(&self) -> Result<api::StatusReply, ApiError> {
+        let keyslots = self.list_keyslots_any_state().await?;
+        let devices = self
+            .devices
+            .iter()
+            .map(|(name, d)| {
+                let s = d.status();
+                api::DeviceStatus {
+                    name: name.clone(),
+                    kind: d.kind().to_owned(),
+                    available: s.available,
+                    detail: s.detail,
+                }
+            })
+            .collect();
+        let state = self.state.read().await;
+        let mut reply = api::StatusReply {
+            initialized: !matches!(*state, State::Uninitialized),
+            sealed: !matches!(*state, State::Unsealed(_)),
+            unsealed_by: None,
+            reason: None,
+            keyslots,
+            devices,
+            shares_pending: None,
+            term: None,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        match &*state {
+            State::Uninitialized => reply.reason = Some("no vault yet: run `keyward init`".into()),
+            State::Sealed { reason, shares } => {
+                reply.reason = Some(reason.clone());
+                reply.shares_pending = shares
+                    .values()
+                    .filter_map(|s| s.first().map(|f| f.threshold.saturating_sub(s.len() as u8)))
+                    .min();
+            }
+            State::Unsealed(open) => {
+                reply.unsealed_by = Some(open.by.clone());
+                reply.term = Some(open.keyring.current_term());
+            }
+        }
+        Ok(reply)
+    }
+
+    /// `Init`: a new VMK, vault id and keyring, and the first keyslots, each test-unsealed
+    /// before anything is stored. Returns the keyslots and any recovery shares (shown once).
+    ///
+    /// # Errors
+    /// [`ApiError::AlreadyInitialized`], a bad slot spec, a device failure.
+    pub async fn init(
+        &self,
+        specs: Vec<SlotSpec>,
+    ) -> Result<(Vec<api::Keyslot>, Vec<SecretString>), ApiError> {
+        if specs.is_empty() {
+            return Err(ApiError::InvalidArgument {
+                parameter: "slots".into(),
+                reason: "a vault needs at least one keyslot".into(),
+            });
+        }
+        // Hold the write lock throughout: two concurrent inits must not both succeed.
+        let mut state = self.state.write().await;
+        if !matches!(*state, State::Uninitialized) {
+            return Err(ApiError::AlreadyInitialized);
+        }
+        let mut vault_id = [0u8; 16];
+        chacha20poly1305::aead::OsRng.fill_bytes(&mut vault_id);
+        let vmk = Key32::random();
+        let keyring = Keyring::new();
+        let mut made = Vec::new();
+        let mut shares = Vec::new();
+        for spec in &specs {
+            let (slot, mut s) = self.make_slot(&vault_id, &vmk, spec).await?;
+            made.push(slot);
+            shares.append(&mut s);
+        }
+        let sealed_keyring = keyring
+            .seal(&vmk, &vault_id)
+            .map_err(errors::crypto_error)?;
+        let term = keyring.current_term();
+        let rows: Vec<store::tables::KeyslotRow> = self
+            .store
+            .write(move |tx| {
+                store::tables::insert_meta(
+                    tx,
+                    &store::tables::Meta {
+                        vault_id,
+                        created: store::tables::now_rfc3339(),
+                        keyring: sealed_keyring,
+                        keyring_term: term,
+                    },
+                )?;
+                made.iter()
+                    .map(|slot| store::tables::insert_keyslot(tx, slot))
+                    .collect()
+            })
+            .await
+            .map_err(store_error)?;
+        *state = State::Unsealed(Box::new(Open {
+            vault_id,
+            vmk,
+            keyring,
+            by: "init".into(),
+        }));
+        self.changed(&state);
+        tracing::info!(keyslots = specs.len(), "vault initialised");
+        Ok((rows.iter().map(slots::to_api).collect(), shares))
+    }
+
+    /// `Seal`: forget the VMK and the keyring (zeroized on drop).
+    ///
+    /// # Errors
+    /// [`ApiError::NotInitialized`].
+    pub async fn seal(&self, by: &str) -> Result<(), ApiError> {
+        let mut state = self.state.write().await;
+        match *state {
+            State::Uninitialized => return Err(ApiError::NotInitialized),
+            State::Sealed { .. } => return Ok(()),
+            State::Unsealed(_) => {}
+        }
+        *state = State::Sealed {
+            reason: format!("sealed by {by}"),
+            shares: HashMap::new(),
+        };
+        self.changed(&state);
+        tracing::info!(by, "vault sealed");
+        Ok(())
+    }
+
+    /// Run `f` with the open vault, or answer `Sealed` / `NotInitialized`.
+    async fn with_open<T>(&self, f: impl FnOnce(&Open) -> T) -> Result<T, ApiError> {
+        let state = self.state.read().await;
+        match &*state {
+            State::Unsealed(open) => Ok(f(open)),
+            State::Sealed { reason, .. } => Err(ApiError::Sealed {
+                reason: reason.clone(),
+            }),
+            State::Uninitialized => Err(ApiError::NotInitialized),
+        }
+    }
+
+    /// Install an unsealed VMK after checking it against the stored keyring (the AEAD tag of
+    /// the keyring is the check value: a wrong VMK can't open it).
+    async fn open_with(&self, vmk: Key32, by: String) -> Result<(), ApiError> {
+        let meta = self
+            .store
+            .read(store::tables::get_meta)
+            .await
+            .map_err(store_error)?
+            .ok_or(ApiError::NotInitialized)?;
+        let keyring =
+            Keyring::open(&vmk, &meta.vault_id, &meta.keyring).map_err(|_| ApiError::Internal {
+                reason: format!("{by} released a key that does not open this vault"),
+            })?;
+        let mut state = self.state.write().await;
+        *state = State::Unsealed(Box::new(Open {
+            vault_id: meta.vault_id,
+            vmk,
+            keyring,
+            by: by.clone(),
+        }));
+        self.changed(&state);
+        tracing::info!(by = %by, "vault unsealed");
+        Ok(())
+    }
+
+    async fn vault_id(&self) -> Result<[u8; 16], ApiError> {
+        Ok(self
+            .store
+            .read(store::tables::get_meta)
+            .await
+            .map_err(store_error)?
+            .ok_or(ApiError::NotInitialized)?
+            .vault_id)
+    }
+
+    /// Mark the vault sealed with `reason` (unattended unseal found no way in).
+    async fn stay_sealed(&self, reason: String) {
+        let mut state = self.state.write().await;
+        if let State::Sealed { reason: r, .. } = &mut *state {
+            *r = reason;
+        }
+        self.changed(&state);
+    }
+}
+
+/// One line for `STATUS=` and logs.
+fn status_line(state: &State) -> String {
+    match state {
+        State::Uninitialized => "no vault: run `keyward init`".into(),
+        State::Sealed { reason, .. } => format!("sealed: {reason}"),
+        State::Unsealed(open) => format!("unsealed by {}", open.by),
+    }
+}

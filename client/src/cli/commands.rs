@@ -1,0 +1,580 @@
+//! Each `keyward` command: read its input, make its calls, print its result — as text, or as
+//! one JSON document with `--json`.
+
+use std::io::{self, IsTerminal as _, Write as _};
+use std::path::Path;
+use std::time::Duration;
+
+use clap::CommandFactory as _;
+use keyward::api::{
+    SecretString, SecretValue, SlotSpec, UnsealParams, UnsealReply, MAX_SECRET_LEN,
+};
+use keyward::{Client, ClientError};
+use serde::Serialize;
+use serde_json::json;
+
+use super::input::{self, NoEcho, Shares, ZeroizingReader};
+use super::output;
+use super::{
+    Cli, CliError, Command, Enroll, InitArgs, KeyCommand, KeyslotCommand, SecretCommand, UnsealArgs,
+};
+
+/// How long a call may go without progress before the CLI gives up (key generation and
+/// device waits take seconds, not minutes).
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Largest input to `key sign`.
+const MAX_SIGN_INPUT: usize = 1024 * 1024;
+
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    /// Print `doc` with `--json`, else `text` (if not empty).
+    fn emit(&self, doc: &impl Serialize, text: impl FnOnce() -> String) -> Result<(), CliError> {
+        let mut out = io::stdout().lock();
+        let written = if self.json {
+            serde_json::to_writer_pretty(&mut out, doc)
+                .map_err(io::Error::from)
+                .and_then(|()| writeln!(out))
+        } else {
+            let text = text();
+            if text.is_empty() {
+                Ok(())
+            } else {
+                out.write_all(text.as_bytes())
+            }
+        };
+        written
+            .and_then(|()| out.flush())
+            .map_err(|e| CliError::Local(format!("cannot write to stdout: {e}")))
+    }
+}
+
+/// Raw bytes to stdout.
+fn write_stdout(bytes: &[u8]) -> Result<(), CliError> {
+    let mut out = io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .map_err(|e| CliError::Local(format!("cannot write to stdout: {e}")))
+}
+
+fn connect(socket: &Path) -> Result<Client, CliError> {
+    let mut client = Client::connect(socket)?;
+    client.set_timeout(Some(CALL_TIMEOUT))?;
+    Ok(client)
+}
+
+/// Run one parsed command line.
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    let out = Out { json: cli.json };
+    if let Command::Completions { shell } = cli.command {
+        let mut command = Cli::command();
+        clap_complete::generate(shell, &mut command, "keyward", &mut io::stdout());
+        return Ok(());
+    }
+    let mut client = connect(&cli.socket)?;
+    let c = &mut client;
+    match cli.command {
+        Command::Completions { .. } => Ok(()),
+        Command::Status => {
+            let status = c.status()?;
+            out.emit(&status, || output::status(&status))
+        }
+        Command::Init(args) => init(c, &out, &args),
+        Command::Unseal(args) => unseal(c, &out, &args),
+        Command::Seal => {
+            c.seal()?;
+            out.emit(&json!({ "sealed": true }), || {
+                "the vault is sealed: the master key is forgotten until `keyward unseal`\n".into()
+            })
+        }
+        Command::Enroll(what) => enroll(c, &out, what),
+        Command::Keyslot(KeyslotCommand::List) => {
+            let keyslots = c.list_keyslots()?;
+            out.emit(&json!({ "keyslots": keyslots }), || {
+                output::keyslots("", &keyslots)
+            })
+        }
+        Command::Keyslot(KeyslotCommand::Remove { id, force }) => {
+            c.remove_keyslot(id, force)?;
+            out.emit(&json!({ "removed": id }), || {
+                format!("keyslot {id} removed\n")
+            })
+        }
+        Command::Rekey(args) => {
+            let pin = args
+                .pin_file
+                .as_deref()
+                .map(input::read_pin_file)
+                .transpose()?;
+            let reply = c.rekey(pin)?;
+            let threshold = recovery_threshold(c, reply.recovery_shares.len());
+            out.emit(&reply, || {
+                let mut text =
+                    "new master key: the keyring and every keyslot are sealed again\n".to_owned();
+                if !reply.recovery_shares.is_empty() {
+                    text.push_str(
+                        "The recovery shares you had no longer work: replace them with these.\n",
+                    );
+                    text.push_str(&output::recovery_shares(&reply.recovery_shares, threshold));
+                }
+                text
+            })
+        }
+        Command::Rotate => {
+            let term = c.rotate()?;
+            out.emit(&json!({ "term": term }), || {
+                format!("new data-key term {term}: new secret versions are encrypted under it\n")
+            })
+        }
+        Command::Secret(cmd) => secret(c, &out, cmd),
+        Command::Key(cmd) => key(c, &out, cmd),
+    }
+}
+
+/// The threshold of the recovery slot, for the share notice after a rekey (best effort).
+fn recovery_threshold(c: &mut Client, shares: usize) -> Option<u8> {
+    if shares == 0 {
+        return None;
+    }
+    let slots = c.list_keyslots().ok()?;
+    let mut recovery = slots.iter().filter(|s| s.kind == "recovery");
+    match (recovery.next(), recovery.next()) {
+        (Some(slot), None) => slot.threshold,
+        _ => None,
+    }
+}
+
+fn init(c: &mut Client, out: &Out, args: &InitArgs) -> Result<(), CliError> {
+    let pin = args
+        .tpm2_pin_file
+        .as_deref()
+        .map(input::read_pin_file)
+        .transpose()?;
+    let mut slots = Vec::new();
+    for device in &args.tpm2 {
+        slots.push(SlotSpec {
+            kind: "tpm2".into(),
+            device: Some(device.clone()),
+            pcrs: args.pcrs.clone(),
+            pin: pin.as_ref().map(|p| SecretString::new(p.expose())),
+            ..SlotSpec::default()
+        });
+    }
+    for device in &args.pkcs11 {
+        slots.push(SlotSpec {
+            kind: "pkcs11".into(),
+            device: Some(device.clone()),
+            ..SlotSpec::default()
+        });
+    }
+    if let Some(t) = args.recovery {
+        slots.push(SlotSpec {
+            kind: "recovery".into(),
+            threshold: Some(t.k),
+            shares: Some(t.n),
+            ..SlotSpec::default()
+        });
+    }
+    let reply = c.init(slots)?;
+    out.emit(&reply, || {
+        let mut text = format!(
+            "vault initialised with {} keyslot(s):\n",
+            reply.keyslots.len()
+        );
+        text.push_str(&output::keyslots("  ", &reply.keyslots));
+        if !reply.recovery_shares.is_empty() {
+            text.push_str(&output::recovery_shares(
+                &reply.recovery_shares,
+                args.recovery.map(|t| t.k),
+            ));
+        }
+        text
+    })
+}
+
+fn enroll(c: &mut Client, out: &Out, what: Enroll) -> Result<(), CliError> {
+    let (spec, threshold) = match what {
+        Enroll::Tpm2 {
+            device,
+            pcrs,
+            pin_file,
+        } => (
+            SlotSpec {
+                kind: "tpm2".into(),
+                device: Some(device),
+                pcrs,
+                pin: pin_file.as_deref().map(input::read_pin_file).transpose()?,
+                ..SlotSpec::default()
+            },
+            None,
+        ),
+        Enroll::Pkcs11 { device } => (
+            SlotSpec {
+                kind: "pkcs11".into(),
+                device: Some(device),
+                ..SlotSpec::default()
+            },
+            None,
+        ),
+        Enroll::Recovery { threshold, shares } => {
+            super::check_threshold(threshold, shares).map_err(CliError::Usage)?;
+            (
+                SlotSpec {
+                    kind: "recovery".into(),
+                    threshold: Some(threshold),
+                    shares: Some(shares),
+                    ..SlotSpec::default()
+                },
+                Some(threshold),
+            )
+        }
+    };
+    let reply = c.enroll(spec)?;
+    out.emit(&reply, || {
+        let mut text = "keyslot enrolled (a test unseal through it succeeded):\n".to_owned();
+        text.push_str(&output::keyslots(
+            "  ",
+            std::slice::from_ref(&reply.keyslot),
+        ));
+        if !reply.recovery_shares.is_empty() {
+            text.push_str(&output::recovery_shares(&reply.recovery_shares, threshold));
+        }
+        text
+    })
+}
+
+/// Send shares one at a time until the vault opens; stop reading as soon as it does.
+///
+/// # Errors
+/// A share that can't be read, a refusal from the daemon, no share at all (usage), or every
+/// share given and the vault still sealed.
+pub fn unseal_with_shares(
+    shares: impl Iterator<Item = Result<SecretString, CliError>>,
+    mut send: impl FnMut(SecretString) -> Result<UnsealReply, ClientError>,
+    progress: &mut dyn io::Write,
+) -> Result<UnsealReply, CliError> {
+    let mut last = None;
+    for (i, share) in shares.enumerate() {
+        let reply = send(share?)?;
+        if !reply.sealed {
+            return Ok(reply);
+        }
+        let more = reply
+            .shares_needed
+            .map(|n| format!("{n} more needed"))
+            .unwrap_or_else(|| "more needed".into());
+        let _ = writeln!(progress, "share {} accepted; {more}", i + 1);
+        last = Some(reply);
+    }
+    match last {
+        None => Err(CliError::Usage(
+            "no recovery share given: pipe them in one per line, or use --share-file or --pin-file"
+                .into(),
+        )),
+        Some(reply) => Err(CliError::StillSealed {
+            needed: reply.shares_needed,
+        }),
+    }
+}
+
+fn unseal(c: &mut Client, out: &Out, args: &UnsealArgs) -> Result<(), CliError> {
+    let status = c.status()?;
+    if !status.initialized {
+        return Err(CliError::Client(ClientError::Api(
+            keyward::api::ApiError::NotInitialized,
+        )));
+    }
+    let reply = if !status.sealed {
+        UnsealReply {
+            sealed: false,
+            shares_needed: None,
+        }
+    } else if let Some(path) = &args.pin_file {
+        let pin = input::read_pin_file(path)?;
+        let reply = c.unseal(UnsealParams {
+            recovery_share: None,
+            pin: Some(pin),
+        })?;
+        if reply.sealed {
+            return Err(CliError::StillSealed {
+                needed: reply.shares_needed,
+            });
+        }
+        reply
+    } else {
+        let send = |share| {
+            c.unseal(UnsealParams {
+                recovery_share: Some(share),
+                pin: None,
+            })
+        };
+        let mut progress = io::stderr();
+        match &args.share_file {
+            Some(path) => {
+                let file = std::fs::File::open(path)
+                    .map_err(|e| CliError::Local(format!("cannot open {}: {e}", path.display())))?;
+                let shares = Shares::new(
+                    ZeroizingReader::new(file),
+                    path.display().to_string(),
+                    false,
+                );
+                unseal_with_shares(shares, send, &mut progress)?
+            }
+            None => {
+                let stdin = io::stdin();
+                let interactive = stdin.is_terminal();
+                let _echo = NoEcho::stdin();
+                if interactive {
+                    eprintln!(
+                        "The vault is sealed. Type recovery shares, one per line (not shown); \
+                         Ctrl-D to stop."
+                    );
+                }
+                let shares = Shares::new(ZeroizingReader::new(stdin), "stdin", interactive);
+                unseal_with_shares(shares, send, &mut progress)?
+            }
+        }
+    };
+    let already = !status.sealed;
+    out.emit(&reply, || {
+        if already {
+            "the vault is already unsealed\n".into()
+        } else {
+            "the vault is unsealed\n".into()
+        }
+    })
+}
+
+fn secret(c: &mut Client, out: &Out, cmd: SecretCommand) -> Result<(), CliError> {
+    match cmd {
+        SecretCommand::Put { name, file } => {
+            let value = input::file_or_stdin(
+                file.as_deref(),
+                MAX_SECRET_LEN,
+                "the secret value",
+                "pipe it in (`keyward secret put NAME < FILE`) or use --file FILE",
+            )?;
+            let version = c.put_secret(&name, &value)?;
+            out.emit(&json!({ "name": name, "version": version }), || {
+                format!("stored {name} version {version}\n")
+            })
+        }
+        SecretCommand::Get {
+            name,
+            version,
+            output,
+        } => {
+            let reply = c.get_secret(&name, version)?;
+            if let Some(path) = &output {
+                input::write_private(path, reply.value.expose())?;
+            }
+            if out.json {
+                #[derive(Serialize)]
+                struct Doc<'a> {
+                    name: &'a str,
+                    version: u64,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    value: Option<&'a SecretValue>,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    output: Option<&'a Path>,
+                }
+                let doc = Doc {
+                    name: &name,
+                    version: reply.version,
+                    value: output.is_none().then_some(&reply.value),
+                    output: output.as_deref(),
+                };
+                out.emit(&doc, String::new)
+            } else if output.is_none() {
+                write_stdout(reply.value.expose())
+            } else {
+                Ok(())
+            }
+        }
+        SecretCommand::List { prefix } => {
+            let names = c.list_secrets(prefix.as_deref())?;
+            out.emit(&json!({ "names": names }), || {
+                names.iter().map(|n| format!("{n}\n")).collect()
+            })
+        }
+        SecretCommand::Versions { name } => {
+            let versions = c.secret_versions(&name)?;
+            out.emit(&json!({ "name": name, "versions": versions }), || {
+                output::versions(&versions)
+            })
+        }
+        SecretCommand::Delete { name } => {
+            c.delete_secret(&name)?;
+            out.emit(&json!({ "deleted": name }), || {
+                format!("secret {name} deleted\n")
+            })
+        }
+    }
+}
+
+fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
+    use base64::engine::general_purpose::STANDARD as B64;
+    use base64::Engine as _;
+    match cmd {
+        KeyCommand::Create {
+            name,
+            device,
+            algorithm,
+        } => {
+            let der = c.create_key(&name, &device, algorithm.as_str())?;
+            let pem = output::pem_public_key(&der);
+            out.emit(
+                &json!({ "name": name, "device": device, "algorithm": algorithm.as_str(),
+                         "public_key": B64.encode(&der), "pem": pem }),
+                || pem.clone(),
+            )
+        }
+        KeyCommand::List => {
+            let keys = c.list_keys()?;
+            out.emit(&json!({ "keys": keys }), || output::keys(&keys))
+        }
+        KeyCommand::Public { name, der, output } => {
+            let public = c.public_key(&name)?;
+            let pem = output::pem_public_key(&public);
+            let bytes = if der {
+                public.clone()
+            } else {
+                pem.clone().into_bytes()
+            };
+            if let Some(path) = &output {
+                input::write_public(path, &bytes)?;
+            }
+            if out.json {
+                out.emit(
+                    &json!({ "name": name, "public_key": B64.encode(&public), "pem": pem }),
+                    String::new,
+                )
+            } else if output.is_none() {
+                write_stdout(&bytes)
+            } else {
+                Ok(())
+            }
+        }
+        KeyCommand::Sign {
+            name,
+            file,
+            prehashed,
+            output,
+        } => {
+            let what = if prehashed {
+                "the digest"
+            } else {
+                "the data to sign"
+            };
+            let data = input::file_or_stdin(
+                file.as_deref(),
+                MAX_SIGN_INPUT,
+                what,
+                "pipe it in (`keyward key sign NAME < FILE`) or use --file FILE",
+            )
+            .map_err(|e| match e {
+                CliError::Local(m) if m.contains("larger than") => CliError::Local(format!(
+                    "{m}: sign its SHA-256 digest with --prehashed instead"
+                )),
+                e => e,
+            })?;
+            let signature = c.sign(&name, &data, prehashed)?;
+            if let Some(path) = &output {
+                input::write_public(path, &signature)?;
+            }
+            if out.json {
+                out.emit(
+                    &json!({ "name": name, "signature": B64.encode(&signature) }),
+                    String::new,
+                )
+            } else if output.is_none() {
+                write_stdout(&signature)
+            } else {
+                Ok(())
+            }
+        }
+        KeyCommand::Delete { name } => {
+            c.delete_key(&name)?;
+            out.emit(&json!({ "deleted": name }), || {
+                format!("key {name} deleted\n")
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyward::api::ApiError;
+
+    fn shares(text: &str) -> Shares<&[u8]> {
+        Shares::new(text.as_bytes(), "test", false)
+    }
+
+    /// A daemon stand-in that opens after `k` shares, and refuses a share named "bad".
+    fn daemon(
+        k: u8,
+        seen: &mut Vec<String>,
+    ) -> impl FnMut(SecretString) -> Result<UnsealReply, ClientError> + '_ {
+        move |share| {
+            if share.expose() == "bad" {
+                return Err(ClientError::Api(ApiError::InvalidArgument {
+                    parameter: "recovery_share".into(),
+                    reason: "checksum mismatch".into(),
+                }));
+            }
+            seen.push(share.expose().to_owned());
+            let left = k.saturating_sub(seen.len() as u8);
+            Ok(UnsealReply {
+                sealed: left > 0,
+                shares_needed: (left > 0).then_some(left),
+            })
+        }
+    }
+
+    #[test]
+    fn shares_are_sent_until_the_vault_opens_and_no_further() {
+        let mut seen = Vec::new();
+        let mut progress = Vec::new();
+        let reply = unseal_with_shares(
+            shares("s1\n\ns2\ns3\n"),
+            daemon(2, &mut seen),
+            &mut progress,
+        )
+        .unwrap();
+        assert!(!reply.sealed);
+        assert_eq!(seen, ["s1", "s2"], "the third share is never read or sent");
+        let progress = String::from_utf8(progress).unwrap();
+        assert_eq!(progress, "share 1 accepted; 1 more needed\n");
+        assert!(!progress.contains("s1"));
+    }
+
+    #[test]
+    fn too_few_shares_leave_it_sealed_with_exit_code_4() {
+        let mut seen = Vec::new();
+        let e =
+            unseal_with_shares(shares("s1\n"), daemon(3, &mut seen), &mut Vec::new()).unwrap_err();
+        assert!(
+            matches!(e, CliError::StillSealed { needed: Some(2) }),
+            "{e:?}"
+        );
+        assert_eq!(e.exit_code(), 4);
+        assert!(e.to_string().contains("2 more"), "{e}");
+    }
+
+    #[test]
+    fn no_share_is_a_usage_error_and_a_refused_share_stops_the_loop() {
+        let mut seen = Vec::new();
+        let e =
+            unseal_with_shares(shares("\n"), daemon(2, &mut seen), &mut Vec::new()).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let e = unseal_with_shares(shares("bad\ns2\n"), daemon(2, &mut seen), &mut Vec::new())
+            .unwrap_err();
+        assert_eq!(e.exit_code(), 1);
+        assert!(e.to_string().contains("checksum"), "{e}");
+        assert!(seen.is_empty(), "nothing after the refused share was sent");
+    }
+}

@@ -1,0 +1,552 @@
+//! The `keyward` command line: its arguments (clap), the exit codes scripts rely on, and the
+//! one-line error messages people read.
+//!
+//! It only talks to `keywardd` through [`keyward::Client`]; it never takes a secret, PIN or
+//! recovery share on its command line (they come from files or stdin) and never prints one
+//! to stderr.
+
+mod commands;
+pub mod input;
+pub mod output;
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use keyward::api::ApiError;
+use keyward::{ClientError, DEFAULT_SOCKET};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  keywardd refused the request (permission, not found, invalid argument, device
+     trouble, ...), or a local file could not be read or written
+  2  usage: bad arguments or input
+  3  keywardd cannot be reached (not running, wrong --socket, no access to the socket,
+     connection lost)
+  4  the vault is sealed or not initialised: see `keyward status`, `keyward unseal`
+
+Secret values, PINs and recovery shares are never taken on the command line: they are read
+from stdin or from a file.";
+
+/// Admin and scripting command line of keywardd, the hardware-backed key custodian.
+#[derive(Debug, Parser)]
+#[command(name = "keyward", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// The keywardd API socket.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "KEYWARD_SOCKET",
+        default_value = DEFAULT_SOCKET
+    )]
+    pub socket: PathBuf,
+    /// Print one JSON document on stdout instead of text (errors too, as {"error": ...}).
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show whether the vault is sealed (and why), its devices and its keyslots.
+    Status,
+    /// Create the vault master key and enroll its first keyslots (at least one).
+    Init(InitArgs),
+    /// Open a sealed vault with recovery shares (one per line on stdin, or --share-file) or a
+    /// PIN (--pin-file).
+    Unseal(UnsealArgs),
+    /// Make keywardd forget the master key until the next unseal.
+    Seal,
+    /// Add a keyslot (the vault must be unsealed).
+    #[command(subcommand)]
+    Enroll(Enroll),
+    /// List or remove keyslots.
+    #[command(subcommand)]
+    Keyslot(KeyslotCommand),
+    /// Replace the master key; every keyslot is sealed again and recovery slots get new
+    /// shares (the old ones stop working).
+    Rekey(RekeyArgs),
+    /// Start a new data-key term for new secret versions; old versions stay readable.
+    Rotate,
+    /// Store, fetch, list and delete secrets.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+    /// Create signing keys inside a device, sign, fetch public keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Print a shell completion script.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `K/N`: K of N recovery shares open the vault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Threshold {
+    pub k: u8,
+    pub n: u8,
+}
+
+fn parse_threshold(s: &str) -> Result<Threshold, String> {
+    let (k, n) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: expected K/N, like 2/3"))?;
+    let k: u8 = k
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: K must be a number from 1 to 255"))?;
+    let n: u8 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: N must be a number from 1 to 255"))?;
+    check_threshold(k, n)?;
+    Ok(Threshold { k, n })
+}
+
+fn check_threshold(k: u8, n: u8) -> Result<(), String> {
+    if k == 0 || k > n {
+        return Err(format!(
+            "{k} of {n}: the threshold must be at least 1 and at most the number of shares"
+        ));
+    }
+    Ok(())
+}
+
+fn pcr_parser() -> impl clap::builder::TypedValueParser<Value = u8> {
+    clap::value_parser!(u8).range(0..=23)
+}
+
+#[derive(Debug, Args)]
+#[command(group(
+    ArgGroup::new("slots").required(true).multiple(true).args(["tpm2", "pkcs11", "recovery"])
+))]
+pub struct InitArgs {
+    /// Enroll a TPM 2.0 keyslot on this configured device (repeatable).
+    #[arg(long, value_name = "DEVICE")]
+    pub tpm2: Vec<String>,
+    /// PCRs (sha256 bank) the TPM slots are bound to, e.g. 7,11 [default: the device's list].
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = pcr_parser(), requires = "tpm2")]
+    pub pcrs: Option<Vec<u8>>,
+    /// File holding a PIN the TPM slots will need on top of their PCR policy.
+    #[arg(long, value_name = "FILE", requires = "tpm2")]
+    pub tpm2_pin_file: Option<PathBuf>,
+    /// Enroll a PKCS#11 token keyslot on this configured device (repeatable).
+    #[arg(long, value_name = "DEVICE")]
+    pub pkcs11: Vec<String>,
+    /// Make recovery shares: K of N open the vault (e.g. 2/3). They are printed once.
+    #[arg(long, value_name = "K/N", value_parser = parse_threshold)]
+    pub recovery: Option<Threshold>,
+}
+
+#[derive(Debug, Args)]
+pub struct UnsealArgs {
+    /// Read recovery shares from this file, one per line [default: stdin].
+    #[arg(long, value_name = "FILE", conflicts_with = "pin_file")]
+    pub share_file: Option<PathBuf>,
+    /// Unseal with the PIN in this file (a PIN-bound TPM slot or a token) instead.
+    #[arg(long, value_name = "FILE")]
+    pub pin_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Enroll {
+    /// A TPM 2.0 keyslot, bound to PCR values and optionally a PIN.
+    Tpm2 {
+        /// The configured TPM device.
+        #[arg(long, value_name = "DEVICE")]
+        device: String,
+        /// PCRs (sha256 bank), e.g. 7,11 [default: the device's list].
+        #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = pcr_parser())]
+        pcrs: Option<Vec<u8>>,
+        /// File holding a PIN the slot will need on top of its PCR policy.
+        #[arg(long, value_name = "FILE")]
+        pin_file: Option<PathBuf>,
+    },
+    /// A PKCS#11 token keyslot.
+    Pkcs11 {
+        /// The configured token device.
+        #[arg(long, value_name = "DEVICE")]
+        device: String,
+    },
+    /// Recovery shares: THRESHOLD of SHARES open the vault. They are printed once.
+    Recovery {
+        /// Shares needed to unseal.
+        #[arg(long, value_name = "K")]
+        threshold: u8,
+        /// Shares made.
+        #[arg(long, value_name = "N")]
+        shares: u8,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyslotCommand {
+    /// List the keyslots.
+    List,
+    /// Remove a keyslot.
+    Remove {
+        /// The keyslot's id (see `keyward keyslot list`).
+        id: u32,
+        /// Remove the last hardware slot even though no recovery slot exists.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RekeyArgs {
+    /// File holding the PIN of PIN-bound TPM slots.
+    #[arg(long, value_name = "FILE")]
+    pub pin_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Store a new version of a secret; the value comes from stdin (to EOF) or --file.
+    Put {
+        /// The secret's name (like db/password).
+        name: String,
+        /// Read the value from this file instead of stdin.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
+    /// Write a secret's value (raw bytes) to stdout or --output.
+    Get {
+        /// The secret's name.
+        name: String,
+        /// This version instead of the latest.
+        #[arg(long, value_name = "N")]
+        version: Option<u64>,
+        /// Write the value to this file (created with mode 0600).
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// List secret names.
+    List {
+        /// Only names starting with this.
+        #[arg(long, value_name = "PREFIX")]
+        prefix: Option<String>,
+    },
+    /// List a secret's versions.
+    Versions {
+        /// The secret's name.
+        name: String,
+    },
+    /// Delete a secret and all its versions.
+    Delete {
+        /// The secret's name.
+        name: String,
+    },
+}
+
+/// Signing algorithms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Algorithm {
+    #[value(name = "ed25519")]
+    Ed25519,
+    #[value(name = "ecdsa-p256")]
+    EcdsaP256,
+    #[value(name = "rsa-pss-3072")]
+    RsaPss3072,
+}
+
+impl Algorithm {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ed25519 => "ed25519",
+            Self::EcdsaP256 => "ecdsa-p256",
+            Self::RsaPss3072 => "rsa-pss-3072",
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Generate a key pair inside a device; prints the public key (PEM).
+    Create {
+        /// The key's name.
+        name: String,
+        /// The configured device to create it in.
+        #[arg(long, value_name = "DEVICE")]
+        device: String,
+        /// The signature algorithm.
+        #[arg(long, value_enum)]
+        algorithm: Algorithm,
+    },
+    /// List keys.
+    List,
+    /// Print a public key: PEM, or DER with --der.
+    Public {
+        /// The key's name.
+        name: String,
+        /// Raw DER SubjectPublicKeyInfo instead of PEM.
+        #[arg(long)]
+        der: bool,
+        /// Write it to this file.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Sign data from stdin (to EOF) or --file; writes the raw signature (Ed25519: 64 bytes,
+    /// ECDSA: DER, RSA-PSS: raw).
+    Sign {
+        /// The key's name.
+        name: String,
+        /// Sign this file's contents instead of stdin.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// The input is a SHA-256 digest (32 bytes), not the message.
+        #[arg(long)]
+        prehashed: bool,
+        /// Write the signature to this file.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Delete a key (destroyed in its device).
+    Delete {
+        /// The key's name.
+        name: String,
+    },
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Talking to keywardd failed, or it refused.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Bad arguments or input.
+    #[error("{0}")]
+    Usage(String),
+    /// A local file or stream failed.
+    #[error("{0}")]
+    Local(String),
+    /// Every share was given and the vault is still sealed.
+    #[error(
+        "the vault is still sealed{}: give the remaining recovery shares (one per line on stdin, or --share-file)",
+        .needed.map(|n| format!(" ({n} more share(s) needed)")).unwrap_or_default()
+    )]
+    StillSealed { needed: Option<u8> },
+}
+
+/// The exit codes documented in `--help`.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const REFUSED: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const UNREACHABLE: u8 = 3;
+    pub const SEALED: u8 = 4;
+}
+
+impl CliError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Client(ClientError::Connect { .. } | ClientError::Io(_)) => exit::UNREACHABLE,
+            Self::Client(ClientError::Api(ApiError::Sealed { .. } | ApiError::NotInitialized))
+            | Self::StillSealed { .. } => exit::SEALED,
+            Self::Client(ClientError::Api(_) | ClientError::Protocol(_)) | Self::Local(_) => {
+                exit::REFUSED
+            }
+            Self::Usage(_) => exit::USAGE,
+        }
+    }
+
+    /// The error as a JSON document, for `--json`.
+    fn to_json(&self) -> serde_json::Value {
+        let (name, parameters) = match self {
+            Self::Client(ClientError::Api(e)) => (e.name(), e.parameters()),
+            Self::Client(ClientError::Connect { .. } | ClientError::Io(_)) => {
+                ("keyward.Unreachable".into(), serde_json::json!({}))
+            }
+            Self::Client(ClientError::Protocol(_)) => {
+                ("keyward.Protocol".into(), serde_json::json!({}))
+            }
+            Self::Usage(_) => ("keyward.Usage".into(), serde_json::json!({})),
+            Self::Local(_) => ("keyward.Local".into(), serde_json::json!({})),
+            Self::StillSealed { needed } => (
+                "keyward.StillSealed".into(),
+                serde_json::json!({ "shares_needed": needed }),
+            ),
+        };
+        serde_json::json!({ "error": {
+            "name": name,
+            "parameters": parameters,
+            "message": self.to_string(),
+            "exit_code": self.exit_code(),
+        }})
+    }
+}
+
+/// Parse the command line, run it, report.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    match commands::run(cli) {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => {
+            if json {
+                let mut out = std::io::stdout().lock();
+                let _ = serde_json::to_writer_pretty(&mut out, &e.to_json());
+                let _ = writeln!(out);
+            }
+            eprintln!("keyward: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("keyward").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn init_needs_a_slot_and_takes_several() {
+        assert!(parse(&["init"]).is_err());
+        let cli = parse(&[
+            "init",
+            "--tpm2",
+            "tpm",
+            "--pcrs",
+            "7,11",
+            "--pkcs11",
+            "hsm",
+            "--pkcs11",
+            "hsm2",
+            "--recovery",
+            "2/3",
+        ])
+        .unwrap();
+        let Command::Init(a) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(a.tpm2, ["tpm"]);
+        assert_eq!(a.pcrs.as_deref(), Some(&[7u8, 11][..]));
+        assert_eq!(a.pkcs11, ["hsm", "hsm2"]);
+        assert_eq!(a.recovery, Some(Threshold { k: 2, n: 3 }));
+        assert!(parse(&["init", "--recovery", "3/2"]).is_err());
+        assert!(parse(&["init", "--recovery", "0/2"]).is_err());
+        assert!(parse(&["init", "--recovery", "2"]).is_err());
+        assert!(
+            parse(&["init", "--pkcs11", "hsm", "--pcrs", "7"]).is_err(),
+            "--pcrs needs --tpm2"
+        );
+        assert!(parse(&["init", "--tpm2", "tpm", "--pcrs", "24"]).is_err());
+    }
+
+    #[test]
+    fn globals_go_anywhere_and_the_socket_has_a_default() {
+        let cli = parse(&["secret", "get", "db", "--json", "--socket", "/tmp/s"]).unwrap();
+        assert!(cli.json);
+        assert_eq!(cli.socket, PathBuf::from("/tmp/s"));
+        // (KEYWARD_SOCKET may be set where the tests run; only check the flag wins.)
+        let cli = parse(&["--socket", "/x", "status"]).unwrap();
+        assert_eq!(cli.socket, PathBuf::from("/x"));
+    }
+
+    #[test]
+    fn subcommands_parse() {
+        assert!(matches!(
+            parse(&[
+                "key",
+                "create",
+                "k",
+                "--device",
+                "hsm",
+                "--algorithm",
+                "rsa-pss-3072"
+            ])
+            .unwrap()
+            .command,
+            Command::Key(KeyCommand::Create {
+                algorithm: Algorithm::RsaPss3072,
+                ..
+            })
+        ));
+        assert!(parse(&[
+            "key",
+            "create",
+            "k",
+            "--device",
+            "hsm",
+            "--algorithm",
+            "rsa"
+        ])
+        .is_err());
+        assert!(matches!(
+            parse(&["keyslot", "remove", "3", "--force"])
+                .unwrap()
+                .command,
+            Command::Keyslot(KeyslotCommand::Remove { id: 3, force: true })
+        ));
+        assert!(matches!(
+            parse(&["enroll", "tpm2", "--device", "tpm", "--pcrs", "0,7"])
+                .unwrap()
+                .command,
+            Command::Enroll(Enroll::Tpm2 { pcrs: Some(_), .. })
+        ));
+        assert!(parse(&["unseal", "--share-file", "a", "--pin-file", "b"]).is_err());
+        assert!(parse(&["completions", "zsh"]).is_ok());
+        // No way to put a value on the command line.
+        assert!(parse(&["secret", "put", "db", "hunter2"]).is_err());
+    }
+
+    #[test]
+    fn exit_codes() {
+        let api = |e: ApiError| CliError::Client(ClientError::Api(e));
+        assert_eq!(api(ApiError::Sealed { reason: "x".into() }).exit_code(), 4);
+        assert_eq!(api(ApiError::NotInitialized).exit_code(), 4);
+        assert_eq!(CliError::StillSealed { needed: Some(1) }.exit_code(), 4);
+        assert_eq!(
+            api(ApiError::NotFound {
+                kind: "secret".into(),
+                name: "x".into()
+            })
+            .exit_code(),
+            1
+        );
+        assert_eq!(api(ApiError::Busy).exit_code(), 1);
+        let connect = CliError::Client(ClientError::Connect {
+            path: "/run/keyward/api.sock".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        assert_eq!(connect.exit_code(), 3);
+        assert!(
+            connect.to_string().contains("is keywardd running"),
+            "{connect}"
+        );
+        assert_eq!(
+            CliError::Client(ClientError::Io(std::io::ErrorKind::BrokenPipe.into())).exit_code(),
+            3
+        );
+        assert_eq!(CliError::Usage("x".into()).exit_code(), 2);
+        assert_eq!(CliError::Local("x".into()).exit_code(), 1);
+        // clap's own usage errors exit with 2 as well.
+        assert_eq!(parse(&["frobnicate"]).unwrap_err().exit_code(), 2);
+        let doc = api(ApiError::Sealed { reason: "r".into() }).to_json();
+        assert_eq!(doc["error"]["name"], "org.keyward.Custodian.Sealed");
+        assert_eq!(doc["error"]["exit_code"], 4);
+    }
+
+    #[test]
+    fn help_documents_the_exit_codes() {
+        let help = Cli::command().render_help().to_string();
+        assert!(help.contains("Exit codes:") && help.contains("4  the vault is sealed"));
+    }
+}

@@ -1,0 +1,272 @@
+//! What the CLI prints: compact tables for people, one JSON document for scripts (`--json`),
+//! PEM for public keys, and the once-only recovery share notice.
+//!
+//! Secret values are written raw to stdout or a file only by the commands that fetch them;
+//! nothing here logs them.
+
+use std::fmt::Write as _;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use keyward::api::{DeviceStatus, KeyInfo, Keyslot, SecretString, SecretVersion, StatusReply};
+
+/// A public key (DER SubjectPublicKeyInfo) as PEM: base64 in 64-character lines.
+pub fn pem_public_key(der: &[u8]) -> String {
+    let text = B64.encode(der);
+    let mut pem = String::from("-----BEGIN PUBLIC KEY-----\n");
+    for line in text.as_bytes().chunks(64) {
+        // base64 is ASCII: every chunk is valid UTF-8.
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END PUBLIC KEY-----\n");
+    pem
+}
+
+/// Columns padded to their widest cell, two spaces apart, indented by `indent`.
+pub fn table(indent: &str, header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut text = String::from(indent);
+        for (i, cell) in cells.enumerate() {
+            if i > 0 {
+                text.push_str("  ");
+            }
+            let width = widths.get(i).copied().unwrap_or(0);
+            let _ = write!(text, "{cell:<width$}");
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+fn or_dash(v: Option<String>) -> String {
+    v.unwrap_or_else(|| "-".into())
+}
+
+fn pcr_list(pcrs: &[u8]) -> String {
+    pcrs.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// The keyslots as a table.
+pub fn keyslots(indent: &str, slots: &[Keyslot]) -> String {
+    let rows: Vec<Vec<String>> = slots
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.to_string(),
+                s.kind.clone(),
+                or_dash(s.device.clone()),
+                or_dash(s.pcrs.as_deref().map(pcr_list)),
+                if s.pin { "yes" } else { "no" }.into(),
+                or_dash(match (s.threshold, s.shares) {
+                    (Some(k), Some(n)) => Some(format!("{k} of {n}")),
+                    _ => None,
+                }),
+                s.created.clone(),
+            ]
+        })
+        .collect();
+    table(
+        indent,
+        &["ID", "KIND", "DEVICE", "PCRS", "PIN", "SHARES", "CREATED"],
+        &rows,
+    )
+}
+
+fn devices(indent: &str, devices: &[DeviceStatus]) -> String {
+    let rows: Vec<Vec<String>> = devices
+        .iter()
+        .map(|d| {
+            vec![
+                d.name.clone(),
+                d.kind.clone(),
+                if d.available { "yes" } else { "NO" }.into(),
+                d.detail.clone(),
+            ]
+        })
+        .collect();
+    table(indent, &["NAME", "KIND", "AVAILABLE", "DETAIL"], &rows)
+}
+
+/// `keyward status` for people.
+pub fn status(s: &StatusReply) -> String {
+    let mut out = String::new();
+    let state = if !s.initialized {
+        "not initialised: run `keyward init`".to_owned()
+    } else if s.sealed {
+        format!(
+            "SEALED: {}",
+            s.reason
+                .as_deref()
+                .unwrap_or("no keyslot has unsealed it yet")
+        )
+    } else {
+        match &s.unsealed_by {
+            Some(by) => format!("unsealed by {by}"),
+            None => "unsealed".to_owned(),
+        }
+    };
+    let _ = writeln!(out, "vault:    {state}");
+    if let Some(n) = s.shares_pending {
+        let _ = writeln!(
+            out,
+            "          {n} more recovery share(s) needed: `keyward unseal`"
+        );
+    }
+    if let Some(term) = s.term {
+        let _ = writeln!(out, "term:     {term}");
+    }
+    let _ = writeln!(out, "daemon:   keywardd {}", s.version);
+    if s.devices.is_empty() {
+        let _ = writeln!(out, "devices:  none configured");
+    } else {
+        let _ = writeln!(out, "devices:");
+        out.push_str(&devices("  ", &s.devices));
+    }
+    if s.initialized {
+        if s.keyslots.is_empty() {
+            let _ = writeln!(out, "keyslots: none");
+        } else {
+            let _ = writeln!(out, "keyslots:");
+            out.push_str(&keyslots("  ", &s.keyslots));
+        }
+    }
+    out
+}
+
+/// The once-only notice for new recovery shares. `threshold` is how many open the vault.
+pub fn recovery_shares(shares: &[SecretString], threshold: Option<u8>) -> String {
+    let mut out = String::new();
+    let needed = match threshold {
+        Some(k) => format!("Any {k} of these {} shares", shares.len()),
+        None => "These shares".to_owned(),
+    };
+    let _ = writeln!(
+        out,
+        "\nRECOVERY SHARES: shown this once; Keyward keeps no copy.\n\
+         {needed} unseal the vault when no device can. Store each share\n\
+         apart from the others (different people or places, none next to this machine).\n\
+         To use them: `keyward unseal`, one share per line."
+    );
+    for (i, share) in shares.iter().enumerate() {
+        let _ = writeln!(out, "  share {}: {}", i + 1, share.expose());
+    }
+    out
+}
+
+/// Secret versions as a table.
+pub fn versions(versions: &[SecretVersion]) -> String {
+    let rows: Vec<Vec<String>> = versions
+        .iter()
+        .map(|v| vec![v.version.to_string(), v.term.to_string(), v.created.clone()])
+        .collect();
+    table("", &["VERSION", "TERM", "CREATED"], &rows)
+}
+
+/// Keys as a table.
+pub fn keys(keys: &[KeyInfo]) -> String {
+    let rows: Vec<Vec<String>> = keys
+        .iter()
+        .map(|k| {
+            vec![
+                k.name.clone(),
+                k.device.clone(),
+                k.algorithm.clone(),
+                k.created.clone(),
+            ]
+        })
+        .collect();
+    table("", &["NAME", "DEVICE", "ALGORITHM", "CREATED"], &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_has_64_character_lines_and_the_right_armour() {
+        let der: Vec<u8> = (0..=255u8).collect();
+        let pem = pem_public_key(&der);
+        let lines: Vec<&str> = pem.lines().collect();
+        assert_eq!(lines.first(), Some(&"-----BEGIN PUBLIC KEY-----"));
+        assert_eq!(lines.last(), Some(&"-----END PUBLIC KEY-----"));
+        let body = &lines[1..lines.len() - 1];
+        assert!(body[..body.len() - 1].iter().all(|l| l.len() == 64));
+        assert!(body.last().unwrap().len() <= 64);
+        assert_eq!(B64.decode(body.concat()).unwrap(), der);
+        assert!(pem.ends_with("-----\n"));
+        // Exactly 48 bytes: one full line, no empty line after it.
+        let pem = pem_public_key(&[1u8; 48]);
+        assert_eq!(pem.lines().count(), 3);
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let t = table(
+            "  ",
+            &["ID", "KIND"],
+            &[
+                vec!["1".into(), "tpm2".into()],
+                vec!["10".into(), "recovery".into()],
+            ],
+        );
+        assert_eq!(t, "  ID  KIND\n  1   tpm2\n  10  recovery\n");
+    }
+
+    #[test]
+    fn status_says_why_it_is_sealed() {
+        let s = StatusReply {
+            initialized: true,
+            sealed: true,
+            unsealed_by: None,
+            reason: Some("no keyslot could unseal: tpm: PCRs changed".into()),
+            keyslots: vec![Keyslot {
+                id: 1,
+                kind: "tpm2".into(),
+                device: Some("tpm".into()),
+                pcrs: Some(vec![7, 11]),
+                pin: false,
+                threshold: None,
+                shares: None,
+                created: "2025-01-01T00:00:00Z".into(),
+            }],
+            devices: vec![DeviceStatus {
+                name: "tpm".into(),
+                kind: "tpm2".into(),
+                available: true,
+                detail: "swtpm".into(),
+            }],
+            shares_pending: Some(1),
+            term: None,
+            version: "0.1.0".into(),
+        };
+        let text = status(&s);
+        assert!(
+            text.contains("SEALED: no keyslot could unseal: tpm: PCRs changed"),
+            "{text}"
+        );
+        assert!(text.contains("1 more recovery share"), "{text}");
+        assert!(text.contains("7,11"), "{text}");
+    }
+
+    #[test]
+    fn the_share_notice_lists_every_share() {
+        let shares = vec![SecretString::new("a-1"), SecretString::new("b-2")];
+        let text = recovery_shares(&shares, Some(2));
+        assert!(text.contains("Any 2 of these 2 shares"));
+        assert!(text.contains("share 1: a-1\n") && text.contains("share 2: b-2\n"));
+        assert!(text.contains("apart"));
+    }
+}

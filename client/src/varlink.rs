@@ -1,0 +1,678 @@
+//! A blocking Varlink client of `keywardd` (`org.keyward.Custodian` over a Unix socket).
+//!
+//! It owns the client side of the wire: NUL-framed JSON messages, the bound on how large a
+//! reply it accepts, and the mapping of Varlink errors back to [`ApiError`]. One [`Client`] is
+//! one connection; calls on it are sequential. Request and reply buffers (which carry secret
+//! values, PINs and recovery shares) are zeroizing, allocated at their final size or grown by
+//! copying (never by a reallocation that leaves a copy behind), and no error message quotes a
+//! value from either.
+
+use std::io::{self, Read as _, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::api::{
+    self, ApiError, Bytes, CreateKeyParams, Empty, EnrollParams, EnrollReply, GetSecretParams,
+    GetSecretReply, InitParams, InitReply, KeyInfo, KeysReply, Keyslot, KeyslotsReply,
+    ListSecretsParams, NameParams, NamesReply, PublicKeyReply, PutSecretParams, RekeyParams,
+    RekeyReply, RemoveKeyslotParams, RotateReply, SecretString, SecretValue, SecretVersion,
+    SignParams, SignReply, SlotSpec, StatusReply, UnsealParams, UnsealReply, VersionReply,
+    VersionsReply,
+};
+
+/// Where `keywardd` listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/keyward/api.sock";
+
+/// The environment variable that overrides [`DEFAULT_SOCKET`].
+pub const SOCKET_ENV: &str = "KEYWARD_SOCKET";
+
+/// Room for the envelope around the largest message the daemon sends.
+const REPLY_SLACK: usize = 64 * 1024;
+
+/// Largest reply accepted, NUL excluded.
+pub const MAX_REPLY_LEN: usize = api::MAX_FRAME_LEN + REPLY_SLACK;
+
+const READ_CHUNK: usize = 16 * 1024;
+
+/// The socket path from `KEYWARD_SOCKET`, or [`DEFAULT_SOCKET`].
+pub fn default_socket() -> PathBuf {
+    std::env::var_os(SOCKET_ENV)
+        .filter(|p| !p.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_SOCKET), PathBuf::from)
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket could not be reached.
+    #[error("cannot connect to {}: {source}: {}", path.display(), connect_hint(source))]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// What `connect` said.
+        source: io::Error,
+    },
+    /// The connection failed or was closed during a call.
+    #[error("lost the connection to keywardd: {0}")]
+    Io(#[source] io::Error),
+    /// The daemon sent something that is not a valid reply.
+    #[error("keywardd sent a reply this client does not understand: {0}")]
+    Protocol(String),
+    /// The daemon refused the call.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+fn connect_hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::NotFound => {
+            "is keywardd running, and is the socket path right (--socket, KEYWARD_SOCKET)?"
+        }
+        io::ErrorKind::ConnectionRefused => {
+            "nothing listens on it: is keywardd running (systemctl status keywardd)?"
+        }
+        io::ErrorKind::PermissionDenied => {
+            "this user may not use the socket: ask for access to it (its group) or use sudo"
+        }
+        _ => "is keywardd running, and is the socket path right (--socket, KEYWARD_SOCKET)?",
+    }
+}
+
+/// One connection to `keywardd`.
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+    /// Bytes received after the last reply's NUL (none, from a well-behaved daemon).
+    pending: Zeroizing<Vec<u8>>,
+}
+
+#[derive(Serialize)]
+struct CallMessage<'a, P: Serialize> {
+    method: &'a str,
+    parameters: &'a P,
+}
+
+/// A reply. `parameters` stays raw JSON text so secret values go straight into their
+/// zeroizing types, with no intermediate tree.
+#[derive(Deserialize)]
+struct ReplyMessage<'a> {
+    #[serde(borrow, default)]
+    parameters: Option<&'a RawValue>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+impl Client {
+    /// Connect to the daemon's socket.
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`], with a hint, when the socket can't be reached.
+    pub fn connect(path: &Path) -> Result<Self, ClientError> {
+        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            stream,
+            pending: Zeroizing::new(Vec::new()),
+        })
+    }
+
+    /// Connect to `KEYWARD_SOCKET`, or [`DEFAULT_SOCKET`].
+    ///
+    /// # Errors
+    /// As [`Client::connect`].
+    pub fn connect_default() -> Result<Self, ClientError> {
+        Self::connect(&default_socket())
+    }
+
+    /// Give up on a call after this long without progress (`None`: wait for ever, the
+    /// default).
+    ///
+    /// # Errors
+    /// [`ClientError::Io`] if the socket refuses the option.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        self.stream
+            .set_read_timeout(timeout)
+            .and_then(|()| self.stream.set_write_timeout(timeout))
+            .map_err(ClientError::Io)
+    }
+
+    /// Call `method` (its full name, `org.keyward.Custodian.GetSecret`) and decode the reply's
+    /// parameters as `R`.
+    ///
+    /// # Errors
+    /// [`ClientError::Api`] when the daemon answers with an error; [`ClientError::Io`] or
+    /// [`ClientError::Protocol`] when the exchange itself fails.
+    pub fn call<P: Serialize, R: DeserializeOwned>(
+        &mut self,
+        method: &str,
+        params: &P,
+    ) -> Result<R, ClientError> {
+        self.send(method, params)?;
+        let frame = self.receive()?;
+        decode_reply(&frame, method)
+    }
+
+    /// Call `method` (its full name) and return the reply's parameters as JSON, for methods
+    /// this crate has no type for. The returned tree is not zeroized: use the typed methods
+    /// for anything that returns a secret.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn call_raw(
+        &mut self,
+        method: &str,
+        params: &impl Serialize,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.call(method, params)
+    }
+
+    fn custodian<P: Serialize, R: DeserializeOwned>(
+        &mut self,
+        short: &str,
+        params: &P,
+    ) -> Result<R, ClientError> {
+        self.call(&format!("{}.{short}", api::INTERFACE), params)
+    }
+
+    fn send<P: Serialize>(&mut self, method: &str, params: &P) -> Result<(), ClientError> {
+        let message = CallMessage {
+            method,
+            parameters: params,
+        };
+        let frame = encode_frame(&message).map_err(|e| {
+            ClientError::Protocol(format!(
+                "cannot encode a call of {method}: {}",
+                e.classify_str()
+            ))
+        })?;
+        if frame.len() - 1 > api::MAX_FRAME_LEN {
+            return Err(ClientError::Api(ApiError::TooLarge {
+                parameter: "request".into(),
+                limit: api::MAX_FRAME_LEN as u64,
+            }));
+        }
+        self.stream.write_all(&frame).map_err(ClientError::Io)
+    }
+
+    /// The next NUL-terminated message, NUL excluded.
+    fn receive(&mut self) -> Result<Zeroizing<Vec<u8>>, ClientError> {
+        let mut frame = std::mem::replace(&mut self.pending, Zeroizing::new(Vec::new()));
+        let mut scanned = 0;
+        loop {
+            if let Some(i) = frame[scanned..].iter().position(|&b| b == 0) {
+                let end = scanned + i;
+                if end + 1 < frame.len() {
+                    self.pending = Zeroizing::new(frame[end + 1..].to_vec());
+                }
+                frame[end..].zeroize();
+                frame.truncate(end);
+                return Ok(frame);
+            }
+            scanned = frame.len();
+            if scanned > MAX_REPLY_LEN {
+                return Err(ClientError::Protocol(format!(
+                    "a reply longer than {MAX_REPLY_LEN} bytes"
+                )));
+            }
+            let len = frame.len();
+            let want = READ_CHUNK.min(MAX_REPLY_LEN + 1 - len);
+            reserve_zeroizing(&mut frame, want);
+            frame.resize(len + want, 0);
+            let n = loop {
+                match self.stream.read(&mut frame[len..]) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(ClientError::Io(e)),
+                }
+            };
+            frame.truncate(len + n);
+            if n == 0 {
+                return Err(if len == 0 {
+                    ClientError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "keywardd closed the connection",
+                    ))
+                } else {
+                    ClientError::Protocol("the connection closed in the middle of a reply".into())
+                });
+            }
+        }
+    }
+
+    /// `Status()`: the vault's state, its keyslots and devices.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn status(&mut self) -> Result<StatusReply, ClientError> {
+        self.custodian("Status", &Empty {})
+    }
+
+    /// `Init(slots)`: create the vault with these keyslots. Recovery shares come back once.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn init(&mut self, slots: Vec<SlotSpec>) -> Result<InitReply, ClientError> {
+        self.custodian("Init", &InitParams { slots })
+    }
+
+    /// `Enroll(slot)`: add a keyslot.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn enroll(&mut self, slot: SlotSpec) -> Result<EnrollReply, ClientError> {
+        self.custodian("Enroll", &EnrollParams { slot })
+    }
+
+    /// `ListKeyslots()`.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn list_keyslots(&mut self) -> Result<Vec<Keyslot>, ClientError> {
+        self.custodian::<_, KeyslotsReply>("ListKeyslots", &Empty {})
+            .map(|r| r.keyslots)
+    }
+
+    /// `RemoveKeyslot(id, force)`.
+    ///
+    /// # Errors
+    /// As [`Client::call`]; [`ApiError::LastKeyslot`] without `force` for the last way in.
+    pub fn remove_keyslot(&mut self, id: u32, force: bool) -> Result<(), ClientError> {
+        let params = RemoveKeyslotParams {
+            id,
+            force: force.then_some(true),
+        };
+        self.custodian::<_, IgnoredAny>("RemoveKeyslot", &params)
+            .map(drop)
+    }
+
+    /// `Rekey(pin)`: a new master key. Recovery slots get new shares, returned once.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn rekey(&mut self, pin: Option<SecretString>) -> Result<RekeyReply, ClientError> {
+        self.custodian("Rekey", &RekeyParams { pin })
+    }
+
+    /// `Rotate()`: a new data-key term; returns it.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn rotate(&mut self) -> Result<u32, ClientError> {
+        self.custodian::<_, RotateReply>("Rotate", &Empty {})
+            .map(|r| r.term)
+    }
+
+    /// `Seal()`: the daemon forgets the master key.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn seal(&mut self) -> Result<(), ClientError> {
+        self.custodian::<_, IgnoredAny>("Seal", &Empty {}).map(drop)
+    }
+
+    /// `Unseal(recovery_share, pin)`: one share, or a PIN.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn unseal(&mut self, params: UnsealParams) -> Result<UnsealReply, ClientError> {
+        self.custodian("Unseal", &params)
+    }
+
+    /// `PutSecret(name, value)`: returns the new version.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn put_secret(&mut self, name: &str, value: &[u8]) -> Result<u64, ClientError> {
+        let params = PutSecretParams {
+            name: name.to_owned(),
+            value: SecretValue::new(value.to_vec()),
+        };
+        self.custodian::<_, VersionReply>("PutSecret", &params)
+            .map(|r| r.version)
+    }
+
+    /// `GetSecret(name, version)`: the latest version, or the one asked for.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn get_secret(
+        &mut self,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<GetSecretReply, ClientError> {
+        let params = GetSecretParams {
+            name: name.to_owned(),
+            version,
+        };
+        self.custodian("GetSecret", &params)
+    }
+
+    /// `ListSecrets(prefix)`.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn list_secrets(&mut self, prefix: Option<&str>) -> Result<Vec<String>, ClientError> {
+        let params = ListSecretsParams {
+            prefix: prefix.map(str::to_owned),
+        };
+        self.custodian::<_, NamesReply>("ListSecrets", &params)
+            .map(|r| r.names)
+    }
+
+    /// `SecretVersions(name)`.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn secret_versions(&mut self, name: &str) -> Result<Vec<SecretVersion>, ClientError> {
+        self.custodian::<_, VersionsReply>("SecretVersions", &name_params(name))
+            .map(|r| r.versions)
+    }
+
+    /// `DeleteSecret(name)`.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn delete_secret(&mut self, name: &str) -> Result<(), ClientError> {
+        self.custodian::<_, IgnoredAny>("DeleteSecret", &name_params(name))
+            .map(drop)
+    }
+
+    /// `CreateKey(name, device, algorithm)`: returns the public key (DER SPKI).
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn create_key(
+        &mut self,
+        name: &str,
+        device: &str,
+        algorithm: &str,
+    ) -> Result<Vec<u8>, ClientError> {
+        let params = CreateKeyParams {
+            name: name.to_owned(),
+            device: device.to_owned(),
+            algorithm: algorithm.to_owned(),
+        };
+        self.custodian::<_, PublicKeyReply>("CreateKey", &params)
+            .map(|r| r.public_key.0)
+    }
+
+    /// `ListKeys()`.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn list_keys(&mut self) -> Result<Vec<KeyInfo>, ClientError> {
+        self.custodian::<_, KeysReply>("ListKeys", &Empty {})
+            .map(|r| r.keys)
+    }
+
+    /// `PublicKey(name)`: DER SubjectPublicKeyInfo.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn public_key(&mut self, name: &str) -> Result<Vec<u8>, ClientError> {
+        self.custodian::<_, PublicKeyReply>("PublicKey", &name_params(name))
+            .map(|r| r.public_key.0)
+    }
+
+    /// `Sign(name, data, prehashed)`: the signature (Ed25519 raw, ECDSA DER, RSA-PSS raw).
+    /// With `prehashed`, `data` is a SHA-256 digest.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn sign(
+        &mut self,
+        name: &str,
+        data: &[u8],
+        prehashed: bool,
+    ) -> Result<Vec<u8>, ClientError> {
+        let params = SignParams {
+            name: name.to_owned(),
+            data: Bytes(data.to_vec()),
+            prehashed: prehashed.then_some(true),
+        };
+        self.custodian::<_, SignReply>("Sign", &params)
+            .map(|r| r.signature.0)
+    }
+
+    /// `DeleteKey(name)`: destroys the key in its device.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn delete_key(&mut self, name: &str) -> Result<(), ClientError> {
+        self.custodian::<_, IgnoredAny>("DeleteKey", &name_params(name))
+            .map(drop)
+    }
+}
+
+fn name_params(name: &str) -> NameParams {
+    NameParams {
+        name: name.to_owned(),
+    }
+}
+
+/// Make room for `additional` bytes without a reallocation that would leave the old contents
+/// in freed memory: copy into a new zeroizing buffer instead (the old one is zeroized).
+fn reserve_zeroizing(buf: &mut Zeroizing<Vec<u8>>, additional: usize) {
+    let len = buf.len();
+    if buf.capacity() - len >= additional {
+        return;
+    }
+    let capacity = (buf.capacity() * 2).max(len + additional);
+    let mut bigger = Zeroizing::new(Vec::with_capacity(capacity));
+    bigger.extend_from_slice(buf);
+    *buf = bigger;
+}
+
+/// Counts what serde_json would write, so the real buffer is allocated once at its final size.
+struct Counter(usize);
+
+impl io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `msg` as JSON plus the terminating NUL, in a zeroizing buffer that never reallocated.
+fn encode_frame<T: Serialize>(msg: &T) -> Result<Zeroizing<Vec<u8>>, serde_json::Error> {
+    let mut count = Counter(0);
+    serde_json::to_writer(&mut count, msg)?;
+    let mut out = Zeroizing::new(Vec::with_capacity(count.0 + 1));
+    serde_json::to_writer(&mut *out, msg)?;
+    out.push(0);
+    Ok(out)
+}
+
+trait ClassifyStr {
+    fn classify_str(&self) -> &'static str;
+}
+
+impl ClassifyStr for serde_json::Error {
+    fn classify_str(&self) -> &'static str {
+        match self.classify() {
+            serde_json::error::Category::Io => "I/O error",
+            serde_json::error::Category::Syntax => "malformed JSON",
+            serde_json::error::Category::Data => "unexpected content",
+            serde_json::error::Category::Eof => "truncated JSON",
+        }
+    }
+}
+
+/// Describe a decoding error without quoting the input (it may hold a secret): the category,
+/// the position, and a field name when serde names one.
+fn describe(method: &str, e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    let field = ["missing field `", "unknown field `"]
+        .iter()
+        .find_map(|marker| {
+            let rest = message.split(marker).nth(1)?;
+            let name = rest.split('`').next()?;
+            Some(format!(" ({}field `{name}`)", &marker[..marker.len() - 7]))
+        })
+        .unwrap_or_default();
+    format!(
+        "reply to {method}: {}{field} at line {} column {}",
+        e.classify_str(),
+        e.line(),
+        e.column()
+    )
+}
+
+/// Decode one reply frame: the error it carries, or its parameters as `R`.
+fn decode_reply<R: DeserializeOwned>(frame: &[u8], method: &str) -> Result<R, ClientError> {
+    let text = std::str::from_utf8(frame)
+        .map_err(|_| ClientError::Protocol(format!("reply to {method}: not UTF-8")))?;
+    let reply: ReplyMessage<'_> =
+        serde_json::from_str(text).map_err(|e| ClientError::Protocol(describe(method, &e)))?;
+    if let Some(name) = reply.error {
+        let parameters = reply
+            .parameters
+            .and_then(|raw| serde_json::from_str(raw.get()).ok())
+            .unwrap_or_else(|| serde_json::json!({}));
+        return Err(ClientError::Api(ApiError::from_wire(&name, &parameters)));
+    }
+    let raw = reply.parameters.map_or("{}", RawValue::get);
+    serde_json::from_str(raw).map_err(|e| ClientError::Protocol(describe(method, &e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A fake daemon on one connection: answers each request with the next canned reply.
+    fn fake(
+        replies: Vec<Vec<u8>>,
+    ) -> (
+        tempfile::TempDir,
+        PathBuf,
+        std::thread::JoinHandle<Vec<String>>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut requests = Vec::new();
+            for reply in replies {
+                let mut req = Vec::new();
+                let mut byte = [0u8; 1];
+                loop {
+                    if s.read(&mut byte).unwrap() == 0 {
+                        return requests;
+                    }
+                    if byte[0] == 0 {
+                        break;
+                    }
+                    req.push(byte[0]);
+                }
+                requests.push(String::from_utf8(req).unwrap());
+                s.write_all(&reply).unwrap();
+            }
+            requests
+        });
+        (dir, path, server)
+    }
+
+    #[test]
+    fn typed_calls_frame_requests_and_decode_replies() {
+        let (_dir, path, server) = fake(vec![
+            b"{\"parameters\":{\"version\":3}}\0".to_vec(),
+            b"{\"parameters\":{\"value\":\"aGVsbG8=\",\"version\":3}}\0".to_vec(),
+            b"{\"error\":\"org.keyward.Custodian.Sealed\",\"parameters\":{\"reason\":\"no slot\"}}\0"
+                .to_vec(),
+            b"{\"parameters\":{}}\0".to_vec(),
+        ]);
+        let mut c = Client::connect(&path).unwrap();
+        assert_eq!(c.put_secret("db", b"hello").unwrap(), 3);
+        let got = c.get_secret("db", Some(3)).unwrap();
+        assert_eq!(got.value.expose(), b"hello");
+        match c.list_secrets(None) {
+            Err(ClientError::Api(ApiError::Sealed { reason })) => assert_eq!(reason, "no slot"),
+            other => panic!("{other:?}"),
+        }
+        c.delete_key("k").unwrap();
+        let requests = server.join().unwrap();
+        assert_eq!(
+            requests,
+            [
+                r#"{"method":"org.keyward.Custodian.PutSecret","parameters":{"name":"db","value":"aGVsbG8="}}"#,
+                r#"{"method":"org.keyward.Custodian.GetSecret","parameters":{"name":"db","version":3}}"#,
+                r#"{"method":"org.keyward.Custodian.ListSecrets","parameters":{}}"#,
+                r#"{"method":"org.keyward.Custodian.DeleteKey","parameters":{"name":"k"}}"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_replies_are_protocol_errors_that_quote_nothing() {
+        let (_dir, path, _server) = fake(vec![
+            b"{\"parameters\":{\"value\":\"c2VjcmV0\",\"version\":\"x\"}}\0".to_vec(),
+            b"not json\0".to_vec(),
+        ]);
+        let mut c = Client::connect(&path).unwrap();
+        let e = c.get_secret("db", None).unwrap_err();
+        assert!(matches!(e, ClientError::Protocol(_)), "{e:?}");
+        assert!(!e.to_string().contains("c2VjcmV0"), "{e}");
+        assert!(matches!(c.status(), Err(ClientError::Protocol(_))));
+    }
+
+    #[test]
+    fn a_closed_connection_is_an_io_error_and_a_missing_socket_a_connect_error() {
+        let (_dir, path, _server) = fake(vec![]);
+        let mut c = Client::connect(&path).unwrap();
+        assert!(matches!(c.status(), Err(ClientError::Io(_))));
+        let e = Client::connect(Path::new("/nonexistent/keyward.sock")).unwrap_err();
+        assert!(matches!(e, ClientError::Connect { .. }));
+        assert!(e.to_string().contains("is keywardd running"), "{e}");
+    }
+
+    #[test]
+    fn an_endless_reply_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let chunk = vec![b' '; 64 * 1024];
+            // Until the client hangs up.
+            while s.write_all(&chunk).is_ok() {}
+        });
+        let mut c = Client::connect(&path).unwrap();
+        match c.status() {
+            Err(ClientError::Protocol(m)) => assert!(m.contains("longer than"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(c.pending.is_empty());
+        drop(c);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn errors_decode_to_their_api_variants() {
+        let e = decode_reply::<IgnoredAny>(
+            br#"{"error":"org.varlink.service.InvalidParameter","parameters":{"parameter":"name"}}"#,
+            "m",
+        )
+        .unwrap_err();
+        assert!(matches!(
+            e,
+            ClientError::Api(ApiError::InvalidParameter { parameter }) if parameter == "name"
+        ));
+        let e = decode_reply::<IgnoredAny>(br#"{"error":"com.example.Odd"}"#, "m").unwrap_err();
+        assert!(matches!(e, ClientError::Api(ApiError::Other { .. })));
+        assert!(decode_reply::<IgnoredAny>(br#"{"parameters":{}}"#, "m").is_ok());
+        assert!(decode_reply::<IgnoredAny>(b"{}", "m").is_ok());
+    }
+}

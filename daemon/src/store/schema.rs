@@ -1,0 +1,127 @@
+//! The database schema and its forward migrations.
+//!
+//! The version lives in `PRAGMA user_version`; [`MIGRATIONS`]`[i]` takes a database from
+//! version `i` to `i + 1`, each in its own transaction, so a crash mid-migration leaves the
+//! previous version intact. A database newer than this build is refused, never guessed at.
+//! `PRAGMA application_id` marks the file as Keyward's, so we never migrate someone else's
+//! SQLite file. Migrations only ever get appended: never edit one that has shipped.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::StoreError;
+
+/// `PRAGMA application_id` of a Keyward database: "KWRD".
+pub const APPLICATION_ID: i32 = 0x4b57_5244;
+
+/// Schema v1: the vault's metadata, keyslots, secrets (with a per-name version counter that
+/// outlives deletion, so a version number is never reused: the AEAD binds it) and device keys.
+///
+/// `STRICT` tables make SQLite enforce the column types.
+const V1: &str = "
+CREATE TABLE meta (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    vault_id BLOB NOT NULL CHECK (length(vault_id) = 16),
+    created TEXT NOT NULL,
+    keyring BLOB NOT NULL,
+    keyring_term INTEGER NOT NULL CHECK (keyring_term >= 1)
+) STRICT;
+
+CREATE TABLE keyslots (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    device TEXT,
+    pcrs TEXT,
+    pin INTEGER NOT NULL CHECK (pin IN (0, 1)),
+    threshold INTEGER CHECK (threshold BETWEEN 1 AND 255),
+    shares INTEGER CHECK (shares BETWEEN 1 AND 255),
+    blob BLOB NOT NULL,
+    created TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE secret_names (
+    name TEXT PRIMARY KEY,
+    next_version INTEGER NOT NULL CHECK (next_version >= 1)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE secrets (
+    name TEXT NOT NULL REFERENCES secret_names (name),
+    version INTEGER NOT NULL CHECK (version >= 1),
+    term INTEGER NOT NULL CHECK (term >= 1),
+    ciphertext BLOB NOT NULL,
+    created TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+) STRICT;
+
+CREATE TABLE keys (
+    name TEXT PRIMARY KEY,
+    device TEXT NOT NULL,
+    algorithm TEXT NOT NULL,
+    handle BLOB NOT NULL,
+    public_key BLOB NOT NULL,
+    created TEXT NOT NULL
+) STRICT;
+";
+
+/// The migrations, in order. The schema version this build writes is their count.
+pub const MIGRATIONS: &[&str] = &[V1];
+
+/// The schema version this build knows.
+pub fn current_version() -> i64 {
+    // A handful of migrations: the cast cannot truncate.
+    MIGRATIONS.len() as i64
+}
+
+fn user_version(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn.pragma_query_value(None, "user_version", |row| row.get(0))?)
+}
+
+fn application_id(conn: &Connection) -> Result<i32, StoreError> {
+    Ok(conn.pragma_query_value(None, "application_id", |row| row.get(0))?)
+}
+
+/// Bring the database to [`current_version`], one transaction per step.
+///
+/// # Errors
+/// [`StoreError::TooNew`] for a database from a newer build; [`StoreError::Corrupt`] for a
+/// SQLite file that is not Keyward's; any SQLite failure (the failed step is rolled back).
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let known = current_version();
+    loop {
+        // IMMEDIATE: read the version under the write lock, so two processes can't both apply
+        // the same step.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let found = user_version(&tx)?;
+        if found > known {
+            return Err(StoreError::TooNew { found, known });
+        }
+        if found < 0 {
+            return Err(StoreError::Corrupt(format!(
+                "the file has a negative schema version ({found})"
+            )));
+        }
+        let app = application_id(&tx)?;
+        if found == 0 {
+            let objects: i64 =
+                tx.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))?;
+            if app != 0 || objects != 0 {
+                return Err(StoreError::Corrupt(
+                    "the file is an SQLite database that is not Keyward's".into(),
+                ));
+            }
+        } else if app != APPLICATION_ID {
+            return Err(StoreError::Corrupt(format!(
+                "the file is not a Keyward database (application_id {app:#x})"
+            )));
+        }
+        let Some(step) = usize::try_from(found).ok().and_then(|i| MIGRATIONS.get(i)) else {
+            // found == known: nothing left to do.
+            tx.commit()?;
+            return Ok(());
+        };
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", found + 1)?;
+        tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+        tx.commit()?;
+        tracing::info!(from = found, to = found + 1, "database schema migrated");
+    }
+}

@@ -1,0 +1,620 @@
+//! The typed rows of each table and the SQL that reads and writes them.
+//!
+//! Functions that change something take a [`Transaction`] (run them inside [`super::Store::write`]
+//! so that a multi-record change is one commit); functions that only read take a [`Connection`]
+//! (inside [`super::Store::read`], or on a transaction, which derefs to one). Every blob is opaque
+//! here: sealed keyrings, sealed keyslot material, secret ciphertexts and device-key handles are
+//! produced and checked by the vault. Times are RFC 3339 UTC strings from [`now_rfc3339`].
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension as _, Row, Transaction};
+
+use super::StoreError;
+
+/// The current time as RFC 3339 UTC with second precision, e.g. `2026-11-23T17:42:53Z`.
+pub fn now_rfc3339() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    rfc3339(secs)
+}
+
+/// Seconds since the epoch as RFC 3339 UTC (proleptic Gregorian; clamped to year 9999).
+fn rfc3339(secs: u64) -> String {
+    let secs = secs.min(253_402_300_799);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (hour, minute, second) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Howard Hinnant's civil_from_days; `days` is at most ~2.9 million, so i64 is ample.
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z")
+}
+
+/// A byte count for `Debug`: blobs are opaque and long, so only their size is shown.
+struct Len(usize);
+
+impl fmt::Debug for Len {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} bytes>", self.0)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// meta
+
+/// The vault's one metadata row.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Meta {
+    /// Random id of this vault; every AEAD binds it.
+    pub vault_id: [u8; 16],
+    pub created: String,
+    /// The keyring, sealed under the VMK.
+    pub keyring: Vec<u8>,
+    /// The keyring's current term (not secret: shown while sealed).
+    pub keyring_term: u32,
+}
+
+impl fmt::Debug for Meta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Meta")
+            .field("vault_id", &hex(&self.vault_id))
+            .field("created", &self.created)
+            .field("keyring", &Len(self.keyring.len()))
+            .field("keyring_term", &self.keyring_term)
+            .finish()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The vault's metadata, or `None` when no vault was created yet.
+///
+/// # Errors
+/// A SQLite failure; [`StoreError::Corrupt`] when the row does not decode.
+pub fn get_meta(conn: &Connection) -> Result<Option<Meta>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT vault_id, created, keyring, keyring_term FROM meta WHERE id = 1",
+            [],
+            |row| {
+                Ok(Meta {
+                    vault_id: row.get(0)?,
+                    created: row.get(1)?,
+                    keyring: row.get(2)?,
+                    keyring_term: row.get(3)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
+/// Store the vault's metadata.
+///
+/// # Errors
+/// [`StoreError::VaultExists`] when a vault is already stored; a SQLite failure.
+pub fn insert_meta(tx: &Transaction<'_>, meta: &Meta) -> Result<(), StoreError> {
+    let inserted = tx.execute(
+        "INSERT INTO meta (id, vault_id, created, keyring, keyring_term)
+         VALUES (1, ?1, ?2, ?3, ?4) ON CONFLICT (id) DO NOTHING",
+        params![meta.vault_id, meta.created, meta.keyring, meta.keyring_term],
+    )?;
+    if inserted == 0 {
+        return Err(StoreError::VaultExists);
+    }
+    Ok(())
+}
+
+/// Replace the sealed keyring (after a rotate or a rekey) and record its current term.
+///
+/// # Errors
+/// [`StoreError::NotFound`] when no vault is stored; a SQLite failure.
+pub fn update_keyring(tx: &Transaction<'_>, keyring: &[u8], term: u32) -> Result<(), StoreError> {
+    let updated = tx.execute(
+        "UPDATE meta SET keyring = ?1, keyring_term = ?2 WHERE id = 1",
+        params![keyring, term],
+    )?;
+    if updated == 0 {
+        return Err(StoreError::NotFound {
+            kind: "vault",
+            name: "meta".into(),
+        });
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// keyslots
+
+/// A keyslot to store: everything but the id and creation time, which the store assigns.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NewKeyslot {
+    /// `tpm2`, `pkcs11` or `recovery`.
+    pub kind: String,
+    pub device: Option<String>,
+    pub pcrs: Option<Vec<u8>>,
+    pub pin: bool,
+    pub threshold: Option<u8>,
+    pub shares: Option<u8>,
+    /// The slot's sealed material (a device blob, or the recovery slot's wrapped VMK).
+    pub blob: Vec<u8>,
+}
+
+impl fmt::Debug for NewKeyslot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewKeyslot")
+            .field("kind", &self.kind)
+            .field("device", &self.device)
+            .field("pcrs", &self.pcrs)
+            .field("pin", &self.pin)
+            .field("threshold", &self.threshold)
+            .field("shares", &self.shares)
+            .field("blob", &Len(self.blob.len()))
+            .finish()
+    }
+}
+
+/// A stored keyslot.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyslotRow {
+    /// Assigned by the store, increasing, never reused (even after a removal).
+    pub id: u32,
+    pub kind: String,
+    pub device: Option<String>,
+    pub pcrs: Option<Vec<u8>>,
+    pub pin: bool,
+    pub threshold: Option<u8>,
+    pub shares: Option<u8>,
+    pub blob: Vec<u8>,
+    pub created: String,
+}
+
+impl fmt::Debug for KeyslotRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyslotRow")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("device", &self.device)
+            .field("pcrs", &self.pcrs)
+            .field("pin", &self.pin)
+            .field("threshold", &self.threshold)
+            .field("shares", &self.shares)
+            .field("blob", &Len(self.blob.len()))
+            .field("created", &self.created)
+            .finish()
+    }
+}
+
+/// PCR indexes as a JSON array (`[7,11]`); infallible, unlike a serializer.
+fn pcrs_to_json(pcrs: &[u8]) -> String {
+    let items: Vec<String> = pcrs.iter().map(u8::to_string).collect();
+    format!("[{}]", items.join(","))
+}
+
+const KEYSLOT_COLUMNS: &str = "id, kind, device, pcrs, pin, threshold, shares, blob, created";
+
+fn keyslot_from_row(row: &Row<'_>) -> rusqlite::Result<(KeyslotRow, Option<String>)> {
+    let pcrs: Option<String> = row.get(3)?;
+    Ok((
+        KeyslotRow {
+            id: row.get(0)?,
+            kind: row.get(1)?,
+            device: row.get(2)?,
+            pcrs: None,
+            pin: row.get(4)?,
+            threshold: row.get(5)?,
+            shares: row.get(6)?,
+            blob: row.get(7)?,
+            created: row.get(8)?,
+        },
+        pcrs,
+    ))
+}
+
+/// Decode the PCR list kept as JSON text.
+fn with_pcrs((mut slot, pcrs): (KeyslotRow, Option<String>)) -> Result<KeyslotRow, StoreError> {
+    if let Some(text) = pcrs {
+        slot.pcrs = Some(serde_json::from_str(&text).map_err(|_| {
+            StoreError::Corrupt(format!(
+                "keyslot {}: pcrs is not a list of PCR indexes",
+                slot.id
+            ))
+        })?);
+    }
+    Ok(slot)
+}
+
+/// Store a new keyslot; returns it with its id and creation time.
+///
+/// # Errors
+/// A SQLite failure (a threshold or share count of 0 is a [`StoreError::Conflict`]).
+pub fn insert_keyslot(tx: &Transaction<'_>, slot: &NewKeyslot) -> Result<KeyslotRow, StoreError> {
+    let created = now_rfc3339();
+    let id: u32 = tx.query_row(
+        "INSERT INTO keyslots (kind, device, pcrs, pin, threshold, shares, blob, created)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
+        params![
+            slot.kind,
+            slot.device,
+            slot.pcrs.as_deref().map(pcrs_to_json),
+            slot.pin,
+            slot.threshold,
+            slot.shares,
+            slot.blob,
+            created,
+        ],
+        |row| row.get(0),
+    )?;
+    Ok(KeyslotRow {
+        id,
+        kind: slot.kind.clone(),
+        device: slot.device.clone(),
+        pcrs: slot.pcrs.clone(),
+        pin: slot.pin,
+        threshold: slot.threshold,
+        shares: slot.shares,
+        blob: slot.blob.clone(),
+        created,
+    })
+}
+
+/// Every keyslot, by id.
+///
+/// # Errors
+/// A SQLite failure; [`StoreError::Corrupt`] when a row does not decode.
+pub fn list_keyslots(conn: &Connection) -> Result<Vec<KeyslotRow>, StoreError> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {KEYSLOT_COLUMNS} FROM keyslots ORDER BY id"
+    ))?;
+    let rows = stmt.query_map([], keyslot_from_row)?;
+    rows.map(|r| with_pcrs(r?)).collect()
+}
+
+/// One keyslot.
+///
+/// # Errors
+/// A SQLite failure; [`StoreError::Corrupt`] when the row does not decode.
+pub fn get_keyslot(conn: &Connection, id: u32) -> Result<Option<KeyslotRow>, StoreError> {
+    conn.query_row(
+        &format!("SELECT {KEYSLOT_COLUMNS} FROM keyslots WHERE id = ?1"),
+        [id],
+        keyslot_from_row,
+    )
+    .optional()?
+    .map(with_pcrs)
+    .transpose()
+}
+
+/// Remove a keyslot; `false` when there was none with this id.
+///
+/// # Errors
+/// A SQLite failure.
+pub fn delete_keyslot(tx: &Transaction<'_>, id: u32) -> Result<bool, StoreError> {
+    Ok(tx.execute("DELETE FROM keyslots WHERE id = ?1", [id])? > 0)
+}
+
+/// Replace a keyslot's sealed material (rekey).
+///
+/// # Errors
+/// [`StoreError::NotFound`] when there is no keyslot with this id; a SQLite failure.
+pub fn update_keyslot_blob(tx: &Transaction<'_>, id: u32, blob: &[u8]) -> Result<(), StoreError> {
+    let updated = tx.execute(
+        "UPDATE keyslots SET blob = ?1 WHERE id = ?2",
+        params![blob, id],
+    )?;
+    if updated == 0 {
+        return Err(StoreError::NotFound {
+            kind: "keyslot",
+            name: id.to_string(),
+        });
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// secrets
+
+/// One version of a secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretRow {
+    pub name: String,
+    /// Per name, from 1, never reused (see [`next_secret_version`]).
+    pub version: u64,
+    /// The keyring term whose key encrypted it.
+    pub term: u32,
+    /// Nonce, ciphertext and tag; the AAD binds vault, name, version and term.
+    pub ciphertext: Vec<u8>,
+    pub created: String,
+}
+
+impl fmt::Debug for SecretRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretRow")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("term", &self.term)
+            .field("ciphertext", &Len(self.ciphertext.len()))
+            .field("created", &self.created)
+            .finish()
+    }
+}
+
+/// Reserve the next version number of `name`: 1 for a name never seen, else one more than the
+/// last one ever reserved, even if that version was since deleted. Call it in the transaction
+/// that inserts the version, before encrypting (the AAD binds the version).
+///
+/// # Errors
+/// A SQLite failure.
+pub fn next_secret_version(tx: &Transaction<'_>, name: &str) -> Result<u64, StoreError> {
+    Ok(tx.query_row(
+        "INSERT INTO secret_names (name, next_version) VALUES (?1, 2)
+         ON CONFLICT (name) DO UPDATE SET next_version = next_version + 1
+         RETURNING next_version - 1",
+        [name],
+        |row| row.get(0),
+    )?)
+}
+
+/// Store one version of a secret, whose version was reserved by [`next_secret_version`].
+///
+/// # Errors
+/// [`StoreError::Conflict`] when the version exists or was never reserved; a SQLite failure.
+pub fn insert_secret(tx: &Transaction<'_>, row: &SecretRow) -> Result<(), StoreError> {
+    let reserved: Option<u64> = tx
+        .query_row(
+            "SELECT next_version FROM secret_names WHERE name = ?1",
+            [&row.name],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let was_reserved = matches!(reserved, Some(next) if row.version < next);
+    if !was_reserved {
+        return Err(StoreError::Conflict(format!(
+            "secret version {} was not reserved",
+            row.version
+        )));
+    }
+    tx.execute(
+        "INSERT INTO secrets (name, version, term, ciphertext, created)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![row.name, row.version, row.term, row.ciphertext, row.created],
+    )?;
+    Ok(())
+}
+
+const SECRET_COLUMNS: &str = "name, version, term, ciphertext, created";
+
+fn secret_from_row(row: &Row<'_>) -> rusqlite::Result<SecretRow> {
+    Ok(SecretRow {
+        name: row.get(0)?,
+        version: row.get(1)?,
+        term: row.get(2)?,
+        ciphertext: row.get(3)?,
+        created: row.get(4)?,
+    })
+}
+
+/// A version of a secret (`None`: the latest), or `None` when there is no such version.
+///
+/// # Errors
+/// A SQLite failure; [`StoreError::Corrupt`] when the row does not decode.
+pub fn get_secret(
+    conn: &Connection,
+    name: &str,
+    version: Option<u64>,
+) -> Result<Option<SecretRow>, StoreError> {
+    let row = match version {
+        None => conn
+            .query_row(
+                &format!(
+                    "SELECT {SECRET_COLUMNS} FROM secrets WHERE name = ?1
+                     ORDER BY version DESC LIMIT 1"
+                ),
+                [name],
+                secret_from_row,
+            )
+            .optional()?,
+        Some(version) => {
+            // Larger than SQLite's integers: certainly absent.
+            let Ok(version) = i64::try_from(version) else {
+                return Ok(None);
+            };
+            conn.query_row(
+                &format!("SELECT {SECRET_COLUMNS} FROM secrets WHERE name = ?1 AND version = ?2"),
+                params![name, version],
+                secret_from_row,
+            )
+            .optional()?
+        }
+    };
+    Ok(row)
+}
+
+/// Names that have at least one version, sorted, optionally only those starting with `prefix`
+/// (compared literally: `%` and `_` are not wildcards).
+///
+/// # Errors
+/// A SQLite failure.
+pub fn list_secret_names(
+    conn: &Connection,
+    prefix: Option<&str>,
+) -> Result<Vec<String>, StoreError> {
+    let prefix = prefix.unwrap_or("");
+    let mut stmt = conn.prepare(
+        "SELECT DISTINCT name FROM secrets
+         WHERE substr(name, 1, length(?1)) = ?1 ORDER BY name",
+    )?;
+    let names = stmt
+        .query_map([prefix], |row| row.get(0))?
+        .collect::<Result<Vec<String>, _>>()?;
+    Ok(names)
+}
+
+/// The versions of a secret that exist: `(version, term, created)`, oldest first. Empty when
+/// there are none.
+///
+/// # Errors
+/// A SQLite failure; [`StoreError::Corrupt`] when a row does not decode.
+pub fn secret_versions(
+    conn: &Connection,
+    name: &str,
+) -> Result<Vec<(u64, u32, String)>, StoreError> {
+    let mut stmt = conn
+        .prepare("SELECT version, term, created FROM secrets WHERE name = ?1 ORDER BY version")?;
+    let versions = stmt
+        .query_map([name], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(versions)
+}
+
+/// Delete every version of a secret (the rows, not a tombstone; with `secure_delete` the freed
+/// pages are zeroed). The name's version counter is kept, so versions are never reused.
+/// `true` when something was deleted.
+///
+/// # Errors
+/// A SQLite failure.
+pub fn delete_secret(tx: &Transaction<'_>, name: &str) -> Result<bool, StoreError> {
+    Ok(tx.execute("DELETE FROM secrets WHERE name = ?1", [name])? > 0)
+}
+
+/// How many secrets (names with at least one version) are stored.
+///
+/// # Errors
+/// A SQLite failure.
+pub fn count_secrets(conn: &Connection) -> Result<u64, StoreError> {
+    Ok(
+        conn.query_row("SELECT count(DISTINCT name) FROM secrets", [], |row| {
+            row.get(0)
+        })?,
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// keys
+
+/// A key pair that lives in a device.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyRow {
+    pub name: String,
+    /// The configured device that holds it.
+    pub device: String,
+    /// `ed25519`, `ecdsa-p256` or `rsa-pss-3072`.
+    pub algorithm: String,
+    /// How the device finds the key again (JSON of `hsm_shim::KeyHandle`; opaque here).
+    pub handle: Vec<u8>,
+    /// DER SubjectPublicKeyInfo.
+    pub public_key: Vec<u8>,
+    pub created: String,
+}
+
+impl fmt::Debug for KeyRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRow")
+            .field("name", &self.name)
+            .field("device", &self.device)
+            .field("algorithm", &self.algorithm)
+            .field("handle", &Len(self.handle.len()))
+            .field("public_key", &Len(self.public_key.len()))
+            .field("created", &self.created)
+            .finish()
+    }
+}
+
+/// Store a key record.
+///
+/// # Errors
+/// [`StoreError::AlreadyExists`] (kind `key`) when the name is taken; a SQLite failure.
+pub fn insert_key(tx: &Transaction<'_>, key: &KeyRow) -> Result<(), StoreError> {
+    let inserted = tx.execute(
+        "INSERT INTO keys (name, device, algorithm, handle, public_key, created)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (name) DO NOTHING",
+        params![
+            key.name,
+            key.device,
+            key.algorithm,
+            key.handle,
+            key.public_key,
+            key.created
+        ],
+    )?;
+    if inserted == 0 {
+        return Err(StoreError::AlreadyExists {
+            kind: "key",
+            name: key.name.clone(),
+        });
+    }
+    Ok(())
+}
+
+const KEY_COLUMNS: &str = "name, device, algorithm, handle, public_key, created";
+
+fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRow> {
+    Ok(KeyRow {
+        name: row.get(0)?,
+        device: row.get(1)?,
+        algorithm: row.get(2)?,
+        handle: row.get(3)?,
+        public_key: row.get(4)?,
+        created: row.get(5)?,
+    })
+}
+
+/// One key record.
+///
+/// # Errors
+/// A SQLite failure; [`StoreError::Corrupt`] when the row does not decode.
+pub fn get_key(conn: &Connection, name: &str) -> Result<Option<KeyRow>, StoreError> {
+    Ok(conn
+        .query_row(
+            &format!("SELECT {KEY_COLUMNS} FROM keys WHERE name = ?1"),
+            [name],
+            key_from_row,
+        )
+        .optional()?)
+}
+
+/// Every key record, by name.
+///
+/// # Errors
+/// A SQLite failure; [`StoreError::Corrupt`] when a row does not decode.
+pub fn list_keys(conn: &Connection) -> Result<Vec<KeyRow>, StoreError> {
+    let mut stmt = conn.prepare(&format!("SELECT {KEY_COLUMNS} FROM keys ORDER BY name"))?;
+    let keys = stmt
+        .query_map([], key_from_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(keys)
+}
+
+/// Remove a key record; `false` when there was none.
+///
+/// # Errors
+/// A SQLite failure.
+pub fn delete_key(tx: &Transaction<'_>, name: &str) -> Result<bool, StoreError> {
+    Ok(tx.execute("DELETE FROM keys WHERE name = ?1", [name])? > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_455_773), "2026-11-23T17:42:53Z");
+        assert_eq!(rfc3339(4_107_542_400), "2100-03-01T00:00:00Z");
+        assert_eq!(rfc3339(u64::MAX), "9999-12-31T23:59:59Z");
+        assert_eq!(super::now_rfc3339().len(), 20);
+    }
+}

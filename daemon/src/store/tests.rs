@@ -1,0 +1,577 @@
+//! Tests of the store: migrations, durability across reopen, the secret version counter, literal
+//! prefix listing, rollback, concurrent reads, refusal of newer schemas, file mode.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::PathBuf;
+
+use super::tables::{self, KeyRow, Meta, NewKeyslot, SecretRow};
+use super::{schema, Store, StoreError};
+
+fn temp() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keyward.db");
+    (dir, path)
+}
+
+fn meta() -> Meta {
+    Meta {
+        vault_id: [7; 16],
+        created: tables::now_rfc3339(),
+        keyring: vec![1, 2, 3],
+        keyring_term: 1,
+    }
+}
+
+fn slot(kind: &str) -> NewKeyslot {
+    NewKeyslot {
+        kind: kind.into(),
+        device: Some("tpm".into()),
+        pcrs: Some(vec![7, 11]),
+        pin: true,
+        threshold: None,
+        shares: None,
+        blob: vec![9; 40],
+    }
+}
+
+fn key(name: &str) -> KeyRow {
+    KeyRow {
+        name: name.into(),
+        device: "hsm".into(),
+        algorithm: "ed25519".into(),
+        handle: b"{\"id\":\"01\"}".to_vec(),
+        public_key: vec![0x30, 0x2a],
+        created: tables::now_rfc3339(),
+    }
+}
+
+/// Put a new version of `name` the way the vault does: reserve, then insert.
+async fn put(store: &Store, name: &str, ciphertext: &[u8]) -> u64 {
+    let name = name.to_owned();
+    let ciphertext = ciphertext.to_vec();
+    store
+        .write(move |tx| {
+            let version = tables::next_secret_version(tx, &name)?;
+            tables::insert_secret(
+                tx,
+                &SecretRow {
+                    name,
+                    version,
+                    term: 1,
+                    ciphertext,
+                    created: tables::now_rfc3339(),
+                },
+            )?;
+            Ok(version)
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn migrates_from_empty() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let (version, app, journal, tables_n) = store
+        .read(|c| {
+            let v: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            let a: i32 = c.pragma_query_value(None, "application_id", |r| r.get(0))?;
+            let j: String = c.pragma_query_value(None, "journal_mode", |r| r.get(0))?;
+            let n: i64 = c.query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE type = 'table'
+                 AND name IN ('meta', 'keyslots', 'secrets', 'secret_names', 'keys')",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok((v, a, j, n))
+        })
+        .await
+        .unwrap();
+    assert_eq!(version, schema::current_version());
+    assert_eq!(app, schema::APPLICATION_ID);
+    assert_eq!(journal, "wal");
+    assert_eq!(tables_n, 5);
+    assert_eq!(store.read(tables::get_meta).await.unwrap(), None);
+    assert_eq!(store.read(tables::count_secrets).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn reopen_keeps_data() {
+    let (_dir, path) = temp();
+    {
+        let store = Store::open(&path).unwrap();
+        store
+            .write(|tx| {
+                tables::insert_meta(tx, &meta())?;
+                tables::insert_keyslot(tx, &slot("tpm2"))?;
+                tables::insert_key(tx, &key("signer"))
+            })
+            .await
+            .unwrap();
+        put(&store, "db/password", b"ct-1").await;
+    }
+    let store = Store::open(&path).unwrap();
+    let m = store.read(tables::get_meta).await.unwrap().unwrap();
+    assert_eq!(m.vault_id, [7; 16]);
+    assert_eq!(m.keyring, [1, 2, 3]);
+    let slots = store.read(tables::list_keyslots).await.unwrap();
+    assert_eq!(slots.len(), 1);
+    assert_eq!(slots[0].pcrs, Some(vec![7, 11]));
+    assert!(slots[0].pin);
+    let s = store
+        .read(|c| tables::get_secret(c, "db/password", None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((s.version, s.ciphertext.as_slice()), (1, &b"ct-1"[..]));
+    assert_eq!(
+        store.read(|c| tables::get_key(c, "signer")).await.unwrap(),
+        Some(key_with_created(
+            &store.read(tables::list_keys).await.unwrap()[0].created
+        ))
+    );
+}
+
+fn key_with_created(created: &str) -> KeyRow {
+    KeyRow {
+        created: created.into(),
+        ..key("signer")
+    }
+}
+
+#[tokio::test]
+async fn meta_once_and_keyring_updates() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let e = store
+        .write(|tx| tables::update_keyring(tx, b"x", 2))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::NotFound { .. }), "{e}");
+    store
+        .write(|tx| tables::insert_meta(tx, &meta()))
+        .await
+        .unwrap();
+    let e = store
+        .write(|tx| tables::insert_meta(tx, &meta()))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::VaultExists), "{e}");
+    store
+        .write(|tx| tables::update_keyring(tx, b"new", 2))
+        .await
+        .unwrap();
+    let m = store.read(tables::get_meta).await.unwrap().unwrap();
+    assert_eq!((m.keyring.as_slice(), m.keyring_term), (&b"new"[..], 2));
+}
+
+#[tokio::test]
+async fn keyslot_ids_are_never_reused() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let (a, b) = store
+        .write(|tx| {
+            Ok((
+                tables::insert_keyslot(tx, &slot("tpm2"))?,
+                tables::insert_keyslot(tx, &slot("pkcs11"))?,
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!((a.id, b.id), (1, 2));
+    assert!(store
+        .write(move |tx| tables::delete_keyslot(tx, 2))
+        .await
+        .unwrap());
+    assert!(!store
+        .write(move |tx| tables::delete_keyslot(tx, 2))
+        .await
+        .unwrap());
+    let c = store
+        .write(|tx| {
+            tables::insert_keyslot(
+                tx,
+                &NewKeyslot {
+                    kind: "recovery".into(),
+                    device: None,
+                    pcrs: None,
+                    pin: false,
+                    threshold: Some(2),
+                    shares: Some(3),
+                    blob: b"{}".to_vec(),
+                },
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(c.id, 3);
+    store
+        .write(|tx| tables::update_keyslot_blob(tx, 1, b"rekeyed"))
+        .await
+        .unwrap();
+    let e = store
+        .write(|tx| tables::update_keyslot_blob(tx, 2, b"gone"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::NotFound { .. }));
+    let one = store
+        .read(|c| tables::get_keyslot(c, 1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(one.blob, b"rekeyed");
+    let three = store
+        .read(|c| tables::get_keyslot(c, 3))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (three.threshold, three.shares, three.pcrs),
+        (Some(2), Some(3), None)
+    );
+    assert_eq!(
+        store.read(|c| tables::get_keyslot(c, 2)).await.unwrap(),
+        None
+    );
+    let ids: Vec<u32> = store
+        .read(tables::list_keyslots)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(ids, [1, 3]);
+}
+
+#[tokio::test]
+async fn secret_versions_never_repeat_after_delete() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    assert_eq!(put(&store, "app/token", b"a").await, 1);
+    assert_eq!(put(&store, "app/token", b"b").await, 2);
+    assert_eq!(put(&store, "other", b"c").await, 1);
+    let latest = store
+        .read(|c| tables::get_secret(c, "app/token", None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (latest.version, latest.ciphertext.as_slice()),
+        (2, &b"b"[..])
+    );
+    let first = store
+        .read(|c| tables::get_secret(c, "app/token", Some(1)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.ciphertext, b"a");
+    assert_eq!(
+        store
+            .read(|c| tables::get_secret(c, "app/token", Some(u64::MAX)))
+            .await
+            .unwrap(),
+        None
+    );
+    let versions = store
+        .read(|c| tables::secret_versions(c, "app/token"))
+        .await
+        .unwrap();
+    assert_eq!(
+        versions.iter().map(|v| (v.0, v.1)).collect::<Vec<_>>(),
+        [(1, 1), (2, 1)]
+    );
+    assert_eq!(store.read(tables::count_secrets).await.unwrap(), 2);
+
+    assert!(store
+        .write(|tx| tables::delete_secret(tx, "app/token"))
+        .await
+        .unwrap());
+    assert!(!store
+        .write(|tx| tables::delete_secret(tx, "app/token"))
+        .await
+        .unwrap());
+    assert_eq!(
+        store
+            .read(|c| tables::get_secret(c, "app/token", None))
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(store
+        .read(|c| tables::secret_versions(c, "app/token"))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store
+            .read(|c| tables::list_secret_names(c, None))
+            .await
+            .unwrap(),
+        ["other"]
+    );
+    assert_eq!(store.read(tables::count_secrets).await.unwrap(), 1);
+    // The counter survived the delete.
+    assert_eq!(put(&store, "app/token", b"d").await, 3);
+}
+
+#[tokio::test]
+async fn unreserved_versions_are_refused() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    put(&store, "s", b"a").await;
+    for version in [1, 2] {
+        let e = store
+            .write(move |tx| {
+                tables::insert_secret(
+                    tx,
+                    &SecretRow {
+                        name: "s".into(),
+                        version,
+                        term: 1,
+                        ciphertext: vec![],
+                        created: tables::now_rfc3339(),
+                    },
+                )
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Conflict(_)), "{version}: {e}");
+    }
+}
+
+#[tokio::test]
+async fn prefix_listing_is_literal() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    for name in ["a%b", "a%bc", "a_b", "axb", "ab", "b", "A%b"] {
+        put(&store, name, b"x").await;
+    }
+    let list = |prefix: Option<&'static str>| {
+        let store = store.clone();
+        async move {
+            store
+                .read(move |c| tables::list_secret_names(c, prefix))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(list(Some("a%")).await, ["a%b", "a%bc"]);
+    assert_eq!(list(Some("a_")).await, ["a_b"]);
+    assert_eq!(list(Some("a")).await, ["a%b", "a%bc", "a_b", "ab", "axb"]);
+    assert_eq!(list(Some("%")).await, Vec::<String>::new());
+    assert_eq!(list(Some("")).await.len(), 7);
+    assert_eq!(list(None).await.len(), 7);
+}
+
+#[tokio::test]
+async fn keys_are_unique_by_name() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    store
+        .write(|tx| tables::insert_key(tx, &key("k")))
+        .await
+        .unwrap();
+    let e = store
+        .write(|tx| tables::insert_key(tx, &key("k")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::AlreadyExists { kind: "key", name } if name == "k"),
+        "{e}"
+    );
+    store
+        .write(|tx| tables::insert_key(tx, &key("j")))
+        .await
+        .unwrap();
+    let names: Vec<String> = store
+        .read(tables::list_keys)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.name)
+        .collect();
+    assert_eq!(names, ["j", "k"]);
+    assert!(store.write(|tx| tables::delete_key(tx, "k")).await.unwrap());
+    assert!(!store.write(|tx| tables::delete_key(tx, "k")).await.unwrap());
+    assert_eq!(store.read(|c| tables::get_key(c, "k")).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn failed_write_is_rolled_back() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let e = store
+        .write(|tx| {
+            tables::insert_key(tx, &key("half"))?;
+            tables::next_secret_version(tx, "half")?;
+            Err::<(), _>(StoreError::Conflict("changed my mind".into()))
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Conflict(_)));
+    assert_eq!(
+        store.read(|c| tables::get_key(c, "half")).await.unwrap(),
+        None
+    );
+    // The reserved version was rolled back too.
+    assert_eq!(put(&store, "half", b"x").await, 1);
+
+    // A panicking closure is rolled back, and the writer survives it.
+    let e = store
+        .write(|tx| {
+            tables::insert_key(tx, &key("boom"))?;
+            let v: Vec<u8> = Vec::new();
+            Ok(v[3])
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Panicked), "{e}");
+    assert_eq!(
+        store.read(|c| tables::get_key(c, "boom")).await.unwrap(),
+        None
+    );
+    store
+        .write(|tx| tables::insert_key(tx, &key("after")))
+        .await
+        .unwrap();
+
+    // A panicking read is reported, and reads keep working.
+    let e = store
+        .read(|_| -> Result<(), StoreError> {
+            let v: Vec<u8> = Vec::new();
+            let _ = v[3];
+            Ok(())
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Panicked), "{e}");
+    for _ in 0..super::READERS + 1 {
+        assert!(store
+            .read(|c| tables::get_key(c, "after"))
+            .await
+            .unwrap()
+            .is_some());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_run_while_a_write_is_open() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    put(&store, "before", b"x").await;
+
+    let (inside_tx, inside_rx) = tokio::sync::oneshot::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write(move |tx| {
+                    tables::insert_key(tx, &key("pending"))?;
+                    let _ = inside_tx.send(());
+                    // Hold the write transaction open until the reads below are done.
+                    go_rx.recv().map_err(|_| StoreError::Closed)?;
+                    Ok(())
+                })
+                .await
+        })
+    };
+    inside_rx.await.unwrap();
+    // The writer holds its transaction open: reads still run, concurrently, and see the last
+    // committed state.
+    let reads = (0..8).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .read(|c| Ok((tables::count_secrets(c)?, tables::get_key(c, "pending")?)))
+                .await
+        })
+    });
+    for read in reads.collect::<Vec<_>>() {
+        let (count, pending) = read.await.unwrap().unwrap();
+        assert_eq!((count, pending), (1, None));
+    }
+    go_tx.send(()).unwrap();
+    writer.await.unwrap().unwrap();
+    assert!(store
+        .read(|c| tables::get_key(c, "pending"))
+        .await
+        .unwrap()
+        .is_some());
+}
+
+#[tokio::test]
+async fn refuses_a_newer_schema() {
+    let (_dir, path) = temp();
+    drop(Store::open(&path).unwrap());
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+    }
+    let e = Store::open(&path).unwrap_err();
+    assert!(
+        matches!(e, StoreError::TooNew { found: 99, known } if known == schema::current_version()),
+        "{e}"
+    );
+    assert!(e.to_string().contains("newer"), "{e}");
+}
+
+#[tokio::test]
+async fn refuses_a_foreign_database() {
+    let (_dir, path) = temp();
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE t (x)").unwrap();
+    }
+    let e = Store::open(&path).unwrap_err();
+    assert!(matches!(e, StoreError::Corrupt(_)), "{e}");
+
+    let (_dir2, path2) = temp();
+    std::fs::write(
+        &path2,
+        b"this is not a database, not even a little bit".repeat(100),
+    )
+    .unwrap();
+    let e = Store::open(&path2).unwrap_err();
+    assert!(matches!(e, StoreError::Corrupt(_)), "{e}");
+}
+
+#[tokio::test]
+async fn files_are_private() {
+    let (dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    put(&store, "x", b"y").await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600);
+    let wal = dir.path().join("keyward.db-wal");
+    assert!(wal.exists());
+    assert_eq!(mode(&wal), 0o600);
+
+    // An existing file readable by others is tightened.
+    let (_dir2, loose) = temp();
+    std::fs::write(&loose, b"").unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    drop(Store::open(&loose).unwrap());
+    assert_eq!(mode(&loose), 0o600);
+
+    // No parent directory: a clear error, nothing created.
+    let e = Store::open(&dir.path().join("missing/keyward.db")).unwrap_err();
+    assert!(matches!(e, StoreError::Io { .. }), "{e}");
+}
+
+#[test]
+fn store_is_clone_send_sync() {
+    fn assert<T: Clone + Send + Sync + 'static>() {}
+    assert::<Store>();
+}
+
+#[tokio::test]
+async fn closes_when_the_last_handle_drops() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let clone = store.clone();
+    drop(store);
+    // A clone keeps the writer alive.
+    put(&clone, "still", b"here").await;
+    assert!(format!("{clone:?}").contains("keyward.db"));
+}

@@ -1,0 +1,157 @@
+//! Secrets: versioned values, each version AEAD-encrypted under the keyring's current term
+//! with AAD binding vault, name, version and term, so a stored record can't be moved to
+//! another name or version, or replayed from another vault.
+
+use keyward::api::{self, ApiError, SecretValue};
+
+use super::crypto::{self, Key32};
+use super::{errors, store_error, Vault};
+use crate::names::check_secret_name;
+use crate::store::{self, tables::SecretRow, StoreError};
+
+impl Vault {
+    /// `PutSecret`: a new version of `name`. Returns the version once committed.
+    ///
+    /// # Errors
+    /// `Sealed`, an invalid name, `TooLarge`, store failures.
+    pub async fn put_secret(&self, name: String, value: SecretValue) -> Result<u64, ApiError> {
+        check_secret_name(&name)?;
+        if value.expose().len() > api::MAX_SECRET_LEN {
+            return Err(ApiError::TooLarge {
+                parameter: "value".into(),
+                limit: api::MAX_SECRET_LEN as u64,
+            });
+        }
+        let (vault_id, term, key) = self
+            .with_open(|o| {
+                let (term, key) = o.keyring.current_key();
+                Key32::from_bytes(key.expose()).map(|k| (o.vault_id, term, k))
+            })
+            .await?
+            .map_err(errors::crypto_error)?;
+        let version = self
+            .store
+            .write(move |tx| {
+                let version = store::tables::next_secret_version(tx, &name)?;
+                let aad = crypto::secret_aad(&vault_id, &name, version, term);
+                let ciphertext = crypto::seal(&key, &aad, value.expose())
+                    .map_err(|_| StoreError::Conflict("secret too large to encrypt".into()))?;
+                store::tables::insert_secret(
+                    tx,
+                    &SecretRow {
+                        name,
+                        version,
+                        term,
+                        ciphertext,
+                        created: store::tables::now_rfc3339(),
+                    },
+                )?;
+                Ok(version)
+            })
+            .await
+            .map_err(store_error)?;
+        Ok(version)
+    }
+
+    /// `GetSecret`: the latest version, or the one asked for.
+    ///
+    /// # Errors
+    /// `Sealed`, `NotFound`, integrity failures of stored data.
+    pub async fn get_secret(
+        &self,
+        name: String,
+        version: Option<u64>,
+    ) -> Result<(SecretValue, u64), ApiError> {
+        check_secret_name(&name)?;
+        self.with_open(|_| ()).await?;
+        let lookup = name.clone();
+        let row = self
+            .store
+            .read(move |c| store::tables::get_secret(c, &lookup, version))
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| ApiError::NotFound {
+                kind: "secret".into(),
+                name: match version {
+                    Some(v) => format!("{name}@{v}"),
+                    None => name.clone(),
+                },
+            })?;
+        let plain = self
+            .with_open(|o| {
+                let key = o
+                    .keyring
+                    .key(row.term)
+                    .ok_or(crypto::CryptoError::Integrity)?;
+                let aad = crypto::secret_aad(&o.vault_id, &row.name, row.version, row.term);
+                crypto::open(key, &aad, &row.ciphertext)
+            })
+            .await?
+            .map_err(errors::crypto_error)?;
+        Ok((SecretValue::from(plain), row.version))
+    }
+
+    /// `ListSecrets`: names with at least one version, optionally under a prefix.
+    ///
+    /// # Errors
+    /// `Sealed`, store failures.
+    pub async fn list_secrets(&self, prefix: Option<String>) -> Result<Vec<String>, ApiError> {
+        self.with_open(|_| ()).await?;
+        self.store
+            .read(move |c| store::tables::list_secret_names(c, prefix.as_deref()))
+            .await
+            .map_err(store_error)
+    }
+
+    /// `SecretVersions`.
+    ///
+    /// # Errors
+    /// `Sealed`, `NotFound`, store failures.
+    pub async fn secret_versions(&self, name: String) -> Result<Vec<api::SecretVersion>, ApiError> {
+        check_secret_name(&name)?;
+        self.with_open(|_| ()).await?;
+        let lookup = name.clone();
+        let versions = self
+            .store
+            .read(move |c| store::tables::secret_versions(c, &lookup))
+            .await
+            .map_err(store_error)?;
+        if versions.is_empty() {
+            return Err(ApiError::NotFound {
+                kind: "secret".into(),
+                name,
+            });
+        }
+        Ok(versions
+            .into_iter()
+            .map(|(version, term, created)| api::SecretVersion {
+                version,
+                term,
+                created,
+            })
+            .collect())
+    }
+
+    /// `DeleteSecret`: every version, securely deleted from the database file.
+    ///
+    /// # Errors
+    /// `Sealed`, `NotFound`, store failures.
+    pub async fn delete_secret(&self, name: String) -> Result<(), ApiError> {
+        check_secret_name(&name)?;
+        self.with_open(|_| ()).await?;
+        let target = name.clone();
+        let deleted = self
+            .store
+            .write(move |tx| store::tables::delete_secret(tx, &target))
+            .await
+            .map_err(store_error)?;
+        if deleted {
+            Ok(())
+        } else {
+            Err(ApiError::NotFound {
+                kind: "secret".into(),
+                name,
+            })
+        }
+    }
+}

@@ -1,0 +1,578 @@
+//! Keyslots: making one (seal the VMK, then prove the slot opens before it is stored), opening
+//! the vault through one (unattended at start, or with a PIN or recovery shares from an admin),
+//! and the admin verbs over them: enroll, remove, rekey, rotate.
+
+use hsm_shim::{Pin, SealPolicy, SealedBlob, SecretBytes};
+use keyward::api::{self, ApiError, SecretString, SlotSpec};
+
+use super::crypto::Key32;
+use super::keyring::Keyring;
+use super::recovery::{self, RecoverySlotData};
+use super::{errors, seal_context, store_error, State, Vault};
+use crate::store::{self, tables::KeyslotRow, tables::NewKeyslot};
+
+/// The API view of a stored keyslot.
+pub(super) fn to_api(row: &KeyslotRow) -> api::Keyslot {
+    api::Keyslot {
+        id: row.id,
+        kind: row.kind.clone(),
+        device: row.device.clone(),
+        pcrs: row.pcrs.clone(),
+        pin: row.pin,
+        threshold: row.threshold,
+        shares: row.shares,
+        created: row.created.clone(),
+    }
+}
+
+fn bad(parameter: &str, reason: impl Into<String>) -> ApiError {
+    ApiError::InvalidArgument {
+        parameter: parameter.into(),
+        reason: reason.into(),
+    }
+}
+
+fn pin_of(s: Option<&SecretString>) -> Result<Option<Pin>, ApiError> {
+    s.map(|p| Pin::new(p.expose()).map_err(|e| bad("pin", e.to_string())))
+        .transpose()
+}
+
+fn corrupt(what: &str) -> ApiError {
+    ApiError::Internal {
+        reason: format!("stored {what} does not decode"),
+    }
+}
+
+impl Vault {
+    /// Seal `vmk` by the method `spec` names and prove the result opens again; nothing is
+    /// stored here. Returns the row to store and any recovery shares.
+    pub(super) async fn make_slot(
+        &self,
+        vault_id: &[u8; 16],
+        vmk: &Key32,
+        spec: &SlotSpec,
+    ) -> Result<(NewKeyslot, Vec<SecretString>), ApiError> {
+        match spec.kind.as_str() {
+            "tpm2" | "pkcs11" => {
+                let name = spec
+                    .device
+                    .as_deref()
+                    .ok_or_else(|| bad("device", "a device slot names its device"))?;
+                let device = self.device(name)?;
+                if device.kind() != spec.kind {
+                    return Err(bad(
+                        "device",
+                        format!("{name:?} is a {} device, not {}", device.kind(), spec.kind),
+                    ));
+                }
+                if spec.kind == "pkcs11" && (spec.pcrs.is_some() || spec.pin.is_some()) {
+                    return Err(bad("slot", "a pkcs11 slot has no PCRs or PIN of its own: the token's login PIN guards it"));
+                }
+                if spec.threshold.is_some() || spec.shares.is_some() {
+                    return Err(bad("slot", "threshold and shares are for recovery slots"));
+                }
+                let policy = SealPolicy {
+                    pcrs: spec.pcrs.clone(),
+                    pin: pin_of(spec.pin.as_ref())?,
+                };
+                let test_pin = pin_of(spec.pin.as_ref())?;
+                let blob = self.device_seal(name, vault_id, vmk, policy).await?;
+                let back = self.device_unseal(name, vault_id, &blob, test_pin).await?;
+                if back.expose() != vmk.expose() {
+                    return Err(ApiError::Internal {
+                        reason: format!("device {name:?} returned another key in the test unseal"),
+                    });
+                }
+                let (pcrs, pin) = match &blob {
+                    SealedBlob::Tpm2 { pcrs, pin, .. } => (Some(pcrs.clone()), *pin),
+                    _ => (None, false),
+                };
+                let blob = serde_json::to_vec(&blob).map_err(|_| corrupt("sealed blob"))?;
+                Ok((
+                    NewKeyslot {
+                        kind: spec.kind.clone(),
+                        device: Some(name.to_owned()),
+                        pcrs,
+                        pin,
+                        threshold: None,
+                        shares: None,
+                        blob,
+                    },
+                    Vec::new(),
+                ))
+            }
+            "recovery" => {
+                if spec.device.is_some() || spec.pcrs.is_some() || spec.pin.is_some() {
+                    return Err(bad(
+                        "slot",
+                        "a recovery slot takes only threshold and shares",
+                    ));
+                }
+                let (k, n) = match (spec.threshold, spec.shares) {
+                    (Some(k), Some(n)) => (k, n),
+                    _ => {
+                        return Err(bad(
+                            "slot",
+                            "a recovery slot needs threshold and shares (e.g. 2 of 3)",
+                        ))
+                    }
+                };
+                let (data, texts) = recovery::enroll(vmk, vault_id, k, n)
+                    .map_err(|e| bad("slot", e.to_string()))?;
+                // The test unseal: the first k shares, parsed back from their text, must open it.
+                let parsed = texts
+                    .iter()
+                    .take(usize::from(k))
+                    .map(|t| recovery::parse_share(t))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| ApiError::Internal {
+                        reason: format!("recovery share self-test: {e}"),
+                    })?;
+                let back = recovery::unwrap_vmk(&data, vault_id, &parsed).map_err(|e| {
+                    ApiError::Internal {
+                        reason: format!("recovery self-test: {e}"),
+                    }
+                })?;
+                if back.expose() != vmk.expose() {
+                    return Err(ApiError::Internal {
+                        reason: "recovery self-test opened another key".into(),
+                    });
+                }
+                let blob = data.to_blob().map_err(|_| corrupt("recovery slot"))?;
+                let shares = texts
+                    .into_iter()
+                    .map(|t| SecretString::new(t.as_str()))
+                    .collect();
+                Ok((
+                    NewKeyslot {
+                        kind: "recovery".into(),
+                        device: None,
+                        pcrs: None,
+                        pin: false,
+                        threshold: Some(k),
+                        shares: Some(n),
+                        blob,
+                    },
+                    shares,
+                ))
+            }
+            other => Err(bad(
+                "kind",
+                format!("{other:?}: a keyslot is tpm2, pkcs11 or recovery"),
+            )),
+        }
+    }
+
+    async fn device_seal(
+        &self,
+        name: &str,
+        vault_id: &[u8; 16],
+        vmk: &Key32,
+        policy: SealPolicy,
+    ) -> Result<SealedBlob, ApiError> {
+        let secret = SecretBytes::new(vmk.expose().to_vec());
+        let context = seal_context(vault_id);
+        self.device(name)?
+            .call(move |d| d.seal(&secret, &context, &policy))
+            .await
+            .map_err(|e| errors::device_error(name, e))
+    }
+
+    async fn device_unseal(
+        &self,
+        name: &str,
+        vault_id: &[u8; 16],
+        blob: &SealedBlob,
+        pin: Option<Pin>,
+    ) -> Result<Key32, ApiError> {
+        let blob = blob.clone();
+        let context = seal_context(vault_id);
+        let secret = self
+            .device(name)?
+            .call(move |d| d.unseal(&blob, &context, pin.as_ref()))
+            .await
+            .map_err(|e| errors::device_error(name, e))?;
+        Key32::from_bytes(secret.expose()).map_err(|_| ApiError::Internal {
+            reason: format!("device {name:?} unsealed a key of the wrong size"),
+        })
+    }
+
+    /// Unseal through one device keyslot.
+    async fn unseal_slot(
+        &self,
+        vault_id: &[u8; 16],
+        row: &KeyslotRow,
+        pin: Option<Pin>,
+    ) -> Result<Key32, ApiError> {
+        let device = row
+            .device
+            .as_deref()
+            .ok_or_else(|| corrupt("keyslot device"))?;
+        let blob: SealedBlob =
+            serde_json::from_slice(&row.blob).map_err(|_| corrupt("sealed blob"))?;
+        self.device_unseal(device, vault_id, &blob, pin).await
+    }
+
+    /// Every keyslot, whatever the vault's state (for `Status`).
+    pub(super) async fn list_keyslots_any_state(&self) -> Result<Vec<api::Keyslot>, ApiError> {
+        let rows = self
+            .store
+            .read(store::tables::list_keyslots)
+            .await
+            .map_err(store_error)?;
+        Ok(rows.iter().map(to_api).collect())
+    }
+
+    async fn keyslot_rows(&self) -> Result<Vec<KeyslotRow>, ApiError> {
+        self.store
+            .read(store::tables::list_keyslots)
+            .await
+            .map_err(store_error)
+    }
+
+    /// `ListKeyslots` (needs the vault open, like every admin verb but `Status`).
+    ///
+    /// # Errors
+    /// `Sealed`, `NotInitialized`, store failures.
+    pub async fn list_keyslots(&self) -> Result<Vec<api::Keyslot>, ApiError> {
+        self.with_open(|_| ()).await?;
+        self.list_keyslots_any_state().await
+    }
+
+    /// The unattended unseal at start: device keyslots without a PIN, devices in the
+    /// configured order. Never asks for or retries a PIN. Leaves the vault sealed with the
+    /// reasons when nothing opens it.
+    pub async fn unseal_unattended(&self) {
+        let rows = match self.keyslot_rows().await {
+            Ok(rows) => rows,
+            Err(e) => return self.stay_sealed(format!("cannot read keyslots: {e}")).await,
+        };
+        {
+            let state = self.state.read().await;
+            if !matches!(*state, State::Sealed { .. }) {
+                return;
+            }
+        }
+        let vault_id = match self.vault_id().await {
+            Ok(id) => id,
+            Err(e) => return self.stay_sealed(e.to_string()).await,
+        };
+        let mut why = Vec::new();
+        for device in &self.unseal_order {
+            let Some(handle) = self.devices.get(device) else {
+                continue;
+            };
+            handle.ready().await;
+            for row in rows
+                .iter()
+                .filter(|r| r.device.as_deref() == Some(device.as_str()))
+            {
+                if row.pin {
+                    why.push(format!("keyslot {} ({device}) needs a PIN", row.id));
+                    continue;
+                }
+                match self.unseal_slot(&vault_id, row, None).await {
+                    Ok(vmk) => {
+                        let by = format!("keyslot {} ({} on {device})", row.id, row.kind);
+                        match self.open_with(vmk, by).await {
+                            Ok(()) => return,
+                            Err(e) => why.push(format!("keyslot {}: {e}", row.id)),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(keyslot = row.id, device = %device, error = %e, "unattended unseal failed");
+                        why.push(format!("keyslot {} ({device}): {e}", row.id));
+                    }
+                }
+            }
+        }
+        if rows.iter().any(|r| r.kind == "recovery") {
+            why.push("recovery shares can unseal: `keyward unseal`".into());
+        }
+        let reason = if why.is_empty() {
+            "no keyslot can unseal unattended".to_owned()
+        } else {
+            format!("no keyslot could unseal: {}", why.join("; "))
+        };
+        self.stay_sealed(reason).await;
+    }
+
+    /// `Unseal` with one recovery share or a PIN. Returns `(sealed, shares_needed)`.
+    ///
+    /// # Errors
+    /// `NotInitialized`; a malformed share; a PIN the device refuses.
+    pub async fn unseal(&self, params: api::UnsealParams) -> Result<(bool, Option<u8>), ApiError> {
+        {
+            let state = self.state.read().await;
+            match *state {
+                State::Uninitialized => return Err(ApiError::NotInitialized),
+                State::Unsealed(_) => return Ok((false, None)),
+                State::Sealed { .. } => {}
+            }
+        }
+        let vault_id = self.vault_id().await?;
+        let rows = self.keyslot_rows().await?;
+        match (params.recovery_share, params.pin) {
+            (Some(share), None) => self.unseal_with_share(&vault_id, &rows, share).await,
+            (None, Some(pin)) => self
+                .unseal_with_pin(&vault_id, &rows, pin)
+                .await
+                .map(|()| (false, None)),
+            _ => Err(bad(
+                "parameters",
+                "give exactly one of recovery_share and pin",
+            )),
+        }
+    }
+
+    async fn unseal_with_share(
+        &self,
+        vault_id: &[u8; 16],
+        rows: &[KeyslotRow],
+        share: SecretString,
+    ) -> Result<(bool, Option<u8>), ApiError> {
+        let parsed = recovery::parse_share(share.expose())
+            .map_err(|e| bad("recovery_share", e.to_string()))?;
+        let slot = rows.iter().filter(|r| r.kind == "recovery").find_map(|r| {
+            let data = RecoverySlotData::from_blob(&r.blob).ok()?;
+            (data.set.set_id == parsed.set_id).then_some((r.id, data))
+        });
+        let Some((slot_id, data)) = slot else {
+            return Err(bad(
+                "recovery_share",
+                "this share belongs to no recovery keyslot of this vault",
+            ));
+        };
+        let set_id = parsed.set_id;
+        let ready = {
+            let mut state = self.state.write().await;
+            let State::Sealed { shares, .. } = &mut *state else {
+                return Ok((false, None));
+            };
+            let pending = shares.entry(set_id).or_default();
+            if !pending.iter().any(|p| p.index == parsed.index) {
+                pending.push(parsed);
+            }
+            if pending.len() < usize::from(data.set.threshold) {
+                let needed = data.set.threshold - pending.len() as u8;
+                self.changed(&state);
+                return Ok((true, Some(needed)));
+            }
+            shares.remove(&set_id).unwrap_or_default()
+        };
+        let vmk = recovery::unwrap_vmk(&data, vault_id, &ready).map_err(|e| {
+            bad(
+                "recovery_share",
+                format!("the shares do not open keyslot {slot_id}: {e}"),
+            )
+        })?;
+        self.open_with(vmk, format!("keyslot {slot_id} (recovery)"))
+            .await?;
+        Ok((false, None))
+    }
+
+    async fn unseal_with_pin(
+        &self,
+        vault_id: &[u8; 16],
+        rows: &[KeyslotRow],
+        pin: SecretString,
+    ) -> Result<(), ApiError> {
+        // TPM slots bound to a PIN first; a wrong PIN ends the attempt (each try burns the
+        // TPM's lockout counter).
+        if let Some(row) = rows.iter().find(|r| r.kind == "tpm2" && r.pin) {
+            let vmk = self.unseal_slot(vault_id, row, pin_of(Some(&pin))?).await?;
+            let device = row.device.clone().unwrap_or_default();
+            return self
+                .open_with(vmk, format!("keyslot {} (tpm2 on {device}, PIN)", row.id))
+                .await;
+        }
+        // Then tokens that could not log in on their own: log in with this PIN once.
+        for (name, handle) in &self.devices {
+            if handle.kind() != "pkcs11" || handle.status().available {
+                continue;
+            }
+            let Some(row) = rows
+                .iter()
+                .find(|r| r.device.as_deref() == Some(name.as_str()))
+            else {
+                continue;
+            };
+            let p = pin_of(Some(&pin))?.ok_or_else(|| bad("pin", "empty"))?;
+            handle
+                .login(p)
+                .await
+                .map_err(|e| errors::device_error(name, e))?;
+            let vmk = self.unseal_slot(vault_id, row, None).await?;
+            return self
+                .open_with(vmk, format!("keyslot {} (pkcs11 on {name})", row.id))
+                .await;
+        }
+        Err(bad("pin", "no keyslot of this vault takes a PIN now"))
+    }
+
+    /// A duplicate of the open vault's id and VMK, for work that must not hold the lock.
+    async fn open_copy(&self) -> Result<([u8; 16], Key32), ApiError> {
+        self.with_open(|o| {
+            Ok::<_, ApiError>((
+                o.vault_id,
+                Key32::from_bytes(o.vmk.expose()).map_err(|_| corrupt("vmk"))?,
+            ))
+        })
+        .await?
+    }
+
+    /// `Enroll`: a new keyslot, stored only after its test unseal.
+    ///
+    /// # Errors
+    /// `Sealed`, a bad spec, a device failure.
+    pub async fn enroll(
+        &self,
+        spec: SlotSpec,
+    ) -> Result<(api::Keyslot, Vec<SecretString>), ApiError> {
+        let (vault_id, vmk) = self.open_copy().await?;
+        let (slot, shares) = self.make_slot(&vault_id, &vmk, &spec).await?;
+        let row = self
+            .store
+            .write(move |tx| store::tables::insert_keyslot(tx, &slot))
+            .await
+            .map_err(store_error)?;
+        tracing::info!(keyslot = row.id, kind = %row.kind, "keyslot enrolled");
+        Ok((to_api(&row), shares))
+    }
+
+    /// `RemoveKeyslot`: refuses to remove the last way into the vault without `force`.
+    ///
+    /// # Errors
+    /// `Sealed`, `NotFound`, `LastKeyslot`.
+    pub async fn remove_keyslot(&self, id: u32, force: bool) -> Result<(), ApiError> {
+        self.with_open(|_| ()).await?;
+        let removed = self
+            .store
+            .write(move |tx| {
+                let rows = store::tables::list_keyslots(tx)?;
+                if !rows.iter().any(|r| r.id == id) {
+                    return Ok(Err(ApiError::NotFound {
+                        kind: "keyslot".into(),
+                        name: id.to_string(),
+                    }));
+                }
+                if rows.len() == 1 && !force {
+                    return Ok(Err(ApiError::LastKeyslot { id }));
+                }
+                store::tables::delete_keyslot(tx, id)?;
+                Ok(Ok(()))
+            })
+            .await
+            .map_err(store_error)?;
+        if removed.is_ok() {
+            tracing::warn!(keyslot = id, force, "keyslot removed");
+        }
+        removed
+    }
+
+    /// `Rotate`: a new data-key term; new secret versions use it, old ones stay readable.
+    ///
+    /// # Errors
+    /// `Sealed`, store failures.
+    pub async fn rotate(&self) -> Result<u32, ApiError> {
+        let mut state = self.state.write().await;
+        let open = match &mut *state {
+            State::Unsealed(open) => open,
+            State::Sealed { reason, .. } => {
+                return Err(ApiError::Sealed {
+                    reason: reason.clone(),
+                })
+            }
+            State::Uninitialized => return Err(ApiError::NotInitialized),
+        };
+        // Rotate a copy, store it, then swap: a failed write leaves memory and disk as they were.
+        let sealed = open
+            .keyring
+            .seal(&open.vmk, &open.vault_id)
+            .map_err(errors::crypto_error)?;
+        let mut next =
+            Keyring::open(&open.vmk, &open.vault_id, &sealed).map_err(errors::crypto_error)?;
+        let term = next.rotate().map_err(errors::crypto_error)?;
+        let blob = next
+            .seal(&open.vmk, &open.vault_id)
+            .map_err(errors::crypto_error)?;
+        self.store
+            .write(move |tx| store::tables::update_keyring(tx, &blob, term))
+            .await
+            .map_err(store_error)?;
+        open.keyring = next;
+        tracing::info!(term, "data-key term rotated");
+        Ok(term)
+    }
+
+    /// `Rekey`: a new VMK. The keyring and every keyslot are sealed again (device slots by
+    /// their device, recovery slots with new shares, returned once), each new slot proven
+    /// before one transaction replaces them all. O(keyslots), independent of the secrets.
+    ///
+    /// # Errors
+    /// `Sealed`; a PIN-bound slot and no `pin`; a device failure (nothing changes then).
+    pub async fn rekey(&self, pin: Option<SecretString>) -> Result<Vec<SecretString>, ApiError> {
+        // The write lock for the whole rekey: no reader may see a half-swapped VMK.
+        let mut state = self.state.write().await;
+        let open = match &mut *state {
+            State::Unsealed(open) => open,
+            State::Sealed { reason, .. } => {
+                return Err(ApiError::Sealed {
+                    reason: reason.clone(),
+                })
+            }
+            State::Uninitialized => return Err(ApiError::NotInitialized),
+        };
+        let rows = self.keyslot_rows().await?;
+        if let Some(row) = rows.iter().find(|r| r.pin) {
+            if pin.is_none() {
+                return Err(bad(
+                    "pin",
+                    format!(
+                        "keyslot {} is bound to a PIN: give it to re-seal the slot",
+                        row.id
+                    ),
+                ));
+            }
+        }
+        let vault_id = open.vault_id;
+        let vmk = Key32::random();
+        let mut blobs = Vec::with_capacity(rows.len());
+        let mut shares = Vec::new();
+        for row in &rows {
+            let spec = SlotSpec {
+                kind: row.kind.clone(),
+                device: row.device.clone(),
+                pcrs: row.pcrs.clone(),
+                pin: if row.pin {
+                    pin.as_ref().map(|p| SecretString::new(p.expose()))
+                } else {
+                    None
+                },
+                threshold: row.threshold,
+                shares: row.shares,
+            };
+            let (slot, mut s) = self.make_slot(&vault_id, &vmk, &spec).await?;
+            blobs.push((row.id, slot.blob));
+            shares.append(&mut s);
+        }
+        let keyring_blob = open
+            .keyring
+            .seal(&vmk, &vault_id)
+            .map_err(errors::crypto_error)?;
+        let term = open.keyring.current_term();
+        self.store
+            .write(move |tx| {
+                store::tables::update_keyring(tx, &keyring_blob, term)?;
+                for (id, blob) in &blobs {
+                    store::tables::update_keyslot_blob(tx, *id, blob)?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(store_error)?;
+        open.vmk = vmk;
+        tracing::info!(keyslots = rows.len(), "vault rekeyed");
+        Ok(shares)
+    }
+}

@@ -1,0 +1,391 @@
+//! A real `keywardd` process on real devices, in a temp dir of its own: config, state
+//! directory, API socket, policy, and a `NOTIFY_SOCKET` the fixture listens on, so that start-up
+//! waits on `READY=1` and never on time.
+//!
+//! The binaries are the workspace's own (`keywardd`, `keyward`), found next to the test binary's
+//! directory: `scripts/test` builds them first.
+
+use std::fmt::Write as _;
+use std::io::Read as _;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::softhsm::SoftHsm;
+use crate::swtpm::Swtpm;
+
+/// How long start-up may take before the fixture gives up (a debug build on a loaded 2-core
+/// machine, devices included).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Path of a workspace binary built next to the running test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not built: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// The policy most tests use: root may do everything.
+pub const ROOT_ADMIN_POLICY: &str = r#"
+[[rule]]
+who = { uid = 0 }
+allow = ["admin", "read", "write", "sign", "keys"]
+secrets = ["*"]
+keys = ["*"]
+"#;
+
+/// What to start a daemon with.
+#[derive(Debug, Default)]
+pub struct Setup {
+    devices: String,
+    unseal_order: Option<Vec<String>>,
+    policy: Option<String>,
+    public_socket: bool,
+}
+
+impl Setup {
+    /// A daemon with no devices yet and the root-admin policy.
+    pub fn new() -> Self {
+        Self {
+            policy: Some(ROOT_ADMIN_POLICY.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Add the TPM `swtpm` as device `name`.
+    pub fn tpm(mut self, name: &str, swtpm: &Swtpm) -> Self {
+        let _ = write!(
+            self.devices,
+            "\n[devices.{name}]\nkind = \"tpm2\"\ntcti = \"{}\"\n",
+            swtpm.tcti()
+        );
+        self
+    }
+
+    /// Add the SoftHSM token as device `name` (PIN from its PIN file).
+    pub fn token(mut self, name: &str, token: &SoftHsm) -> Self {
+        let _ = write!(
+            self.devices,
+            "\n[devices.{name}]\nkind = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"pkcs11:token={}\"\npin_file = \"{}\"\nsofthsm_conf = \"{}\"\n",
+            hsm_shim::pkcs11::SOFTHSM_MODULE,
+            token.label(),
+            token.pin_file().display(),
+            token.conf().display()
+        );
+        self
+    }
+
+    /// The order of the unattended unseal.
+    pub fn unseal_order(mut self, order: &[&str]) -> Self {
+        self.unseal_order = Some(order.iter().map(|s| (*s).to_owned()).collect());
+        self
+    }
+
+    /// Use this policy text instead of the root-admin one.
+    pub fn policy(mut self, text: &str) -> Self {
+        self.policy = Some(text.into());
+        self
+    }
+
+    /// Put the API socket where any user can reach it (mode 0666 in a 0755 directory), for tests
+    /// that call as another uid and must meet the policy, not file permissions.
+    pub fn public_socket(mut self) -> Self {
+        self.public_socket = true;
+        self
+    }
+
+    /// Start the daemon and wait for `READY=1`.
+    pub fn start(self) -> Keywardd {
+        let dir = tempfile::Builder::new()
+            .prefix("keywardd-")
+            .tempdir()
+            .expect("tempdir");
+        let root = dir.path().to_path_buf();
+        let run_dir = if self.public_socket {
+            std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+            let d = root.join("public");
+            std::fs::create_dir(&d).expect("mkdir");
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+            d
+        } else {
+            root.join("run")
+        };
+        let socket = run_dir.join("api.sock");
+        let policy_path = root.join("policy.toml");
+        let mut config = format!(
+            "state_dir = \"{}\"\n[api]\nsocket = \"{}\"\nmode = \"{}\"\n",
+            root.join("state").display(),
+            socket.display(),
+            if self.public_socket { "0666" } else { "0600" },
+        );
+        if let Some(policy) = &self.policy {
+            std::fs::write(&policy_path, policy).expect("policy");
+            std::fs::set_permissions(&policy_path, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod");
+            config.insert_str(0, &format!("policy = \"{}\"\n", policy_path.display()));
+        }
+        if let Some(order) = &self.unseal_order {
+            config.insert_str(0, &format!("unseal_order = {order:?}\n"));
+        }
+        config.push_str(&self.devices);
+        let config_path = root.join("keywardd.toml");
+        std::fs::write(&config_path, &config).expect("config");
+        let mut d = Keywardd {
+            dir,
+            config_path,
+            socket,
+            policy_path,
+            child: None,
+            statuses: Vec::new(),
+        };
+        d.start();
+        d
+    }
+}
+
+/// A running (or stopped) `keywardd`.
+#[derive(Debug)]
+pub struct Keywardd {
+    dir: tempfile::TempDir,
+    config_path: PathBuf,
+    socket: PathBuf,
+    policy_path: PathBuf,
+    child: Option<Child>,
+    statuses: Vec<String>,
+}
+
+impl Keywardd {
+    /// The API socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The temp dir holding everything.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The daemon's log (its stderr), all runs appended.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("keywardd.log")).unwrap_or_default()
+    }
+
+    /// The policy file (rewrite it and [`Keywardd::reload`] to change the policy).
+    pub fn policy_path(&self) -> &Path {
+        &self.policy_path
+    }
+
+    /// Every `STATUS=` the daemon sent, oldest first, across runs.
+    pub fn statuses(&self) -> &[String] {
+        &self.statuses
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Start (again) on the same state and wait for `READY=1`.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let notify_path = self.dir.path().join("notify.sock");
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("keywardd.log"))
+            .expect("log");
+        let child = Command::new(bin("keywardd"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("KEYWARD_LOG", "debug")
+            .env_remove("SOFTHSM2_CONF")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn keywardd");
+        self.child = Some(child);
+        self.wait_ready(&notify);
+    }
+
+    fn wait_ready(&mut self, notify: &UnixDatagram) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "keywardd not ready after {START_TIMEOUT:?}; log:\n{}",
+                self.log()
+            );
+            // Wake at least every 200 ms to notice a daemon that died without a word.
+            notify
+                .set_read_timeout(Some(left.min(Duration::from_millis(200))))
+                .expect("timeout");
+            match notify.recv(&mut buf) {
+                Ok(n) => {
+                    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let mut ready = false;
+                    for line in msg.lines() {
+                        if let Some(s) = line.strip_prefix("STATUS=") {
+                            self.statuses.push(s.to_owned());
+                        }
+                        ready |= line == "READY=1";
+                    }
+                    if ready {
+                        return;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if let Some(status) = self
+                        .child
+                        .as_mut()
+                        .and_then(|c| c.try_wait().ok().flatten())
+                    {
+                        panic!(
+                            "keywardd exited with {status} before READY=1; log:\n{}",
+                            self.log()
+                        );
+                    }
+                }
+                Err(e) => panic!("notify socket: {e}"),
+            }
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let status = child.wait().expect("wait");
+            assert!(
+                status.success(),
+                "keywardd exited with {status} on SIGTERM; log:\n{}",
+                self.log()
+            );
+        }
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stop and start again on the same state.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.start();
+    }
+
+    /// SIGHUP (policy reload).
+    pub fn reload(&self) {
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// A `keyward` command aimed at this daemon.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(bin("keyward"));
+        c.arg("--socket").arg(&self.socket);
+        c
+    }
+
+    /// Run `keyward ARGS` with `stdin`, returning (exit code, stdout, stderr).
+    pub fn run(&self, args: &[&str], stdin: &[u8]) -> Output {
+        run_cli(self.cli().args(args), stdin)
+    }
+
+    /// Run `keyward --json ARGS`, expecting success, and parse its output.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        let out = self.run(&full, b"");
+        assert_eq!(out.code, 0, "keyward {args:?} failed: {}", out.stderr);
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("keyward {args:?}: {e}: {}", out.stdout))
+    }
+}
+
+impl Drop for Keywardd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What a CLI run printed.
+#[derive(Debug)]
+pub struct Output {
+    /// Exit code (-1 if killed by a signal).
+    pub code: i32,
+    /// Standard output (lossy UTF-8).
+    pub stdout: String,
+    /// Raw standard output.
+    pub stdout_bytes: Vec<u8>,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Run a prepared command with `stdin` fed in.
+pub fn run_cli(cmd: &mut Command, stdin: &[u8]) -> Output {
+    use std::io::Write as _;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let mut stdout = Vec::new();
+    let mut stderr = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_end(&mut stdout)
+        .expect("read stdout");
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    let status = child.wait().expect("wait");
+    let _ = writer.join();
+    Output {
+        code: status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stdout_bytes: stdout,
+        stderr,
+    }
+}

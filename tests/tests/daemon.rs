@@ -1,0 +1,322 @@
+//! keywardd end to end: the real daemon binary on a real SoftHSM token and a real swtpm, driven
+//! through the real `keyward` CLI.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use keyward_tests::keywardd::{Keywardd, Setup};
+use keyward_tests::softhsm::SoftHsm;
+use keyward_tests::swtpm::Swtpm;
+
+struct World {
+    tpm: Swtpm,
+    token: SoftHsm,
+    daemon: Keywardd,
+}
+
+/// A daemon with a TPM (`tpm`) and a token (`hsm`), unattended unseal trying the TPM first.
+fn world() -> World {
+    let tpm = Swtpm::start();
+    let token = SoftHsm::new("keyward-daemon");
+    let daemon = Setup::new()
+        .tpm("tpm", &tpm)
+        .token("hsm", &token)
+        .unseal_order(&["tpm", "hsm"])
+        .start();
+    World { tpm, token, daemon }
+}
+
+/// `keyward init` with a TPM slot, a token slot and 2-of-3 recovery shares; returns the shares.
+fn init(d: &Keywardd) -> Vec<String> {
+    let out = d.json(&[
+        "init",
+        "--tpm2",
+        "tpm",
+        "--pkcs11",
+        "hsm",
+        "--recovery",
+        "2/3",
+    ]);
+    assert_eq!(out["keyslots"].as_array().unwrap().len(), 3, "{out}");
+    let shares: Vec<String> = out["recovery_shares"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(shares.len(), 3);
+    shares
+}
+
+fn put(d: &Keywardd, name: &str, value: &[u8]) -> u64 {
+    let out = d.run(&["--json", "secret", "put", name], value);
+    assert_eq!(out.code, 0, "put {name}: {}", out.stderr);
+    serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap()["version"]
+        .as_u64()
+        .unwrap()
+}
+
+fn get(d: &Keywardd, name: &str) -> Vec<u8> {
+    let out = d.run(&["secret", "get", name], b"");
+    assert_eq!(out.code, 0, "get {name}: {}", out.stderr);
+    out.stdout_bytes
+}
+
+fn status(d: &Keywardd) -> serde_json::Value {
+    d.json(&["status"])
+}
+
+#[test]
+fn init_put_restart_unseals_from_the_tpm_and_serves() {
+    let mut w = world();
+    let s = status(&w.daemon);
+    assert_eq!(s["initialized"], false);
+    init(&w.daemon);
+    assert_eq!(put(&w.daemon, "db/password", b"correct horse"), 1);
+    assert_eq!(put(&w.daemon, "db/password", b"battery staple"), 2);
+    w.daemon.restart();
+    let s = status(&w.daemon);
+    assert_eq!(s["sealed"], false, "{s}");
+    assert!(s["unsealed_by"].as_str().unwrap().contains("tpm2"), "{s}");
+    assert_eq!(get(&w.daemon, "db/password"), b"battery staple");
+    let out = w
+        .daemon
+        .run(&["secret", "get", "db/password", "--version", "1"], b"");
+    assert_eq!(out.stdout_bytes, b"correct horse");
+    assert!(
+        w.daemon
+            .statuses()
+            .iter()
+            .any(|s| s.starts_with("unsealed by")),
+        "{:?}",
+        w.daemon.statuses()
+    );
+}
+
+#[test]
+fn token_slot_unseals_when_the_pcrs_changed() {
+    let mut w = world();
+    init(&w.daemon);
+    put(&w.daemon, "api/token", b"t0k3n");
+    w.daemon.stop();
+    w.tpm.extend_pcr(7);
+    w.daemon.start();
+    let s = status(&w.daemon);
+    assert_eq!(s["sealed"], false, "{s}");
+    assert!(s["unsealed_by"].as_str().unwrap().contains("pkcs11"), "{s}");
+    assert_eq!(get(&w.daemon, "api/token"), b"t0k3n");
+    assert!(
+        w.daemon.log().contains("PCR"),
+        "the TPM slot's failure is logged"
+    );
+}
+
+#[test]
+fn recovery_shares_unseal_when_both_devices_are_gone_and_fewer_do_not() {
+    let mut w = world();
+    let shares = init(&w.daemon);
+    put(&w.daemon, "k", b"v");
+    w.daemon.stop();
+    w.tpm.stop();
+    std::fs::rename(w.token.token_dir(), w.token.dir().join("tokens-away")).unwrap();
+    w.daemon.start();
+    let s = status(&w.daemon);
+    assert_eq!(s["sealed"], true, "{s}");
+    assert!(s["reason"].as_str().unwrap().contains("keyslot"), "{s}");
+    let out = w.daemon.run(&["secret", "get", "k"], b"");
+    assert_eq!(out.code, 4, "sealed is exit code 4: {}", out.stderr);
+    assert!(out.stderr.contains("sealed"), "{}", out.stderr);
+
+    // k-1 shares: still sealed.
+    let out = w
+        .daemon
+        .run(&["unseal"], format!("{}\n", shares[2]).as_bytes());
+    assert_ne!(
+        out.code, 0,
+        "one share of two must not unseal: {}",
+        out.stdout
+    );
+    assert_eq!(status(&w.daemon)["sealed"], true);
+    // The k-th share opens it.
+    let out = w
+        .daemon
+        .run(&["unseal"], format!("{}\n", shares[0]).as_bytes());
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(status(&w.daemon)["sealed"], false);
+    assert_eq!(get(&w.daemon, "k"), b"v");
+}
+
+#[test]
+fn a_mistyped_share_is_caught_by_its_checksum() {
+    let w = world();
+    let shares = init(&w.daemon);
+    w.daemon.run(&["seal"], b"");
+    let mut typo = shares[0].clone().into_bytes();
+    let i = typo.len() - 7;
+    typo[i] = if typo[i] == b'A' { b'B' } else { b'A' };
+    let out = w
+        .daemon
+        .run(&["unseal"], &[typo.as_slice(), b"\n"].concat());
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.to_lowercase().contains("checksum"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains(&shares[0]), "a share is never echoed");
+}
+
+#[test]
+fn seal_drops_the_key_and_unseal_restores_it() {
+    let w = world();
+    let shares = init(&w.daemon);
+    put(&w.daemon, "a", b"1");
+    assert_eq!(w.daemon.run(&["seal"], b"").code, 0);
+    assert_eq!(w.daemon.run(&["secret", "get", "a"], b"").code, 4);
+    let input = format!("{}\n{}\n", shares[0], shares[1]);
+    assert_eq!(w.daemon.run(&["unseal"], input.as_bytes()).code, 0);
+    assert_eq!(get(&w.daemon, "a"), b"1");
+}
+
+#[test]
+fn rekey_keeps_every_secret_and_replaces_recovery_shares() {
+    let mut w = world();
+    let old = init(&w.daemon);
+    for i in 0..200 {
+        put(
+            &w.daemon,
+            &format!("bulk/{i}"),
+            format!("value-{i}").as_bytes(),
+        );
+    }
+    let out = w.daemon.json(&["rekey"]);
+    let new: Vec<String> = out["recovery_shares"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(new.len(), 3, "{out}");
+    assert_eq!(get(&w.daemon, "bulk/7"), b"value-7");
+    // The device slots were re-sealed: the restart unseals unattended.
+    w.daemon.restart();
+    assert_eq!(status(&w.daemon)["sealed"], false);
+    for i in (0..200).step_by(37) {
+        assert_eq!(
+            get(&w.daemon, &format!("bulk/{i}")),
+            format!("value-{i}").as_bytes()
+        );
+    }
+    // Old shares no longer open the vault; new ones do.
+    w.daemon.run(&["seal"], b"");
+    let out = w
+        .daemon
+        .run(&["unseal"], format!("{}\n{}\n", old[0], old[1]).as_bytes());
+    assert_ne!(out.code, 0, "old shares must not unseal after a rekey");
+    let out = w
+        .daemon
+        .run(&["unseal"], format!("{}\n{}\n", new[0], new[1]).as_bytes());
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(get(&w.daemon, "bulk/0"), b"value-0");
+}
+
+#[test]
+fn rotate_starts_a_term_and_old_versions_stay_readable() {
+    let w = world();
+    init(&w.daemon);
+    put(&w.daemon, "r", b"old");
+    let out = w.daemon.json(&["rotate"]);
+    assert_eq!(out["term"], 2, "{out}");
+    put(&w.daemon, "r", b"new");
+    let versions = w.daemon.json(&["secret", "versions", "r"]);
+    let terms: Vec<u64> = versions["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["term"].as_u64().unwrap())
+        .collect();
+    assert_eq!(terms, [1, 2], "{versions}");
+    assert_eq!(
+        w.daemon
+            .run(&["secret", "get", "r", "--version", "1"], b"")
+            .stdout_bytes,
+        b"old"
+    );
+    assert_eq!(get(&w.daemon, "r"), b"new");
+}
+
+#[test]
+fn keys_are_made_in_the_devices_and_signatures_verify_with_openssl() {
+    let w = world();
+    init(&w.daemon);
+    for (name, device, algorithm) in [
+        ("hsm-ed", "hsm", "ed25519"),
+        ("hsm-p256", "hsm", "ecdsa-p256"),
+        ("hsm-rsa", "hsm", "rsa-pss-3072"),
+        ("tpm-p256", "tpm", "ecdsa-p256"),
+    ] {
+        let out = w.daemon.run(
+            &[
+                "key",
+                "create",
+                name,
+                "--device",
+                device,
+                "--algorithm",
+                algorithm,
+            ],
+            b"",
+        );
+        assert_eq!(out.code, 0, "{name}: {}", out.stderr);
+        assert!(out.stdout.contains("BEGIN PUBLIC KEY"), "{}", out.stdout);
+        let der = w
+            .daemon
+            .run(&["key", "public", name, "--der"], b"")
+            .stdout_bytes;
+        let message = format!("sign me with {name}");
+        let out = w.daemon.run(&["key", "sign", name], message.as_bytes());
+        assert_eq!(out.code, 0, "{name}: {}", out.stderr);
+        let alg = algorithm.parse().unwrap();
+        let public = hsm_shim::PublicKeyDer(der);
+        keyward_tests::openssl::verify(&public, alg, message.as_bytes(), &out.stdout_bytes)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(keyward_tests::openssl::verify(&public, alg, b"other", &out.stdout_bytes).is_err());
+    }
+    let keys = w.daemon.json(&["key", "list"]);
+    assert_eq!(keys["keys"].as_array().unwrap().len(), 4, "{keys}");
+    // Prehashed: the digest's length is checked.
+    let out = w
+        .daemon
+        .run(&["key", "sign", "hsm-p256", "--prehashed"], &[0u8; 31]);
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("32"), "{}", out.stderr);
+    // Delete destroys it.
+    assert_eq!(w.daemon.run(&["key", "delete", "hsm-ed"], b"").code, 0);
+    assert_ne!(w.daemon.run(&["key", "sign", "hsm-ed"], b"x").code, 0);
+}
+
+#[test]
+fn the_last_keyslot_is_not_removed_without_force() {
+    let w = world();
+    w.daemon.json(&["init", "--pkcs11", "hsm"]);
+    let out = w.daemon.run(&["keyslot", "remove", "1"], b"");
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("last"), "{}", out.stderr);
+    w.daemon.json(&["enroll", "tpm2", "--device", "tpm"]);
+    assert_eq!(w.daemon.run(&["keyslot", "remove", "1"], b"").code, 0);
+    let slots = w.daemon.json(&["keyslot", "list"]);
+    let kinds: Vec<&str> = slots["keyslots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["tpm2"]);
+}
+
+#[test]
+fn a_second_init_is_refused() {
+    let w = world();
+    init(&w.daemon);
+    let out = w.daemon.run(&["init", "--pkcs11", "hsm"], b"");
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("already"), "{}", out.stderr);
+}
