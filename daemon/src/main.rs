@@ -148,6 +148,18 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
         }
     };
 
+    // Readiness means the devices have been tried and the unattended unseal is done, so a
+    // consumer ordered after us does not race the unseal. Bounded: a hung device must not hold
+    // start-up forever (its calls time out the same way).
+    let wait = std::time::Duration::from_secs(config.limits.device_timeout_secs);
+    for device in service.vault().devices().values() {
+        if tokio::time::timeout(wait, device.ready()).await.is_err() {
+            tracing::warn!(
+                device = device.name(),
+                "device still opening after {wait:?}; going on"
+            );
+        }
+    }
     service.vault().unseal_unattended().await;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

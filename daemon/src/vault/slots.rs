@@ -240,7 +240,8 @@ impl Vault {
     }
 
     /// The unattended unseal at start: device keyslots without a PIN, devices in the
-    /// configured order. Never asks for or retries a PIN. Leaves the vault sealed with the
+    /// configured order (the caller waits for the devices' first open first). Never asks for
+    /// or retries a PIN. Leaves the vault sealed with the
     /// reasons when nothing opens it.
     pub async fn unseal_unattended(&self) {
         let rows = match self.keyslot_rows().await {
