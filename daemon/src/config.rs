@@ -40,6 +40,12 @@ pub struct Config {
     /// The Varlink API socket.
     #[serde(default)]
     pub api: ApiConfig,
+    /// systemd's `LoadCredential=` socket. Off unless configured.
+    #[serde(default)]
+    pub credentials: Option<CredentialsConfig>,
+    /// The D-Bus service. Off unless configured.
+    #[serde(default)]
+    pub dbus: Option<DbusConfig>,
     /// The policy file (TOML). Without one, everything but `Status` is denied.
     #[serde(default)]
     pub policy: Option<PathBuf>,
@@ -105,6 +111,68 @@ impl ApiConfig {
         }
         Ok(bits)
     }
+}
+
+/// The credential socket that systemd connects to for `LoadCredential=ID:PATH`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsConfig {
+    /// Path of the socket (ignored under socket activation).
+    #[serde(default = "default_credentials_socket")]
+    pub socket: PathBuf,
+    /// Permission bits, octal ("0600": only systemd, which runs as root, connects).
+    #[serde(default = "default_credentials_mode")]
+    pub mode: String,
+    /// How long a request may wait for the vault to be unsealed at boot before it gets nothing.
+    #[serde(default = "default_credentials_wait")]
+    pub wait_unsealed_secs: u64,
+}
+
+fn default_credentials_socket() -> PathBuf {
+    PathBuf::from("/run/keyward/credentials.sock")
+}
+
+fn default_credentials_mode() -> String {
+    "0600".into()
+}
+
+fn default_credentials_wait() -> u64 {
+    60
+}
+
+impl CredentialsConfig {
+    /// The socket mode as bits.
+    ///
+    /// # Errors
+    /// A mode that isn't octal or grants more than `0777`.
+    pub fn mode_bits(&self) -> Result<u32, String> {
+        parse_mode("credentials.mode", &self.mode)
+    }
+}
+
+/// Which bus the D-Bus service joins.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DbusConfig {
+    /// `system` (default) or `session`; ignored when `address` is set.
+    #[serde(default = "default_bus")]
+    pub bus: String,
+    /// An explicit bus address (`unix:path=…`), e.g. a private bus in tests.
+    #[serde(default)]
+    pub address: Option<String>,
+}
+
+fn default_bus() -> String {
+    "system".into()
+}
+
+fn parse_mode(what: &str, mode: &str) -> Result<u32, String> {
+    let bits = u32::from_str_radix(mode.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{what} {mode:?} is not an octal mode like \"0660\""))?;
+    if bits > 0o777 {
+        return Err(format!("{what} {mode:?} has bits beyond 0777"));
+    }
+    Ok(bits)
 }
 
 /// Bounds on client-controlled resources.
@@ -249,6 +317,17 @@ impl Config {
 
     fn check(&self) -> Result<(), String> {
         self.api.mode_bits()?;
+        if let Some(c) = &self.credentials {
+            c.mode_bits()?;
+        }
+        if let Some(d) = &self.dbus {
+            if d.address.is_none() && !matches!(d.bus.as_str(), "system" | "session") {
+                return Err(format!(
+                    "dbus.bus {:?}: use \"system\" or \"session\", or set dbus.address",
+                    d.bus
+                ));
+            }
+        }
         for (name, device) in &self.devices {
             check_device_name(name)?;
             if let DeviceConfig::Pkcs11 { token, .. } = device {

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use keywardd::config::{Config, DeviceConfig, DEFAULT_CONFIG};
@@ -12,6 +13,7 @@ use keywardd::policy::Policy;
 use keywardd::service::Service;
 use keywardd::store::Store;
 use keywardd::sys;
+use keywardd::transport::credentials::{self, CredentialLimits};
 use keywardd::transport::varlink::{self, VarlinkLimits};
 use keywardd::vault::Vault;
 use sd_notify::NotifyState;
@@ -136,10 +138,24 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let service = Arc::new(Service::new(vault, policy));
 
-    // Listen before unsealing: early clients wait in the backlog instead of failing.
-    let listener = match sys::activated_listener().map_err(|e| format!("LISTEN_FDS: {e}"))? {
-        Some(l) => {
-            tokio::net::UnixListener::from_std(l).map_err(|e| format!("activated socket: {e}"))?
+    // Listen before unsealing: early clients wait in the backlog instead of failing. Under
+    // socket activation systemd owns the paths (and /run is read-only to us): never bind then.
+    let mut activated = sys::activated_listeners().map_err(|e| format!("LISTEN_FDS: {e}"))?;
+    let socket_activated = !activated.is_empty();
+    let tokio_listener = |l: std::os::unix::net::UnixListener, what: &str| {
+        tokio::net::UnixListener::from_std(l).map_err(|e| format!("activated {what} socket: {e}"))
+    };
+    // A single socket passed without a name (plain `systemd-socket-activate -l`) is the API.
+    let api = activated.remove("api").or_else(|| {
+        let only = (activated.len() == 1 && !activated.contains_key("credentials"))
+            .then(|| activated.keys().next().cloned())
+            .flatten()?;
+        activated.remove(&only)
+    });
+    let listener = match api {
+        Some(l) => tokio_listener(l, "api")?,
+        None if socket_activated => {
+            return Err("socket-activated without an `api` socket (FileDescriptorName=api)".into())
         }
         None => {
             let mode = config.api.mode_bits()?;
@@ -147,6 +163,17 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
                 .map_err(|e| format!("cannot listen on {}: {e}", config.api.socket.display()))?
         }
     };
+    let credentials_listener = match (activated.remove("credentials"), &config.credentials) {
+        (Some(l), _) => Some(tokio_listener(l, "credentials")?),
+        (None, Some(c)) if !socket_activated => Some(
+            varlink::bind(&c.socket, c.mode_bits()?)
+                .map_err(|e| format!("cannot listen on {}: {e}", c.socket.display()))?,
+        ),
+        (None, _) => None,
+    };
+    for name in activated.keys() {
+        tracing::warn!(name = %name, "ignoring an activated socket with an unknown FileDescriptorName");
+    }
 
     // Readiness means the devices have been tried and the unattended unseal is done, so a
     // consumer ordered after us does not race the unseal. Bounded: a hung device must not hold
@@ -164,7 +191,41 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let limits = VarlinkLimits::from_config(&config.limits);
-    let server = tokio::spawn(varlink::serve(listener, service.clone(), limits, stop_rx));
+    let server = tokio::spawn(varlink::serve(
+        listener,
+        service.clone(),
+        limits,
+        stop_rx.clone(),
+    ));
+    // D-Bus: the name is owned before READY=1, so a client ordered after us finds it. A bus that
+    // refuses us (name taken, policy not installed) fails the start: it was configured.
+    let dbus_task = match &config.dbus {
+        Some(c) => {
+            let dbus = keywardd::transport::dbus::start(c, service.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            Some(tokio::spawn(dbus.run(stop_rx.clone())))
+        }
+        None => None,
+    };
+    let credentials_server = credentials_listener.map(|l| {
+        let limits = CredentialLimits {
+            wait_unsealed: Duration::from_secs(
+                config
+                    .credentials
+                    .as_ref()
+                    .map_or(60, |c| c.wait_unsealed_secs),
+            ),
+            max_connections: 1024,
+            write_timeout: Duration::from_secs(10),
+        };
+        tokio::spawn(credentials::serve(
+            l,
+            service.clone(),
+            limits,
+            stop_rx.clone(),
+        ))
+    });
 
     let status = service.vault().status().await.map_err(|e| e.to_string())?;
     let line = if status.sealed {
@@ -173,7 +234,7 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
         format!("unsealed by {}", status.unsealed_by.unwrap_or_default())
     };
     sys::notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
-    tracing::info!(socket = %config.api.socket.display(), "{line}; ready");
+    tracing::info!(socket_activated, "{line}; ready");
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
@@ -198,5 +259,13 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
     tracing::info!("stopping: draining in-flight requests");
     let _ = stop_tx.send(true);
     let _ = server.await;
+    if let Some(d) = dbus_task {
+        if let Ok(Err(e)) = d.await {
+            tracing::warn!("{e}");
+        }
+    }
+    if let Some(c) = credentials_server {
+        let _ = c.await;
+    }
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use keyward::api::{self, ApiError, Reply, Request};
 
 use crate::identity::Caller;
-use crate::policy::{decide, Action, Decision, Policy, Resource};
+use crate::policy::{credential_secret, decide, Action, Decision, Policy, Resource};
 use crate::transport::Handler;
 use crate::vault::Vault;
 
@@ -227,6 +227,42 @@ impl Handler for Service {
             Ok(_) => tracing::debug!(caller = %caller, method, target = %target, "ok"),
             Err(e) => {
                 tracing::info!(caller = %caller, method, target = %target, error = %e.name(), "refused")
+            }
+        }
+        result
+    }
+
+    async fn credential(
+        &self,
+        caller: Caller,
+        id: String,
+        wait: std::time::Duration,
+    ) -> Result<api::SecretValue, ApiError> {
+        let unit = caller.unit.clone().unwrap_or_default();
+        let denied = || ApiError::PermissionDenied {
+            action: "credential".into(),
+            resource: format!("{unit}/{id}"),
+        };
+        // The map is the grant: a unit gets exactly the secrets mapped to its credential ids.
+        let secret = credential_secret(&self.policy(), &unit, &id)
+            .map(str::to_owned)
+            .ok_or_else(denied)?;
+        if !self.vault.wait_unsealed(wait).await {
+            return Err(ApiError::Sealed {
+                reason: format!("still sealed after waiting {wait:?}"),
+            });
+        }
+        let result = self
+            .vault
+            .get_secret(secret.clone(), None)
+            .await
+            .map(|(value, _)| value);
+        match &result {
+            Ok(_) => {
+                tracing::info!(caller = %caller, credential = %id, secret = %secret, "credential delivered")
+            }
+            Err(e) => {
+                tracing::warn!(caller = %caller, credential = %id, secret = %secret, error = %e.name(), "credential not delivered")
             }
         }
         result

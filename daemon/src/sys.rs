@@ -58,17 +58,21 @@ pub fn notify(states: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-/// The listening Unix socket systemd passed (socket activation), if any. Takes the first
-/// descriptor of `LISTEN_FDS`.
+/// The listening Unix sockets systemd passed (socket activation), by their
+/// `FileDescriptorName=` (`api`, `credentials`). Empty when not socket-activated.
 ///
 /// # Errors
-/// `LISTEN_FDS` is set but the descriptor is unusable.
-pub fn activated_listener() -> std::io::Result<Option<std::os::unix::net::UnixListener>> {
-    let mut fds = sd_notify::listen_fds()?;
-    let Some(fd) = fds.next() else {
-        return Ok(None);
-    };
-    Ok(Some(listener_from_fd(fd)?))
+/// `LISTEN_FDS` is set but a descriptor is unusable.
+pub fn activated_listeners(
+) -> std::io::Result<std::collections::HashMap<String, std::os::unix::net::UnixListener>> {
+    let mut out = std::collections::HashMap::new();
+    for (fd, name) in sd_notify::listen_fds_with_names(true)? {
+        let listener = listener_from_fd(fd)?;
+        if out.insert(name.clone(), listener).is_some() {
+            tracing::warn!(name = %name, "two activated sockets share a name; using the last");
+        }
+    }
+    Ok(out)
 }
 
 fn listener_from_fd(fd: RawFd) -> std::io::Result<std::os::unix::net::UnixListener> {

@@ -4,7 +4,7 @@
 //! watch the daemon unseal itself from the TPM.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use keyward_tests::keywardd::{Keywardd, Setup};
+use keyward_tests::keywardd::{Keywardd, Setup, ROOT_ADMIN_POLICY};
 use keyward_tests::softhsm::SoftHsm;
 use keyward_tests::swtpm::Swtpm;
 
@@ -31,10 +31,16 @@ fn main() {
     println!("Keyward demo: keywardd on a private SoftHSM token and a private swtpm (temp dirs)");
     let tpm = Swtpm::start();
     let token = SoftHsm::new("keyward-demo");
+    // The policy maps postgresql.service's credential `db-pass` to the secret db/password.
+    let policy = format!(
+        "{ROOT_ADMIN_POLICY}\n[[credential]]\nunit = \"postgresql.service\"\nid = \"db-pass\"\nsecret = \"db/password\"\n"
+    );
     let mut daemon = Setup::new()
         .tpm("tpm", &tpm)
         .token("hsm", &token)
         .unseal_order(&["tpm", "hsm"])
+        .policy(&policy)
+        .credentials(30)
         .start();
     println!(
         "keywardd is up (READY=1): API socket {}",
@@ -98,5 +104,20 @@ fn main() {
     step(&daemon, &["status"], b"");
     let value = step(&daemon, &["secret", "get", "db/password"], b"");
     assert_eq!(value, b"correct horse battery staple");
-    println!("\nDone: the secret survived a restart, fetched after an unattended TPM unseal.");
+
+    // What systemd does for `LoadCredential=db-pass:/run/keyward/credentials.sock` in
+    // postgresql.service: bind \0<hex>/unit/postgresql.service/db-pass, connect, read to EOF.
+    let delivered = keyward_tests::credentials::fetch(
+        &daemon.credentials_socket(),
+        "postgresql.service",
+        "db-pass",
+    )
+    .expect("credential socket");
+    println!(
+        "\n# systemd starts postgresql.service with LoadCredential=db-pass:{}\n  $CREDENTIALS_DIRECTORY/db-pass <- {:?}",
+        daemon.credentials_socket().display(),
+        String::from_utf8_lossy(&delivered)
+    );
+    assert_eq!(delivered, b"correct horse battery staple");
+    println!("\nDone: the secret survived a restart, fetched after an unattended TPM unseal, and was delivered to a unit by the credential socket.");
 }

@@ -50,6 +50,7 @@ pub struct Setup {
     unseal_order: Option<Vec<String>>,
     policy: Option<String>,
     public_socket: bool,
+    credentials_wait: Option<u64>,
 }
 
 impl Setup {
@@ -84,6 +85,13 @@ impl Setup {
         self
     }
 
+    /// Serve D-Bus on the bus at `address` (a [`crate::dbus::PrivateBus`]): a `[dbus]` table,
+    /// appended after the device tables.
+    pub fn dbus_address(mut self, address: &str) -> Self {
+        let _ = write!(self.devices, "\n[dbus]\naddress = {address:?}\n");
+        self
+    }
+
     /// The order of the unattended unseal.
     pub fn unseal_order(mut self, order: &[&str]) -> Self {
         self.unseal_order = Some(order.iter().map(|s| (*s).to_owned()).collect());
@@ -96,6 +104,13 @@ impl Setup {
         self
     }
 
+    /// Serve the credential socket (`Keywardd::credentials_socket`), holding requests up to
+    /// `wait_unsealed_secs` for the vault to open.
+    pub fn credentials(mut self, wait_unsealed_secs: u64) -> Self {
+        self.credentials_wait = Some(wait_unsealed_secs);
+        self
+    }
+
     /// Put the API socket where any user can reach it (mode 0666 in a 0755 directory), for tests
     /// that call as another uid and must meet the policy, not file permissions.
     pub fn public_socket(mut self) -> Self {
@@ -105,6 +120,15 @@ impl Setup {
 
     /// Start the daemon and wait for `READY=1`.
     pub fn start(self) -> Keywardd {
+        let mut d = self.prepare();
+        d.start();
+        d
+    }
+
+    /// Write the config, policy and directories but start nothing: for tests that run
+    /// `keywardd` their own way (under `systemd-socket-activate`, say) with
+    /// [`Keywardd::config_path`]. [`Keywardd::start`] starts it the usual way.
+    pub fn prepare(self) -> Keywardd {
         let dir = tempfile::Builder::new()
             .prefix("keywardd-")
             .tempdir()
@@ -127,6 +151,14 @@ impl Setup {
             socket.display(),
             if self.public_socket { "0666" } else { "0600" },
         );
+        if let Some(wait) = self.credentials_wait {
+            let _ = write!(
+                config,
+                "[credentials]\nsocket = \"{}\"\nmode = \"{}\"\nwait_unsealed_secs = {wait}\n",
+                run_dir.join("credentials.sock").display(),
+                if self.public_socket { "0666" } else { "0600" },
+            );
+        }
         if let Some(policy) = &self.policy {
             std::fs::write(&policy_path, policy).expect("policy");
             std::fs::set_permissions(&policy_path, std::fs::Permissions::from_mode(0o600))
@@ -139,16 +171,14 @@ impl Setup {
         config.push_str(&self.devices);
         let config_path = root.join("keywardd.toml");
         std::fs::write(&config_path, &config).expect("config");
-        let mut d = Keywardd {
+        Keywardd {
             dir,
             config_path,
             socket,
             policy_path,
             child: None,
             statuses: Vec::new(),
-        };
-        d.start();
-        d
+        }
     }
 }
 
@@ -167,6 +197,16 @@ impl Keywardd {
     /// The API socket.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The config file (`keywardd --config` takes it).
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The credential socket (with [`Setup::credentials`]).
+    pub fn credentials_socket(&self) -> PathBuf {
+        self.socket.with_file_name("credentials.sock")
     }
 
     /// The temp dir holding everything.

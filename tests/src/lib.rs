@@ -1,10 +1,13 @@
 //! Test fixtures that run **real** devices: a SoftHSM token in its own temp dir
-//! ([`softhsm::SoftHsm`]), an swtpm process on its own port pair ([`swtpm::Swtpm`]), and helpers
-//! that check results with independent tools ([`openssl`]). Nothing here mocks a device.
+//! ([`softhsm::SoftHsm`]), an swtpm process on its own port pair ([`swtpm::Swtpm`]), a private
+//! `dbus-daemon` ([`dbus::PrivateBus`]), and helpers that check results with independent tools
+//! ([`openssl`]). Nothing here mocks a device.
 //!
 //! Fixtures panic on setup failure: a test that cannot build its world has nothing to assert.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod credentials;
+pub mod dbus;
 pub mod keywardd;
 pub mod openssl;
 pub mod softhsm;

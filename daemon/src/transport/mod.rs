@@ -2,11 +2,13 @@
 //! layer, through [`Handler`], and the result back into bytes. No transport touches the store,
 //! the vault or a device.
 
+pub mod credentials;
+pub mod dbus;
 pub mod varlink;
 
 use std::future::Future;
 
-use keyward::api::{ApiError, Reply, Request};
+use keyward::api::{ApiError, Reply, Request, SecretValue};
 
 use crate::identity::Caller;
 
@@ -19,4 +21,23 @@ pub trait Handler: Send + Sync + 'static {
         caller: Caller,
         request: Request,
     ) -> impl Future<Output = Result<Reply, ApiError>> + Send;
+
+    /// The value of systemd credential `id` for `caller` (whose `unit` the transport has
+    /// established), as the policy's credential map says. May wait, bounded by `wait`, for the
+    /// vault to be unsealed: units start while the daemon is still unsealing at boot.
+    /// The default grants nothing (for handlers that serve no credentials).
+    fn credential(
+        &self,
+        caller: Caller,
+        id: String,
+        wait: std::time::Duration,
+    ) -> impl Future<Output = Result<SecretValue, ApiError>> + Send {
+        let _ = wait;
+        async move {
+            Err(ApiError::PermissionDenied {
+                action: "credential".into(),
+                resource: format!("{}/{id}", caller.unit.unwrap_or_default()),
+            })
+        }
+    }
 }

@@ -64,6 +64,9 @@ pub struct Vault {
     state: RwLock<State>,
     /// Called with a one-line status whenever the vault is sealed or unsealed (`STATUS=`).
     on_change: Arc<dyn Fn(&str) + Send + Sync>,
+    /// True while the vault is open: lets requests that arrive during boot wait for the
+    /// unattended unseal instead of failing.
+    open_tx: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -103,12 +106,14 @@ impl Vault {
             },
             None => State::Uninitialized,
         };
+        let (open_tx, _) = tokio::sync::watch::channel(false);
         Ok(Self {
             store,
             devices,
             unseal_order,
             state: RwLock::new(state),
             on_change,
+            open_tx,
         })
     }
 
@@ -130,7 +135,16 @@ impl Vault {
     }
 
     fn changed(&self, state: &State) {
+        self.open_tx
+            .send_replace(matches!(state, State::Unsealed(_)));
         (self.on_change)(&status_line(state));
+    }
+
+    /// Wait up to `limit` for the vault to be open; true if it is.
+    pub async fn wait_unsealed(&self, limit: std::time::Duration) -> bool {
+        let mut rx = self.open_tx.subscribe();
+        let opened = tokio::time::timeout(limit, rx.wait_for(|open| *open)).await;
+        matches!(opened, Ok(Ok(_)))
     }
 
     /// `Status`.

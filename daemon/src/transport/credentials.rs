@@ -1,0 +1,197 @@
+//! systemd's `LoadCredential=ID:/run/keyward/credentials.sock`: when systemd starts a unit, it
+//! connects from an abstract address `\0<random hex>/unit/<unit name>/<credential id>`, shuts
+//! down its write side and reads to EOF. We answer with the secret the policy maps to
+//! (unit, id), or close without a byte: systemd has no "not found" reply.
+//!
+//! Any process can bind an abstract address, so the unit name is trusted only when the peer is
+//! uid 0 (PID 1 runs as root). A request that arrives while the vault is still being unsealed at
+//! boot waits for it, bounded. Every refusal is logged with its reason; values never are.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use super::Handler;
+use crate::identity::{Caller, Via};
+
+/// Bounds for the credential socket.
+#[derive(Clone, Copy, Debug)]
+pub struct CredentialLimits {
+    /// How long a request may wait for the vault to be unsealed.
+    pub wait_unsealed: Duration,
+    /// Requests served at once (a boot starts hundreds of units together; more wait in the
+    /// backlog).
+    pub max_connections: usize,
+    /// How long writing the value may take.
+    pub write_timeout: Duration,
+}
+
+/// What systemd's peer address says: the unit and the credential id it asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialRequest {
+    /// The unit being started (`postgresql.service`).
+    pub unit: String,
+    /// The credential id from `LoadCredential=ID:…`.
+    pub id: String,
+}
+
+/// Parse an abstract peer address (without its leading NUL): `<hex>/unit/<unit>/<id>`.
+/// Anything else is not systemd and gets nothing.
+pub fn parse_peer(name: &[u8]) -> Option<CredentialRequest> {
+    let text = std::str::from_utf8(name).ok()?;
+    let mut parts = text.splitn(4, '/');
+    let (nonce, kind, unit, id) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let nonce_ok =
+        !nonce.is_empty() && nonce.len() <= 64 && nonce.bytes().all(|b| b.is_ascii_hexdigit());
+    let unit_ok = (3..=255).contains(&unit.len())
+        && unit
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b))
+        && unit
+            .rsplit_once('.')
+            .is_some_and(|(stem, suffix)| !stem.is_empty() && !suffix.is_empty());
+    // A credential id is a file name in $CREDENTIALS_DIRECTORY.
+    let id_ok = !id.is_empty()
+        && id.len() <= 255
+        && id != "."
+        && id != ".."
+        && !id.bytes().any(|b| b == b'/' || b.is_ascii_control());
+    (nonce_ok && kind == "unit" && unit_ok && id_ok).then(|| CredentialRequest {
+        unit: unit.into(),
+        id: id.into(),
+    })
+}
+
+/// Serve the credential socket until `shutdown` turns true, then finish the requests in hand.
+pub async fn serve<H: Handler>(
+    listener: UnixListener,
+    handler: Arc<H>,
+    limits: CredentialLimits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut tasks = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "credential socket accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let handler = handler.clone();
+        tasks.spawn(async move {
+            serve_one(stream, handler.as_ref(), limits).await;
+            drop(permit);
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn serve_one<H: Handler>(mut stream: UnixStream, handler: &H, limits: CredentialLimits) {
+    let uid_pid = stream.peer_cred().map(|c| (c.uid(), c.pid()));
+    let addr = stream.peer_addr().ok();
+    let name = addr
+        .as_ref()
+        .and_then(|a| a.as_abstract_name())
+        .map(<[u8]>::to_vec);
+    let request = name.as_deref().and_then(parse_peer);
+    let (uid, pid) = match uid_pid {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "credential request without peer credentials: refused");
+            return;
+        }
+    };
+    let Some(request) = request else {
+        tracing::warn!(
+            uid,
+            ?pid,
+            "credential request from an address that is not systemd's: refused"
+        );
+        return;
+    };
+    if uid != 0 {
+        // Anyone can bind `\0…/unit/postgresql.service/db-pass`; only PID 1 is believed.
+        tracing::warn!(uid, ?pid, unit = %request.unit, id = %request.id, "credential request from a non-root peer: refused");
+        return;
+    }
+    let caller = Caller {
+        uid,
+        gid: 0,
+        groups: Vec::new(),
+        pid,
+        unit: Some(request.unit.clone()),
+        via: Via::Credentials,
+    };
+    match handler
+        .credential(caller, request.id.clone(), limits.wait_unsealed)
+        .await
+    {
+        Ok(value) => {
+            let write = async {
+                stream.write_all(value.expose()).await?;
+                stream.shutdown().await
+            };
+            match tokio::time::timeout(limits.write_timeout, write).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(unit = %request.unit, id = %request.id, error = %e, "credential write failed")
+                }
+                Err(_) => {
+                    tracing::warn!(unit = %request.unit, id = %request.id, "credential write timed out")
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(unit = %request.unit, id = %request.id, error = %e, "credential refused: closing without data");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_addresses_parse() {
+        let r = parse_peer(b"8e2f1c0a9b7d6e5f/unit/postgresql.service/db-pass").unwrap();
+        assert_eq!(
+            r,
+            CredentialRequest {
+                unit: "postgresql.service".into(),
+                id: "db-pass".into()
+            }
+        );
+        let r = parse_peer(b"ab/unit/getty@tty1.service/x.y").unwrap();
+        assert_eq!(r.unit, "getty@tty1.service");
+        for bad in [
+            &b""[..],
+            b"/unit/a.service/id",
+            b"xyz/unit/a.service/id",
+            b"ab/user/a.service/id",
+            b"ab/unit/a.service/",
+            b"ab/unit/a.service/a/b",
+            b"ab/unit/noservice/id",
+            b"ab/unit/a.service/..",
+            b"ab/unit/a b.service/id",
+            b"ab/unit/a.service/id\n",
+            b"ab/unit/a.service",
+            b"\xff/unit/a.service/id",
+        ] {
+            assert_eq!(parse_peer(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}

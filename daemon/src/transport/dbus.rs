@@ -1,0 +1,773 @@
+//! The D-Bus transport: interface `org.keyward.Custodian1` on object `/org/keyward/Custodian1`,
+//! under the well-known name `org.keyward.Custodian1`, answered by the one [`Handler`].
+//!
+//! It owns the bus connection's life — connect, export the object, own the name (or say clearly
+//! why it can't), release it and drain the calls in flight at shutdown — and the translation of
+//! D-Bus arguments into [`Request`]s and of results into D-Bus replies and errors
+//! (`org.keyward.Custodian1.Error.<Reason>`). The caller's identity comes from the bus
+//! (`GetConnectionCredentials` of the message's sender), never from an argument; a caller the
+//! bus can't vouch for is refused. Nothing else is decided here: policy, the vault and the
+//! devices are the service's business, and this module never touches them.
+//!
+//! It never logs, prints or keeps a copy of argument or reply contents (secret values, PINs,
+//! recovery shares). Secret values are moved into zeroizing buffers the moment they leave the
+//! message, and returned values are serialized straight from the service's zeroizing buffer.
+//! What it can't wipe: the message buffers themselves, which zbus owns (the received call and
+//! the reply it serializes, including any reallocation while it writes one), and the copies in
+//! the bus daemon and the client.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyward::api::{
+    self, ApiError, CreateKeyParams, GetSecretParams, ListSecretsParams, NameParams,
+    PutSecretParams, Reply, Request, SecretString, SecretValue, SignParams, UnsealParams,
+};
+use serde::{Serialize, Serializer};
+use tokio::sync::{watch, Semaphore};
+use tracing::{debug, info, warn};
+use zbus::fdo::{self, RequestNameFlags, RequestNameReply};
+use zbus::message::{Header, Message};
+use zbus::names::{BusName, ErrorName, InterfaceName, OwnedErrorName};
+use zbus::{Connection, Signature, Type, Variant};
+use zeroize::Zeroizing;
+
+use super::Handler;
+use crate::config::DbusConfig;
+use crate::identity::{Caller, Via};
+
+/// The well-known bus name the daemon owns.
+pub const BUS_NAME: &str = "org.keyward.Custodian1";
+
+/// The object that carries the interface.
+pub const OBJECT_PATH: &str = "/org/keyward/Custodian1";
+
+/// The interface.
+pub const INTERFACE: &str = "org.keyward.Custodian1";
+
+/// Every error this interface returns is named `<ERROR_PREFIX>.<Reason>`.
+pub const ERROR_PREFIX: &str = "org.keyward.Custodian1.Error";
+
+/// Calls served at once. Further calls are refused with `Busy` instead of queueing without
+/// bound (the bus daemon's own limits bound each client; this bounds all of them together).
+pub const MAX_CALLS_IN_FLIGHT: usize = 256;
+
+/// How long shutdown waits for calls in flight to be answered.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the D-Bus service could not start or stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum DbusError {
+    /// The bus could not be reached, or refused us.
+    #[error("cannot connect to the D-Bus {bus}: {source}")]
+    Connect {
+        /// Which bus (`system bus`, `session bus`, or the configured address).
+        bus: String,
+        /// What zbus said.
+        source: zbus::Error,
+    },
+    /// Another connection owns the name: most likely another `keywardd`.
+    #[error("the D-Bus name {BUS_NAME} on the {bus} is owned by another process (is another keywardd running?)")]
+    NameTaken {
+        /// Which bus.
+        bus: String,
+    },
+    /// The bus's policy does not let this user own the name.
+    #[error(
+        "the {bus} does not let this user own {BUS_NAME}: install the bus policy \
+             (org.keyward.Custodian1.conf) and run keywardd as the user it names ({detail})"
+    )]
+    NameNotPermitted {
+        /// Which bus.
+        bus: String,
+        /// The bus daemon's message.
+        detail: String,
+    },
+    /// Exporting the object or asking for the name failed otherwise.
+    #[error("D-Bus service on the {bus}: {source}")]
+    Bus {
+        /// Which bus.
+        bus: String,
+        /// What zbus said.
+        source: zbus::Error,
+    },
+    /// The bus went away while we were serving.
+    #[error("lost the connection to the D-Bus {bus}")]
+    Disconnected {
+        /// Which bus.
+        bus: String,
+    },
+}
+
+/// A running D-Bus service: connected, object exported, name owned. [`DbusService::run`] serves
+/// until shutdown.
+#[derive(Debug)]
+pub struct DbusService {
+    conn: Connection,
+    bus: String,
+}
+
+/// Connect to the configured bus (`address` if set, else the system or session bus), export
+/// [`INTERFACE`] at [`OBJECT_PATH`], and own [`BUS_NAME`]. Once this returns, the name is owned
+/// and calls are answered (the runtime serves them; [`DbusService::run`] only waits for the
+/// shutdown). Call it before telling systemd `READY=1`, so that a client ordered after the
+/// daemon finds the name.
+///
+/// # Errors
+/// The bus can't be reached or refuses to authenticate us ([`DbusError::Connect`]); another
+/// connection owns the name ([`DbusError::NameTaken`]); the bus policy doesn't let us own it
+/// ([`DbusError::NameNotPermitted`]); anything else the bus refuses ([`DbusError::Bus`]).
+pub async fn start<H: Handler>(
+    config: &DbusConfig,
+    handler: Arc<H>,
+) -> Result<DbusService, DbusError> {
+    let (builder, bus) = match &config.address {
+        Some(address) => (
+            zbus::connection::Builder::address(address.as_str()),
+            format!("bus at {address}"),
+        ),
+        None if config.bus == "session" => {
+            (zbus::connection::Builder::session(), "session bus".into())
+        }
+        None => (zbus::connection::Builder::system(), "system bus".into()),
+    };
+    let conn = builder.build().await.map_err(|source| DbusError::Connect {
+        bus: bus.clone(),
+        source,
+    })?;
+    let custodian = Custodian {
+        handler,
+        calls: Semaphore::new(MAX_CALLS_IN_FLIGHT),
+    };
+    let bus_error = |source| DbusError::Bus {
+        bus: bus.clone(),
+        source,
+    };
+    // The object first, then the name: no call can arrive for an object not yet there.
+    conn.object_server()
+        .at(OBJECT_PATH, custodian)
+        .await
+        .map_err(bus_error)?;
+    match conn
+        .request_name_with_flags(BUS_NAME, RequestNameFlags::DO_NOT_QUEUE)
+        .await
+    {
+        Ok(RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner) => {}
+        Ok(RequestNameReply::Exists | RequestNameReply::InQueue) | Err(zbus::Error::NameTaken) => {
+            return Err(DbusError::NameTaken { bus })
+        }
+        Err(zbus::Error::FDO(e)) => match *e {
+            fdo::Error::AccessDenied(detail) => {
+                return Err(DbusError::NameNotPermitted { bus, detail })
+            }
+            other => return Err(bus_error(zbus::Error::FDO(Box::new(other)))),
+        },
+        Err(source) => return Err(bus_error(source)),
+    }
+    info!(bus = %bus, name = BUS_NAME, path = OBJECT_PATH, "dbus: serving");
+    Ok(DbusService { conn, bus })
+}
+
+/// [`start`], then [`DbusService::run`]: for a caller that needs no readiness point between
+/// owning the name and serving.
+///
+/// # Errors
+/// Those of [`start`] and [`DbusService::run`].
+pub async fn serve<H: Handler>(
+    config: &DbusConfig,
+    handler: Arc<H>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), DbusError> {
+    start(config, handler).await?.run(shutdown).await
+}
+
+impl DbusService {
+    /// The bus this service is on (for logs).
+    pub fn bus(&self) -> &str {
+        &self.bus
+    }
+
+    /// Serve until `shutdown` becomes true (or its sender is dropped); then release the name,
+    /// withdraw the object, and wait (bounded) for the calls in flight to be answered.
+    ///
+    /// # Errors
+    /// [`DbusError::Disconnected`] if the bus connection is lost before the shutdown (the
+    /// service is gone then; the other transports go on).
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), DbusError> {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => {}
+            () = self.conn.closed() => {
+                warn!(bus = %self.bus, "dbus: the bus closed the connection; D-Bus service stopped");
+                return Err(DbusError::Disconnected { bus: self.bus });
+            }
+        }
+        // New callers stop finding us by name...
+        match self.conn.release_name(BUS_NAME).await {
+            Ok(_) => debug!(name = BUS_NAME, "dbus: name released"),
+            Err(e) => warn!(error = %e, "dbus: cannot release the name"),
+        }
+        // ...and callers that kept our unique name meet no object.
+        match self
+            .conn
+            .object_server()
+            .remove_named(
+                OBJECT_PATH,
+                InterfaceName::from_static_str_unchecked(INTERFACE),
+            )
+            .await
+        {
+            Ok(_) => debug!(path = OBJECT_PATH, "dbus: object withdrawn"),
+            Err(e) => warn!(error = %e, "dbus: cannot withdraw the object"),
+        }
+        // Every call in flight holds a clone of the connection until its reply has been sent;
+        // once ours is the last one, every call has been answered. Bounded: a hung call must
+        // not hold the daemon's exit forever.
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.conn.graceful_shutdown())
+            .await
+            .is_err()
+        {
+            warn!("dbus: calls still in flight after {DRAIN_TIMEOUT:?}; leaving them");
+        } else {
+            debug!("dbus: drained");
+        }
+        Ok(())
+    }
+}
+
+/// The exported object. Generic over the handler so tests can serve a stand-in.
+struct Custodian<H> {
+    handler: Arc<H>,
+    /// One permit per call being served.
+    calls: Semaphore,
+}
+
+/// A secret value on its way out (`ay`): written into the reply message straight from the
+/// service's zeroizing buffer, which is wiped when the reply has been sent.
+struct SecretOut(Zeroizing<Vec<u8>>);
+
+impl Serialize for SecretOut {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl Type for SecretOut {
+    const SIGNATURE: &'static Signature = &Signature::static_array(&Signature::U8);
+}
+
+/// A failed call, as D-Bus sees it: `org.keyward.Custodian1.Error.<Reason>` and the
+/// [`ApiError`]'s text.
+pub struct CallError {
+    name: OwnedErrorName,
+    message: String,
+}
+
+impl CallError {
+    /// The D-Bus error for an API error.
+    pub fn from_api(e: &ApiError) -> Self {
+        Self {
+            name: error_name(e),
+            message: e.to_string(),
+        }
+    }
+
+    /// The error name.
+    pub fn name(&self) -> &str {
+        self.name.as_str()
+    }
+
+    /// The human-readable message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Debug for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallError")
+            .field("name", &self.name.as_str())
+            .field("message", &self.message)
+            .finish()
+    }
+}
+
+impl zbus::DBusError for CallError {
+    fn create_reply(&self, call: &Header<'_>) -> zbus::Result<Message> {
+        Message::error(call, self.name.as_ref()).build(&(self.message.as_str(),))
+    }
+
+    fn name(&self) -> ErrorName<'_> {
+        self.name.as_ref()
+    }
+
+    fn description(&self) -> Option<&str> {
+        Some(&self.message)
+    }
+}
+
+/// The short reason of an API error: the last component of its Varlink name
+/// (`org.keyward.Custodian.NotFound` → `NotFound`), or `Internal` if that isn't a valid D-Bus
+/// name element.
+pub fn error_reason(e: &ApiError) -> String {
+    let name = e.name();
+    let short = name.rsplit('.').next().unwrap_or_default();
+    let valid = short
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && short.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        short.to_owned()
+    } else {
+        "Internal".to_owned()
+    }
+}
+
+/// `org.keyward.Custodian1.Error.<Reason>` for an API error.
+pub fn error_name(e: &ApiError) -> OwnedErrorName {
+    OwnedErrorName::try_from(format!("{ERROR_PREFIX}.{}", error_reason(e))).unwrap_or_else(|_| {
+        OwnedErrorName::from(ErrorName::from_static_str_unchecked(
+            "org.keyward.Custodian1.Error.Internal",
+        ))
+    })
+}
+
+/// The service answered with a reply of the wrong kind: a bug, reported as `Internal`.
+fn unexpected(method: &str) -> CallError {
+    CallError::from_api(&ApiError::Internal {
+        reason: format!("unexpected reply to {method}"),
+    })
+}
+
+impl<H: Handler> Custodian<H> {
+    /// Who sent this call, as the bus daemon saw it when the sender connected. Fails closed.
+    async fn caller(&self, conn: &Connection, hdr: &Header<'_>) -> Result<Caller, ApiError> {
+        let denied = |why: &str| {
+            info!(reason = why, "dbus: caller not identified; call refused");
+            ApiError::PermissionDenied {
+                action: "call".into(),
+                resource: "caller identity unavailable".into(),
+            }
+        };
+        let sender = hdr.sender().ok_or_else(|| denied("no sender"))?;
+        let proxy = fdo::DBusProxy::builder(conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .map_err(|_| denied("no bus proxy"))?;
+        let creds = proxy
+            .get_connection_credentials(BusName::from(sender.to_owned()))
+            .await
+            .map_err(|_| denied("GetConnectionCredentials failed"))?;
+        let uid = creds
+            .unix_user_id()
+            .ok_or_else(|| denied("the bus gave no uid"))?;
+        let pid = creds.process_id().and_then(|p| i32::try_from(p).ok());
+        let bus_groups = creds.unix_group_ids().cloned();
+        // D-Bus gives all of the sender's groups at connect time (dbus-daemon: primary and
+        // supplementary, sorted) but doesn't say which is primary. The pid's effective gid, if
+        // it is one of them, names it for the logs; policy treats gid and groups alike anyway.
+        // Without the bus's list, the pid's effective gid; without either, a gid no rule names.
+        let proc_gid = pid.and_then(|p| effective_gid(p, uid));
+        let gid = match &bus_groups {
+            Some(groups) => proc_gid
+                .filter(|g| groups.contains(g))
+                .or_else(|| groups.first().copied()),
+            None => proc_gid,
+        }
+        .unwrap_or(u32::MAX);
+        let mut caller = Caller::from_peer(uid, gid, pid, Via::Dbus);
+        if let Some(groups) = bus_groups {
+            // What the kernel said when the sender connected beats /proc read now.
+            caller.groups = groups;
+        }
+        Ok(caller)
+    }
+
+    /// Take a call slot, identify the caller, run the request.
+    async fn call(
+        &self,
+        conn: &Connection,
+        hdr: &Header<'_>,
+        request: Request,
+    ) -> Result<Reply, CallError> {
+        let _slot = self
+            .calls
+            .try_acquire()
+            .map_err(|_| CallError::from_api(&ApiError::Busy))?;
+        // The service logs and audits the outcome; nothing to add here.
+        let caller = self
+            .caller(conn, hdr)
+            .await
+            .map_err(|e| CallError::from_api(&e))?;
+        self.handler
+            .handle(caller, request)
+            .await
+            .map_err(|e| CallError::from_api(&e))
+    }
+}
+
+/// The effective gid of `pid` from `/proc/PID/status`, if that process still runs as `uid`
+/// (a recycled pid of another user gives nothing).
+fn effective_gid(pid: i32, uid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+    };
+    (field("Uid:")? == uid).then(|| field("Gid:")).flatten()
+}
+
+/// `""` means "not given".
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+#[zbus::interface(name = "org.keyward.Custodian1")]
+impl<H: Handler> Custodian<H> {
+    /// State of the vault: initialized (b), sealed (b), unsealed_by (s, empty if sealed),
+    /// reason (s, why it is sealed), version (s), term (u, 0 if sealed), keyslots (u, how many),
+    /// shares_pending (y, recovery shares still needed, 0 if none), devices (a(ssbs): name,
+    /// kind, available, detail).
+    #[zbus(out_args("status"))]
+    async fn status(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<BTreeMap<&'static str, Variant<'static>>, CallError> {
+        let reply = self.call(conn, &hdr, Request::Status).await?;
+        let Reply::Status(s) = reply else {
+            return Err(unexpected("Status"));
+        };
+        Ok(status_dict(s))
+    }
+
+    /// A secret's value and version; version 0 means the latest.
+    #[zbus(out_args("value", "version"))]
+    async fn get_secret(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+        version: u64,
+    ) -> Result<(SecretOut, u64), CallError> {
+        let request = Request::GetSecret(GetSecretParams {
+            name,
+            version: (version != 0).then_some(version),
+        });
+        let reply = self.call(conn, &hdr, request).await?;
+        let Reply::GetSecret(r) = reply else {
+            return Err(unexpected("GetSecret"));
+        };
+        Ok((SecretOut(r.value.into_inner()), r.version))
+    }
+
+    /// Store a new version of a secret; returns its version.
+    #[zbus(out_args("version"))]
+    async fn put_secret(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+        value: &[u8],
+    ) -> Result<u64, CallError> {
+        // Refused before it is copied (the service would refuse it too).
+        if value.len() > api::MAX_SECRET_LEN {
+            return Err(CallError::from_api(&ApiError::TooLarge {
+                parameter: "value".into(),
+                limit: api::MAX_SECRET_LEN as u64,
+            }));
+        }
+        // One allocation of the exact size, wiped on drop; the message buffer is zbus's.
+        let mut secret = Zeroizing::new(Vec::with_capacity(value.len()));
+        secret.extend_from_slice(value);
+        let request = Request::PutSecret(PutSecretParams {
+            name,
+            value: SecretValue::from(secret),
+        });
+        let reply = self.call(conn, &hdr, request).await?;
+        let Reply::Version(r) = reply else {
+            return Err(unexpected("PutSecret"));
+        };
+        Ok(r.version)
+    }
+
+    /// Names of the secrets the caller may read; an empty prefix lists all.
+    #[zbus(out_args("names"))]
+    async fn list_secrets(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        prefix: String,
+    ) -> Result<Vec<String>, CallError> {
+        let request = Request::ListSecrets(ListSecretsParams {
+            prefix: non_empty(&prefix).map(str::to_owned),
+        });
+        let reply = self.call(conn, &hdr, request).await?;
+        let Reply::Names(r) = reply else {
+            return Err(unexpected("ListSecrets"));
+        };
+        Ok(r.names)
+    }
+
+    /// Delete a secret, all versions.
+    async fn delete_secret(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+    ) -> Result<(), CallError> {
+        let request = Request::DeleteSecret(NameParams { name });
+        self.call(conn, &hdr, request).await?;
+        Ok(())
+    }
+
+    /// Generate a key pair inside a device (algorithm: ed25519, ecdsa-p256, rsa-pss-3072);
+    /// returns the DER SubjectPublicKeyInfo.
+    #[zbus(out_args("public_key"))]
+    async fn create_key(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+        device: String,
+        algorithm: String,
+    ) -> Result<Vec<u8>, CallError> {
+        let request = Request::CreateKey(CreateKeyParams {
+            name,
+            device,
+            algorithm,
+        });
+        let reply = self.call(conn, &hdr, request).await?;
+        let Reply::PublicKey(r) = reply else {
+            return Err(unexpected("CreateKey"));
+        };
+        Ok(r.public_key.0)
+    }
+
+    /// The keys the caller may use or manage: (name, device, algorithm, created).
+    #[zbus(out_args("keys"))]
+    async fn list_keys(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<Vec<(String, String, String, String)>, CallError> {
+        let reply = self.call(conn, &hdr, Request::ListKeys).await?;
+        let Reply::Keys(r) = reply else {
+            return Err(unexpected("ListKeys"));
+        };
+        let keys = r
+            .keys
+            .into_iter()
+            .map(|k| (k.name, k.device, k.algorithm, k.created))
+            .collect();
+        Ok(keys)
+    }
+
+    /// A key's DER SubjectPublicKeyInfo.
+    #[zbus(out_args("public_key"))]
+    async fn public_key(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+    ) -> Result<Vec<u8>, CallError> {
+        let request = Request::PublicKey(NameParams { name });
+        let reply = self.call(conn, &hdr, request).await?;
+        let Reply::PublicKey(r) = reply else {
+            return Err(unexpected("PublicKey"));
+        };
+        Ok(r.public_key.0)
+    }
+
+    /// Sign data inside the device; with prehashed, data is a SHA-256 digest. Ed25519: raw 64
+    /// bytes; ECDSA: DER; RSA-PSS: raw.
+    #[zbus(out_args("signature"))]
+    async fn sign(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+        data: Vec<u8>,
+        prehashed: bool,
+    ) -> Result<Vec<u8>, CallError> {
+        let request = Request::Sign(SignParams {
+            name,
+            data: api::Bytes(data),
+            prehashed: Some(prehashed),
+        });
+        let reply = self.call(conn, &hdr, request).await?;
+        let Reply::Sign(r) = reply else {
+            return Err(unexpected("Sign"));
+        };
+        Ok(r.signature.0)
+    }
+
+    /// Destroy a key in its device.
+    async fn delete_key(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+    ) -> Result<(), CallError> {
+        let request = Request::DeleteKey(NameParams { name });
+        self.call(conn, &hdr, request).await?;
+        Ok(())
+    }
+
+    /// Forget the master key until the next unseal.
+    async fn seal(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<(), CallError> {
+        self.call(conn, &hdr, Request::Seal).await?;
+        Ok(())
+    }
+
+    /// Give one recovery share or a PIN ("" for none); returns whether the vault is still
+    /// sealed and how many shares are still needed (0 if none).
+    #[zbus(out_args("sealed", "shares_needed"))]
+    async fn unseal(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        recovery_share: &str,
+        pin: &str,
+    ) -> Result<(bool, u8), CallError> {
+        let request = Request::Unseal(UnsealParams {
+            recovery_share: non_empty(recovery_share).map(SecretString::new),
+            pin: non_empty(pin).map(SecretString::new),
+        });
+        let reply = self.call(conn, &hdr, request).await?;
+        let Reply::Unseal(r) = reply else {
+            return Err(unexpected("Unseal"));
+        };
+        Ok((r.sealed, r.shares_needed.unwrap_or(0)))
+    }
+
+    /// Start a new data-key term for new secret versions; returns it.
+    #[zbus(out_args("term"))]
+    async fn rotate(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<u32, CallError> {
+        let reply = self.call(conn, &hdr, Request::Rotate).await?;
+        let Reply::Rotate(r) = reply else {
+            return Err(unexpected("Rotate"));
+        };
+        Ok(r.term)
+    }
+}
+
+/// `Status` as `a{sv}`.
+fn status_dict(s: api::StatusReply) -> BTreeMap<&'static str, Variant<'static>> {
+    let devices: Vec<(String, String, bool, String)> = s
+        .devices
+        .into_iter()
+        .map(|d| (d.name, d.kind, d.available, d.detail))
+        .collect();
+    let mut m = BTreeMap::new();
+    m.insert("initialized", Variant::from(s.initialized));
+    m.insert("sealed", Variant::from(s.sealed));
+    m.insert(
+        "unsealed_by",
+        Variant::from(s.unsealed_by.unwrap_or_default()),
+    );
+    m.insert("reason", Variant::from(s.reason.unwrap_or_default()));
+    m.insert("version", Variant::from(s.version));
+    m.insert("term", Variant::from(s.term.unwrap_or(0)));
+    m.insert(
+        "keyslots",
+        Variant::from(u32::try_from(s.keyslots.len()).unwrap_or(u32::MAX)),
+    );
+    m.insert(
+        "shares_pending",
+        Variant::from(s.shares_pending.unwrap_or(0)),
+    );
+    m.insert("devices", Variant::from(devices));
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_names_take_the_short_reason() {
+        let cases = [
+            (
+                ApiError::NotFound {
+                    kind: "secret".into(),
+                    name: "a".into(),
+                },
+                "org.keyward.Custodian1.Error.NotFound",
+            ),
+            (
+                ApiError::PermissionDenied {
+                    action: "read".into(),
+                    resource: "b".into(),
+                },
+                "org.keyward.Custodian1.Error.PermissionDenied",
+            ),
+            (ApiError::Busy, "org.keyward.Custodian1.Error.Busy"),
+            (
+                ApiError::InvalidParameter {
+                    parameter: "x".into(),
+                },
+                "org.keyward.Custodian1.Error.InvalidParameter",
+            ),
+            (
+                ApiError::Other {
+                    name: "org.keyward.Custodian.Future".into(),
+                    parameters: "{}".into(),
+                },
+                "org.keyward.Custodian1.Error.Future",
+            ),
+            (
+                ApiError::Other {
+                    name: "not-a-name".into(),
+                    parameters: "{}".into(),
+                },
+                "org.keyward.Custodian1.Error.Internal",
+            ),
+        ];
+        for (e, want) in cases {
+            let c = CallError::from_api(&e);
+            assert_eq!(c.name(), want);
+            assert_eq!(c.message(), e.to_string());
+        }
+    }
+
+    /// Answers nothing; only names the handler type.
+    struct Nothing;
+
+    impl Handler for Nothing {
+        async fn handle(&self, _: Caller, _: Request) -> Result<Reply, ApiError> {
+            Err(ApiError::Busy)
+        }
+    }
+
+    #[test]
+    fn the_exported_interface_has_the_contract_name() {
+        use zbus::object_server::Interface;
+        assert_eq!(
+            <Custodian<Nothing> as Interface>::name().as_str(),
+            INTERFACE
+        );
+    }
+
+    #[test]
+    fn effective_gid_checks_the_uid() {
+        let me = std::process::id() as i32;
+        let uid = nix::unistd::geteuid().as_raw();
+        assert_eq!(
+            effective_gid(me, uid),
+            Some(nix::unistd::getegid().as_raw())
+        );
+        assert_eq!(effective_gid(me, uid.wrapping_add(1)), None);
+    }
+}

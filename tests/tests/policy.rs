@@ -1,0 +1,540 @@
+//! The access policy as callers meet it: the real `keywardd` with a policy file, driven through
+//! the real `keyward` CLI as root and as `nobody` (uid 65534, through `setpriv`), over a socket
+//! anyone may connect to, so that only the policy stands between `nobody` and the vault.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use keyward_tests::keywardd::{bin, run_cli, Keywardd, Output, Setup};
+use keyward_tests::softhsm::SoftHsm;
+use serde_json::{json, Value};
+
+/// The uid and gid of `nobody`.
+const NOBODY: u32 = 65534;
+
+/// Root may do everything; nobody may read `shared/*` and sign with `nobody-*`.
+const POLICY: &str = r#"
+[[rule]]
+who = { uid = 0 }
+allow = ["admin", "read", "write", "sign", "keys"]
+secrets = ["*"]
+keys = ["*"]
+
+[[rule]]
+who = { uid = 65534 }
+allow = ["read"]
+secrets = ["shared/*"]
+
+[[rule]]
+who = { uid = 65534 }
+allow = ["sign"]
+keys = ["nobody-*"]
+"#;
+
+/// [`POLICY`] plus `read` on `private/*` for nobody.
+const WIDER_POLICY: &str = r#"
+[[rule]]
+who = { uid = 0 }
+allow = ["admin", "read", "write", "sign", "keys"]
+secrets = ["*"]
+keys = ["*"]
+
+[[rule]]
+who = { uid = 65534 }
+allow = ["read"]
+secrets = ["shared/*", "private/*"]
+
+[[rule]]
+who = { uid = 65534 }
+allow = ["sign"]
+keys = ["nobody-*"]
+"#;
+
+/// Well-formed TOML that the policy loader must refuse (an action that does not exist).
+const INVALID_POLICY: &str = r#"
+[[rule]]
+who = { uid = 65534 }
+allow = ["read", "everything"]
+secrets = ["*"]
+"#;
+
+/// How long a condition (a reload, a log line) may take to show.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Who {
+    Root,
+    Nobody,
+}
+
+/// What a row expects.
+#[derive(Debug)]
+enum Expect {
+    /// Exit 0.
+    Ok,
+    /// Exit 0 with exactly these bytes on stdout.
+    Stdout(&'static [u8]),
+    /// Exit 0; the JSON on stdout has this value at this pointer (the row passes `--json`).
+    Json(&'static str, Value),
+    /// Exit 0; `--json key list` names exactly these keys (in any order).
+    Keys(&'static [&'static str]),
+    /// Exit 0; stdout is a signature over the row's stdin that OpenSSL verifies with this key.
+    Signed(&'static str),
+    /// Exit 1, "permission denied" on stderr; with `--json`, `PermissionDenied`.
+    Denied,
+    /// Exit 1; with `--json`, this error (short name).
+    Error(&'static str),
+    /// Exit 4; with `--json`, `Sealed`.
+    Sealed,
+}
+
+struct Row {
+    who: Who,
+    args: &'static [&'static str],
+    stdin: &'static [u8],
+    expect: Expect,
+}
+
+fn row(who: Who, args: &'static [&'static str], expect: Expect) -> Row {
+    Row {
+        who,
+        args,
+        stdin: b"",
+        expect,
+    }
+}
+
+fn row_in(who: Who, args: &'static [&'static str], stdin: &'static [u8], expect: Expect) -> Row {
+    Row {
+        who,
+        args,
+        stdin,
+        expect,
+    }
+}
+
+/// How to become nobody: `setpriv` (util-linux), else `runuser`.
+fn as_nobody() -> Vec<String> {
+    if keyward_tests::have_program("setpriv") {
+        vec![
+            "setpriv".into(),
+            format!("--reuid={NOBODY}"),
+            format!("--regid={NOBODY}"),
+            "--clear-groups".into(),
+            "--".into(),
+        ]
+    } else {
+        assert!(
+            keyward_tests::have_program("runuser"),
+            "neither setpriv nor runuser is installed (util-linux)"
+        );
+        vec!["runuser".into(), "-u".into(), "nobody".into(), "--".into()]
+    }
+}
+
+/// Run `keyward ARGS` as `who` against `d`.
+fn run_as(d: &Keywardd, who: Who, args: &[&str], stdin: &[u8]) -> Output {
+    match who {
+        Who::Root => d.run(args, stdin),
+        Who::Nobody => {
+            let prefix = as_nobody();
+            let mut cmd = Command::new(&prefix[0]);
+            cmd.args(&prefix[1..])
+                .arg(bin("keyward"))
+                .arg("--socket")
+                .arg(d.socket())
+                .args(args)
+                // Nothing of root's environment should steer the CLI.
+                .env_remove("KEYWARD_SOCKET");
+            run_cli(&mut cmd, stdin)
+        }
+    }
+}
+
+fn with_json<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut full = vec!["--json"];
+    full.extend_from_slice(args);
+    full
+}
+
+/// The error name of a `--json` failure.
+fn json_error(out: &Output) -> String {
+    let doc: Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {:?} / {}", out.stdout, out.stderr));
+    doc["error"]["name"].as_str().unwrap_or_default().to_owned()
+}
+
+fn failed(d: &Keywardd, what: &str, out: &Output, why: &str) -> ! {
+    panic!(
+        "{what}: {why}\nexit {}\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
+        out.code,
+        out.stdout,
+        out.stderr,
+        d.log()
+    )
+}
+
+/// Run one row and check it.
+fn check(d: &Keywardd, r: &Row) {
+    let what = format!("{:?} keyward {}", r.who, r.args.join(" "));
+    let out = run_as(d, r.who, r.args, r.stdin);
+    let fail = |why: &str| failed(d, &what, &out, why);
+    let expect_error = |code: i32, name: &str| {
+        if out.code != code {
+            fail(&format!("expected exit code {code}"));
+        }
+        let again = run_as(d, r.who, &with_json(r.args), r.stdin);
+        assert_eq!(again.code, code, "{what} --json: {}", again.stderr);
+        let full = format!("org.keyward.Custodian.{name}");
+        assert_eq!(json_error(&again), full, "{what} --json: {}", again.stdout);
+    };
+    match &r.expect {
+        Expect::Ok => {
+            if out.code != 0 {
+                fail("expected success");
+            }
+        }
+        Expect::Stdout(bytes) => {
+            if out.code != 0 || out.stdout_bytes != *bytes {
+                fail(&format!(
+                    "expected success printing {:?}",
+                    String::from_utf8_lossy(bytes)
+                ));
+            }
+        }
+        Expect::Json(pointer, value) => {
+            if out.code != 0 {
+                fail("expected success");
+            }
+            let doc: Value = serde_json::from_str(&out.stdout).unwrap();
+            let got = doc.pointer(pointer).cloned().unwrap_or(Value::Null);
+            assert_eq!(&got, value, "{what}: at {pointer} in {doc}");
+        }
+        Expect::Keys(names) => {
+            if out.code != 0 {
+                fail("expected success");
+            }
+            let doc: Value = serde_json::from_str(&out.stdout).unwrap();
+            let mut got: Vec<&str> = doc["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k["name"].as_str().unwrap())
+                .collect();
+            got.sort_unstable();
+            let mut want = names.to_vec();
+            want.sort_unstable();
+            assert_eq!(got, want, "{what}: {doc}");
+        }
+        Expect::Signed(key) => {
+            if out.code != 0 {
+                fail("expected a signature");
+            }
+            let der = d.run(&["key", "public", key, "--der"], b"");
+            assert_eq!(der.code, 0, "public key of {key}: {}", der.stderr);
+            let public = hsm_shim::PublicKeyDer(der.stdout_bytes);
+            keyward_tests::openssl::verify(
+                &public,
+                hsm_shim::KeyAlgorithm::EcdsaP256,
+                r.stdin,
+                &out.stdout_bytes,
+            )
+            .unwrap_or_else(|e| fail(&e.to_string()));
+        }
+        Expect::Denied => {
+            if !out.stderr.to_lowercase().contains("permission denied") {
+                fail("expected a permission error on stderr");
+            }
+            expect_error(1, "PermissionDenied");
+        }
+        Expect::Error(name) => expect_error(1, name),
+        Expect::Sealed => expect_error(4, "Sealed"),
+    }
+}
+
+/// A daemon on a public socket with [`POLICY`], initialised by root with `shared/a`,
+/// `private/b` and the keys `nobody-key` and `root-key` (ECDSA P-256 in the token).
+fn daemon() -> (SoftHsm, Keywardd) {
+    let token = SoftHsm::new("keyward-policy");
+    let d = Setup::new()
+        .token("hsm", &token)
+        .public_socket()
+        .policy(POLICY)
+        .start();
+    d.json(&["init", "--pkcs11", "hsm"]);
+    for (name, value) in [("shared/a", b"alpha"), ("private/b", b"bravo")] {
+        let out = d.run(&["secret", "put", name], value);
+        assert_eq!(out.code, 0, "put {name}: {}", out.stderr);
+    }
+    for name in ["nobody-key", "root-key"] {
+        let out = d.run(
+            &[
+                "key",
+                "create",
+                name,
+                "--device",
+                "hsm",
+                "--algorithm",
+                "ecdsa-p256",
+            ],
+            b"",
+        );
+        assert_eq!(out.code, 0, "create {name}: {}", out.stderr);
+    }
+    (token, d)
+}
+
+/// The table, run in order: first with the vault unsealed, then (after root's `seal`) sealed.
+fn table() -> Vec<Row> {
+    use Expect::*;
+    use Who::*;
+    vec![
+        // Nobody: reads shared/*, signs with nobody-*, and nothing else.
+        row(Nobody, &["--json", "status"], Json("/sealed", json!(false))),
+        row(Nobody, &["status"], Ok),
+        row(Nobody, &["secret", "get", "shared/a"], Stdout(b"alpha")),
+        row(
+            Nobody,
+            &["secret", "get", "shared/a", "--version", "1"],
+            Stdout(b"alpha"),
+        ),
+        row(Nobody, &["secret", "versions", "shared/a"], Ok),
+        row(Nobody, &["secret", "get", "private/b"], Denied),
+        row(Nobody, &["secret", "versions", "private/b"], Denied),
+        // Denied, not NotFound: the policy answers before the store, so names don't leak.
+        row(Nobody, &["secret", "get", "private/nope"], Denied),
+        row_in(Nobody, &["secret", "put", "shared/x"], b"x", Denied),
+        row_in(Nobody, &["secret", "put", "private/b"], b"mine", Denied),
+        row(Nobody, &["secret", "delete", "shared/a"], Denied),
+        row(
+            Nobody,
+            &["--json", "secret", "list"],
+            Json("/names", json!(["shared/a"])),
+        ),
+        row(
+            Nobody,
+            &["--json", "secret", "list", "--prefix", "private/"],
+            Json("/names", json!([])),
+        ),
+        row_in(
+            Nobody,
+            &["key", "sign", "nobody-key"],
+            b"signed by nobody",
+            Signed("nobody-key"),
+        ),
+        row_in(Nobody, &["key", "sign", "root-key"], b"forged", Denied),
+        row(Nobody, &["key", "public", "nobody-key"], Ok),
+        row(Nobody, &["key", "public", "root-key"], Denied),
+        row(Nobody, &["--json", "key", "list"], Keys(&["nobody-key"])),
+        row(
+            Nobody,
+            &[
+                "key",
+                "create",
+                "nobody-new",
+                "--device",
+                "hsm",
+                "--algorithm",
+                "ecdsa-p256",
+            ],
+            Denied,
+        ),
+        row(Nobody, &["key", "delete", "nobody-key"], Denied),
+        row(Nobody, &["keyslot", "list"], Denied),
+        row(Nobody, &["keyslot", "remove", "1", "--force"], Denied),
+        row(Nobody, &["enroll", "pkcs11", "--device", "hsm"], Denied),
+        row(Nobody, &["rotate"], Denied),
+        row(Nobody, &["rekey"], Denied),
+        row(Nobody, &["seal"], Denied),
+        row(Nobody, &["init", "--pkcs11", "hsm"], Denied),
+        // Root: everything, and nobody's refused writes left no trace.
+        row(Root, &["secret", "get", "private/b"], Stdout(b"bravo")),
+        row(Root, &["secret", "get", "shared/a"], Stdout(b"alpha")),
+        row(Root, &["secret", "get", "shared/x"], Error("NotFound")),
+        row(
+            Root,
+            &["--json", "secret", "list"],
+            Json("/names", json!(["private/b", "shared/a"])),
+        ),
+        row(
+            Root,
+            &["--json", "key", "list"],
+            Keys(&["nobody-key", "root-key"]),
+        ),
+        row_in(
+            Root,
+            &["key", "sign", "root-key"],
+            b"signed by root",
+            Signed("root-key"),
+        ),
+        row_in(
+            Root,
+            &["key", "sign", "nobody-key"],
+            b"root may use it too",
+            Signed("nobody-key"),
+        ),
+        row(Root, &["key", "public", "root-key"], Ok),
+        row(Root, &["keyslot", "list"], Ok),
+        row(Root, &["--json", "rotate"], Json("/term", json!(2))),
+        row(Root, &["rekey"], Ok),
+        row_in(
+            Root,
+            &["--json", "secret", "put", "private/b"],
+            b"bravo 2",
+            Json("/version", json!(2)),
+        ),
+        row(Root, &["secret", "get", "private/b"], Stdout(b"bravo 2")),
+        row(
+            Root,
+            &["secret", "get", "private/b", "--version", "1"],
+            Stdout(b"bravo"),
+        ),
+        row(Nobody, &["secret", "get", "shared/a"], Stdout(b"alpha")),
+        row(Root, &["seal"], Ok),
+        // Sealed: status for all; a permitted read meets the seal, a forbidden one the policy.
+        row(Nobody, &["--json", "status"], Json("/sealed", json!(true))),
+        row(Nobody, &["secret", "get", "shared/a"], Sealed),
+        row(Nobody, &["secret", "get", "private/b"], Denied),
+        row_in(Nobody, &["unseal"], b"not-a-share\n", Denied),
+        row(Root, &["secret", "get", "private/b"], Sealed),
+        row(Root, &["--json", "status"], Json("/sealed", json!(true))),
+    ]
+}
+
+#[test]
+fn the_policy_table_holds_for_root_and_nobody() {
+    let (_token, d) = daemon();
+    for r in table() {
+        check(&d, &r);
+    }
+    // Every refusal was logged with the caller; no value ever was.
+    let log = d.log();
+    assert!(log.contains("PermissionDenied"), "{log}");
+    for value in ["alpha", "bravo"] {
+        assert!(!log.contains(value), "a secret value reached the log");
+    }
+}
+
+/// Replace the policy file the way an admin's editor would (a new file renamed over it),
+/// mode 0600 and owned by root like the original.
+fn write_policy(d: &Keywardd, text: &str) {
+    let path = d.policy_path();
+    let tmp = path.with_extension("toml.new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Re-run `probe` (each attempt a real request) until it holds, backing off between attempts;
+/// panics after [`DEADLINE`] with `what`.
+fn wait_until(what: &str, mut probe: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    let mut backoff = Duration::from_millis(5);
+    while !probe() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        // A pause between probes so the loop does not spin; the probe decides, not the time.
+        std::thread::park_timeout(backoff);
+        backoff = (backoff * 2).min(Duration::from_millis(200));
+    }
+}
+
+fn log_since(d: &Keywardd, start: usize) -> String {
+    d.log().get(start..).unwrap_or_default().to_owned()
+}
+
+fn is_denied(out: &Output) -> bool {
+    out.code == 1 && out.stderr.to_lowercase().contains("permission denied")
+}
+
+#[test]
+fn sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one() {
+    let (_token, d) = daemon();
+    assert!(is_denied(&run_as(
+        &d,
+        Who::Nobody,
+        &["secret", "get", "private/b"],
+        b""
+    )));
+
+    // A wider policy: after SIGHUP nobody reads private/b.
+    write_policy(&d, WIDER_POLICY);
+    let meta = std::fs::metadata(d.policy_path()).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 0);
+    let mark = d.log().len();
+    d.reload();
+    wait_until("nobody to read private/b after the reload", || {
+        let out = run_as(&d, Who::Nobody, &["secret", "get", "private/b"], b"");
+        if out.code == 0 {
+            assert_eq!(out.stdout_bytes, b"bravo");
+            return true;
+        }
+        assert!(is_denied(&out), "neither read nor denied: {}", out.stderr);
+        false
+    });
+    wait_until("the daemon to log the reload", || {
+        log_since(&d, mark).contains("policy reloaded")
+    });
+    // The reload widened reads only.
+    let out = run_as(&d, Who::Nobody, &["secret", "put", "private/b"], b"x");
+    assert!(is_denied(&out), "{}", out.stderr);
+
+    // An invalid file: rejected, logged, and the policy in force stays.
+    write_policy(&d, INVALID_POLICY);
+    let mark = d.log().len();
+    d.reload();
+    wait_until("the daemon to log the rejected reload", || {
+        let log = log_since(&d, mark);
+        log.contains("reload") && log.contains("rejected")
+    });
+    let log = log_since(&d, mark);
+    assert!(
+        log.contains("everything"),
+        "the log says what is wrong: {log}"
+    );
+    assert!(!log.contains("policy reloaded"), "{log}");
+    let out = run_as(&d, Who::Nobody, &["secret", "get", "private/b"], b"");
+    assert_eq!(
+        out.code, 0,
+        "the old policy must still apply: {}",
+        out.stderr
+    );
+    assert_eq!(out.stdout_bytes, b"bravo");
+    let out = run_as(&d, Who::Nobody, &["secret", "get", "shared/a"], b"");
+    assert_eq!(out.stdout_bytes, b"alpha", "{}", out.stderr);
+    // Root is still admin.
+    let out = d.run(&["keyslot", "list"], b"");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = d.run(&["secret", "put", "root/after"], b"r");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+
+    // A file others could write is refused the same way.
+    write_policy(&d, POLICY);
+    std::fs::set_permissions(d.policy_path(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let mark = d.log().len();
+    d.reload();
+    wait_until("the daemon to refuse a world-writable policy", || {
+        let log = log_since(&d, mark);
+        log.contains("reload") && log.contains("rejected")
+    });
+    let out = run_as(&d, Who::Nobody, &["secret", "get", "private/b"], b"");
+    assert_eq!(
+        out.code, 0,
+        "an insecure file must not replace the policy: {}",
+        out.stderr
+    );
+
+    // Fixed: the narrow policy is back.
+    std::fs::set_permissions(d.policy_path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    d.reload();
+    wait_until("the narrow policy to apply again", || {
+        is_denied(&run_as(
+            &d,
+            Who::Nobody,
+            &["secret", "get", "private/b"],
+            b"",
+        ))
+    });
+}
