@@ -3,5 +3,6 @@
 
 pub mod api;
 pub mod varlink;
+pub mod wire;
 
 pub use varlink::{Client, ClientError, DEFAULT_SOCKET, SOCKET_ENV};

@@ -187,18 +187,19 @@ impl Client {
             method,
             parameters: params,
         };
-        let frame = encode_frame(&message).map_err(|e| {
-            ClientError::Protocol(format!(
-                "cannot encode a call of {method}: {}",
-                e.classify_str()
-            ))
-        })?;
-        if frame.len() - 1 > api::MAX_FRAME_LEN {
-            return Err(ClientError::Api(ApiError::TooLarge {
-                parameter: "request".into(),
-                limit: api::MAX_FRAME_LEN as u64,
-            }));
-        }
+        let frame = crate::wire::encode_frame(&message, api::MAX_FRAME_LEN)
+            .map_err(|e| {
+                ClientError::Protocol(format!(
+                    "cannot encode a call of {method}: {}",
+                    e.classify_str()
+                ))
+            })?
+            .ok_or_else(|| {
+                ClientError::Api(ApiError::TooLarge {
+                    parameter: "request".into(),
+                    limit: api::MAX_FRAME_LEN as u64,
+                })
+            })?;
         self.stream.write_all(&frame).map_err(ClientError::Io)
     }
 
@@ -224,7 +225,7 @@ impl Client {
             }
             let len = frame.len();
             let want = READ_CHUNK.min(MAX_REPLY_LEN + 1 - len);
-            reserve_zeroizing(&mut frame, want);
+            crate::wire::reserve_zeroizing(&mut frame, want);
             frame.resize(len + want, 0);
             let n = loop {
                 match self.stream.read(&mut frame[len..]) {
@@ -456,42 +457,6 @@ fn name_params(name: &str) -> NameParams {
     NameParams {
         name: name.to_owned(),
     }
-}
-
-/// Make room for `additional` bytes without a reallocation that would leave the old contents
-/// in freed memory: copy into a new zeroizing buffer instead (the old one is zeroized).
-fn reserve_zeroizing(buf: &mut Zeroizing<Vec<u8>>, additional: usize) {
-    let len = buf.len();
-    if buf.capacity() - len >= additional {
-        return;
-    }
-    let capacity = (buf.capacity() * 2).max(len + additional);
-    let mut bigger = Zeroizing::new(Vec::with_capacity(capacity));
-    bigger.extend_from_slice(buf);
-    *buf = bigger;
-}
-
-/// Counts what serde_json would write, so the real buffer is allocated once at its final size.
-struct Counter(usize);
-
-impl io::Write for Counter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// `msg` as JSON plus the terminating NUL, in a zeroizing buffer that never reallocated.
-fn encode_frame<T: Serialize>(msg: &T) -> Result<Zeroizing<Vec<u8>>, serde_json::Error> {
-    let mut count = Counter(0);
-    serde_json::to_writer(&mut count, msg)?;
-    let mut out = Zeroizing::new(Vec::with_capacity(count.0 + 1));
-    serde_json::to_writer(&mut *out, msg)?;
-    out.push(0);
-    Ok(out)
 }
 
 trait ClassifyStr {

@@ -21,19 +21,6 @@ pub const MAX_SHARE_LEN: usize = 8192;
 
 const CHUNK: usize = 16 * 1024;
 
-/// Make room for `additional` bytes by copying into a new zeroizing buffer (the old one is
-/// zeroized), never by a reallocation.
-fn reserve_zeroizing(buf: &mut Zeroizing<Vec<u8>>, additional: usize) {
-    let len = buf.len();
-    if buf.capacity() - len >= additional {
-        return;
-    }
-    let capacity = (buf.capacity() * 2).max(len + additional);
-    let mut bigger = Zeroizing::new(Vec::with_capacity(capacity));
-    bigger.extend_from_slice(buf);
-    *buf = bigger;
-}
-
 /// Read all of `reader`, at most `limit` bytes.
 ///
 /// # Errors
@@ -47,7 +34,7 @@ pub fn read_bounded(
     loop {
         let len = buf.len();
         let want = CHUNK.min(limit + 1 - len);
-        reserve_zeroizing(&mut buf, want);
+        keyward::wire::reserve_zeroizing(&mut buf, want);
         buf.resize(len + want, 0);
         let n = loop {
             match reader.read(&mut buf[len..]) {

@@ -489,31 +489,10 @@ struct ErrorMessage<'a> {
     parameters: &'a serde_json::Value,
 }
 
-/// Counts what serde_json would write, so the real buffer is allocated once at its final size.
-struct Counter(usize);
-
-impl io::Write for Counter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// `msg` as a NUL-terminated frame in a zeroizing buffer that never reallocated, or `None` if
 /// it is longer than `max` (or can't be serialized).
 fn encode_bounded<T: Serialize>(msg: &T, max: usize) -> Option<Zeroizing<Vec<u8>>> {
-    let mut count = Counter(0);
-    serde_json::to_writer(&mut count, msg).ok()?;
-    if count.0 > max {
-        return None;
-    }
-    let mut out = Zeroizing::new(Vec::with_capacity(count.0 + 1));
-    serde_json::to_writer(&mut *out, msg).ok()?;
-    out.push(0);
-    Some(out)
+    keyward::wire::encode_frame(msg, max).ok().flatten()
 }
 
 fn encode_error(e: &ApiError) -> Zeroizing<Vec<u8>> {
