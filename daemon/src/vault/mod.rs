@@ -284,10 +284,7 @@ impl Vault {
         let state = self.state.read().await;
         match &*state {
             State::Unsealed(open) => Ok(f(open)),
-            State::Sealed { reason, .. } => Err(ApiError::Sealed {
-                reason: reason.clone(),
-            }),
-            State::Uninitialized => Err(ApiError::NotInitialized),
+            other => Err(other.closed()),
         }
     }
 
@@ -333,6 +330,29 @@ impl Vault {
             *r = reason;
         }
         self.changed(&state);
+    }
+}
+
+impl State {
+    /// The open vault, or the error that says why there is none.
+    fn open_mut(&mut self) -> Result<&mut Open, ApiError> {
+        match self {
+            State::Unsealed(open) => Ok(open),
+            other => Err(other.closed()),
+        }
+    }
+
+    /// The error for a vault that is not open.
+    fn closed(&self) -> ApiError {
+        match self {
+            State::Sealed { reason, .. } => ApiError::Sealed {
+                reason: reason.clone(),
+            },
+            State::Uninitialized => ApiError::NotInitialized,
+            State::Unsealed(_) => ApiError::Internal {
+                reason: "the vault is open".into(),
+            },
+        }
     }
 }
 

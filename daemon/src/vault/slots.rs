@@ -477,15 +477,7 @@ impl Vault {
     /// `Sealed`, store failures.
     pub async fn rotate(&self) -> Result<u32, ApiError> {
         let mut state = self.state.write().await;
-        let open = match &mut *state {
-            State::Unsealed(open) => open,
-            State::Sealed { reason, .. } => {
-                return Err(ApiError::Sealed {
-                    reason: reason.clone(),
-                })
-            }
-            State::Uninitialized => return Err(ApiError::NotInitialized),
-        };
+        let open = state.open_mut()?;
         // Rotate a copy, store it, then swap: a failed write leaves memory and disk as they were.
         let sealed = open
             .keyring
@@ -515,15 +507,7 @@ impl Vault {
     pub async fn rekey(&self, pin: Option<SecretString>) -> Result<Vec<SecretString>, ApiError> {
         // The write lock for the whole rekey: no reader may see a half-swapped VMK.
         let mut state = self.state.write().await;
-        let open = match &mut *state {
-            State::Unsealed(open) => open,
-            State::Sealed { reason, .. } => {
-                return Err(ApiError::Sealed {
-                    reason: reason.clone(),
-                })
-            }
-            State::Uninitialized => return Err(ApiError::NotInitialized),
-        };
+        let open = state.open_mut()?;
         let rows = self.keyslot_rows().await?;
         if let Some(row) = rows.iter().find(|r| r.pin) {
             if pin.is_none() {
