@@ -8,7 +8,7 @@
 use std::process::Command;
 
 use keyward_tests::dbus::PrivateBus;
-use keyward_tests::keywardd::{bin, run_cli, Keywardd, Output, Setup};
+use keyward_tests::keywardd::{bin, run_cli, Keywardd, Output, Setup, ROOT_ADMIN_POLICY};
 use keyward_tests::softhsm::SoftHsm;
 use serde_json::Value;
 
@@ -22,24 +22,23 @@ const NOBODY: u32 = 65534;
 /// A group no account has: only callers given it by `setpriv --groups` are in it.
 const GROUP: u32 = 4242;
 
-/// Root may do everything; nobody may read `shared/*`; members of [`GROUP`] may read `group/*`.
-const POLICY: &str = r#"
+/// Root may do everything (the fixture's root-admin rule); nobody may read `shared/*`;
+/// members of [`GROUP`] may read `group/*`.
+fn policy() -> String {
+    format!(
+        r#"{ROOT_ADMIN_POLICY}
 [[rule]]
-who = { uid = 0 }
-allow = ["admin", "read", "write", "sign", "keys"]
-secrets = ["*"]
-keys = ["*"]
-
-[[rule]]
-who = { uid = 65534 }
+who = {{ uid = {NOBODY} }}
 allow = ["read"]
 secrets = ["shared/*"]
 
 [[rule]]
-who = { gid = 4242 }
+who = {{ gid = {GROUP} }}
 allow = ["read"]
 secrets = ["group/*"]
-"#;
+"#
+    )
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Who {
@@ -65,7 +64,7 @@ fn world() -> World {
     let daemon = Setup::new()
         .token("hsm", &token)
         .dbus_address(bus.address())
-        .policy(POLICY)
+        .policy(&policy())
         .start();
     // READY=1 comes after the name is owned: no waiting here.
     assert!(

@@ -7,50 +7,40 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use keyward_tests::keywardd::{bin, run_cli, Keywardd, Output, Setup};
+use keyward_tests::keywardd::{bin, run_cli, Keywardd, Output, Setup, ROOT_ADMIN_POLICY};
 use keyward_tests::softhsm::SoftHsm;
 use serde_json::{json, Value};
 
 /// The uid and gid of `nobody`.
 const NOBODY: u32 = 65534;
 
-/// Root may do everything; nobody may read `shared/*` and sign with `nobody-*`.
-const POLICY: &str = r#"
+/// Root may do everything (the fixture's root-admin rule); nobody may read the secrets
+/// matching `nobody_reads` (TOML strings) and sign with `nobody-*`.
+fn policy_where_nobody_reads(nobody_reads: &str) -> String {
+    format!(
+        r#"{ROOT_ADMIN_POLICY}
 [[rule]]
-who = { uid = 0 }
-allow = ["admin", "read", "write", "sign", "keys"]
-secrets = ["*"]
-keys = ["*"]
-
-[[rule]]
-who = { uid = 65534 }
+who = {{ uid = 65534 }}
 allow = ["read"]
-secrets = ["shared/*"]
+secrets = [{nobody_reads}]
 
 [[rule]]
-who = { uid = 65534 }
+who = {{ uid = 65534 }}
 allow = ["sign"]
 keys = ["nobody-*"]
-"#;
+"#
+    )
+}
 
-/// [`POLICY`] plus `read` on `private/*` for nobody.
-const WIDER_POLICY: &str = r#"
-[[rule]]
-who = { uid = 0 }
-allow = ["admin", "read", "write", "sign", "keys"]
-secrets = ["*"]
-keys = ["*"]
+/// The policy of the table: nobody reads `shared/*`.
+fn narrow_policy() -> String {
+    policy_where_nobody_reads(r#""shared/*""#)
+}
 
-[[rule]]
-who = { uid = 65534 }
-allow = ["read"]
-secrets = ["shared/*", "private/*"]
-
-[[rule]]
-who = { uid = 65534 }
-allow = ["sign"]
-keys = ["nobody-*"]
-"#;
+/// [`narrow_policy`] plus `read` on `private/*` for nobody.
+fn wider_policy() -> String {
+    policy_where_nobody_reads(r#""shared/*", "private/*""#)
+}
 
 /// Well-formed TOML that the policy loader must refuse (an action that does not exist).
 const INVALID_POLICY: &str = r#"
@@ -254,14 +244,14 @@ fn check(d: &Keywardd, r: &Row) {
     }
 }
 
-/// A daemon on a public socket with [`POLICY`], initialised by root with `shared/a`,
+/// A daemon on a public socket with [`narrow_policy`], initialised by root with `shared/a`,
 /// `private/b` and the keys `nobody-key` and `root-key` (ECDSA P-256 in the token).
 fn daemon() -> (SoftHsm, Keywardd) {
     let token = SoftHsm::new("keyward-policy");
     let d = Setup::new()
         .token("hsm", &token)
         .public_socket()
-        .policy(POLICY)
+        .policy(&narrow_policy())
         .start();
     d.json(&["init", "--pkcs11", "hsm"]);
     for (name, value) in [("shared/a", b"alpha"), ("private/b", b"bravo")] {
@@ -459,7 +449,7 @@ fn sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one() {
     )));
 
     // A wider policy: after SIGHUP nobody reads private/b.
-    write_policy(&d, WIDER_POLICY);
+    write_policy(&d, &wider_policy());
     let meta = std::fs::metadata(d.policy_path()).unwrap();
     assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 0);
@@ -511,7 +501,7 @@ fn sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one() {
     assert_eq!(out.code, 0, "{}", out.stderr);
 
     // A file others could write is refused the same way.
-    write_policy(&d, POLICY);
+    write_policy(&d, &narrow_policy());
     std::fs::set_permissions(d.policy_path(), std::fs::Permissions::from_mode(0o666)).unwrap();
     let mark = d.log().len();
     d.reload();

@@ -29,6 +29,14 @@ fn secret() -> SecretBytes {
     SecretBytes::new((0u8..32).map(|i| i.wrapping_mul(37)).collect())
 }
 
+/// `blob` unseals on `tpm` (with `pin`) to [`secret`].
+fn assert_unseals(tpm: &mut TpmDevice, blob: &SealedBlob, pin: Option<&Pin>) {
+    assert_eq!(
+        tpm.unseal(blob, CONTEXT, pin).unwrap().expose(),
+        secret().expose()
+    );
+}
+
 fn p256_key(tpm: &mut TpmDevice) -> KeyHandle {
     tpm.generate(&KeySpec {
         label: "test".into(),
@@ -61,10 +69,7 @@ fn seal_unseal_round_trip() {
     let out = tpm.unseal(&blob, CONTEXT, None).unwrap();
     assert_eq!(out.expose(), secret().expose());
     // Unseal is repeatable: nothing is consumed.
-    assert_eq!(
-        tpm.unseal(&blob, CONTEXT, None).unwrap().expose(),
-        secret().expose()
-    );
+    assert_unseals(&mut tpm, &blob, None);
 }
 
 #[test]
@@ -99,10 +104,7 @@ fn sealed_blob_survives_swtpm_restart() {
     };
     swtpm.restart();
     let mut tpm = open(&swtpm);
-    assert_eq!(
-        tpm.unseal(&blob, CONTEXT, None).unwrap().expose(),
-        secret().expose()
-    );
+    assert_unseals(&mut tpm, &blob, None);
 }
 
 #[test]
@@ -120,10 +122,7 @@ fn extending_pcr7_after_sealing_is_policy_mismatch() {
     let blob = tpm
         .seal(&secret(), CONTEXT, &SealPolicy::default())
         .unwrap();
-    assert_eq!(
-        tpm.unseal(&blob, CONTEXT, None).unwrap().expose(),
-        secret().expose()
-    );
+    assert_unseals(&mut tpm, &blob, None);
 }
 
 #[test]
@@ -139,10 +138,7 @@ fn only_the_chosen_pcrs_matter() {
     };
     assert_eq!(pcrs, &[0, 16], "stored sorted");
     swtpm.extend_pcr(7);
-    assert_eq!(
-        open(&swtpm).unseal(&blob, CONTEXT, None).unwrap().expose(),
-        secret().expose()
-    );
+    assert_unseals(&mut open(&swtpm), &blob, None);
     swtpm.extend_pcr(16);
     let err = open(&swtpm).unseal(&blob, CONTEXT, None).unwrap_err();
     assert!(matches!(err, DeviceError::PolicyMismatch), "{err:?}");
@@ -176,10 +172,7 @@ fn pin_right_unseals_wrong_is_pin_incorrect_missing_is_rejected() {
     assert!(pin);
 
     let right = Pin::new("4711-correct").unwrap();
-    assert_eq!(
-        tpm.unseal(&blob, CONTEXT, Some(&right)).unwrap().expose(),
-        secret().expose()
-    );
+    assert_unseals(&mut tpm, &blob, Some(&right));
 
     let err = tpm.unseal(&blob, CONTEXT, None).unwrap_err();
     assert!(
@@ -246,10 +239,7 @@ fn wrong_pins_until_lockout_give_pin_locked() {
     let free = tpm
         .seal(&secret(), CONTEXT, &SealPolicy::default())
         .unwrap();
-    assert_eq!(
-        tpm.unseal(&free, CONTEXT, None).unwrap().expose(),
-        secret().expose()
-    );
+    assert_unseals(&mut tpm, &free, None);
 }
 
 #[test]
@@ -320,10 +310,7 @@ fn tampered_blobs_are_invalid_blob() {
         );
     }
     // Nothing leaked: the genuine blob still unseals (no transient slots left occupied).
-    assert_eq!(
-        tpm.unseal(&blob, CONTEXT, None).unwrap().expose(),
-        secret().expose()
-    );
+    assert_unseals(&mut tpm, &blob, None);
 
     let foreign = SealedBlob::Pkcs11AesGcm {
         key_id: vec![1],
@@ -387,10 +374,7 @@ fn alternating_keys_all_sign_correctly() {
     let blob = tpm
         .seal(&secret(), CONTEXT, &SealPolicy::default())
         .unwrap();
-    assert_eq!(
-        tpm.unseal(&blob, CONTEXT, None).unwrap().expose(),
-        secret().expose()
-    );
+    assert_unseals(&mut tpm, &blob, None);
 }
 
 #[test]
@@ -520,10 +504,7 @@ fn killed_swtpm_gives_device_gone() {
     swtpm.restart();
     let mut tpm = open(&swtpm);
     tpm.ping().unwrap();
-    assert_eq!(
-        tpm.unseal(&blob, CONTEXT, None).unwrap().expose(),
-        secret().expose()
-    );
+    assert_unseals(&mut tpm, &blob, None);
 }
 
 /// Latency on this machine, printed for the record (`--no-capture`); asserts only that the
@@ -645,8 +626,5 @@ fn tpm_reset_under_an_open_device_gives_device_gone() {
     drop(tpm);
     let mut tpm = open(&swtpm);
     tpm.ping().unwrap();
-    assert_eq!(
-        tpm.unseal(&blob, CONTEXT, None).unwrap().expose(),
-        secret().expose()
-    );
+    assert_unseals(&mut tpm, &blob, None);
 }
