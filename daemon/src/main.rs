@@ -79,7 +79,8 @@ fn main() -> ExitCode {
 }
 
 /// SoftHSM reads `SOFTHSM2_CONF` from the environment at `C_Initialize`; set it from the config
-/// while the process is still single-threaded.
+/// while the process is still single-threaded. An inherited `SOFTHSM2_CONF` is dropped when the
+/// config names none: the daemon runs only on a SoftHSM config its own config names.
 fn export_softhsm_conf(config: &Config) -> Result<(), String> {
     let mut chosen: Option<&PathBuf> = None;
     for (name, device) in &config.devices {
@@ -101,6 +102,10 @@ fn export_softhsm_conf(config: &Config) -> Result<(), String> {
         // Single-threaded here (no runtime, no device threads yet): the one sound moment.
         std::env::set_var("SOFTHSM2_CONF", path);
         tracing::info!(softhsm2_conf = %path.display(), "SoftHSM config");
+    } else if std::env::var_os("SOFTHSM2_CONF").is_some() {
+        // Single-threaded, as above.
+        std::env::remove_var("SOFTHSM2_CONF");
+        tracing::info!("ignoring SOFTHSM2_CONF from the environment: no device names softhsm_conf");
     }
     Ok(())
 }

@@ -1,16 +1,26 @@
 //! The process-level protections and the systemd plumbing: the only module allowed `unsafe`
-//! (turning inherited socket-activation descriptors into listeners), each use saying why.
+//! (locked memory for secrets, turning inherited socket-activation descriptors into listeners),
+//! each use saying why.
 //!
 //! - core dumps off (`RLIMIT_CORE=0`) and the process non-dumpable (`PR_SET_DUMPABLE=0`, which
 //!   also keeps other same-uid processes from ptrace-attaching or reading `/proc/PID/mem`);
+//! - long-lived key material in [`LockedBytes`]: pages of its own, `mlock`ed (never written to
+//!   swap) and `MADV_DONTDUMP` (left out of any core dump even if dumps were turned back on),
+//!   zeroized before they are freed. Per-request plaintexts live for microseconds in zeroizing
+//!   buffers; the unit's `MemorySwapMax=0` keeps the whole service out of swap for those;
 //! - umask 077, so nothing the daemon creates is readable by others;
 //! - `sd_notify`: `READY=1`, `STATUS=`, `STOPPING=1` (no-ops without `NOTIFY_SOCKET`).
 #![allow(unsafe_code)]
 
+use std::alloc::Layout;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
+use nix::sys::mman::{madvise, mlock, munlock, MmapAdvise};
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::stat::{umask, Mode};
 
@@ -87,4 +97,160 @@ fn listener_from_fd(fd: RawFd) -> std::io::Result<std::os::unix::net::UnixListen
 /// Whether this process is non-dumpable (for tests and `Status`).
 pub fn is_dumpable() -> bool {
     nix::sys::prctl::get_dumpable().unwrap_or(true)
+}
+
+/// The page size (locking and `madvise` work on whole pages).
+fn page_size() -> usize {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    *PAGE.get_or_init(|| {
+        nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|n| n.is_power_of_two())
+            .unwrap_or(4096)
+    })
+}
+
+/// Set once a lock failed, so the warning is said once, not per key.
+static LOCK_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Whether every [`LockedBytes`] so far could be locked in memory (`Status`, tests).
+pub fn memory_locked() -> bool {
+    !LOCK_FAILED.load(Ordering::Relaxed)
+}
+
+/// Secret bytes in pages of their own: locked in RAM, left out of core dumps, zeroized before
+/// they are freed. For the long-lived keys (the VMK, the keyring's data keys), which sit in
+/// memory for as long as the vault is open.
+///
+/// Own pages, because locks do not nest: `munlock` of a page shared with another secret would
+/// unlock that one too. If the kernel refuses the lock (`RLIMIT_MEMLOCK` too low), the bytes are
+/// still zeroized and kept out of dumps, and the daemon says once, loudly, which limit to raise:
+/// refusing to unseal would turn a tuning problem into an outage.
+pub struct LockedBytes<const N: usize> {
+    ptr: NonNull<[u8; N]>,
+    layout: Layout,
+    locked: bool,
+}
+
+// SAFETY: `LockedBytes` owns its allocation exclusively (like a `Box<[u8]>`); shared access
+// only reads through `&self`, mutation needs `&mut self`.
+unsafe impl<const N: usize> Send for LockedBytes<N> {}
+// SAFETY: as above: no interior mutability.
+unsafe impl<const N: usize> Sync for LockedBytes<N> {}
+
+impl<const N: usize> LockedBytes<N> {
+    /// `N` zero bytes in fresh, locked pages. Allocation failure aborts, as for any `Box`.
+    pub fn zeroed() -> Self {
+        let page = page_size();
+        let size = N.max(1).div_ceil(page) * page;
+        let layout = match Layout::from_size_align(size, page) {
+            Ok(l) => l,
+            Err(_) => std::alloc::handle_alloc_error(Layout::new::<u8>()),
+        };
+        // SAFETY: `layout` has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw.cast::<[u8; N]>()) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        let region = ptr.cast::<std::ffi::c_void>();
+        // SAFETY: `region` is the start of `size` bytes we own, page-aligned by `layout`.
+        let locked = unsafe { mlock(region, size) }.is_ok();
+        if !locked && !LOCK_FAILED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "cannot lock key memory (RLIMIT_MEMLOCK too low?): keys may reach swap; \
+                 raise LimitMEMLOCK= or run with MemorySwapMax=0"
+            );
+        }
+        // SAFETY: as above; MADV_DONTDUMP only changes what a core dump would include.
+        if let Err(e) = unsafe { madvise(region, size, MmapAdvise::MADV_DONTDUMP) } {
+            tracing::debug!(error = %e, "MADV_DONTDUMP failed");
+        }
+        Self {
+            ptr,
+            layout,
+            locked,
+        }
+    }
+
+    /// The bytes.
+    pub fn get(&self) -> &[u8; N] {
+        // SAFETY: `ptr` points to `layout.size() >= N` initialised bytes we own, and a byte
+        // array needs no alignment.
+        unsafe { self.ptr.as_ref() }
+    }
+
+    /// The bytes, to fill.
+    pub fn get_mut(&mut self) -> &mut [u8; N] {
+        // SAFETY: as in `get`, and `&mut self` makes this the only reference.
+        unsafe { self.ptr.as_mut() }
+    }
+
+    /// Whether the pages are locked in RAM.
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+}
+
+impl<const N: usize> Drop for LockedBytes<N> {
+    fn drop(&mut self) {
+        // SAFETY: the whole allocation is ours and initialised (alloc_zeroed).
+        let all = unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast::<u8>(), self.layout.size())
+        };
+        zeroize::Zeroize::zeroize(all);
+        if self.locked {
+            // SAFETY: the region locked in `zeroed`.
+            let _ = unsafe { munlock(self.ptr.cast(), self.layout.size()) };
+        }
+        // SAFETY: allocated in `zeroed` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast::<u8>(), self.layout) };
+    }
+}
+
+impl<const N: usize> std::fmt::Debug for LockedBytes<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LockedBytes({N} bytes, redacted)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm_locked_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmLck:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn locked_bytes_are_locked_zeroed_and_writable() {
+        let before = vm_locked_kib();
+        let mut b = LockedBytes::<32>::zeroed();
+        assert_eq!(b.get(), &[0u8; 32]);
+        b.get_mut().copy_from_slice(&[7u8; 32]);
+        assert_eq!(b.get(), &[7u8; 32]);
+        assert!(b.is_locked(), "mlock of one page should succeed");
+        assert!(vm_locked_kib() > before, "VmLck did not grow");
+        assert_eq!(format!("{b:?}"), "LockedBytes(32 bytes, redacted)");
+        drop(b);
+        assert_eq!(vm_locked_kib(), before, "pages not unlocked on drop");
+    }
+
+    #[test]
+    fn each_value_has_pages_of_its_own() {
+        let a = LockedBytes::<32>::zeroed();
+        let b = LockedBytes::<32>::zeroed();
+        let page = page_size();
+        assert_eq!(a.ptr.as_ptr() as usize % page, 0);
+        assert_ne!(
+            a.ptr.as_ptr() as usize / page,
+            b.ptr.as_ptr() as usize / page
+        );
+    }
 }

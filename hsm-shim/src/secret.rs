@@ -83,12 +83,36 @@ impl Pin {
     /// Read a PIN from a file (a systemd credential, a root-only file), dropping one trailing
     /// `\n` or `\r\n`.
     ///
+    /// The file must be closed to others and not writable by its group: a PIN anyone can read
+    /// is no PIN, and one anyone can write lets them burn the token's retries. The mode is
+    /// checked on the opened file, so a swap between check and read changes nothing.
+    ///
     /// # Errors
-    /// [`DeviceError::Config`] when the file can't be read, or as [`Pin::new`].
+    /// [`DeviceError::Config`] when the file can't be read or is open to others, or as
+    /// [`Pin::new`].
     pub fn from_file(path: &Path) -> Result<Self, DeviceError> {
-        let raw = Zeroizing::new(std::fs::read(path).map_err(|e| {
+        use std::io::Read as _;
+        use std::os::unix::fs::PermissionsExt as _;
+
+        let unreadable = |e: std::io::Error| {
             DeviceError::Config(format!("cannot read PIN file {}: {e}", path.display()))
-        })?);
+        };
+        let mut file = std::fs::File::open(path).map_err(unreadable)?;
+        let mode = file.metadata().map_err(unreadable)?.permissions().mode() & 0o777;
+        if mode & 0o027 != 0 {
+            return Err(DeviceError::Config(format!(
+                "PIN file {} has mode {mode:04o}: it must not be readable by others or writable \
+                 by its group (chmod 600)",
+                path.display()
+            )));
+        }
+        let mut raw = Zeroizing::new(Vec::with_capacity(Self::MAX_LEN + 2));
+        // A PIN is short: read one byte more than any valid file so an oversized one is
+        // refused without reading it whole.
+        file.by_ref()
+            .take(Self::MAX_LEN as u64 + 3)
+            .read_to_end(&mut raw)
+            .map_err(unreadable)?;
         let mut end = raw.len();
         if raw[..end].ends_with(b"\n") {
             end -= 1;
@@ -141,12 +165,41 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("pin");
         std::fs::write(&f, "1234\r\n").unwrap();
+        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         assert_eq!(Pin::from_file(&f).unwrap().expose(), "1234");
         std::fs::write(&f, "1234\n\n").unwrap();
         assert!(
             Pin::from_file(&f).is_err(),
             "two newlines is a malformed PIN file"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pin_file_open_to_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("keyward-pin-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("pin");
+        std::fs::write(&f, "1234\n").unwrap();
+        for (mode, ok) in [
+            (0o600, true),
+            (0o400, true),
+            (0o640, true),
+            (0o644, false),
+            (0o660, false),
+            (0o602, false),
+        ] {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+            let r = Pin::from_file(&f);
+            assert_eq!(r.is_ok(), ok, "mode {mode:o}: {r:?}");
+            if let Err(e) = r {
+                assert!(e.to_string().contains("chmod 600"), "{e}");
+            }
+        }
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&f, "9".repeat(200)).unwrap();
+        assert!(Pin::from_file(&f).is_err(), "an oversized PIN file");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -17,6 +17,8 @@ use chacha20poly1305::aead::{AeadInPlace as _, KeyInit as _, OsRng};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 use zeroize::{Zeroize as _, Zeroizing};
 
+use crate::sys::LockedBytes;
+
 /// Bytes in a key.
 pub const KEY_LEN: usize = 32;
 /// Bytes in a nonce.
@@ -49,19 +51,20 @@ pub enum CryptoError {
 /// A 256-bit secret key (the VMK, a data key, a recovery key).
 ///
 /// Zeroized on drop; no `Clone`, no `Serialize`; `Debug` prints nothing of it. The bytes live
-/// in one heap allocation that never moves, so moving a `Key32` leaves no copy behind (an
-/// inline array would be copied, and the old copy not zeroized, on every move).
-pub struct Key32(Box<Zeroizing<[u8; KEY_LEN]>>);
+/// in locked pages of their own ([`LockedBytes`]: never swapped, never in a core dump) that
+/// never move, so moving a `Key32` leaves no copy behind (an inline array would be copied, and
+/// the old copy not zeroized, on every move).
+pub struct Key32(LockedBytes<KEY_LEN>);
 
 impl Key32 {
     fn zeroed() -> Self {
-        Self(Box::new(Zeroizing::new([0; KEY_LEN])))
+        Self(LockedBytes::zeroed())
     }
 
     /// A fresh key from the operating system's random source.
     pub fn random() -> Self {
         let mut key = Self::zeroed();
-        OsRng.fill_bytes(&mut key.0[..]);
+        OsRng.fill_bytes(key.0.get_mut());
         key
     }
 
@@ -74,14 +77,14 @@ impl Key32 {
             return Err(CryptoError::KeyLength(bytes.len()));
         }
         let mut key = Self::zeroed();
-        key.0.copy_from_slice(bytes);
+        key.0.get_mut().copy_from_slice(bytes);
         Ok(key)
     }
 
     /// The key bytes. Callers hand them straight to a cipher, a device or a zeroizing buffer,
     /// and say why at the call site.
     pub fn expose(&self) -> &[u8; KEY_LEN] {
-        &self.0
+        self.0.get()
     }
 }
 
