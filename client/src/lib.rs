@@ -1,7 +1,8 @@
-//! Client of the `keywardd` Varlink API (`org.keyward.Custodian`), and the wire types both sides
-//! share ([`api`]).
+//! Client of the `keywardd` Varlink API (`org.keyward.Custodian`), the wire types both sides
+//! share ([`api`]), and the audit log's format and offline verification ([`audit`]).
 
 pub mod api;
+pub mod audit;
 pub mod varlink;
 pub mod wire;
 

@@ -1,11 +1,18 @@
 //! THE API: one transport-agnostic service. Every transport (Varlink, D-Bus, the credential
 //! socket) hands it a [`Caller`] and a [`Request`]; it checks the policy, runs the request on the
-//! vault, logs the outcome (never a value) and returns a typed reply or error.
+//! vault, audits it (never a value) and returns a typed reply or error.
+//!
+//! Every request is audited, refused ones included, and none is answered unless its record
+//! was written: a mutation (write or admin verb) gets a durable `started` record before it runs
+//! and a durable outcome record before the reply; a read gets one record, written before the
+//! reply and synced by the audit log's flusher (see [`crate::audit`] for the window).
 
 use std::sync::{Arc, RwLock};
 
 use keyward::api::{self, ApiError, Reply, Request};
+use keyward::audit::{OK, STARTED};
 
+use crate::audit::{AuditLog, Durability, Entry};
 use crate::identity::Caller;
 use crate::policy::{credential_secret, decide, Action, Decision, Policy, Resource};
 use crate::transport::Handler;
@@ -15,6 +22,7 @@ use crate::vault::Vault;
 pub struct Service {
     vault: Vault,
     policy: RwLock<Arc<Policy>>,
+    audit: Arc<AuditLog>,
 }
 
 impl std::fmt::Debug for Service {
@@ -60,12 +68,18 @@ fn resource_name(resource: &Resource<'_>) -> String {
 }
 
 impl Service {
-    /// A service over `vault` with `policy`.
-    pub fn new(vault: Vault, policy: Policy) -> Self {
+    /// A service over `vault` with `policy`, auditing to `audit`.
+    pub fn new(vault: Vault, policy: Policy, audit: Arc<AuditLog>) -> Self {
         Self {
             vault,
             policy: RwLock::new(Arc::new(policy)),
+            audit,
         }
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &Arc<AuditLog> {
+        &self.audit
     }
 
     /// The vault (for start-up work like the unattended unseal).
@@ -96,19 +110,32 @@ impl Service {
         )
     }
 
-    async fn run(&self, caller: &Caller, request: Request) -> Result<Reply, ApiError> {
-        let policy = self.policy();
-        if let Some((action, resource)) = needs(&request) {
-            if !Self::allowed(&policy, caller, action, resource) {
+    /// The policy's verdict on `request` as a whole (lists are filtered name by name later).
+    fn check(policy: &Policy, caller: &Caller, request: &Request) -> Result<(), ApiError> {
+        if let Some((action, resource)) = needs(request) {
+            if !Self::allowed(policy, caller, action, resource) {
                 return Err(ApiError::PermissionDenied {
                     action: action.as_str().to_owned(),
                     resource: resource_name(&resource),
                 });
             }
         }
+        Ok(())
+    }
+
+    async fn run(
+        &self,
+        policy: &Policy,
+        caller: &Caller,
+        request: Request,
+    ) -> Result<Reply, ApiError> {
         let v = &self.vault;
         Ok(match request {
-            Request::Status => Reply::Status(v.status().await?),
+            Request::Status => {
+                let mut status = v.status().await?;
+                status.audit_public_key = self.audit.public_key();
+                Reply::Status(status)
+            }
             Request::Init(p) => {
                 let (keyslots, recovery_shares) = v.init(p.slots).await?;
                 Reply::Init(api::InitReply {
@@ -158,7 +185,7 @@ impl Service {
                 let names = v.list_secrets(p.prefix).await?;
                 let names = names
                     .into_iter()
-                    .filter(|n| Self::allowed(&policy, caller, Action::Read, Resource::Secret(n)))
+                    .filter(|n| Self::allowed(policy, caller, Action::Read, Resource::Secret(n)))
                     .collect();
                 Reply::Names(api::NamesReply { names })
             }
@@ -178,8 +205,8 @@ impl Service {
                     .await?
                     .into_iter()
                     .filter(|k| {
-                        Self::allowed(&policy, caller, Action::Keys, Resource::Key(&k.name))
-                            || Self::allowed(&policy, caller, Action::Sign, Resource::Key(&k.name))
+                        Self::allowed(policy, caller, Action::Keys, Resource::Key(&k.name))
+                            || Self::allowed(policy, caller, Action::Sign, Resource::Key(&k.name))
                     })
                     .collect();
                 Reply::Keys(api::KeysReply { keys })
@@ -201,7 +228,43 @@ impl Service {
     }
 }
 
-/// The target a request names, for logs (names only, never values).
+/// How a request is audited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    /// One record, written before the reply, synced by the flusher.
+    Read,
+    /// One record, synced before the reply (admin calls that change nothing).
+    AdminRead,
+    /// A synced `started` record before it runs and a synced outcome record before the
+    /// reply; `admin` ones are followed by a checkpoint.
+    Mutation { admin: bool },
+}
+
+fn class(request: &Request) -> Class {
+    match request {
+        Request::Status
+        | Request::GetSecret(_)
+        | Request::ListSecrets(_)
+        | Request::SecretVersions(_)
+        | Request::ListKeys
+        | Request::PublicKey(_)
+        | Request::Sign(_) => Class::Read,
+        Request::ListKeyslots => Class::AdminRead,
+        Request::PutSecret(_)
+        | Request::DeleteSecret(_)
+        | Request::CreateKey(_)
+        | Request::DeleteKey(_) => Class::Mutation { admin: false },
+        Request::Init(_)
+        | Request::Enroll(_)
+        | Request::RemoveKeyslot(_)
+        | Request::Rekey(_)
+        | Request::Rotate
+        | Request::Seal
+        | Request::Unseal(_) => Class::Mutation { admin: true },
+    }
+}
+
+/// The target a request names, for the audit log and logs (names only, never values).
 fn target(request: &Request) -> String {
     match request {
         Request::PutSecret(p) => p.name.clone(),
@@ -213,8 +276,84 @@ fn target(request: &Request) -> String {
         Request::CreateKey(p) => p.name.clone(),
         Request::Sign(p) => p.name.clone(),
         Request::RemoveKeyslot(p) => format!("keyslot {}", p.id),
-        Request::ListSecrets(p) => p.prefix.clone().unwrap_or_default(),
-        _ => String::new(),
+        Request::ListSecrets(p) => match &p.prefix {
+            Some(prefix) => format!("{prefix}*"),
+            None => "*".into(),
+        },
+        Request::ListKeys => "*".into(),
+        Request::Status
+        | Request::Init(_)
+        | Request::Enroll(_)
+        | Request::ListKeyslots
+        | Request::Rekey(_)
+        | Request::Rotate
+        | Request::Seal
+        | Request::Unseal(_) => "vault".into(),
+    }
+}
+
+/// What else the audit record says about a request: which version, device or kind of slot;
+/// never a value, PIN, share or digest.
+fn detail(request: &Request) -> Option<String> {
+    match request {
+        Request::GetSecret(p) => p.version.map(|v| format!("version {v}")),
+        Request::CreateKey(p) => Some(format!("{} on {}", p.algorithm, p.device)),
+        Request::Enroll(p) => Some(match &p.slot.device {
+            Some(d) => format!("{} on {d}", p.slot.kind),
+            None => p.slot.kind.clone(),
+        }),
+        Request::Init(p) => Some(
+            p.slots
+                .iter()
+                .map(|s| s.kind.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        Request::Unseal(p) => Some(
+            if p.recovery_share.is_some() {
+                "recovery share"
+            } else {
+                "PIN"
+            }
+            .into(),
+        ),
+        Request::Sign(p) => p.prehashed.filter(|&h| h).map(|_| "prehashed".into()),
+        _ => None,
+    }
+}
+
+/// The result as the audit log writes it: `ok`, or the error's stable short wire name.
+fn result_name(result: &Result<impl Sized, ApiError>) -> String {
+    match result {
+        Ok(_) => OK.to_owned(),
+        Err(e) => {
+            let name = e.name();
+            match name
+                .strip_prefix(api::INTERFACE)
+                .and_then(|n| n.strip_prefix('.'))
+            {
+                Some(short) => short.to_owned(),
+                None => name,
+            }
+        }
+    }
+}
+
+impl Service {
+    /// Write one audit record; an audit failure becomes the request's error.
+    async fn record(
+        &self,
+        entry: Entry,
+        durability: Durability,
+        checkpoint: Option<&'static str>,
+    ) -> Result<u64, ApiError> {
+        self.audit
+            .request_async(entry, durability, checkpoint)
+            .await
+            .map_err(|e| {
+                tracing::error!("audit record not written, failing the request: {e}");
+                ApiError::from(e)
+            })
     }
 }
 
@@ -222,7 +361,46 @@ impl Handler for Service {
     async fn handle(&self, caller: Caller, request: Request) -> Result<Reply, ApiError> {
         let method = request.method();
         let target = target(&request);
-        let result = self.run(&caller, request).await;
+        let class = class(&request);
+        let entry = |result: String| {
+            let mut e = Entry::new(&caller, method, &target, &result);
+            e.detail = detail(&request);
+            e
+        };
+        let durability = match class {
+            Class::Read => Durability::Written,
+            Class::AdminRead | Class::Mutation { .. } => Durability::Synced,
+        };
+        let policy = self.policy();
+        if let Err(denied) = Self::check(&policy, &caller, &request) {
+            // Nothing changed: the refusal is on disk within the window, like a read.
+            let e = entry(result_name(&Err::<(), _>(denied.clone())));
+            self.record(e, Durability::Written, None).await?;
+            tracing::info!(caller = %caller, method, target = %target, error = %denied.name(), "refused");
+            return Err(denied);
+        }
+        // A mutation is on record before it runs: nothing the log can't show is done.
+        let intent = match class {
+            Class::Mutation { .. } => {
+                Some(self.record(entry(STARTED.into()), durability, None).await?)
+            }
+            _ => None,
+        };
+        let mut outcome_entry = entry(String::new());
+        let result = self.run(&policy, &caller, request).await;
+        outcome_entry.result = result_name(&result);
+        outcome_entry.intent = intent;
+        let checkpoint = matches!(class, Class::Mutation { admin: true }).then_some("admin");
+        // A secret's put or delete: its `started` record is already durable, and the store's
+        // commit shows what happened, so the outcome line may ride the next group sync (one
+        // `fdatasync` saved per write). Admin verbs sync theirs, with a checkpoint.
+        let outcome_durability = match class {
+            Class::Mutation { admin: false } => Durability::Written,
+            _ => durability,
+        };
+        // Not acknowledged unless on record (a reply carrying a value is dropped, zeroized).
+        self.record(outcome_entry, outcome_durability, checkpoint)
+            .await?;
         match &result {
             Ok(_) => tracing::debug!(caller = %caller, method, target = %target, "ok"),
             Err(e) => {
@@ -239,24 +417,32 @@ impl Handler for Service {
         wait: std::time::Duration,
     ) -> Result<api::SecretValue, ApiError> {
         let unit = caller.unit.clone().unwrap_or_default();
-        let denied = || ApiError::PermissionDenied {
-            action: "credential".into(),
-            resource: format!("{unit}/{id}"),
-        };
         // The map is the grant: a unit gets exactly the secrets mapped to its credential ids.
-        let secret = credential_secret(&self.policy(), &unit, &id)
-            .map(str::to_owned)
-            .ok_or_else(denied)?;
-        if !self.vault.wait_unsealed(wait).await {
-            return Err(ApiError::Sealed {
-                reason: format!("still sealed after waiting {wait:?}"),
-            });
-        }
-        let result = self
-            .vault
-            .get_secret(secret.clone(), None)
-            .await
-            .map(|(value, _)| value);
+        let secret = credential_secret(&self.policy(), &unit, &id).map(str::to_owned);
+        let result = match &secret {
+            None => Err(ApiError::PermissionDenied {
+                action: "credential".into(),
+                resource: format!("{unit}/{id}"),
+            }),
+            Some(secret) => {
+                if self.vault.wait_unsealed(wait).await {
+                    self.vault
+                        .get_secret(secret.clone(), None)
+                        .await
+                        .map(|(value, _)| value)
+                } else {
+                    Err(ApiError::Sealed {
+                        reason: format!("still sealed after waiting {wait:?}"),
+                    })
+                }
+            }
+        };
+        let target = secret.clone().unwrap_or_else(|| format!("{unit}/{id}"));
+        let mut entry = Entry::new(&caller, "Credential", &target, &result_name(&result));
+        entry.detail = Some(format!("credential id {id}"));
+        // Delivered only once on record; a refusal is on record too (systemd hears nothing).
+        self.record(entry, Durability::Written, None).await?;
+        let secret = secret.unwrap_or_default();
         match &result {
             Ok(_) => {
                 tracing::info!(caller = %caller, credential = %id, secret = %secret, "credential delivered")

@@ -74,10 +74,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         clap_complete::generate(shell, &mut command, "keyward", &mut io::stdout());
         return Ok(());
     }
+    // Offline: the log is a file; no daemon is asked.
+    if let Command::Audit(cmd) = cli.command {
+        return super::audit::run(cmd, cli.json);
+    }
     let mut client = connect(&cli.socket)?;
     let c = &mut client;
     match cli.command {
-        Command::Completions { .. } => Ok(()),
+        Command::Completions { .. } | Command::Audit(_) => Ok(()),
         Command::Status => {
             let status = c.status()?;
             out.emit(&status, || output::status(&status))

@@ -5,6 +5,7 @@
 //! recovery share on its command line (they come from files or stdin) and never prints one
 //! to stderr.
 
+mod audit;
 mod commands;
 pub mod input;
 pub mod output;
@@ -21,7 +22,8 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  success
   1  keywardd refused the request (permission, not found, invalid argument, device
-     trouble, ...), or a local file could not be read or written
+     trouble, ...), a local file could not be read or written, or `audit verify` found
+     the log altered
   2  usage: bad arguments or input
   3  keywardd cannot be reached (not running, wrong --socket, no access to the socket,
      connection lost)
@@ -78,6 +80,9 @@ pub enum Command {
     /// Create signing keys inside a device, sign, fetch public keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Verify or follow an audit log file (offline: works on a copy, no daemon needed).
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -315,6 +320,33 @@ pub enum KeyCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain, the sequence and every checkpoint signature; name the first bad
+    /// record. Records after the last checkpoint are protected by the chain only: cutting them
+    /// off can't be detected offline.
+    Verify {
+        /// The log (`audit.log` in keywardd's state directory, or a copy of it).
+        path: PathBuf,
+        /// The key to trust: a PEM file, or the base64 key `keyward status` shows
+        /// [default: audit.pub beside the log]. Any key the log was handed over to or from by
+        /// a rekey works.
+        #[arg(long, value_name = "KEY|FILE")]
+        public_key: Option<String>,
+    },
+    /// Print the last records (one line each, or the JSON lines with --json).
+    Tail {
+        /// The log.
+        path: PathBuf,
+        /// How many records.
+        #[arg(short = 'n', long, value_name = "N", default_value_t = 10)]
+        lines: usize,
+        /// Keep printing records as they are appended.
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -333,6 +365,12 @@ pub enum CliError {
         .needed.map(|n| format!(" ({n} more share(s) needed)")).unwrap_or_default()
     )]
     StillSealed { needed: Option<u8> },
+    /// `audit verify` found the log altered, damaged or unsigned.
+    #[error("audit log {}: {failure}", .path.display())]
+    AuditInvalid {
+        path: PathBuf,
+        failure: keyward::audit::Failure,
+    },
 }
 
 /// The exit codes documented in `--help`.
@@ -351,9 +389,9 @@ impl CliError {
             Self::Client(ClientError::Connect { .. } | ClientError::Io(_)) => exit::UNREACHABLE,
             Self::Client(ClientError::Api(ApiError::Sealed { .. } | ApiError::NotInitialized))
             | Self::StillSealed { .. } => exit::SEALED,
-            Self::Client(ClientError::Api(_) | ClientError::Protocol(_)) | Self::Local(_) => {
-                exit::REFUSED
-            }
+            Self::Client(ClientError::Api(_) | ClientError::Protocol(_))
+            | Self::Local(_)
+            | Self::AuditInvalid { .. } => exit::REFUSED,
             Self::Usage(_) => exit::USAGE,
         }
     }
@@ -373,6 +411,10 @@ impl CliError {
             Self::StillSealed { needed } => (
                 "keyward.StillSealed".into(),
                 serde_json::json!({ "shares_needed": needed }),
+            ),
+            Self::AuditInvalid { path, failure } => (
+                "keyward.AuditInvalid".into(),
+                audit::failure_json(path, failure),
             ),
         };
         serde_json::json!({ "error": {
@@ -503,6 +545,26 @@ mod tests {
         ));
         assert!(parse(&["unseal", "--share-file", "a", "--pin-file", "b"]).is_err());
         assert!(parse(&["completions", "zsh"]).is_ok());
+        assert!(matches!(
+            parse(&["audit", "verify", "/x/audit.log", "--public-key", "k.pem"])
+                .unwrap()
+                .command,
+            Command::Audit(AuditCommand::Verify {
+                public_key: Some(_),
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&["audit", "tail", "-f", "-n", "3", "/x/audit.log"])
+                .unwrap()
+                .command,
+            Command::Audit(AuditCommand::Tail {
+                lines: 3,
+                follow: true,
+                ..
+            })
+        ));
+        assert!(parse(&["audit", "verify"]).is_err(), "the path is needed");
         // No way to put a value on the command line.
         assert!(parse(&["secret", "put", "db", "hunter2"]).is_err());
     }

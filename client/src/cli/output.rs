@@ -129,6 +129,9 @@ pub fn status(s: &StatusReply) -> String {
         let _ = writeln!(out, "term:     {term}");
     }
     let _ = writeln!(out, "daemon:   keywardd {}", s.version);
+    if let Some(key) = &s.audit_public_key {
+        let _ = writeln!(out, "audit:    {key} (audit log signing key)");
+    }
     if s.devices.is_empty() {
         let _ = writeln!(out, "devices:  none configured");
     } else {
@@ -251,6 +254,7 @@ mod tests {
             shares_pending: Some(1),
             term: None,
             version: "0.1.0".into(),
+            audit_public_key: Some("MCowBQYDK2VwAyEA".into()),
         };
         let text = status(&s);
         assert!(
@@ -259,6 +263,7 @@ mod tests {
         );
         assert!(text.contains("1 more recovery share"), "{text}");
         assert!(text.contains("7,11"), "{text}");
+        assert!(text.contains("audit:    MCowBQYDK2VwAyEA"), "{text}");
     }
 
     #[test]

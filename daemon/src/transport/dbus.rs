@@ -689,6 +689,10 @@ fn status_dict(s: api::StatusReply) -> BTreeMap<&'static str, Variant<'static>> 
         Variant::from(s.shares_pending.unwrap_or(0)),
     );
     m.insert("devices", Variant::from(devices));
+    m.insert(
+        "audit_public_key",
+        Variant::from(s.audit_public_key.unwrap_or_default()),
+    );
     m
 }
 

@@ -1,0 +1,1127 @@
+//! The audit log's format, defined once for the daemon that writes it and the `keyward audit`
+//! commands that read it, and its offline verification.
+//!
+//! `audit.log` is one JSON object per line. Every line carries `seq` (0, 1, 2, ...), `time`
+//! (RFC 3339 UTC, milliseconds) and `prev`: the hex SHA-256 of the previous line's exact bytes
+//! (without its newline; 64 zeros for the first line). That hash chain ties each record to
+//! every record before it, so a record can't be edited, removed, inserted or moved without
+//! breaking the chain at that point. Records come in four kinds:
+//!
+//! - `request`: one call — who (`caller`: uid, gid, pid, systemd unit, transport), `op`,
+//!   `target` (a secret or key name, a keyslot, or `vault`; never a value, PIN, share or digest)
+//!   and `result` (`ok`, `started` for the record a mutation writes before it runs, or the
+//!   error's stable wire name). An outcome record names its `started` record in `intent`.
+//! - `event`: the daemon starting or stopping.
+//! - `checkpoint`: an Ed25519 signature by the vault's audit key over the chain head (its own
+//!   `seq`, `prev`, `time`, `reason`, `public_key` and `next_public_key`), so one signature
+//!   covers every record before it. A checkpoint that names `next_public_key` hands the log
+//!   over to the vault's next key (a rekey); the hand-over is pending while later checkpoints
+//!   keep naming it, done at the first checkpoint the new key signs, and called off by a
+//!   checkpoint of the old key that no longer names it.
+//! - `resume`: written by the daemon after bytes it found damaged (a write cut short by a
+//!   crash or a full disk). The damaged bytes stay where they are; the resume record gives their
+//!   length and SHA-256 and continues the chain from the last good record, so history is
+//!   never silently rewritten and [`verify`] can say exactly what was lost.
+//!
+//! Public keys are base64 DER SubjectPublicKeyInfo everywhere (records, `Status`), and PEM in
+//! `audit.pub`.
+//!
+//! What verification can't see: records after the last checkpoint are protected only by the
+//! chain, so cutting them off (truncating the log after a checkpoint) is undetectable offline,
+//! without an anchor kept elsewhere (the last checkpoint's seq, say). And a log whose every
+//! record and key were replaced passes against the `audit.pub` beside it if that was replaced
+//! too: pin the key from `keyward status`, kept somewhere else, with `--public-key`.
+
+use std::fmt::{self, Write as _};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// The log's file name in the state directory.
+pub const LOG_FILE: &str = "audit.log";
+/// The signing public key's file name, beside the log.
+pub const PUBLIC_KEY_FILE: &str = "audit.pub";
+/// The `prev` of the first record.
+pub const GENESIS: [u8; 32] = [0; 32];
+/// `result` of the record a mutation writes before it runs.
+pub const STARTED: &str = "started";
+/// `result` of a request that succeeded.
+pub const OK: &str = "ok";
+
+/// What a checkpoint's signature covers starts with this, so the signature means nothing
+/// anywhere else.
+const SIGNING_CONTEXT: &[u8] = b"keyward audit checkpoint v1\0";
+
+/// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410): SEQUENCE { SEQUENCE { OID
+/// 1.3.101.112 }, BIT STRING { 32 bytes } }.
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+/// One line of the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Position in the chain: the previous record's plus one, from 0.
+    pub seq: u64,
+    /// When it was written, RFC 3339 UTC with milliseconds.
+    pub time: String,
+    /// What kind of record, and its fields.
+    #[serde(flatten)]
+    pub body: Body,
+    /// Hex SHA-256 of the previous line's exact bytes.
+    pub prev: String,
+}
+
+/// The kinds of record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Body {
+    /// One call of the API or the credential socket.
+    Request(RequestRecord),
+    /// The daemon started or stopped.
+    Event(EventRecord),
+    /// A signature over the chain head.
+    Checkpoint(Checkpoint),
+    /// The chain continues after damaged bytes.
+    Resume(Resume),
+}
+
+/// Who called, as the kernel said when the client connected.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerRecord {
+    pub uid: u32,
+    pub gid: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    /// The caller's systemd unit, when it runs in one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// `varlink`, `dbus`, `credentials` or `daemon`.
+    pub via: String,
+}
+
+/// A request record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestRecord {
+    pub caller: CallerRecord,
+    /// The method (`GetSecret`), or `Credential` for the credential socket.
+    pub op: String,
+    /// A secret or key name, `keyslot N`, or `vault`. Never a value.
+    pub target: String,
+    /// `ok`, `started`, or the error's wire name (`PermissionDenied`).
+    pub result: String,
+    /// On an outcome record: the seq of the `started` record it closes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent: Option<u64>,
+    /// More about the target (the credential id, the kind of keyslot), never a secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// An event record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventRecord {
+    /// `start` or `stop`.
+    pub event: String,
+    pub detail: String,
+}
+
+/// A checkpoint record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    /// Why it was written: `unsealed`, `sealed`, `admin`, `periodic`, `stop`, `rekey`, ...
+    pub reason: String,
+    /// The signer, base64 DER SubjectPublicKeyInfo.
+    pub public_key: String,
+    /// The key the log is being handed over to (a rekey in progress).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<String>,
+    /// Base64 Ed25519 signature over [`checkpoint_message`].
+    pub signature: String,
+}
+
+/// A resume record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resume {
+    /// Length of the damaged bytes before this record (the newline the daemon added to end
+    /// them not counted).
+    pub damaged_bytes: u64,
+    /// Hex SHA-256 of those bytes.
+    pub damaged_sha256: String,
+    pub reason: String,
+}
+
+/// SHA-256 of a line's bytes (without its newline): the next record's `prev`.
+pub fn line_hash(line: &[u8]) -> [u8; 32] {
+    Sha256::digest(line).into()
+}
+
+/// Lower-case hex. (By table: the daemon does this once per record, on the read path.)
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
+}
+
+/// What a checkpoint's signature covers: a fixed context string, then the chain head
+/// (`seq`, the previous line's hash) and every other field of the checkpoint, each
+/// length-prefixed so no two checkpoints share a message.
+pub fn checkpoint_message(
+    seq: u64,
+    prev: &[u8; 32],
+    time: &str,
+    reason: &str,
+    public_key: &VerifyingKey,
+    next_public_key: Option<&VerifyingKey>,
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(SIGNING_CONTEXT.len() + 160 + time.len() + reason.len());
+    m.extend_from_slice(SIGNING_CONTEXT);
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(prev);
+    for field in [time.as_bytes(), reason.as_bytes()] {
+        m.extend_from_slice(&(field.len() as u64).to_be_bytes());
+        m.extend_from_slice(field);
+    }
+    m.extend_from_slice(public_key.as_bytes());
+    match next_public_key {
+        Some(k) => {
+            m.push(1);
+            m.extend_from_slice(k.as_bytes());
+        }
+        None => m.push(0),
+    }
+    m
+}
+
+/// A key that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("not base64")]
+    Base64,
+    #[error("not an Ed25519 public key (DER SubjectPublicKeyInfo, PEM, or 32 raw bytes)")]
+    NotEd25519,
+}
+
+/// A public key as DER SubjectPublicKeyInfo.
+pub fn spki_der(key: &VerifyingKey) -> Vec<u8> {
+    let mut der = ED25519_SPKI_PREFIX.to_vec();
+    der.extend_from_slice(key.as_bytes());
+    der
+}
+
+/// A public key as base64 DER SubjectPublicKeyInfo (records, `Status`).
+pub fn encode_key(key: &VerifyingKey) -> String {
+    B64.encode(spki_der(key))
+}
+
+/// A public key as PEM (`audit.pub`).
+pub fn pem(key: &VerifyingKey) -> String {
+    format!(
+        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+        encode_key(key)
+    )
+}
+
+/// A public key from PEM, base64 DER SubjectPublicKeyInfo, or base64 of the 32 raw bytes.
+///
+/// # Errors
+/// [`KeyError`] when it is none of those.
+pub fn decode_key(text: &str) -> Result<VerifyingKey, KeyError> {
+    let body: String = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let bytes = B64.decode(body.as_bytes()).map_err(|_| KeyError::Base64)?;
+    let raw: &[u8] = match bytes.strip_prefix(&ED25519_SPKI_PREFIX[..]) {
+        Some(raw) => raw,
+        None => &bytes,
+    };
+    let raw: &[u8; 32] = raw.try_into().map_err(|_| KeyError::NotEd25519)?;
+    VerifyingKey::from_bytes(raw).map_err(|_| KeyError::NotEd25519)
+}
+
+/// `t` as RFC 3339 UTC with milliseconds (`2025-01-31T12:00:00.123Z`).
+pub fn rfc3339_millis(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs().min(253_402_300_799);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (hour, minute, second) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Howard Hinnant's civil_from_days; `days` is at most ~2.9 million, so i64 is ample.
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    // Digit by digit rather than `format!`: once per record, on the read path.
+    let mut out = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, u64::try_from(year).unwrap_or(0));
+    put(5, 2, u64::try_from(month).unwrap_or(0));
+    put(8, 2, u64::try_from(day).unwrap_or(0));
+    put(11, 2, hour);
+    put(14, 2, minute);
+    put(17, 2, second);
+    put(20, 3, u64::from(d.subsec_millis()));
+    out.iter().map(|&b| char::from(b)).collect()
+}
+
+/// One line of a log file, with where it starts.
+#[derive(Clone, Copy, Debug)]
+pub struct Line<'a> {
+    /// Byte offset of its first byte.
+    pub start: usize,
+    /// Its bytes, without the newline.
+    pub bytes: &'a [u8],
+    /// Whether a newline ends it (only a cut-off last line has none).
+    pub complete: bool,
+}
+
+/// The lines of a log, newline-terminated but for perhaps the last.
+pub fn lines(log: &[u8]) -> Vec<Line<'_>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < log.len() {
+        match log[start..].iter().position(|&b| b == b'\n') {
+            Some(n) => {
+                out.push(Line {
+                    start,
+                    bytes: &log[start..start + n],
+                    complete: true,
+                });
+                start += n + 1;
+            }
+            None => {
+                out.push(Line {
+                    start,
+                    bytes: &log[start..],
+                    complete: false,
+                });
+                start = log.len();
+            }
+        }
+    }
+    out
+}
+
+/// Parse one line as a record.
+///
+/// # Errors
+/// The JSON error when it is not one.
+pub fn parse(line: &[u8]) -> Result<Record, serde_json::Error> {
+    serde_json::from_slice(line)
+}
+
+/// A checkpoint that verified.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CheckpointSummary {
+    /// 1-based line number.
+    pub line: usize,
+    pub seq: u64,
+    pub time: String,
+    pub reason: String,
+    pub public_key: String,
+}
+
+/// Damaged bytes the daemon noted with a resume record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Damage {
+    /// 1-based line number where the damaged bytes start.
+    pub line: usize,
+    pub bytes: u64,
+    /// The seq of the resume record that noted them.
+    pub noted_at_seq: u64,
+}
+
+/// What a successful verification found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// Records in the log.
+    pub records: u64,
+    /// The last record's seq.
+    pub last_seq: u64,
+    pub checkpoints: u64,
+    /// The last checkpoint: every record up to it is signed (through the chain).
+    pub last_checkpoint: CheckpointSummary,
+    /// Records after the last checkpoint, protected only by the chain.
+    pub unsigned_tail: u64,
+    /// The signing keys in the order the log was handed over between them.
+    pub keys: Vec<String>,
+    /// Damaged bytes the daemon noted and continued after.
+    pub damage: Vec<Damage>,
+}
+
+/// Why a log does not verify.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error("not a record: {0}")]
+    Unreadable(String),
+    #[error("the last line is incomplete: the log was cut inside a record")]
+    Incomplete,
+    #[error("the log holds no record")]
+    Empty,
+    #[error("altered: the next record's hash of it does not match")]
+    Altered,
+    #[error("altered: it says seq {found} where seq {expected} is due")]
+    WrongSeq { expected: u64, found: u64 },
+    #[error("inserted or moved here: the record after it follows the record before it")]
+    Inserted,
+    #[error("out of order: seq {expected} is due here and comes later, at line {at_line}")]
+    OutOfOrder { expected: u64, at_line: usize },
+    #[error("records are missing before it (deleted): seq {expected} is due here")]
+    Missing { expected: u64 },
+    #[error("the first record does not start the chain: earlier records were deleted, or it was altered")]
+    NotFirst,
+    #[error("does not follow the record before it (an edit, deletion, insertion or reordering)")]
+    Broken,
+    #[error("malformed {0}")]
+    Malformed(&'static str),
+    #[error("the checkpoint's signature does not verify")]
+    BadSignature,
+    #[error("a checkpoint signed by a key the log was never handed over to")]
+    UnknownKey,
+    #[error("a resume record without the damaged bytes it claims before it")]
+    BadResume,
+    #[error("no checkpoint is signed by the trusted public key or a key it handed the log over to: nothing in this log is authenticated by it")]
+    Untrusted,
+}
+
+/// A failed verification: the first bad record and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct Failure {
+    /// 1-based line number of the first bad record (`None`: the log as a whole).
+    pub line: Option<usize>,
+    /// Its seq, when it has one.
+    pub seq: Option<u64>,
+    pub problem: Problem,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.seq) {
+            (Some(l), Some(s)) => write!(f, "line {l} (seq {s}): {}", self.problem),
+            (Some(l), None) => write!(f, "line {l}: {}", self.problem),
+            _ => write!(f, "{}", self.problem),
+        }
+    }
+}
+
+/// Where a hand-over of the signing key stands while reading the log.
+#[derive(Default)]
+struct Keys {
+    /// Keys that signed a checkpoint, in hand-over order.
+    adopted: Vec<VerifyingKey>,
+    /// The key the last checkpoint named as next.
+    pending: Option<VerifyingKey>,
+}
+
+/// Check a whole log: every line a record, the hash chain unbroken from the genesis value,
+/// seq continuous, every checkpoint's signature valid and signed by the log's key or one it
+/// was handed over to, and at least one checkpoint signed by `trusted` or a key `trusted`
+/// handed over to (or from: a checkpoint covers everything before it). Damaged bytes are
+/// accepted only where a resume record accounts for them exactly.
+///
+/// # Errors
+/// The first bad record, as a [`Failure`].
+pub fn verify(log: &[u8], trusted: &VerifyingKey) -> Result<Report, Failure> {
+    let lines = lines(log);
+    let fail = |i: usize, seq: Option<u64>, problem| Failure {
+        line: Some(i + 1),
+        seq,
+        problem,
+    };
+    let hash_of = |i: usize| line_hash(lines[i].bytes);
+    let mut prev = GENESIS;
+    let mut expected = 0u64;
+    // Index of the last record accepted, if any.
+    let mut last: Option<usize> = None;
+    let mut records = 0u64;
+    let mut checkpoints = 0u64;
+    let mut last_checkpoint: Option<(CheckpointSummary, u64)> = None;
+    let mut keys = Keys::default();
+    let mut damage = Vec::new();
+    // True when the record at `i` comes right after damaged bytes its resume record explains.
+    let mut after_damage = false;
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        if !line.complete {
+            return Err(fail(i, None, Problem::Incomplete));
+        }
+        let record = match parse(line.bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                let start = last.map_or(0, |l| lines[l].start + lines[l].bytes.len() + 1);
+                match find_resume(&lines, i, start, log, &prev, expected) {
+                    Some((j, bytes)) => {
+                        damage.push(Damage {
+                            line: i + 1,
+                            bytes,
+                            noted_at_seq: expected,
+                        });
+                        after_damage = true;
+                        i = j;
+                        continue;
+                    }
+                    None => return Err(fail(i, None, Problem::Unreadable(e.to_string()))),
+                }
+            }
+        };
+        let seq = Some(record.seq);
+        let claimed =
+            unhex32(&record.prev).ok_or_else(|| fail(i, seq, Problem::Malformed("prev")))?;
+        if claimed != prev {
+            return Err(diagnose(&lines, i, &record, &claimed, expected, last));
+        }
+        if record.seq != expected {
+            return Err(fail(
+                i,
+                seq,
+                Problem::WrongSeq {
+                    expected,
+                    found: record.seq,
+                },
+            ));
+        }
+        match &record.body {
+            Body::Checkpoint(c) => {
+                check_checkpoint(&record, c, &prev, &mut keys).map_err(|p| fail(i, seq, p))?;
+                checkpoints += 1;
+                last_checkpoint = Some((
+                    CheckpointSummary {
+                        line: i + 1,
+                        seq: record.seq,
+                        time: record.time.clone(),
+                        reason: c.reason.clone(),
+                        public_key: c.public_key.clone(),
+                    },
+                    records + 1,
+                ));
+            }
+            Body::Resume(r) if !after_damage && r.damaged_bytes != 0 => {
+                return Err(fail(i, seq, Problem::BadResume));
+            }
+            _ => {}
+        }
+        after_damage = false;
+        records += 1;
+        expected = record.seq.saturating_add(1);
+        prev = hash_of(i);
+        last = Some(i);
+        i += 1;
+    }
+    if records == 0 {
+        return Err(Failure {
+            line: None,
+            seq: None,
+            problem: Problem::Empty,
+        });
+    }
+    let untrusted = Failure {
+        line: None,
+        seq: None,
+        problem: Problem::Untrusted,
+    };
+    let (last_checkpoint, signed) = last_checkpoint.ok_or_else(|| untrusted.clone())?;
+    if !keys.adopted.contains(trusted) {
+        return Err(untrusted);
+    }
+    Ok(Report {
+        records,
+        last_seq: expected.saturating_sub(1),
+        checkpoints,
+        last_checkpoint,
+        unsigned_tail: records - signed,
+        keys: keys.adopted.iter().map(encode_key).collect(),
+        damage,
+    })
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(s.as_bytes().chunks(2)) {
+        let text = std::str::from_utf8(pair).ok()?;
+        *o = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Damaged bytes start at line `i` (byte `start`): find the resume record that accounts for
+/// exactly the bytes from `start` to just before its own line's newline-ended predecessor,
+/// continuing the chain from `prev` at `seq`. Returns its line index and the damaged length.
+fn find_resume(
+    lines: &[Line<'_>],
+    i: usize,
+    start: usize,
+    log: &[u8],
+    prev: &[u8; 32],
+    seq: u64,
+) -> Option<(usize, u64)> {
+    for (j, line) in lines.iter().enumerate().skip(i + 1) {
+        let Ok(record) = parse(line.bytes) else {
+            continue;
+        };
+        // The first readable record after damage must be the resume record explaining it.
+        let Body::Resume(r) = &record.body else {
+            return None;
+        };
+        let len = line.start.checked_sub(1)?.checked_sub(start)?;
+        let bytes = log.get(start..start + len)?;
+        let ok = record.seq == seq
+            && unhex32(&record.prev).as_ref() == Some(prev)
+            && r.damaged_bytes == len as u64
+            && unhex32(&r.damaged_sha256) == Some(line_hash(bytes));
+        return ok.then_some((j, len as u64));
+    }
+    None
+}
+
+/// The chain breaks at line `i` (its `prev` is not the hash of the record before it): say
+/// which record is out of place, and how.
+fn diagnose(
+    lines: &[Line<'_>],
+    i: usize,
+    record: &Record,
+    claimed: &[u8; 32],
+    expected: u64,
+    last: Option<usize>,
+) -> Failure {
+    let at = |line: usize, seq: Option<u64>, problem| Failure {
+        line: Some(line + 1),
+        seq,
+        problem,
+    };
+    let seq_of = |k: usize| parse(lines[k].bytes).ok().map(|r| r.seq);
+    let prev_of = |k: usize| {
+        lines
+            .get(k)
+            .and_then(|l| parse(l.bytes).ok())
+            .and_then(|r| unhex32(&r.prev))
+    };
+    let Some(before) = last else {
+        return at(i, Some(record.seq), Problem::NotFirst);
+    };
+    // The next record follows the one before this: this one was slipped in (or moved here).
+    if prev_of(i + 1) == Some(line_hash(lines[before].bytes)) {
+        return if record.seq > expected {
+            match (i + 1..lines.len()).find(|&k| seq_of(k) == Some(expected)) {
+                Some(k) => at(
+                    i,
+                    Some(record.seq),
+                    Problem::OutOfOrder {
+                        expected,
+                        at_line: k + 1,
+                    },
+                ),
+                None => at(i, Some(record.seq), Problem::Inserted),
+            }
+        } else {
+            at(i, Some(record.seq), Problem::Inserted)
+        };
+    }
+    // This one follows the record two back: the one just before it was slipped in.
+    if let Some(two_back) = before.checked_sub(1) {
+        if *claimed == line_hash(lines[two_back].bytes) {
+            return at(before, seq_of(before), Problem::Inserted);
+        }
+    }
+    if record.seq > expected {
+        return match (i + 1..lines.len()).find(|&k| seq_of(k) == Some(expected)) {
+            Some(k) => at(
+                i,
+                Some(record.seq),
+                Problem::OutOfOrder {
+                    expected,
+                    at_line: k + 1,
+                },
+            ),
+            None => at(i, Some(record.seq), Problem::Missing { expected }),
+        };
+    }
+    if record.seq < expected {
+        return at(i, Some(record.seq), Problem::Broken);
+    }
+    // In sequence, but not what the record before it hashes to: that one was edited.
+    at(before, seq_of(before), Problem::Altered)
+}
+
+fn check_checkpoint(
+    record: &Record,
+    c: &Checkpoint,
+    prev: &[u8; 32],
+    keys: &mut Keys,
+) -> Result<(), Problem> {
+    let key = decode_key(&c.public_key).map_err(|_| Problem::Malformed("public_key"))?;
+    let next = c
+        .next_public_key
+        .as_deref()
+        .map(decode_key)
+        .transpose()
+        .map_err(|_| Problem::Malformed("next_public_key"))?;
+    let signature = B64
+        .decode(c.signature.as_bytes())
+        .ok()
+        .and_then(|b| Signature::from_slice(&b).ok())
+        .ok_or(Problem::Malformed("signature"))?;
+    let message = checkpoint_message(
+        record.seq,
+        prev,
+        &record.time,
+        &c.reason,
+        &key,
+        next.as_ref(),
+    );
+    key.verify(&message, &signature)
+        .map_err(|_| Problem::BadSignature)?;
+    match keys.adopted.last() {
+        None => keys.adopted.push(key),
+        Some(current) if *current == key => {}
+        Some(_) if keys.pending == Some(key) => keys.adopted.push(key),
+        Some(_) => return Err(Problem::UnknownKey),
+    }
+    keys.pending = next;
+    Ok(())
+}
+
+/// One record for people: `time  #seq  what`.
+pub fn human(record: &Record) -> String {
+    let what = match &record.body {
+        Body::Request(r) => {
+            let c = &r.caller;
+            let mut who = format!("uid={} gid={}", c.uid, c.gid);
+            if let Some(pid) = c.pid {
+                let _ = write!(who, " pid={pid}");
+            }
+            if let Some(unit) = &c.unit {
+                let _ = write!(who, " unit={unit}");
+            }
+            let mut s = format!("{who} via {}  {} {}  {}", c.via, r.op, r.target, r.result);
+            if let Some(intent) = r.intent {
+                let _ = write!(s, " (of #{intent})");
+            }
+            if let Some(d) = &r.detail {
+                let _ = write!(s, "  [{d}]");
+            }
+            s
+        }
+        Body::Event(e) => format!("daemon {}: {}", e.event, e.detail),
+        Body::Checkpoint(c) => {
+            let mut s = format!("checkpoint ({}) signed by {}", c.reason, c.public_key);
+            if let Some(n) = &c.next_public_key {
+                let _ = write!(s, ", handing over to {n}");
+            }
+            s
+        }
+        Body::Resume(r) => format!(
+            "resume after {} damaged bytes ({})",
+            r.damaged_bytes, r.reason
+        ),
+    };
+    format!("{}  #{}  {what}", record.time, record.seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::{Signer as _, SigningKey};
+
+    /// A log writer as small as the daemon's, for building test logs.
+    struct Writer {
+        out: Vec<u8>,
+        seq: u64,
+        prev: [u8; 32],
+        key: SigningKey,
+        next: Option<SigningKey>,
+    }
+
+    impl Writer {
+        fn new(seed: u8) -> Self {
+            Self {
+                out: Vec::new(),
+                seq: 0,
+                prev: GENESIS,
+                key: SigningKey::from_bytes(&[seed; 32]),
+                next: None,
+            }
+        }
+
+        fn push(&mut self, body: Body) {
+            let record = Record {
+                seq: self.seq,
+                time: "2025-01-01T00:00:00.000Z".into(),
+                body,
+                prev: hex(&self.prev),
+            };
+            let line = serde_json::to_vec(&record).unwrap();
+            self.prev = line_hash(&line);
+            self.out.extend_from_slice(&line);
+            self.out.push(b'\n');
+            self.seq += 1;
+        }
+
+        fn request(&mut self, op: &str, target: &str) {
+            self.push(Body::Request(RequestRecord {
+                caller: CallerRecord {
+                    uid: 0,
+                    gid: 0,
+                    pid: Some(1),
+                    unit: None,
+                    via: "varlink".into(),
+                },
+                op: op.into(),
+                target: target.into(),
+                result: OK.into(),
+                intent: None,
+                detail: None,
+            }));
+        }
+
+        fn checkpoint_by(&mut self, key: &SigningKey, next: Option<&SigningKey>, reason: &str) {
+            let time = "2025-01-01T00:00:00.000Z";
+            let public = key.verifying_key();
+            let next_public = next.map(SigningKey::verifying_key);
+            let m = checkpoint_message(
+                self.seq,
+                &self.prev,
+                time,
+                reason,
+                &public,
+                next_public.as_ref(),
+            );
+            let signature = key.sign(&m);
+            self.push(Body::Checkpoint(Checkpoint {
+                reason: reason.into(),
+                public_key: encode_key(&public),
+                next_public_key: next_public.as_ref().map(encode_key),
+                signature: B64.encode(signature.to_bytes()),
+            }));
+        }
+
+        fn checkpoint(&mut self) {
+            let key = self.key.clone();
+            let next = self.next.clone();
+            self.checkpoint_by(&key, next.as_ref(), "periodic");
+        }
+
+        fn public(&self) -> VerifyingKey {
+            self.key.verifying_key()
+        }
+    }
+
+    /// 3 requests, a checkpoint, 3 requests, a checkpoint, 2 requests: 10 lines.
+    fn sample() -> Writer {
+        let mut w = Writer::new(1);
+        for n in 0..3 {
+            w.request("PutSecret", &format!("s{n}"));
+        }
+        w.checkpoint();
+        for n in 3..6 {
+            w.request("GetSecret", &format!("s{n}"));
+        }
+        w.checkpoint();
+        w.request("Status", "vault");
+        w.request("Status", "vault");
+        w
+    }
+
+    fn lines_of(log: &[u8]) -> Vec<Vec<u8>> {
+        lines(log).iter().map(|l| l.bytes.to_vec()).collect()
+    }
+
+    fn join(lines: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for l in lines {
+            out.extend_from_slice(l);
+            out.push(b'\n');
+        }
+        out
+    }
+
+    fn failure(log: &[u8], key: &VerifyingKey) -> Failure {
+        verify(log, key).expect_err("must not verify")
+    }
+
+    #[test]
+    fn an_intact_log_verifies_and_says_what_is_unsigned() {
+        let w = sample();
+        let r = verify(&w.out, &w.public()).unwrap();
+        assert_eq!(r.records, 10);
+        assert_eq!(r.last_seq, 9);
+        assert_eq!(r.checkpoints, 2);
+        assert_eq!(r.last_checkpoint.seq, 7);
+        assert_eq!(r.last_checkpoint.line, 8);
+        assert_eq!(r.unsigned_tail, 2);
+        assert_eq!(r.keys, [encode_key(&w.public())]);
+    }
+
+    #[test]
+    fn an_edited_record_is_named() {
+        let w = sample();
+        let mut l = lines_of(&w.out);
+        l[4] = String::from_utf8(l[4].clone())
+            .unwrap()
+            .replace("\"s3\"", "\"s9\"")
+            .into_bytes();
+        let f = failure(&join(&l), &w.public());
+        assert_eq!(
+            (f.line, f.seq, f.problem),
+            (Some(5), Some(4), Problem::Altered)
+        );
+    }
+
+    #[test]
+    fn a_deleted_record_is_named() {
+        let w = sample();
+        let mut l = lines_of(&w.out);
+        l.remove(4);
+        let f = failure(&join(&l), &w.public());
+        assert_eq!(f.line, Some(5));
+        assert_eq!(f.seq, Some(5));
+        assert_eq!(f.problem, Problem::Missing { expected: 4 });
+    }
+
+    #[test]
+    fn an_inserted_record_is_named_whether_or_not_it_chains() {
+        let w = sample();
+        // A forger who chains the record properly onto the one before it.
+        let mut l = lines_of(&w.out);
+        let mut forged = parse(&l[4]).unwrap();
+        forged.seq = 5;
+        forged.prev = hex(&line_hash(&l[4]));
+        if let Body::Request(r) = &mut forged.body {
+            r.target = "forged".into();
+        }
+        l.insert(5, serde_json::to_vec(&forged).unwrap());
+        let f = failure(&join(&l), &w.public());
+        assert_eq!(
+            (f.line, f.problem.clone()),
+            (Some(6), Problem::Inserted),
+            "{f}"
+        );
+        // A copy of an old record.
+        let mut l = lines_of(&w.out);
+        let old = l[1].clone();
+        l.insert(5, old);
+        let f = failure(&join(&l), &w.public());
+        assert_eq!((f.line, f.seq), (Some(6), Some(1)), "{f}");
+        assert_eq!(f.problem, Problem::Inserted);
+    }
+
+    #[test]
+    fn swapped_records_are_named() {
+        let w = sample();
+        let mut l = lines_of(&w.out);
+        l.swap(4, 5);
+        let f = failure(&join(&l), &w.public());
+        assert_eq!((f.line, f.seq), (Some(5), Some(5)), "{f}");
+        assert_eq!(
+            f.problem,
+            Problem::OutOfOrder {
+                expected: 4,
+                at_line: 6
+            }
+        );
+    }
+
+    #[test]
+    fn a_changed_signature_or_signed_field_is_named() {
+        let w = sample();
+        let mut l = lines_of(&w.out);
+        let mut cp = parse(&l[3]).unwrap();
+        let Body::Checkpoint(c) = &mut cp.body else {
+            panic!()
+        };
+        let mut sig = B64.decode(&c.signature).unwrap();
+        sig[0] ^= 1;
+        c.signature = B64.encode(sig);
+        l[3] = serde_json::to_vec(&cp).unwrap();
+        let f = failure(&join(&l), &w.public());
+        assert_eq!(
+            (f.line, f.seq, f.problem),
+            (Some(4), Some(3), Problem::BadSignature)
+        );
+        // The reason is signed too (the last checkpoint, so no later hash covers it).
+        let mut l = lines_of(&w.out);
+        l[7] = String::from_utf8(l[7].clone())
+            .unwrap()
+            .replace("periodic", "admin")
+            .into_bytes();
+        let f = failure(&join(&l), &w.public());
+        assert_eq!((f.line, f.problem), (Some(8), Problem::BadSignature));
+    }
+
+    #[test]
+    fn a_cut_inside_a_record_is_named() {
+        let w = sample();
+        let l = lines(&w.out);
+        let cut = l[7].start + 20;
+        let f = failure(&w.out[..cut], &w.public());
+        assert_eq!((f.line, f.problem), (Some(8), Problem::Incomplete));
+    }
+
+    #[test]
+    fn a_cut_after_a_checkpoint_is_not_detectable_and_reported_as_unsigned() {
+        let w = sample();
+        let l = lines(&w.out);
+        let r = verify(&w.out[..l[8].start], &w.public()).unwrap();
+        assert_eq!((r.records, r.unsigned_tail), (8, 0));
+    }
+
+    #[test]
+    fn a_wrong_key_or_no_checkpoint_authenticates_nothing() {
+        let w = sample();
+        let other = SigningKey::from_bytes(&[9; 32]).verifying_key();
+        assert_eq!(failure(&w.out, &other).problem, Problem::Untrusted);
+        let mut w = Writer::new(1);
+        w.request("Status", "vault");
+        assert_eq!(failure(&w.out, &w.public()).problem, Problem::Untrusted);
+        assert_eq!(failure(b"", &w.public()).problem, Problem::Empty);
+    }
+
+    #[test]
+    fn a_forged_log_under_another_key_does_not_verify_against_the_real_key() {
+        let real = sample();
+        let mut forged = Writer::new(7);
+        forged.request("Status", "vault");
+        forged.checkpoint();
+        assert_eq!(
+            failure(&forged.out, &real.public()).problem,
+            Problem::Untrusted
+        );
+        // Nor may a forger append checkpoints of their own to the real log.
+        let mut w = sample();
+        let intruder = SigningKey::from_bytes(&[7; 32]);
+        w.checkpoint_by(&intruder, None, "periodic");
+        let f = failure(&w.out, &w.public());
+        assert_eq!((f.line, f.problem), (Some(11), Problem::UnknownKey));
+    }
+
+    #[test]
+    fn the_log_follows_a_rekey_from_either_key() {
+        let mut w = sample();
+        let old = w.key.clone();
+        let new = SigningKey::from_bytes(&[2; 32]);
+        // The hand-over, a periodic checkpoint while it is pending, then the new key.
+        w.checkpoint_by(&old, Some(&new), "rekey");
+        w.request("Status", "vault");
+        w.checkpoint_by(&old, Some(&new), "periodic");
+        w.checkpoint_by(&new, None, "rekeyed");
+        w.request("GetSecret", "x");
+        let r = verify(&w.out, &old.verifying_key()).unwrap();
+        assert_eq!(r.keys.len(), 2);
+        assert_eq!(
+            r.last_checkpoint.public_key,
+            encode_key(&new.verifying_key())
+        );
+        assert_eq!(r.unsigned_tail, 1);
+        verify(&w.out, &new.verifying_key()).unwrap();
+        // A called-off hand-over: the old key goes on, the new one may no longer sign.
+        let mut w = sample();
+        w.checkpoint_by(&old, Some(&new), "rekey");
+        w.checkpoint_by(&old, None, "rekey aborted");
+        w.checkpoint_by(&new, None, "periodic");
+        assert_eq!(
+            failure(&w.out, &old.verifying_key()).problem,
+            Problem::UnknownKey
+        );
+    }
+
+    #[test]
+    fn damage_is_accepted_only_where_a_resume_record_accounts_for_it() {
+        let mut w = sample();
+        // A torn write: part of a record and no newline, then the daemon's newline and resume.
+        let torn = br#"{"seq":10,"time":"2025-01-01T00:0"#;
+        let before = w.prev;
+        w.out.extend_from_slice(torn);
+        w.out.push(b'\n');
+        w.push(Body::Resume(Resume {
+            damaged_bytes: torn.len() as u64,
+            damaged_sha256: hex(&line_hash(torn)),
+            reason: "torn".into(),
+        }));
+        // The resume record chains onto the last good record.
+        let l = lines_of(&w.out);
+        assert_eq!(parse(&l[11]).unwrap().prev, hex(&before));
+        w.checkpoint();
+        let r = verify(&w.out, &w.public()).unwrap();
+        assert_eq!(
+            r.damage,
+            [Damage {
+                line: 11,
+                bytes: torn.len() as u64,
+                noted_at_seq: 10
+            }]
+        );
+        assert_eq!(r.records, 12);
+        // The same resume record with other damage does not explain it.
+        let mut l = lines_of(&w.out);
+        l[10] = b"{\"seq\":10,\"time\":\"2025-01-01T00:1".to_vec();
+        let f = failure(&join(&l), &w.public());
+        assert_eq!(f.line, Some(11));
+        assert!(matches!(f.problem, Problem::Unreadable(_)), "{f}");
+        // Nor may a resume record claim damage that is not there.
+        let mut l = lines_of(&w.out);
+        l.remove(10);
+        let f = failure(&join(&l), &w.public());
+        assert_eq!((f.line, f.problem), (Some(11), Problem::BadResume));
+    }
+
+    #[test]
+    fn keys_read_in_every_form_and_times_format() {
+        let key = SigningKey::from_bytes(&[3; 32]).verifying_key();
+        assert_eq!(decode_key(&pem(&key)).unwrap(), key);
+        assert_eq!(decode_key(&encode_key(&key)).unwrap(), key);
+        assert_eq!(decode_key(&B64.encode(key.as_bytes())).unwrap(), key);
+        assert_eq!(spki_der(&key).len(), 44);
+        assert!(decode_key("not base64!").is_err());
+        assert!(decode_key(&B64.encode([1u8; 31])).is_err());
+        let t = UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        assert_eq!(rfc3339_millis(t), "2023-11-14T22:13:20.123Z");
+    }
+
+    #[test]
+    fn records_are_one_line_of_json_with_the_fields_in_order() {
+        let mut w = Writer::new(1);
+        w.request("GetSecret", "db/pass\nword");
+        let text = String::from_utf8(w.out.clone()).unwrap();
+        assert_eq!(text.matches('\n').count(), 1, "{text}");
+        assert!(text.starts_with(r#"{"seq":0,"time":"#), "{text}");
+        assert!(
+            text.contains(r#""kind":"request","caller":{"uid":0"#),
+            "{text}"
+        );
+        assert!(
+            text.trim_end()
+                .ends_with(&format!(r#""prev":"{}"}}"#, hex(&GENESIS))),
+            "{text}"
+        );
+        let back = parse(text.trim_end().as_bytes()).unwrap();
+        assert!(matches!(back.body, Body::Request(ref r) if r.target == "db/pass\nword"));
+        assert!(human(&back).contains("GetSecret"));
+    }
+}

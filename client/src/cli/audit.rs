@@ -1,0 +1,211 @@
+//! `keyward audit verify|tail`: offline, on a copy of the log (or the live one); no daemon is
+//! asked anything. The format and the checks are [`keyward::audit`]'s; this is the printing.
+
+use std::fs::File;
+use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
+use std::path::Path;
+
+use keyward::audit::{self, Report};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use serde_json::json;
+
+use super::{AuditCommand, CliError};
+
+/// Run an `audit` subcommand.
+pub fn run(cmd: AuditCommand, json: bool) -> Result<(), CliError> {
+    match cmd {
+        AuditCommand::Verify { path, public_key } => verify(&path, public_key.as_deref(), json),
+        AuditCommand::Tail {
+            path,
+            lines,
+            follow,
+        } => tail(&path, lines, follow, json),
+    }
+}
+
+/// The trusted key: `--public-key` (a file, or the key itself), else `audit.pub` beside the
+/// log.
+fn trusted_key(log: &Path, given: Option<&str>) -> Result<ed25519_dalek::VerifyingKey, CliError> {
+    let (text, from) = match given {
+        Some(g) if Path::new(g).is_file() => (read_text(Path::new(g))?, g.to_owned()),
+        Some(g) => (g.to_owned(), "--public-key".to_owned()),
+        None => {
+            let beside = log
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(audit::PUBLIC_KEY_FILE);
+            if !beside.is_file() {
+                return Err(CliError::Usage(format!(
+                    "no public key to verify against: {} does not exist; give --public-key (the key `keyward status` shows)",
+                    beside.display()
+                )));
+            }
+            (read_text(&beside)?, beside.display().to_string())
+        }
+    };
+    audit::decode_key(&text).map_err(|e| CliError::Usage(format!("{from}: {e}")))
+}
+
+fn read_text(path: &Path) -> Result<String, CliError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| CliError::Local(format!("cannot read {}: {e}", path.display())))
+}
+
+fn verify(path: &Path, public_key: Option<&str>, json: bool) -> Result<(), CliError> {
+    let key = trusted_key(path, public_key)?;
+    let log = std::fs::read(path)
+        .map_err(|e| CliError::Local(format!("cannot read {}: {e}", path.display())))?;
+    let report = audit::verify(&log, &key).map_err(|failure| CliError::AuditInvalid {
+        path: path.to_owned(),
+        failure,
+    })?;
+    let text = if json {
+        let mut doc = serde_json::to_value(&report).unwrap_or_default();
+        if let Some(m) = doc.as_object_mut() {
+            m.insert("ok".into(), json!(true));
+            m.insert("trusted_key".into(), json!(audit::encode_key(&key)));
+        }
+        format!(
+            "{}\n",
+            serde_json::to_string_pretty(&doc).unwrap_or_default()
+        )
+    } else {
+        report_text(path, &report)
+    };
+    write_out(text.as_bytes())
+}
+
+/// The report for people.
+pub fn report_text(path: &Path, r: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let cp = &r.last_checkpoint;
+    let _ = writeln!(
+        s,
+        "{}: OK: {} records (seq 0 to {}), {} checkpoints",
+        path.display(),
+        r.records,
+        r.last_seq,
+        r.checkpoints
+    );
+    let _ = writeln!(
+        s,
+        "last signed checkpoint: seq {} (line {}, {}, {})",
+        cp.seq, cp.line, cp.time, cp.reason
+    );
+    let _ = writeln!(s, "signed by: {}", cp.public_key);
+    if r.keys.len() > 1 {
+        let _ = writeln!(
+            s,
+            "signing keys, handed over in this order: {}",
+            r.keys.join(" -> ")
+        );
+    }
+    if r.unsigned_tail > 0 {
+        let _ = writeln!(
+            s,
+            "{} record(s) after it are protected by the hash chain only: cutting them off would go unnoticed offline",
+            r.unsigned_tail
+        );
+    }
+    for d in &r.damage {
+        let _ = writeln!(
+            s,
+            "note: line {}: {} damaged bytes (a write cut short by a crash or a full disk), kept and noted by the daemon at seq {}",
+            d.line, d.bytes, d.noted_at_seq
+        );
+    }
+    s
+}
+
+fn write_out(bytes: &[u8]) -> Result<(), CliError> {
+    let mut out = io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .map_err(|e| CliError::Local(format!("cannot write to stdout: {e}")))
+}
+
+/// One line of the log as printed: the JSON as it is (`--json`) or the human form.
+fn show(line: &[u8], json: bool) -> String {
+    match audit::parse(line) {
+        Ok(_) if json => format!("{}\n", String::from_utf8_lossy(line)),
+        Ok(record) => format!("{}\n", audit::human(&record)),
+        Err(_) if json => format!(
+            "{}\n",
+            json!({ "unreadable": String::from_utf8_lossy(line) })
+        ),
+        Err(_) => format!("(unreadable line: {} bytes)\n", line.len()),
+    }
+}
+
+fn tail(path: &Path, n: usize, follow: bool, json: bool) -> Result<(), CliError> {
+    let local = |e: io::Error| CliError::Local(format!("{}: {e}", path.display()));
+    // Watch before reading, so nothing appended in between is missed.
+    let inotify = if follow {
+        let i = Inotify::init(InitFlags::IN_CLOEXEC).map_err(|e| local(e.into()))?;
+        i.add_watch(
+            path,
+            AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_ATTRIB | AddWatchFlags::IN_CLOSE_WRITE,
+        )
+        .map_err(|e| local(e.into()))?;
+        Some(i)
+    } else {
+        None
+    };
+    let mut file = File::open(path).map_err(local)?;
+    let mut data = Vec::new();
+    file.read_to_end(&mut data).map_err(local)?;
+    // Only complete lines: a partial one is printed when its newline arrives.
+    let complete = data.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+    let lines = audit::lines(&data[..complete]);
+    let mut text = String::new();
+    for line in &lines[lines.len().saturating_sub(n)..] {
+        text.push_str(&show(line.bytes, json));
+    }
+    write_out(text.as_bytes())?;
+    let Some(inotify) = inotify else {
+        return Ok(());
+    };
+    let mut offset = complete as u64;
+    let mut pending: Vec<u8> = data[complete..].to_vec();
+    loop {
+        let len = file.metadata().map_err(local)?.len();
+        if len < offset {
+            // Replaced or truncated: start again from its beginning.
+            offset = 0;
+            pending.clear();
+        }
+        if len > offset {
+            file.seek(SeekFrom::Start(offset)).map_err(local)?;
+            let mut more = Vec::new();
+            (&mut file)
+                .take(len - offset)
+                .read_to_end(&mut more)
+                .map_err(local)?;
+            offset += more.len() as u64;
+            pending.extend_from_slice(&more);
+            let complete = pending
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |p| p + 1);
+            let mut text = String::new();
+            for line in audit::lines(&pending[..complete]) {
+                text.push_str(&show(line.bytes, json));
+            }
+            pending.drain(..complete);
+            write_out(text.as_bytes())?;
+        }
+        // Blocks until the file changes.
+        inotify.read_events().map_err(|e| local(e.into()))?;
+    }
+}
+
+/// For the `AuditInvalid` error's JSON form.
+pub fn failure_json(path: &Path, f: &audit::Failure) -> serde_json::Value {
+    json!({
+        "path": path.display().to_string(),
+        "line": f.line,
+        "seq": f.seq,
+        "problem": f.problem.to_string(),
+    })
+}

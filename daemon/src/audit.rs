@@ -1,0 +1,949 @@
+//! The audit log: every request the service sees — who, what, which target, the result, when;
+//! never a secret value, PIN, share or digest — appended to `audit.log` in the state directory,
+//! hash-chained and signed at checkpoints. The format and its verification live in
+//! [`keyward::audit`], shared with `keyward audit verify|tail`; this module only writes.
+//!
+//! **Fail closed.** A record that can't be written fails its request. A mutation (a write or
+//! an admin verb) writes a `started` record and makes it durable *before* it runs, and its
+//! outcome record before the reply: a change the log cannot show is never made, and one whose
+//! outcome could not be written is not acknowledged (the caller gets `AuditUnavailable`; the
+//! `started` record shows the attempt). Reads write one record after they run and before the
+//! reply.
+//!
+//! **Durability.** Every change that reaches the disk has a durable `started` record. Admin
+//! verbs also `fdatasync` their outcome (with a checkpoint) before the reply; a secret's put or
+//! delete leaves its outcome line to the group sync below (its commit in the store shows what
+//! happened), which saves one `fdatasync` per write. Refusals and reads (`GetSecret`,
+//! `Sign`, `PublicKey`, `List*`, `SecretVersions`, `Status`, credential deliveries): the record
+//! is in the file (`write(2)` returned) before the reply, so a daemon crash loses nothing; a
+//! background flusher makes it durable within [`SYNC_INTERVAL`] (plus the `fdatasync`'s own
+//! time). So a power loss can lose the records of reads answered in the last 50 ms or so — the
+//! window that keeps the audit from capping read throughput. The window is time, not a count
+//! of records: syncing more often under load makes every append wait behind the flush of the
+//! page it lands on. If a background sync fails, every request fails until one succeeds.
+//!
+//! **Checkpoints** are signed with the vault's audit key ([`crate::vault::audit_key`]), which
+//! exists only while the vault is open: at unseal, at seal, at stop, after every admin call,
+//! and every [`CHECKPOINT_EVERY`] records or [`CHECKPOINT_INTERVAL`] while unsealed. Records
+//! written while sealed are chained and covered by the next checkpoint. A rekey hands the log
+//! over to the new key with a checkpoint of the old key that names it. `audit.pub` beside the
+//! log holds the current key (PEM); `Status` shows it.
+//!
+//! **Damage.** At start the daemon continues the chain from the last readable record. Bytes
+//! after it (a line torn by a crash) are kept as they are, never repaired or removed: a
+//! `resume` record gives their length and hash and continues the chain, and `verify` reports
+//! them. The same happens after a write that failed halfway (a full disk). If the last MiB of
+//! the log holds no readable record at all, the daemon refuses to start: that is not a torn
+//! write, and someone should look before a new chain is started.
+//!
+//! Must not: write anything a client sent as a value (only names, capped in length), or call
+//! into the vault (the vault calls in here under its own lock).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
+use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+use keyward::api::ApiError;
+use keyward::audit::{
+    self as format, Body, CallerRecord, Checkpoint, EventRecord, Record, RequestRecord, Resume,
+};
+
+use crate::identity::{Caller, Via};
+use crate::vault::audit_key::AuditKeys;
+
+/// How long a read's record may wait for `fdatasync`.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
+/// Records between periodic checkpoints while unsealed.
+pub const CHECKPOINT_EVERY: u64 = 1024;
+/// Longest time between a record and a checkpoint covering it while unsealed.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
+/// How much of the log's end is read at start to find the chain's head.
+const TAIL_WINDOW: u64 = 1 << 20;
+/// Longest target or detail written (names are shorter; this bounds what a client can make
+/// the log hold).
+const MAX_FIELD: usize = 512;
+
+/// Why the audit log can't be opened or written.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot open {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("{path} is not a regular file")]
+    NotAFile { path: PathBuf },
+    #[error("{path}: its last {TAIL_WINDOW} bytes hold no readable record (not a torn write): inspect it, and move it aside to start a new log")]
+    Unreadable { path: PathBuf },
+    #[error("cannot write the audit log: {0}")]
+    Write(io::Error),
+    #[error("cannot sync the audit log: {0}")]
+    Sync(io::Error),
+    #[error("the audit log failed to reach the disk and has not recovered")]
+    Degraded,
+    #[error("cannot write {path}: {source}")]
+    PublicKey { path: PathBuf, source: io::Error },
+}
+
+impl From<AuditError> for ApiError {
+    fn from(e: AuditError) -> Self {
+        ApiError::AuditUnavailable {
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// When a record must be on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// In the file before the reply; on disk within [`SYNC_INTERVAL`].
+    Written,
+    /// On disk (`fdatasync`) before the reply.
+    Synced,
+}
+
+/// A request's record, before it gets its place in the chain.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub caller: CallerRecord,
+    pub op: &'static str,
+    pub target: String,
+    pub result: String,
+    pub intent: Option<u64>,
+    pub detail: Option<String>,
+}
+
+impl Entry {
+    /// A record of `op` on `target` by `caller` with `result`. Long names are cut.
+    pub fn new(caller: &Caller, op: &'static str, target: &str, result: &str) -> Self {
+        Self {
+            caller: caller_record(caller),
+            op,
+            target: capped(target),
+            result: result.to_owned(),
+            intent: None,
+            detail: None,
+        }
+    }
+}
+
+/// The caller as the log shows it.
+pub fn caller_record(c: &Caller) -> CallerRecord {
+    CallerRecord {
+        uid: c.uid,
+        gid: c.gid,
+        pid: c.pid,
+        unit: c.unit.clone(),
+        via: match c.via {
+            Via::Varlink => "varlink",
+            Via::Dbus => "dbus",
+            Via::Credentials => "credentials",
+            Via::Daemon => "daemon",
+        }
+        .to_owned(),
+    }
+}
+
+fn capped(s: &str) -> String {
+    if s.len() <= MAX_FIELD {
+        return s.to_owned();
+    }
+    let mut end = MAX_FIELD;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// The head of the chain and what is needed to extend it. One writer at a time (the mutex).
+struct Writer {
+    /// The next record's seq.
+    seq: u64,
+    /// Hash of the last record's line.
+    prev: [u8; 32],
+    /// File length as written by us.
+    end: u64,
+    /// Bytes from this offset to the end of the file are damaged: a resume record must come
+    /// before the next record. With why.
+    damaged: Option<(u64, String)>,
+    /// The audit signing key, while the vault is open.
+    key: Option<SigningKey>,
+    /// The key a rekey is handing the log over to.
+    next: Option<VerifyingKey>,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+    /// Reused for every line: no allocation per record once warm.
+    buf: Vec<u8>,
+}
+
+/// The audit log. Cheap to call from async code on the read path: one short mutex hold for
+/// `write(2)`, no thread hop.
+pub struct AuditLog {
+    path: PathBuf,
+    pub_path: PathBuf,
+    file: File,
+    writer: Mutex<Writer>,
+    /// Records written, ever (this run). A record's number is the value after its write.
+    written: AtomicU64,
+    /// Records known durable; only changed under `sync_lock`.
+    synced: AtomicU64,
+    sync_lock: Mutex<()>,
+    /// Set when a background sync failed; cleared when one succeeds.
+    degraded: AtomicBool,
+    /// The flusher's wake-up: `true` when woken early.
+    wake: Mutex<bool>,
+    wake_cv: Condvar,
+    stop: AtomicBool,
+    flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The current public key (base64 SPKI), for `Status`.
+    public_key: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding it leaves a consistent head: the writer updates it only after
+    // a complete write.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn now() -> String {
+    format::rfc3339_millis(SystemTime::now())
+}
+
+impl AuditLog {
+    /// Open (or create) `audit.log` in `state_dir`, continue its chain, note any damage at its
+    /// end, write a `start` event and start the background flusher.
+    ///
+    /// # Errors
+    /// The file can't be opened or read, is not a regular file, or its end holds no readable
+    /// record at all.
+    pub fn open(state_dir: &Path) -> Result<Arc<Self>, AuditError> {
+        let path = state_dir.join(format::LOG_FILE);
+        let pub_path = state_dir.join(format::PUBLIC_KEY_FILE);
+        let shown = path.clone();
+        let open_err = |source| AuditError::Open {
+            path: shown.clone(),
+            source,
+        };
+        // O_APPEND: every write lands at the end, whoever else has the file open.
+        // O_NOFOLLOW: a symlink planted in the state dir is refused, not followed.
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if !meta.is_file() {
+            return Err(AuditError::NotAFile { path });
+        }
+        if meta.permissions().mode() & 0o077 != 0 {
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(open_err)?;
+        }
+        let end = meta.len();
+        let head = read_head(&mut file, end).map_err(open_err)?;
+        let (seq, prev, damaged) = match head {
+            Head::Empty => (0, format::GENESIS, None),
+            Head::At {
+                seq,
+                prev,
+                good_end,
+            } => {
+                let damaged = (good_end < end).then(|| {
+                    (
+                        good_end,
+                        "found at start: the last write before was cut short (a crash?)".to_owned(),
+                    )
+                });
+                (seq, prev, damaged)
+            }
+            Head::NoRecord => {
+                if end > TAIL_WINDOW {
+                    return Err(AuditError::Unreadable { path });
+                }
+                (
+                    0,
+                    format::GENESIS,
+                    Some((
+                        0,
+                        "found at start: the log held no readable record".to_owned(),
+                    )),
+                )
+            }
+        };
+        if let Some((at, why)) = &damaged {
+            tracing::warn!(path = %path.display(), offset = at, bytes = end - at, "audit log: damaged bytes at its end are kept and noted: {why}");
+        }
+        let public_key = std::fs::read_to_string(&pub_path)
+            .ok()
+            .and_then(|t| format::decode_key(&t).ok())
+            .map(|k| format::encode_key(&k));
+        let log = Arc::new(Self {
+            path,
+            pub_path,
+            file,
+            writer: Mutex::new(Writer {
+                seq,
+                prev,
+                end,
+                damaged,
+                key: None,
+                next: None,
+                since_checkpoint: 0,
+                last_checkpoint: Instant::now(),
+                buf: Vec::with_capacity(512),
+            }),
+            written: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+            sync_lock: Mutex::new(()),
+            degraded: AtomicBool::new(false),
+            wake: Mutex::new(false),
+            wake_cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+            flusher: Mutex::new(None),
+            public_key: Mutex::new(public_key),
+        });
+        let start = Body::Event(EventRecord {
+            event: "start".into(),
+            detail: format!("keywardd {}", env!("CARGO_PKG_VERSION")),
+        });
+        // A full disk at start must not keep the daemon down: requests fail closed until the
+        // log takes records again.
+        if let Err(e) = log.append(start, Durability::Synced, None) {
+            tracing::error!("audit log: cannot write the start record: {e}");
+        }
+        let flusher = {
+            let log = Arc::clone(&log);
+            std::thread::Builder::new()
+                .name("audit-flush".into())
+                .spawn(move || log.flush_loop())
+                .map_err(open_err)?
+        };
+        *lock(&log.flusher) = Some(flusher);
+        Ok(log)
+    }
+
+    /// The path of the log.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The current signing key (base64 DER SPKI), if the log has had one.
+    pub fn public_key(&self) -> Option<String> {
+        lock(&self.public_key).clone()
+    }
+
+    /// Append a request record with `durability`, then a checkpoint (`checkpoint` is its
+    /// reason) if the vault is open. Returns the record's seq.
+    ///
+    /// # Errors
+    /// The record could not be written (or synced, for [`Durability::Synced`]).
+    pub fn request(
+        &self,
+        entry: Entry,
+        durability: Durability,
+        checkpoint: Option<&str>,
+    ) -> Result<u64, AuditError> {
+        let body = Body::Request(RequestRecord {
+            caller: entry.caller,
+            op: entry.op.to_owned(),
+            target: entry.target,
+            result: entry.result,
+            intent: entry.intent,
+            detail: entry.detail,
+        });
+        self.append(body, durability, checkpoint)
+    }
+
+    /// [`AuditLog::request`] from async code: a synced record waits for the disk on a
+    /// blocking thread; a written one costs no thread hop.
+    ///
+    /// # Errors
+    /// As [`AuditLog::request`].
+    pub async fn request_async(
+        self: &Arc<Self>,
+        entry: Entry,
+        durability: Durability,
+        checkpoint: Option<&'static str>,
+    ) -> Result<u64, AuditError> {
+        match durability {
+            Durability::Written => self.request(entry, durability, checkpoint),
+            Durability::Synced => {
+                let log = Arc::clone(self);
+                tokio::task::spawn_blocking(move || log.request(entry, durability, checkpoint))
+                    .await
+                    .map_err(|e| AuditError::Write(io::Error::other(e.to_string())))?
+            }
+        }
+    }
+
+    fn append(
+        &self,
+        body: Body,
+        durability: Durability,
+        checkpoint: Option<&str>,
+    ) -> Result<u64, AuditError> {
+        if self.degraded.load(Ordering::Acquire) {
+            return Err(AuditError::Degraded);
+        }
+        let (seq, number) = {
+            let mut w = lock(&self.writer);
+            let seq = self.write(&mut w, body)?;
+            let mut number = self.written.fetch_add(1, Ordering::AcqRel) + 1;
+            let due = w.since_checkpoint >= CHECKPOINT_EVERY
+                || w.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL;
+            match checkpoint {
+                Some(reason) => number = self.checkpoint(&mut w, reason)?.unwrap_or(number),
+                None if due => {
+                    // A periodic checkpoint that fails costs this record nothing: it is written.
+                    if let Ok(Some(n)) = self.checkpoint(&mut w, "periodic") {
+                        number = n;
+                    }
+                }
+                None => {}
+            }
+            (seq, number)
+        };
+        if durability == Durability::Synced {
+            self.sync_through(number)?;
+        }
+        Ok(seq)
+    }
+
+    /// Write one record (after a resume record if damage is pending) and advance the head.
+    fn write(&self, w: &mut Writer, body: Body) -> Result<u64, AuditError> {
+        if w.damaged.is_some() {
+            self.resume(w)?;
+        }
+        self.write_line(w, now(), body)
+    }
+
+    /// Serialise and write one line at the end; the head moves only if all of it was written.
+    fn write_line(&self, w: &mut Writer, time: String, body: Body) -> Result<u64, AuditError> {
+        let record = Record {
+            seq: w.seq,
+            time,
+            body,
+            prev: format::hex(&w.prev),
+        };
+        w.buf.clear();
+        serde_json::to_writer(&mut w.buf, &record)
+            .map_err(|e| AuditError::Write(io::Error::other(e)))?;
+        let hash = format::line_hash(&w.buf);
+        w.buf.push(b'\n');
+        if let Err(e) = (&self.file).write_all(&w.buf) {
+            // Part of the line may be in the file: the next write notes it first.
+            w.damaged = Some((w.end, format!("a write failed: {e}")));
+            return Err(AuditError::Write(e));
+        }
+        w.end += w.buf.len() as u64;
+        w.prev = hash;
+        w.since_checkpoint += 1;
+        let seq = w.seq;
+        w.seq += 1;
+        Ok(seq)
+    }
+
+    /// Note the damaged bytes at the end of the file in a resume record that continues the
+    /// chain from the last good record. The bytes stay.
+    fn resume(&self, w: &mut Writer) -> Result<(), AuditError> {
+        let Some((from, why)) = w.damaged.clone() else {
+            return Ok(());
+        };
+        let len = self.file.metadata().map_err(AuditError::Write)?.len();
+        if len <= from {
+            // The failed write left nothing behind.
+            w.end = len;
+            w.damaged = None;
+            return Ok(());
+        }
+        let mut bytes = vec![0u8; usize::try_from(len - from).unwrap_or(0)];
+        self.file
+            .read_exact_at(&mut bytes, from)
+            .map_err(AuditError::Write)?;
+        // The damaged bytes end with a newline of their own, or get one from us first.
+        let terminated = bytes.last() == Some(&b'\n');
+        if terminated {
+            bytes.pop();
+        } else {
+            (&self.file).write_all(b"\n").map_err(AuditError::Write)?;
+        }
+        let end = len + u64::from(!terminated);
+        w.end = end;
+        let body = Body::Resume(Resume {
+            damaged_bytes: bytes.len() as u64,
+            damaged_sha256: format::hex(&format::line_hash(&bytes)),
+            reason: why.clone(),
+        });
+        w.damaged = None;
+        match self.write_line(w, now(), body) {
+            Ok(_) => {
+                tracing::warn!(
+                    offset = from,
+                    bytes = bytes.len(),
+                    "audit log: damaged bytes noted in a resume record"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                // Still damaged from the same place: the region now includes this attempt.
+                w.damaged = Some((from, why));
+                Err(e)
+            }
+        }
+    }
+
+    /// Sign the chain head, if the vault is open. Returns the record's number when written.
+    fn checkpoint(&self, w: &mut Writer, reason: &str) -> Result<Option<u64>, AuditError> {
+        if w.key.is_none() {
+            return Ok(None);
+        }
+        if w.damaged.is_some() {
+            self.resume(w)?;
+        }
+        let Some(key) = &w.key else {
+            return Ok(None);
+        };
+        let time = now();
+        let public = key.verifying_key();
+        let message =
+            format::checkpoint_message(w.seq, &w.prev, &time, reason, &public, w.next.as_ref());
+        let signature = key.sign(&message);
+        let body = Body::Checkpoint(Checkpoint {
+            reason: reason.to_owned(),
+            public_key: format::encode_key(&public),
+            next_public_key: w.next.as_ref().map(format::encode_key),
+            signature: B64.encode(signature.to_bytes()),
+        });
+        self.write_line(w, time, body)?;
+        w.since_checkpoint = 0;
+        w.last_checkpoint = Instant::now();
+        Ok(Some(self.written.fetch_add(1, Ordering::AcqRel) + 1))
+    }
+
+    /// Make every record up to number `through` durable (one `fdatasync` serves every caller
+    /// waiting at the time: group commit).
+    fn sync_through(&self, through: u64) -> Result<(), AuditError> {
+        let _one = lock(&self.sync_lock);
+        if self.synced.load(Ordering::Acquire) >= through && !self.degraded.load(Ordering::Acquire)
+        {
+            return Ok(());
+        }
+        let upto = self.written.load(Ordering::Acquire);
+        match self.file.sync_data() {
+            Ok(()) => {
+                self.synced.store(upto, Ordering::Release);
+                self.degraded.store(false, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                self.degraded.store(true, Ordering::Release);
+                Err(AuditError::Sync(e))
+            }
+        }
+    }
+
+    fn wake_flusher(&self) {
+        *lock(&self.wake) = true;
+        self.wake_cv.notify_one();
+    }
+
+    /// The background flusher: syncs what reads wrote, and writes the periodic checkpoint
+    /// when the log has been quiet for [`CHECKPOINT_INTERVAL`].
+    fn flush_loop(&self) {
+        loop {
+            {
+                let woken = lock(&self.wake);
+                let (mut woken, _) = self
+                    .wake_cv
+                    .wait_timeout_while(woken, SYNC_INTERVAL, |w| {
+                        !*w && !self.stop.load(Ordering::Acquire)
+                    })
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                *woken = false;
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let written = self.written.load(Ordering::Acquire);
+            if written > self.synced.load(Ordering::Acquire)
+                || self.degraded.load(Ordering::Acquire)
+            {
+                if let Err(e) = self.sync_through(written) {
+                    tracing::error!("audit log: {e}; requests fail until a sync succeeds");
+                }
+            }
+            let mut w = lock(&self.writer);
+            if w.key.is_some()
+                && w.since_checkpoint > 0
+                && w.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
+            {
+                if let Err(e) = self.checkpoint(&mut w, "periodic") {
+                    tracing::error!("audit log: periodic checkpoint: {e}");
+                }
+            }
+        }
+    }
+
+    /// Write a checkpoint now and sync it (the hooks' path: rare, and under the vault's lock).
+    /// Write a checkpoint, let `then` change the writer while it is still locked, unlock, and
+    /// sync: the hooks' path (rare) must not hold appends up for an `fdatasync`.
+    fn checkpoint_synced(
+        &self,
+        mut w: MutexGuard<'_, Writer>,
+        reason: &str,
+        then: impl FnOnce(&mut Writer),
+    ) -> Result<(), AuditError> {
+        let written = self.checkpoint(&mut w, reason);
+        then(&mut w);
+        drop(w);
+        match written? {
+            Some(n) => self.sync_through(n),
+            None => Ok(()),
+        }
+    }
+
+    /// Append a daemon event (`policy-reload`, ...), synced.
+    ///
+    /// # Errors
+    /// It could not be written or synced.
+    pub fn event(&self, event: &str, detail: &str) -> Result<(), AuditError> {
+        let body = Body::Event(EventRecord {
+            event: event.to_owned(),
+            detail: capped(detail),
+        });
+        self.append(body, Durability::Synced, None).map(|_| ())
+    }
+
+    /// Replace `audit.pub` with `key` (PEM), atomically and durably.
+    fn store_public_key(&self, key: &VerifyingKey) -> Result<(), AuditError> {
+        let err = |source| AuditError::PublicKey {
+            path: self.pub_path.clone(),
+            source,
+        };
+        let encoded = format::encode_key(key);
+        if lock(&self.public_key).as_deref() == Some(encoded.as_str()) && self.pub_path.is_file() {
+            return Ok(());
+        }
+        let tmp = self.pub_path.with_extension("pub.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(err)?;
+        f.write_all(format::pem(key).as_bytes()).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        std::fs::rename(&tmp, &self.pub_path).map_err(err)?;
+        if let Some(dir) = self.pub_path.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+        }
+        *lock(&self.public_key) = Some(encoded);
+        Ok(())
+    }
+
+    /// At stop: a `stop` event and a last checkpoint, synced; then the flusher ends.
+    pub fn shutdown(&self) {
+        {
+            let mut w = lock(&self.writer);
+            let stop = Body::Event(EventRecord {
+                event: "stop".into(),
+                detail: "SIGTERM: requests drained".into(),
+            });
+            if let Err(e) = self.write(&mut w, stop) {
+                tracing::error!("audit log: at stop: {e}");
+            }
+            self.written.fetch_add(1, Ordering::AcqRel);
+            // The key is not needed any more: zeroized now rather than at exit.
+            if let Err(e) = self.checkpoint_synced(w, "stop", |w| w.key = None) {
+                tracing::error!("audit log: at stop: {e}");
+            }
+        }
+        let number = self.written.load(Ordering::Acquire);
+        if let Err(e) = self.sync_through(number) {
+            tracing::error!("audit log: at stop: {e}");
+        }
+        self.stop.store(true, Ordering::Release);
+        self.wake_flusher();
+        if let Some(t) = lock(&self.flusher).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl AuditKeys for AuditLog {
+    fn opened(&self, key: SigningKey, by: &str) {
+        let public = key.verifying_key();
+        let mut w = lock(&self.writer);
+        if w.key.as_ref().map(SigningKey::verifying_key) == Some(public) {
+            return;
+        }
+        w.key = Some(key);
+        w.next = None;
+        if let Err(e) = self.checkpoint_synced(w, &format!("unsealed: {by}"), |_| {}) {
+            tracing::error!("audit log: checkpoint at unseal: {e}");
+        }
+        if let Err(e) = self.store_public_key(&public) {
+            tracing::error!("audit log: {e}");
+        }
+    }
+
+    fn closed(&self, why: &str) {
+        let w = lock(&self.writer);
+        if w.key.is_none() {
+            return;
+        }
+        // The key goes (zeroized) right after the last checkpoint it signs.
+        let forget = |w: &mut Writer| {
+            w.key = None;
+            w.next = None;
+        };
+        if let Err(e) = self.checkpoint_synced(w, why, forget) {
+            tracing::error!("audit log: checkpoint at seal: {e}");
+        }
+    }
+
+    fn rekeying(&self, next: &VerifyingKey) -> Result<(), ApiError> {
+        let mut w = lock(&self.writer);
+        w.next = Some(*next);
+        let handed = self.checkpoint_synced(w, "rekey: handing over to the next key", |_| {});
+        if handed.is_err() {
+            // The rekey is refused: no later checkpoint may keep naming this key.
+            lock(&self.writer).next = None;
+        }
+        Ok(handed?)
+    }
+
+    fn rekeyed(&self, key: Option<SigningKey>) {
+        let mut w = lock(&self.writer);
+        w.next = None;
+        let public = key.as_ref().map(SigningKey::verifying_key);
+        let reason = match key {
+            Some(k) => {
+                w.key = Some(k);
+                "rekeyed: the new key signs from here"
+            }
+            None => "rekey failed: the hand-over is called off",
+        };
+        if let Err(e) = self.checkpoint_synced(w, reason, |_| {}) {
+            tracing::error!("audit log: checkpoint after rekey: {e}");
+        }
+        if let Some(public) = public {
+            if let Err(e) = self.store_public_key(&public) {
+                tracing::error!("audit log: {e}");
+            }
+        }
+    }
+}
+
+/// Where the chain stands at the end of an existing file.
+enum Head {
+    /// A new log.
+    Empty,
+    /// The last readable record: the next seq, its line's hash, and where its line ends.
+    At {
+        seq: u64,
+        prev: [u8; 32],
+        good_end: u64,
+    },
+    /// No readable record in the tail window.
+    NoRecord,
+}
+
+/// Find the last readable, newline-terminated record in the last [`TAIL_WINDOW`] bytes.
+fn read_head(file: &mut File, len: u64) -> io::Result<Head> {
+    if len == 0 {
+        return Ok(Head::Empty);
+    }
+    let from = len.saturating_sub(TAIL_WINDOW);
+    file.seek(SeekFrom::Start(from))?;
+    let mut tail = Vec::with_capacity(usize::try_from(len - from).unwrap_or(0));
+    file.take(len - from).read_to_end(&mut tail)?;
+    let lines = format::lines(&tail);
+    // Mid-file, the window's first line is most likely cut: it can't be the head anyway
+    // unless it is the only line, and then it is not readable.
+    let skip = usize::from(from > 0);
+    for line in lines.iter().skip(skip).rev() {
+        if !line.complete {
+            continue;
+        }
+        if let Ok(record) = format::parse(line.bytes) {
+            return Ok(Head::At {
+                seq: record.seq.saturating_add(1),
+                prev: format::line_hash(line.bytes),
+                good_end: from + (line.start + line.bytes.len() + 1) as u64,
+            });
+        }
+    }
+    Ok(Head::NoRecord)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+
+    fn entry(op: &'static str, target: &str) -> Entry {
+        Entry::new(&Caller::daemon(), op, target, format::OK)
+    }
+
+    fn verify(dir: &Path, key: &VerifyingKey) -> format::Report {
+        let log = std::fs::read(dir.join(format::LOG_FILE)).unwrap();
+        format::verify(&log, key).unwrap_or_else(|f| panic!("{f}"))
+    }
+
+    #[test]
+    fn a_log_that_is_written_verifies_and_continues_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let public = key.verifying_key();
+        let log = AuditLog::open(dir.path()).unwrap();
+        log.request(entry("Status", "vault"), Durability::Written, None)
+            .unwrap();
+        log.opened(key.clone(), "test");
+        for n in 0..3 {
+            log.request(
+                entry("GetSecret", &format!("s{n}")),
+                Durability::Written,
+                None,
+            )
+            .unwrap();
+        }
+        log.request(entry("Rotate", "vault"), Durability::Synced, Some("admin"))
+            .unwrap();
+        log.shutdown();
+        let r = verify(dir.path(), &public);
+        // start, Status, checkpoint, 3 reads, Rotate, checkpoint, stop, checkpoint
+        assert_eq!((r.records, r.checkpoints, r.unsigned_tail), (10, 3, 0));
+        let pem = std::fs::read_to_string(dir.path().join(format::PUBLIC_KEY_FILE)).unwrap();
+        assert_eq!(format::decode_key(&pem).unwrap(), public);
+
+        let log = AuditLog::open(dir.path()).unwrap();
+        assert_eq!(log.public_key(), Some(format::encode_key(&public)));
+        log.opened(key, "test");
+        log.shutdown();
+        let r = verify(dir.path(), &public);
+        assert_eq!(r.records, 14);
+        assert!(r.damage.is_empty());
+    }
+
+    #[test]
+    fn a_torn_last_line_is_kept_and_noted_and_the_chain_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[6; 32]);
+        let log = AuditLog::open(dir.path()).unwrap();
+        log.opened(key.clone(), "test");
+        log.request(entry("GetSecret", "a"), Durability::Synced, None)
+            .unwrap();
+        log.shutdown();
+        let path = dir.path().join(format::LOG_FILE);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"seq":6,"time":"2025-"#).unwrap();
+        drop(f);
+        let before = std::fs::read(&path).unwrap();
+
+        let log = AuditLog::open(dir.path()).unwrap();
+        log.opened(key.clone(), "test");
+        log.shutdown();
+        let after = std::fs::read(&path).unwrap();
+        assert!(after.starts_with(&before), "history is never rewritten");
+        let r = verify(dir.path(), &key.verifying_key());
+        assert_eq!(r.damage.len(), 1);
+        assert_eq!(r.damage[0].bytes, 22);
+    }
+
+    #[test]
+    fn a_log_with_no_readable_tail_refuses_when_large_and_restarts_when_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format::LOG_FILE);
+        std::fs::write(&path, b"garbage\nmore garbage\n").unwrap();
+        let log = AuditLog::open(dir.path()).unwrap();
+        let key = SigningKey::from_bytes(&[7; 32]);
+        log.opened(key.clone(), "test");
+        log.shutdown();
+        let r = verify(dir.path(), &key.verifying_key());
+        assert_eq!(r.damage[0].bytes, 20);
+        std::fs::write(&path, vec![b'x'; (TAIL_WINDOW + 10) as usize]).unwrap();
+        assert!(matches!(
+            AuditLog::open(dir.path()),
+            Err(AuditError::Unreadable { .. })
+        ));
+    }
+
+    #[test]
+    fn a_symlink_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join(format::LOG_FILE)).unwrap();
+        assert!(matches!(
+            AuditLog::open(dir.path()),
+            Err(AuditError::Open { .. })
+        ));
+    }
+
+    #[test]
+    fn a_rekey_hands_over_and_verifies_from_either_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = SigningKey::from_bytes(&[8; 32]);
+        let new = SigningKey::from_bytes(&[9; 32]);
+        let log = AuditLog::open(dir.path()).unwrap();
+        log.opened(old.clone(), "test");
+        log.rekeying(&new.verifying_key()).unwrap();
+        log.request(entry("Status", "vault"), Durability::Written, None)
+            .unwrap();
+        log.rekeyed(Some(new.clone()));
+        log.request(entry("GetSecret", "x"), Durability::Written, None)
+            .unwrap();
+        log.closed("sealed by test");
+        assert_eq!(
+            log.public_key(),
+            Some(format::encode_key(&new.verifying_key()))
+        );
+        log.shutdown();
+        let r = verify(dir.path(), &old.verifying_key());
+        assert_eq!(r.keys.len(), 2);
+        verify(dir.path(), &new.verifying_key());
+    }
+
+    #[test]
+    fn the_unsealed_log_signs_every_so_many_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[4; 32]);
+        let log = AuditLog::open(dir.path()).unwrap();
+        log.opened(key.clone(), "test");
+        for _ in 0..CHECKPOINT_EVERY + 5 {
+            log.request(entry("GetSecret", "x"), Durability::Written, None)
+                .unwrap();
+        }
+        let bytes = std::fs::read(dir.path().join(format::LOG_FILE)).unwrap();
+        let r = format::verify(&bytes, &key.verifying_key()).unwrap();
+        assert_eq!(
+            r.checkpoints, 2,
+            "the unseal checkpoint and one periodic one"
+        );
+        assert!(r.unsigned_tail < CHECKPOINT_EVERY);
+        log.shutdown();
+    }
+
+    #[test]
+    fn long_targets_are_cut() {
+        let e = entry("GetSecret", &"é".repeat(400));
+        assert!(e.target.len() <= MAX_FIELD + 3);
+        assert!(e.target.ends_with("..."));
+    }
+}

@@ -1,0 +1,666 @@
+//! The audit log against the real daemon on a real SoftHSM token: every request on record with
+//! the right caller, op, target and result and never a secret; `keyward audit verify` passing
+//! on a copy and naming the first bad record on tampered copies; a rekey and a restart keeping
+//! the chain; and fail-closed on a full disk (a real tmpfs, mounted for the test).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use keyward::audit::{self, Body, Record, RequestRecord};
+use keyward_tests::credentials::fetch;
+use keyward_tests::keywardd::{bin, run_cli, Keywardd, Output, Setup, ROOT_ADMIN_POLICY};
+use keyward_tests::softhsm::SoftHsm;
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+const NOBODY: u32 = 65534;
+const SECRET_MARKER: &[u8] = b"MARKER-SECRET-VALUE-5d1c9e";
+const PIN_MARKER: &str = "MARKER-PIN-8b2f41";
+
+/// Root may do everything; nobody may read `pub/*`; one unit gets one credential.
+fn policy() -> String {
+    format!(
+        "{ROOT_ADMIN_POLICY}
+[[rule]]
+who = {{ uid = {NOBODY} }}
+allow = [\"read\"]
+secrets = [\"pub/*\"]
+
+[[credential]]
+unit = \"app.service\"
+id = \"db-pass\"
+secret = \"db/password\"
+"
+    )
+}
+
+fn state(d: &Keywardd) -> PathBuf {
+    d.dir().join("state")
+}
+
+fn log_path(d: &Keywardd) -> PathBuf {
+    state(d).join(audit::LOG_FILE)
+}
+
+fn records_in(path: &Path) -> Vec<Record> {
+    let bytes = std::fs::read(path).unwrap();
+    audit::lines(&bytes)
+        .iter()
+        .filter_map(|l| audit::parse(l.bytes).ok())
+        .collect()
+}
+
+fn requests(records: &[Record]) -> Vec<(u64, RequestRecord)> {
+    records
+        .iter()
+        .filter_map(|r| match &r.body {
+            Body::Request(q) => Some((r.seq, q.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The request records of `op` on `target`.
+fn of(records: &[Record], op: &str, target: &str) -> Vec<(u64, RequestRecord)> {
+    requests(records)
+        .into_iter()
+        .filter(|(_, r)| r.op == op && r.target == target)
+        .collect()
+}
+
+fn ok(out: &Output, what: &str) {
+    assert_eq!(out.code, 0, "{what}: {}", out.stderr);
+}
+
+/// `keyward ARGS` as nobody.
+fn as_nobody(d: &Keywardd, args: &[&str]) -> Output {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        format!("--reuid={NOBODY}"),
+        format!("--regid={NOBODY}"),
+        "--clear-groups".into(),
+        "--".into(),
+    ])
+    .arg(bin("keyward"))
+    .arg("--socket")
+    .arg(d.socket())
+    .args(args);
+    run_cli(&mut cmd, b"")
+}
+
+/// `keyward --json audit verify PATH [--public-key KEY]`: (exit code, JSON document).
+fn verify(d: &Keywardd, path: &Path, key: Option<&str>) -> (i32, Value) {
+    let mut args = vec!["--json", "audit", "verify", path.to_str().unwrap()];
+    if let Some(k) = key {
+        args.extend(["--public-key", k]);
+    }
+    let out = d.run(&args, b"");
+    let doc = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {} / {}", out.stdout, out.stderr));
+    (out.code, doc)
+}
+
+/// Copy the log and its `audit.pub` into a fresh directory (verification works on copies).
+fn copy_log(d: &Keywardd, into: &Path) -> PathBuf {
+    std::fs::create_dir_all(into).unwrap();
+    std::fs::copy(log_path(d), into.join(audit::LOG_FILE)).unwrap();
+    std::fs::copy(
+        state(d).join(audit::PUBLIC_KEY_FILE),
+        into.join(audit::PUBLIC_KEY_FILE),
+    )
+    .unwrap();
+    into.join(audit::LOG_FILE)
+}
+
+fn status_key(d: &Keywardd) -> String {
+    d.json(&["status"])["audit_public_key"]
+        .as_str()
+        .expect("status shows the audit key")
+        .to_owned()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn every_request_is_on_record_with_its_caller_and_never_a_secret() {
+    let token = SoftHsm::new("audit");
+    let d = Setup::new()
+        .token("hsm", &token)
+        .policy(&policy())
+        .public_socket()
+        .credentials(5)
+        .start();
+    ok(&d.run(&["status"], b""), "status");
+    let init = d.json(&["init", "--pkcs11", "hsm", "--recovery", "2/3"]);
+    let shares: Vec<String> = init["recovery_shares"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect();
+    ok(
+        &d.run(&["secret", "put", "db/password"], SECRET_MARKER),
+        "put",
+    );
+    ok(&d.run(&["secret", "get", "db/password"], b""), "get");
+    ok(&d.run(&["secret", "list", "--prefix", "db/"], b""), "list");
+    ok(
+        &d.run(&["secret", "versions", "db/password"], b""),
+        "versions",
+    );
+    ok(
+        &d.run(
+            &[
+                "key",
+                "create",
+                "sig",
+                "--device",
+                "hsm",
+                "--algorithm",
+                "ecdsa-p256",
+            ],
+            b"",
+        ),
+        "key create",
+    );
+    ok(&d.run(&["key", "public", "sig"], b""), "key public");
+    let digest = Sha256::digest(b"MARKER-MESSAGE-TO-SIGN");
+    ok(
+        &d.run(&["key", "sign", "sig", "--prehashed"], &digest),
+        "sign",
+    );
+    ok(&d.run(&["keyslot", "list"], b""), "keyslot list");
+    ok(&d.run(&["rotate"], b""), "rotate");
+    assert_eq!(d.run(&["secret", "get", "nope"], b"").code, 1);
+    // Credentials: a delivery and a refusal.
+    assert_eq!(
+        fetch(&d.credentials_socket(), "app.service", "db-pass").unwrap(),
+        SECRET_MARKER
+    );
+    assert!(fetch(&d.credentials_socket(), "other.service", "db-pass")
+        .unwrap()
+        .is_empty());
+    // Refused by the policy, and allowed, as nobody.
+    assert_eq!(as_nobody(&d, &["secret", "get", "db/password"]).code, 1);
+    assert_eq!(as_nobody(&d, &["secret", "get", "pub/motd"]).code, 1);
+    // A PIN that opens nothing, then seal and unseal with two shares.
+    let pin_file = d.dir().join("pin");
+    std::fs::write(&pin_file, PIN_MARKER).unwrap();
+    ok(&d.run(&["seal"], b""), "seal");
+    assert_eq!(d.run(&["secret", "get", "db/password"], b"").code, 4);
+    assert_ne!(
+        d.run(&["unseal", "--pin-file", pin_file.to_str().unwrap()], b"")
+            .code,
+        0
+    );
+    let two = format!("{}\n{}\n", shares[0], shares[2]);
+    ok(&d.run(&["unseal"], two.as_bytes()), "unseal");
+    ok(&d.run(&["secret", "delete", "db/password"], b""), "delete");
+
+    let records = records_in(&log_path(&d));
+    let one = |op: &str, target: &str, result: &str, uid: u32| {
+        let found = of(&records, op, target);
+        assert!(
+            found
+                .iter()
+                .any(|(_, r)| r.result == result && r.caller.uid == uid),
+            "no {op} {target} -> {result} by uid {uid} in {found:#?}"
+        );
+    };
+    one("Status", "vault", "ok", 0);
+    one("Init", "vault", "ok", 0);
+    one("PutSecret", "db/password", "ok", 0);
+    one("GetSecret", "db/password", "ok", 0);
+    one("ListSecrets", "db/*", "ok", 0);
+    one("SecretVersions", "db/password", "ok", 0);
+    one("CreateKey", "sig", "ok", 0);
+    one("PublicKey", "sig", "ok", 0);
+    one("Sign", "sig", "ok", 0);
+    one("ListKeyslots", "vault", "ok", 0);
+    one("Rotate", "vault", "ok", 0);
+    one("GetSecret", "nope", "NotFound", 0);
+    one("GetSecret", "db/password", "PermissionDenied", NOBODY);
+    one("GetSecret", "pub/motd", "NotFound", NOBODY);
+    one("Seal", "vault", "ok", 0);
+    one("GetSecret", "db/password", "Sealed", 0);
+    one("Unseal", "vault", "InvalidArgument", 0);
+    one("Unseal", "vault", "ok", 0);
+    one("DeleteSecret", "db/password", "ok", 0);
+    one("Credential", "db/password", "ok", 0);
+    one("Credential", "other.service/db-pass", "PermissionDenied", 0);
+    // Who, precisely: pid and transport; the unit systemd named for credentials.
+    let (_, cred) = &of(&records, "Credential", "db/password")[0];
+    assert_eq!(cred.caller.via, "credentials");
+    assert_eq!(cred.caller.unit.as_deref(), Some("app.service"));
+    let (_, get) = &of(&records, "GetSecret", "db/password")[0];
+    assert_eq!(get.caller.via, "varlink");
+    assert!(get.caller.pid.is_some());
+    // A mutation is on record before it runs, and its outcome names that record.
+    let puts = of(&records, "PutSecret", "db/password");
+    assert_eq!(puts.len(), 2, "{puts:#?}");
+    assert_eq!(puts[0].1.result, audit::STARTED);
+    assert_eq!(puts[1].1.intent, Some(puts[0].0));
+    // Reads get one record each.
+    assert_eq!(of(&records, "SecretVersions", "db/password").len(), 1);
+
+    // Never a value, PIN, share or digest, in any form.
+    let log = std::fs::read(log_path(&d)).unwrap();
+    let mut markers: Vec<Vec<u8>> = vec![
+        SECRET_MARKER.to_vec(),
+        B64.encode(SECRET_MARKER).into_bytes(),
+        PIN_MARKER.as_bytes().to_vec(),
+        B64.encode(PIN_MARKER).into_bytes(),
+        digest.to_vec(),
+        audit::hex(&digest).into_bytes(),
+        B64.encode(digest).into_bytes(),
+    ];
+    for share in &shares {
+        markers.push(share.clone().into_bytes());
+        // Every long word of a share, too.
+        for word in share.split(|c: char| !c.is_ascii_alphanumeric()) {
+            if word.len() >= 12 {
+                markers.push(word.as_bytes().to_vec());
+            }
+        }
+    }
+    for m in &markers {
+        assert!(
+            !contains(&log, m),
+            "the log holds {:?}",
+            String::from_utf8_lossy(m)
+        );
+    }
+
+    // Status shows the key that is beside the log; verify passes on a copy.
+    let key = status_key(&d);
+    let pem = std::fs::read_to_string(state(&d).join(audit::PUBLIC_KEY_FILE)).unwrap();
+    assert_eq!(audit::encode_key(&audit::decode_key(&pem).unwrap()), key);
+    let mode = std::fs::metadata(log_path(&d)).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+    let copy = copy_log(&d, &d.dir().join("copy"));
+    let (code, doc) = verify(&d, &copy, None);
+    assert_eq!(code, 0, "{doc}");
+    assert!(doc["records"].as_u64().unwrap() >= records.len() as u64);
+    let (code, _) = verify(&d, &copy, Some(&key));
+    assert_eq!(code, 0);
+    // The human form says what is only chain-protected.
+    let out = d.run(&["audit", "verify", copy.to_str().unwrap()], b"");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("last signed checkpoint"),
+        "{}",
+        out.stdout
+    );
+    // tail shows the last records.
+    let out = d.run(&["audit", "tail", "-n", "3", copy.to_str().unwrap()], b"");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout.lines().count(), 3, "{}", out.stdout);
+    assert!(
+        out.stdout.contains("DeleteSecret db/password"),
+        "{}",
+        out.stdout
+    );
+}
+
+/// A log with two admin checkpoints and reads around them; the daemon stopped (so a final
+/// checkpoint signs it all). Returns the daemon (stopped), the log's lines and the index of a
+/// read in the middle.
+fn signed_log(token: &SoftHsm) -> (Keywardd, Vec<Vec<u8>>, usize) {
+    let mut d = Setup::new().token("hsm", token).start();
+    ok(&d.run(&["init", "--pkcs11", "hsm"], b""), "init");
+    for i in 0..5 {
+        ok(&d.run(&["secret", "put", &format!("t/{i}")], b"v"), "put");
+    }
+    ok(&d.run(&["rotate"], b""), "rotate");
+    for i in 0..5 {
+        ok(&d.run(&["secret", "get", &format!("t/{i}")], b""), "get");
+    }
+    ok(&d.run(&["rotate"], b""), "rotate");
+    ok(&d.run(&["secret", "get", "t/0"], b""), "get");
+    d.stop();
+    let bytes = std::fs::read(log_path(&d)).unwrap();
+    let lines: Vec<Vec<u8>> = audit::lines(&bytes)
+        .iter()
+        .map(|l| l.bytes.to_vec())
+        .collect();
+    let middle = lines
+        .iter()
+        .position(|l| {
+            let r = audit::parse(l).unwrap();
+            matches!(&r.body, Body::Request(q) if q.op == "GetSecret" && q.target == "t/2")
+        })
+        .unwrap();
+    (d, lines, middle)
+}
+
+fn write_lines(path: &Path, lines: &[Vec<u8>]) {
+    let mut out = Vec::new();
+    for l in lines {
+        out.extend_from_slice(l);
+        out.push(b'\n');
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// Verify a tampered copy: must fail, naming line `line` (1-based) with a problem that says
+/// `says`.
+fn must_fail(d: &Keywardd, name: &str, lines: &[Vec<u8>], line: usize, says: &str) {
+    let dir = d.dir().join(name);
+    let path = copy_log(d, &dir);
+    write_lines(&path, lines);
+    let (code, doc) = verify(d, &path, None);
+    assert_eq!(code, 1, "{name}: {doc}");
+    let p = &doc["error"]["parameters"];
+    assert_eq!(
+        doc["error"]["name"], "keyward.AuditInvalid",
+        "{name}: {doc}"
+    );
+    assert_eq!(p["line"], line, "{name}: {doc}");
+    assert!(
+        p["problem"].as_str().unwrap().contains(says),
+        "{name}: {doc}"
+    );
+}
+
+#[test]
+fn verify_names_the_first_bad_record_of_a_tampered_copy() {
+    let token = SoftHsm::new("audit");
+    let (d, lines, m) = signed_log(&token);
+    let checkpoints: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| matches!(audit::parse(l).unwrap().body, Body::Checkpoint(_)))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        checkpoints.iter().any(|&c| c > m + 2),
+        "a checkpoint signs the middle"
+    );
+    // The untouched copy passes.
+    let path = copy_log(&d, &d.dir().join("intact"));
+    let (code, doc) = verify(&d, &path, None);
+    assert_eq!(code, 0, "{doc}");
+    assert_eq!(
+        doc["unsigned_tail"], 0,
+        "the stop checkpoint signs everything"
+    );
+
+    // Edit a field of a middle record.
+    let mut edited = lines.clone();
+    edited[m] = String::from_utf8(edited[m].clone())
+        .unwrap()
+        .replace("\"t/2\"", "\"t/9\"")
+        .into_bytes();
+    must_fail(&d, "edited", &edited, m + 1, "altered");
+
+    // Delete a middle record.
+    let mut deleted = lines.clone();
+    deleted.remove(m);
+    must_fail(&d, "deleted", &deleted, m + 1, "missing");
+
+    // Insert a forged record, chained properly onto the one before it.
+    let mut inserted = lines.clone();
+    let mut forged = audit::parse(&lines[m]).unwrap();
+    forged.seq += 1;
+    forged.prev = audit::hex(&audit::line_hash(&lines[m]));
+    if let Body::Request(r) = &mut forged.body {
+        r.target = "forged".into();
+    }
+    inserted.insert(m + 1, serde_json::to_vec(&forged).unwrap());
+    must_fail(&d, "inserted", &inserted, m + 2, "inserted");
+
+    // Swap two records.
+    let mut swapped = lines.clone();
+    swapped.swap(m, m + 1);
+    must_fail(&d, "swapped", &swapped, m + 1, "out of order");
+
+    // Change a checkpoint's signature.
+    let c = checkpoints[1];
+    let mut resigned = lines.clone();
+    let mut cp = audit::parse(&lines[c]).unwrap();
+    if let Body::Checkpoint(k) = &mut cp.body {
+        let mut sig = B64.decode(&k.signature).unwrap();
+        sig[10] ^= 0x40;
+        k.signature = B64.encode(sig);
+    }
+    resigned[c] = serde_json::to_vec(&cp).unwrap();
+    must_fail(&d, "signature", &resigned, c + 1, "signature");
+
+    // Cut the log inside a checkpoint.
+    let dir = d.dir().join("truncated");
+    let path = copy_log(&d, &dir);
+    let mut cut: Vec<u8> = Vec::new();
+    for l in &lines[..c] {
+        cut.extend_from_slice(l);
+        cut.push(b'\n');
+    }
+    cut.extend_from_slice(&lines[c][..lines[c].len() / 2]);
+    std::fs::write(&path, cut).unwrap();
+    let (code, doc) = verify(&d, &path, None);
+    assert_eq!(code, 1, "{doc}");
+    assert_eq!(doc["error"]["parameters"]["line"], c + 1, "{doc}");
+    assert!(doc["error"]["parameters"]["problem"]
+        .as_str()
+        .unwrap()
+        .contains("incomplete"));
+
+    // A key that never signed this log authenticates nothing.
+    let stranger = ed25519_dalek::SigningKey::from_bytes(&[42; 32]).verifying_key();
+    let path = copy_log(&d, &d.dir().join("stranger"));
+    let (code, doc) = verify(&d, &path, Some(&audit::encode_key(&stranger)));
+    assert_eq!(code, 1, "{doc}");
+}
+
+#[test]
+fn a_rekey_hands_the_log_to_the_new_key_and_both_verify() {
+    let token = SoftHsm::new("audit");
+    let mut d = Setup::new().token("hsm", &token).start();
+    ok(
+        &d.run(&["init", "--pkcs11", "hsm", "--recovery", "1/1"], b""),
+        "init",
+    );
+    ok(&d.run(&["secret", "put", "a"], b"1"), "put");
+    let first = status_key(&d);
+    ok(&d.run(&["rekey"], b""), "rekey");
+    let second = status_key(&d);
+    assert_ne!(first, second, "a new VMK, a new audit key");
+    let pem = std::fs::read_to_string(state(&d).join(audit::PUBLIC_KEY_FILE)).unwrap();
+    assert_eq!(audit::encode_key(&audit::decode_key(&pem).unwrap()), second);
+    ok(&d.run(&["secret", "get", "a"], b""), "get");
+    d.stop();
+    let path = copy_log(&d, &d.dir().join("copy"));
+    for key in [&first, &second] {
+        let (code, doc) = verify(&d, &path, Some(key));
+        assert_eq!(code, 0, "{doc}");
+        assert_eq!(doc["keys"], serde_json::json!([first, second]), "{doc}");
+    }
+    let (code, doc) = verify(&d, &path, None);
+    assert_eq!(code, 0, "{doc}");
+}
+
+#[test]
+fn a_restart_continues_the_chain_and_a_torn_last_line_is_kept_and_noted() {
+    let token = SoftHsm::new("audit");
+    let mut d = Setup::new().token("hsm", &token).start();
+    ok(&d.run(&["init", "--pkcs11", "hsm"], b""), "init");
+    ok(&d.run(&["secret", "put", "a"], b"1"), "put");
+    d.restart();
+    ok(&d.run(&["secret", "get", "a"], b""), "get after restart");
+    d.stop();
+    let path = copy_log(&d, &d.dir().join("restarted"));
+    let (code, doc) = verify(&d, &path, None);
+    assert_eq!(code, 0, "{doc}");
+    let records = records_in(&log_path(&d));
+    let starts = records
+        .iter()
+        .filter(|r| matches!(&r.body, Body::Event(e) if e.event == "start"))
+        .count();
+    assert_eq!(starts, 2);
+    assert!(records.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+
+    // A crash in the middle of a write leaves a torn line: the daemon starts anyway, keeps
+    // the bytes, and says so in the chain.
+    let torn = br#"{"seq":99,"time":"2025-01-01T00:00:00.000Z","kind":"requ"#;
+    let mut bytes = std::fs::read(log_path(&d)).unwrap();
+    bytes.extend_from_slice(torn);
+    std::fs::write(log_path(&d), &bytes).unwrap();
+    d.start();
+    ok(
+        &d.run(&["secret", "get", "a"], b""),
+        "get after the torn line",
+    );
+    d.stop();
+    let after = std::fs::read(log_path(&d)).unwrap();
+    assert!(after.starts_with(&bytes), "history is kept as it was");
+    let path = copy_log(&d, &d.dir().join("torn"));
+    let (code, doc) = verify(&d, &path, None);
+    assert_eq!(code, 0, "{doc}");
+    assert_eq!(doc["damage"][0]["bytes"], torn.len(), "{doc}");
+    let out = d.run(&["audit", "verify", path.to_str().unwrap()], b"");
+    assert!(out.stdout.contains("damaged bytes"), "{}", out.stdout);
+}
+
+#[test]
+fn tail_follows_records_as_they_are_appended_and_a_policy_reload_is_one() {
+    use std::io::BufRead as _;
+    let token = SoftHsm::new("audit");
+    let d = Setup::new().token("hsm", &token).start();
+    let mut child = Command::new(bin("keyward"))
+        .args(["audit", "tail", "-f", "-n", "1"])
+        .arg(log_path(&d))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let next = || {
+        rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("a line from `audit tail -f` in time")
+    };
+    assert!(next().contains("daemon start"), "the last record first");
+    assert_eq!(d.run(&["secret", "list"], b"").code, 4, "no vault yet");
+    let line = next();
+    assert!(line.contains("ListSecrets *  NotInitialized"), "{line}");
+    // A policy reload is on record too.
+    d.reload();
+    let line = next();
+    assert!(
+        line.contains("daemon policy-reload: new policy in force"),
+        "{line}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A tmpfs mounted over a directory for as long as it lives.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test mounts a tmpfs and needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_requests_closed_and_they_work_again_when_space_returns() {
+    let token = SoftHsm::new("audit");
+    let mut d = Setup::new().token("hsm", &token).prepare();
+    let _tmpfs = Tmpfs::mount(&state(&d), "8m");
+    d.start();
+    ok(&d.run(&["init", "--pkcs11", "hsm"], b""), "init");
+    ok(&d.run(&["secret", "put", "before"], b"1"), "put");
+
+    // Fill the file system.
+    let filler = state(&d).join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    loop {
+        use std::io::Write as _;
+        if f.write_all(&block).is_err() {
+            break;
+        }
+    }
+    let _ = f.sync_all();
+    // The log's last page may still take a few records: reads go on until it is full.
+    let mut refused = None;
+    for _ in 0..200 {
+        let out = d.run(&["--json", "secret", "get", "before"], b"");
+        if out.code != 0 {
+            refused = Some(out);
+            break;
+        }
+    }
+    let refused = refused.expect("a read must fail once the log can't grow");
+    assert!(
+        refused.stdout.contains("AuditUnavailable"),
+        "{}",
+        refused.stdout
+    );
+
+    // A write is refused before it runs, and leaves nothing behind.
+    let out = d.run(&["--json", "secret", "put", "during"], b"never stored");
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stdout.contains("AuditUnavailable"), "{}", out.stdout);
+
+    // Space returns: the daemon serves again, and the write was never made.
+    drop(f);
+    std::fs::remove_file(&filler).unwrap();
+    let out = d.run(&["--json", "secret", "get", "during"], b"");
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert!(out.stdout.contains("NotFound"), "{}", out.stdout);
+    ok(&d.run(&["secret", "put", "after"], b"2"), "put after");
+    ok(&d.run(&["secret", "get", "after"], b""), "get after");
+    d.stop();
+    // What was cut short is kept and explained; the chain verifies.
+    let path = copy_log(&d, &d.dir().join("copy"));
+    let (code, doc) = verify(&d, &path, None);
+    assert_eq!(code, 0, "{doc}");
+    let records = records_in(&log_path(&d));
+    assert!(
+        of(&records, "PutSecret", "during").is_empty() || {
+            // Only a refused attempt may be on record, never a success.
+            of(&records, "PutSecret", "during")
+                .iter()
+                .all(|(_, r)| r.result != audit::OK)
+        }
+    );
+}
