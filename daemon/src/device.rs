@@ -111,6 +111,8 @@ struct Snapshot {
     retrying: bool,
     /// Open attempts so far.
     attempts: u64,
+    /// Successful opens so far: a change means the device came back (or was first reached).
+    opens: u64,
 }
 
 /// What a job tells the actor after it ran.
@@ -183,6 +185,7 @@ impl DeviceHandle {
             attempted: false,
             retrying: false,
             attempts: 0,
+            opens: 0,
         });
         let actor = Actor {
             name: name.clone(),
@@ -198,6 +201,7 @@ impl DeviceHandle {
             next_open: None,
             pin_failed: false,
             attempts: 0,
+            opens: 0,
         };
         let spawned = std::thread::Builder::new()
             .name(format!("kw-dev-{name}"))
@@ -216,6 +220,7 @@ impl DeviceHandle {
                     attempted: true,
                     retrying: false,
                     attempts: 0,
+                    opens: 0,
                 })
                 .1
             }
@@ -258,7 +263,7 @@ impl DeviceHandle {
                     }));
                     Outcome::Done
                 }
-                Ok(backend) => match f(backend) {
+                Ok(backend) => match f(backend).map_err(|e| vanished_or(backend, e)) {
                     Err(DeviceError::DeviceGone(why)) => Outcome::Gone {
                         why: why.clone(),
                         answer: Box::new(move || {
@@ -299,6 +304,13 @@ impl DeviceHandle {
     /// `tpm2` or `pkcs11`.
     pub fn kind(&self) -> &'static str {
         self.inner.kind
+    }
+
+    /// How many times the device has been opened so far (by the start-up attempt, a reopen or a
+    /// login): a caller that saw the device unavailable compares it later to learn whether the
+    /// device came back since, rather than whether it merely looks available.
+    pub fn opens(&self) -> u64 {
+        self.inner.state.borrow().opens
     }
 
     /// Non-blocking snapshot for `Status`: available + detail (device info, or why it's down).
@@ -377,6 +389,7 @@ struct Actor {
     /// [`DeviceHandle::login`]. Retrying it would burn the token's retries or TPM lockout.
     pin_failed: bool,
     attempts: u64,
+    opens: u64,
 }
 
 const PIN_HINT: &str = "not retried automatically: give the PIN with `keyward unseal --pin`";
@@ -468,6 +481,7 @@ impl Actor {
                 let detail = describe(backend.info());
                 tracing::info!(device = %self.name, kind = self.kind, %detail, "device open");
                 self.backend = Some(backend);
+                self.opens += 1;
                 self.backoff = self.backoff_min;
                 self.next_open = None;
                 self.down_reason.clear();
@@ -540,7 +554,32 @@ impl Actor {
             attempted: true,
             retrying: self.next_open.is_some(),
             attempts: self.attempts,
+            opens: self.opens,
         });
+    }
+}
+
+/// After a failed operation: was it the device going away? Devices don't always say so: a
+/// SoftHSM token whose directory vanished answers `CKR_OBJECT_HANDLE_INVALID` for the keys it
+/// had (read as "not found") and `CKR_GENERAL_ERROR` for the rest, while the session looks
+/// healthy. Only the errors that could hide a vanished device are probed, with one `ping`; a
+/// failed probe turns the error into [`DeviceError::DeviceGone`], so the caller hears that the
+/// device is unavailable (not that its key is missing) and the actor reopens it.
+fn vanished_or(backend: &mut dyn Backend, e: DeviceError) -> DeviceError {
+    if !matches!(
+        e,
+        DeviceError::NotFound(_) | DeviceError::InvalidBlob(_) | DeviceError::Backend { .. }
+    ) {
+        return e;
+    }
+    match backend.ping() {
+        Ok(()) => e,
+        // Locked is what the admin must hear, and reopening would not unlock it.
+        Err(DeviceError::PinLocked) => DeviceError::PinLocked,
+        Err(probe) => DeviceError::DeviceGone(format!(
+            "the device stopped answering ({}); the operation failed with: {e}",
+            reason_of(&probe)
+        )),
     }
 }
 
@@ -629,6 +668,8 @@ mod tests {
     /// A scripted stand-in for a token: enough to drive the actor's logic.
     struct Fake {
         info: DeviceInfo,
+        /// Set: the device stopped answering (its `ping` fails).
+        dead: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl hsm_shim::Device for Fake {
@@ -636,6 +677,12 @@ mod tests {
             &self.info
         }
         fn ping(&mut self) -> hsm_shim::Result<()> {
+            if self.dead.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(DeviceError::Backend {
+                    op: "ping",
+                    detail: "no answer".into(),
+                });
+            }
             Ok(())
         }
     }
@@ -686,6 +733,8 @@ mod tests {
         results: VecDeque<hsm_shim::Result<()>>,
         /// The PINs the opener was called with (test only: the real code never exposes one).
         pins: Vec<Option<String>>,
+        /// Shared with every device opened: set to make them stop answering.
+        dead: Arc<std::sync::atomic::AtomicBool>,
     }
 
     #[derive(Clone, Default)]
@@ -696,6 +745,7 @@ mod tests {
             Self(Arc::new(Mutex::new(ScriptState {
                 results: results.into_iter().collect(),
                 pins: Vec::new(),
+                dead: Arc::default(),
             })))
         }
         fn push(&self, r: hsm_shim::Result<()>) {
@@ -719,6 +769,7 @@ mod tests {
                         serial: format!("open-{n}"),
                         label: "test".into(),
                     },
+                    dead: Arc::clone(&s.dead),
                 }))
             })
         }
@@ -1037,6 +1088,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_failure_on_a_device_that_stopped_answering_is_gone_and_reopened() {
+        let script = Script::default();
+        let dead = Arc::clone(&script.0.lock().unwrap().dead);
+        let h = DeviceHandle::spawn(
+            "hsm".into(),
+            "pkcs11",
+            script.opener(),
+            options(4, LONG, Duration::from_millis(5)),
+        );
+        h.ready().await;
+        assert_eq!(h.opens(), 1);
+        // Answering: "not found" is the key's, and the device stays open.
+        let e = h.call(|b| b.public_key(&key())).await.unwrap_err();
+        assert!(
+            matches!(e, CallError::Device(DeviceError::NotFound(_))),
+            "{e:?}"
+        );
+        // Not answering: the same failure is the device's, which is reopened.
+        dead.store(true, std::sync::atomic::Ordering::SeqCst);
+        let e = h.call(|b| b.public_key(&key())).await.unwrap_err();
+        match &e {
+            CallError::Device(DeviceError::DeviceGone(why)) => {
+                assert!(
+                    why.contains("stopped answering") && why.contains("fake key"),
+                    "{why}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // Errors that can't hide a vanished device are not probed.
+        let e = h
+            .call(|_| -> hsm_shim::Result<()> { Err(DeviceError::PolicyMismatch) })
+            .await;
+        assert!(
+            matches!(
+                e,
+                Err(CallError::Device(DeviceError::PolicyMismatch))
+                    | Err(CallError::Unavailable { .. })
+            ),
+            "{e:?}"
+        );
+        dead.store(false, std::sync::atomic::Ordering::SeqCst);
+        wait_until(&h, "the reopen", |s| s.opens >= 2 && s.state.available).await;
+        assert_eq!(h.opens(), 2);
+        assert_eq!(h.call(|_| Ok(5)).await.unwrap(), 5);
+    }
+
+    #[tokio::test]
     async fn a_panicking_operation_reopens_the_device() {
         let script = Script::default();
         let h = DeviceHandle::spawn(
@@ -1078,6 +1177,12 @@ mod tests {
         assert!(e.to_string().contains("cannot read PIN file"), "{e}");
         // The file is read at each attempt: once it exists, the opener gets past the PIN.
         std::fs::write(&missing, "1234\n").unwrap();
+        // A PIN file must be private (0600): `Pin::from_file` refuses others.
+        std::fs::set_permissions(
+            &missing,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+        )
+        .unwrap();
         let e = open(None).err().unwrap();
         assert!(!e.to_string().contains("PIN"), "{e}");
     }

@@ -294,3 +294,140 @@ fn wait_ready(mut child: Child, dir: &Path, port: u16) -> Result<Child, StartErr
         backoff = (backoff * 2).min(Duration::from_millis(50));
     }
 }
+
+/// TPM2_CC_Sign: the command code a [`Gate`] can hold.
+pub const CC_SIGN: u32 = 0x0000_015D;
+
+/// TPM2_CC_Unseal: the command code a [`Gate`] can hold.
+pub const CC_UNSEAL: u32 = 0x0000_015E;
+
+/// A TCP relay in front of an swtpm that can stop one chosen TPM command on its way in: point
+/// a TCTI at [`Gate::tcti`], [`Gate::hold`] a command code, wait until a client sent that
+/// command ([`Gate::wait_held`]), then do something to the TPM (kill it, say) while the command
+/// is provably in flight, and [`Gate::release`] it. It is how a test lands a fault *during* an
+/// operation without guessing at timing.
+///
+/// Relayed connections outlive a dead upstream only until their next byte: when swtpm dies, the
+/// relay closes the client side too, as a dead TPM's socket would. The relay threads live until
+/// the test process ends (nextest runs one process per test).
+#[derive(Debug)]
+pub struct Gate {
+    port: u16,
+    shared: Arc<GateShared>,
+}
+
+#[derive(Debug, Default)]
+struct GateShared {
+    state: Mutex<GateState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    /// The command code to hold next, if armed.
+    armed: Option<u32>,
+    /// Commands held so far (a held command counts once it stopped).
+    held: u64,
+    /// Commands let through by [`Gate::release`] so far.
+    released: u64,
+}
+
+impl Gate {
+    /// Listen on a fresh port pair and relay it to `swtpm`'s.
+    pub fn start(swtpm: &Swtpm) -> Gate {
+        let shared = Arc::new(GateShared::default());
+        for _ in 0..PORT_ATTEMPTS {
+            let port = free_port_pair();
+            let (Ok(cmd), Ok(ctrl)) = (
+                TcpListener::bind((Ipv4Addr::LOCALHOST, port)),
+                TcpListener::bind((Ipv4Addr::LOCALHOST, port + 1)),
+            ) else {
+                continue;
+            };
+            let upstream = swtpm.port();
+            let gate = Arc::clone(&shared);
+            std::thread::spawn(move || gate_relay(cmd, upstream, Some(gate)));
+            std::thread::spawn(move || gate_relay(ctrl, upstream + 1, None));
+            return Gate { port, shared };
+        }
+        panic!("no free port pair for the gate");
+    }
+
+    /// The TCTI string that goes through the gate.
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    /// Hold the next command with this TPM command code (e.g. [`CC_SIGN`]) before it reaches
+    /// the TPM.
+    pub fn hold(&self, command_code: u32) {
+        self.shared.state.lock().unwrap().armed = Some(command_code);
+    }
+
+    /// Wait until a held command is waiting at the gate; false when none came by `deadline`.
+    pub fn wait_held(&self, deadline: Instant) -> bool {
+        let mut state = self.shared.state.lock().unwrap();
+        while state.held == state.released {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = self.shared.changed.wait_timeout(state, left).unwrap().0;
+        }
+        true
+    }
+
+    /// Let the held command go on (to whatever is listening upstream now).
+    pub fn release(&self) {
+        let mut state = self.shared.state.lock().unwrap();
+        state.released = state.held;
+        self.shared.changed.notify_all();
+    }
+}
+
+fn gate_relay(listener: TcpListener, upstream: u16, gate: Option<Arc<GateShared>>) {
+    for client in listener.incoming() {
+        let Ok(client) = client else { continue };
+        // Nothing upstream (the TPM is dead): close at once, as a dead TPM's port would refuse.
+        let Ok(server) = TcpStream::connect((Ipv4Addr::LOCALHOST, upstream)) else {
+            continue;
+        };
+        let (Ok(client_in), Ok(server_out)) = (client.try_clone(), server.try_clone()) else {
+            continue;
+        };
+        let gate = gate.clone();
+        std::thread::spawn(move || gated_pump(client_in, server_out, gate));
+        std::thread::spawn(move || gated_pump(server, client, None));
+    }
+}
+
+/// Copy `from` to `to`; with a gate, a chunk that starts a TPM command with the armed code
+/// waits at the gate first. A TPM command starts with tag (2 bytes), size (4), code (4), and
+/// the TCTI writes each command in one piece, so a chunk boundary is a command boundary.
+fn gated_pump(mut from: TcpStream, mut to: TcpStream, gate: Option<Arc<GateShared>>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(gate) = &gate {
+            let code = (n >= 10).then(|| u32::from_be_bytes([buf[6], buf[7], buf[8], buf[9]]));
+            let mut state = gate.state.lock().unwrap();
+            if code.is_some() && state.armed == code {
+                state.armed = None;
+                state.held += 1;
+                let mine = state.held;
+                gate.changed.notify_all();
+                while state.released < mine {
+                    state = gate.changed.wait(state).unwrap();
+                }
+            }
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}

@@ -259,11 +259,13 @@ impl Vault {
             Err(e) => return self.stay_sealed(e.to_string()).await,
         };
         let mut why = Vec::new();
+        let mut away = Vec::new();
         for device in &self.unseal_order {
             let Some(handle) = self.devices.get(device) else {
                 continue;
             };
             handle.ready().await;
+            let opens = handle.opens();
             for row in rows
                 .iter()
                 .filter(|r| r.device.as_deref() == Some(device.as_str()))
@@ -282,6 +284,11 @@ impl Vault {
                     }
                     Err(e) => {
                         tracing::warn!(keyslot = row.id, device = %device, error = %e, "unattended unseal failed");
+                        if super::retry::device_was_away(&e)
+                            && !away.iter().any(|(d, _)| d == device)
+                        {
+                            away.push((device.clone(), opens));
+                        }
                         why.push(format!("keyslot {} ({device}): {e}", row.id));
                     }
                 }
@@ -296,6 +303,9 @@ impl Vault {
             format!("no keyslot could unseal: {}", why.join("; "))
         };
         self.stay_sealed(reason).await;
+        if !away.is_empty() {
+            self.retry.arm(away);
+        }
     }
 
     /// `Unseal` with one recovery share or a PIN. Returns `(sealed, shares_needed)`.
@@ -546,7 +556,14 @@ impl Vault {
             .seal(&vmk, &vault_id)
             .map_err(errors::crypto_error)?;
         let term = open.keyring.current_term();
-        self.store
+        // The audit log names the next signing key durably before the new VMK is committed:
+        // whichever way a crash falls, the log knows both keys.
+        let audit = self.audit.get();
+        if let Some(audit) = audit {
+            audit.rekeying(&super::audit_key::derive(&vmk, &vault_id).verifying_key())?;
+        }
+        let committed = self
+            .store
             .write(move |tx| {
                 store::tables::update_keyring(tx, &keyring_blob, term)?;
                 for (id, blob) in &blobs {
@@ -555,7 +572,16 @@ impl Vault {
                 Ok(())
             })
             .await
-            .map_err(store_error)?;
+            .map_err(store_error);
+        if let Err(e) = committed {
+            if let Some(audit) = audit {
+                audit.rekeyed(None);
+            }
+            return Err(e);
+        }
+        if let Some(audit) = audit {
+            audit.rekeyed(Some(super::audit_key::derive(&vmk, &vault_id)));
+        }
         open.vmk = vmk;
         tracing::info!(keyslots = rows.len(), "vault rekeyed");
         Ok(shares)

@@ -20,7 +20,7 @@ mod sign;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -97,6 +97,8 @@ pub struct Pkcs11Device {
     info: DeviceInfo,
     /// `(class, CKA_ID)` → handle, valid for this session.
     handles: HashMap<(u64, Vec<u8>), ObjectHandle>,
+    /// Counts this device among the module's users (see `restart_module`).
+    _user: Arc<()>,
 }
 
 impl fmt::Debug for Pkcs11Device {
@@ -107,17 +109,51 @@ impl fmt::Debug for Pkcs11Device {
     }
 }
 
+/// A loaded module and the devices using it.
+struct Module {
+    ctx: Pkcs11,
+    /// One clone per open [`Pkcs11Device`] (plus this one): the module may be restarted only
+    /// while no device has sessions on it.
+    users: Arc<()>,
+}
+
 /// One `Pkcs11` per module path for the whole process: `C_Initialize` may run once per process
-/// (SoftHSM crashes on a second one), and every device on that module shares it.
-fn module(path: &Path) -> Result<Pkcs11> {
-    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
-    let modules = MODULES.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut modules = modules
+/// (SoftHSM crashes on a second one without a `C_Finalize` first), and every device on that
+/// module shares it. The map's lock is held while a device finds its token and logs in, so
+/// that a restart ([`restart_module`]) never runs under another device's enumeration.
+fn modules() -> std::sync::MutexGuard<'static, HashMap<PathBuf, Module>> {
+    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Module>>> = OnceLock::new();
+    MODULES
+        .get_or_init(|| Mutex::new(HashMap::new()))
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(ctx) = modules.get(path) {
-        return Ok(ctx.clone());
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The module at `path`, loaded and initialised on first use; true when this call initialised
+/// it.
+fn loaded<'m>(
+    modules: &'m mut HashMap<PathBuf, Module>,
+    path: &Path,
+) -> Result<(&'m Module, bool)> {
+    let fresh = !modules.contains_key(path);
+    if fresh {
+        let ctx = load_module(path)?;
+        modules.insert(
+            path.to_path_buf(),
+            Module {
+                ctx,
+                users: Arc::new(()),
+            },
+        );
     }
+    let module = modules.get(path).ok_or_else(|| DeviceError::Backend {
+        op: "C_Initialize",
+        detail: "the module vanished from the process's table".into(),
+    })?;
+    Ok((module, fresh))
+}
+
+fn load_module(path: &Path) -> Result<Pkcs11> {
     if path.to_string_lossy().contains("softhsm") && std::env::var_os("SOFTHSM2_CONF").is_none() {
         // SoftHSM would silently use /etc/softhsm/softhsm2.conf and its system-wide tokens.
         return Err(DeviceError::Config(format!(
@@ -141,8 +177,38 @@ fn module(path: &Path) -> Result<Pkcs11> {
         softhsm2_conf = ?std::env::var_os("SOFTHSM2_CONF"),
         "PKCS#11 module initialised"
     );
-    modules.insert(path.to_path_buf(), ctx.clone());
     Ok(ctx)
+}
+
+/// `C_Finalize` and `C_Initialize` the module at `path` again, when no device has sessions on
+/// it; false when some device does (its sessions would die under it).
+///
+/// Why: a module may read its token list only at `C_Initialize`, and keep a token that vanished
+/// broken until then. SoftHSM does both: it scans its token directory at `C_Initialize` only,
+/// and once the directory disappeared the token answers `CKR_GENERAL_ERROR` for good, even after
+/// the files are back. Restarting the module is what lets a reopen find the token again.
+fn restart_module(modules: &mut HashMap<PathBuf, Module>, path: &Path) -> Result<bool> {
+    let Some(module) = modules.get(path) else {
+        return Ok(false);
+    };
+    if Arc::strong_count(&module.users) > 1 {
+        return Ok(false);
+    }
+    let ctx = module.ctx.clone();
+    if let Err(e) = ctx.clone().finalize() {
+        tracing::debug!(module = %path.display(), error = ?e, "C_Finalize before a restart failed");
+    }
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
+            tracing::info!(module = %path.display(), "PKCS#11 module restarted to look for the token again");
+            Ok(true)
+        }
+        Err(e) => {
+            // Finalized and not initialised: forget it, so the next open loads it afresh.
+            modules.remove(path);
+            Err(map_error("C_Initialize", e))
+        }
+    }
 }
 
 impl Pkcs11Device {
@@ -160,9 +226,26 @@ impl Pkcs11Device {
                 config.token
             )));
         }
-        let ctx = module(&config.module)?;
-        let (slot, info) = find_token(&ctx, &config.token)?;
-        let session = open_session(&ctx, slot, config.pin.as_ref())?;
+        let mut modules = modules();
+        let (module, fresh) = loaded(&mut modules, &config.module)?;
+        let found = match find_token(&module.ctx, &config.token) {
+            Ok(found) => found,
+            // A module initialised before the token (re)appeared may not see it: start the
+            // module afresh and look once more (see `restart_module`).
+            Err(e) if !fresh => {
+                if !restart_module(&mut modules, &config.module)? {
+                    return Err(e);
+                }
+                let (module, _) = loaded(&mut modules, &config.module)?;
+                find_token(&module.ctx, &config.token)?
+            }
+            Err(e) => return Err(e),
+        };
+        let (slot, info) = found;
+        let (module, _) = loaded(&mut modules, &config.module)?;
+        let session = open_session(&module.ctx, slot, config.pin.as_ref())?;
+        let (ctx, user) = (module.ctx.clone(), Arc::clone(&module.users));
+        drop(modules);
         tracing::debug!(token = %info.label, serial = %info.serial, "PKCS#11 session open");
         Ok(Self {
             ctx,
@@ -171,6 +254,7 @@ impl Pkcs11Device {
             session,
             info,
             handles: HashMap::new(),
+            _user: user,
         })
     }
 

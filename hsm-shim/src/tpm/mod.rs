@@ -105,6 +105,7 @@ impl TpmDevice {
             }
             other => other,
         })?;
+        flush_leftovers(&mut ctx, &config.tcti)?;
         let srk_template = template::srk()?;
         let srk = ctx
             .execute_with_session(Some(AuthSession::Password), |c| {
@@ -141,6 +142,67 @@ impl TpmDevice {
             flush_quietly(&mut self.ctx, cached.handle.into());
         }
     }
+}
+
+/// First handle of the transient-object range (TPM_HT_TRANSIENT).
+const TRANSIENT_FIRST: u32 = 0x8000_0000;
+/// First handle of the loaded-session range (TPM_HT_LOADED_SESSION).
+const LOADED_SESSION_FIRST: u32 = 0x0200_0000;
+/// More than any TPM has slots for (swtpm: 3 objects, 3 sessions).
+const LEFTOVERS_MAX: u32 = 64;
+
+/// Flush the transient objects and loaded sessions a previous owner left in the TPM.
+///
+/// Why: a TPM keeps transient objects and sessions until they are flushed or the TPM resets, and
+/// it has very few slots (swtpm: 3 of each). A `keywardd` that is killed — or that exits without
+/// dropping its device — leaves its SRK, a cached signing key and maybe a policy session loaded;
+/// without a resource manager in between (swtpm over TCP, `/dev/tpm0`), three such exits fill
+/// the TPM and every later open fails with `TPM_RC_OBJECT_MEMORY`. Behind the kernel's resource
+/// manager (`/dev/tpmrm0`) a connection sees only its own handles, none at open, so this is a
+/// no-op there; without one, only one client can use the TPM at a time anyway, so what is
+/// loaded when we open belongs to no one alive.
+///
+/// # Errors
+/// [`DeviceError::DeviceGone`] when the TPM does not answer (this is the first command of an
+/// open); other failures only mean nothing is flushed.
+fn flush_leftovers(ctx: &mut Context, tcti: &Tcti) -> Result<()> {
+    let mut flushed = 0usize;
+    for first in [TRANSIENT_FIRST, LOADED_SESSION_FIRST] {
+        let listed = ctx.execute_without_session(|c| {
+            c.get_capability(CapabilityType::Handles, first, LEFTOVERS_MAX)
+        });
+        let handles = match listed {
+            Ok((CapabilityData::Handles(list), _)) => list.into_inner(),
+            Ok(_) => continue,
+            Err(e) => match map(Op::GetCapability, e) {
+                DeviceError::DeviceGone(why) => {
+                    return Err(DeviceError::DeviceGone(format!(
+                        "cannot reach the TPM at {tcti}: {why}"
+                    )))
+                }
+                other => {
+                    tracing::debug!(error = %other, "listing leftover TPM handles failed");
+                    continue;
+                }
+            },
+        };
+        for handle in handles {
+            match ctx.tr_from_tpm_public(handle) {
+                Ok(object) => match ctx.flush_context(object) {
+                    Ok(()) => flushed += 1,
+                    Err(e) => tracing::debug!(error = %e, "flushing a leftover TPM handle failed"),
+                },
+                Err(e) => tracing::debug!(error = %e, "a leftover TPM handle has no ESAPI object"),
+            }
+        }
+    }
+    if flushed > 0 {
+        tracing::warn!(
+            flushed,
+            "flushed TPM objects and sessions a previous owner left loaded"
+        );
+    }
+    Ok(())
 }
 
 /// Parse a stored public area.
