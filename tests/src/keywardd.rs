@@ -20,11 +20,17 @@ use crate::swtpm::Swtpm;
 /// machine, devices included).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Path of a workspace binary built next to the running test.
+/// Path of a workspace binary built next to the running test, example or tool.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // target/<profile>/deps/<test> and target/<profile>/examples/<example> -> target/<profile>;
+    // a workspace binary (the benchmark) already lives in target/<profile>.
+    let parent = exe.parent().expect("target dir");
+    let dir = if parent.ends_with("deps") || parent.ends_with("examples") {
+        parent.parent().expect("target dir")
+    } else {
+        parent
+    };
     let path = dir.join(name);
     assert!(
         path.is_file(),
@@ -51,6 +57,7 @@ pub struct Setup {
     policy: Option<String>,
     public_socket: bool,
     credentials_wait: Option<u64>,
+    log_filter: Option<String>,
 }
 
 impl Setup {
@@ -118,6 +125,13 @@ impl Setup {
         self
     }
 
+    /// The daemon's `KEYWARD_LOG` filter (default `debug`, which tests read back from the log).
+    /// Measurements use `warn`, so that log writes don't count as request cost.
+    pub fn log_filter(mut self, filter: &str) -> Self {
+        self.log_filter = Some(filter.into());
+        self
+    }
+
     /// Start the daemon and wait for `READY=1`.
     pub fn start(self) -> Keywardd {
         let mut d = self.prepare();
@@ -178,6 +192,7 @@ impl Setup {
             policy_path,
             child: None,
             statuses: Vec::new(),
+            log_filter: self.log_filter.unwrap_or_else(|| "debug".into()),
         }
     }
 }
@@ -191,6 +206,7 @@ pub struct Keywardd {
     policy_path: PathBuf,
     child: Option<Child>,
     statuses: Vec<String>,
+    log_filter: String,
 }
 
 impl Keywardd {
@@ -249,7 +265,7 @@ impl Keywardd {
             .arg("--config")
             .arg(&self.config_path)
             .env("NOTIFY_SOCKET", &notify_path)
-            .env("KEYWARD_LOG", "debug")
+            .env("KEYWARD_LOG", &self.log_filter)
             .env_remove("SOFTHSM2_CONF")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

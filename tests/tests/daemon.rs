@@ -290,7 +290,32 @@ fn keys_are_made_in_the_devices_and_signatures_verify_with_openssl() {
     assert!(out.stderr.contains("32"), "{}", out.stderr);
     // Delete destroys it.
     assert_eq!(w.daemon.run(&["key", "delete", "hsm-ed"], b"").code, 0);
-    assert_ne!(w.daemon.run(&["key", "sign", "hsm-ed"], b"x").code, 0);
+    let gone = w.daemon.run(&["key", "sign", "hsm-ed"], b"x");
+    assert_eq!(gone.code, 1, "{}", gone.stderr);
+    assert!(gone.stderr.contains("not found"), "{}", gone.stderr);
+    // A new key under the old name signs as itself, not as the one deleted.
+    w.daemon.json(&[
+        "key",
+        "create",
+        "hsm-ed",
+        "--device",
+        "hsm",
+        "--algorithm",
+        "ed25519",
+    ]);
+    let der = w
+        .daemon
+        .run(&["key", "public", "hsm-ed", "--der"], b"")
+        .stdout_bytes;
+    let out = w.daemon.run(&["key", "sign", "hsm-ed"], b"again");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    keyward_tests::openssl::verify(
+        &hsm_shim::PublicKeyDer(der),
+        "ed25519".parse().unwrap(),
+        b"again",
+        &out.stdout_bytes,
+    )
+    .unwrap();
 }
 
 #[test]

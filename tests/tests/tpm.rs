@@ -3,8 +3,6 @@
 //! One swtpm per test (nextest runs each test in its own process).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::{Duration, Instant};
-
 use hsm_shim::tpm::{Tcti, TpmConfig, TpmDevice};
 use hsm_shim::{
     Device, DeviceError, DeviceKind, KeyAlgorithm, KeyHandle, KeySpec, Pin, SealPolicy, SealedBlob,
@@ -505,51 +503,6 @@ fn killed_swtpm_gives_device_gone() {
     let mut tpm = open(&swtpm);
     tpm.ping().unwrap();
     assert_unseals(&mut tpm, &blob, None);
-}
-
-/// Latency on this machine, printed for the record (`--no-capture`); asserts only that the
-/// cached-key path is not slower than reloading every time.
-#[test]
-fn timings() {
-    fn per_op(n: u32, mut f: impl FnMut()) -> Duration {
-        let start = Instant::now();
-        for _ in 0..n {
-            f();
-        }
-        start.elapsed() / n
-    }
-    let swtpm = Swtpm::start();
-    let started = Instant::now();
-    let mut tpm = open(&swtpm);
-    let open_time = started.elapsed();
-    let s = secret();
-    let policy = SealPolicy::default();
-    let seal = per_op(20, || {
-        tpm.seal(&s, CONTEXT, &policy).unwrap();
-    });
-    let blob = tpm.seal(&s, CONTEXT, &policy).unwrap();
-    let unseal = per_op(20, || {
-        tpm.unseal(&blob, CONTEXT, None).unwrap();
-    });
-    let key = p256_key(&mut tpm);
-    let sign = per_op(200, || {
-        tpm.sign(&key, SignInput::Message(b"m")).unwrap();
-    });
-    let other = p256_key(&mut tpm);
-    let mut flip = false;
-    let sign_reload = per_op(50, || {
-        flip = !flip;
-        tpm.sign(if flip { &key } else { &other }, SignInput::Message(b"m"))
-            .unwrap();
-    });
-    eprintln!(
-        "open {open_time:?}; seal {seal:?}; unseal {unseal:?}; sign (cached key) {sign:?}; \
-         sign (alternating keys, reload each) {sign_reload:?}"
-    );
-    assert!(
-        sign < sign_reload,
-        "the key cache saves the load: {sign:?} vs {sign_reload:?}"
-    );
 }
 
 /// What an interposer on the TPM bus sees: the sealed secret and the PIN go in and the secret

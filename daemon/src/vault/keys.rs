@@ -1,6 +1,9 @@
 //! Signing keys: created inside a configured device, recorded in the store by name (device,
 //! algorithm, the device's handle and the public key), used to sign inside the device.
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
 use hsm_shim::{KeyAlgorithm, KeyHandle, KeySpec, SignInput};
 use keyward::api::{self, ApiError};
 
@@ -15,6 +18,49 @@ fn not_found(name: &str) -> ApiError {
     }
 }
 
+/// What signing needs of a key: its device, its decoded handle, its public key.
+#[derive(Debug)]
+struct KeyRef {
+    device: String,
+    handle: Arc<KeyHandle>,
+    public_key: Vec<u8>,
+}
+
+/// Keys by name, as the sign path needs them.
+///
+/// Signing is the hot path, and a key's record never changes after it is created (it can only
+/// be deleted), so reading and decoding the store row on every signature is wasted work: the
+/// first use fills the entry, a delete drops it. Nothing in it is secret (device handles and
+/// public keys). Bounded: past [`KeyCache::MAX`] keys, lookups of the rest go to the store.
+#[derive(Debug, Default)]
+pub(super) struct KeyCache(RwLock<HashMap<String, Arc<KeyRef>>>);
+
+impl KeyCache {
+    const MAX: usize = 4096;
+
+    fn get(&self, name: &str) -> Option<Arc<KeyRef>> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn insert(&self, name: &str, key: Arc<KeyRef>) {
+        let mut map = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if map.len() < Self::MAX {
+            map.insert(name.to_owned(), key);
+        }
+    }
+
+    fn remove(&self, name: &str) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+}
+
 impl Vault {
     async fn key_row(&self, name: &str) -> Result<KeyRow, ApiError> {
         check_key_name(name)?;
@@ -25,6 +71,27 @@ impl Vault {
             .await
             .map_err(store_error)?
             .ok_or_else(|| not_found(name))
+    }
+
+    /// The key `name`, from the cache or else the store.
+    async fn key_ref(&self, name: &str) -> Result<Arc<KeyRef>, ApiError> {
+        check_key_name(name)?;
+        self.with_open(|_| ()).await?;
+        if let Some(key) = self.keys.get(name) {
+            return Ok(key);
+        }
+        let row = self.key_row(name).await?;
+        let handle: KeyHandle =
+            serde_json::from_slice(&row.handle).map_err(|_| ApiError::Internal {
+                reason: format!("stored handle of key {name:?} does not decode"),
+            })?;
+        let key = Arc::new(KeyRef {
+            device: row.device,
+            handle: Arc::new(handle),
+            public_key: row.public_key,
+        });
+        self.keys.insert(name, key.clone());
+        Ok(key)
     }
 
     /// `CreateKey`: generate a key pair inside `device`; returns the DER SPKI public key.
@@ -132,7 +199,7 @@ impl Vault {
     /// # Errors
     /// `Sealed`, `NotFound`.
     pub async fn public_key(&self, name: String) -> Result<Vec<u8>, ApiError> {
-        Ok(self.key_row(&name).await?.public_key)
+        Ok(self.key_ref(&name).await?.public_key.clone())
     }
 
     /// `Sign` inside the key's device.
@@ -145,11 +212,7 @@ impl Vault {
         data: Vec<u8>,
         prehashed: bool,
     ) -> Result<Vec<u8>, ApiError> {
-        let row = self.key_row(&name).await?;
-        let handle: KeyHandle =
-            serde_json::from_slice(&row.handle).map_err(|_| ApiError::Internal {
-                reason: format!("stored handle of key {name:?} does not decode"),
-            })?;
+        let key = self.key_ref(&name).await?;
         if prehashed && data.len() != 32 {
             return Err(ApiError::InvalidArgument {
                 parameter: "data".into(),
@@ -159,8 +222,8 @@ impl Vault {
                 ),
             });
         }
-        let device = row.device;
-        self.device(&device)?
+        let handle = key.handle.clone();
+        self.device(&key.device)?
             .call(move |d| {
                 let input = match <&[u8; 32]>::try_from(data.as_slice()) {
                     Ok(digest) if prehashed => SignInput::Sha256Digest(digest),
@@ -169,7 +232,7 @@ impl Vault {
                 d.sign(&handle, input)
             })
             .await
-            .map_err(|e| errors::device_error(&device, e))
+            .map_err(|e| errors::device_error(&key.device, e))
     }
 
     /// `DeleteKey`: destroys the device object, then forgets the key.
@@ -187,6 +250,8 @@ impl Vault {
             .call(move |d| d.destroy(&handle))
             .await
             .map_err(|e| errors::device_error(&device, e))?;
+        // Forget the cached entry now: the device object is gone, whatever the store says.
+        self.keys.remove(&name);
         self.store
             .write(move |tx| store::tables::delete_key(tx, &name))
             .await

@@ -64,11 +64,10 @@ impl Vault {
     ) -> Result<(SecretValue, u64), ApiError> {
         check_secret_name(&name)?;
         self.with_open(|_| ()).await?;
-        let lookup = name.clone();
+        // A point lookup: run in place rather than on a blocking thread (see `read_now`).
         let row = self
             .store
-            .read(move |c| store::tables::get_secret(c, &lookup, version))
-            .await
+            .read_now(|c| store::tables::get_secret(c, &name, version))
             .map_err(store_error)?
             .ok_or_else(|| ApiError::NotFound {
                 kind: "secret".into(),

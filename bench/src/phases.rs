@@ -1,0 +1,385 @@
+//! One function per path: each measures a baseline and the daemon back to back and records
+//! the figures, with their ratio and target, in the report.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Result};
+use keyward::Client;
+use keyward_tests::credentials;
+
+use crate::fill;
+use crate::measure::{compare, median, run_bursts, run_clients, Pick, Sample};
+use crate::raw;
+use crate::raw::pkcs11::{Alg, RawSigner};
+use crate::report::{Goal, Report, Unit};
+use crate::world::{
+    clients_label, connect, Daemon, World, CREDENTIAL, CREDENTIAL_ID, SECRET, SIGN_DATA, UNIT,
+};
+use crate::Settings;
+
+/// GetSecret over persistent Varlink connections vs the same client against an echo server.
+pub fn get_secret(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
+    let echo = w.scratch.path().join("echo.sock");
+    raw::servers::start_echo(w.rt.handle(), &echo, SECRET)?;
+    let op = |c: &mut Client| -> Result<()> {
+        let reply = c.get_secret("bench/secret", None)?;
+        ensure!(
+            reply.value.expose() == SECRET,
+            "GetSecret returned another value"
+        );
+        Ok(())
+    };
+    for n in [1, 32] {
+        let mut base = connect(&echo, n)?;
+        let mut kw = w.kw.clients(n)?;
+        let c = compare(
+            s.plan,
+            |d| run_clients(&mut base, d, op),
+            |d| run_clients(&mut kw, d, op),
+        )?;
+        let pairs = c.pairs;
+        let (b, k) = (c.base.stats(), c.keyward.stats());
+        let path = format!("GetSecret over Varlink, {}", clients_label(n));
+        let echo_name = "NUL-framed JSON echo";
+        r.row(
+            &path,
+            "throughput",
+            echo_name,
+            Unit::PerSec,
+            (b.rate, k.rate),
+            &pairs,
+            Goal::AtLeast(0.6),
+        );
+        r.row(
+            &path,
+            "p99 latency",
+            echo_name,
+            Unit::Secs,
+            (b.p99, k.p99),
+            &[],
+            Goal::AtMost(2.0),
+        );
+        r.latency(&path, "echo", b, k);
+    }
+    Ok(())
+}
+
+/// Sign in SoftHSM through the daemon vs `C_Sign` on sessions of this process.
+pub fn sign_softhsm(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
+    for (alg, key, label) in [
+        (Alg::EcdsaP256, "p256-hsm", "ECDSA P-256"),
+        (Alg::Ed25519, "ed25519-hsm", "Ed25519"),
+    ] {
+        for n in [1, 2] {
+            let mut base = (0..n)
+                .map(|_| w.raw.signer(alg))
+                .collect::<Result<Vec<RawSigner>>>()?;
+            let mut kw = w.kw.clients(n)?;
+            let c = compare(
+                s.plan,
+                |d| {
+                    run_clients(&mut base, d, |x: &mut RawSigner| {
+                        x.sign(SIGN_DATA).map(drop)
+                    })
+                },
+                |d| {
+                    run_clients(&mut kw, d, |c: &mut Client| {
+                        c.sign(key, SIGN_DATA, false)?;
+                        Ok(())
+                    })
+                },
+            )?;
+            let pairs = c.pairs;
+            let (b, k) = (c.base.stats(), c.keyward.stats());
+            let path = format!("Sign {label} in SoftHSM, {}", clients_label(n));
+            let raw_name = format!(
+                "cryptoki C_Sign, {n} session{}",
+                if n == 1 { "" } else { "s" }
+            );
+            r.row(
+                &path,
+                "throughput",
+                &raw_name,
+                Unit::PerSec,
+                (b.rate, k.rate),
+                &pairs,
+                Goal::AtLeast(0.9),
+            );
+            r.latency(&path, "C_Sign", b, k);
+        }
+    }
+    Ok(())
+}
+
+/// Sign in swtpm through the daemon vs a tss-esapi loop on a second swtpm.
+pub fn sign_tpm(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
+    let mut base = vec![raw::tpm::RawTpmSigner::open(w.raw_tpm.port())?];
+    let mut kw = w.kw.clients(1)?;
+    let c = compare(
+        s.plan,
+        |d| {
+            run_clients(&mut base, d, |x: &mut raw::tpm::RawTpmSigner| {
+                x.sign(SIGN_DATA).map(drop)
+            })
+        },
+        |d| {
+            run_clients(&mut kw, d, |c: &mut Client| {
+                c.sign("p256-tpm", SIGN_DATA, false)?;
+                Ok(())
+            })
+        },
+    )?;
+    let pairs = c.pairs;
+    let (b, k) = (c.base.stats(), c.keyward.stats());
+    let path = "Sign ECDSA P-256 in swtpm, 1 client";
+    let raw_name = "tss-esapi TPM2_Sign, password session";
+    r.row(
+        path,
+        "throughput",
+        raw_name,
+        Unit::PerSec,
+        (b.rate, k.rate),
+        &pairs,
+        Goal::AtLeast(0.9),
+    );
+    r.latency(path, "TPM2_Sign", b, k);
+    Ok(())
+}
+
+/// Bursts of concurrent systemd-style fetches from the daemon's credential socket vs a server
+/// that only accepts and writes.
+pub fn credential_fetches(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
+    let raw_path = w.scratch.path().join("credentials.sock");
+    raw::servers::start_credentials(w.rt.handle(), &raw_path, CREDENTIAL)?;
+    let kw_path = w.kw.keywardd.credentials_socket();
+    let fetch = |path: &Path| -> Result<()> {
+        let value = credentials::fetch(path, UNIT, CREDENTIAL_ID)?;
+        ensure!(
+            value == CREDENTIAL,
+            "a credential fetch got {} bytes",
+            value.len()
+        );
+        Ok(())
+    };
+    let c = compare(
+        s.plan,
+        |d| run_bursts(s.fetchers, d, || fetch(&raw_path)),
+        |d| run_bursts(s.fetchers, d, || fetch(&kw_path)),
+    )?;
+    let pairs = c.pairs;
+    let (b, k) = (c.base.stats(), c.keyward.stats());
+    let path = format!("{} concurrent credential-socket fetches", s.fetchers);
+    let raw_name = "accept + write on a Unix socket";
+    r.row(
+        &path,
+        "throughput",
+        raw_name,
+        Unit::PerSec,
+        (b.rate, k.rate),
+        &pairs,
+        Goal::AtLeast(0.5),
+    );
+    r.latency(&path, "accept + write", b, k);
+    Ok(())
+}
+
+/// Durable PutSecret vs single-row WAL commits on the same filesystem.
+pub fn put_secret(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("raw-sqlite-")
+        .tempdir_in(w.kw.keywardd.dir())?;
+    let mut base = vec![raw::sqlite::RawCommits::create(&dir.path().join("raw.db"))?];
+    let mut kw = w.kw.clients(1)?;
+    // Steady state for the daemon too: its WAL has seen little so far, and a growing WAL costs
+    // a filesystem-journal commit per fsync (see `raw::sqlite`). 5 MiB of secrets grow it past
+    // a checkpoint.
+    let big = vec![0x17u8; keyward::api::MAX_SECRET_LEN];
+    for _ in 0..5 {
+        kw[0].put_secret("bench/wal-warm-up", &big)?;
+    }
+    // The size of a stored 32-byte secret: nonce, ciphertext, tag.
+    let row = [0x42u8; 72];
+    let c = compare(
+        s.plan,
+        |d| {
+            run_clients(&mut base, d, |x: &mut raw::sqlite::RawCommits| {
+                x.commit_one(&row)
+            })
+        },
+        |d| {
+            run_clients(&mut kw, d, |c: &mut Client| {
+                c.put_secret("bench/put", SECRET)?;
+                Ok(())
+            })
+        },
+    )?;
+    let pairs = c.pairs;
+    let (b, k) = (c.base.stats(), c.keyward.stats());
+    let path = "PutSecret, durable, 1 client";
+    let raw_name = "SQLite WAL FULL single-row commit";
+    r.row(
+        path,
+        "throughput",
+        raw_name,
+        Unit::PerSec,
+        (b.rate, k.rate),
+        &pairs,
+        Goal::AtLeast(0.8),
+    );
+    r.latency(path, "SQLite commit", b, k);
+    Ok(())
+}
+
+/// Spawn → `READY=1` with the unattended TPM unseal vs the bare unseal path, alternating.
+pub fn startup(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
+    let unseal = raw::tpm::RawUnseal::prepare(&w.raw_tpm.tcti())?;
+    unseal.unseal_once()?;
+    w.kw.timed_restart()?;
+    let (mut raw_times, mut kw_times) = (Vec::new(), Vec::new());
+    for _ in 0..s.restarts {
+        let t = Instant::now();
+        unseal.unseal_once()?;
+        raw_times.push(t.elapsed());
+        kw_times.push(w.kw.timed_restart()?);
+    }
+    let pairs: Vec<f64> = raw_times
+        .iter()
+        .zip(&kw_times)
+        .map(|(raw, kw)| kw.as_secs_f64() / raw.as_secs_f64())
+        .collect();
+    r.row(
+        "keywardd start → READY=1, unsealed from swtpm",
+        &format!("median of {}", s.restarts),
+        "raw unseal: connect + SRK + load + policy + unseal",
+        Unit::Secs,
+        (median(&raw_times), median(&kw_times)),
+        &pairs,
+        Goal::AtMost(4.0),
+    );
+    r.latency(
+        "keywardd start → READY=1",
+        "raw unseal",
+        sample(&raw_times).stats(),
+        sample(&kw_times).stats(),
+    );
+    Ok(())
+}
+
+/// A few timings as a sample (for their percentiles).
+fn sample(times: &[Duration]) -> Sample {
+    Sample {
+        ops: times.len() as u64,
+        wall: times.iter().sum(),
+        lat_ns: times.iter().map(|t| t.as_nanos() as u64).collect(),
+    }
+}
+
+/// GetSecret of a random one of the first `n` filled secrets, checking the value.
+fn get_random(n: u64) -> impl Fn(&mut (Client, Pick)) -> Result<()> + Sync {
+    move |(c, pick)| {
+        let i = pick.below(n);
+        let reply = c.get_secret(&fill::name(i), None)?;
+        ensure!(
+            reply.value.expose() == fill::value(i),
+            "secret {i} read back wrong"
+        );
+        Ok(())
+    }
+}
+
+/// A vault of 1M secrets vs one of 1k, each in its own daemon (with its own devices), measured
+/// alternately like every other comparison: start-up, GetSecret latency on random names (each
+/// value checked), rekey, and peak RSS after the same sequence of work.
+pub fn scale(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
+    let mut small = Daemon::start("small")?;
+    for (d, n) in [(&mut small, s.small), (&mut w.kw, s.large)] {
+        if let Some(took) = d.fill_to(&w.rt, n)? {
+            r.note(format!(
+                "filled a vault to {n} secrets in {:.1} s (bulk insert with the daemon stopped)",
+                took.as_secs_f64()
+            ));
+        }
+    }
+    let (n_small, n_large) = (small.filled(), w.kw.filled());
+    let (mut starts, mut start_pairs) = (Vec::new(), Vec::new());
+    for _ in 0..s.restarts {
+        let (a, b) = (small.timed_restart()?, w.kw.timed_restart()?);
+        start_pairs.push(b.as_secs_f64() / a.as_secs_f64());
+        starts.push((a, b));
+    }
+    let mut cs: Vec<(Client, Pick)> = vec![(small.clients(1)?.remove(0), Pick::new(n_small))];
+    let mut cl: Vec<(Client, Pick)> = vec![(w.kw.clients(1)?.remove(0), Pick::new(n_large))];
+    let c = compare(
+        s.plan,
+        |d| run_clients(&mut cs, d, get_random(n_small)),
+        |d| run_clients(&mut cl, d, get_random(n_large)),
+    )?;
+    let get_pairs = c.p50_pairs;
+    let (get_small, get_large) = (c.base.stats(), c.keyward.stats());
+    let (mut rekeys, mut rekey_pairs) = (Vec::new(), Vec::new());
+    for _ in 0..s.rekeys {
+        let a = small.rekey(&mut cs[0].0)?;
+        let b = w.kw.rekey(&mut cl[0].0)?;
+        rekey_pairs.push(b.as_secs_f64() / a.as_secs_f64());
+        rekeys.push((a, b));
+    }
+    let (rss_small, rss_large) = (small.track_rss()?, w.kw.track_rss()?);
+    let k = |n: u64| {
+        if n % 1_000_000 == 0 {
+            format!("{}M", n / 1_000_000)
+        } else if n % 1000 == 0 {
+            format!("{}k", n / 1000)
+        } else {
+            n.to_string()
+        }
+    };
+    let path = |what: &str| format!("{what} at {} vs {} secrets", k(n_large), k(n_small));
+    let base = format!("keywardd with {}", k(n_small));
+    let medians = |v: &[(Duration, Duration)]| {
+        let (a, b): (Vec<Duration>, Vec<Duration>) = v.iter().copied().unzip();
+        (median(&a), median(&b))
+    };
+    r.row(
+        &path("GetSecret p50, random names, 1 client"),
+        "p50 latency",
+        &base,
+        Unit::Secs,
+        (get_small.p50, get_large.p50),
+        &get_pairs,
+        Goal::AtMost(1.5),
+    );
+    r.row(
+        &path("start-up → READY=1"),
+        &format!("median of {}", s.restarts),
+        &base,
+        Unit::Secs,
+        medians(&starts),
+        &start_pairs,
+        Goal::AtMost(1.2),
+    );
+    r.row(
+        &path("rekey"),
+        &format!("median of {}", s.rekeys),
+        &base,
+        Unit::Secs,
+        medians(&rekeys),
+        &rekey_pairs,
+        Goal::AtMost(1.5),
+    );
+    r.row(
+        &path("keywardd RSS"),
+        "VmHWM after the same work",
+        &base,
+        Unit::Bytes,
+        (rss_small as f64, rss_large as f64),
+        &[],
+        Goal::AtMost(1.2),
+    );
+    r.latency_sides(
+        "GetSecret, random names, 1 client",
+        (&format!("keywardd with {}", k(n_small)), get_small),
+        (&format!("keywardd with {}", k(n_large)), get_large),
+    );
+    Ok(())
+}
