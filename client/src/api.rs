@@ -56,7 +56,8 @@ type SecretVersion (version: int, term: int, created: string)
 
 type KeyInfo (name: string, device: string, algorithm: string, created: string)
 
-# State of the vault and its devices.
+# State of the vault and its devices. audit_public_key is the audit log's current signing key
+# (base64 DER SubjectPublicKeyInfo, Ed25519), once the vault has been unsealed.
 method Status() -> (
   initialized: bool,
   sealed: bool,
@@ -66,7 +67,8 @@ method Status() -> (
   devices: []DeviceStatus,
   shares_pending: ?int,
   term: ?int,
-  version: string
+  version: string,
+  audit_public_key: ?string
 )
 
 # Create the vault master key and enroll its first keyslots.
@@ -132,6 +134,9 @@ error PinLocked (device: string)
 error PolicyMismatch (device: string)
 error Busy ()
 error Internal (reason: string)
+# The audit record of the call could not be written: the call was refused, or (for a change
+# already made) not acknowledged.
+error AuditUnavailable (reason: string)
 "#;
 
 /// A secret value: base64 on the wire, zeroizing bytes in memory, redacted in `Debug`.
@@ -336,6 +341,9 @@ pub struct StatusReply {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub term: Option<u32>,
     pub version: String,
+    /// The audit log's current signing key, base64 DER SubjectPublicKeyInfo (Ed25519).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_public_key: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -660,6 +668,9 @@ pub enum ApiError {
     Busy,
     #[error("internal error: {reason}")]
     Internal { reason: String },
+    /// Fail closed: what can't be audited isn't done (or, done, isn't acknowledged).
+    #[error("the audit log cannot be written ({reason}): the request was not carried out or not acknowledged")]
+    AuditUnavailable { reason: String },
     /// `org.varlink.service.MethodNotFound`.
     #[error("no such method {method:?}")]
     MethodNotFound { method: String },
@@ -693,6 +704,7 @@ impl ApiError {
             Self::PolicyMismatch { .. } => "PolicyMismatch",
             Self::Busy => "Busy",
             Self::Internal { .. } => "Internal",
+            Self::AuditUnavailable { .. } => "AuditUnavailable",
             Self::MethodNotFound { .. } => return "org.varlink.service.MethodNotFound".into(),
             Self::InterfaceNotFound { .. } => {
                 return "org.varlink.service.InterfaceNotFound".into()
@@ -732,7 +744,9 @@ impl ApiError {
             Self::PinLocked { device } | Self::PolicyMismatch { device } => {
                 json!({ "device": device })
             }
-            Self::Internal { reason } => json!({ "reason": reason }),
+            Self::Internal { reason } | Self::AuditUnavailable { reason } => {
+                json!({ "reason": reason })
+            }
             Self::MethodNotFound { method } => json!({ "method": method }),
             Self::InterfaceNotFound { interface } => json!({ "interface": interface }),
             Self::InvalidParameter { parameter } => json!({ "parameter": parameter }),
@@ -799,6 +813,9 @@ impl ApiError {
             },
             (Some("Busy"), _) => Self::Busy,
             (Some("Internal"), _) => Self::Internal {
+                reason: s("reason"),
+            },
+            (Some("AuditUnavailable"), _) => Self::AuditUnavailable {
                 reason: s("reason"),
             },
             (_, "org.varlink.service.MethodNotFound") => Self::MethodNotFound {
@@ -877,6 +894,199 @@ mod tests {
         ];
         for e in all {
             assert_eq!(ApiError::from_wire(&e.name(), &e.parameters()), e);
+        }
+    }
+}
+
+/// Generated calls and errors: every request a client can send parses to the same request,
+/// every error survives the wire, and no input panics the parser or is quoted in its errors.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::option::of;
+    use proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        "\\PC{0,16}|[\\x00-\\x1f\"\\\\]{0,4}"
+    }
+
+    fn bytes() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..48)
+    }
+
+    fn error() -> impl Strategy<Value = ApiError> {
+        prop_oneof![
+            Just(ApiError::NotInitialized),
+            Just(ApiError::AlreadyInitialized),
+            Just(ApiError::Busy),
+            text().prop_map(|reason| ApiError::Sealed { reason }),
+            (text(), text()).prop_map(|(kind, name)| ApiError::NotFound { kind, name }),
+            (text(), text()).prop_map(|(kind, name)| ApiError::AlreadyExists { kind, name }),
+            (text(), text())
+                .prop_map(|(action, resource)| ApiError::PermissionDenied { action, resource }),
+            (text(), text())
+                .prop_map(|(parameter, reason)| ApiError::InvalidArgument { parameter, reason }),
+            (text(), any::<u64>())
+                .prop_map(|(parameter, limit)| ApiError::TooLarge { parameter, limit }),
+            any::<u32>().prop_map(|id| ApiError::LastKeyslot { id }),
+            (text(), text())
+                .prop_map(|(device, reason)| ApiError::DeviceUnavailable { device, reason }),
+            of(any::<u32>()).prop_map(|retries_left| ApiError::PinIncorrect { retries_left }),
+            text().prop_map(|device| ApiError::PinLocked { device }),
+            text().prop_map(|device| ApiError::PolicyMismatch { device }),
+            text().prop_map(|reason| ApiError::Internal { reason }),
+            text().prop_map(|method| ApiError::MethodNotFound { method }),
+            text().prop_map(|interface| ApiError::InterfaceNotFound { interface }),
+            text().prop_map(|parameter| ApiError::InvalidParameter { parameter }),
+            (
+                "com\\.example\\.[A-Za-z]{1,10}",
+                proptest::collection::btree_map("[a-z]{1,6}", text(), 0..3)
+            )
+                .prop_map(|(name, map)| ApiError::Other {
+                    name,
+                    parameters: serde_json::to_string(&map).unwrap_or_default(),
+                }),
+        ]
+    }
+
+    /// A request as a client builds it: the method, its parameters as JSON, and what the
+    /// daemon must read from them (compared as a debug-free summary).
+    fn call() -> impl Strategy<Value = (&'static str, serde_json::Value, String)> {
+        use serde_json::json;
+        prop_oneof![
+            (text(), bytes()).prop_map(|(name, value)| {
+                let params = serde_json::to_value(PutSecretParams {
+                    name: name.clone(),
+                    value: SecretValue::new(value.clone()),
+                });
+                (
+                    "PutSecret",
+                    params.unwrap_or_default(),
+                    format!("{name:?} {value:?}"),
+                )
+            }),
+            (text(), of(any::<u64>())).prop_map(|(name, version)| {
+                let params = json!(GetSecretParams {
+                    name: name.clone(),
+                    version
+                });
+                ("GetSecret", params, format!("{name:?} {version:?}"))
+            }),
+            of(text()).prop_map(|prefix| {
+                let params = json!(ListSecretsParams {
+                    prefix: prefix.clone()
+                });
+                ("ListSecrets", params, format!("{prefix:?}"))
+            }),
+            text().prop_map(|name| ("DeleteSecret", json!({ "name": name }), format!("{name:?}"))),
+            (text(), text(), text()).prop_map(|(name, device, algorithm)| {
+                let params = json!(CreateKeyParams {
+                    name: name.clone(),
+                    device: device.clone(),
+                    algorithm: algorithm.clone()
+                });
+                (
+                    "CreateKey",
+                    params,
+                    format!("{name:?} {device:?} {algorithm:?}"),
+                )
+            }),
+            (text(), bytes(), of(any::<bool>())).prop_map(|(name, data, prehashed)| {
+                let params = json!(SignParams {
+                    name: name.clone(),
+                    data: Bytes(data.clone()),
+                    prehashed
+                });
+                ("Sign", params, format!("{name:?} {data:?} {prehashed:?}"))
+            }),
+            (of(text()), of(text())).prop_map(|(share, pin)| {
+                let params = json!(UnsealParams {
+                    recovery_share: share.clone().map(SecretString::new),
+                    pin: pin.clone().map(SecretString::new),
+                });
+                ("Unseal", params, format!("{share:?} {pin:?}"))
+            }),
+            (any::<u32>(), of(any::<bool>())).prop_map(|(id, force)| {
+                let params = json!(RemoveKeyslotParams { id, force });
+                ("RemoveKeyslot", params, format!("{id} {force:?}"))
+            }),
+            (
+                text(),
+                of(text()),
+                of(proptest::collection::vec(0u8..24, 0..4)),
+                of(any::<u8>())
+            )
+                .prop_map(|(kind, device, pcrs, threshold)| {
+                    let params = json!(EnrollParams {
+                        slot: SlotSpec {
+                            kind: kind.clone(),
+                            device: device.clone(),
+                            pcrs: pcrs.clone(),
+                            pin: None,
+                            threshold,
+                            shares: threshold,
+                        }
+                    });
+                    (
+                        "Enroll",
+                        params,
+                        format!("{kind:?} {device:?} {pcrs:?} {threshold:?}"),
+                    )
+                }),
+        ]
+    }
+
+    /// What the daemon read, in the same form as [`call`]'s summary.
+    fn summary(request: &Request) -> String {
+        match request {
+            Request::PutSecret(p) => format!("{:?} {:?}", p.name, p.value.expose()),
+            Request::GetSecret(p) => format!("{:?} {:?}", p.name, p.version),
+            Request::ListSecrets(p) => format!("{:?}", p.prefix),
+            Request::DeleteSecret(p) => format!("{:?}", p.name),
+            Request::CreateKey(p) => format!("{:?} {:?} {:?}", p.name, p.device, p.algorithm),
+            Request::Sign(p) => format!("{:?} {:?} {:?}", p.name, p.data.0, p.prehashed),
+            Request::Unseal(p) => format!(
+                "{:?} {:?}",
+                p.recovery_share.as_ref().map(SecretString::expose),
+                p.pin.as_ref().map(SecretString::expose)
+            ),
+            Request::RemoveKeyslot(p) => format!("{} {:?}", p.id, p.force),
+            Request::Enroll(p) => format!(
+                "{:?} {:?} {:?} {:?}",
+                p.slot.kind, p.slot.device, p.slot.pcrs, p.slot.threshold
+            ),
+            other => other.method().to_owned(),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn errors_survive_the_wire(e in error()) {
+            prop_assert_eq!(ApiError::from_wire(&e.name(), &e.parameters()), e);
+        }
+
+        #[test]
+        fn requests_parse_to_what_was_sent((method, params, expect) in call()) {
+            let text = params.to_string();
+            let request = Request::parse(method, Some(&text))
+                .map_err(|e| TestCaseError::fail(format!("{method}: {e}")))?;
+            prop_assert_eq!(request.method(), method);
+            prop_assert_eq!(summary(&request), expect);
+        }
+
+        #[test]
+        fn arbitrary_calls_never_panic(method in "[A-Za-z]{0,16}", params in of("\\PC{0,64}")) {
+            let _ = Request::parse(&method, params.as_deref());
+        }
+
+        /// A secret that does not decode is refused without being quoted.
+        #[test]
+        fn bad_secrets_are_never_quoted(secret in "[!#%&]{1,4}[a-zA-Z0-9]{8,24}", field in "value|valu|name") {
+            let params = serde_json::json!({ "name": "n", field.as_str(): secret }).to_string();
+            if let Err(e) = Request::parse("PutSecret", Some(&params)) {
+                prop_assert!(!e.to_string().contains(&secret), "{}", e);
+                prop_assert!(!e.parameters().to_string().contains(&secret), "{}", e);
+            }
         }
     }
 }

@@ -73,3 +73,69 @@ mod tests {
         assert_eq!(&b[..], b"ab");
     }
 }
+
+/// Generated messages: a frame is the message's JSON and one NUL, its only one, and it decodes
+/// back to the message; the bound is exact.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    /// JSON without floats (serde_json prints them in a form that need not read back exactly):
+    /// any text, control characters and NUL included, nested arrays and objects.
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            "\\PC{0,12}|[\\x00-\\x1f\"\\\\]{0,4}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                proptest::collection::btree_map("\\PC{0,8}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn encode_then_decode_is_the_identity(
+            method in "[a-zA-Z.]{1,40}",
+            parameters in json(),
+            max in 0usize..400,
+        ) {
+            let message = serde_json::json!({ "method": method, "parameters": parameters });
+            let text = serde_json::to_vec(&message).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let frame = encode_frame(&message, max).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let Some(frame) = frame else {
+                prop_assert!(text.len() > max);
+                return Ok(());
+            };
+            prop_assert!(text.len() <= max);
+            prop_assert_eq!(frame.len(), text.len() + 1);
+            prop_assert_eq!(frame.capacity(), frame.len(), "allocated once, at its final size");
+            prop_assert_eq!(frame.iter().position(|&b| b == 0), Some(text.len()), "one NUL, last");
+            let back: Value = serde_json::from_slice(&frame[..text.len()])
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(back, message);
+        }
+
+        /// Growth keeps the bytes and makes the room asked for, from any starting point.
+        #[test]
+        fn reserve_keeps_content_and_makes_room(
+            content in proptest::collection::vec(any::<u8>(), 0..64),
+            spare in 0usize..64,
+            additional in 0usize..200,
+        ) {
+            let mut buf = Zeroizing::new(Vec::with_capacity(content.len() + spare));
+            buf.extend_from_slice(&content);
+            reserve_zeroizing(&mut buf, additional);
+            prop_assert_eq!(&buf[..], &content[..]);
+            prop_assert!(buf.capacity() - buf.len() >= additional);
+        }
+    }
+}

@@ -4,8 +4,9 @@
 //! Data flows one way: a transport (`transport/`) turns bytes and a kernel-verified identity
 //! into an [`keyward::api::Request`] and a [`identity::Caller`]; the [`service`] checks the
 //! [`policy`] and runs the request against the [`vault`], the [`store`] and the device actors
-//! ([`device`]). A transport never touches the store or a device.
+//! ([`device`]), and records it in the [`audit`] log. A transport never touches the store or a device.
 
+pub mod audit;
 pub mod config;
 pub mod device;
 pub mod identity;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use keywardd::audit::AuditLog;
 use keywardd::config::{Config, DeviceConfig, DEFAULT_CONFIG};
 use keywardd::device::{self, ActorOptions, DeviceHandle};
 use keywardd::policy::Policy;
@@ -39,7 +40,11 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KEYWARD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // cryptoki reports every mechanism it can't name at ERROR while listing a
+                // token's mechanisms: noise, not a fault.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("info,cryptoki::mechanism=off")
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -121,6 +126,11 @@ fn load_policy(config: &Config) -> Result<Policy, String> {
 }
 
 async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
+    // Handlers first: a SIGTERM that lands during start-up (or right after READY=1) must drain,
+    // not kill with the default action.
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let store = Store::open(&config.database())
         .map_err(|e| format!("store {}: {e}", config.database().display()))?;
     let policy = load_policy(&config)?;
@@ -141,7 +151,10 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
     let vault = Vault::load(store, devices, config.unseal_order(), on_change)
         .await
         .map_err(|e| e.to_string())?;
-    let service = Arc::new(Service::new(vault, policy));
+    // Before the first unseal: the vault hands the audit log its signing key when it opens.
+    let audit = AuditLog::open(&config.state_dir).map_err(|e| format!("audit log: {e}"))?;
+    vault.set_audit(audit.clone());
+    let service = Arc::new(Service::new(vault, policy, audit.clone()));
 
     // Listen before unsealing: early clients wait in the backlog instead of failing. Under
     // socket activation systemd owns the paths (and /run is read-only to us): never bind then.
@@ -241,9 +254,6 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
     sys::notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
     tracing::info!(socket_activated, "{line}; ready");
 
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -254,8 +264,17 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
                     Ok(p) => {
                         service.set_policy(p);
                         tracing::info!("policy reloaded");
+                        // Who may do what changed: that belongs on record.
+                        if let Err(e) = audit.event("policy-reload", "new policy in force") {
+                            tracing::error!("audit log: {e}");
+                        }
                     }
-                    Err(e) => tracing::error!("policy reload rejected, keeping the old policy: {e}"),
+                    Err(e) => {
+                        tracing::error!("policy reload rejected, keeping the old policy: {e}");
+                        if let Err(e) = audit.event("policy-reload", "rejected: the old policy stays") {
+                            tracing::error!("audit log: {e}");
+                        }
+                    }
                 }
             }
         }
@@ -272,5 +291,7 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
     if let Some(c) = credentials_server {
         let _ = c.await;
     }
+    // Last: every drained request is on record; a final checkpoint signs them.
+    audit.shutdown();
     Ok(())
 }

@@ -1024,3 +1024,310 @@ mod tests {
         }
     }
 }
+
+/// Generated policies and inputs: rule sets written as TOML load to the rules they describe and
+/// decide as a plain reading of them says; globs agree with a naive matcher; no input panics.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::option::of;
+    use proptest::prelude::*;
+
+    /// A fixed name table: user and group names never depend on the machine.
+    struct Table;
+
+    const USERS: [(&str, u32); 2] = [("alice", 1000), ("deploy", 1001)];
+    const GROUPS: [(&str, u32); 2] = [("wheel", 10), ("deployers", 2000)];
+
+    impl Resolver for Table {
+        fn uid_of(&self, user: &str) -> Result<Option<u32>, String> {
+            Ok(USERS.iter().find(|(n, _)| *n == user).map(|(_, id)| *id))
+        }
+        fn gid_of(&self, group: &str) -> Result<Option<u32>, String> {
+            Ok(GROUPS.iter().find(|(n, _)| *n == group).map(|(_, id)| *id))
+        }
+    }
+
+    /// The naive definition of a glob match (exponential, fine for short inputs).
+    fn naive(p: &[char], t: &[char]) -> bool {
+        match p.split_first() {
+            None => t.is_empty(),
+            Some(('*', rest)) => naive(rest, t) || (!t.is_empty() && naive(p, &t[1..])),
+            Some(('?', rest)) => !t.is_empty() && naive(rest, &t[1..]),
+            Some((c, rest)) => t.first() == Some(c) && naive(rest, &t[1..]),
+        }
+    }
+
+    /// One rule as generated: every field the file can hold, within the rules of `check_rule`.
+    #[derive(Clone, Debug)]
+    struct GenRule {
+        uid: Option<u32>,
+        user: Option<&'static str>,
+        gid: Option<u32>,
+        group: Option<&'static str>,
+        unit: Option<&'static str>,
+        allow: Vec<Action>,
+        secrets: Vec<String>,
+        keys: Vec<String>,
+    }
+
+    impl GenRule {
+        fn toml(&self) -> String {
+            let mut who = Vec::new();
+            if let Some(uid) = self.uid {
+                who.push(format!("uid = {uid}"));
+            }
+            if let Some(user) = self.user {
+                who.push(format!("user = {user:?}"));
+            }
+            if let Some(gid) = self.gid {
+                who.push(format!("gid = {gid}"));
+            }
+            if let Some(group) = self.group {
+                who.push(format!("group = {group:?}"));
+            }
+            if let Some(unit) = self.unit {
+                who.push(format!("unit = {unit:?}"));
+            }
+            let allow: Vec<&str> = self.allow.iter().map(|a| a.as_str()).collect();
+            let mut text = format!(
+                "[[rule]]\nwho = {{ {} }}\nallow = {allow:?}\n",
+                who.join(", ")
+            );
+            if !self.secrets.is_empty() {
+                text.push_str(&format!("secrets = {:?}\n", self.secrets));
+            }
+            if !self.keys.is_empty() {
+                text.push_str(&format!("keys = {:?}\n", self.keys));
+            }
+            text
+        }
+
+        /// The rule read the plain way.
+        fn allows(&self, caller: &Caller, action: Action, resource: Resource<'_>) -> bool {
+            let id = |name: &str, table: &[(&str, u32)]| {
+                table.iter().find(|(n, _)| *n == name).map(|(_, id)| *id)
+            };
+            let in_group = |gid: u32| caller.gid == gid || caller.groups.contains(&gid);
+            let who = self.uid.is_none_or(|u| caller.uid == u)
+                && self.user.is_none_or(|u| id(u, &USERS) == Some(caller.uid))
+                && self.gid.is_none_or(in_group)
+                && self
+                    .group
+                    .is_none_or(|g| id(g, &GROUPS).is_some_and(in_group))
+                && self.unit.is_none_or(|u| caller.unit.as_deref() == Some(u));
+            let covers = |globs: &[String], name: &str| {
+                let name: Vec<char> = name.chars().collect();
+                globs
+                    .iter()
+                    .any(|g| naive(&g.chars().collect::<Vec<_>>(), &name))
+            };
+            let what = match (action, resource) {
+                (Action::Read | Action::Write, Resource::Secret(s)) => covers(&self.secrets, s),
+                (Action::Sign | Action::Keys, Resource::Key(k)) => covers(&self.keys, k),
+                (Action::Admin, Resource::Vault) => true,
+                _ => false,
+            };
+            who && what && self.allow.contains(&action)
+        }
+    }
+
+    fn glob() -> impl Strategy<Value = String> {
+        "[ab/*?é]{1,6}"
+    }
+
+    fn rule() -> impl Strategy<Value = GenRule> {
+        let who = (
+            of(proptest::sample::select(vec![0u32, 1000, 1001, 5])),
+            of(proptest::sample::select(USERS.map(|(n, _)| n).to_vec())),
+            of(proptest::sample::select(vec![0u32, 10, 2000])),
+            of(proptest::sample::select(GROUPS.map(|(n, _)| n).to_vec())),
+            of(proptest::sample::select(vec!["a.service", "b.socket"])),
+        )
+            .prop_filter("who is not empty", |w| {
+                w.0.is_some() || w.1.is_some() || w.2.is_some() || w.3.is_some() || w.4.is_some()
+            });
+        (
+            who,
+            proptest::sample::subsequence(Action::ALL.to_vec(), 1..=5),
+            vec(glob(), 0..3),
+            vec(glob(), 0..3),
+        )
+            .prop_filter_map(
+                "secrets and keys where the actions need them",
+                |((uid, user, gid, group, unit), allow, secrets, keys)| {
+                    let needs_secrets = allow
+                        .iter()
+                        .any(|a| matches!(a, Action::Read | Action::Write));
+                    let needs_keys = allow
+                        .iter()
+                        .any(|a| matches!(a, Action::Sign | Action::Keys));
+                    ((!needs_secrets || !secrets.is_empty()) && (!needs_keys || !keys.is_empty()))
+                        .then_some(GenRule {
+                            uid,
+                            user,
+                            gid,
+                            group,
+                            unit,
+                            allow,
+                            secrets,
+                            keys,
+                        })
+                },
+            )
+    }
+
+    fn caller() -> impl Strategy<Value = Caller> {
+        (
+            proptest::sample::select(vec![0u32, 1000, 1001, 5]),
+            proptest::sample::select(vec![0u32, 10, 2000, 7]),
+            proptest::sample::subsequence(vec![10u32, 2000, 7], 0..=3),
+            of(proptest::sample::select(vec![
+                "a.service",
+                "b.socket",
+                "c.service",
+            ])),
+            proptest::sample::select(vec![Via::Varlink, Via::Dbus, Via::Credentials]),
+        )
+            .prop_map(|(uid, gid, groups, unit, via)| Caller {
+                uid,
+                gid,
+                groups,
+                pid: None,
+                unit: unit.map(str::to_owned),
+                via,
+            })
+    }
+
+    /// A request: an action and a name; the resource kind follows from both.
+    fn query() -> impl Strategy<Value = (Action, u8, String)> {
+        (
+            proptest::sample::select(Action::ALL.to_vec()),
+            0u8..3,
+            "[ab/é]{0,6}",
+        )
+    }
+
+    fn resource(kind: u8, name: &str) -> Resource<'_> {
+        match kind {
+            0 => Resource::Secret(name),
+            1 => Resource::Key(name),
+            _ => Resource::Vault,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn glob_agrees_with_the_naive_matcher(p in "[ab*?/é]{0,8}", t in "[ab/é]{0,10}") {
+            let pattern: Vec<char> = p.chars().collect();
+            let text: Vec<char> = t.chars().collect();
+            prop_assert_eq!(Glob::new(&p).matches(&t), naive(&pattern, &text));
+        }
+
+        #[test]
+        fn generated_rule_sets_load_and_decide_as_written(
+            rules in vec(rule(), 0..6),
+            queries in vec((caller(), query()), 1..24),
+        ) {
+            let text: String = rules.iter().map(GenRule::toml).collect::<Vec<_>>().join("\n");
+            let policy = Policy::parse(&text, "policy", &Table)
+                .map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+            prop_assert_eq!(policy.rule_count(), rules.len());
+            for (caller, (action, kind, name)) in &queries {
+                let resource = resource(*kind, name);
+                let expect = rules
+                    .iter()
+                    .position(|r| r.allows(caller, *action, resource))
+                    .map_or(Decision::Deny, |i| Decision::Allow { rule: i + 1 });
+                prop_assert_eq!(
+                    decide(&policy, caller, *action, resource),
+                    expect,
+                    "{:?} {:?} {:?}\n{}", caller, action, resource, text
+                );
+            }
+            // The daemon acting for itself is never asked about.
+            prop_assert_eq!(
+                decide(&policy, &Caller::daemon(), Action::Admin, Resource::Vault),
+                Decision::Allow { rule: 0 }
+            );
+        }
+
+        #[test]
+        fn credential_maps_load_and_answer_for_exactly_their_pairs(
+            maps in vec(
+                (
+                    proptest::sample::select(vec!["a.service", "b.service", "c.mount"]),
+                    "[a-z-]{1,4}",
+                    "[a-z/]{1,8}",
+                ),
+                0..6,
+            ),
+            ask in ("[abc]\\.(service|mount)", "[a-z-]{1,4}"),
+        ) {
+            let text: String = maps
+                .iter()
+                .map(|(unit, id, secret)| {
+                    format!("[[credential]]\nunit = {unit:?}\nid = {id:?}\nsecret = {secret:?}\n")
+                })
+                .collect();
+            let first = |unit: &str, id: &str| {
+                maps.iter().position(|(u, i, _)| *u == unit && i == id)
+            };
+            let duplicated = maps
+                .iter()
+                .enumerate()
+                .any(|(n, (unit, id, _))| first(unit, id) != Some(n));
+            match Policy::parse(&text, "policy", &Table) {
+                Ok(policy) => {
+                    prop_assert!(!duplicated, "a pair mapped twice was accepted\n{}", text);
+                    prop_assert_eq!(policy.credential_count(), maps.len());
+                    for (unit, id, secret) in &maps {
+                        prop_assert_eq!(credential_secret(&policy, unit, id), Some(secret.as_str()));
+                    }
+                    let (unit, id) = &ask;
+                    let expect = first(unit, id).map(|n| maps[n].2.as_str());
+                    prop_assert_eq!(credential_secret(&policy, unit, id), expect);
+                }
+                Err(e) => {
+                    prop_assert!(duplicated, "{}\n{}", e, text);
+                    prop_assert!(e.to_string().contains("already mapped"), "{}", e);
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+            let _ = Policy::parse(&text, "policy", &Table);
+        }
+
+        /// Policy-shaped text with the pieces shuffled and mangled.
+        #[test]
+        fn policy_shaped_text_never_panics(
+            lines in vec(
+                prop_oneof![
+                    Just("[[rule]]".to_owned()),
+                    Just("[[credential]]".to_owned()),
+                    Just("[rule]".to_owned()),
+                    "who = \\{ (uid|gid|user|group|unit|x) = (0|-1|4294967296|\"alice\"|\"a.service\"|\\[\\]) \\}",
+                    "allow = \\[(\"(read|write|sign|keys|admin|root)\",? ?){0,3}\\]",
+                    "(secrets|keys) = \\[(\"[a*?]{0,3}\",? ?){0,3}\\]",
+                    "(unit|id|secret) = \"[a-z.]{0,10}\"",
+                    "[a-z =\\[\\]{}\",]{0,20}",
+                ],
+                0..12,
+            ),
+        ) {
+            let text = lines.join("\n");
+            if let Ok(policy) = Policy::parse(&text, "policy", &Table) {
+                // Whatever loads can be asked anything.
+                let root = Caller { uid: 0, gid: 0, groups: Vec::new(), pid: None, unit: None, via: Via::Varlink };
+                for action in Action::ALL {
+                    let _ = decide(&policy, &root, action, Resource::Secret("a"));
+                    let _ = decide(&policy, &root, action, Resource::Key("a"));
+                    let _ = decide(&policy, &root, action, Resource::Vault);
+                }
+            }
+        }
+    }
+}

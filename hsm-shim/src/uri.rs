@@ -194,8 +194,9 @@ impl fmt::Display for UriPart {
 /// it, and never contain a PIN.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum UriError {
-    /// The URI is longer than [`MAX_URI_LEN`] bytes.
-    #[error("the PKCS#11 URI is {len} bytes long; at most {MAX_URI_LEN} are accepted")]
+    /// The URI, or its canonical form (which percent-encodes all of `id`), is longer than
+    /// [`MAX_URI_LEN`] bytes.
+    #[error("the PKCS#11 URI is {len} bytes long (written with id fully percent-encoded); at most {MAX_URI_LEN} are accepted")]
     TooLong {
         /// Its length in bytes.
         len: usize,
@@ -436,6 +437,13 @@ impl FromStr for Pkcs11Uri {
             for segment in text.split(part.separator()) {
                 uri.parse_attribute(segment, part, &mut seen)?;
             }
+        }
+        // The canonical form prints `id` fully percent-encoded, three bytes for each raw one:
+        // refuse what could not be read back once written out, so that every accepted URI
+        // round-trips.
+        let canonical = uri.to_string().len();
+        if canonical > MAX_URI_LEN {
+            return Err(UriError::TooLong { len: canonical });
         }
         Ok(uri)
     }
@@ -1490,5 +1498,216 @@ mod tests {
             assert_eq!(t.to_string(), t.as_str());
         }
         assert!("Private".parse::<ObjectType>().is_err());
+    }
+}
+
+/// Generated round trips and bad input: any URI Keyward can hold prints to text that parses
+/// back to it, and no input makes the parser panic.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::option::of;
+    use proptest::prelude::*;
+
+    /// Any text, control characters and non-ASCII included, up to `max` characters.
+    fn text(max: usize) -> impl Strategy<Value = String> {
+        vec(any::<char>(), 0..=max).prop_map(String::from_iter)
+    }
+
+    /// Text without `forbidden` characters, at least one character long.
+    fn text_without(forbidden: &'static [char], max: usize) -> impl Strategy<Value = String> {
+        vec(
+            any::<char>().prop_filter("forbidden", move |c| !forbidden.contains(c)),
+            1..=max,
+        )
+        .prop_map(String::from_iter)
+    }
+
+    fn object_type() -> impl Strategy<Value = ObjectType> {
+        proptest::sample::select(ObjectType::ALL.to_vec())
+    }
+
+    /// Every value the parser can produce, so every field can be exercised. Sixteen fields of
+    /// at most 12 characters (12 bytes after percent-encoding each) stay under `MAX_URI_LEN`.
+    fn uri() -> impl Strategy<Value = Pkcs11Uri> {
+        let token = (of(text(12)), of(text(12)), of(text(12)), of(text(12)));
+        let library = (
+            of(text(12)),
+            of(text(12)),
+            of((any::<u8>(), of(any::<u8>()))),
+        );
+        let slot = (of(text(12)), of(text(12)), of(any::<u64>()));
+        let object = (of(text(12)), of(vec(any::<u8>(), 0..32)), of(object_type()));
+        let query = (
+            of(text_without(&['\0'], 12).prop_map(|p| PathBuf::from(format!("/{p}")))),
+            of(text_without(&['/', '\0'], 12)),
+            of(text_without(&['\0'], 12)),
+        );
+        (token, library, slot, object, query).prop_map(
+            |(
+                (token, manufacturer, serial, model),
+                (library_manufacturer, library_description, version),
+                (slot_manufacturer, slot_description, slot_id),
+                (object, id, object_type),
+                (module_path, module_name, pin_source),
+            )| Pkcs11Uri {
+                token,
+                manufacturer,
+                serial,
+                model,
+                library_manufacturer,
+                library_description,
+                library_version: version.map(|(major, minor)| match minor {
+                    Some(minor) => format!("{major}.{minor}"),
+                    None => major.to_string(),
+                }),
+                slot_manufacturer,
+                slot_description,
+                slot_id,
+                object,
+                id,
+                object_type,
+                module_path,
+                module_name,
+                pin_source,
+            },
+        )
+    }
+
+    /// Input shaped like a URI: the scheme, then segments built from attribute names (known,
+    /// vendor, misspelt, misplaced) and values of characters the grammar cares about.
+    fn uri_like() -> impl Strategy<Value = String> {
+        let name = prop_oneof![
+            proptest::sample::select(Attr::ALL.map(Attr::name).to_vec()).prop_map(str::to_owned),
+            Just("x-vendor".to_owned()),
+            Just("pin-value".to_owned()),
+            Just("Token".to_owned()),
+            "[a-z-]{0,6}",
+        ];
+        let value = "([a-zA-Z0-9/?|&;=%:._~ -]|%[0-9a-fA-F]{2}|%[0-9a-zA-Z]?){0,8}";
+        let segment = (name, of(value)).prop_map(|(name, value)| match value {
+            Some(value) => format!("{name}={value}"),
+            None => name,
+        });
+        (
+            proptest::sample::select(vec!["pkcs11:", "PKCS11:", "pkcs11", ""]),
+            vec(segment, 0..5),
+            of(vec(
+                (
+                    proptest::sample::select(vec!["pin-source", "module-name", "module-path"]),
+                    "[a-z/%0-9?]{0,8}",
+                ),
+                0..4,
+            )),
+        )
+            .prop_map(|(scheme, path, query)| {
+                let mut s = format!("{scheme}{}", path.join(";"));
+                if let Some(query) = query {
+                    let query: Vec<String> =
+                        query.into_iter().map(|(n, v)| format!("{n}={v}")).collect();
+                    s.push('?');
+                    s.push_str(&query.join("&"));
+                }
+                s
+            })
+    }
+
+    /// What every accepted input must satisfy: its canonical form parses back to the same
+    /// URI and prints the same again.
+    fn check_canonical(uri: &Pkcs11Uri) -> Result<(), TestCaseError> {
+        let printed = uri.to_string();
+        let back = printed.parse::<Pkcs11Uri>();
+        prop_assert_eq!(back.as_ref(), Ok(uri), "through {:?}", printed);
+        prop_assert_eq!(back.map(|u| u.to_string()), Ok(printed));
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn display_then_parse_is_the_identity(uri in uri()) {
+            check_canonical(&uri)?;
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(s in text(200)) {
+            if let Ok(uri) = s.parse::<Pkcs11Uri>() {
+                check_canonical(&uri)?;
+            }
+        }
+
+        #[test]
+        fn uri_shaped_input_never_panics_and_what_parses_is_canonical(s in uri_like()) {
+            match s.parse::<Pkcs11Uri>() {
+                Ok(uri) => check_canonical(&uri)?,
+                // A PIN is refused and never echoed.
+                Err(e @ UriError::PinValueRefused) => {
+                    prop_assert!(!e.to_string().contains("pin-value="));
+                }
+                Err(_) => {}
+            }
+        }
+
+        /// Percent-encoding characters that need none, in either hex case, changes nothing.
+        #[test]
+        fn needless_escapes_read_the_same(
+            label in "[a-zA-Z0-9._~-]{1,20}",
+            mask in vec(any::<(bool, bool)>(), 20),
+        ) {
+            let escaped: String = label
+                .bytes()
+                .zip(mask)
+                .map(|(b, (escape, lower))| match (escape, lower) {
+                    (false, _) => char::from(b).to_string(),
+                    (true, false) => format!("%{b:02X}"),
+                    (true, true) => format!("%{b:02x}"),
+                })
+                .collect();
+            let uri: Pkcs11Uri = format!("pkcs11:token={escaped}").parse().map_err(|e: UriError| {
+                TestCaseError::fail(e.to_string())
+            })?;
+            prop_assert_eq!(uri.token.as_deref(), Some(label.as_str()));
+            prop_assert_eq!(uri.to_string(), format!("pkcs11:token={label}"));
+        }
+
+        /// A URI naming a token by label matches that token whatever its padding, and no other.
+        #[test]
+        fn a_label_matches_itself_padded(label in text(12), pad in 0usize..32, other in text(12)) {
+            let uri = Pkcs11Uri { token: Some(label.clone()), ..Pkcs11Uri::default() };
+            let padded = format!("{label}{}", " ".repeat(pad));
+            let token = |label| TokenFields { label, manufacturer: "m", serial: "s", model: "x" };
+            prop_assert!(uri.matches_token(&token(&padded)));
+            prop_assert_eq!(
+                uri.matches_token(&token(&other)),
+                other.trim_end_matches(' ') == label.trim_end_matches(' ')
+            );
+        }
+    }
+
+    /// `id` is printed fully percent-encoded, three bytes for each raw one: an input that fits
+    /// but whose canonical form would not is refused, so everything accepted can be written
+    /// out and read back.
+    #[test]
+    fn a_uri_whose_canonical_form_would_not_fit_is_refused() {
+        let prefix = "pkcs11:id=";
+        let uri = format!("{prefix}{}", "a".repeat(MAX_URI_LEN - prefix.len()));
+        let printed = match uri.parse::<Pkcs11Uri>() {
+            Ok(parsed) => parsed.to_string(),
+            Err(UriError::TooLong { len }) => {
+                assert_eq!(
+                    len,
+                    uri.len() * 3 - 2 * prefix.len(),
+                    "the canonical length"
+                );
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let back = printed.parse::<Pkcs11Uri>();
+        assert!(back.is_ok(), "{} bytes: {back:?}", printed.len());
+        // At the limit exactly, in canonical form: accepted.
+        let fits = format!("{prefix}{}", "%61".repeat((MAX_URI_LEN - prefix.len()) / 3));
+        let parsed: Pkcs11Uri = fits.parse().unwrap();
+        assert_eq!(parsed.to_string(), fits);
     }
 }

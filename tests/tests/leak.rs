@@ -201,7 +201,9 @@ fn no_secret_reaches_a_log_an_error_or_a_file_in_clear() {
         format!(
             r#"{{"method":"org.keyward.Custodian.Unseal","parameters":{{"pin":"{WRONG_PIN}"}}}}"#
         ),
-        format!(r#"{{"method":"org.keyward.Custodian.NoSuchMethod","parameters":{{"value":"{BAD_VALUE}"}}}}"#),
+        format!(
+            r#"{{"method":"org.keyward.Custodian.NoSuchMethod","parameters":{{"value":"{BAD_VALUE}"}}}}"#
+        ),
         format!(
             r#"{{"method":"org.keyward.Custodian.Unseal","parameters":{{"recovery_share":"{BAD_VALUE}"}}}}"#
         ),

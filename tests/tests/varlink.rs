@@ -233,3 +233,203 @@ fn an_oversized_frame_is_refused_and_its_connection_closed() {
         json!([])
     );
 }
+
+/// A daemon like [`daemon`], with a short idle timeout and few connection slots, so that the
+/// cut-off of clients that never finish a frame can be watched.
+fn daemon_with_limits(idle_timeout_secs: u64, max_connections: usize) -> (SoftHsm, Keywardd) {
+    let token = SoftHsm::new("keyward-varlink");
+    let mut d = Setup::new().token("hsm", &token).prepare();
+    let mut config = std::fs::read_to_string(d.config_path()).unwrap();
+    config.push_str(&format!(
+        "\n[limits]\nidle_timeout_secs = {idle_timeout_secs}\nmax_connections = {max_connections}\n"
+    ));
+    std::fs::write(d.config_path(), config).unwrap();
+    d.start();
+    let out = d.run(&["init", "--pkcs11", "hsm"], b"");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    (token, d)
+}
+
+/// How a slow-loris client ended.
+#[derive(Debug)]
+struct Trickled {
+    /// From connect to the daemon closing the connection; `None` if it never did.
+    closed_after: Option<Duration>,
+    /// Bytes written after the first one, each a pace apart.
+    trickled: usize,
+}
+
+/// Connect and start a request, then send one more byte every `pace` and never finish it,
+/// until the daemon closes the connection (or `give_up` passes). The pace comes from waiting
+/// for that close with a timeout: each time the wait runs out, another byte goes.
+fn slow_loris(
+    socket: &std::path::Path,
+    connected: &std::sync::mpsc::Sender<()>,
+    pace: Duration,
+    give_up: Duration,
+) -> Trickled {
+    let start = std::time::Instant::now();
+    let mut s = UnixStream::connect(socket).unwrap();
+    connected.send(()).unwrap();
+    s.set_read_timeout(Some(pace)).unwrap();
+    s.write_all(br#"{"method":"org.keyward.Custodian.Status","parameters":{"#)
+        .unwrap();
+    let mut trickled = 0;
+    let mut buf = [0u8; 256];
+    while start.elapsed() < give_up {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => panic!("a reply to a request that was never finished"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if s.write_all(b" ").is_err() {
+                    break;
+                }
+                trickled += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    let elapsed = start.elapsed();
+    Trickled {
+        closed_after: (elapsed < give_up).then_some(elapsed),
+        trickled,
+    }
+}
+
+#[test]
+fn slow_loris_clients_are_cut_off_by_the_frame_deadline_and_others_are_served() {
+    let idle = Duration::from_secs(2);
+    let (_t, d) = daemon_with_limits(idle.as_secs(), 8);
+    let pace = Duration::from_millis(200);
+    let give_up = Duration::from_secs(30);
+    // Start `n` slow clients; return once all of them are connected (accepted, or queued in
+    // the listen backlog ahead of anyone who connects later).
+    let spawn_lorises = |n: usize| {
+        let (connected, all_in) = std::sync::mpsc::channel();
+        let lorises = (0..n)
+            .map(|_| {
+                let socket = d.socket().to_path_buf();
+                let connected = connected.clone();
+                std::thread::spawn(move || slow_loris(&socket, &connected, pace, give_up))
+            })
+            .collect::<Vec<_>>();
+        for _ in 0..n {
+            all_in.recv_timeout(give_up).unwrap();
+        }
+        lorises
+    };
+    let check = |lorises: Vec<std::thread::JoinHandle<Trickled>>| {
+        for loris in lorises {
+            let t = loris.join().unwrap();
+            let after = t.closed_after.expect("a trickling client is cut off");
+            // Bytes kept coming all along: the deadline is for the whole frame, not per byte.
+            assert!(t.trickled >= 4, "{t:?}");
+            assert!(after >= idle - Duration::from_millis(100), "{t:?}");
+            assert!(after < idle + Duration::from_secs(5), "{t:?}");
+        }
+    };
+
+    // Six of eight slots held by clients that never finish a frame: others are served at once.
+    let lorises = spawn_lorises(6);
+    let started = std::time::Instant::now();
+    let mut c = Raw::connect(&d);
+    for _ in 0..3 {
+        assert_eq!(
+            c.call("ListSecrets", json!({}))["parameters"]["names"],
+            json!([])
+        );
+    }
+    let served_in = started.elapsed();
+    assert!(served_in < idle, "served in {served_in:?}");
+    drop(c);
+    check(lorises);
+
+    // All eight slots held: a ninth client waits in the backlog until the deadline frees them.
+    let lorises = spawn_lorises(8);
+    let started = std::time::Instant::now();
+    let mut late = Raw::connect(&d);
+    let r = late.call("ListSecrets", json!({}));
+    let waited = started.elapsed();
+    assert_eq!(r["parameters"]["names"], json!([]), "{r}");
+    assert!(
+        waited >= idle - Duration::from_millis(500),
+        "served while all slots were held: {waited:?}"
+    );
+    assert!(waited < idle + Duration::from_secs(5), "waited {waited:?}");
+    check(lorises);
+    eprintln!(
+        "served beside 6 slow clients in {served_in:?}; with all slots held, after {waited:?}"
+    );
+}
+
+/// The daemon's peak resident memory (`VmHWM`), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
+#[test]
+fn clients_streaming_100_mib_without_a_nul_are_cut_off_with_bounded_memory() {
+    let (_t, d) = daemon();
+    let mut c = Raw::connect(&d);
+    assert_eq!(
+        c.call("ListSecrets", json!({}))["parameters"]["names"],
+        json!([])
+    );
+    let before = peak_rss_kib(d.pid());
+    const CLIENTS: usize = 4;
+    const STREAM: usize = 100 * 1024 * 1024;
+    let streams: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let socket = d.socket().to_path_buf();
+            std::thread::spawn(move || {
+                let mut s = UnixStream::connect(&socket).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let chunk = vec![b'x'; 64 * 1024];
+                let mut sent = 0;
+                while sent < STREAM {
+                    match s.write(&chunk) {
+                        Ok(n) => sent += n,
+                        Err(_) => break,
+                    }
+                }
+                let mut reply = Raw(s);
+                (sent, reply.recv(), reply.recv())
+            })
+        })
+        .collect();
+    let frame_bound = keyward::api::MAX_FRAME_LEN;
+    for stream in streams {
+        let (sent, reply, after) = stream.join().unwrap();
+        // The kernel's socket buffers take a little more than the daemon reads.
+        assert!(sent < frame_bound + 8 * 1024 * 1024, "{sent} bytes went in");
+        let reply = reply.expect("a TooLarge reply before the close");
+        assert_eq!(
+            error_name(&reply),
+            "org.keyward.Custodian.TooLarge",
+            "{reply}"
+        );
+        assert!(after.is_none(), "closed after TooLarge");
+        eprintln!("a client got {sent} bytes in before the daemon cut it off");
+    }
+    let after = peak_rss_kib(d.pid());
+    eprintln!("daemon peak RSS: {before} KiB before, {after} KiB after {CLIENTS} clients");
+    // Each connection holds at most one frame bound (2 MiB) of buffer; 100 MiB each would show.
+    assert!(
+        after.saturating_sub(before) < (CLIENTS * frame_bound / 1024 * 3 + 16 * 1024) as u64,
+        "peak RSS grew from {before} to {after} KiB"
+    );
+    assert_eq!(
+        c.call("ListSecrets", json!({}))["parameters"]["names"],
+        json!([])
+    );
+}

@@ -80,15 +80,21 @@ pub async fn serve<H: Handler>(
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             _ = shutdown.wait_for(|s| *s) => break,
         };
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "credential socket accept failed");
-                    continue;
-                }
-            },
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
             _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors or memory, typically: back off instead of spinning (and
+                // flooding the log) while the condition lasts.
+                tracing::warn!(error = %e, "credential socket accept failed");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    _ = shutdown.wait_for(|s| *s) => break,
+                }
+            }
         };
         let handler = handler.clone();
         tasks.spawn(async move {
@@ -193,5 +199,76 @@ mod tests {
         ] {
             assert_eq!(parse_peer(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
+    }
+}
+
+/// Generated addresses: every address systemd can produce parses to its unit and id, and no
+/// input panics or yields a credential id that could leave `$CREDENTIALS_DIRECTORY`.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A unit name as systemd writes them: a name (with an optional `@instance`) and a type.
+    fn unit() -> impl Strategy<Value = String> {
+        (
+            "[a-zA-Z0-9:_.\\-]{1,60}",
+            proptest::option::of("[a-zA-Z0-9:_.\\-]{0,40}"),
+            proptest::sample::select(vec!["service", "socket", "mount", "timer", "scope"]),
+        )
+            .prop_map(|(name, instance, kind)| match instance {
+                Some(instance) => format!("{name}@{instance}.{kind}"),
+                None => format!("{name}.{kind}"),
+            })
+    }
+
+    /// A credential id: a file name (any printable character but `/`).
+    fn id() -> impl Strategy<Value = String> {
+        "[^/\\p{Cc}]{1,60}".prop_filter("not . or ..", |id| id != "." && id != "..")
+    }
+
+    fn nonce() -> impl Strategy<Value = String> {
+        "[0-9a-f]{1,64}"
+    }
+
+    proptest! {
+        #[test]
+        fn format_then_parse_is_the_identity(nonce in nonce(), unit in unit(), id in id()) {
+            let address = format!("{nonce}/unit/{unit}/{id}");
+            prop_assert_eq!(
+                parse_peer(address.as_bytes()),
+                Some(CredentialRequest { unit, id })
+            );
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(name in proptest::collection::vec(any::<u8>(), 0..300)) {
+            check_accepted(&name)?;
+        }
+
+        /// Near misses of the real shape: each part mangled on its own.
+        #[test]
+        fn near_misses_never_panic_and_what_parses_is_safe(
+            nonce in "[0-9a-fA-Fxz]{0,66}",
+            kind in "unit|uni|units|user|",
+            unit in "[a-z.@\\ /\n-]{0,12}",
+            id in "[a-z./\x00\n-]{0,6}",
+        ) {
+            check_accepted(format!("{nonce}/{kind}/{unit}/{id}").as_bytes())?;
+        }
+    }
+
+    /// What an accepted address must satisfy: it says which unit and id, and the id is a
+    /// plain file name.
+    fn check_accepted(name: &[u8]) -> Result<(), TestCaseError> {
+        if let Some(r) = parse_peer(name) {
+            let text = std::str::from_utf8(name).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let tail = format!("/unit/{}/{}", r.unit, r.id);
+            prop_assert!(text.ends_with(&tail));
+            prop_assert!(!r.id.is_empty() && r.id != "." && r.id != "..");
+            prop_assert!(!r.id.contains('/') && !r.id.chars().any(|c| c.is_ascii_control()));
+            prop_assert!(r.unit.contains('.') && !r.unit.contains('/'));
+        }
+        Ok(())
     }
 }

@@ -9,6 +9,7 @@
 //! buffer that held a frame is zeroized before it is freed, and grown only by copying into a new
 //! zeroizing buffer, never by a reallocation that would leave a copy behind.
 
+use std::fmt;
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
@@ -289,7 +290,7 @@ async fn run_connection<H: Handler>(
                     .await;
                     return Closed::TooLarge;
                 }
-                Next::Frame(range) => parse_frame(&frames.buf[range], caller),
+                Next::Frame(range) => parse_frame(frames.frame(range), caller),
             };
             let reply = match call {
                 Call::Handler { request, oneway } => {
@@ -339,13 +340,21 @@ async fn run_connection<H: Handler>(
     }
 }
 
-/// What one frame asks for.
-enum Call {
+/// What one frame asks for: the result of [`parse_frame`].
+#[derive(Debug)]
+pub enum Call {
     /// A call of `org.keyward.Custodian`, for the handler.
-    Handler { request: Request, oneway: bool },
+    Handler {
+        /// The parsed call, parameters checked against their types.
+        request: Request,
+        /// The client wants no reply.
+        oneway: bool,
+    },
     /// Answered by the transport: introspection, or a protocol error.
     Answer {
+        /// The reply's parameters, or the error to send.
         result: Result<serde_json::Value, ApiError>,
+        /// The client wants no reply.
         oneway: bool,
     },
 }
@@ -382,7 +391,11 @@ fn flag(raw: Option<&RawValue>, name: &str) -> Result<bool, ApiError> {
     }
 }
 
-fn parse_frame(frame: &[u8], caller: &Caller) -> Call {
+/// Decode one request frame (the bytes before its NUL) from `caller`: the envelope, its flags,
+/// the method and its parameters. Every input gets a [`Call`], never a panic; a frame that is
+/// not a valid call becomes the protocol error the client is sent. `caller` is only named in
+/// the log. Public so that the fuzz targets drive exactly what a connection runs.
+pub fn parse_frame(frame: &[u8], caller: &Caller) -> Call {
     let answer = |result, oneway| Call::Answer { result, oneway };
     // Never log serde's message: it may quote a value.
     let envelope = match std::str::from_utf8(frame)
@@ -513,7 +526,9 @@ fn encode_error(e: &ApiError) -> Zeroizing<Vec<u8>> {
     })
 }
 
-fn encode_result<T: Serialize>(result: &Result<T, ApiError>, max: usize) -> Zeroizing<Vec<u8>> {
+/// The reply frame for `result`: `{"parameters":…}` or `{"error":…,"parameters":…}`, JSON plus
+/// its NUL, in a zeroizing buffer. A reply longer than `max` bytes becomes a `TooLarge` error.
+pub fn encode_result<T: Serialize>(result: &Result<T, ApiError>, max: usize) -> Zeroizing<Vec<u8>> {
     match result {
         Ok(reply) => encode_bounded(&OkMessage { parameters: reply }, max).unwrap_or_else(|| {
             warn!(limit = max, "varlink: reply larger than the frame limit");
@@ -526,9 +541,9 @@ fn encode_result<T: Serialize>(result: &Result<T, ApiError>, max: usize) -> Zero
     }
 }
 
-/// What the buffer holds next.
+/// What the buffer holds next: the result of [`FrameBuf::next_frame`].
 #[derive(Debug, PartialEq, Eq)]
-enum Next {
+pub enum Next {
     /// A complete request (NUL excluded) at this range of `buf`.
     Frame(Range<usize>),
     /// More than `max_frame` bytes without a NUL.
@@ -540,31 +555,55 @@ enum Next {
 /// The receive buffer of one connection. It never holds more than `max_frame + 1` bytes, is
 /// allocated in steps (never past `max_frame + 1`), grows by copying into a new zeroizing
 /// buffer (the old one is zeroized), and wipes consumed frames.
-struct FrameBuf {
+///
+/// Use: read into [`FrameBuf::space`], report the count with [`FrameBuf::filled`], then take
+/// frames with [`FrameBuf::next_frame`] until it says [`Next::Incomplete`]. Public so that the
+/// fuzz targets drive the same splitting a connection does.
+pub struct FrameBuf {
+    /// Received bytes up to `end`, then zeroed room to read into. The room is zero-filled
+    /// once, when the buffer grows, not on every read: a client sending a byte at a time
+    /// must not make each read clear a whole chunk.
     buf: Zeroizing<Vec<u8>>,
+    /// End of the received bytes.
+    end: usize,
     /// First byte not yet handed out as a frame.
     start: usize,
     /// Bytes after `start` already searched for a NUL.
     scanned: usize,
-    /// Where the slice handed out by [`FrameBuf::space`] begins.
-    fill_from: usize,
     max_frame: usize,
 }
 
+impl fmt::Debug for FrameBuf {
+    /// Sizes only: the buffer holds request bytes, which may be secrets.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FrameBuf")
+            .field("received", &self.end)
+            .field("capacity", &self.buf.capacity())
+            .field("start", &self.start)
+            .field("max_frame", &self.max_frame)
+            .finish_non_exhaustive()
+    }
+}
+
 impl FrameBuf {
-    fn new(max_frame: usize) -> Self {
+    /// An empty buffer for frames of at most `max_frame` bytes (NUL excluded).
+    pub fn new(max_frame: usize) -> Self {
         Self {
             buf: Zeroizing::new(Vec::new()),
+            end: 0,
             start: 0,
             scanned: 0,
-            fill_from: 0,
             max_frame,
         }
     }
 
-    fn next_frame(&mut self) -> Next {
+    /// The next complete frame, if the buffer holds one; [`Next::TooLarge`] once more than
+    /// `max_frame` bytes arrived without a NUL (the connection must then be closed: it is out
+    /// of step).
+    pub fn next_frame(&mut self) -> Next {
         let from = self.start + self.scanned;
-        match self.buf[from..].iter().position(|&b| b == 0) {
+        let unscanned = self.buf.get(from..self.end).unwrap_or_default();
+        match unscanned.iter().position(|&b| b == 0) {
             Some(i) => {
                 let end = from + i;
                 if end - self.start > self.max_frame {
@@ -576,7 +615,7 @@ impl FrameBuf {
                 Next::Frame(frame)
             }
             None => {
-                self.scanned = self.buf.len() - self.start;
+                self.scanned = self.end - self.start;
                 if self.scanned > self.max_frame {
                     Next::TooLarge
                 } else {
@@ -586,42 +625,52 @@ impl FrameBuf {
         }
     }
 
-    /// Room to read into: consumed frames are wiped and dropped first. Only called after
-    /// [`FrameBuf::next_frame`] said `Incomplete`, so what is left is at most `max_frame`.
-    fn space(&mut self) -> &mut [u8] {
-        let len = self.buf.len();
+    /// The bytes of a frame [`FrameBuf::next_frame`] just returned (empty for a range that is
+    /// not one).
+    pub fn frame(&self, range: Range<usize>) -> &[u8] {
+        self.buf.get(range).unwrap_or_default()
+    }
+
+    /// Bytes allocated for the buffer: never more than `max_frame + 1`, whatever a client
+    /// sends, so a connection's memory is bounded.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Room to read into (at least one byte): consumed frames are wiped and dropped first.
+    /// Call it only after [`FrameBuf::next_frame`] said [`Next::Incomplete`], so what is left
+    /// is at most `max_frame` bytes.
+    pub fn space(&mut self) -> &mut [u8] {
         if self.start > 0 {
-            let rest = len - self.start;
-            self.buf.copy_within(self.start.., 0);
-            self.buf[rest..].zeroize();
-            self.buf.truncate(rest);
+            let rest = self.end - self.start;
+            self.buf.copy_within(self.start..self.end, 0);
+            self.buf[rest..self.end].zeroize();
+            self.end = rest;
             self.start = 0;
         }
-        let len = self.buf.len();
-        if len == 0 && self.buf.capacity() > READ_CHUNK {
+        if self.end == 0 && self.buf.capacity() > READ_CHUNK {
             // An idle connection keeps a small buffer; the big one is zeroized on drop.
             self.buf = Zeroizing::new(Vec::new());
         }
         let limit = self.max_frame.saturating_add(1);
-        let want = READ_CHUNK.min(limit.saturating_sub(len)).max(1);
-        if self.buf.capacity() - len < want {
-            let capacity = (self.buf.capacity() * 2)
-                .max(len + want)
-                .min(limit.max(len + want));
-            let mut bigger = Zeroizing::new(Vec::with_capacity(capacity));
-            bigger.extend_from_slice(&self.buf);
-            self.buf = bigger;
+        let want = READ_CHUNK.min(limit.saturating_sub(self.end)).max(1);
+        let len = self.end + want;
+        if self.buf.len() < len {
+            if self.buf.capacity() < len {
+                let capacity = (self.buf.capacity() * 2).max(len).min(limit.max(len));
+                let mut bigger = Zeroizing::new(Vec::with_capacity(capacity));
+                bigger.extend_from_slice(&self.buf[..self.end]);
+                self.buf = bigger;
+            }
+            self.buf.resize(len, 0);
         }
-        self.buf.resize(len + want, 0);
-        self.fill_from = len;
-        &mut self.buf[len..]
+        let end = self.end;
+        &mut self.buf[end..]
     }
 
     /// `n` bytes were read into the slice [`FrameBuf::space`] returned.
-    fn filled(&mut self, n: usize) {
-        // space() zero-filled the free room; keep only what was read.
-        let keep = (self.fill_from + n).min(self.buf.len());
-        self.buf.truncate(keep);
+    pub fn filled(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.buf.len());
     }
 }
 
@@ -830,7 +879,11 @@ mod tests {
 
     #[tokio::test]
     async fn introspection() {
-        let server = start(limits());
+        // The interface description alone is over 4 KiB.
+        let server = start(VarlinkLimits {
+            max_frame: 64 * 1024,
+            ..limits()
+        });
         let mut c = Conn::open(&server).await;
         let r = c.call(r#"{"method":"org.varlink.service.GetInfo"}"#).await;
         assert_eq!(r["parameters"]["vendor"], "Keyward");
@@ -1118,5 +1171,140 @@ mod tests {
             io::ErrorKind::AlreadyExists
         );
         assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+    }
+}
+
+/// Generated streams: frames encoded by the client's encoder come out of [`FrameBuf`] whole and
+/// in order however the stream is cut into reads, decode to the calls that were sent, and any
+/// bytes at all split exactly as a NUL-split says, within the memory bound, without a panic.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    fn caller() -> Caller {
+        Caller {
+            uid: 1000,
+            gid: 1000,
+            groups: Vec::new(),
+            pid: None,
+            unit: None,
+            via: Via::Varlink,
+        }
+    }
+
+    /// Feed `stream` to a [`FrameBuf`] in reads of the given sizes (cycled; 0 means 1); collect
+    /// the frames until it says `TooLarge`, and check the memory bound after every read.
+    fn split(
+        stream: &[u8],
+        reads: &[usize],
+        max_frame: usize,
+    ) -> Result<(Vec<Vec<u8>>, bool), TestCaseError> {
+        let mut frames = FrameBuf::new(max_frame);
+        let mut out = Vec::new();
+        let mut at = 0;
+        let mut turn = 0;
+        loop {
+            loop {
+                match frames.next_frame() {
+                    Next::Frame(range) => out.push(frames.frame(range).to_vec()),
+                    Next::TooLarge => return Ok((out, true)),
+                    Next::Incomplete => break,
+                }
+            }
+            if at == stream.len() {
+                return Ok((out, false));
+            }
+            let space = frames.space();
+            prop_assert!(!space.is_empty());
+            let want = reads[turn % reads.len()].max(1);
+            turn += 1;
+            let n = want.min(space.len()).min(stream.len() - at);
+            space[..n].copy_from_slice(&stream[at..at + n]);
+            frames.filled(n);
+            at += n;
+            prop_assert!(frames.capacity() <= max_frame + 1, "{}", frames.capacity());
+        }
+    }
+
+    /// The reference: split at NUL; the first piece longer than `max_frame` (complete or
+    /// not) ends it.
+    fn reference(stream: &[u8], max_frame: usize) -> (Vec<Vec<u8>>, bool) {
+        let mut out = Vec::new();
+        let mut pieces = stream.split(|&b| b == 0).peekable();
+        while let Some(piece) = pieces.next() {
+            if piece.len() > max_frame {
+                return (out, true);
+            }
+            if pieces.peek().is_some() {
+                out.push(piece.to_vec());
+            }
+        }
+        (out, false)
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_split_like_the_reference(
+            stream in vec(prop_oneof![4 => any::<u8>(), 1 => Just(0u8)], 0..600),
+            reads in vec(0usize..40, 1..8),
+            max_frame in 0usize..64,
+        ) {
+            prop_assert_eq!(split(&stream, &reads, max_frame)?, reference(&stream, max_frame));
+        }
+
+        #[test]
+        fn encoded_calls_decode_to_what_was_sent(
+            calls in vec(("[a-z/]{1,12}", vec(any::<u8>(), 0..64), any::<bool>()), 1..8),
+            reads in vec(1usize..200, 1..8),
+        ) {
+            let mut stream = Vec::new();
+            for (name, value, oneway) in &calls {
+                let message = serde_json::json!({
+                    "method": "org.keyward.Custodian.PutSecret",
+                    "parameters": api::PutSecretParams {
+                        name: name.clone(),
+                        value: api::SecretValue::new(value.clone()),
+                    },
+                    "oneway": oneway,
+                });
+                let frame = keyward::wire::encode_frame(&message, 4096)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?
+                    .ok_or_else(|| TestCaseError::fail("over the bound"))?;
+                stream.extend_from_slice(&frame);
+            }
+            let (frames, too_large) = split(&stream, &reads, 4096)?;
+            prop_assert!(!too_large);
+            prop_assert_eq!(frames.len(), calls.len());
+            for (frame, (name, value, oneway)) in frames.iter().zip(&calls) {
+                match parse_frame(frame, &caller()) {
+                    Call::Handler { request: Request::PutSecret(p), oneway: o } => {
+                        prop_assert_eq!(&p.name, name);
+                        prop_assert_eq!(p.value.expose(), &value[..]);
+                        prop_assert_eq!(o, *oneway);
+                    }
+                    other => prop_assert!(false, "{:?}", other),
+                }
+            }
+        }
+
+        /// Whatever a frame holds, the transport's own answer is one valid reply frame.
+        #[test]
+        fn any_frame_gets_a_call_or_a_well_formed_answer(
+            frame in prop_oneof![
+                vec(any::<u8>(), 0..200),
+                "\\{(\"(method|parameters|oneway|more|upgrade|x)\":(\"[a-zA-Z.]{0,30}\"|true|false|null|7|\\{\\}|\\[\\]),?){0,5}\\}"
+                    .prop_map(String::into_bytes),
+            ],
+        ) {
+            if let Call::Answer { result, .. } = parse_frame(&frame, &caller()) {
+                let reply = encode_result(&result, 4096);
+                prop_assert_eq!(reply.iter().position(|&b| b == 0), Some(reply.len() - 1));
+                let back: serde_json::Value = serde_json::from_slice(&reply[..reply.len() - 1])
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert!(back.get("parameters").is_some_and(serde_json::Value::is_object));
+            }
+        }
     }
 }

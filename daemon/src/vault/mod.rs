@@ -9,12 +9,14 @@
 //!
 //! Every state change is one store transaction, committed before the caller hears success.
 
+pub mod audit_key;
 pub mod crypto;
 pub mod keyring;
 pub mod recovery;
 
 mod errors;
 mod keys;
+mod retry;
 mod secrets;
 mod slots;
 
@@ -67,6 +69,12 @@ pub struct Vault {
     /// True while the vault is open: lets requests that arrive during boot wait for the
     /// unattended unseal instead of failing.
     open_tx: tokio::sync::watch::Sender<bool>,
+    /// The audit log, told when the VMK (and so its signing key) comes, goes or changes.
+    audit: std::sync::OnceLock<Arc<dyn audit_key::AuditKeys>>,
+    /// Signing keys by name, so a signature costs no store read.
+    keys: keys::KeyCache,
+    /// Devices whose return should trigger another unattended unseal.
+    retry: retry::Retry,
 }
 
 impl std::fmt::Debug for Vault {
@@ -114,7 +122,15 @@ impl Vault {
             state: RwLock::new(state),
             on_change,
             open_tx,
+            audit: std::sync::OnceLock::new(),
+            keys: keys::KeyCache::default(),
+            retry: retry::Retry::default(),
         })
+    }
+
+    /// Tell `audit` about the audit signing key from now on (once, before the first unseal).
+    pub fn set_audit(&self, audit: Arc<dyn audit_key::AuditKeys>) {
+        let _ = self.audit.set(audit);
     }
 
     /// The configured devices.
@@ -137,11 +153,21 @@ impl Vault {
     fn changed(&self, state: &State) {
         self.open_tx
             .send_replace(matches!(state, State::Unsealed(_)));
-        (self.on_change)(&status_line(state));
+        let line = status_line(state);
+        if let Some(audit) = self.audit.get() {
+            match state {
+                State::Unsealed(open) => {
+                    audit.opened(audit_key::derive(&open.vmk, &open.vault_id), &line)
+                }
+                _ => audit.closed(&line),
+            }
+        }
+        (self.on_change)(&line);
     }
 
     /// Wait up to `limit` for the vault to be open; true if it is.
     pub async fn wait_unsealed(&self, limit: std::time::Duration) -> bool {
+        self.retry_unattended_if_due().await;
         let mut rx = self.open_tx.subscribe();
         let opened = tokio::time::timeout(limit, rx.wait_for(|open| *open)).await;
         matches!(opened, Ok(Ok(_)))
@@ -152,6 +178,7 @@ impl Vault {
     /// # Errors
     /// The store can't be read.
     pub async fn status(&self) -> Result<api::StatusReply, ApiError> {
+        self.retry_unattended_if_due().await;
         let keyslots = self.list_keyslots_any_state().await?;
         let devices = self
             .devices
@@ -177,6 +204,8 @@ impl Vault {
             shares_pending: None,
             term: None,
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            // The service adds it: the audit log knows its key, the vault does not.
+            audit_public_key: None,
         };
         match &*state {
             State::Uninitialized => reply.reason = Some("no vault yet: run `keyward init`".into()),
@@ -274,6 +303,7 @@ impl Vault {
             reason: format!("sealed by {by}"),
             shares: HashMap::new(),
         };
+        self.retry.disarm();
         self.changed(&state);
         tracing::info!(by, "vault sealed");
         Ok(())
@@ -281,6 +311,7 @@ impl Vault {
 
     /// Run `f` with the open vault, or answer `Sealed` / `NotInitialized`.
     async fn with_open<T>(&self, f: impl FnOnce(&Open) -> T) -> Result<T, ApiError> {
+        self.retry_unattended_if_due().await;
         let state = self.state.read().await;
         match &*state {
             State::Unsealed(open) => Ok(f(open)),
@@ -308,6 +339,7 @@ impl Vault {
             keyring,
             by: by.clone(),
         }));
+        self.retry.disarm();
         self.changed(&state);
         tracing::info!(by = %by, "vault unsealed");
         Ok(())
