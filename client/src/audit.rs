@@ -750,6 +750,20 @@ mod tests {
     use super::*;
     use ed25519_dalek::{Signer as _, SigningKey};
 
+    #[test]
+    fn rfc3339_dates() {
+        let at = |secs: u64| rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_secs(secs));
+        assert_eq!(at(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00.000Z");
+        assert_eq!(at(1_795_455_773), "2026-11-23T17:42:53.000Z");
+        assert_eq!(at(4_107_542_400), "2100-03-01T00:00:00.000Z");
+        assert_eq!(at(u64::MAX / 4), "9999-12-31T23:59:59.000Z");
+        assert_eq!(
+            rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(1_500)),
+            "1970-01-01T00:00:01.500Z"
+        );
+    }
+
     /// A log writer as small as the daemon's, for building test logs.
     struct Writer {
         out: Vec<u8>,

@@ -7,37 +7,19 @@
 //! produced and checked by the vault. Times are RFC 3339 UTC strings from [`now_rfc3339`].
 
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use rusqlite::{params, Connection, OptionalExtension as _, Row, Transaction};
 
 use super::StoreError;
 
-/// The current time as RFC 3339 UTC with second precision, e.g. `2026-11-23T17:42:53Z`.
+/// The current time as RFC 3339 UTC with second precision, e.g. `2026-11-23T17:42:53Z`
+/// (the audit log's millisecond form, cut to the second).
 pub fn now_rfc3339() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    rfc3339(secs)
-}
-
-/// Seconds since the epoch as RFC 3339 UTC (proleptic Gregorian; clamped to year 9999).
-fn rfc3339(secs: u64) -> String {
-    let secs = secs.min(253_402_300_799);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (hour, minute, second) = (rem / 3600, rem % 3600 / 60, rem % 60);
-    // Howard Hinnant's civil_from_days; `days` is at most ~2.9 million, so i64 is ample.
-    let z = i64::try_from(days).unwrap_or(0) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z")
+    let mut t = keyward::audit::rfc3339_millis(SystemTime::now());
+    // `YYYY-MM-DDTHH:MM:SS.mmmZ` -> `YYYY-MM-DDTHH:MM:SSZ`
+    t.replace_range(19.., "Z");
+    t
 }
 
 /// A byte count for `Debug`: blobs are opaque and long, so only their size is shown.
@@ -634,15 +616,10 @@ pub fn delete_key(tx: &Transaction<'_>, name: &str) -> Result<bool, StoreError> 
 
 #[cfg(test)]
 mod tests {
-    use super::rfc3339;
-
     #[test]
-    fn rfc3339_dates() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_795_455_773), "2026-11-23T17:42:53Z");
-        assert_eq!(rfc3339(4_107_542_400), "2100-03-01T00:00:00Z");
-        assert_eq!(rfc3339(u64::MAX), "9999-12-31T23:59:59Z");
-        assert_eq!(super::now_rfc3339().len(), 20);
+    fn timestamps_are_rfc3339_to_the_second() {
+        let t = super::now_rfc3339();
+        assert_eq!(t.len(), 20, "{t}");
+        assert!(t.ends_with('Z') && t.as_bytes()[10] == b'T', "{t}");
     }
 }
