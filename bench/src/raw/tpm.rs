@@ -9,17 +9,12 @@ use anyhow::{anyhow, Context as _, Result};
 use hsm_shim::tpm::{TpmConfig, TpmDevice};
 use hsm_shim::{SealPolicy, SealedBlob, Sealer as _, SecretBytes};
 use sha2::{Digest as _, Sha256};
-use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
 use tss_esapi::handles::KeyHandle;
-use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
-use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::AuthSession;
-use tss_esapi::structures::{
-    Digest, EccPoint, EccScheme, HashScheme, HashcheckTicket, Public, PublicBuilder,
-    PublicEccParametersBuilder, Signature, SignatureScheme, SymmetricDefinitionObject,
-};
+use tss_esapi::structures::{Digest, HashScheme, HashcheckTicket, Signature, SignatureScheme};
 use tss_esapi::tcti_ldr::{NetworkTPMConfig, TctiNameConf};
 use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 use tss_esapi::Context;
@@ -36,54 +31,6 @@ impl std::fmt::Debug for RawTpmSigner {
     }
 }
 
-fn primary_template() -> Result<Public> {
-    let attributes = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_no_da(true)
-        .with_restricted(true)
-        .with_decrypt(true)
-        .build()?;
-    Ok(PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Ecc)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attributes)
-        .with_ecc_parameters(
-            PublicEccParametersBuilder::new_restricted_decryption_key(
-                SymmetricDefinitionObject::AES_128_CFB,
-                EccCurve::NistP256,
-            )
-            .build()?,
-        )
-        .with_ecc_unique_identifier(EccPoint::default())
-        .build()?)
-}
-
-fn signing_template() -> Result<Public> {
-    let attributes = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_sign_encrypt(true)
-        .build()?;
-    Ok(PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Ecc)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attributes)
-        .with_ecc_parameters(
-            PublicEccParametersBuilder::new_unrestricted_signing_key(
-                EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)),
-                EccCurve::NistP256,
-            )
-            .build()?,
-        )
-        .with_ecc_unique_identifier(EccPoint::default())
-        .build()?)
-}
-
 impl RawTpmSigner {
     /// Connect to the swtpm on `127.0.0.1:port`, create a primary and a P-256 signing key under
     /// it, and load the key.
@@ -93,14 +40,15 @@ impl RawTpmSigner {
     pub fn open(port: u16) -> Result<Self> {
         let net = NetworkTPMConfig::from_str(&format!("host=127.0.0.1,port={port}"))?;
         let mut ctx = Context::new(TctiNameConf::Swtpm(net)).context("connecting to swtpm")?;
-        let primary = primary_template()?;
+        // The daemon's own templates: the baseline signs with the very same kind of key.
+        let primary = hsm_shim::tpm::template::srk()?;
         let parent = ctx
             .execute_with_session(Some(AuthSession::Password), |c| {
                 c.create_primary(Hierarchy::Owner, primary, None, None, None, None)
             })
             .context("CreatePrimary")?
             .key_handle;
-        let template = signing_template()?;
+        let template = hsm_shim::tpm::template::ecdsa_p256_signing_key()?;
         let created = ctx
             .execute_with_session(Some(AuthSession::Password), |c| {
                 c.create(parent, template, None, None, None, None)

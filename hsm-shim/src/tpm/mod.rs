@@ -16,7 +16,8 @@ mod seal;
 mod session;
 mod sign;
 mod tcti;
-mod template;
+/// The object templates (public so a benchmark's raw baseline creates the very same objects).
+pub mod template;
 
 use serde::{Deserialize, Serialize};
 use tss_esapi::constants::{CapabilityType, PropertyTag};

@@ -24,7 +24,7 @@ pub(super) const MAX_PCR: u8 = 23;
 /// TCG "TPM v2.0 Provisioning Guidance" SRK template (including `noDA` and an all-zero
 /// `unique` of 32+32 bytes). The same template under the same owner seed yields the same key,
 /// which is what lets us keep no TPM state of our own.
-pub(super) fn srk() -> Result<Public> {
+pub fn srk() -> Result<Public> {
     let attributes = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
@@ -86,7 +86,7 @@ pub(super) fn sealed_object(policy_digest: Digest, has_pin: bool) -> Result<Publ
 /// An unrestricted ECDSA-P256/SHA-256 signing key, generated in the TPM, never leaving it
 /// (`fixed_tpm`, `fixed_parent`), with an empty auth value: who may sign is the daemon's policy,
 /// and a password session keeps signing at one round trip.
-pub(super) fn ecdsa_p256_signing_key() -> Result<Public> {
+pub fn ecdsa_p256_signing_key() -> Result<Public> {
     let attributes = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
