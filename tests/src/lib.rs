@@ -15,6 +15,7 @@ pub mod swtpm;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// True when `program` runs (`--version` or `-v` exits), so a fixture can say which package is
 /// missing instead of failing with ENOENT.
@@ -46,4 +47,20 @@ pub fn workspace_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap_or(Path::new("."))
+}
+
+/// Re-run `probe` (each attempt a real request) until it returns `Some`, backing off between
+/// attempts; panics after `deadline` with `what`.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let until = Instant::now() + deadline;
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        // A pause between probes so the loop does not spin; the probe decides, not the time.
+        std::thread::park_timeout(backoff);
+        backoff = (backoff * 2).min(Duration::from_millis(250));
+    }
 }

@@ -61,20 +61,9 @@ fn client(d: &Keywardd) -> Client {
     c
 }
 
-/// Re-run `probe` (each attempt a real request) until it returns `Some`, backing off between
-/// attempts; panics after [`DEADLINE`] with `what`.
-fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + DEADLINE;
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        // A pause between probes so the loop does not spin; the probe decides, not the time.
-        std::thread::park_timeout(backoff);
-        backoff = (backoff * 2).min(Duration::from_millis(250));
-    }
+/// [`keyward_tests::wait_for`] with this file's deadline.
+fn wait_for<T>(what: &str, probe: impl FnMut() -> Option<T>) -> T {
+    keyward_tests::wait_for(what, DEADLINE, probe)
 }
 
 /// The `DeviceUnavailable` a call failed with, or a panic naming what it was instead.
