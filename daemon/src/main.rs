@@ -148,9 +148,16 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
         .collect();
     let on_change: Arc<dyn Fn(&str) + Send + Sync> =
         Arc::new(|line: &str| sys::notify(&[NotifyState::Status(line)]));
-    let vault = Vault::load(store, devices, config.unseal_order(), on_change)
-        .await
-        .map_err(|e| e.to_string())?;
+    let confirm_within = Duration::from_secs(config.recovery.confirm_within_secs);
+    let vault = Vault::load(
+        store,
+        devices,
+        config.unseal_order(),
+        confirm_within,
+        on_change,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     // Before the first unseal: the vault hands the audit log its signing key when it opens.
     let audit = AuditLog::open(&config.state_dir).map_err(|e| format!("audit log: {e}"))?;
     vault.set_audit(audit.clone());

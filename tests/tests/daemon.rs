@@ -195,6 +195,13 @@ fn rekey_keeps_every_secret_and_replaces_recovery_shares() {
         .map(|s| s.as_str().unwrap().to_owned())
         .collect();
     assert_eq!(new.len(), 3, "{out}");
+    assert!(out["pending_until"].is_string(), "{out}");
+    let confirm = format!("{}\n{}\n", new[2], new[0]);
+    let out = w
+        .daemon
+        .run(&["--json", "confirm-recovery"], confirm.as_bytes());
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("\"rekeyed\": true"), "{}", out.stdout);
     assert_eq!(get(&w.daemon, "bulk/7"), b"value-7");
     // The device slots were re-sealed: the restart unseals unattended.
     w.daemon.restart();

@@ -214,6 +214,11 @@ impl fmt::Debug for ParsedShare {
 }
 
 impl ParsedShare {
+    /// The set id as printed on the share (8 uppercase hex digits).
+    pub fn set_id_text(&self) -> String {
+        hex_upper(&self.set_id)
+    }
+
     /// The share's canonical text, as enrollment prints it (upper case, groups of four). Text
     /// that parses reads back from this to the same share; the fuzz targets check that.
     pub fn to_text(&self) -> Zeroizing<String> {
