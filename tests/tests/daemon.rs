@@ -352,3 +352,30 @@ fn a_second_init_is_refused() {
     assert_ne!(out.code, 0);
     assert!(out.stderr.contains("already"), "{}", out.stderr);
 }
+
+#[test]
+fn a_softhsm_device_without_its_config_is_refused_naming_the_setting() {
+    let token = SoftHsm::new("keyward-noconf");
+    let d = Setup::new().prepare();
+    let config = format!(
+        "{}\n[devices.hsm]\nkind = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"pkcs11:token={}\"\n",
+        std::fs::read_to_string(d.config_path()).unwrap(),
+        hsm_shim::pkcs11::SOFTHSM_MODULE,
+        token.label(),
+    );
+    std::fs::write(d.config_path(), config).unwrap();
+    let out = std::process::Command::new(keyward_tests::keywardd::bin("keywardd"))
+        .arg("--config")
+        .arg(d.config_path())
+        .env("SOFTHSM2_CONF", token.conf())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("softhsm_conf"), "{stderr}");
+    assert!(stderr.contains("[devices.hsm]"), "{stderr}");
+    assert!(
+        stderr.contains("from the environment is ignored"),
+        "{stderr}"
+    );
+}

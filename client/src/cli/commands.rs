@@ -471,6 +471,13 @@ fn secret(c: &mut Client, out: &Out, cmd: SecretCommand) -> Result<(), CliError>
                 "the secret value",
                 "pipe it in (`keyward secret put NAME < FILE`) or use --file FILE",
             )?;
+            // Bytes are kept exactly; a person piping `echo` in is told about the newline.
+            if value.last() == Some(&b'\n') && io::stderr().is_terminal() {
+                eprintln!(
+                    "note: the value ends with a newline, which is stored as part of it \
+                     (use `printf %s` or `echo -n` to leave it out)"
+                );
+            }
             let version = c.put_secret(&name, &value)?;
             out.emit(&json!({ "name": name, "version": version }), || {
                 format!("stored {name} version {version}\n")
