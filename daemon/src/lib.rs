@@ -10,6 +10,7 @@ pub mod audit;
 pub mod config;
 pub mod device;
 pub mod identity;
+pub mod logging;
 pub mod names;
 pub mod policy;
 pub mod service;

@@ -37,17 +37,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KEYWARD_LOG")
-                // cryptoki reports every mechanism it can't name at ERROR while listing a
-                // token's mechanisms: noise, not a fault.
-                .unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new("info,cryptoki::mechanism=off")
-                }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    keywardd::logging::init();
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
