@@ -1,13 +1,14 @@
 //! The Varlink transport (varlink.org): NUL-terminated JSON messages on a Unix stream socket,
 //! answered by the one [`Handler`].
 //!
-//! It owns the socket's life — bind, accept, per-connection identity from `SO_PEERCRED`, the
-//! bounds on what a client controls (frame size, connections, idle time), `org.varlink.service`
-//! introspection, and the drain at shutdown. It turns frames into [`Request`]s and results into
-//! frames, nothing more: it never touches the store, the vault or a device, and it never logs,
-//! prints or keeps a copy of request or reply contents (they hold secret values and PINs). Every
-//! buffer that held a frame is zeroized before it is freed, and grown only by copying into a new
-//! zeroizing buffer, never by a reallocation that would leave a copy behind.
+//! It owns the socket's life — bind, accept, per-connection identity from the kernel
+//! ([`Peer::of_socket`]), the bounds on what a client controls (frame size, connections, idle
+//! time), `org.varlink.service` introspection, and the drain at shutdown. It turns frames into
+//! [`Request`]s and results into frames, nothing more: it never touches the store, the vault or
+//! a device, and it never logs, prints or keeps a copy of request or reply contents (they hold
+//! secret values and PINs). Every buffer that held a frame is zeroized before it is freed, and
+//! grown only by copying into a new zeroizing buffer, never by a reallocation that would leave a
+//! copy behind.
 
 use std::fmt;
 use std::io;
@@ -29,7 +30,7 @@ use tracing::{debug, info, warn};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::Handler;
-use crate::identity::{Caller, Via};
+use crate::identity::{Caller, Peer, Via};
 
 /// The interface every Varlink service implements, answered by this transport itself.
 pub const SERVICE_INTERFACE: &str = "org.varlink.service";
@@ -195,14 +196,13 @@ pub async fn serve<H: Handler>(
             },
         };
         // Identity from the kernel, once per connection; without it the connection is closed.
-        let cred = match stream.peer_cred() {
-            Ok(cred) => cred,
+        let peer = match Peer::of_socket(&stream) {
+            Ok(peer) => peer,
             Err(e) => {
                 info!(error = %e, "varlink: no peer credentials; connection closed");
                 continue;
             }
         };
-        let peer = (cred.uid(), cred.gid(), cred.pid());
         connections.spawn(connection(
             stream,
             peer,
@@ -248,13 +248,14 @@ enum Closed {
 /// One client connection: its requests in order, one at a time.
 async fn connection<H: Handler>(
     mut stream: UnixStream,
-    (uid, gid, pid): (u32, u32, Option<i32>),
+    peer: Peer,
     handler: Arc<H>,
     limits: VarlinkLimits,
     mut shutdown: watch::Receiver<bool>,
     _slot: OwnedSemaphorePermit,
 ) {
-    let caller = Caller::from_peer(uid, gid, pid, Via::Varlink);
+    let caller = peer.caller(Via::Varlink);
+    drop(peer);
     debug!(caller = %caller, "varlink: connection accepted");
     let closed = run_connection(&mut stream, &caller, &*handler, limits, &mut shutdown).await;
     debug!(caller = %caller, reason = ?closed, "varlink: connection closed");
