@@ -155,7 +155,17 @@ impl Client {
         method: &str,
         params: &P,
     ) -> Result<R, ClientError> {
-        self.send(method, params)?;
+        if let Err(e) = self.send(method, params) {
+            // The daemon may have answered and closed before it read the call (`Busy`, when
+            // all the connections this user may have are taken): then its answer, still in
+            // the receive buffer, says more than the broken pipe does.
+            if matches!(e, ClientError::Io(_)) {
+                if let Ok(frame) = self.receive() {
+                    return decode_reply(&frame, method);
+                }
+            }
+            return Err(e);
+        }
         let frame = self.receive()?;
         decode_reply(&frame, method)
     }
@@ -601,6 +611,26 @@ mod tests {
         let e = Client::connect(Path::new("/nonexistent/keyward.sock")).unwrap_err();
         assert!(matches!(e, ClientError::Connect { .. }));
         assert!(e.to_string().contains("is keywardd running"), "{e}");
+    }
+
+    #[test]
+    fn an_answer_before_the_call_is_read_is_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"{\"error\":\"org.keyward.Custodian.Busy\",\"parameters\":{}}\0")
+                .unwrap();
+        });
+        let mut c = Client::connect(&path).unwrap();
+        // Answered and closed before the call is even written: the write fails, the answer
+        // is still there to read.
+        server.join().unwrap();
+        match c.status() {
+            Err(ClientError::Api(ApiError::Busy)) => {}
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
