@@ -195,7 +195,8 @@ pub struct Limits {
     pub root_reserve: usize,
     /// A connection that holds no request (none running, none being received) is closed after
     /// this long; so is one that doesn't take its reply. Short, because an idle connection
-    /// holds a slot: clients connect per task (the CLI does per command) or reconnect.
+    /// holds a slot. Clients connect again when they need to (the Rust client does so by
+    /// itself).
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_secs: u64,
     /// How long a request may wait for a device before `DeviceUnavailable`.

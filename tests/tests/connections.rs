@@ -8,6 +8,7 @@ use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use keyward::Client;
 use keyward_tests::as_uid;
 use keyward_tests::keywardd::{bin, Keywardd, Setup};
 use keyward_tests::softhsm::SoftHsm;
@@ -23,16 +24,21 @@ const ROOT_BOUND: Duration = Duration::from_secs(1);
 /// CLI itself would wait 120 s).
 const GIVE_UP: Duration = Duration::from_secs(10);
 
+/// A daemon with few slots, and an idle timeout long enough that held connections stay for
+/// the whole test.
 fn daemon() -> (SoftHsm, Keywardd) {
+    daemon_with(&format!(
+        "max_connections = {MAX_CONNECTIONS}\nmax_connections_per_uid = {PER_UID}\n\
+         root_reserve = {ROOT_RESERVE}\nidle_timeout_secs = 60"
+    ))
+}
+
+fn daemon_with(limits: &str) -> (SoftHsm, Keywardd) {
     let token = SoftHsm::new("keyward-connections");
     let d = Setup::new()
         .token("hsm", &token)
         .public_socket()
-        // Long enough that held connections stay for the whole test.
-        .limits(&format!(
-            "max_connections = {MAX_CONNECTIONS}\nmax_connections_per_uid = {PER_UID}\n\
-             root_reserve = {ROOT_RESERVE}\nidle_timeout_secs = 60"
-        ))
+        .limits(limits)
         .start();
     let out = d.run(&["init", "--pkcs11", "hsm"], b"");
     assert_eq!(out.code, 0, "init: {}", out.stderr);
@@ -254,4 +260,29 @@ fn root_keeps_its_reserve_when_other_users_fill_the_rest() {
         assert_eq!(code, 0, "root's status: {stderr}");
         assert!(took < ROOT_BOUND, "root's status took {took:?}");
     }
+}
+
+#[test]
+fn an_idle_connection_is_closed_soon_and_the_client_connects_again() {
+    let idle = Duration::from_secs(1);
+    let (_token, d) = daemon_with(&format!("idle_timeout_secs = {}", idle.as_secs()));
+    let mut c = Client::connect(d.socket()).unwrap();
+    c.set_timeout(Some(GIVE_UP)).unwrap();
+    assert!(c.status().unwrap().initialized);
+    let started = Instant::now();
+    keyward_tests::wait_for("the daemon to close the idle connection", GIVE_UP, || {
+        d.log()
+            .lines()
+            .any(|l| l.contains("varlink: connection closed") && l.contains("Idle"))
+            .then_some(())
+    });
+    let closed_after = started.elapsed();
+    eprintln!("idle connection closed after {closed_after:?}");
+    assert!(
+        closed_after < idle + Duration::from_secs(2),
+        "{closed_after:?}"
+    );
+    // The same client goes on: it connects again before sending.
+    assert!(c.status().unwrap().initialized);
+    assert!(c.list_secrets(None).unwrap().is_empty());
 }

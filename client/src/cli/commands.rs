@@ -87,7 +87,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             out.emit(&status, || output::status(&status))
         }
         Command::Init(args) => init(c, &out, &args),
-        Command::Unseal(args) => unseal(c, &cli.socket, &out, &args),
+        Command::Unseal(args) => unseal(c, &out, &args),
         Command::Seal => {
             c.seal()?;
             out.emit(&json!({ "sealed": true }), || {
@@ -284,7 +284,7 @@ pub fn unseal_with_shares(
     }
 }
 
-fn unseal(c: &mut Client, socket: &Path, out: &Out, args: &UnsealArgs) -> Result<(), CliError> {
+fn unseal(c: &mut Client, out: &Out, args: &UnsealArgs) -> Result<(), CliError> {
     let status = c.status()?;
     if !status.initialized {
         return Err(CliError::Client(ClientError::Api(
@@ -309,12 +309,7 @@ fn unseal(c: &mut Client, socket: &Path, out: &Out, args: &UnsealArgs) -> Result
         }
         reply
     } else {
-        // One connection per share: typing a share can take longer than the daemon keeps an
-        // idle connection open, and the daemon keeps the shares given so far, not the
-        // connection.
         let send = |share| {
-            let mut c = Client::connect(socket)?;
-            c.set_timeout(Some(CALL_TIMEOUT))?;
             c.unseal(UnsealParams {
                 recovery_share: Some(share),
                 pin: None,
