@@ -2,7 +2,9 @@
 //!
 //! It owns the client side of the wire: NUL-framed JSON messages, the bound on how large a
 //! reply it accepts, and the mapping of Varlink errors back to [`ApiError`]. One [`Client`] is
-//! one connection; calls on it are sequential. Request and reply buffers (which carry secret
+//! one connection at a time; calls on it are sequential. The daemon closes a connection that
+//! sits idle (seconds, not minutes); the next call then connects again, before it sends
+//! anything, so no call is ever sent twice. Request and reply buffers (which carry secret
 //! values, PINs and recovery shares) are zeroizing, allocated at their final size or grown by
 //! copying (never by a reallocation that leaves a copy behind), and no error message quotes a
 //! value from either.
@@ -88,6 +90,10 @@ fn connect_hint(e: &io::Error) -> &'static str {
 #[derive(Debug)]
 pub struct Client {
     stream: UnixStream,
+    /// Where to connect again when the daemon closed an idle connection.
+    path: PathBuf,
+    /// The timeout given to [`Client::set_timeout`], for a new connection.
+    timeout: Option<Duration>,
     /// Bytes received after the last reply's NUL (none, from a well-behaved daemon).
     pending: Zeroizing<Vec<u8>>,
 }
@@ -120,8 +126,38 @@ impl Client {
         })?;
         Ok(Self {
             stream,
+            path: path.to_owned(),
+            timeout: None,
             pending: Zeroizing::new(Vec::new()),
         })
+    }
+
+    /// Whether the daemon closed this connection while it was idle: end-of-stream (or a reset)
+    /// is waiting, and no reply bytes are. Looked at without blocking and without consuming.
+    fn closed_while_idle(&self) -> bool {
+        use nix::errno::Errno;
+        use nix::sys::socket::{recv, MsgFlags};
+        use std::os::fd::AsRawFd as _;
+        if !self.pending.is_empty() {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        matches!(
+            recv(
+                self.stream.as_raw_fd(),
+                &mut byte,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+            ),
+            Ok(0) | Err(Errno::ECONNRESET)
+        )
+    }
+
+    /// A new connection in place of one the daemon closed.
+    fn reconnect(&mut self) -> Result<(), ClientError> {
+        let mut fresh = Self::connect(&self.path)?;
+        fresh.set_timeout(self.timeout)?;
+        *self = fresh;
+        Ok(())
     }
 
     /// Connect to `KEYWARD_SOCKET`, or [`DEFAULT_SOCKET`].
@@ -138,6 +174,7 @@ impl Client {
     /// # Errors
     /// [`ClientError::Io`] if the socket refuses the option.
     pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        self.timeout = timeout;
         self.stream
             .set_read_timeout(timeout)
             .and_then(|()| self.stream.set_write_timeout(timeout))
@@ -155,7 +192,17 @@ impl Client {
         method: &str,
         params: &P,
     ) -> Result<R, ClientError> {
-        self.send(method, params)?;
+        if let Err(e) = self.send(method, params) {
+            // The daemon may have answered and closed before it read the call (`Busy`, when
+            // all the connections this user may have are taken): then its answer, still in
+            // the receive buffer, says more than the broken pipe does.
+            if matches!(e, ClientError::Io(_)) {
+                if let Ok(frame) = self.receive() {
+                    return decode_reply(&frame, method);
+                }
+            }
+            return Err(e);
+        }
         let frame = self.receive()?;
         decode_reply(&frame, method)
     }
@@ -183,6 +230,9 @@ impl Client {
     }
 
     fn send<P: Serialize>(&mut self, method: &str, params: &P) -> Result<(), ClientError> {
+        if self.closed_while_idle() {
+            self.reconnect()?;
+        }
         let message = CallMessage {
             method,
             parameters: params,
@@ -616,6 +666,56 @@ mod tests {
         let e = Client::connect(Path::new("/nonexistent/keyward.sock")).unwrap_err();
         assert!(matches!(e, ClientError::Connect { .. }));
         assert!(e.to_string().contains("is keywardd running"), "{e}");
+    }
+
+    #[test]
+    fn a_connection_the_daemon_closed_while_idle_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (idle_closed, closed) = std::sync::mpsc::channel();
+        let server = std::thread::spawn(move || {
+            // The first connection is closed unused, as an idle one is.
+            drop(listener.accept().unwrap());
+            idle_closed.send(()).unwrap();
+            let (mut s, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while s.read(&mut byte).unwrap() == 1 && byte[0] != 0 {
+                request.push(byte[0]);
+            }
+            s.write_all(b"{\"parameters\":{\"version\":7}}\0").unwrap();
+            String::from_utf8(request).unwrap()
+        });
+        let mut c = Client::connect(&path).unwrap();
+        c.set_timeout(Some(Duration::from_secs(20))).unwrap();
+        closed.recv().unwrap();
+        assert_eq!(c.put_secret("db", b"x").unwrap(), 7);
+        assert!(
+            server.join().unwrap().contains("PutSecret"),
+            "sent once, on the new one"
+        );
+        assert_eq!(c.timeout, Some(Duration::from_secs(20)));
+    }
+
+    #[test]
+    fn an_answer_before_the_call_is_read_is_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"{\"error\":\"org.keyward.Custodian.Busy\",\"parameters\":{}}\0")
+                .unwrap();
+        });
+        let mut c = Client::connect(&path).unwrap();
+        // Answered and closed before the call is even written: the write fails, the answer
+        // is still there to read.
+        server.join().unwrap();
+        match c.status() {
+            Err(ClientError::Api(ApiError::Busy)) => {}
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

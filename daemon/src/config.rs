@@ -201,13 +201,27 @@ fn parse_mode(what: &str, mode: &str) -> Result<u32, String> {
 }
 
 /// Bounds on client-controlled resources.
+///
+/// Connections are counted per uid (from the kernel) so that one user can't take every slot:
+/// a connection beyond a bound is answered at once with the error `Busy` and closed, never
+/// left waiting. The last `root_reserve` slots are root's alone, so an administrator gets in
+/// even when other users fill the rest.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
-    /// Connections served at once; more wait in the kernel's backlog.
+    /// Connections served at once, all users together.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// A connection with no complete request for this long is closed.
+    /// Connections one uid may hold at once (root included).
+    #[serde(default = "default_max_connections_per_uid")]
+    pub max_connections_per_uid: usize,
+    /// Of `max_connections`, how many only uid 0 may use.
+    #[serde(default = "default_root_reserve")]
+    pub root_reserve: usize,
+    /// A connection that holds no request (none running, none being received) is closed after
+    /// this long; so is one that doesn't take its reply. Short, because an idle connection
+    /// holds a slot. Clients connect again when they need to (the Rust client does so by
+    /// itself).
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_secs: u64,
     /// How long a request may wait for a device before `DeviceUnavailable`.
@@ -222,6 +236,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: default_max_connections(),
+            max_connections_per_uid: default_max_connections_per_uid(),
+            root_reserve: default_root_reserve(),
             idle_timeout_secs: default_idle_timeout(),
             device_timeout_secs: default_device_timeout(),
             device_queue: default_device_queue(),
@@ -229,11 +245,38 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The bounds must leave every user, and root, at least one connection.
+    fn check(&self) -> Result<(), String> {
+        if self.max_connections == 0
+            || self.max_connections_per_uid == 0
+            || self.device_queue == 0
+            || self.idle_timeout_secs == 0
+        {
+            return Err("limits must be at least 1".into());
+        }
+        if self.root_reserve >= self.max_connections {
+            return Err(format!(
+                "limits.root_reserve ({}) must be below limits.max_connections ({}): \
+                 other users need a slot too",
+                self.root_reserve, self.max_connections
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn default_max_connections() -> usize {
     256
 }
+fn default_max_connections_per_uid() -> usize {
+    64
+}
+fn default_root_reserve() -> usize {
+    16
+}
 fn default_idle_timeout() -> u64 {
-    300
+    10
 }
 fn default_device_timeout() -> u64 {
     30
@@ -370,9 +413,7 @@ impl Config {
                 ));
             }
         }
-        if self.limits.max_connections == 0 || self.limits.device_queue == 0 {
-            return Err("limits must be at least 1".into());
-        }
+        self.limits.check()?;
         Ok(())
     }
 
@@ -445,5 +486,30 @@ mod tests {
             .contains("not a configured device"));
         assert!(parse("[api]\nmode = \"rw\"").is_err());
         assert!(parse("[devices.\"Bad Name\"]\nkind = \"tpm2\"").is_err());
+    }
+
+    #[test]
+    fn limits_default_and_bounds() {
+        let l = parse("").unwrap().limits;
+        assert_eq!(
+            (l.max_connections, l.max_connections_per_uid, l.root_reserve),
+            (256, 64, 16)
+        );
+        assert!(l.max_connections_per_uid < l.max_connections - l.root_reserve);
+        assert!(l.idle_timeout_secs <= 10, "idle connections hold slots");
+        let l =
+            parse("[limits]\nmax_connections = 8\nmax_connections_per_uid = 2\nroot_reserve = 1")
+                .unwrap()
+                .limits;
+        assert_eq!(
+            (l.max_connections, l.max_connections_per_uid, l.root_reserve),
+            (8, 2, 1)
+        );
+        assert!(parse("[limits]\nmax_connections = 8")
+            .unwrap_err()
+            .contains("root_reserve"));
+        assert!(parse("[limits]\nmax_connections_per_uid = 0").is_err());
+        assert!(parse("[limits]\nidle_timeout_secs = 0").is_err());
+        assert!(parse("[limits]\nmax_conections = 8").is_err());
     }
 }

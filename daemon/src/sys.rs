@@ -9,11 +9,13 @@
 //!   zeroized before they are freed. Per-request plaintexts live for microseconds in zeroizing
 //!   buffers; the unit's `MemorySwapMax=0` keeps the whole service out of swap for those;
 //! - umask 077, so nothing the daemon creates is readable by others;
-//! - `sd_notify`: `READY=1`, `STATUS=`, `STOPPING=1` (no-ops without `NOTIFY_SOCKET`).
+//! - `sd_notify`: `READY=1`, `STATUS=`, `STOPPING=1` (no-ops without `NOTIFY_SOCKET`);
+//! - pidfds (`pidfd_open`, `pidfd_send_signal`), which pin the process a caller's identity was
+//!   read from, so a recycled pid can't lend a caller another process's groups or unit.
 #![allow(unsafe_code)]
 
 use std::alloc::Layout;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::ptr::NonNull;
@@ -97,6 +99,55 @@ fn listener_from_fd(fd: RawFd) -> std::io::Result<std::os::unix::net::UnixListen
 /// Whether this process is non-dumpable (for tests and `Status`).
 pub fn is_dumpable() -> bool {
     nix::sys::prctl::get_dumpable().unwrap_or(true)
+}
+
+/// A pidfd for process `pid` (Linux 5.3+). It refers to that process for as long as it is
+/// open, whatever later happens to the pid number; [`pidfd_alive`] then tells whether the
+/// process still exists.
+///
+/// # Errors
+/// No such process (`ESRCH`), or a kernel without pidfds (`ENOSYS`).
+pub fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    use nix::libc;
+    // SAFETY: pidfd_open(2) takes a pid and a flags word and returns a new descriptor or -1;
+    // no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::c_long::from(pid), 0_i64) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| std::io::Error::other("pidfd out of range"))?;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether the process `pidfd` refers to still exists (a zombie counts: its pid is not free
+/// for reuse until it is reaped). Signal 0 only checks: nothing is delivered. A process we may
+/// not signal (`EPERM`: another user's, and the daemon runs without `CAP_KILL`) exists.
+///
+/// # Errors
+/// `pidfd` is not a pidfd, or the kernel lacks `pidfd_send_signal` (Linux 5.1+).
+pub fn pidfd_alive(pidfd: BorrowedFd<'_>) -> std::io::Result<bool> {
+    use nix::libc;
+    // SAFETY: pidfd_send_signal(2) with signal 0, a null siginfo and no flags reads nothing
+    // from our memory; the descriptor is borrowed, so it stays open for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            libc::c_long::from(pidfd.as_raw_fd()),
+            0_i64,
+            std::ptr::null::<libc::siginfo_t>(),
+            0_i64,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ESRCH) => Ok(false),
+        Some(libc::EPERM) => Ok(true),
+        _ => Err(e),
+    }
 }
 
 /// The page size (locking and `madvise` work on whole pages).
@@ -218,6 +269,7 @@ impl<const N: usize> std::fmt::Debug for LockedBytes<N> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     fn vm_locked_kib() -> u64 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -240,6 +292,20 @@ mod tests {
         assert_eq!(format!("{b:?}"), "LockedBytes(32 bytes, redacted)");
         drop(b);
         assert_eq!(vm_locked_kib(), before, "pages not unlocked on drop");
+    }
+
+    #[test]
+    fn a_pidfd_tells_a_live_process_from_a_reaped_one() {
+        let me = pidfd_open(std::process::id() as i32).unwrap();
+        assert!(pidfd_alive(me.as_fd()).unwrap());
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let fd = pidfd_open(child.id() as i32).unwrap();
+        child.wait().unwrap();
+        assert!(!pidfd_alive(fd.as_fd()).unwrap(), "reaped, yet alive");
+        assert!(
+            pidfd_alive(std::io::stdin().as_fd()).is_err(),
+            "not a pidfd"
+        );
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub struct Setup {
     public_socket: bool,
     credentials_wait: Option<u64>,
     log_filter: Option<String>,
+    limits: Option<String>,
 }
 
 impl Setup {
@@ -131,6 +132,12 @@ impl Setup {
         self
     }
 
+    /// The body of the config's `[limits]` table (`max_connections = 8` lines).
+    pub fn limits(mut self, table: &str) -> Self {
+        self.limits = Some(table.into());
+        self
+    }
+
     /// The daemon's `KEYWARD_LOG` filter (default `debug`, which tests read back from the log).
     /// Measurements use `warn`, so that log writes don't count as request cost.
     pub fn log_filter(mut self, filter: &str) -> Self {
@@ -189,6 +196,9 @@ impl Setup {
             config.insert_str(0, &format!("unseal_order = {order:?}\n"));
         }
         config.push_str(&self.devices);
+        if let Some(limits) = &self.limits {
+            let _ = write!(config, "\n[limits]\n{limits}\n");
+        }
         let config_path = root.join("keywardd.toml");
         std::fs::write(&config_path, &config).expect("config");
         Keywardd {

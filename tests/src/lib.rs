@@ -6,6 +6,7 @@
 //! Fixtures panic on setup failure: a test that cannot build its world has nothing to assert.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod cgroup;
 pub mod credentials;
 pub mod dbus;
 pub mod keywardd;
@@ -25,6 +26,17 @@ pub fn have_program(program: &str) -> bool {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
+}
+
+/// `program` run as `uid` (and gid `uid`, no supplementary groups) through `setpriv`
+/// (util-linux): for tests that call as an unprivileged user.
+pub fn as_uid(uid: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("setpriv");
+    c.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .args(["--clear-groups", "--"])
+        .arg(program);
+    c
 }
 
 /// Run a command to completion, panicking with its output when it fails.

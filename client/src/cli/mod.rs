@@ -28,6 +28,9 @@ Exit codes:
   3  keywardd cannot be reached (not running, wrong --socket, no access to the socket,
      connection lost)
   4  the vault is sealed or not initialised: see `keyward status`, `keyward unseal`
+  5  keywardd is running but busy: it turned this connection away (this user holds all
+     the connections it may, or the slots left are root's) or a device queue is full;
+     try again
 
 Secret values, PINs and recovery shares are never taken on the command line: they are read
 from stdin or from a file.";
@@ -392,6 +395,7 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     pub const UNREACHABLE: u8 = 3;
     pub const SEALED: u8 = 4;
+    pub const BUSY: u8 = 5;
 }
 
 impl CliError {
@@ -401,6 +405,7 @@ impl CliError {
             Self::Client(ClientError::Connect { .. } | ClientError::Io(_)) => exit::UNREACHABLE,
             Self::Client(ClientError::Api(ApiError::Sealed { .. } | ApiError::NotInitialized))
             | Self::StillSealed { .. } => exit::SEALED,
+            Self::Client(ClientError::Api(ApiError::Busy)) => exit::BUSY,
             Self::Client(ClientError::Api(_) | ClientError::Protocol(_))
             | Self::Local(_)
             | Self::AuditInvalid { .. } => exit::REFUSED,
@@ -595,7 +600,12 @@ mod tests {
             .exit_code(),
             1
         );
-        assert_eq!(api(ApiError::Busy).exit_code(), 1);
+        // Up but busy is not unreachable.
+        assert_eq!(api(ApiError::Busy).exit_code(), 5);
+        assert_eq!(
+            api(ApiError::Busy).to_json()["error"]["name"],
+            "org.keyward.Custodian.Busy"
+        );
         let connect = CliError::Client(ClientError::Connect {
             path: "/run/keyward/api.sock".into(),
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
@@ -622,5 +632,6 @@ mod tests {
     fn help_documents_the_exit_codes() {
         let help = Cli::command().render_help().to_string();
         assert!(help.contains("Exit codes:") && help.contains("4  the vault is sealed"));
+        assert!(help.contains("5  keywardd is running but busy"));
     }
 }

@@ -16,7 +16,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::Handler;
-use crate::identity::{Caller, Via};
+use crate::identity::{Peer, Via};
 
 /// Bounds for the credential socket.
 #[derive(Clone, Copy, Debug)]
@@ -47,13 +47,7 @@ pub fn parse_peer(name: &[u8]) -> Option<CredentialRequest> {
     let (nonce, kind, unit, id) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let nonce_ok =
         !nonce.is_empty() && nonce.len() <= 64 && nonce.bytes().all(|b| b.is_ascii_hexdigit());
-    let unit_ok = (3..=255).contains(&unit.len())
-        && unit
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b))
-        && unit
-            .rsplit_once('.')
-            .is_some_and(|(stem, suffix)| !stem.is_empty() && !suffix.is_empty());
+    let unit_ok = crate::identity::is_unit_name(unit);
     // A credential id is a file name in $CREDENTIALS_DIRECTORY.
     let id_ok = !id.is_empty()
         && id.len() <= 255
@@ -107,20 +101,20 @@ pub async fn serve<H: Handler>(
 }
 
 async fn serve_one<H: Handler>(mut stream: UnixStream, handler: &H, limits: CredentialLimits) {
-    let uid_pid = stream.peer_cred().map(|c| (c.uid(), c.pid()));
+    let peer = match Peer::of_socket(&stream) {
+        Ok(peer) => peer,
+        Err(e) => {
+            tracing::warn!(error = %e, "credential request without peer credentials: refused");
+            return;
+        }
+    };
     let addr = stream.peer_addr().ok();
     let name = addr
         .as_ref()
         .and_then(|a| a.as_abstract_name())
         .map(<[u8]>::to_vec);
     let request = name.as_deref().and_then(parse_peer);
-    let (uid, pid) = match uid_pid {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "credential request without peer credentials: refused");
-            return;
-        }
-    };
+    let (uid, pid) = (peer.uid, peer.pid);
     let Some(request) = request else {
         tracing::warn!(
             uid,
@@ -134,14 +128,10 @@ async fn serve_one<H: Handler>(mut stream: UnixStream, handler: &H, limits: Cred
         tracing::warn!(uid, ?pid, unit = %request.unit, id = %request.id, "credential request from a non-root peer: refused");
         return;
     }
-    let caller = Caller {
-        uid,
-        gid: 0,
-        groups: Vec::new(),
-        pid,
-        unit: Some(request.unit.clone()),
-        via: Via::Credentials,
-    };
+    // The unit is the one systemd named in its address (its own cgroup is PID 1's), believed
+    // because the peer is root; the rest of the identity is read like any caller's.
+    let mut caller = peer.caller(Via::Credentials);
+    caller.unit = Some(request.unit.clone());
     match handler
         .credential(caller, request.id.clone(), limits.wait_unsealed)
         .await
@@ -213,7 +203,7 @@ mod proptests {
     fn unit() -> impl Strategy<Value = String> {
         (
             "[a-zA-Z0-9:_.\\-]{1,60}",
-            proptest::option::of("[a-zA-Z0-9:_.\\-]{0,40}"),
+            proptest::option::of("[a-zA-Z0-9:_.\\-]{1,40}"),
             proptest::sample::select(vec!["service", "socket", "mount", "timer", "scope"]),
         )
             .prop_map(|(name, instance, kind)| match instance {

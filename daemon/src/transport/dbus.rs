@@ -35,7 +35,7 @@ use zeroize::Zeroizing;
 
 use super::Handler;
 use crate::config::DbusConfig;
-use crate::identity::{Caller, Via};
+use crate::identity::{Caller, Peer, Via};
 
 /// The well-known bus name the daemon owns.
 pub const BUS_NAME: &str = "org.keyward.Custodian1";
@@ -365,11 +365,19 @@ impl<H: Handler> Custodian<H> {
             .ok_or_else(|| denied("the bus gave no uid"))?;
         let pid = creds.process_id().and_then(|p| i32::try_from(p).ok());
         let bus_groups = creds.unix_group_ids().cloned();
+        // The bus's pidfd pins the process that connected (dbus-broker, dbus-daemon 1.15.7+);
+        // without it, one is opened by pid now.
+        let peer = match creds.into_process_fd() {
+            Some(fd) => Peer::with_pidfd(uid, u32::MAX, pid, fd.into()),
+            None => Peer::by_pid(uid, u32::MAX, pid),
+        };
+        let process = peer.process();
         // D-Bus gives all of the sender's groups at connect time (dbus-daemon: primary and
-        // supplementary, sorted) but doesn't say which is primary. The pid's effective gid, if
-        // it is one of them, names it for the logs; policy treats gid and groups alike anyway.
-        // Without the bus's list, the pid's effective gid; without either, a gid no rule names.
-        let proc_gid = pid.and_then(|p| effective_gid(p, uid));
+        // supplementary, sorted) but doesn't say which is primary. The process's effective gid,
+        // if it is one of them, names it for the logs; policy treats gid and groups alike anyway.
+        // Without the bus's list, the process's effective gid; without either, a gid no rule
+        // names.
+        let proc_gid = process.as_ref().map(|p| p.gid);
         let gid = match &bus_groups {
             Some(groups) => proc_gid
                 .filter(|g| groups.contains(g))
@@ -377,12 +385,16 @@ impl<H: Handler> Custodian<H> {
             None => proc_gid,
         }
         .unwrap_or(u32::MAX);
-        let mut caller = Caller::from_peer(uid, gid, pid, Via::Dbus);
-        if let Some(groups) = bus_groups {
-            // What the kernel said when the sender connected beats /proc read now.
-            caller.groups = groups;
-        }
-        Ok(caller)
+        let (proc_groups, unit) = process.map_or((Vec::new(), None), |p| (p.groups, p.unit));
+        Ok(Caller {
+            uid,
+            gid,
+            // What the bus saw when the sender connected beats /proc read now.
+            groups: bus_groups.unwrap_or(proc_groups),
+            pid: peer.pid,
+            unit,
+            via: Via::Dbus,
+        })
     }
 
     /// Take a call slot, identify the caller, run the request.
@@ -406,18 +418,6 @@ impl<H: Handler> Custodian<H> {
             .await
             .map_err(|e| CallError::from_api(&e))
     }
-}
-
-/// The effective gid of `pid` from `/proc/PID/status`, if that process still runs as `uid`
-/// (a recycled pid of another user gives nothing).
-fn effective_gid(pid: i32, uid: u32) -> Option<u32> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
-    };
-    (field("Uid:")? == uid).then(|| field("Gid:")).flatten()
 }
 
 /// `""` means "not given".
@@ -762,16 +762,5 @@ mod tests {
             <Custodian<Nothing> as Interface>::name().as_str(),
             INTERFACE
         );
-    }
-
-    #[test]
-    fn effective_gid_checks_the_uid() {
-        let me = std::process::id() as i32;
-        let uid = nix::unistd::geteuid().as_raw();
-        assert_eq!(
-            effective_gid(me, uid),
-            Some(nix::unistd::getegid().as_raw())
-        );
-        assert_eq!(effective_gid(me, uid.wrapping_add(1)), None);
     }
 }

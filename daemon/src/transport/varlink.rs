@@ -1,16 +1,17 @@
 //! The Varlink transport (varlink.org): NUL-terminated JSON messages on a Unix stream socket,
 //! answered by the one [`Handler`].
 //!
-//! It owns the socket's life — bind, accept, per-connection identity from `SO_PEERCRED`, the
-//! bounds on what a client controls (frame size, connections, idle time), `org.varlink.service`
-//! introspection, and the drain at shutdown. It turns frames into [`Request`]s and results into
-//! frames, nothing more: it never touches the store, the vault or a device, and it never logs,
-//! prints or keeps a copy of request or reply contents (they hold secret values and PINs). Every
-//! buffer that held a frame is zeroized before it is freed, and grown only by copying into a new
-//! zeroizing buffer, never by a reallocation that would leave a copy behind.
+//! It owns the socket's life — bind, accept, per-connection identity from the kernel
+//! ([`Peer::of_socket`]), the bounds on what a client controls (frame size, connections per uid
+//! and in all, idle time), `org.varlink.service` introspection, and the drain at shutdown. It
+//! turns frames into [`Request`]s and results into frames, nothing more: it never touches the
+//! store, the vault or a device, and it never logs, prints or keeps a copy of request or reply
+//! contents (they hold secret values and PINs). Every buffer that held a frame is zeroized
+//! before it is freed, and grown only by copying into a new zeroizing buffer, never by a
+//! reallocation that would leave a copy behind.
 
 use std::fmt;
-use std::io;
+use std::io::{self, Write as _};
 use std::ops::Range;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::Path;
@@ -22,14 +23,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, info, warn};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::Handler;
-use crate::identity::{Caller, Via};
+use crate::identity::{Caller, Peer, Via};
 
 /// The interface every Varlink service implements, answered by this transport itself.
 pub const SERVICE_INTERFACE: &str = "org.varlink.service";
@@ -81,8 +82,12 @@ pub struct VarlinkLimits {
     /// Largest request, in bytes, NUL excluded (normally [`api::MAX_FRAME_LEN`]). Replies are
     /// held to the same bound.
     pub max_frame: usize,
-    /// Connections served at once; further clients wait in the listen backlog.
+    /// Connections served at once, all users together.
     pub max_connections: usize,
+    /// Connections one uid may hold at once.
+    pub max_connections_per_uid: usize,
+    /// Of `max_connections`, how many only uid 0 may use.
+    pub root_reserve: usize,
     /// A connection that sends no complete request for this long is closed; so is one that
     /// does not take its reply within this time.
     pub idle_timeout: Duration,
@@ -94,7 +99,91 @@ impl VarlinkLimits {
         Self {
             max_frame: api::MAX_FRAME_LEN,
             max_connections: limits.max_connections,
+            max_connections_per_uid: limits.max_connections_per_uid,
+            root_reserve: limits.root_reserve,
             idle_timeout: Duration::from_secs(limits.idle_timeout_secs),
+        }
+    }
+}
+
+/// Why a connection was turned away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Full {
+    /// Every slot is taken.
+    All,
+    /// Every slot but root's reserve is taken, and the caller is not root.
+    Shared,
+    /// The caller's uid holds its share.
+    Uid,
+}
+
+/// The connection slots, counted per uid. A [`Slot`] holds one until it is dropped.
+#[derive(Debug)]
+struct Slots {
+    limits: VarlinkLimits,
+    held: std::sync::Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    total: usize,
+    per_uid: std::collections::HashMap<u32, usize>,
+}
+
+impl Slots {
+    fn new(limits: VarlinkLimits) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            held: std::sync::Mutex::new(Held::default()),
+        })
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        // The counts stay consistent under every panic (plain integer updates): go on.
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A slot for a connection of `uid`, or why there is none.
+    fn take(self: &Arc<Self>, uid: u32) -> Result<Slot, Full> {
+        let l = &self.limits;
+        let mut held = self.held();
+        let mine = held.per_uid.get(&uid).copied().unwrap_or(0);
+        if held.total >= l.max_connections.max(1) {
+            return Err(Full::All);
+        }
+        if uid != 0 && held.total >= l.max_connections.saturating_sub(l.root_reserve).max(1) {
+            return Err(Full::Shared);
+        }
+        if mine >= l.max_connections_per_uid.max(1) {
+            return Err(Full::Uid);
+        }
+        held.total += 1;
+        held.per_uid.insert(uid, mine + 1);
+        Ok(Slot {
+            slots: Arc::clone(self),
+            uid,
+        })
+    }
+}
+
+/// One connection's place among [`Slots`]; given back on drop.
+#[derive(Debug)]
+struct Slot {
+    slots: Arc<Slots>,
+    uid: u32,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut held = self.slots.held();
+        held.total = held.total.saturating_sub(1);
+        if let std::collections::hash_map::Entry::Occupied(mut e) = held.per_uid.entry(self.uid) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
         }
     }
 }
@@ -156,29 +245,25 @@ pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
 /// Serve Varlink on `listener` until `shutdown` becomes true (or its sender is dropped).
 ///
 /// Then stop accepting, close idle connections, let each busy connection finish the request
-/// it is running and send its reply, and return once all of them are done. At most
-/// `limits.max_connections` connections are served at once: when all slots are taken, no
-/// further connection is accepted until one closes.
+/// it is running and send its reply, and return once all of them are done.
+///
+/// Every connection is accepted at once and counted against its uid (from `SO_PEERCRED`): one
+/// beyond `max_connections` in all, beyond `max_connections_per_uid` for its uid, or (not
+/// root) into the last `root_reserve` slots, is answered with `Busy` and closed right away.
+/// Nobody waits in the listen backlog, and no user can fill the slots root needs.
 pub async fn serve<H: Handler>(
     listener: UnixListener,
     handler: Arc<H>,
     limits: VarlinkLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let slots = Slots::new(limits);
+    let mut refusals = Refusals::default();
     let mut connections = JoinSet::new();
     loop {
         while let Some(done) = connections.try_join_next() {
             log_join(done);
         }
-        let permit = tokio::select! {
-            biased;
-            () = shutdown_requested(&mut shutdown) => break,
-            permit = Arc::clone(&slots).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break, // never closed; nothing left to serve with if it were
-            },
-        };
         let stream = tokio::select! {
             biased;
             () = shutdown_requested(&mut shutdown) => break,
@@ -195,22 +280,34 @@ pub async fn serve<H: Handler>(
             },
         };
         // Identity from the kernel, once per connection; without it the connection is closed.
-        let cred = match stream.peer_cred() {
-            Ok(cred) => cred,
+        let peer = match Peer::of_socket(&stream) {
+            Ok(peer) => peer,
             Err(e) => {
                 info!(error = %e, "varlink: no peer credentials; connection closed");
                 continue;
             }
         };
-        let peer = (cred.uid(), cred.gid(), cred.pid());
-        connections.spawn(connection(
-            stream,
-            peer,
-            Arc::clone(&handler),
-            limits,
-            shutdown.clone(),
-            permit,
-        ));
+        match slots.take(peer.uid) {
+            Ok(slot) => {
+                connections.spawn(connection(
+                    stream,
+                    peer,
+                    Arc::clone(&handler),
+                    limits,
+                    shutdown.clone(),
+                    slot,
+                ));
+            }
+            Err(full) => {
+                refusals.note(peer.uid, full);
+                // A fresh socket's send buffer is empty: the short frame goes out in one
+                // non-blocking write (straight to the socket, not through the runtime, which
+                // may not know it writable yet), and the accept loop never waits on a client.
+                if let Ok(stream) = stream.into_std() {
+                    let _ = (&stream).write(&encode_error(&ApiError::Busy));
+                }
+            }
+        }
     }
     drop(listener);
     debug!(
@@ -221,6 +318,36 @@ pub async fn serve<H: Handler>(
         log_join(done);
     }
     debug!("varlink: drained");
+}
+
+/// Says that connections are being turned away, at most once a second (a flood of them must
+/// not become a flood of log lines).
+#[derive(Debug, Default)]
+struct Refusals {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl Refusals {
+    fn note(&mut self, uid: u32, full: Full) {
+        self.since += 1;
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now < t + Duration::from_secs(1)) {
+            return;
+        }
+        let why = match full {
+            Full::All => "all connection slots are taken",
+            Full::Shared => "the slots left are root's reserve",
+            Full::Uid => "this uid holds max_connections_per_uid connections",
+        };
+        info!(
+            uid,
+            refused = self.since,
+            "varlink: connection answered Busy and closed: {why}"
+        );
+        self.last = Some(now);
+        self.since = 0;
+    }
 }
 
 fn log_join(done: Result<(), tokio::task::JoinError>) {
@@ -248,13 +375,14 @@ enum Closed {
 /// One client connection: its requests in order, one at a time.
 async fn connection<H: Handler>(
     mut stream: UnixStream,
-    (uid, gid, pid): (u32, u32, Option<i32>),
+    peer: Peer,
     handler: Arc<H>,
     limits: VarlinkLimits,
     mut shutdown: watch::Receiver<bool>,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
 ) {
-    let caller = Caller::from_peer(uid, gid, pid, Via::Varlink);
+    let caller = peer.caller(Via::Varlink);
+    drop(peer);
     debug!(caller = %caller, "varlink: connection accepted");
     let closed = run_connection(&mut stream, &caller, &*handler, limits, &mut shutdown).await;
     debug!(caller = %caller, reason = ?closed, "varlink: connection closed");
@@ -734,6 +862,8 @@ mod tests {
         VarlinkLimits {
             max_frame: 4096,
             max_connections: 8,
+            max_connections_per_uid: 8,
+            root_reserve: 2,
             idle_timeout: Duration::from_secs(60),
         }
     }
@@ -1090,28 +1220,120 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_beyond_the_limit_wait_for_a_slot() {
+    async fn connections_beyond_a_cap_get_busy_at_once_and_are_closed() {
         let server = start(VarlinkLimits {
-            max_connections: 1,
+            max_connections_per_uid: 2,
             ..limits()
         });
-        let mut first = Conn::open(&server).await;
-        let r = first
-            .call(&custodian("ListSecrets", json!({ "prefix": "1" })))
+        let mut held = Vec::new();
+        for i in 0..2 {
+            let mut c = Conn::open(&server).await;
+            let r = c
+                .call(&custodian(
+                    "ListSecrets",
+                    json!({ "prefix": i.to_string() }),
+                ))
+                .await;
+            assert_eq!(r["parameters"]["names"], json!([i.to_string()]));
+            held.push(c);
+        }
+        // This uid holds its share: the next connection is answered at once, then closed,
+        // whether or not it sent anything.
+        for send_first in [false, true] {
+            let started = Instant::now();
+            let mut extra = Conn::open(&server).await;
+            if send_first {
+                let _ = extra
+                    .stream
+                    .write_all(custodian("Status", json!({})).as_bytes())
+                    .await;
+            }
+            let r = tokio::time::timeout(Duration::from_secs(1), extra.recv_unguarded())
+                .await
+                .expect("Busy comes at once");
+            assert_eq!(
+                r,
+                Some(json!({ "error": "org.keyward.Custodian.Busy", "parameters": {} }))
+            );
+            assert!(extra.recv().await.is_none(), "closed after Busy");
+            assert!(started.elapsed() < Duration::from_secs(1));
+        }
+        // One leaves: the next is served.
+        drop(held.pop());
+        let mut next = loop {
+            let mut c = Conn::open(&server).await;
+            c.send(&custodian("ListSecrets", json!({ "prefix": "n" })))
+                .await;
+            match c.recv().await {
+                Some(r) if r["error"] == "org.keyward.Custodian.Busy" => continue,
+                Some(r) => {
+                    assert_eq!(r["parameters"]["names"], json!(["n"]));
+                    break c;
+                }
+                None => panic!("closed without a reply"),
+            }
+        };
+        let r = next
+            .call(&custodian("ListSecrets", json!({ "prefix": "m" })))
             .await;
-        assert_eq!(r["parameters"]["names"], json!(["1"]));
-        // The second client connects (listen backlog) but is not served...
-        let mut second = Conn::open(&server).await;
-        second
-            .send(&custodian("ListSecrets", json!({ "prefix": "2" })))
-            .await;
-        let early = tokio::time::timeout(Duration::from_millis(300), second.recv_unguarded()).await;
-        assert!(early.is_err(), "served beyond max_connections");
-        // ...until the first one leaves.
-        drop(first);
-        let r = second.recv().await.unwrap();
-        assert_eq!(r["parameters"]["names"], json!(["2"]));
+        assert_eq!(r["parameters"]["names"], json!(["m"]));
+        assert_eq!(
+            server.stub.calls.lock().unwrap().len(),
+            4,
+            "Busy never reaches the service"
+        );
         finish(server).await;
+    }
+
+    #[test]
+    fn slots_per_uid_in_all_and_roots_reserve() {
+        let slots = Slots::new(VarlinkLimits {
+            max_connections: 6,
+            max_connections_per_uid: 2,
+            root_reserve: 2,
+            ..limits()
+        });
+        let count = |slots: &Arc<Slots>| slots.held().total;
+        let a1 = slots.take(1000).unwrap();
+        let a2 = slots.take(1000).unwrap();
+        assert_eq!(slots.take(1000).unwrap_err(), Full::Uid);
+        let _b1 = slots.take(1001).unwrap();
+        let _b2 = slots.take(1001).unwrap();
+        // Four of six taken: the last two are root's.
+        assert_eq!(slots.take(1002).unwrap_err(), Full::Shared);
+        let r1 = slots.take(0).unwrap();
+        let _r2 = slots.take(0).unwrap();
+        assert_eq!(slots.take(0).unwrap_err(), Full::All);
+        assert_eq!(count(&slots), 6);
+        // Given back on drop, per uid; what a user gives back is for root while the rest of
+        // the shared slots are taken.
+        drop(a1);
+        drop(r1);
+        assert_eq!(count(&slots), 4);
+        assert_eq!(slots.take(1002).unwrap_err(), Full::Shared);
+        let _r3 = slots.take(0).unwrap();
+        assert_eq!(
+            slots.take(0).unwrap_err(),
+            Full::Uid,
+            "root too has a per-uid cap"
+        );
+        assert_eq!(count(&slots), 5);
+        assert_eq!(slots.held().per_uid.get(&1000), Some(&1));
+        drop(a2);
+        assert_eq!(
+            slots.held().per_uid.get(&1000),
+            None,
+            "no entry left for an idle uid"
+        );
+        // Root is held to the per-uid cap too (a runaway root client can't take all).
+        let slots = Slots::new(VarlinkLimits {
+            max_connections: 6,
+            max_connections_per_uid: 1,
+            root_reserve: 2,
+            ..limits()
+        });
+        let _r = slots.take(0).unwrap();
+        assert_eq!(slots.take(0).unwrap_err(), Full::Uid);
     }
 
     #[tokio::test]
