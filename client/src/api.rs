@@ -68,7 +68,8 @@ method Status() -> (
   shares_pending: ?int,
   term: ?int,
   version: string,
-  audit_public_key: ?string
+  audit_public_key: ?string,
+  audit_finding: ?string
 )
 
 # Create the vault master key and enroll its first keyslots.
@@ -344,6 +345,10 @@ pub struct StatusReply {
     /// The audit log's current signing key, base64 DER SubjectPublicKeyInfo (Ed25519).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_public_key: Option<String>,
+    /// Set when the audit log did not match its anchor as the vault opened: what was found,
+    /// and where the old log was put (a new one was started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_finding: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -59,6 +59,9 @@ pub struct Config {
     /// Limits on what clients can make the daemon do.
     #[serde(default)]
     pub limits: Limits,
+    /// How the audit log is kept.
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -420,5 +423,44 @@ mod tests {
             .contains("not a configured device"));
         assert!(parse("[api]\nmode = \"rw\"").is_err());
         assert!(parse("[devices.\"Bad Name\"]\nkind = \"tpm2\"").is_err());
+    }
+}
+
+/// `[audit]`: how the audit log is kept.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// `audit.log` rolls over to `audit.log.N` at this size (bytes; at least 4096).
+    #[serde(default = "default_max_file_bytes")]
+    pub max_file_bytes: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: default_max_file_bytes(),
+        }
+    }
+}
+
+fn default_max_file_bytes() -> u64 {
+    crate::audit::DEFAULT_MAX_FILE_BYTES
+}
+
+impl AuditConfig {
+    /// The options the audit log is opened with.
+    ///
+    /// # Errors
+    /// A size too small to hold a few records.
+    pub fn options(&self) -> Result<crate::audit::AuditOptions, String> {
+        if self.max_file_bytes < 4096 {
+            return Err(format!(
+                "audit.max_file_bytes = {} is below 4096",
+                self.max_file_bytes
+            ));
+        }
+        Ok(crate::audit::AuditOptions {
+            max_file_bytes: self.max_file_bytes,
+        })
     }
 }

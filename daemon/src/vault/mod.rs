@@ -206,6 +206,7 @@ impl Vault {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             // The service adds it: the audit log knows its key, the vault does not.
             audit_public_key: None,
+            audit_finding: None,
         };
         match &*state {
             State::Uninitialized => reply.reason = Some("no vault yet: run `keyward init`".into()),
