@@ -250,6 +250,11 @@ pub struct Anchor {
     pub public_key: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_public_key: Option<String>,
+    /// The TPM NV counter value this anchor was written under, when the daemon keeps one:
+    /// the counter only goes up, so an anchor put back after a newer one was written is older
+    /// than the counter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counter: Option<u64>,
     /// Base64 Ed25519 signature over [`anchor_message`].
     pub signature: String,
 }
@@ -261,8 +266,9 @@ pub fn anchor_message(
     time: &str,
     public_key: &VerifyingKey,
     next_public_key: Option<&VerifyingKey>,
+    counter: Option<u64>,
 ) -> Vec<u8> {
-    let mut m = Vec::with_capacity(ANCHOR_CONTEXT.len() + 120 + time.len());
+    let mut m = Vec::with_capacity(ANCHOR_CONTEXT.len() + 130 + time.len());
     m.extend_from_slice(ANCHOR_CONTEXT);
     m.extend_from_slice(&seq.to_be_bytes());
     m.extend_from_slice(head);
@@ -276,6 +282,13 @@ pub fn anchor_message(
         }
         None => m.push(0),
     }
+    match counter {
+        Some(c) => {
+            m.push(1);
+            m.extend_from_slice(&c.to_be_bytes());
+        }
+        None => m.push(0),
+    }
     m
 }
 
@@ -286,6 +299,7 @@ pub struct CheckedAnchor {
     pub head: [u8; 32],
     pub key: VerifyingKey,
     pub next: Option<VerifyingKey>,
+    pub counter: Option<u64>,
 }
 
 impl Anchor {
@@ -316,7 +330,14 @@ impl Anchor {
             .ok()
             .and_then(|b| Signature::from_slice(&b).ok())
             .ok_or(Problem::Malformed("anchor signature"))?;
-        let message = anchor_message(self.seq, &head, &self.time, &key, next.as_ref());
+        let message = anchor_message(
+            self.seq,
+            &head,
+            &self.time,
+            &key,
+            next.as_ref(),
+            self.counter,
+        );
         key.verify(&message, &signature)
             .map_err(|_| Problem::BadAnchor)?;
         Ok(CheckedAnchor {
@@ -324,6 +345,7 @@ impl Anchor {
             head,
             key,
             next,
+            counter: self.counter,
         })
     }
 }
@@ -1356,13 +1378,14 @@ mod tests {
         let head = line_hash(&l[usize::try_from(seq).unwrap()]);
         let time = "2025-01-01T00:00:01.000Z";
         let public = key.verifying_key();
-        let sig = key.sign(&anchor_message(seq, &head, time, &public, None));
+        let sig = key.sign(&anchor_message(seq, &head, time, &public, None, None));
         Anchor {
             seq,
             head: hex(&head),
             time: time.into(),
             public_key: encode_key(&public),
             next_public_key: None,
+            counter: None,
             signature: B64.encode(sig.to_bytes()),
         }
     }

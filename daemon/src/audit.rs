@@ -40,8 +40,12 @@
 //! and anchor are moved, untouched, into an `audit-set-aside-TIME` directory, a new log starts
 //! whose first record (`new-log`) says what was found, and `Status` and `STATUS=` say so until
 //! the daemon restarts. Records written after the last checkpoint (while sealed) are covered by
-//! the chain only; a rollback of the log and the anchor together to an older pair is not
-//! detectable here (the journal copy, or an anchor kept elsewhere, is the witness then).
+//! the chain only. With a TPM configured for it ([`AuditLog::set_counter`]) every anchor also
+//! carries the value of a TPM NV counter, incremented once the anchor is on disk: an anchor put
+//! back (with the log it matches) after a newer one was written is older than the counter, and
+//! that is a finding too. Without one, a rollback of the log and the anchor together to an
+//! older pair is not detectable here (the journal copy, or an anchor kept elsewhere, is the
+//! witness then).
 //!
 //! **Files.** When `audit.log` passes [`AuditOptions::max_file_bytes`] it is signed (if the
 //! vault is open), renamed to `audit.log.N` (the next number) and a new `audit.log` starts with
@@ -72,10 +76,11 @@ use base64::Engine as _;
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use keyward::api::ApiError;
 use keyward::audit::{
-    self as format, Anchor, Body, CallerRecord, Checkpoint, EventRecord, Expect, Record,
-    RequestRecord, Resume,
+    self as format, Anchor, Body, CallerRecord, CheckedAnchor, Checkpoint, EventRecord, Expect,
+    Record, RequestRecord, Resume,
 };
 
+use crate::device::DeviceHandle;
 use crate::identity::{Caller, Via};
 use crate::vault::audit_key::AuditKeys;
 
@@ -225,6 +230,8 @@ struct Writer {
     /// The log as found at start, until it has been checked against the anchor: the highest
     /// N then, and where the last good record of the live file ended.
     found: Option<(u64, u64)>,
+    /// The TPM counter value the next anchor carries (with a counter, once it has been read).
+    counter_next: Option<u64>,
     /// True while rolling over (its own records must not roll it over again).
     rolling: bool,
     /// Reused for every line: no allocation per record once warm.
@@ -264,6 +271,16 @@ pub struct AuditLog {
     anchor_lock: Mutex<Option<u64>>,
     /// What the check against the anchor found this run, for `Status` and `STATUS=`.
     finding: Mutex<Option<String>>,
+    /// The TPM counter anchors are bound to, if one is configured.
+    counter: std::sync::OnceLock<TpmCounter>,
+}
+
+/// A TPM NV counter on a device actor, reached from code that is not async.
+struct TpmCounter {
+    device: DeviceHandle,
+    index: u32,
+    /// For calls from threads outside the runtime (the flusher).
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -386,6 +403,7 @@ impl AuditLog {
                 last_checkpoint: Instant::now(),
                 rolled,
                 found: Some((rolled, found_end)),
+                counter_next: None,
                 rolling: false,
                 buf: Vec::with_capacity(512),
             }),
@@ -401,6 +419,7 @@ impl AuditLog {
             pending_anchor: Mutex::new(None),
             anchor_lock: Mutex::new(None),
             finding: Mutex::new(None),
+            counter: std::sync::OnceLock::new(),
         });
         if let Some(n) = continued {
             if let Err(e) = log.append(continued_from(n), Durability::Synced, None) {
@@ -440,6 +459,95 @@ impl AuditLog {
     /// What the check against the anchor found this run, if the log did not match it.
     pub fn finding(&self) -> Option<String> {
         lock(&self.finding).clone()
+    }
+
+    /// Bind the anchors to the NV counter at `index` on the TPM `device` (once, before the
+    /// first unseal, from inside the runtime).
+    ///
+    /// # Errors
+    /// Called outside a Tokio runtime.
+    pub fn set_counter(&self, device: DeviceHandle, index: u32) -> Result<(), String> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| e.to_string())?;
+        let _ = self.counter.set(TpmCounter {
+            device,
+            index,
+            runtime,
+        });
+        Ok(())
+    }
+
+    /// The TPM counter, incremented first if `increment`; `None` when none is configured.
+    /// Blocks the calling thread (at most the device timeout): the hooks and the flusher are
+    /// not async, and this happens once per anchor.
+    fn tpm_counter(&self, increment: bool) -> Option<Result<hsm_shim::Counter, String>> {
+        let c = self.counter.get()?;
+        let (device, index) = (c.device.clone(), c.index);
+        let call = async move { device.call(move |d| d.counter(index, increment)).await };
+        let result = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| h.block_on(call))
+            }
+            Ok(_) => {
+                return Some(Err(
+                    "the TPM counter can't be reached from a current-thread runtime".into(),
+                ))
+            }
+            Err(_) => c.runtime.block_on(call),
+        };
+        Some(result.map_err(|e| e.to_string()))
+    }
+
+    /// Increment the TPM counter until it reaches `value` (the counter of an anchor now on
+    /// disk). Several anchors may have been written since the last increment.
+    fn counter_up_to(&self, value: u64) {
+        for _ in 0..64 {
+            match self.tpm_counter(true) {
+                None => return,
+                Some(Ok(c)) if c.value >= value => return,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::error!("audit log: cannot increment the TPM counter: {e}");
+                    return;
+                }
+            }
+        }
+        tracing::error!("audit log: the TPM counter did not reach {value}");
+    }
+
+    /// Check the TPM counter against the anchor's and set the counter the next anchor carries.
+    /// `Err` is the finding.
+    fn check_counter(&self, w: &mut Writer, anchor: Option<&CheckedAnchor>) -> Result<(), String> {
+        let anchored = anchor.and_then(|a| a.counter);
+        let Some(read) = self.tpm_counter(false) else {
+            return Ok(());
+        };
+        let tpm = match read {
+            Ok(c) => c,
+            Err(e) => {
+                // A TPM that is away must not stop the log; the check waits for the next start.
+                tracing::error!("audit log: cannot read the TPM counter ({e}): the anchor is not checked against it");
+                w.counter_next = anchored.map(|c| c + 1);
+                return Ok(());
+            }
+        };
+        w.counter_next = Some(anchored.unwrap_or(0).max(tpm.value) + 1);
+        match (anchor, anchored) {
+            (Some(_), Some(a)) if a < tpm.value => Err(format!(
+                "{} is older than the TPM counter (anchor counter {a}, TPM counter {}): the log and its anchor were rolled back",
+                format::ANCHOR_FILE,
+                tpm.value
+            )),
+            (Some(_), None) if !tpm.created => Err(format!(
+                "{} carries no TPM counter, but the TPM counter exists: an older anchor was put back",
+                format::ANCHOR_FILE
+            )),
+            (_, Some(a)) => {
+                // Written, but the daemon stopped before the increment.
+                self.counter_up_to(a);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     fn live(&self) -> Arc<File> {
@@ -690,7 +798,9 @@ impl AuditLog {
         let Some(key) = &w.key else {
             return Ok(None);
         };
-        let anchor = sign_anchor(key, seq, &w.prev, time, w.next.as_ref());
+        let counter = w.counter_next;
+        let anchor = sign_anchor(key, seq, &w.prev, time, w.next.as_ref(), counter);
+        w.counter_next = counter.map(|c| c + 1);
         // The second witness: the journal keeps what the state directory may lose.
         tracing::info!(
             target: CHECKPOINT_TARGET,
@@ -738,6 +848,11 @@ impl AuditLog {
         }
         if let Err(e) = self.write_anchor(&mut published, &anchor) {
             tracing::error!("audit log: {e}");
+            return;
+        }
+        drop(published);
+        if let Some(c) = anchor.counter {
+            self.counter_up_to(c);
         }
     }
 
@@ -756,24 +871,33 @@ impl AuditLog {
     /// A log with no anchor yet (new, or just started after a finding) gets one at its head
     /// before its first checkpoint: so a log that holds a checkpoint always has an anchor, and
     /// a missing one is a finding, not a crash between the two.
-    fn anchor_head(&self, w: &Writer, key: &SigningKey) -> Result<(), AuditError> {
+    fn anchor_head(&self, w: &mut Writer, key: &SigningKey) -> Result<(), AuditError> {
         if self.anchor_path.exists() || w.seq == 0 {
             return Ok(());
         }
         self.sync_through(self.written.load(Ordering::Acquire))?;
-        let mut published = lock(&self.anchor_lock);
-        let anchor = sign_anchor(key, w.seq - 1, &w.prev, now(), None);
-        self.write_anchor(&mut published, &anchor)
+        let counter = w.counter_next;
+        let anchor = sign_anchor(key, w.seq - 1, &w.prev, now(), None, counter);
+        self.write_anchor(&mut lock(&self.anchor_lock), &anchor)?;
+        if let Some(c) = counter {
+            w.counter_next = Some(c + 1);
+            self.counter_up_to(c);
+        }
+        Ok(())
     }
 
     /// Check the log against `audit.anchor` for the vault whose audit key is `key`. `Err` is
     /// the finding, in words.
-    fn check_anchor(&self, w: &Writer, key: &VerifyingKey) -> Result<(), String> {
+    fn check_anchor(
+        &self,
+        w: &Writer,
+        key: &VerifyingKey,
+    ) -> Result<Option<CheckedAnchor>, String> {
         let text = match std::fs::read(&self.anchor_path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return match self.holds_a_checkpoint(w) {
-                    Ok(false) => Ok(()),
+                    Ok(false) => Ok(None),
                     Ok(true) => Err(format!(
                         "{} is missing, but the log holds checkpoints: the log can't be checked (removed, or the first start of a version that keeps one)",
                         format::ANCHOR_FILE
@@ -802,7 +926,7 @@ impl AuditLog {
             last_seq: None,
         };
         format::verify_against(&bytes, &anchor.key, expect)
-            .map(|_| ())
+            .map(|_| Some(anchor.clone()))
             .map_err(|f| {
                 let at = f.seq.map(|s| format!("seq {s}: ")).unwrap_or_default();
                 format!(
@@ -1082,6 +1206,14 @@ impl AuditKeys for AuditLog {
             // The key is here: check what was written while it was not, before signing it.
             let checked = self.check_anchor(&w, &public);
             w.found = None;
+            let checked = match checked {
+                Ok(anchor) => self.check_counter(&mut w, anchor.as_ref()),
+                Err(finding) => {
+                    // Anchors of the new log go on from the counter as it is.
+                    let _ = self.check_counter(&mut w, None);
+                    Err(finding)
+                }
+            };
             if let Err(finding) = checked {
                 tracing::error!("audit log: {finding}: not continuing it");
                 match self.start_new_log(&mut w, &finding) {
@@ -1102,7 +1234,7 @@ impl AuditKeys for AuditLog {
                 }
             }
         }
-        if let Err(e) = self.anchor_head(&w, &key) {
+        if let Err(e) = self.anchor_head(&mut w, &key) {
             // Without it, a crash before the next anchor would look like a removed one.
             tracing::error!("audit log: {e}");
         }
@@ -1171,15 +1303,18 @@ fn sign_anchor(
     head: &[u8; 32],
     time: String,
     next: Option<&VerifyingKey>,
+    counter: Option<u64>,
 ) -> Anchor {
     let public = key.verifying_key();
-    let signature = key.sign(&format::anchor_message(seq, head, &time, &public, next));
+    let message = format::anchor_message(seq, head, &time, &public, next, counter);
+    let signature = key.sign(&message);
     Anchor {
         seq,
         head: format::hex(head),
         time,
         public_key: format::encode_key(&public),
         next_public_key: next.map(format::encode_key),
+        counter,
         signature: B64.encode(signature.to_bytes()),
     }
 }
@@ -1646,7 +1781,7 @@ mod tests {
         let head = format::lines(&std::fs::read(dir.path().join(format::LOG_FILE)).unwrap())[0]
             .bytes
             .to_vec();
-        let oldest = sign_anchor(&key, 0, &format::line_hash(&head), now(), None);
+        let oldest = sign_anchor(&key, 0, &format::line_hash(&head), now(), None, None);
         std::fs::write(&anchor_path, serde_json::to_vec(&oldest).unwrap()).unwrap();
         let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
         log.opened(key.clone(), "test");

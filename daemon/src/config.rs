@@ -433,18 +433,31 @@ pub struct AuditConfig {
     /// `audit.log` rolls over to `audit.log.N` at this size (bytes; at least 4096).
     #[serde(default = "default_max_file_bytes")]
     pub max_file_bytes: u64,
+    /// A configured `tpm2` device whose NV counter the audit anchors are bound to, so that a
+    /// log and anchor rolled back together are caught. Off unless set.
+    #[serde(default)]
+    pub tpm_counter: Option<String>,
+    /// The counter's NV index (owner range; default 0x01004b57).
+    #[serde(default = "default_counter_index")]
+    pub tpm_counter_index: u32,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
         Self {
             max_file_bytes: default_max_file_bytes(),
+            tpm_counter: None,
+            tpm_counter_index: default_counter_index(),
         }
     }
 }
 
 fn default_max_file_bytes() -> u64 {
     crate::audit::DEFAULT_MAX_FILE_BYTES
+}
+
+fn default_counter_index() -> u32 {
+    0x0100_4b57
 }
 
 impl AuditConfig {

@@ -168,6 +168,17 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
     let vault = Vault::load(store, devices, config.unseal_order(), on_change)
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(name) = &config.audit.tpm_counter {
+        let device = match (config.devices.get(name), vault.devices().get(name)) {
+            (Some(DeviceConfig::Tpm2 { .. }), Some(d)) => d.clone(),
+            _ => {
+                return Err(format!(
+                    "audit.tpm_counter: {name:?} is not a configured tpm2 device"
+                ))
+            }
+        };
+        audit.set_counter(device, config.audit.tpm_counter_index)?;
+    }
     vault.set_audit(audit.clone());
     let service = Arc::new(Service::new(vault, policy, audit.clone()));
 
