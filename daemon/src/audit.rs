@@ -333,9 +333,10 @@ impl AuditLog {
             .max()
             .unwrap_or(0);
         let mut head = read_head(&mut file, end).map_err(open_err)?;
-        // A roll-over cut short after the rename: the chain goes on from the last file.
+        // A roll-over cut short after the rename (the new file empty, or holding only part of
+        // its first record): the chain goes on from the last file.
         let mut continued = None;
-        if matches!(head, Head::Empty) && rolled > 0 {
+        if matches!(head, Head::Empty | Head::NoRecord) && rolled > 0 && end <= TAIL_WINDOW {
             let last = rolled_path(state_dir, rolled);
             let mut f = File::open(&last).map_err(open_err)?;
             let len = f.metadata().map_err(open_err)?.len();
@@ -1793,6 +1794,25 @@ mod tests {
         log.opened(key, "test");
         assert!(log.finding().unwrap().contains("missing"));
         log.shutdown();
+    }
+
+    #[test]
+    fn a_roll_over_cut_short_goes_on_from_the_last_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[6; 32]);
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        log.opened(key.clone(), "test");
+        log.shutdown();
+        // Renamed, and the new file got only part of its first record before the crash.
+        let live = dir.path().join(format::LOG_FILE);
+        std::fs::rename(&live, rolled_path(dir.path(), 1)).unwrap();
+        std::fs::write(&live, br#"{"seq":5,"time":"20"#).unwrap();
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        log.opened(key.clone(), "test");
+        log.shutdown();
+        let r = format::verify(&whole_set(dir.path()), &key.verifying_key()).unwrap();
+        assert_eq!(r.damage.len(), 1);
+        assert_eq!(log.finding(), None);
     }
 
     #[test]
