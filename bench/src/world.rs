@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context as _, Result};
-use keyward::api::SlotSpec;
+use keyward::api::{SecretString, SlotSpec};
 use keyward::Client;
 use keyward_tests::keywardd::{Keywardd, Setup, ROOT_ADMIN_POLICY};
 use keyward_tests::softhsm::SoftHsm;
@@ -128,6 +128,7 @@ impl Daemon {
             },
         ])?;
         let share = first_share(&init.recovery_shares)?;
+        c.confirm_recovery(vec![SecretString::new(share.as_str())])?;
         c.create_key("p256-hsm", "hsm", "ecdsa-p256")?;
         c.create_key("ed25519-hsm", "hsm", "ed25519")?;
         c.create_key("p256-tpm", "tpm", "ecdsa-p256")?;
@@ -169,12 +170,16 @@ impl Daemon {
         Ok(Some(took))
     }
 
-    /// `Rekey`, timed; keeps the new recovery share.
+    /// `Rekey` and the `ConfirmRecovery` that puts it in force, timed together; keeps the new
+    /// recovery share.
     pub fn rekey(&mut self, c: &mut Client) -> Result<Duration> {
         let t = Instant::now();
         let reply = c.rekey(None)?;
+        let share = first_share(&reply.recovery_shares)?;
+        let confirmed = c.confirm_recovery(vec![SecretString::new(share.as_str())])?;
         let took = t.elapsed();
-        self.share = first_share(&reply.recovery_shares)?;
+        ensure!(confirmed.rekeyed, "the confirmed rekey did not take effect");
+        self.share = share;
         Ok(took)
     }
 

@@ -37,7 +37,8 @@ type Keyslot (
   pin: bool,
   threshold: ?int,
   shares: ?int,
-  created: string
+  created: string,
+  unconfirmed_until: ?string
 )
 
 # What to enroll: kind is tpm2, pkcs11 or recovery.
@@ -69,13 +70,17 @@ method Status() -> (
   term: ?int,
   version: string,
   audit_public_key: ?string,
+  rekey_pending_until: ?string,
   audit_finding: ?string
 )
 
-# Create the vault master key and enroll its first keyslots.
+# Create the vault master key and enroll its first keyslots. A recovery slot's shares are
+# unconfirmed (unconfirmed_until) until ConfirmRecovery gets enough of them back, or they
+# unseal the vault.
 method Init(slots: []SlotSpec) -> (keyslots: []Keyslot, recovery_shares: []string)
 
-# Add a keyslot; acknowledged only after a test unseal through it.
+# Add a keyslot; acknowledged only after a test unseal through it. Recovery shares are
+# unconfirmed as with Init.
 method Enroll(slot: SlotSpec) -> (keyslot: Keyslot, recovery_shares: []string)
 
 method ListKeyslots() -> (keyslots: []Keyslot)
@@ -84,8 +89,15 @@ method ListKeyslots() -> (keyslots: []Keyslot)
 method RemoveKeyslot(id: int, force: ?bool) -> ()
 
 # New master key: the keyring and every slot are sealed again. A slot bound to a PIN needs
-# the PIN; recovery slots get new shares (the old ones stop working), returned once.
-method Rekey(pin: ?string) -> (recovery_shares: []string)
+# the PIN. With recovery slots, the new shares are returned once and the rekey is pending
+# (pending_until): the current key and the old shares stay in force until ConfirmRecovery
+# gets enough of the new shares back. Unconfirmed, it lapses; a new Rekey starts it over.
+method Rekey(pin: ?string) -> (recovery_shares: []string, pending_until: ?string)
+
+# Prove that recovery shares reached a person: enough shares of each pending set (a pending
+# rekey's, an unconfirmed keyslot's). A pending rekey then takes effect. Shares of a set
+# already confirmed are checked and change nothing.
+method ConfirmRecovery(recovery_shares: []string) -> (keyslots: []Keyslot, rekeyed: bool)
 
 # New data-key term for new secret versions; old terms stay readable.
 method Rotate() -> (term: int)
@@ -138,6 +150,9 @@ error Internal (reason: string)
 # The audit record of the call could not be written: the call was refused, or (for a change
 # already made) not acknowledged.
 error AuditUnavailable (reason: string)
+# A rekey waits for its new recovery shares to be confirmed: keyslots can't change until it
+# is confirmed, started over, or lapses.
+error RekeyPending (until: string)
 "#;
 
 /// A secret value: base64 on the wire, zeroizing bytes in memory, redacted in `Debug`.
@@ -247,6 +262,10 @@ pub struct Keyslot {
     pub shares: Option<u8>,
     /// RFC 3339 UTC.
     pub created: String,
+    /// A recovery slot whose shares nobody has confirmed yet: until then it is not counted as
+    /// a way in, and after this time (RFC 3339 UTC) it is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unconfirmed_until: Option<String>,
 }
 
 /// What to enroll.
@@ -345,6 +364,9 @@ pub struct StatusReply {
     /// The audit log's current signing key, base64 DER SubjectPublicKeyInfo (Ed25519).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_public_key: Option<String>,
+    /// A rekey waits for its new recovery shares to be confirmed until then (RFC 3339 UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rekey_pending_until: Option<String>,
     /// Set when the audit log did not match its anchor as the vault opened: what was found,
     /// and where the old log was put (a new one was started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -399,8 +421,26 @@ pub struct RekeyParams {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RekeyReply {
-    /// New shares for every recovery slot; the old ones no longer open the vault.
+    /// New shares for every recovery slot, in keyslot order.
     pub recovery_shares: Vec<SecretString>,
+    /// With new shares, the rekey waits for [`Request::ConfirmRecovery`] until then (RFC 3339
+    /// UTC); the old key and shares stay in force meanwhile. `None`: the rekey is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_until: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfirmRecoveryParams {
+    pub recovery_shares: Vec<SecretString>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ConfirmRecoveryReply {
+    /// The recovery keyslots whose shares this call confirmed.
+    pub keyslots: Vec<Keyslot>,
+    /// A pending rekey took effect.
+    pub rekeyed: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -516,6 +556,7 @@ pub enum Request {
     ListKeyslots,
     RemoveKeyslot(RemoveKeyslotParams),
     Rekey(RekeyParams),
+    ConfirmRecovery(ConfirmRecoveryParams),
     Rotate,
     Seal,
     Unseal(UnsealParams),
@@ -540,6 +581,7 @@ pub enum Reply {
     Enroll(EnrollReply),
     Keyslots(KeyslotsReply),
     Rekey(RekeyReply),
+    ConfirmRecovery(ConfirmRecoveryReply),
     Rotate(RotateReply),
     Unseal(UnsealReply),
     Version(VersionReply),
@@ -562,6 +604,7 @@ impl Request {
             Self::ListKeyslots => "ListKeyslots",
             Self::RemoveKeyslot(_) => "RemoveKeyslot",
             Self::Rekey(_) => "Rekey",
+            Self::ConfirmRecovery(_) => "ConfirmRecovery",
             Self::Rotate => "Rotate",
             Self::Seal => "Seal",
             Self::Unseal(_) => "Unseal",
@@ -600,6 +643,7 @@ impl Request {
             "ListKeyslots" => none(params).map(|()| Self::ListKeyslots)?,
             "RemoveKeyslot" => Self::RemoveKeyslot(p(params)?),
             "Rekey" => Self::Rekey(p(params)?),
+            "ConfirmRecovery" => Self::ConfirmRecovery(p(params)?),
             "Rotate" => none(params).map(|()| Self::Rotate)?,
             "Seal" => none(params).map(|()| Self::Seal)?,
             "Unseal" => Self::Unseal(p(params)?),
@@ -676,6 +720,8 @@ pub enum ApiError {
     /// Fail closed: what can't be audited isn't done (or, done, isn't acknowledged).
     #[error("the audit log cannot be written ({reason}): the request was not carried out or not acknowledged")]
     AuditUnavailable { reason: String },
+    #[error("a rekey waits for its new recovery shares until {until}: confirm them (`keyward rekey --confirm-from FILE`) or start over (`keyward rekey`)")]
+    RekeyPending { until: String },
     /// `org.varlink.service.MethodNotFound`.
     #[error("no such method {method:?}")]
     MethodNotFound { method: String },
@@ -710,6 +756,7 @@ impl ApiError {
             Self::Busy => "Busy",
             Self::Internal { .. } => "Internal",
             Self::AuditUnavailable { .. } => "AuditUnavailable",
+            Self::RekeyPending { .. } => "RekeyPending",
             Self::MethodNotFound { .. } => return "org.varlink.service.MethodNotFound".into(),
             Self::InterfaceNotFound { .. } => {
                 return "org.varlink.service.InterfaceNotFound".into()
@@ -752,6 +799,7 @@ impl ApiError {
             Self::Internal { reason } | Self::AuditUnavailable { reason } => {
                 json!({ "reason": reason })
             }
+            Self::RekeyPending { until } => json!({ "until": until }),
             Self::MethodNotFound { method } => json!({ "method": method }),
             Self::InterfaceNotFound { interface } => json!({ "interface": interface }),
             Self::InvalidParameter { parameter } => json!({ "parameter": parameter }),
@@ -823,6 +871,7 @@ impl ApiError {
             (Some("AuditUnavailable"), _) => Self::AuditUnavailable {
                 reason: s("reason"),
             },
+            (Some("RekeyPending"), _) => Self::RekeyPending { until: s("until") },
             (_, "org.varlink.service.MethodNotFound") => Self::MethodNotFound {
                 method: s("method"),
             },
@@ -940,6 +989,7 @@ mod proptests {
             text().prop_map(|device| ApiError::PinLocked { device }),
             text().prop_map(|device| ApiError::PolicyMismatch { device }),
             text().prop_map(|reason| ApiError::Internal { reason }),
+            text().prop_map(|until| ApiError::RekeyPending { until }),
             text().prop_map(|method| ApiError::MethodNotFound { method }),
             text().prop_map(|interface| ApiError::InterfaceNotFound { interface }),
             text().prop_map(|parameter| ApiError::InvalidParameter { parameter }),

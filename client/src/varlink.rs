@@ -18,12 +18,12 @@ use serde_json::value::RawValue;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::api::{
-    self, ApiError, Bytes, CreateKeyParams, Empty, EnrollParams, EnrollReply, GetSecretParams,
-    GetSecretReply, InitParams, InitReply, KeyInfo, KeysReply, Keyslot, KeyslotsReply,
-    ListSecretsParams, NameParams, NamesReply, PublicKeyReply, PutSecretParams, RekeyParams,
-    RekeyReply, RemoveKeyslotParams, RotateReply, SecretString, SecretValue, SecretVersion,
-    SignParams, SignReply, SlotSpec, StatusReply, UnsealParams, UnsealReply, VersionReply,
-    VersionsReply,
+    self, ApiError, Bytes, ConfirmRecoveryParams, ConfirmRecoveryReply, CreateKeyParams, Empty,
+    EnrollParams, EnrollReply, GetSecretParams, GetSecretReply, InitParams, InitReply, KeyInfo,
+    KeysReply, Keyslot, KeyslotsReply, ListSecretsParams, NameParams, NamesReply, PublicKeyReply,
+    PutSecretParams, RekeyParams, RekeyReply, RemoveKeyslotParams, RotateReply, SecretString,
+    SecretValue, SecretVersion, SignParams, SignReply, SlotSpec, StatusReply, UnsealParams,
+    UnsealReply, VersionReply, VersionsReply,
 };
 
 /// Where `keywardd` listens unless told otherwise.
@@ -300,6 +300,21 @@ impl Client {
     /// As [`Client::call`].
     pub fn rekey(&mut self, pin: Option<SecretString>) -> Result<RekeyReply, ClientError> {
         self.custodian("Rekey", &RekeyParams { pin })
+    }
+
+    /// `ConfirmRecovery(recovery_shares)`: prove the new shares reached a person; a pending
+    /// rekey takes effect.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn confirm_recovery(
+        &mut self,
+        recovery_shares: Vec<SecretString>,
+    ) -> Result<ConfirmRecoveryReply, ClientError> {
+        self.custodian(
+            "ConfirmRecovery",
+            &ConfirmRecoveryParams { recovery_shares },
+        )
     }
 
     /// `Rotate()`: a new data-key term; returns it.

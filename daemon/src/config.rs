@@ -59,9 +59,34 @@ pub struct Config {
     /// Limits on what clients can make the daemon do.
     #[serde(default)]
     pub limits: Limits,
+    /// Recovery shares.
+    #[serde(default)]
+    pub recovery: RecoveryConfig,
     /// How the audit log is kept.
     #[serde(default)]
     pub audit: AuditConfig,
+}
+
+/// Recovery shares: how long new ones wait for an admin to type enough of them back.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryConfig {
+    /// New shares (from init, enroll or rekey) that are not confirmed within this time
+    /// lapse: an unconfirmed keyslot is dropped, a pending rekey is forgotten.
+    #[serde(default = "default_confirm_within")]
+    pub confirm_within_secs: u64,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        Self {
+            confirm_within_secs: default_confirm_within(),
+        }
+    }
+}
+
+fn default_confirm_within() -> u64 {
+    3600
 }
 
 fn default_state_dir() -> PathBuf {

@@ -107,10 +107,38 @@ fn export_softhsm_conf(config: &Config) -> Result<(), String> {
         // Single-threaded here (no runtime, no device threads yet): the one sound moment.
         std::env::set_var("SOFTHSM2_CONF", path);
         tracing::info!(softhsm2_conf = %path.display(), "SoftHSM config");
-    } else if std::env::var_os("SOFTHSM2_CONF").is_some() {
-        // Single-threaded, as above.
-        std::env::remove_var("SOFTHSM2_CONF");
-        tracing::info!("ignoring SOFTHSM2_CONF from the environment: no device names softhsm_conf");
+    } else {
+        let inherited = std::env::var_os("SOFTHSM2_CONF");
+        if inherited.is_some() {
+            // Single-threaded, as above.
+            std::env::remove_var("SOFTHSM2_CONF");
+        }
+        // A SoftHSM device without softhsm_conf would only fail later, naming the variable;
+        // name the setting that fixes it now.
+        let softhsm = config.devices.iter().find(|(_, d)| {
+            matches!(d, DeviceConfig::Pkcs11 { module, .. }
+                if module.to_string_lossy().contains("softhsm"))
+        });
+        if let Some((name, _)) = softhsm {
+            let hint = match &inherited {
+                Some(env) => format!(
+                    " (SOFTHSM2_CONF={} from the environment is ignored: keywardd uses only \
+                     the config its own file names)",
+                    std::path::Path::new(env).display()
+                ),
+                None => String::new(),
+            };
+            return Err(format!(
+                "devices.{name} is SoftHSM but names no config: add \
+                 `softhsm_conf = \"/etc/keyward/softhsm2.conf\"` (your SoftHSM config) to \
+                 [devices.{name}] in keywardd.toml{hint}"
+            ));
+        }
+        if inherited.is_some() {
+            tracing::info!(
+                "ignoring SOFTHSM2_CONF from the environment: no device names softhsm_conf"
+            );
+        }
     }
     Ok(())
 }
@@ -165,9 +193,16 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
             sys::notify(&[NotifyState::Status(&with_audit_finding(line, &audit))]);
         })
     };
-    let vault = Vault::load(store, devices, config.unseal_order(), on_change)
-        .await
-        .map_err(|e| e.to_string())?;
+    let confirm_within = Duration::from_secs(config.recovery.confirm_within_secs);
+    let vault = Vault::load(
+        store,
+        devices,
+        config.unseal_order(),
+        confirm_within,
+        on_change,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     if let Some(name) = &config.audit.tpm_counter {
         let device = match (config.devices.get(name), vault.devices().get(name)) {
             (Some(DeviceConfig::Tpm2 { .. }), Some(d)) => d.clone(),

@@ -43,6 +43,7 @@ fn needs(request: &Request) -> Option<(Action, Resource<'_>)> {
         | Request::ListKeyslots
         | Request::RemoveKeyslot(_)
         | Request::Rekey(_)
+        | Request::ConfirmRecovery(_)
         | Request::Rotate
         | Request::Seal
         | Request::Unseal(_) => (Action::Admin, Resource::Vault),
@@ -158,9 +159,17 @@ impl Service {
                 v.remove_keyslot(p.id, p.force.unwrap_or(false)).await?;
                 Reply::Empty(api::Empty {})
             }
-            Request::Rekey(p) => Reply::Rekey(api::RekeyReply {
-                recovery_shares: v.rekey(p.pin).await?,
-            }),
+            Request::Rekey(p) => {
+                let (recovery_shares, pending) = v.rekey(p.pin).await?;
+                Reply::Rekey(api::RekeyReply {
+                    recovery_shares,
+                    pending_until: pending.map(crate::vault::rfc3339),
+                })
+            }
+            Request::ConfirmRecovery(p) => {
+                let (keyslots, rekeyed) = v.confirm_recovery(p.recovery_shares).await?;
+                Reply::ConfirmRecovery(api::ConfirmRecoveryReply { keyslots, rekeyed })
+            }
             Request::Rotate => Reply::Rotate(api::RotateReply {
                 term: v.rotate().await?,
             }),
@@ -259,6 +268,7 @@ fn class(request: &Request) -> Class {
         | Request::Enroll(_)
         | Request::RemoveKeyslot(_)
         | Request::Rekey(_)
+        | Request::ConfirmRecovery(_)
         | Request::Rotate
         | Request::Seal
         | Request::Unseal(_) => Class::Mutation { admin: true },
@@ -287,6 +297,7 @@ fn target(request: &Request) -> String {
         | Request::Enroll(_)
         | Request::ListKeyslots
         | Request::Rekey(_)
+        | Request::ConfirmRecovery(_)
         | Request::Rotate
         | Request::Seal
         | Request::Unseal(_) => "vault".into(),

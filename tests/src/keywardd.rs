@@ -99,6 +99,12 @@ impl Setup {
         self
     }
 
+    /// Append `toml` (whole tables, like `[recovery]\nconfirm_within_secs = 2`) to the config.
+    pub fn config(mut self, toml: &str) -> Self {
+        let _ = write!(self.devices, "\n{toml}\n");
+        self
+    }
+
     /// The order of the unattended unseal.
     pub fn unseal_order(mut self, order: &[&str]) -> Self {
         self.unseal_order = Some(order.iter().map(|s| (*s).to_owned()).collect());

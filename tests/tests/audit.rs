@@ -469,7 +469,9 @@ fn a_rekey_hands_the_log_to_the_new_key_and_both_verify() {
     );
     ok(&d.run(&["secret", "put", "a"], b"1"), "put");
     let first = status_key(&d);
-    ok(&d.run(&["rekey"], b""), "rekey");
+    let rekey = d.json(&["rekey"]);
+    let share = rekey["recovery_shares"][0].as_str().unwrap().to_owned();
+    ok(&d.run(&["confirm-recovery"], share.as_bytes()), "confirm");
     let second = status_key(&d);
     assert_ne!(first, second, "a new VMK, a new audit key");
     let pem = std::fs::read_to_string(state(&d).join(audit::PUBLIC_KEY_FILE)).unwrap();
@@ -900,8 +902,11 @@ fn an_untouched_log_verifies_across_roll_overs_a_rekey_and_restarts() {
     for i in 0..15 {
         ok(&d.run(&["secret", "put", &format!("r/{i}")], b"v"), "put");
     }
-    ok(&d.run(&["rekey"], b""), "rekey");
+    let rekey = d.json(&["rekey"]);
+    let share = rekey["recovery_shares"][0].as_str().unwrap().to_owned();
+    ok(&d.run(&["confirm-recovery"], share.as_bytes()), "confirm");
     let second = status_key(&d);
+    assert_ne!(first, second);
     for i in 0..15 {
         ok(&d.run(&["secret", "get", &format!("r/{i}")], b""), "get");
     }

@@ -26,7 +26,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::pkcs8::DecodePublicKey as _;
-use keyward::api::{ApiError, Keyslot, SecretString, SlotSpec, UnsealParams};
+use keyward::api::{ApiError, Keyslot, RekeyReply, SecretString, SlotSpec, UnsealParams};
 use keyward::varlink::{Client, ClientError};
 use keyward_tests::keywardd::{Keywardd, Setup};
 use keyward_tests::softhsm::SoftHsm;
@@ -146,6 +146,8 @@ enum AdminOp {
     Remove(u32),
     Rotate,
     Rekey,
+    /// Type back `THRESHOLD` shares of every new set: of an enrolled slot, or a pending rekey's.
+    Confirm(Vec<String>),
     CreateKey {
         name: String,
         device: String,
@@ -161,6 +163,11 @@ struct Admin {
     /// Recovery slot id -> its shares, when known (a slot enrolled or rekeyed by a call whose
     /// reply was lost has shares no one has seen).
     shares: BTreeMap<u32, Vec<String>>,
+    /// The new shares of an acknowledged rekey, by recovery slot: not in force until
+    /// confirmed (the old ones are).
+    pending: Option<BTreeMap<u32, Vec<String>>>,
+    /// Recovery slots whose shares are known but not yet confirmed.
+    unconfirmed: BTreeSet<u32>,
     term: u32,
     keys: BTreeMap<String, Key>,
     key_counter: u64,
@@ -178,6 +185,7 @@ impl AdminOp {
             AdminOp::Remove(_) => "remove-keyslot",
             AdminOp::Rotate => "rotate",
             AdminOp::Rekey => "rekey",
+            AdminOp::Confirm(_) => "confirm-recovery",
             AdminOp::CreateKey { .. } => "create-key",
             AdminOp::DeleteKey(_) => "delete-key",
         }
@@ -381,9 +389,11 @@ impl Admin {
             .map(|(id, _)| *id)
     }
 
-    /// Split a rekey's shares (every recovery slot's, in slot order) among the slots.
-    fn take_rekey_shares(&mut self, shares: Vec<String>) -> Result<(), String> {
+    /// Keep a rekey's new shares (every recovery slot's, in slot order) as pending: they are
+    /// in force only once confirmed.
+    fn take_rekey_shares(&mut self, reply: RekeyReply) -> Result<(), String> {
         let ids = self.recovery_ids();
+        let shares = texts(reply.recovery_shares);
         if shares.len() != ids.len() * usize::from(SHARES) {
             return Err(format!(
                 "rekey returned {} shares for {} recovery slots",
@@ -391,14 +401,51 @@ impl Admin {
                 ids.len()
             ));
         }
-        self.shares.clear();
-        for (id, chunk) in ids.iter().zip(shares.chunks(usize::from(SHARES))) {
-            self.shares.insert(*id, chunk.to_vec());
+        if reply.pending_until.is_none() {
+            return Err("a rekey that made new shares did not wait for their confirmation".into());
         }
+        self.pending = Some(
+            ids.iter()
+                .zip(shares.chunks(usize::from(SHARES)))
+                .map(|(id, chunk)| (*id, chunk.to_vec()))
+                .collect(),
+        );
+        Ok(())
+    }
+
+    /// The shares that confirm everything waiting: `THRESHOLD` of each pending rekey set and
+    /// of each unconfirmed slot's set.
+    fn confirmation(&self) -> Option<Vec<String>> {
+        let sets = self
+            .pending
+            .iter()
+            .flat_map(|p| p.values())
+            .chain(self.unconfirmed.iter().filter_map(|id| self.shares.get(id)));
+        let shares: Vec<String> = sets
+            .flat_map(|s| s.iter().take(usize::from(THRESHOLD)).cloned())
+            .collect();
+        (!shares.is_empty()).then_some(shares)
+    }
+
+    /// A confirmation was acknowledged: the pending rekey (if any) is in force.
+    fn confirmed(&mut self, rekeyed: bool) -> Result<(), String> {
+        if rekeyed != self.pending.is_some() {
+            return Err(format!(
+                "ConfirmRecovery said rekeyed={rekeyed} with a rekey {}pending",
+                if self.pending.is_some() { "" } else { "not " }
+            ));
+        }
+        if let Some(new) = self.pending.take() {
+            self.shares = new;
+        }
+        self.unconfirmed.clear();
         Ok(())
     }
 
     fn next_op(&mut self) -> AdminOp {
+        if let Some(shares) = self.confirmation() {
+            return AdminOp::Confirm(shares);
+        }
         loop {
             let recovery = self.recovery_ids().len();
             match self.rng.below(16) {
@@ -481,6 +528,7 @@ fn run_admin(mut a: Admin, socket: PathBuf, round: Arc<Round>) -> Admin {
                     );
                     a.shares
                         .insert(reply.keyslot.id, texts(reply.recovery_shares));
+                    a.unconfirmed.insert(reply.keyslot.id);
                     Ok(())
                 }
                 Outcome::Refused(e) => Err(format!("Enroll recovery refused: {e}")),
@@ -521,10 +569,21 @@ fn run_admin(mut a: Admin, socket: PathBuf, round: Arc<Round>) -> Admin {
                 Outcome::Cut => return a,
             },
             AdminOp::Rekey => match outcome(&round, c.rekey(None), "Rekey") {
-                Outcome::Acked(reply) => a.take_rekey_shares(texts(reply.recovery_shares)),
+                Outcome::Acked(reply) => a.take_rekey_shares(reply),
                 Outcome::Refused(e) => Err(format!("Rekey refused: {e}")),
                 Outcome::Cut => return a,
             },
+            AdminOp::Confirm(shares) => {
+                let shares = shares
+                    .iter()
+                    .map(|s| SecretString::new(s.as_str()))
+                    .collect();
+                match outcome(&round, c.confirm_recovery(shares), "ConfirmRecovery") {
+                    Outcome::Acked(reply) => a.confirmed(reply.rekeyed),
+                    Outcome::Refused(e) => Err(format!("ConfirmRecovery refused: {e}")),
+                    Outcome::Cut => return a,
+                }
+            }
             AdminOp::CreateKey {
                 name,
                 device,
@@ -721,14 +780,25 @@ fn resolve(h: &mut Harness, c: &mut Client, writers: &mut [Writer], admin: &mut 
                     h.check(s.kind == slot_kind, || {
                         format!("enroll {slot_kind} in flight made {s:?}")
                     });
-                    admin.slots.insert(
-                        s.id,
-                        Slot {
-                            kind: s.kind.clone(),
-                            device: s.device.clone(),
-                        },
-                    );
-                    // Its shares were never seen: that slot can't be tried.
+                    if s.kind == "recovery" {
+                        // Its shares were never seen, so it is unconfirmed: not a way in, and
+                        // removed without --force.
+                        h.check(s.unconfirmed_until.is_some(), || {
+                            format!("a recovery slot nobody saw the shares of is confirmed: {s:?}")
+                        });
+                        h.must(
+                            &format!("RemoveKeyslot {} (enrolled in flight)", s.id),
+                            c.remove_keyslot(s.id, false),
+                        );
+                    } else {
+                        admin.slots.insert(
+                            s.id,
+                            Slot {
+                                kind: s.kind.clone(),
+                                device: s.device.clone(),
+                            },
+                        );
+                    }
                     true
                 }
                 many => h.fail(format!("one enroll in flight made keyslots {many:?}")),
@@ -756,6 +826,7 @@ fn resolve(h: &mut Harness, c: &mut Client, writers: &mut [Writer], admin: &mut 
             moved
         }
         AdminOp::Rekey => resolve_rekey(h, c, admin),
+        AdminOp::Confirm(shares) => resolve_confirm(h, c, admin, shares),
         AdminOp::CreateKey {
             name, algorithm, ..
         } => {
@@ -789,52 +860,84 @@ fn resolve(h: &mut Harness, c: &mut Client, writers: &mut [Writer], admin: &mut 
     h.settled(kind, committed);
 }
 
-/// Whether a rekey whose reply was lost was committed: the recovery shares from before it
-/// open the vault if not, and are refused if so. Seals the vault to find out; leaves it open.
+/// A rekey whose reply was lost: it can only have been prepared, never put in force (nobody
+/// saw its shares), so the shares from before it must still open the vault. Whether it was
+/// prepared shows in `Status`; either way the harness starts it over and confirms it, so that
+/// no rekey it can't confirm stays pending. Seals the vault to check; leaves it open.
 fn resolve_rekey(h: &mut Harness, c: &mut Client, admin: &mut Admin) -> bool {
-    let Some((&id, shares)) = admin.shares.iter().next() else {
-        // No shares known to tell by: treat them all as unknown from now on.
-        admin.shares.clear();
-        return false;
-    };
-    let shares = shares.clone();
-    h.must("Seal", c.seal());
-    let mut opened = false;
-    let mut refused = None;
-    for share in shares.iter().take(usize::from(THRESHOLD)) {
-        match c.unseal(UnsealParams {
-            recovery_share: Some(SecretString::new(share.as_str())),
-            pin: None,
-        }) {
-            Ok(reply) => opened = !reply.sealed,
-            Err(ClientError::Api(e)) => {
-                refused = Some(e);
-                break;
-            }
-            Err(e) => h.fail(format!("Unseal: {e}")),
-        }
-    }
-    match (opened, refused) {
-        (true, _) => false,
-        // A rekey gives each recovery slot a new share set: an old share names a set that is
-        // gone (or, were the set kept, no longer opens the slot).
-        (false, Some(ApiError::InvalidArgument { reason, .. }))
-            if reason.contains("belongs to no recovery keyslot")
-                || reason.contains(&format!("do not open keyslot {id}")) =>
-        {
-            // Committed: no share anyone has seen opens the vault now; the device slots do.
-            admin.shares.clear();
-            h.daemon.restart();
-            *c = h.client();
-            h.check(!h.must("Status", c.status()).sealed, || {
-                "the device slots did not open the vault after a rekey in flight".into()
+    let prepared = h.must("Status", c.status()).rekey_pending_until.is_some();
+    if let Some((&id, shares)) = admin.shares.iter().next() {
+        let shares = shares.clone();
+        h.must("Seal", c.seal());
+        for share in shares.iter().take(usize::from(THRESHOLD)) {
+            let reply = c.unseal(UnsealParams {
+                recovery_share: Some(SecretString::new(share.as_str())),
+                pin: None,
             });
-            true
+            if let Err(e) = reply {
+                h.fail(format!(
+                    "the shares of keyslot {id} no longer open the vault after a rekey whose \
+                     reply was lost: {e}"
+                ));
+            }
         }
-        (false, other) => h.fail(format!(
-            "the shares of keyslot {id} neither opened the vault nor were refused as stale \
-             after a rekey in flight: {other:?}"
-        )),
+        h.check(!h.must("Status", c.status()).sealed, || {
+            format!("the shares of keyslot {id} did not open the vault after a rekey in flight")
+        });
+    }
+    if prepared {
+        let reply = h.must("Rekey (started over)", c.rekey(None));
+        if let Err(e) = admin.take_rekey_shares(reply) {
+            h.fail(e);
+        }
+        confirm_now(h, c, admin);
+    }
+    prepared
+}
+
+/// A confirmation whose reply was lost: sending it again must succeed either way, and says
+/// whether the first one had put a pending rekey in force already.
+fn resolve_confirm(
+    h: &mut Harness,
+    c: &mut Client,
+    admin: &mut Admin,
+    shares: Vec<String>,
+) -> bool {
+    let unconfirmed_before = h
+        .must("ListKeyslots", c.list_keyslots())
+        .iter()
+        .filter(|s| s.unconfirmed_until.is_some())
+        .count();
+    let shares = shares
+        .iter()
+        .map(|s| SecretString::new(s.as_str()))
+        .collect();
+    let reply = h.must("ConfirmRecovery (again)", c.confirm_recovery(shares));
+    let committed = match &admin.pending {
+        // Had the first one taken effect, there would be nothing left to rekey.
+        Some(_) => !reply.rekeyed,
+        None => unconfirmed_before == 0,
+    };
+    // Either way, everything it confirms is in force now.
+    if let Some(new) = admin.pending.take() {
+        admin.shares = new;
+    }
+    admin.unconfirmed.clear();
+    committed
+}
+
+/// Confirm whatever waits, as a call of the harness's own that must succeed.
+fn confirm_now(h: &mut Harness, c: &mut Client, admin: &mut Admin) {
+    let Some(shares) = admin.confirmation() else {
+        return;
+    };
+    let shares = shares
+        .iter()
+        .map(|s| SecretString::new(s.as_str()))
+        .collect();
+    let reply = h.must("ConfirmRecovery", c.confirm_recovery(shares));
+    if let Err(e) = admin.confirmed(reply.rekeyed) {
+        h.fail(e);
     }
 }
 
@@ -1024,13 +1127,15 @@ fn refresh_shares(h: &mut Harness, c: &mut Client, admin: &mut Admin) {
         admin
             .shares
             .insert(reply.keyslot.id, texts(reply.recovery_shares));
+        admin.unconfirmed.insert(reply.keyslot.id);
     }
     if admin.shares.is_empty() {
         let reply = h.must("Rekey", c.rekey(None));
-        if let Err(e) = admin.take_rekey_shares(texts(reply.recovery_shares)) {
+        if let Err(e) = admin.take_rekey_shares(reply) {
             h.fail(e);
         }
     }
+    confirm_now(h, c, admin);
 }
 
 fn env_number(name: &str) -> Option<u64> {
@@ -1097,6 +1202,8 @@ fn acknowledged_writes_survive_sigkill_and_the_vault_always_opens() {
             })
             .collect(),
         shares: BTreeMap::new(),
+        pending: None,
+        unconfirmed: BTreeSet::new(),
         term: h.must("Status", c.status()).term.unwrap_or_default(),
         keys: BTreeMap::new(),
         key_counter: 0,
@@ -1108,6 +1215,7 @@ fn acknowledged_writes_survive_sigkill_and_the_vault_always_opens() {
     admin
         .shares
         .insert(recovery[0], texts(init.recovery_shares));
+    admin.unconfirmed.insert(recovery[0]);
     let mut writers: Vec<Writer> = (0..WRITERS)
         .map(|id| Writer {
             names: (0..NAMES_PER_WRITER)
@@ -1139,6 +1247,8 @@ fn acknowledged_writes_survive_sigkill_and_the_vault_always_opens() {
                 Admin {
                     slots: BTreeMap::new(),
                     shares: BTreeMap::new(),
+                    pending: None,
+                    unconfirmed: BTreeSet::new(),
                     term: 0,
                     keys: BTreeMap::new(),
                     key_counter: 0,

@@ -195,6 +195,13 @@ fn rekey_keeps_every_secret_and_replaces_recovery_shares() {
         .map(|s| s.as_str().unwrap().to_owned())
         .collect();
     assert_eq!(new.len(), 3, "{out}");
+    assert!(out["pending_until"].is_string(), "{out}");
+    let confirm = format!("{}\n{}\n", new[2], new[0]);
+    let out = w
+        .daemon
+        .run(&["--json", "confirm-recovery"], confirm.as_bytes());
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("\"rekeyed\": true"), "{}", out.stdout);
     assert_eq!(get(&w.daemon, "bulk/7"), b"value-7");
     // The device slots were re-sealed: the restart unseals unattended.
     w.daemon.restart();
@@ -344,4 +351,31 @@ fn a_second_init_is_refused() {
     let out = w.daemon.run(&["init", "--pkcs11", "hsm"], b"");
     assert_ne!(out.code, 0);
     assert!(out.stderr.contains("already"), "{}", out.stderr);
+}
+
+#[test]
+fn a_softhsm_device_without_its_config_is_refused_naming_the_setting() {
+    let token = SoftHsm::new("keyward-noconf");
+    let d = Setup::new().prepare();
+    let config = format!(
+        "{}\n[devices.hsm]\nkind = \"pkcs11\"\nmodule = \"{}\"\ntoken = \"pkcs11:token={}\"\n",
+        std::fs::read_to_string(d.config_path()).unwrap(),
+        hsm_shim::pkcs11::SOFTHSM_MODULE,
+        token.label(),
+    );
+    std::fs::write(d.config_path(), config).unwrap();
+    let out = std::process::Command::new(keyward_tests::keywardd::bin("keywardd"))
+        .arg("--config")
+        .arg(d.config_path())
+        .env("SOFTHSM2_CONF", token.conf())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("softhsm_conf"), "{stderr}");
+    assert!(stderr.contains("[devices.hsm]"), "{stderr}");
+    assert!(
+        stderr.contains("from the environment is ignored"),
+        "{stderr}"
+    );
 }

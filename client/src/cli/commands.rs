@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::CommandFactory as _;
 use keyward::api::{
-    SecretString, SecretValue, SlotSpec, UnsealParams, UnsealReply, MAX_SECRET_LEN,
+    ConfirmRecoveryReply, SecretString, SecretValue, SlotSpec, UnsealParams, UnsealReply,
+    MAX_SECRET_LEN,
 };
 use keyward::{Client, ClientError};
 use serde::Serialize;
@@ -16,7 +17,8 @@ use serde_json::json;
 use super::input::{self, NoEcho, Shares, ZeroizingReader};
 use super::output;
 use super::{
-    Cli, CliError, Command, Enroll, InitArgs, KeyCommand, KeyslotCommand, SecretCommand, UnsealArgs,
+    Cli, CliError, Command, Enroll, InitArgs, KeyCommand, KeyslotCommand, RekeyArgs, SecretCommand,
+    UnsealArgs,
 };
 
 /// How long a call may go without progress before the CLI gives up (key generation and
@@ -107,26 +109,11 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 format!("keyslot {id} removed\n")
             })
         }
-        Command::Rekey(args) => {
-            let pin = args
-                .pin_file
-                .as_deref()
-                .map(input::read_pin_file)
-                .transpose()?;
-            let reply = c.rekey(pin)?;
-            let threshold = recovery_threshold(c, reply.recovery_shares.len());
-            out.emit(&reply, || {
-                let mut text =
-                    "new master key: the keyring and every keyslot are sealed again\n".to_owned();
-                if !reply.recovery_shares.is_empty() {
-                    text.push_str(
-                        "The recovery shares you had no longer work: replace them with these.\n",
-                    );
-                    text.push_str(&output::recovery_shares(&reply.recovery_shares, threshold));
-                }
-                text
-            })
-        }
+        Command::Rekey(args) => match &args.confirm_from {
+            Some(path) => confirm_recovery(c, &out, Some(path)),
+            None => rekey(c, &out, &args),
+        },
+        Command::ConfirmRecovery { file } => confirm_recovery(c, &out, file.as_deref()),
         Command::Rotate => {
             let term = c.rotate()?;
             out.emit(&json!({ "term": term }), || {
@@ -138,17 +125,128 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
-/// The threshold of the recovery slot, for the share notice after a rekey (best effort).
-fn recovery_threshold(c: &mut Client, shares: usize) -> Option<u8> {
-    if shares == 0 {
-        return None;
-    }
-    let slots = c.list_keyslots().ok()?;
-    let mut recovery = slots.iter().filter(|s| s.kind == "recovery");
-    match (recovery.next(), recovery.next()) {
-        (Some(slot), None) => slot.threshold,
+/// The recovery keyslots' thresholds, in keyslot order (a rekey's shares come in that order).
+fn recovery_thresholds(c: &mut Client) -> Result<Vec<u8>, CliError> {
+    Ok(c.list_keyslots()?
+        .iter()
+        .filter(|s| s.kind == "recovery")
+        .filter_map(|s| s.threshold)
+        .collect())
+}
+
+fn rekey(c: &mut Client, out: &Out, args: &RekeyArgs) -> Result<(), CliError> {
+    let pin = args
+        .pin_file
+        .as_deref()
+        .map(input::read_pin_file)
+        .transpose()?;
+    let reply = c.rekey(pin)?;
+    let thresholds = if reply.recovery_shares.is_empty() {
+        Vec::new()
+    } else {
+        recovery_thresholds(c)?
+    };
+    let single = match thresholds.as_slice() {
+        [k] => Some(*k),
         _ => None,
+    };
+    out.emit(&reply, || {
+        let mut text = match &reply.pending_until {
+            None => "new master key: the keyring and every keyslot are sealed again\n".to_owned(),
+            Some(until) => format!(
+                "new master key prepared: it takes effect once you confirm the new shares \
+                 (before {until}); until then the old shares and key stay in force\n"
+            ),
+        };
+        if !reply.recovery_shares.is_empty() {
+            text.push_str(&output::recovery_shares(&reply.recovery_shares, single));
+        }
+        text
+    })?;
+    match &reply.pending_until {
+        Some(until) => confirm_new_shares(
+            c,
+            out,
+            thresholds.iter().map(|&k| u32::from(k)).sum(),
+            until,
+        ),
+        None => Ok(()),
     }
+}
+
+/// After new shares were shown: on a terminal, ask for `needed` of them back and confirm
+/// them now; otherwise say how to confirm them later.
+fn confirm_new_shares(c: &mut Client, out: &Out, needed: u32, until: &str) -> Result<(), CliError> {
+    let stdin = io::stdin();
+    if out.json || !stdin.is_terminal() {
+        if !out.json {
+            eprintln!(
+                "The new shares are unconfirmed until you type {needed} of them back (before \
+                 {until}): `keyward confirm-recovery FILE`, one share per line."
+            );
+        }
+        return Ok(());
+    }
+    eprintln!(
+        "Prove the shares reached you: type {needed} of them back, one per line (not shown)."
+    );
+    let shares = {
+        let _echo = NoEcho::stdin();
+        Shares::new(ZeroizingReader::new(stdin.lock()), "stdin", true)
+            .take(needed as usize)
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let reply = c.confirm_recovery(shares).map_err(|e| {
+        eprintln!("Not confirmed. Try again before {until} with `keyward confirm-recovery FILE`.");
+        CliError::from(e)
+    })?;
+    eprintln!("{}", confirmed_text(&reply));
+    Ok(())
+}
+
+fn confirmed_text(reply: &ConfirmRecoveryReply) -> String {
+    let ids: Vec<String> = reply.keyslots.iter().map(|k| k.id.to_string()).collect();
+    let mut text = if ids.is_empty() {
+        "the shares check out; nothing was waiting for them".to_owned()
+    } else {
+        format!(
+            "recovery shares confirmed for keyslot(s) {}",
+            ids.join(", ")
+        )
+    };
+    if reply.rekeyed {
+        text.push_str("\nthe new master key is in force: the old recovery shares no longer work");
+    }
+    text
+}
+
+/// `confirm-recovery [FILE]` and `rekey --confirm-from FILE`: every share in the input.
+fn confirm_recovery(c: &mut Client, out: &Out, file: Option<&Path>) -> Result<(), CliError> {
+    let shares = match file.filter(|p| *p != Path::new("-")) {
+        Some(path) => {
+            let f = std::fs::File::open(path)
+                .map_err(|e| CliError::Local(format!("cannot open {}: {e}", path.display())))?;
+            Shares::new(ZeroizingReader::new(f), path.display().to_string(), false)
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        None => {
+            let stdin = io::stdin();
+            let interactive = stdin.is_terminal();
+            let _echo = NoEcho::stdin();
+            if interactive {
+                eprintln!("Type the new recovery shares, one per line (not shown); Ctrl-D to end.");
+            }
+            Shares::new(ZeroizingReader::new(stdin.lock()), "stdin", interactive)
+                .collect::<Result<Vec<_>, _>>()?
+        }
+    };
+    if shares.is_empty() {
+        return Err(CliError::Usage(
+            "no recovery share given: one per line, from FILE or stdin".into(),
+        ));
+    }
+    let reply = c.confirm_recovery(shares)?;
+    out.emit(&reply, || format!("{}\n", confirmed_text(&reply)))
 }
 
 fn init(c: &mut Client, out: &Out, args: &InitArgs) -> Result<(), CliError> {
@@ -183,6 +281,10 @@ fn init(c: &mut Client, out: &Out, args: &InitArgs) -> Result<(), CliError> {
         });
     }
     let reply = c.init(slots)?;
+    let unconfirmed = reply
+        .keyslots
+        .iter()
+        .find_map(|k| k.unconfirmed_until.clone().zip(k.threshold));
     out.emit(&reply, || {
         let mut text = format!(
             "vault initialised with {} keyslot(s):\n",
@@ -196,7 +298,11 @@ fn init(c: &mut Client, out: &Out, args: &InitArgs) -> Result<(), CliError> {
             ));
         }
         text
-    })
+    })?;
+    match unconfirmed {
+        Some((until, k)) => confirm_new_shares(c, out, u32::from(k), &until),
+        None => Ok(()),
+    }
 }
 
 fn enroll(c: &mut Client, out: &Out, what: Enroll) -> Result<(), CliError> {
@@ -247,7 +353,11 @@ fn enroll(c: &mut Client, out: &Out, what: Enroll) -> Result<(), CliError> {
             text.push_str(&output::recovery_shares(&reply.recovery_shares, threshold));
         }
         text
-    })
+    })?;
+    match reply.keyslot.unconfirmed_until.clone().zip(threshold) {
+        Some((until, k)) => confirm_new_shares(c, out, u32::from(k), &until),
+        None => Ok(()),
+    }
 }
 
 /// Send shares one at a time until the vault opens; stop reading as soon as it does.
@@ -361,6 +471,13 @@ fn secret(c: &mut Client, out: &Out, cmd: SecretCommand) -> Result<(), CliError>
                 "the secret value",
                 "pipe it in (`keyward secret put NAME < FILE`) or use --file FILE",
             )?;
+            // Bytes are kept exactly; a person piping `echo` in is told about the newline.
+            if value.last() == Some(&b'\n') && io::stderr().is_terminal() {
+                eprintln!(
+                    "note: the value ends with a newline, which is stored as part of it \
+                     (use `printf %s` or `echo -n` to leave it out)"
+                );
+            }
             let version = c.put_secret(&name, &value)?;
             out.emit(&json!({ "name": name, "version": version }), || {
                 format!("stored {name} version {version}\n")

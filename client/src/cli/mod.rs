@@ -70,8 +70,16 @@ pub enum Command {
     #[command(subcommand)]
     Keyslot(KeyslotCommand),
     /// Replace the master key; every keyslot is sealed again and recovery slots get new
-    /// shares (the old ones stop working).
+    /// shares. With recovery slots it takes effect once K of each new share set are typed
+    /// back (at the prompt, or later with --confirm-from); until then the old shares work.
     Rekey(RekeyArgs),
+    /// Prove you hold new recovery shares (from init, enroll recovery or rekey): K shares of
+    /// each new set, one per line, from FILE or stdin. A pending rekey then takes effect.
+    ConfirmRecovery {
+        /// Read the shares from this file [default: stdin].
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
     /// Start a new data-key term for new secret versions; old versions stay readable.
     Rotate,
     /// Store, fetch, list and delete secrets.
@@ -209,6 +217,10 @@ pub struct RekeyArgs {
     /// File holding the PIN of PIN-bound TPM slots.
     #[arg(long, value_name = "FILE")]
     pub pin_file: Option<PathBuf>,
+    /// Start no rekey: confirm the pending one with the new shares in FILE (`-`: stdin), K
+    /// of each set, one per line (the same as `keyward confirm-recovery FILE`).
+    #[arg(long, value_name = "FILE", conflicts_with = "pin_file")]
+    pub confirm_from: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -70,8 +70,11 @@ pub fn keyslots(indent: &str, slots: &[Keyslot]) -> String {
                 or_dash(s.device.clone()),
                 or_dash(s.pcrs.as_deref().map(pcr_list)),
                 if s.pin { "yes" } else { "no" }.into(),
-                or_dash(match (s.threshold, s.shares) {
-                    (Some(k), Some(n)) => Some(format!("{k} of {n}")),
+                or_dash(match (s.threshold, s.shares, &s.unconfirmed_until) {
+                    (Some(k), Some(n), None) => Some(format!("{k} of {n}")),
+                    (Some(k), Some(n), Some(until)) => {
+                        Some(format!("{k} of {n}, unconfirmed until {until}"))
+                    }
                     _ => None,
                 }),
                 s.created.clone(),
@@ -123,6 +126,13 @@ pub fn status(s: &StatusReply) -> String {
         let _ = writeln!(
             out,
             "          {n} more recovery share(s) needed: `keyward unseal`"
+        );
+    }
+    if let Some(until) = &s.rekey_pending_until {
+        let _ = writeln!(
+            out,
+            "rekey:    PENDING until {until}: the new master key takes effect once its shares \
+             are confirmed (`keyward confirm-recovery`)"
         );
     }
     if let Some(term) = s.term {
@@ -247,6 +257,7 @@ mod tests {
                 threshold: None,
                 shares: None,
                 created: "2025-01-01T00:00:00Z".into(),
+                unconfirmed_until: None,
             }],
             devices: vec![DeviceStatus {
                 name: "tpm".into(),
@@ -258,6 +269,7 @@ mod tests {
             term: None,
             version: "0.1.0".into(),
             audit_public_key: Some("MCowBQYDK2VwAyEA".into()),
+            rekey_pending_until: None,
             audit_finding: None,
         };
         let text = status(&s);

@@ -62,8 +62,27 @@ CREATE TABLE keys (
 ) STRICT;
 ";
 
+/// Schema v2: recovery shares that nobody has yet proved to hold.
+///
+/// `keyslots.unconfirmed_until` (unix seconds) marks a recovery keyslot whose shares were
+/// handed out but not yet typed back: it opens the vault (and is confirmed by doing so), but
+/// it is not counted as a way in, and it is dropped once the time passes unless it is the
+/// vault's only keyslot. `pending_rekey` holds a rekey waiting for the same proof: every
+/// keyslot's material sealed to the next master key, which takes over only once the new
+/// recovery shares are confirmed; until then the current key and every old share stay valid.
+const V2: &str = "
+ALTER TABLE keyslots ADD COLUMN unconfirmed_until INTEGER;
+
+CREATE TABLE pending_rekey (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    expires INTEGER NOT NULL,
+    slots BLOB NOT NULL,
+    created TEXT NOT NULL
+) STRICT;
+";
+
 /// The migrations, in order. The schema version this build writes is their count.
-pub const MIGRATIONS: &[&str] = &[V1];
+pub const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The schema version this build knows.
 pub fn current_version() -> i64 {

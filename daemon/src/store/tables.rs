@@ -131,6 +131,9 @@ pub struct NewKeyslot {
     pub shares: Option<u8>,
     /// The slot's sealed material (a device blob, or the recovery slot's wrapped VMK).
     pub blob: Vec<u8>,
+    /// Unix seconds until which a recovery slot waits for its shares to be confirmed; `None`
+    /// for a confirmed slot (and every device slot).
+    pub unconfirmed_until: Option<u64>,
 }
 
 impl fmt::Debug for NewKeyslot {
@@ -143,6 +146,7 @@ impl fmt::Debug for NewKeyslot {
             .field("threshold", &self.threshold)
             .field("shares", &self.shares)
             .field("blob", &Len(self.blob.len()))
+            .field("unconfirmed_until", &self.unconfirmed_until)
             .finish()
     }
 }
@@ -160,6 +164,8 @@ pub struct KeyslotRow {
     pub shares: Option<u8>,
     pub blob: Vec<u8>,
     pub created: String,
+    /// See [`NewKeyslot::unconfirmed_until`].
+    pub unconfirmed_until: Option<u64>,
 }
 
 impl fmt::Debug for KeyslotRow {
@@ -174,6 +180,7 @@ impl fmt::Debug for KeyslotRow {
             .field("shares", &self.shares)
             .field("blob", &Len(self.blob.len()))
             .field("created", &self.created)
+            .field("unconfirmed_until", &self.unconfirmed_until)
             .finish()
     }
 }
@@ -184,7 +191,8 @@ fn pcrs_to_json(pcrs: &[u8]) -> String {
     format!("[{}]", items.join(","))
 }
 
-const KEYSLOT_COLUMNS: &str = "id, kind, device, pcrs, pin, threshold, shares, blob, created";
+const KEYSLOT_COLUMNS: &str =
+    "id, kind, device, pcrs, pin, threshold, shares, blob, created, unconfirmed_until";
 
 fn keyslot_from_row(row: &Row<'_>) -> rusqlite::Result<(KeyslotRow, Option<String>)> {
     let pcrs: Option<String> = row.get(3)?;
@@ -199,6 +207,7 @@ fn keyslot_from_row(row: &Row<'_>) -> rusqlite::Result<(KeyslotRow, Option<Strin
             shares: row.get(6)?,
             blob: row.get(7)?,
             created: row.get(8)?,
+            unconfirmed_until: row.get(9)?,
         },
         pcrs,
     ))
@@ -224,8 +233,9 @@ fn with_pcrs((mut slot, pcrs): (KeyslotRow, Option<String>)) -> Result<KeyslotRo
 pub fn insert_keyslot(tx: &Transaction<'_>, slot: &NewKeyslot) -> Result<KeyslotRow, StoreError> {
     let created = now_rfc3339();
     let id: u32 = tx.query_row(
-        "INSERT INTO keyslots (kind, device, pcrs, pin, threshold, shares, blob, created)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
+        "INSERT INTO keyslots
+             (kind, device, pcrs, pin, threshold, shares, blob, created, unconfirmed_until)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) RETURNING id",
         params![
             slot.kind,
             slot.device,
@@ -235,6 +245,7 @@ pub fn insert_keyslot(tx: &Transaction<'_>, slot: &NewKeyslot) -> Result<Keyslot
             slot.shares,
             slot.blob,
             created,
+            slot.unconfirmed_until,
         ],
         |row| row.get(0),
     )?;
@@ -248,6 +259,7 @@ pub fn insert_keyslot(tx: &Transaction<'_>, slot: &NewKeyslot) -> Result<Keyslot
         shares: slot.shares,
         blob: slot.blob.clone(),
         created,
+        unconfirmed_until: slot.unconfirmed_until,
     })
 }
 
@@ -302,6 +314,109 @@ pub fn update_keyslot_blob(tx: &Transaction<'_>, id: u32, blob: &[u8]) -> Result
         });
     }
     Ok(())
+}
+
+/// Mark a recovery keyslot's shares as confirmed; `false` when there is no such keyslot.
+///
+/// # Errors
+/// A SQLite failure.
+pub fn confirm_keyslot(tx: &Transaction<'_>, id: u32) -> Result<bool, StoreError> {
+    Ok(tx.execute(
+        "UPDATE keyslots SET unconfirmed_until = NULL WHERE id = ?1",
+        [id],
+    )? > 0)
+}
+
+/// Drop the unconfirmed recovery keyslots whose time ran out at `now` (unix seconds), except
+/// when that would leave the vault without any keyslot; returns the ids dropped.
+///
+/// # Errors
+/// A SQLite failure.
+pub fn drop_expired_keyslots(tx: &Transaction<'_>, now: u64) -> Result<Vec<u32>, StoreError> {
+    let expired = lapsed_keyslots(&list_keyslots(tx)?, now);
+    for id in &expired {
+        delete_keyslot(tx, *id)?;
+    }
+    Ok(expired)
+}
+
+/// The ids among `rows` of unconfirmed recovery keyslots whose time ran out at `now`, unless
+/// they are all the keyslots there are (the vault's only way in is never dropped).
+pub fn lapsed_keyslots(rows: &[KeyslotRow], now: u64) -> Vec<u32> {
+    let lapsed: Vec<u32> = rows
+        .iter()
+        .filter(|r| r.unconfirmed_until.is_some_and(|t| t <= now))
+        .map(|r| r.id)
+        .collect();
+    if lapsed.len() == rows.len() {
+        Vec::new()
+    } else {
+        lapsed
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// pending rekey
+
+/// A rekey waiting for its new recovery shares to be confirmed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PendingRekey {
+    /// Unix seconds after which it is void.
+    pub expires: u64,
+    /// The new material of every keyslot (the vault's own encoding), opaque here.
+    pub slots: Vec<u8>,
+    pub created: String,
+}
+
+impl fmt::Debug for PendingRekey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingRekey")
+            .field("expires", &self.expires)
+            .field("slots", &Len(self.slots.len()))
+            .field("created", &self.created)
+            .finish()
+    }
+}
+
+/// The pending rekey, if there is one.
+///
+/// # Errors
+/// A SQLite failure.
+pub fn get_pending_rekey(conn: &Connection) -> Result<Option<PendingRekey>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT expires, slots, created FROM pending_rekey WHERE id = 1",
+            [],
+            |row| {
+                Ok(PendingRekey {
+                    expires: row.get(0)?,
+                    slots: row.get(1)?,
+                    created: row.get(2)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
+/// Store `pending` as the one pending rekey, replacing any earlier one.
+///
+/// # Errors
+/// A SQLite failure.
+pub fn put_pending_rekey(tx: &Transaction<'_>, pending: &PendingRekey) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT OR REPLACE INTO pending_rekey (id, expires, slots, created)
+         VALUES (1, ?1, ?2, ?3)",
+        params![pending.expires, pending.slots, pending.created],
+    )?;
+    Ok(())
+}
+
+/// Forget the pending rekey; `false` when there was none.
+///
+/// # Errors
+/// A SQLite failure.
+pub fn delete_pending_rekey(tx: &Transaction<'_>) -> Result<bool, StoreError> {
+    Ok(tx.execute("DELETE FROM pending_rekey", [])? > 0)
 }
 
 // ---------------------------------------------------------------------------------------------

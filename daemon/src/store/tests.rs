@@ -31,6 +31,7 @@ fn slot(kind: &str) -> NewKeyslot {
         threshold: None,
         shares: None,
         blob: vec![9; 40],
+        unconfirmed_until: None,
     }
 }
 
@@ -199,6 +200,7 @@ async fn keyslot_ids_are_never_reused() {
                     threshold: Some(2),
                     shares: Some(3),
                     blob: b"{}".to_vec(),
+                    unconfirmed_until: None,
                 },
             )
         })

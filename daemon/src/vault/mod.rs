@@ -16,6 +16,7 @@ pub mod recovery;
 
 mod errors;
 mod keys;
+mod pending;
 mod retry;
 mod secrets;
 mod slots;
@@ -34,6 +35,7 @@ use keyring::Keyring;
 use recovery::ParsedShare;
 
 pub use errors::{device_error, store_error};
+pub use pending::rfc3339;
 
 /// Where the vault stands.
 enum State {
@@ -75,6 +77,8 @@ pub struct Vault {
     keys: keys::KeyCache,
     /// Devices whose return should trigger another unattended unseal.
     retry: retry::Retry,
+    /// How long new recovery shares wait for their confirmation ([`pending`]).
+    confirm_within: std::time::Duration,
 }
 
 impl std::fmt::Debug for Vault {
@@ -101,6 +105,7 @@ impl Vault {
         store: Store,
         devices: BTreeMap<String, DeviceHandle>,
         unseal_order: Vec<String>,
+        confirm_within: std::time::Duration,
         on_change: Arc<dyn Fn(&str) + Send + Sync>,
     ) -> Result<Self, ApiError> {
         let meta = store
@@ -125,6 +130,7 @@ impl Vault {
             audit: std::sync::OnceLock::new(),
             keys: keys::KeyCache::default(),
             retry: retry::Retry::default(),
+            confirm_within,
         })
     }
 
@@ -180,6 +186,7 @@ impl Vault {
     pub async fn status(&self) -> Result<api::StatusReply, ApiError> {
         self.retry_unattended_if_due().await;
         let keyslots = self.list_keyslots_any_state().await?;
+        let rekey_pending_until = self.rekey_pending_until().await?;
         let devices = self
             .devices
             .iter()
@@ -206,6 +213,7 @@ impl Vault {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             // The service adds it: the audit log knows its key, the vault does not.
             audit_public_key: None,
+            rekey_pending_until,
             audit_finding: None,
         };
         match &*state {
@@ -252,7 +260,10 @@ impl Vault {
         let mut made = Vec::new();
         let mut shares = Vec::new();
         for spec in &specs {
-            let (slot, mut s) = self.make_slot(&vault_id, &vmk, spec).await?;
+            let (mut slot, mut s) = self.make_slot(&vault_id, &vmk, spec).await?;
+            if !s.is_empty() {
+                slot.unconfirmed_until = Some(self.confirm_deadline());
+            }
             made.push(slot);
             shares.append(&mut s);
         }

@@ -6,7 +6,7 @@
 //! A share is text meant to be typed back or read aloud:
 //!
 //! ```text
-//! KW1-<set id: 8 hex>-<k>-<index>-XXXX-XXXX-…-XXXX-CCCC
+//! KW2-<set id: 8 hex>-<k>-<index>-XXXX-XXXX-…-XXXX-CCCC
 //! ```
 //!
 //! The 32 data bytes are 52 characters of Crockford base32 (`0-9 A-Z` without `I L O U`), in
@@ -20,6 +20,9 @@
 //! single-character typo in a million through; a generated test found one.) Input is read
 //! forgivingly: any case, spaces or dashes anywhere between data characters, and `I`/`L` read as
 //! `1`, `O` as `0`.
+//!
+//! `KW1-` shares came from development builds whose check was a truncated hash; they are
+//! refused by name ([`RecoveryError::RetiredVersion`]), never misread as a typo.
 //!
 //! Limits: `1 ≤ k ≤ n ≤ 16`. `k = 1` is allowed and means each share alone opens the vault
 //! (useful for one share in a safe); the admin chooses.
@@ -41,7 +44,7 @@ use super::crypto::{self, CryptoError, Key32, KEY_LEN};
 /// Most shares in one set.
 pub const MAX_SHARES: u8 = 16;
 /// The share format this build writes and reads.
-const VERSION: &str = "1";
+const VERSION: &str = "2";
 /// Data characters in a share: 32 bytes of base32.
 const DATA_CHARS: usize = (KEY_LEN * 8).div_ceil(5);
 /// Check characters (20 bits).
@@ -54,7 +57,7 @@ const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 /// α² + 1): its coefficients of `x⁰` to `x³` (that of `x⁴` is 1).
 const GENERATOR: [u8; CHECK_CHARS] = [17, 9, 6, 30];
 /// The version as the first check symbol: a share of another format never checks out.
-const VERSION_SYMBOL: u8 = 1;
+const VERSION_SYMBOL: u8 = 2;
 
 /// A recovery share set's public description.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,8 +175,11 @@ pub enum RecoveryError {
     #[error("share has a typo: its checksum does not match")]
     BadChecksum,
     /// A share in a format newer than this build reads.
-    #[error("unsupported recovery share format: this keywardd reads KW1 shares")]
+    #[error("unsupported recovery share format: this keywardd reads KW2 shares")]
     UnsupportedVersion,
+    /// A `KW1-` share: a development format whose check missed typos.
+    #[error("this is a KW1 share, a development-build format that is no longer read: open the vault with another keyslot and enroll new recovery shares")]
+    RetiredVersion,
     /// The share belongs to a different recovery set (or claims an impossible index).
     #[error("this share belongs to a different recovery set")]
     WrongSet,
@@ -214,6 +220,11 @@ impl fmt::Debug for ParsedShare {
 }
 
 impl ParsedShare {
+    /// The set id as printed on the share (8 uppercase hex digits).
+    pub fn set_id_text(&self) -> String {
+        hex_upper(&self.set_id)
+    }
+
     /// The share's canonical text, as enrollment prints it (upper case, groups of four). Text
     /// that parses reads back from this to the same share; the fuzz targets check that.
     pub fn to_text(&self) -> Zeroizing<String> {
@@ -457,21 +468,21 @@ pub fn parse_share(text: &str) -> Result<ParsedShare, RecoveryError> {
         .get(..2)
         .filter(|p| p.eq_ignore_ascii_case("KW"))
         .and_then(|_| version.get(2..))
-        .ok_or_else(|| bad("a recovery share starts with \"KW1-\""))?;
+        .ok_or_else(|| bad("a recovery share starts with \"KW2-\""))?;
     if number != VERSION {
-        return Err(
-            if !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()) {
-                RecoveryError::UnsupportedVersion
-            } else {
-                bad("a recovery share starts with \"KW1-\"")
-            },
-        );
+        return Err(if number == "1" {
+            RecoveryError::RetiredVersion
+        } else if !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()) {
+            RecoveryError::UnsupportedVersion
+        } else {
+            bad("a recovery share starts with \"KW2-\"")
+        });
     }
 
     let set_id = tokens
         .next()
         .and_then(parse_hex4)
-        .ok_or_else(|| bad("after \"KW1-\" comes the set id: 8 hex digits"))?;
+        .ok_or_else(|| bad("after \"KW2-\" comes the set id: 8 hex digits"))?;
     let threshold = tokens
         .next()
         .and_then(|t| t.parse::<u8>().ok())
@@ -693,7 +704,7 @@ mod tests {
     fn share_text_shape() {
         let (slot, texts) = enroll(&Key32::random(), &VAULT, 3, 5).unwrap();
         for (i, text) in texts.iter().enumerate() {
-            let prefix = format!("KW1-{}-3-{}-", slot.set.id_text(), i + 1);
+            let prefix = format!("KW2-{}-3-{}-", slot.set.id_text(), i + 1);
             assert!(text.starts_with(&prefix), "{}", text.as_str());
             let groups: Vec<&str> = text[prefix.len()..].split('-').collect();
             assert_eq!(groups.len(), (DATA_CHARS + CHECK_CHARS) / GROUP);
@@ -743,7 +754,7 @@ mod tests {
     fn a_typo_is_a_bad_checksum() {
         let (_, texts) = enroll(&Key32::random(), &VAULT, 2, 3).unwrap();
         let text = texts[0].as_str();
-        let header_len = "KW1-XXXXXXXX-2-1-".len();
+        let header_len = "KW2-XXXXXXXX-2-1-".len();
         // Change each data or check character in turn to another valid one.
         for (pos, c) in text.char_indices().skip(header_len) {
             if c == '-' {
@@ -758,7 +769,7 @@ mod tests {
         }
         // A typo in the set id, k or index is caught by the checksum too.
         let set_typo = format!(
-            "KW1-{}{}",
+            "KW2-{}{}",
             if &text[4..5] == "0" { "1" } else { "0" },
             &text[5..]
         );
@@ -806,7 +817,7 @@ mod tests {
         }
     }
 
-    /// `KW1-SETID-K-INDEX` and the data groups after it.
+    /// `KW2-SETID-K-INDEX` and the data groups after it.
     fn split_header(text: &str) -> (&str, &str) {
         let end = text.match_indices('-').nth(3).unwrap().0;
         (&text[..end], &text[end + 1..])
@@ -816,13 +827,13 @@ mod tests {
     fn format_errors_are_precise_and_never_echo() {
         let (_, texts) = enroll(&Key32::random(), &VAULT, 2, 3).unwrap();
         let text = texts[0].as_str();
-        let data_part = &text["KW1-XXXXXXXX-2-1-".len()..];
+        let data_part = &text["KW2-XXXXXXXX-2-1-".len()..];
         let cases = [
             ("", "empty"),
             ("hello", "starts with"),
             (&format!("KX1{}", &text[3..]), "starts with"),
-            (&format!("KW1-12345-2-1-{data_part}"), "set id"),
-            (&format!("KW1-1234567G-2-1-{data_part}"), "set id"),
+            (&format!("KW2-12345-2-1-{data_part}"), "set id"),
+            (&format!("KW2-1234567G-2-1-{data_part}"), "set id"),
             (&format!("{}0-1-{data_part}", &text[..13]), "needed"),
             (
                 &format!("{}2-17-{data_part}", &text[..13]),
@@ -846,8 +857,12 @@ mod tests {
             }
         }
         assert!(matches!(
-            parse_share(&format!("KW2{}", &text[3..])),
+            parse_share(&format!("KW3{}", &text[3..])),
             Err(RecoveryError::UnsupportedVersion)
+        ));
+        assert!(matches!(
+            parse_share(&format!("KW1{}", &text[3..])),
+            Err(RecoveryError::RetiredVersion)
         ));
     }
 
@@ -932,7 +947,7 @@ mod tests {
         let share = parse_share(&texts[0]).unwrap();
         let shown = format!("{share:?} {slot:?}");
         assert!(shown.contains("redacted"), "{shown}");
-        let data_part = &texts[0]["KW1-XXXXXXXX-2-1-".len()..];
+        let data_part = &texts[0]["KW2-XXXXXXXX-2-1-".len()..];
         for group in data_part.split('-') {
             assert!(!shown.contains(group), "{shown}");
         }
@@ -999,11 +1014,11 @@ mod proptests {
         let counting: Vec<u8> = (0..32).collect();
         assert_eq!(
             *render(&set([0x0A, 0x1B, 0x2C, 0x3D], 2), 1, &counting),
-            "KW1-0A1B2C3D-2-1-000G-40R4-0M30-E209-185G-R38E-1W81-24GK-2GAH-C5RR-34D1-P70X-3RFG-VRK3"
+            "KW2-0A1B2C3D-2-1-000G-40R4-0M30-E209-185G-R38E-1W81-24GK-2GAH-C5RR-34D1-P70X-3RFG-WJ8N"
         );
         assert_eq!(
             *render(&set([0xFF; 4], 16), 16, &[0xFF; 32]),
-            "KW1-FFFFFFFF-16-16-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZG-1JNA"
+            "KW2-FFFFFFFF-16-16-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZZ-ZZZG-6REW"
         );
     }
 
@@ -1063,7 +1078,7 @@ mod proptests {
                 }
             }
             // A burst of symbol errors in the data and check groups (dashes skipped).
-            let header = "KW1-XXXXXXXX-".len() + format!("{}-{index}-", set.threshold).len();
+            let header = "KW2-XXXXXXXX-".len() + format!("{}-{index}-", set.threshold).len();
             let symbol_positions: Vec<usize> =
                 (header..chars.len()).filter(|&p| chars[p] != '-').collect();
             let mut typo = chars.clone();

@@ -8,7 +8,7 @@ use keyward::api::{self, ApiError, SecretString, SlotSpec};
 use super::crypto::Key32;
 use super::keyring::Keyring;
 use super::recovery::{self, RecoverySlotData};
-use super::{errors, seal_context, store_error, State, Vault};
+use super::{errors, pending, seal_context, store_error, State, Vault};
 use crate::store::{self, tables::KeyslotRow, tables::NewKeyslot};
 
 /// The API view of a stored keyslot.
@@ -22,6 +22,7 @@ pub(super) fn to_api(row: &KeyslotRow) -> api::Keyslot {
         threshold: row.threshold,
         shares: row.shares,
         created: row.created.clone(),
+        unconfirmed_until: row.unconfirmed_until.map(super::pending::rfc3339),
     }
 }
 
@@ -97,6 +98,7 @@ impl Vault {
                         threshold: None,
                         shares: None,
                         blob,
+                        unconfirmed_until: None,
                     },
                     Vec::new(),
                 ))
@@ -152,6 +154,8 @@ impl Vault {
                         threshold: Some(k),
                         shares: Some(n),
                         blob,
+                        // Set by the caller: a rekey's material has no row of its own.
+                        unconfirmed_until: None,
                     },
                     shares,
                 ))
@@ -215,19 +219,17 @@ impl Vault {
 
     /// Every keyslot, whatever the vault's state (for `Status`).
     pub(super) async fn list_keyslots_any_state(&self) -> Result<Vec<api::Keyslot>, ApiError> {
+        Ok(self.keyslot_rows().await?.iter().map(to_api).collect())
+    }
+
+    /// The keyslots that count now (lapsed unconfirmed recovery slots are left out).
+    pub(super) async fn keyslot_rows(&self) -> Result<Vec<KeyslotRow>, ApiError> {
         let rows = self
             .store
             .read(store::tables::list_keyslots)
             .await
             .map_err(store_error)?;
-        Ok(rows.iter().map(to_api).collect())
-    }
-
-    async fn keyslot_rows(&self) -> Result<Vec<KeyslotRow>, ApiError> {
-        self.store
-            .read(store::tables::list_keyslots)
-            .await
-            .map_err(store_error)
+        Ok(pending::live(rows, pending::unix_now()))
     }
 
     /// `ListKeyslots` (needs the vault open, like every admin verb but `Status`).
@@ -346,9 +348,9 @@ impl Vault {
             .map_err(|e| bad("recovery_share", e.to_string()))?;
         let slot = rows.iter().filter(|r| r.kind == "recovery").find_map(|r| {
             let data = RecoverySlotData::from_blob(&r.blob).ok()?;
-            (data.set.set_id == parsed.set_id).then_some((r.id, data))
+            (data.set.set_id == parsed.set_id).then_some((r.id, r.unconfirmed_until, data))
         });
-        let Some((slot_id, data)) = slot else {
+        let Some((slot_id, unconfirmed, data)) = slot else {
             return Err(bad(
                 "recovery_share",
                 "this share belongs to no recovery keyslot of this vault",
@@ -379,6 +381,14 @@ impl Vault {
         })?;
         self.open_with(vmk, format!("keyslot {slot_id} (recovery)"))
             .await?;
+        if unconfirmed.is_some() {
+            // Whoever opened the vault with these shares holds them: that is the proof.
+            self.store
+                .write(move |tx| store::tables::confirm_keyslot(tx, slot_id))
+                .await
+                .map_err(store_error)?;
+            tracing::info!(keyslot = slot_id, "recovery shares confirmed by an unseal");
+        }
         Ok((false, None))
     }
 
@@ -441,7 +451,12 @@ impl Vault {
         spec: SlotSpec,
     ) -> Result<(api::Keyslot, Vec<SecretString>), ApiError> {
         let (vault_id, vmk) = self.open_copy().await?;
-        let (slot, shares) = self.make_slot(&vault_id, &vmk, &spec).await?;
+        self.no_rekey_pending().await?;
+        self.drop_lapsed().await?;
+        let (mut slot, shares) = self.make_slot(&vault_id, &vmk, &spec).await?;
+        if !shares.is_empty() {
+            slot.unconfirmed_until = Some(self.confirm_deadline());
+        }
         let row = self
             .store
             .write(move |tx| store::tables::insert_keyslot(tx, &slot))
@@ -451,12 +466,15 @@ impl Vault {
         Ok((to_api(&row), shares))
     }
 
-    /// `RemoveKeyslot`: refuses to remove the last way into the vault without `force`.
+    /// `RemoveKeyslot`: refuses to remove the last way into the vault without `force`. An
+    /// unconfirmed recovery keyslot is not a way in: nobody is known to hold its shares.
     ///
     /// # Errors
-    /// `Sealed`, `NotFound`, `LastKeyslot`.
+    /// `Sealed`, `NotFound`, `LastKeyslot`, `RekeyPending`.
     pub async fn remove_keyslot(&self, id: u32, force: bool) -> Result<(), ApiError> {
         self.with_open(|_| ()).await?;
+        self.no_rekey_pending().await?;
+        self.drop_lapsed().await?;
         let removed = self
             .store
             .write(move |tx| {
@@ -467,7 +485,11 @@ impl Vault {
                         name: id.to_string(),
                     }));
                 }
-                if rows.len() == 1 && !force {
+                let ways_left = rows
+                    .iter()
+                    .filter(|r| r.id != id && r.unconfirmed_until.is_none())
+                    .count();
+                if ways_left == 0 && !force {
                     return Ok(Err(ApiError::LastKeyslot { id }));
                 }
                 store::tables::delete_keyslot(tx, id)?;
@@ -508,13 +530,23 @@ impl Vault {
         Ok(term)
     }
 
-    /// `Rekey`: a new VMK. The keyring and every keyslot are sealed again (device slots by
-    /// their device, recovery slots with new shares, returned once), each new slot proven
-    /// before one transaction replaces them all. O(keyslots), independent of the secrets.
+    /// `Rekey`: a new VMK. Every keyslot is sealed again (device slots by their device,
+    /// recovery slots with new shares, returned once), each new slot proven first. Without
+    /// recovery slots, one transaction installs it all at once. With them, the rekey is only
+    /// prepared: the current key and the old shares stay in force until the new shares are
+    /// confirmed ([`Vault::confirm_recovery`]), so a reply that never arrives loses nothing.
+    /// A rekey started while one is pending replaces it. O(keyslots), independent of the
+    /// secrets.
+    ///
+    /// Returns the new shares and, when the rekey is pending, until when (unix seconds).
     ///
     /// # Errors
     /// `Sealed`; a PIN-bound slot and no `pin`; a device failure (nothing changes then).
-    pub async fn rekey(&self, pin: Option<SecretString>) -> Result<Vec<SecretString>, ApiError> {
+    pub async fn rekey(
+        &self,
+        pin: Option<SecretString>,
+    ) -> Result<(Vec<SecretString>, Option<u64>), ApiError> {
+        self.drop_lapsed().await?;
         // The write lock for the whole rekey: no reader may see a half-swapped VMK.
         let mut state = self.state.write().await;
         let open = state.open_mut()?;
@@ -551,39 +583,15 @@ impl Vault {
             blobs.push((row.id, slot.blob));
             shares.append(&mut s);
         }
-        let keyring_blob = open
-            .keyring
-            .seal(&vmk, &vault_id)
-            .map_err(errors::crypto_error)?;
-        let term = open.keyring.current_term();
-        // The audit log names the next signing key durably before the new VMK is committed:
-        // whichever way a crash falls, the log knows both keys.
-        let audit = self.audit.get();
-        if let Some(audit) = audit {
-            audit.rekeying(&super::audit_key::derive(&vmk, &vault_id).verifying_key())?;
+        if shares.is_empty() {
+            self.commit_rekey(open, vmk, blobs, Vec::new()).await?;
+            return Ok((shares, None));
         }
-        let committed = self
-            .store
-            .write(move |tx| {
-                store::tables::update_keyring(tx, &keyring_blob, term)?;
-                for (id, blob) in &blobs {
-                    store::tables::update_keyslot_blob(tx, *id, blob)?;
-                }
-                Ok(())
-            })
-            .await
-            .map_err(store_error);
-        if let Err(e) = committed {
-            if let Some(audit) = audit {
-                audit.rekeyed(None);
-            }
-            return Err(e);
-        }
-        if let Some(audit) = audit {
-            audit.rekeyed(Some(super::audit_key::derive(&vmk, &vault_id)));
-        }
-        open.vmk = vmk;
-        tracing::info!(keyslots = rows.len(), "vault rekeyed");
-        Ok(shares)
+        let next = blobs
+            .into_iter()
+            .map(|(id, blob)| pending::NextSlot { id, blob })
+            .collect();
+        let until = self.prepare_rekey(next).await?;
+        Ok((shares, Some(until)))
     }
 }
