@@ -570,6 +570,60 @@ fn tail_follows_records_as_they_are_appended_and_a_policy_reload_is_one() {
     let _ = child.wait();
 }
 
+#[test]
+fn tail_follows_the_log_across_a_roll_over() {
+    use std::io::BufRead as _;
+    let token = SoftHsm::new("audit");
+    let mut d = Setup::new().token("hsm", &token).prepare();
+    let mut config = std::fs::read_to_string(d.config_path()).unwrap();
+    config.push_str("\n[audit]\nmax_file_bytes = 4096\n");
+    std::fs::write(d.config_path(), config).unwrap();
+    d.start();
+    let mut child = Command::new(bin("keyward"))
+        .args(["audit", "tail", "-f", "-n", "1"])
+        .arg(log_path(&d))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    assert!(rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .unwrap()
+        .contains("daemon start"));
+    // Enough records to fill the first file, then one that can only be in the second.
+    while !state(&d).join("audit.log.1").exists() {
+        assert_eq!(d.run(&["secret", "list"], b"").code, 4, "no vault yet");
+    }
+    assert_eq!(d.run(&["secret", "get", "after/roll-over"], b"").code, 4);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("GetSecret after/roll-over"))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("tail -f stopped at the roll-over; it printed {seen:#?}"),
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("daemon continued: from audit.log.1")),
+        "{seen:#?}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// A tmpfs mounted over a directory for as long as it lives.
 struct Tmpfs(PathBuf);
 

@@ -255,15 +255,25 @@ fn show(line: &[u8], json: bool) -> String {
 
 fn tail(path: &Path, n: usize, follow: bool, json: bool) -> Result<(), CliError> {
     let local = |e: io::Error| CliError::Local(format!("{}: {e}", path.display()));
-    // Watch before reading, so nothing appended in between is missed.
+    // Watch before reading, so nothing appended in between is missed. The directory too: when
+    // the log rolls over, the file is renamed and a new one appears under the name.
+    let file_events = AddWatchFlags::IN_MODIFY
+        | AddWatchFlags::IN_ATTRIB
+        | AddWatchFlags::IN_CLOSE_WRITE
+        | AddWatchFlags::IN_MOVE_SELF
+        | AddWatchFlags::IN_DELETE_SELF;
     let inotify = if follow {
         let i = Inotify::init(InitFlags::IN_CLOEXEC).map_err(|e| local(e.into()))?;
-        i.add_watch(
-            path,
-            AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_ATTRIB | AddWatchFlags::IN_CLOSE_WRITE,
-        )
-        .map_err(|e| local(e.into()))?;
-        Some(i)
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        i.add_watch(dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
+            .map_err(|e| local(e.into()))?;
+        let wd = i
+            .add_watch(path, file_events)
+            .map_err(|e| local(e.into()))?;
+        Some((i, wd))
     } else {
         None
     };
@@ -278,9 +288,11 @@ fn tail(path: &Path, n: usize, follow: bool, json: bool) -> Result<(), CliError>
         text.push_str(&show(line.bytes, json));
     }
     write_out(text.as_bytes())?;
-    let Some(inotify) = inotify else {
+    let Some((inotify, mut watched)) = inotify else {
         return Ok(());
     };
+    // The file was renamed away (rolled over): follow the name once what it held is printed.
+    let mut moved = false;
     let mut offset = complete as u64;
     let mut pending: Vec<u8> = data[complete..].to_vec();
     loop {
@@ -310,8 +322,31 @@ fn tail(path: &Path, n: usize, follow: bool, json: bool) -> Result<(), CliError>
             pending.drain(..complete);
             write_out(text.as_bytes())?;
         }
-        // Blocks until the file changes.
-        inotify.read_events().map_err(|e| local(e.into()))?;
+        if moved {
+            match File::open(path) {
+                Ok(f) => {
+                    // The new file under the name: watch it and print it from its start.
+                    watched = inotify
+                        .add_watch(path, file_events)
+                        .map_err(|e| local(e.into()))?;
+                    file = f;
+                    offset = 0;
+                    pending.clear();
+                    moved = false;
+                    continue;
+                }
+                // Not created yet: the directory's watch wakes us when it is.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(local(e)),
+            }
+        }
+        // Blocks until the file or the directory changes.
+        let events = inotify.read_events().map_err(|e| local(e.into()))?;
+        moved |= events.iter().any(|e| {
+            e.wd == watched
+                && e.mask
+                    .intersects(AddWatchFlags::IN_MOVE_SELF | AddWatchFlags::IN_DELETE_SELF)
+        });
     }
 }
 
