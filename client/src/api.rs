@@ -70,7 +70,8 @@ method Status() -> (
   term: ?int,
   version: string,
   audit_public_key: ?string,
-  rekey_pending_until: ?string
+  rekey_pending_until: ?string,
+  audit_finding: ?string
 )
 
 # Create the vault master key and enroll its first keyslots. A recovery slot's shares are
@@ -366,6 +367,10 @@ pub struct StatusReply {
     /// A rekey waits for its new recovery shares to be confirmed until then (RFC 3339 UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rekey_pending_until: Option<String>,
+    /// Set when the audit log did not match its anchor as the vault opened: what was found,
+    /// and where the old log was put (a new one was started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_finding: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -26,11 +26,29 @@
 //! Public keys are base64 DER SubjectPublicKeyInfo everywhere (records, `Status`), and PEM in
 //! `audit.pub`.
 //!
-//! What verification can't see: records after the last checkpoint are protected only by the
-//! chain, so cutting them off (truncating the log after a checkpoint) is undetectable offline,
-//! without an anchor kept elsewhere (the last checkpoint's seq, say). And a log whose every
-//! record and key were replaced passes against the `audit.pub` beside it if that was replaced
-//! too: pin the key from `keyward status`, kept somewhere else, with `--public-key`.
+//! **Files.** The daemon rolls `audit.log` over at a size limit: the full file becomes
+//! `audit.log.N` (1, 2, ... oldest first) and the new `audit.log` starts with a `continued`
+//! event that carries on the seq and the chain (its `prev` is the hash of the last line of the
+//! file before), so the set, read in order, is one log. [`verify`] takes the set's bytes in
+//! order ([`set_in`] lists it); a set that starts at a `continued` record (older files removed)
+//! verifies from there and says where it starts.
+//!
+//! **Anchor.** At every checkpoint the daemon also signs an [`Anchor`]: the checkpoint's seq and
+//! the hash of its line, with the same key. It keeps the newest in `audit.anchor` beside the log
+//! and checks the log against it when the vault opens; `verify` checks a log against an anchor
+//! given to it (or `audit.anchor` beside it) and against `--expect-seq`. An anchor catches what
+//! the chain alone can't: a log cut short after a checkpoint ([`Problem::Truncated`]), and a log
+//! rewritten from an earlier checkpoint on with its seq renumbered and its chain recomputed
+//! ([`Problem::AnchorMismatch`]): nobody without the VMK can sign an anchor.
+//!
+//! What verification still can't see: records after the anchored checkpoint are protected only
+//! by the chain (they were written while sealed, or since the last checkpoint), so an edit
+//! among them that recomputes the chain passes. A log rolled back together with its anchor to
+//! an older pair (both copied from a backup) passes offline; against the `--expect-seq` or
+//! anchor you kept elsewhere (or the checkpoints the daemon copies to the journal) it does not.
+//! And a log whose every record and key were replaced passes against the `audit.pub` beside it
+//! if that was replaced too: pin the key from `keyward status`, kept elsewhere, with
+//! `--public-key`.
 
 use std::fmt::{self, Write as _};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -45,6 +63,13 @@ use sha2::{Digest as _, Sha256};
 pub const LOG_FILE: &str = "audit.log";
 /// The signing public key's file name, beside the log.
 pub const PUBLIC_KEY_FILE: &str = "audit.pub";
+/// The newest anchor's file name, beside the log.
+pub const ANCHOR_FILE: &str = "audit.anchor";
+/// `event` of the first record of a file the log rolled over to.
+pub const CONTINUED: &str = "continued";
+/// `event` of the first record of a new log the daemon started because the old one did not
+/// match its anchor; `detail` says what it found.
+pub const NEW_LOG: &str = "new-log";
 /// The `prev` of the first record.
 pub const GENESIS: [u8; 32] = [0; 32];
 /// `result` of the record a mutation writes before it runs.
@@ -55,6 +80,9 @@ pub const OK: &str = "ok";
 /// What a checkpoint's signature covers starts with this, so the signature means nothing
 /// anywhere else.
 const SIGNING_CONTEXT: &[u8] = b"keyward audit checkpoint v1\0";
+
+/// What an anchor's signature covers starts with this.
+const ANCHOR_CONTEXT: &[u8] = b"keyward audit anchor v1\0";
 
 /// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410): SEQUENCE { SEQUENCE { OID
 /// 1.3.101.112 }, BIT STRING { 32 bytes } }.
@@ -204,6 +232,151 @@ pub fn checkpoint_message(
         None => m.push(0),
     }
     m
+}
+
+/// A signed statement of where the log stood at a checkpoint: its `seq` and the hash of its
+/// line (`head`). Signed by the checkpoint's key, so only the holder of the VMK can make one;
+/// one that names `next_public_key` was signed at a rekey's hand-over.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Anchor {
+    /// The checkpoint's seq.
+    pub seq: u64,
+    /// Hex SHA-256 of the checkpoint's line.
+    pub head: String,
+    /// When it was signed.
+    pub time: String,
+    /// The signer, base64 DER SubjectPublicKeyInfo.
+    pub public_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<String>,
+    /// The TPM NV counter value this anchor was written under, when the daemon keeps one:
+    /// the counter only goes up, so an anchor put back after a newer one was written is older
+    /// than the counter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counter: Option<u64>,
+    /// Base64 Ed25519 signature over [`anchor_message`].
+    pub signature: String,
+}
+
+/// What an anchor's signature covers: a fixed context, then every other field.
+pub fn anchor_message(
+    seq: u64,
+    head: &[u8; 32],
+    time: &str,
+    public_key: &VerifyingKey,
+    next_public_key: Option<&VerifyingKey>,
+    counter: Option<u64>,
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(ANCHOR_CONTEXT.len() + 130 + time.len());
+    m.extend_from_slice(ANCHOR_CONTEXT);
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(head);
+    m.extend_from_slice(&(time.len() as u64).to_be_bytes());
+    m.extend_from_slice(time.as_bytes());
+    m.extend_from_slice(public_key.as_bytes());
+    match next_public_key {
+        Some(k) => {
+            m.push(1);
+            m.extend_from_slice(k.as_bytes());
+        }
+        None => m.push(0),
+    }
+    match counter {
+        Some(c) => {
+            m.push(1);
+            m.extend_from_slice(&c.to_be_bytes());
+        }
+        None => m.push(0),
+    }
+    m
+}
+
+/// An anchor whose fields and signature checked out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedAnchor {
+    pub seq: u64,
+    pub head: [u8; 32],
+    pub key: VerifyingKey,
+    pub next: Option<VerifyingKey>,
+    pub counter: Option<u64>,
+}
+
+impl Anchor {
+    /// Read one (the JSON of `audit.anchor`).
+    ///
+    /// # Errors
+    /// The JSON error when it is not one.
+    pub fn parse(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    /// Check the signature against the key the anchor names; who that key is, the caller
+    /// decides.
+    ///
+    /// # Errors
+    /// A malformed field or a signature that does not verify.
+    pub fn check(&self) -> Result<CheckedAnchor, Problem> {
+        let key = decode_key(&self.public_key).map_err(|_| Problem::Malformed("anchor key"))?;
+        let next = self
+            .next_public_key
+            .as_deref()
+            .map(decode_key)
+            .transpose()
+            .map_err(|_| Problem::Malformed("anchor next key"))?;
+        let head = unhex32(&self.head).ok_or(Problem::Malformed("anchor head"))?;
+        let signature = B64
+            .decode(self.signature.as_bytes())
+            .ok()
+            .and_then(|b| Signature::from_slice(&b).ok())
+            .ok_or(Problem::Malformed("anchor signature"))?;
+        let message = anchor_message(
+            self.seq,
+            &head,
+            &self.time,
+            &key,
+            next.as_ref(),
+            self.counter,
+        );
+        key.verify(&message, &signature)
+            .map_err(|_| Problem::BadAnchor)?;
+        Ok(CheckedAnchor {
+            seq: self.seq,
+            head,
+            key,
+            next,
+            counter: self.counter,
+        })
+    }
+}
+
+/// The files of the log in `dir`, oldest first: `audit.log.1`, `audit.log.2`, ... then
+/// `audit.log` (those that exist).
+///
+/// # Errors
+/// The directory can't be read.
+pub fn set_in(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut rolled: Vec<(u64, std::path::PathBuf)> = Vec::new();
+    let prefix = format!("{LOG_FILE}.");
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(n) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        rolled.push((n, entry.path()));
+    }
+    rolled.sort();
+    let mut out: Vec<_> = rolled.into_iter().map(|(_, p)| p).collect();
+    let live = dir.join(LOG_FILE);
+    if live.exists() {
+        out.push(live);
+    }
+    Ok(out)
 }
 
 /// A key that could not be read.
@@ -360,6 +533,8 @@ pub struct Damage {
 pub struct Report {
     /// Records in the log.
     pub records: u64,
+    /// The first record's seq: 0, unless the files given start at a `continued` record.
+    pub first_seq: u64,
     /// The last record's seq.
     pub last_seq: u64,
     pub checkpoints: u64,
@@ -371,6 +546,18 @@ pub struct Report {
     pub keys: Vec<String>,
     /// Damaged bytes the daemon noted and continued after.
     pub damage: Vec<Damage>,
+    /// The seq of the anchor the log was checked against, if one was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anchored_seq: Option<u64>,
+}
+
+/// What the log must hold beyond its own consistency.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Expect<'a> {
+    /// The record at the anchor's seq must be the one it signed (so the log reaches it).
+    pub anchor: Option<&'a CheckedAnchor>,
+    /// The log must reach this seq.
+    pub last_seq: Option<u64>,
 }
 
 /// Why a log does not verify.
@@ -406,6 +593,16 @@ pub enum Problem {
     BadResume,
     #[error("no checkpoint is signed by the trusted public key or a key it handed the log over to: nothing in this log is authenticated by it")]
     Untrusted,
+    #[error("truncated: the log ends at seq {last_seq}, but seq {expected} was written: records were cut off its end")]
+    Truncated { last_seq: u64, expected: u64 },
+    #[error("rewritten: not the record the anchor signed at this seq (the log was rewritten from an earlier point on)")]
+    AnchorMismatch,
+    #[error("the anchor's signature does not verify")]
+    BadAnchor,
+    #[error("the anchor is signed by a key that signed none of this log's checkpoints")]
+    AnchorKey,
+    #[error("the anchored record (seq {anchored}) is before the first record given (seq {first}): give the earlier files too")]
+    AnchorBefore { anchored: u64, first: u64 },
 }
 
 /// A failed verification: the first bad record and why.
@@ -446,6 +643,19 @@ struct Keys {
 /// # Errors
 /// The first bad record, as a [`Failure`].
 pub fn verify(log: &[u8], trusted: &VerifyingKey) -> Result<Report, Failure> {
+    verify_against(log, trusted, Expect::default())
+}
+
+/// [`verify`], and the log must also meet `expect`: reach the seq it names and hold the
+/// anchored record unchanged. `log` may be a set of files, in order, end to end.
+///
+/// # Errors
+/// The first bad record, or the log as a whole ([`Problem::Truncated`]), as a [`Failure`].
+pub fn verify_against(
+    log: &[u8],
+    trusted: &VerifyingKey,
+    expect: Expect<'_>,
+) -> Result<Report, Failure> {
     let lines = lines(log);
     let fail = |i: usize, seq: Option<u64>, problem| Failure {
         line: Some(i + 1),
@@ -455,6 +665,7 @@ pub fn verify(log: &[u8], trusted: &VerifyingKey) -> Result<Report, Failure> {
     let hash_of = |i: usize| line_hash(lines[i].bytes);
     let mut prev = GENESIS;
     let mut expected = 0u64;
+    let mut first_seq = 0u64;
     // Index of the last record accepted, if any.
     let mut last: Option<usize> = None;
     let mut records = 0u64;
@@ -492,6 +703,16 @@ pub fn verify(log: &[u8], trusted: &VerifyingKey) -> Result<Report, Failure> {
         let seq = Some(record.seq);
         let claimed =
             unhex32(&record.prev).ok_or_else(|| fail(i, seq, Problem::Malformed("prev")))?;
+        // Files given from the middle of the set: the first one carries on from a file not
+        // given, so its first record is the chain's start here.
+        if records == 0
+            && last.is_none()
+            && matches!(&record.body, Body::Event(e) if e.event == CONTINUED)
+        {
+            prev = claimed;
+            expected = record.seq;
+            first_seq = record.seq;
+        }
         if claimed != prev {
             return Err(diagnose(&lines, i, &record, &claimed, expected, last));
         }
@@ -525,6 +746,11 @@ pub fn verify(log: &[u8], trusted: &VerifyingKey) -> Result<Report, Failure> {
             }
             _ => {}
         }
+        if let Some(a) = expect.anchor {
+            if a.seq == record.seq && a.head != hash_of(i) {
+                return Err(fail(i, seq, Problem::AnchorMismatch));
+            }
+        }
         after_damage = false;
         records += 1;
         expected = record.seq.saturating_add(1);
@@ -539,18 +765,45 @@ pub fn verify(log: &[u8], trusted: &VerifyingKey) -> Result<Report, Failure> {
             problem: Problem::Empty,
         });
     }
-    let untrusted = Failure {
+    let last_seq = expected.saturating_sub(1);
+    let whole = |problem| Failure {
         line: None,
         seq: None,
-        problem: Problem::Untrusted,
+        problem,
     };
-    let (last_checkpoint, signed) = last_checkpoint.ok_or_else(|| untrusted.clone())?;
+    for due in [expect.last_seq, expect.anchor.map(|a| a.seq)]
+        .into_iter()
+        .flatten()
+    {
+        if due > last_seq {
+            return Err(whole(Problem::Truncated {
+                last_seq,
+                expected: due,
+            }));
+        }
+    }
+    if let Some(a) = expect.anchor {
+        if a.seq < first_seq {
+            return Err(whole(Problem::AnchorBefore {
+                anchored: a.seq,
+                first: first_seq,
+            }));
+        }
+    }
+    let (last_checkpoint, signed) = last_checkpoint.ok_or_else(|| whole(Problem::Untrusted))?;
     if !keys.adopted.contains(trusted) {
-        return Err(untrusted);
+        return Err(whole(Problem::Untrusted));
+    }
+    if let Some(a) = expect.anchor {
+        if !keys.adopted.contains(&a.key) {
+            return Err(whole(Problem::AnchorKey));
+        }
     }
     Ok(Report {
         records,
-        last_seq: expected.saturating_sub(1),
+        first_seq,
+        anchored_seq: expect.anchor.map(|a| a.seq),
+        last_seq,
         checkpoints,
         last_checkpoint,
         unsigned_tail: records - signed,
@@ -1116,6 +1369,120 @@ mod tests {
         assert!(decode_key(&B64.encode([1u8; 31])).is_err());
         let t = UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
         assert_eq!(rfc3339_millis(t), "2023-11-14T22:13:20.123Z");
+    }
+
+    /// The anchor `w`'s key would sign for the record at `seq` (whose line must be a
+    /// checkpoint in `w.out`).
+    fn anchor_at(w: &Writer, key: &SigningKey, seq: u64) -> Anchor {
+        let l = lines_of(&w.out);
+        let head = line_hash(&l[usize::try_from(seq).unwrap()]);
+        let time = "2025-01-01T00:00:01.000Z";
+        let public = key.verifying_key();
+        let sig = key.sign(&anchor_message(seq, &head, time, &public, None, None));
+        Anchor {
+            seq,
+            head: hex(&head),
+            time: time.into(),
+            public_key: encode_key(&public),
+            next_public_key: None,
+            counter: None,
+            signature: B64.encode(sig.to_bytes()),
+        }
+    }
+
+    fn against(log: &[u8], key: &VerifyingKey, anchor: &Anchor) -> Result<Report, Failure> {
+        let checked = anchor.check().unwrap();
+        let expect = Expect {
+            anchor: Some(&checked),
+            last_seq: None,
+        };
+        verify_against(log, key, expect)
+    }
+
+    #[test]
+    fn an_anchor_catches_a_cut_and_a_rewrite_after_the_last_checkpoint() {
+        let mut w = sample();
+        w.checkpoint();
+        let key = w.key.clone();
+        // The last checkpoint, seq 10, anchored.
+        let anchor = anchor_at(&w, &key, 10);
+        let r = against(&w.out, &w.public(), &anchor).unwrap();
+        assert_eq!(r.anchored_seq, Some(10));
+        // Cut after the checkpoint before it (seq 7): the chain is fine, the anchor is not.
+        let l = lines(&w.out);
+        let cut = &w.out[..l[8].start];
+        verify(cut, &w.public()).unwrap();
+        let f = against(cut, &w.public(), &anchor).unwrap_err();
+        assert_eq!(
+            f.problem,
+            Problem::Truncated {
+                last_seq: 7,
+                expected: 10
+            }
+        );
+        let f = verify_against(
+            cut,
+            &w.public(),
+            Expect {
+                anchor: None,
+                last_seq: Some(9),
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(f.problem, Problem::Truncated { .. }), "{f}");
+        // Rewritten from the checkpoint at seq 7 on: records edited, the later checkpoint
+        // dropped, the chain recomputed, as long as before.
+        let mut forged = Writer::new(1);
+        forged.out = cut.to_vec();
+        forged.seq = 8;
+        forged.prev = line_hash(&lines_of(cut)[7]);
+        for _ in 8..11 {
+            forged.request("Status", "forged");
+        }
+        verify(&forged.out, &w.public()).unwrap();
+        let f = against(&forged.out, &w.public(), &anchor).unwrap_err();
+        assert_eq!((f.line, f.problem), (Some(11), Problem::AnchorMismatch));
+        // An anchor by another key, or edited, proves nothing.
+        let stranger = SigningKey::from_bytes(&[9; 32]);
+        let theirs = anchor_at(&w, &stranger, 10);
+        let f = against(&w.out, &w.public(), &theirs).unwrap_err();
+        assert_eq!(f.problem, Problem::AnchorKey);
+        let mut edited = anchor.clone();
+        edited.seq = 7;
+        assert_eq!(edited.check().unwrap_err(), Problem::BadAnchor);
+    }
+
+    #[test]
+    fn a_rolled_over_set_verifies_whole_and_from_the_middle() {
+        let mut w = sample();
+        let cut = w.out.len();
+        w.push(Body::Event(EventRecord {
+            event: CONTINUED.into(),
+            detail: "from audit.log.1".into(),
+        }));
+        w.request("GetSecret", "x");
+        w.checkpoint();
+        let r = verify(&w.out, &w.public()).unwrap();
+        assert_eq!((r.first_seq, r.last_seq), (0, 12));
+        // The second file alone: it starts where the first ended.
+        let r = verify(&w.out[cut..], &w.public()).unwrap();
+        assert_eq!((r.first_seq, r.records), (10, 3));
+        // But not if an anchor names a record before it.
+        let key = w.key.clone();
+        let anchor = anchor_at(&w, &key, 7);
+        let f = against(&w.out[cut..], &w.public(), &anchor).unwrap_err();
+        assert_eq!(
+            f.problem,
+            Problem::AnchorBefore {
+                anchored: 7,
+                first: 10
+            }
+        );
+        against(&w.out, &w.public(), &anchor).unwrap();
+        // Only a `continued` record may start a file mid-chain.
+        let l = lines(&w.out);
+        let f = failure(&w.out[l[4].start..], &w.public());
+        assert_eq!(f.problem, Problem::NotFirst);
     }
 
     #[test]

@@ -29,6 +29,28 @@
 //! over to the new key with a checkpoint of the old key that names it. `audit.pub` beside the
 //! log holds the current key (PEM); `Status` shows it.
 //!
+//! **Anchor.** Each checkpoint also yields an anchor (its seq and the hash of its line, signed
+//! with the same key; [`keyward::audit::Anchor`]), kept in `audit.anchor` once the checkpoint is
+//! on disk, and copied to the daemon's log (the journal under systemd) as an event of target
+//! `keyward::audit::checkpoint`: a second witness off the state directory. When the vault opens
+//! (the key exists only then) the log is checked against the anchor: the anchored checkpoint
+//! must be there, unchanged, and every record after it must follow in an unbroken chain. If it
+//! does not — the log was cut short, or rewritten from an earlier checkpoint on, or the anchor
+//! is gone while the log holds checkpoints — the daemon does not sign over it: the old files
+//! and anchor are moved, untouched, into an `audit-set-aside-TIME` directory, a new log starts
+//! whose first record (`new-log`) says what was found, and `Status` and `STATUS=` say so until
+//! the daemon restarts. Records written after the last checkpoint (while sealed) are covered by
+//! the chain only. With a TPM configured for it ([`AuditLog::set_counter`]) every anchor also
+//! carries the value of a TPM NV counter, incremented once the anchor is on disk: an anchor put
+//! back (with the log it matches) after a newer one was written is older than the counter, and
+//! that is a finding too. Without one, a rollback of the log and the anchor together to an
+//! older pair is not detectable here (the journal copy, or an anchor kept elsewhere, is the
+//! witness then).
+//!
+//! **Files.** When `audit.log` passes [`AuditOptions::max_file_bytes`] it is signed (if the
+//! vault is open), renamed to `audit.log.N` (the next number) and a new `audit.log` starts with
+//! a `continued` record that carries the seq and the chain on. Nothing is ever deleted.
+//!
 //! **Damage.** At start the daemon continues the chain from the last readable record. Bytes
 //! after it (a line torn by a crash) are kept as they are, never repaired or removed: a
 //! `resume` record gives their length and hash and continues the chain, and `verify` reports
@@ -41,10 +63,12 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
-use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{
+    DirBuilderExt as _, FileExt as _, OpenOptionsExt as _, PermissionsExt as _,
+};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -52,9 +76,11 @@ use base64::Engine as _;
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use keyward::api::ApiError;
 use keyward::audit::{
-    self as format, Body, CallerRecord, Checkpoint, EventRecord, Record, RequestRecord, Resume,
+    self as format, Anchor, Body, CallerRecord, CheckedAnchor, Checkpoint, EventRecord, Expect,
+    Record, RequestRecord, Resume,
 };
 
+use crate::device::DeviceHandle;
 use crate::identity::{Caller, Via};
 use crate::vault::audit_key::AuditKeys;
 
@@ -66,6 +92,27 @@ pub const CHECKPOINT_EVERY: u64 = 1024;
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
 /// How much of the log's end is read at start to find the chain's head.
 const TAIL_WINDOW: u64 = 1 << 20;
+/// The default size at which `audit.log` rolls over.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// How the log is kept.
+#[derive(Clone, Copy, Debug)]
+pub struct AuditOptions {
+    /// `audit.log` rolls over to `audit.log.N` once it is this long.
+    pub max_file_bytes: u64,
+}
+
+impl Default for AuditOptions {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+        }
+    }
+}
+
+/// The tracing target of the checkpoints' copy (the journal, under systemd).
+pub const CHECKPOINT_TARGET: &str = "keyward::audit::checkpoint";
+
 /// Longest target or detail written (names are shorter; this bounds what a client can make
 /// the log hold).
 const MAX_FIELD: usize = 512;
@@ -87,6 +134,8 @@ pub enum AuditError {
     Degraded,
     #[error("cannot write {path}: {source}")]
     PublicKey { path: PathBuf, source: io::Error },
+    #[error("cannot roll the log over or start a new one: {0}")]
+    Files(io::Error),
 }
 
 impl From<AuditError> for ApiError {
@@ -176,6 +225,15 @@ struct Writer {
     next: Option<VerifyingKey>,
     since_checkpoint: u64,
     last_checkpoint: Instant,
+    /// The highest N of the `audit.log.N` files.
+    rolled: u64,
+    /// The log as found at start, until it has been checked against the anchor: the highest
+    /// N then, and where the last good record of the live file ended.
+    found: Option<(u64, u64)>,
+    /// The TPM counter value the next anchor carries (with a counter, once it has been read).
+    counter_next: Option<u64>,
+    /// True while rolling over (its own records must not roll it over again).
+    rolling: bool,
     /// Reused for every line: no allocation per record once warm.
     buf: Vec<u8>,
 }
@@ -183,9 +241,14 @@ struct Writer {
 /// The audit log. Cheap to call from async code on the read path: one short mutex hold for
 /// `write(2)`, no thread hop.
 pub struct AuditLog {
+    dir: PathBuf,
     path: PathBuf,
     pub_path: PathBuf,
-    file: File,
+    anchor_path: PathBuf,
+    options: AuditOptions,
+    /// The live file. Replaced only with the writer locked (roll-over, new log); read for
+    /// writes under the writer lock and for syncs.
+    file: RwLock<Arc<File>>,
     writer: Mutex<Writer>,
     /// Records written, ever (this run). A record's number is the value after its write.
     written: AtomicU64,
@@ -201,6 +264,23 @@ pub struct AuditLog {
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The current public key (base64 SPKI), for `Status`.
     public_key: Mutex<Option<String>>,
+    /// The newest checkpoint's anchor and its record number, until it is on disk and written
+    /// to `audit.anchor`.
+    pending_anchor: Mutex<Option<(u64, Anchor)>>,
+    /// Held while `audit.anchor` is replaced; the seq of the one there.
+    anchor_lock: Mutex<Option<u64>>,
+    /// What the check against the anchor found this run, for `Status` and `STATUS=`.
+    finding: Mutex<Option<String>>,
+    /// The TPM counter anchors are bound to, if one is configured.
+    counter: std::sync::OnceLock<TpmCounter>,
+}
+
+/// A TPM NV counter on a device actor, reached from code that is not async.
+struct TpmCounter {
+    device: DeviceHandle,
+    index: u32,
+    /// For calls from threads outside the runtime (the flusher).
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -228,7 +308,7 @@ impl AuditLog {
     /// # Errors
     /// The file can't be opened or read, is not a regular file, or its end holds no readable
     /// record at all.
-    pub fn open(state_dir: &Path) -> Result<Arc<Self>, AuditError> {
+    pub fn open(state_dir: &Path, options: AuditOptions) -> Result<Arc<Self>, AuditError> {
         let path = state_dir.join(format::LOG_FILE);
         let pub_path = state_dir.join(format::PUBLIC_KEY_FILE);
         let shown = path.clone();
@@ -236,16 +316,7 @@ impl AuditLog {
             path: shown.clone(),
             source,
         };
-        // O_APPEND: every write lands at the end, whoever else has the file open.
-        // O_NOFOLLOW: a symlink planted in the state dir is refused, not followed.
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(open_err)?;
+        let mut file = open_live(&path).map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
         if !meta.is_file() {
             return Err(AuditError::NotAFile { path });
@@ -255,7 +326,29 @@ impl AuditLog {
                 .map_err(open_err)?;
         }
         let end = meta.len();
-        let head = read_head(&mut file, end).map_err(open_err)?;
+        let rolled = format::set_in(state_dir)
+            .map_err(open_err)?
+            .iter()
+            .filter_map(|p| rolled_number(p))
+            .max()
+            .unwrap_or(0);
+        let mut head = read_head(&mut file, end).map_err(open_err)?;
+        // A roll-over cut short after the rename (the new file empty, or holding only part of
+        // its first record): the chain goes on from the last file.
+        let mut continued = None;
+        if matches!(head, Head::Empty | Head::NoRecord) && rolled > 0 && end <= TAIL_WINDOW {
+            let last = rolled_path(state_dir, rolled);
+            let mut f = File::open(&last).map_err(open_err)?;
+            let len = f.metadata().map_err(open_err)?.len();
+            if let Head::At { seq, prev, .. } = read_head(&mut f, len).map_err(open_err)? {
+                head = Head::At {
+                    seq,
+                    prev,
+                    good_end: 0,
+                };
+                continued = Some(rolled);
+            }
+        }
         let (seq, prev, damaged) = match head {
             Head::Empty => (0, format::GENESIS, None),
             Head::At {
@@ -292,10 +385,14 @@ impl AuditLog {
             .ok()
             .and_then(|t| format::decode_key(&t).ok())
             .map(|k| format::encode_key(&k));
+        let found_end = damaged.as_ref().map_or(end, |(at, _)| *at);
         let log = Arc::new(Self {
+            dir: state_dir.to_owned(),
             path,
             pub_path,
-            file,
+            anchor_path: state_dir.join(format::ANCHOR_FILE),
+            options,
+            file: RwLock::new(Arc::new(file)),
             writer: Mutex::new(Writer {
                 seq,
                 prev,
@@ -305,6 +402,10 @@ impl AuditLog {
                 next: None,
                 since_checkpoint: 0,
                 last_checkpoint: Instant::now(),
+                rolled,
+                found: Some((rolled, found_end)),
+                counter_next: None,
+                rolling: false,
                 buf: Vec::with_capacity(512),
             }),
             written: AtomicU64::new(0),
@@ -316,7 +417,16 @@ impl AuditLog {
             stop: AtomicBool::new(false),
             flusher: Mutex::new(None),
             public_key: Mutex::new(public_key),
+            pending_anchor: Mutex::new(None),
+            anchor_lock: Mutex::new(None),
+            finding: Mutex::new(None),
+            counter: std::sync::OnceLock::new(),
         });
+        if let Some(n) = continued {
+            if let Err(e) = log.append(continued_from(n), Durability::Synced, None) {
+                tracing::error!("audit log: cannot continue from {}: {e}", rolled_name(n));
+            }
+        }
         let start = Body::Event(EventRecord {
             event: "start".into(),
             detail: format!("keywardd {}", env!("CARGO_PKG_VERSION")),
@@ -345,6 +455,116 @@ impl AuditLog {
     /// The current signing key (base64 DER SPKI), if the log has had one.
     pub fn public_key(&self) -> Option<String> {
         lock(&self.public_key).clone()
+    }
+
+    /// What the check against the anchor found this run, if the log did not match it.
+    pub fn finding(&self) -> Option<String> {
+        lock(&self.finding).clone()
+    }
+
+    /// Bind the anchors to the NV counter at `index` on the TPM `device` (once, before the
+    /// first unseal, from inside the runtime).
+    ///
+    /// # Errors
+    /// Called outside a Tokio runtime.
+    pub fn set_counter(&self, device: DeviceHandle, index: u32) -> Result<(), String> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| e.to_string())?;
+        let _ = self.counter.set(TpmCounter {
+            device,
+            index,
+            runtime,
+        });
+        Ok(())
+    }
+
+    /// The TPM counter, incremented first if `increment`; `None` when none is configured.
+    /// Blocks the calling thread (at most the device timeout): the hooks and the flusher are
+    /// not async, and this happens once per anchor.
+    fn tpm_counter(&self, increment: bool) -> Option<Result<hsm_shim::Counter, String>> {
+        let c = self.counter.get()?;
+        let (device, index) = (c.device.clone(), c.index);
+        let call = async move { device.call(move |d| d.counter(index, increment)).await };
+        let result = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| h.block_on(call))
+            }
+            Ok(_) => {
+                return Some(Err(
+                    "the TPM counter can't be reached from a current-thread runtime".into(),
+                ))
+            }
+            Err(_) => c.runtime.block_on(call),
+        };
+        Some(result.map_err(|e| e.to_string()))
+    }
+
+    /// Increment the TPM counter until it reaches `value` (the counter of an anchor now on
+    /// disk). Several anchors may have been written since the last increment.
+    fn counter_up_to(&self, value: u64) {
+        for _ in 0..64 {
+            match self.tpm_counter(true) {
+                None => return,
+                Some(Ok(c)) if c.value >= value => return,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::error!("audit log: cannot increment the TPM counter: {e}");
+                    return;
+                }
+            }
+        }
+        tracing::error!("audit log: the TPM counter did not reach {value}");
+    }
+
+    /// Check the TPM counter against the anchor's and set the counter the next anchor carries.
+    /// `Err` is the finding.
+    fn check_counter(&self, w: &mut Writer, anchor: Option<&CheckedAnchor>) -> Result<(), String> {
+        let anchored = anchor.and_then(|a| a.counter);
+        let Some(read) = self.tpm_counter(false) else {
+            return Ok(());
+        };
+        let tpm = match read {
+            Ok(c) => c,
+            Err(e) => {
+                // A TPM that is away must not stop the log; the check waits for the next start.
+                tracing::error!("audit log: cannot read the TPM counter ({e}): the anchor is not checked against it");
+                w.counter_next = anchored.map(|c| c + 1);
+                return Ok(());
+            }
+        };
+        w.counter_next = Some(anchored.unwrap_or(0).max(tpm.value) + 1);
+        match (anchor, anchored) {
+            (Some(_), Some(a)) if a < tpm.value => Err(format!(
+                "{} is older than the TPM counter (anchor counter {a}, TPM counter {}): the log and its anchor were rolled back",
+                format::ANCHOR_FILE,
+                tpm.value
+            )),
+            (Some(_), None) if !tpm.created => Err(format!(
+                "{} carries no TPM counter, but the TPM counter exists: an older anchor was put back",
+                format::ANCHOR_FILE
+            )),
+            (_, Some(a)) => {
+                // Written, but the daemon stopped before the increment.
+                self.counter_up_to(a);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn live(&self) -> Arc<File> {
+        Arc::clone(
+            &self
+                .file
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    fn set_live(&self, file: File) {
+        *self
+            .file
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(file);
     }
 
     /// Append a request record with `durability`, then a checkpoint (`checkpoint` is its
@@ -445,7 +665,7 @@ impl AuditLog {
             .map_err(|e| AuditError::Write(io::Error::other(e)))?;
         let hash = format::line_hash(&w.buf);
         w.buf.push(b'\n');
-        if let Err(e) = (&self.file).write_all(&w.buf) {
+        if let Err(e) = (&*self.live()).write_all(&w.buf) {
             // Part of the line may be in the file: the next write notes it first.
             w.damaged = Some((w.end, format!("a write failed: {e}")));
             return Err(AuditError::Write(e));
@@ -455,7 +675,49 @@ impl AuditLog {
         w.since_checkpoint += 1;
         let seq = w.seq;
         w.seq += 1;
+        if w.end >= self.options.max_file_bytes && !w.rolling {
+            w.rolling = true;
+            if let Err(e) = self.roll_over(w) {
+                tracing::error!("audit log: {e}; writing on to {}", self.path.display());
+            }
+            w.rolling = false;
+        }
         Ok(seq)
+    }
+
+    /// Sign the full file (if the vault is open), rename it to the next `audit.log.N`, and
+    /// start `audit.log` with a record that carries the chain on.
+    fn roll_over(&self, w: &mut Writer) -> Result<(), AuditError> {
+        // A file that ends with a checkpoint verifies on its own.
+        if w.since_checkpoint > 0 {
+            self.checkpoint(w, "roll-over")?;
+        }
+        let old = self.live();
+        old.sync_data().map_err(AuditError::Sync)?;
+        let n = w.rolled + 1;
+        let to = rolled_path(&self.dir, n);
+        if to.exists() {
+            return Err(AuditError::Files(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists", to.display()),
+            )));
+        }
+        std::fs::rename(&self.path, &to).map_err(AuditError::Files)?;
+        let new = match open_live(&self.path).and_then(|f| sync_dir(&self.dir).map(|()| f)) {
+            Ok(f) => f,
+            Err(e) => {
+                // Back as it was: the open handle still writes to the renamed file.
+                let _ = std::fs::rename(&to, &self.path);
+                return Err(AuditError::Files(e));
+            }
+        };
+        self.set_live(new);
+        w.rolled = n;
+        w.end = 0;
+        self.write_line(w, now(), continued_from(n))?;
+        self.written.fetch_add(1, Ordering::AcqRel);
+        tracing::info!(to = %to.display(), "audit log: rolled over");
+        Ok(())
     }
 
     /// Note the damaged bytes at the end of the file in a resume record that continues the
@@ -464,7 +726,8 @@ impl AuditLog {
         let Some((from, why)) = w.damaged.clone() else {
             return Ok(());
         };
-        let len = self.file.metadata().map_err(AuditError::Write)?.len();
+        let file = self.live();
+        let len = file.metadata().map_err(AuditError::Write)?.len();
         if len <= from {
             // The failed write left nothing behind.
             w.end = len;
@@ -472,15 +735,14 @@ impl AuditLog {
             return Ok(());
         }
         let mut bytes = vec![0u8; usize::try_from(len - from).unwrap_or(0)];
-        self.file
-            .read_exact_at(&mut bytes, from)
+        file.read_exact_at(&mut bytes, from)
             .map_err(AuditError::Write)?;
         // The damaged bytes end with a newline of their own, or get one from us first.
         let terminated = bytes.last() == Some(&b'\n');
         if terminated {
             bytes.pop();
         } else {
-            (&self.file).write_all(b"\n").map_err(AuditError::Write)?;
+            (&*file).write_all(b"\n").map_err(AuditError::Write)?;
         }
         let end = len + u64::from(!terminated);
         w.end = end;
@@ -529,10 +791,264 @@ impl AuditLog {
             next_public_key: w.next.as_ref().map(format::encode_key),
             signature: B64.encode(signature.to_bytes()),
         });
-        self.write_line(w, time, body)?;
+        // Not through write_line's roll-over: the anchor must name this file's last line.
+        let rolling = std::mem::replace(&mut w.rolling, true);
+        let written = self.write_line(w, time.clone(), body);
+        w.rolling = rolling;
+        let seq = written?;
+        let Some(key) = &w.key else {
+            return Ok(None);
+        };
+        let counter = w.counter_next;
+        let anchor = sign_anchor(key, seq, &w.prev, time, w.next.as_ref(), counter);
+        w.counter_next = counter.map(|c| c + 1);
+        // The second witness: the journal keeps what the state directory may lose.
+        tracing::info!(
+            target: CHECKPOINT_TARGET,
+            seq = anchor.seq,
+            head = %anchor.head,
+            time = %anchor.time,
+            key = %anchor.public_key,
+            next_key = anchor.next_public_key.as_deref().unwrap_or(""),
+            sig = %anchor.signature,
+            reason,
+            "audit checkpoint"
+        );
         w.since_checkpoint = 0;
         w.last_checkpoint = Instant::now();
-        Ok(Some(self.written.fetch_add(1, Ordering::AcqRel) + 1))
+        let number = self.written.fetch_add(1, Ordering::AcqRel) + 1;
+        *lock(&self.pending_anchor) = Some((number, anchor));
+        if w.end >= self.options.max_file_bytes && !w.rolling {
+            w.rolling = true;
+            if let Err(e) = self.roll_over(w) {
+                tracing::error!("audit log: {e}; writing on to {}", self.path.display());
+            }
+            w.rolling = false;
+        }
+        Ok(Some(self.written.load(Ordering::Acquire)))
+    }
+
+    /// Write the pending anchor to `audit.anchor` once its checkpoint is on disk (never
+    /// before: the anchor must never be ahead of the log).
+    fn publish_anchor(&self) {
+        let mut published = lock(&self.anchor_lock);
+        let anchor = {
+            let mut pending = lock(&self.pending_anchor);
+            match pending.as_ref() {
+                Some((number, _)) if *number <= self.synced.load(Ordering::Acquire) => {
+                    pending.take().map(|(_, a)| a)
+                }
+                _ => None,
+            }
+        };
+        let Some(anchor) = anchor else {
+            return;
+        };
+        if published.is_some_and(|seq| seq >= anchor.seq) {
+            return;
+        }
+        if let Err(e) = self.write_anchor(&mut published, &anchor) {
+            tracing::error!("audit log: {e}");
+            return;
+        }
+        drop(published);
+        if let Some(c) = anchor.counter {
+            self.counter_up_to(c);
+        }
+    }
+
+    /// Replace `audit.anchor` with `anchor`; `published` is the anchor lock's content.
+    fn write_anchor(&self, published: &mut Option<u64>, anchor: &Anchor) -> Result<(), AuditError> {
+        let err = |source| AuditError::PublicKey {
+            path: self.anchor_path.clone(),
+            source,
+        };
+        let text = serde_json::to_vec(anchor).map_err(|e| err(io::Error::other(e)))?;
+        replace_file(&self.anchor_path, &text, 0o644).map_err(err)?;
+        *published = Some(anchor.seq);
+        Ok(())
+    }
+
+    /// A log with no anchor yet (new, or just started after a finding) gets one at its head
+    /// before its first checkpoint: so a log that holds a checkpoint always has an anchor, and
+    /// a missing one is a finding, not a crash between the two.
+    fn anchor_head(&self, w: &mut Writer, key: &SigningKey) -> Result<(), AuditError> {
+        if self.anchor_path.exists() || w.seq == 0 {
+            return Ok(());
+        }
+        self.sync_through(self.written.load(Ordering::Acquire))?;
+        let counter = w.counter_next;
+        let anchor = sign_anchor(key, w.seq - 1, &w.prev, now(), None, counter);
+        self.write_anchor(&mut lock(&self.anchor_lock), &anchor)?;
+        if let Some(c) = counter {
+            w.counter_next = Some(c + 1);
+            self.counter_up_to(c);
+        }
+        Ok(())
+    }
+
+    /// Check the log against `audit.anchor` for the vault whose audit key is `key`. `Err` is
+    /// the finding, in words.
+    fn check_anchor(
+        &self,
+        w: &Writer,
+        key: &VerifyingKey,
+    ) -> Result<Option<CheckedAnchor>, String> {
+        let text = match std::fs::read(&self.anchor_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return match self.holds_a_checkpoint(w) {
+                    Ok(false) => Ok(None),
+                    Ok(true) => Err(format!(
+                        "{} is missing, but the log holds checkpoints: the log can't be checked (removed, or the first start of a version that keeps one)",
+                        format::ANCHOR_FILE
+                    )),
+                    Err(e) => Err(format!("cannot read the log to check it: {e}")),
+                };
+            }
+            Err(e) => return Err(format!("cannot read {}: {e}", format::ANCHOR_FILE)),
+        };
+        let anchor = Anchor::parse(&text)
+            .map_err(|e| format!("{} is not an anchor: {e}", format::ANCHOR_FILE))?
+            .check()
+            .map_err(|p| format!("{}: {p}", format::ANCHOR_FILE))?;
+        // Signed by this vault's key, or by the one before it at a rekey's hand-over.
+        if anchor.key != *key && anchor.next.as_ref() != Some(key) {
+            return Err(format!(
+                "{} is not signed by this vault's audit key",
+                format::ANCHOR_FILE
+            ));
+        }
+        let bytes = self
+            .read_from(w, anchor.seq)
+            .map_err(|e| format!("cannot read the log to check it: {e}"))?;
+        let expect = Expect {
+            anchor: Some(&anchor),
+            last_seq: None,
+        };
+        format::verify_against(&bytes, &anchor.key, expect)
+            .map(|_| Some(anchor.clone()))
+            .map_err(|f| {
+                let at = f.seq.map(|s| format!("seq {s}: ")).unwrap_or_default();
+                format!(
+                    "the log does not match its anchor (checkpoint seq {}): {at}{}",
+                    anchor.seq, f.problem
+                )
+            })
+    }
+
+    /// The log's files from the one that holds `seq` on, end to end (the live one up to its
+    /// last good record). The first time, only the log as it was found at start: what this run
+    /// wrote since then is ours, and must not hide a cut.
+    fn read_from(&self, w: &Writer, seq: u64) -> io::Result<Vec<u8>> {
+        let mut files = format::set_in(&self.dir)?;
+        let mut live = (
+            self.path.clone(),
+            w.damaged.as_ref().map_or(w.end, |(at, _)| *at),
+        );
+        if let Some((rolled, end)) = w.found {
+            if rolled < w.rolled {
+                // Rolled over since: the file that was live is audit.log.(rolled + 1).
+                let was = rolled_path(&self.dir, rolled + 1);
+                if let Some(at) = files.iter().position(|p| *p == was) {
+                    files.truncate(at + 1);
+                }
+                live = (was, end);
+            } else {
+                live.1 = end;
+            }
+        }
+        let mut start = 0;
+        for (i, path) in files.iter().enumerate().rev() {
+            if first_seq(path)?.is_some_and(|first| first <= seq) {
+                start = i;
+                break;
+            }
+        }
+        let mut out = Vec::new();
+        for path in &files[start..] {
+            let mut bytes = std::fs::read(path)?;
+            if *path == live.0 {
+                bytes.truncate(usize::try_from(live.1).unwrap_or(usize::MAX));
+            }
+            out.extend_from_slice(&bytes);
+        }
+        Ok(out)
+    }
+
+    /// Whether any of the log's files holds a checkpoint (newest first: it is found at once).
+    fn holds_a_checkpoint(&self, w: &Writer) -> io::Result<bool> {
+        for path in format::set_in(&self.dir)?.iter().rev() {
+            let mut bytes = std::fs::read(path)?;
+            if *path == self.path {
+                bytes.truncate(usize::try_from(w.end).unwrap_or(usize::MAX));
+            }
+            let found = format::lines(&bytes).iter().any(|l| {
+                matches!(
+                    format::parse(l.bytes),
+                    Ok(Record {
+                        body: Body::Checkpoint(_),
+                        ..
+                    })
+                )
+            });
+            if found {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Refuse to continue a log that does not match its anchor: move its files and anchor,
+    /// untouched, into a directory of their own and start a new log whose first record says
+    /// why.
+    fn start_new_log(&self, w: &mut Writer, finding: &str) -> Result<PathBuf, AuditError> {
+        let stamp: String = now().chars().filter(char::is_ascii_alphanumeric).collect();
+        let aside = self.dir.join(format!("audit-set-aside-{stamp}"));
+        let files = AuditError::Files;
+        // No anchor of the old log may be written while (or after) it is moved.
+        let mut published = lock(&self.anchor_lock);
+        *lock(&self.pending_anchor) = None;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&aside)
+            .map_err(files)?;
+        let live = self.live();
+        live.sync_data().map_err(AuditError::Sync)?;
+        for path in format::set_in(&self.dir).map_err(files)? {
+            if let Some(name) = path.file_name() {
+                std::fs::rename(&path, aside.join(name)).map_err(files)?;
+            }
+        }
+        if self.anchor_path.exists() {
+            std::fs::rename(&self.anchor_path, aside.join(format::ANCHOR_FILE)).map_err(files)?;
+        }
+        if self.pub_path.exists() {
+            std::fs::copy(&self.pub_path, aside.join(format::PUBLIC_KEY_FILE)).map_err(files)?;
+        }
+        sync_dir(&aside).map_err(files)?;
+        let new = open_live(&self.path).map_err(files)?;
+        sync_dir(&self.dir).map_err(files)?;
+        self.set_live(new);
+        *published = None;
+        drop(published);
+        w.seq = 0;
+        w.prev = format::GENESIS;
+        w.end = 0;
+        w.damaged = None;
+        w.rolled = 0;
+        w.since_checkpoint = 0;
+        let detail = capped(&format!(
+            "{finding}; the old log is kept as it was in {}",
+            aside.display()
+        ));
+        let body = Body::Event(EventRecord {
+            event: format::NEW_LOG.into(),
+            detail,
+        });
+        self.write_line(w, now(), body)?;
+        self.written.fetch_add(1, Ordering::AcqRel);
+        Ok(aside)
     }
 
     /// Make every record up to number `through` durable (one `fdatasync` serves every caller
@@ -544,7 +1060,8 @@ impl AuditLog {
             return Ok(());
         }
         let upto = self.written.load(Ordering::Acquire);
-        match self.file.sync_data() {
+        // Read after `upto`: a record counted there went to this file or one synced before.
+        match self.live().sync_data() {
             Ok(()) => {
                 self.synced.store(upto, Ordering::Release);
                 self.degraded.store(false, Ordering::Release);
@@ -587,6 +1104,7 @@ impl AuditLog {
                     tracing::error!("audit log: {e}; requests fail until a sync succeeds");
                 }
             }
+            self.publish_anchor();
             let mut w = lock(&self.writer);
             if w.key.is_some()
                 && w.since_checkpoint > 0
@@ -612,7 +1130,11 @@ impl AuditLog {
         then(&mut w);
         drop(w);
         match written? {
-            Some(n) => self.sync_through(n),
+            Some(n) => {
+                self.sync_through(n)?;
+                self.publish_anchor();
+                Ok(())
+            }
             None => Ok(()),
         }
     }
@@ -639,21 +1161,7 @@ impl AuditLog {
         if lock(&self.public_key).as_deref() == Some(encoded.as_str()) && self.pub_path.is_file() {
             return Ok(());
         }
-        let tmp = self.pub_path.with_extension("pub.tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(err)?;
-        f.write_all(format::pem(key).as_bytes()).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, &self.pub_path).map_err(err)?;
-        if let Some(dir) = self.pub_path.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
-        }
+        replace_file(&self.pub_path, format::pem(key).as_bytes(), 0o644).map_err(err)?;
         *lock(&self.public_key) = Some(encoded);
         Ok(())
     }
@@ -679,6 +1187,7 @@ impl AuditLog {
         if let Err(e) = self.sync_through(number) {
             tracing::error!("audit log: at stop: {e}");
         }
+        self.publish_anchor();
         self.stop.store(true, Ordering::Release);
         self.wake_flusher();
         if let Some(t) = lock(&self.flusher).take() {
@@ -693,6 +1202,42 @@ impl AuditKeys for AuditLog {
         let mut w = lock(&self.writer);
         if w.key.as_ref().map(SigningKey::verifying_key) == Some(public) {
             return;
+        }
+        if w.key.is_none() {
+            // The key is here: check what was written while it was not, before signing it.
+            let checked = self.check_anchor(&w, &public);
+            w.found = None;
+            let checked = match checked {
+                Ok(anchor) => self.check_counter(&mut w, anchor.as_ref()),
+                Err(finding) => {
+                    // Anchors of the new log go on from the counter as it is.
+                    let _ = self.check_counter(&mut w, None);
+                    Err(finding)
+                }
+            };
+            if let Err(finding) = checked {
+                tracing::error!("audit log: {finding}: not continuing it");
+                match self.start_new_log(&mut w, &finding) {
+                    Ok(aside) => {
+                        *lock(&self.finding) = Some(format!(
+                            "{finding}; a new log was started, the old one is in {}",
+                            aside.display()
+                        ));
+                    }
+                    Err(e) => {
+                        // Never sign over it: no checkpoints until someone looks.
+                        tracing::error!("audit log: {e}; checkpoints are off");
+                        *lock(&self.finding) = Some(format!(
+                            "{finding}; no new log could be started ({e}): checkpoints are off"
+                        ));
+                        return;
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.anchor_head(&mut w, &key) {
+            // Without it, a crash before the next anchor would look like a removed one.
+            tracing::error!("audit log: {e}");
         }
         w.key = Some(key);
         w.next = None;
@@ -750,6 +1295,104 @@ impl AuditKeys for AuditLog {
             }
         }
     }
+}
+
+/// An anchor for the record `seq` whose line hashes to `head`, signed by `key`.
+fn sign_anchor(
+    key: &SigningKey,
+    seq: u64,
+    head: &[u8; 32],
+    time: String,
+    next: Option<&VerifyingKey>,
+    counter: Option<u64>,
+) -> Anchor {
+    let public = key.verifying_key();
+    let message = format::anchor_message(seq, head, &time, &public, next, counter);
+    let signature = key.sign(&message);
+    Anchor {
+        seq,
+        head: format::hex(head),
+        time,
+        public_key: format::encode_key(&public),
+        next_public_key: next.map(format::encode_key),
+        counter,
+        signature: B64.encode(signature.to_bytes()),
+    }
+}
+
+/// Open (or create) the live file for appending.
+fn open_live(path: &Path) -> io::Result<File> {
+    // O_APPEND: every write lands at the end, whoever else has the file open.
+    // O_NOFOLLOW: a symlink planted in the state dir is refused, not followed.
+    OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir).and_then(|d| d.sync_all())
+}
+
+/// Replace `path` with `bytes` (mode `mode`), atomically and durably.
+fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    match path.parent() {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
+    }
+}
+
+fn rolled_name(n: u64) -> String {
+    format!("{}.{n}", format::LOG_FILE)
+}
+
+fn rolled_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(rolled_name(n))
+}
+
+/// N of an `audit.log.N` path.
+fn rolled_number(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix(format::LOG_FILE)?
+        .strip_prefix('.')?
+        .parse()
+        .ok()
+}
+
+/// The first record of a file the log rolled over to from `audit.log.N`.
+fn continued_from(n: u64) -> Body {
+    Body::Event(EventRecord {
+        event: format::CONTINUED.into(),
+        detail: format!("from {}", rolled_name(n)),
+    })
+}
+
+/// The seq of a file's first record, if it has a readable one.
+fn first_seq(path: &Path) -> io::Result<Option<u64>> {
+    let mut head = Vec::new();
+    File::open(path)?.take(64 * 1024).read_to_end(&mut head)?;
+    Ok(format::lines(&head)
+        .first()
+        .filter(|l| l.complete)
+        .and_then(|l| format::parse(l.bytes).ok())
+        .map(|r| r.seq))
 }
 
 /// Where the chain stands at the end of an existing file.
@@ -813,7 +1456,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = SigningKey::from_bytes(&[5; 32]);
         let public = key.verifying_key();
-        let log = AuditLog::open(dir.path()).unwrap();
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
         log.request(entry("Status", "vault"), Durability::Written, None)
             .unwrap();
         log.opened(key.clone(), "test");
@@ -834,7 +1477,7 @@ mod tests {
         let pem = std::fs::read_to_string(dir.path().join(format::PUBLIC_KEY_FILE)).unwrap();
         assert_eq!(format::decode_key(&pem).unwrap(), public);
 
-        let log = AuditLog::open(dir.path()).unwrap();
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
         assert_eq!(log.public_key(), Some(format::encode_key(&public)));
         log.opened(key, "test");
         log.shutdown();
@@ -847,7 +1490,7 @@ mod tests {
     fn a_torn_last_line_is_kept_and_noted_and_the_chain_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let key = SigningKey::from_bytes(&[6; 32]);
-        let log = AuditLog::open(dir.path()).unwrap();
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
         log.opened(key.clone(), "test");
         log.request(entry("GetSecret", "a"), Durability::Synced, None)
             .unwrap();
@@ -858,7 +1501,7 @@ mod tests {
         drop(f);
         let before = std::fs::read(&path).unwrap();
 
-        let log = AuditLog::open(dir.path()).unwrap();
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
         log.opened(key.clone(), "test");
         log.shutdown();
         let after = std::fs::read(&path).unwrap();
@@ -873,7 +1516,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(format::LOG_FILE);
         std::fs::write(&path, b"garbage\nmore garbage\n").unwrap();
-        let log = AuditLog::open(dir.path()).unwrap();
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
         let key = SigningKey::from_bytes(&[7; 32]);
         log.opened(key.clone(), "test");
         log.shutdown();
@@ -881,7 +1524,7 @@ mod tests {
         assert_eq!(r.damage[0].bytes, 20);
         std::fs::write(&path, vec![b'x'; (TAIL_WINDOW + 10) as usize]).unwrap();
         assert!(matches!(
-            AuditLog::open(dir.path()),
+            AuditLog::open(dir.path(), AuditOptions::default()),
             Err(AuditError::Unreadable { .. })
         ));
     }
@@ -891,7 +1534,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink("/etc/passwd", dir.path().join(format::LOG_FILE)).unwrap();
         assert!(matches!(
-            AuditLog::open(dir.path()),
+            AuditLog::open(dir.path(), AuditOptions::default()),
             Err(AuditError::Open { .. })
         ));
     }
@@ -901,7 +1544,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let old = SigningKey::from_bytes(&[8; 32]);
         let new = SigningKey::from_bytes(&[9; 32]);
-        let log = AuditLog::open(dir.path()).unwrap();
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
         log.opened(old.clone(), "test");
         log.rekeying(&new.verifying_key()).unwrap();
         log.request(entry("Status", "vault"), Durability::Written, None)
@@ -924,7 +1567,7 @@ mod tests {
     fn the_unsealed_log_signs_every_so_many_records() {
         let dir = tempfile::tempdir().unwrap();
         let key = SigningKey::from_bytes(&[4; 32]);
-        let log = AuditLog::open(dir.path()).unwrap();
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
         log.opened(key.clone(), "test");
         for _ in 0..CHECKPOINT_EVERY + 5 {
             log.request(entry("GetSecret", "x"), Durability::Written, None)
@@ -938,6 +1581,238 @@ mod tests {
         );
         assert!(r.unsigned_tail < CHECKPOINT_EVERY);
         log.shutdown();
+    }
+
+    /// Every file of the log in `dir`, end to end.
+    fn whole_set(dir: &Path) -> Vec<u8> {
+        let mut all = Vec::new();
+        for f in format::set_in(dir).unwrap() {
+            all.extend(std::fs::read(f).unwrap());
+        }
+        all
+    }
+
+    #[test]
+    fn the_log_rolls_over_and_the_set_verifies_as_one_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let small = AuditOptions {
+            max_file_bytes: 4096,
+        };
+        let log = AuditLog::open(dir.path(), small).unwrap();
+        log.opened(key.clone(), "test");
+        for n in 0..60 {
+            log.request(
+                entry("GetSecret", &format!("s{n}")),
+                Durability::Written,
+                None,
+            )
+            .unwrap();
+        }
+        log.shutdown();
+        // Reopened: it finds the numbering and goes on.
+        let log = AuditLog::open(dir.path(), small).unwrap();
+        log.opened(key.clone(), "test");
+        for _ in 0..30 {
+            log.request(entry("Status", "vault"), Durability::Written, None)
+                .unwrap();
+        }
+        log.shutdown();
+        let set = format::set_in(dir.path()).unwrap();
+        assert!(set.len() >= 4, "{set:?}");
+        for f in &set {
+            assert!(std::fs::metadata(f).unwrap().len() < 4096 + 1024, "{f:?}");
+        }
+        let r = format::verify(&whole_set(dir.path()), &key.verifying_key()).unwrap();
+        assert_eq!(r.unsigned_tail, 0);
+        assert_eq!(log.finding(), None);
+        // Each rolled file ends signed and verifies from where it starts.
+        let second = std::fs::read(&set[1]).unwrap();
+        let r = format::verify(&second, &key.verifying_key()).unwrap();
+        assert!(r.first_seq > 0);
+        assert_eq!(r.unsigned_tail, 0);
+    }
+
+    /// Rewrite `path` from the record after `keep` on: the records after it edited, every later
+    /// checkpoint dropped, seq renumbered and the chain recomputed — what someone with write
+    /// access and no key can do.
+    fn forge_after(path: &Path, keep: usize) {
+        let bytes = std::fs::read(path).unwrap();
+        let lines = format::lines(&bytes);
+        let mut out = Vec::new();
+        let mut prev = [0u8; 32];
+        let mut seq = 0;
+        for (i, l) in lines.iter().enumerate() {
+            let mut r = format::parse(l.bytes).unwrap();
+            if i > keep {
+                if matches!(r.body, Body::Checkpoint(_)) {
+                    continue;
+                }
+                if let Body::Request(q) = &mut r.body {
+                    q.target = "forged".into();
+                }
+                r.seq = seq;
+                r.prev = format::hex(&prev);
+            }
+            let line = serde_json::to_vec(&r).unwrap();
+            prev = format::line_hash(&line);
+            seq = r.seq + 1;
+            out.extend_from_slice(&line);
+            out.push(b'\n');
+        }
+        std::fs::write(path, out).unwrap();
+    }
+
+    #[test]
+    fn a_log_rewritten_after_a_checkpoint_is_set_aside_at_unseal_and_a_new_one_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[2; 32]);
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        log.opened(key.clone(), "test");
+        log.request(entry("Rotate", "vault"), Durability::Synced, Some("admin"))
+            .unwrap();
+        for n in 0..4 {
+            log.request(
+                entry("GetSecret", &format!("s{n}")),
+                Durability::Written,
+                None,
+            )
+            .unwrap();
+        }
+        log.shutdown();
+        let path = dir.path().join(format::LOG_FILE);
+        let anchor = std::fs::read(dir.path().join(format::ANCHOR_FILE)).unwrap();
+        let lines: Vec<Record> = format::lines(&std::fs::read(&path).unwrap())
+            .iter()
+            .map(|l| format::parse(l.bytes).unwrap())
+            .collect();
+        // start, checkpoint (unseal), Rotate, checkpoint (admin): keep those.
+        let keep = lines
+            .iter()
+            .position(|r| matches!(&r.body, Body::Checkpoint(c) if c.reason == "admin"))
+            .unwrap();
+        forge_after(&path, keep);
+        let forged = std::fs::read(&path).unwrap();
+        // The chain alone can't tell.
+        format::verify(&forged, &key.verifying_key()).unwrap();
+
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        assert_eq!(
+            log.finding(),
+            None,
+            "nothing is known before the key is here"
+        );
+        log.opened(key.clone(), "test");
+        let finding = log.finding().expect("a finding");
+        assert!(finding.contains("does not match its anchor"), "{finding}");
+        log.shutdown();
+        // The forged files are kept as they were, with the anchor, in a directory of their own.
+        let aside: Vec<PathBuf> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_dir())
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        // (with the start record this run wrote before the key came)
+        let kept = std::fs::read(aside[0].join(format::LOG_FILE)).unwrap();
+        assert!(kept.starts_with(&forged));
+        assert_eq!(
+            std::fs::read(aside[0].join(format::ANCHOR_FILE)).unwrap(),
+            anchor
+        );
+        // The new log starts with the finding and verifies on its own.
+        let new = std::fs::read(&path).unwrap();
+        let first = format::parse(format::lines(&new)[0].bytes).unwrap();
+        assert!(
+            matches!(&first.body, Body::Event(e) if e.event == format::NEW_LOG && e.detail.contains("anchor")),
+            "{first:?}"
+        );
+        assert_eq!(first.seq, 0);
+        let r = format::verify(&new, &key.verifying_key()).unwrap();
+        assert_eq!(r.unsigned_tail, 0);
+        // And the next start finds it in order.
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        log.opened(key, "test");
+        assert_eq!(log.finding(), None);
+        log.shutdown();
+    }
+
+    #[test]
+    fn an_untouched_log_passes_the_check_across_seals_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[1; 32]);
+        for _ in 0..3 {
+            let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+            log.opened(key.clone(), "test");
+            log.request(entry("GetSecret", "a"), Durability::Written, None)
+                .unwrap();
+            log.closed("sealed by test");
+            // Written while sealed: after the anchor, chained to it.
+            log.request(entry("GetSecret", "a"), Durability::Written, None)
+                .unwrap();
+            log.opened(key.clone(), "test");
+            assert_eq!(log.finding(), None);
+            log.shutdown();
+        }
+        // A stranger's key never passes.
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        log.opened(SigningKey::from_bytes(&[9; 32]), "test");
+        assert!(log.finding().unwrap().contains("not signed by this vault"));
+        log.shutdown();
+    }
+
+    #[test]
+    fn an_anchor_that_lags_passes_and_a_missing_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let anchor_path = dir.path().join(format::ANCHOR_FILE);
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        // The first unseal anchors the head before it writes the first checkpoint: the anchor
+        // a crash right after that checkpoint would leave.
+        log.opened(key.clone(), "test");
+        let records =
+            format::lines(&std::fs::read(dir.path().join(format::LOG_FILE)).unwrap()).len();
+        let first = std::fs::read(&anchor_path).unwrap();
+        let a = Anchor::parse(&first).unwrap();
+        assert_eq!(a.seq, u64::try_from(records).unwrap() - 1);
+        log.request(entry("Rotate", "vault"), Durability::Synced, Some("admin"))
+            .unwrap();
+        log.shutdown();
+        // What a crash before the later anchors were written leaves: an older anchor.
+        let head = format::lines(&std::fs::read(dir.path().join(format::LOG_FILE)).unwrap())[0]
+            .bytes
+            .to_vec();
+        let oldest = sign_anchor(&key, 0, &format::line_hash(&head), now(), None, None);
+        std::fs::write(&anchor_path, serde_json::to_vec(&oldest).unwrap()).unwrap();
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        log.opened(key.clone(), "test");
+        assert_eq!(log.finding(), None);
+        log.shutdown();
+        // Removed: the log holds checkpoints, so that is a finding.
+        std::fs::remove_file(&anchor_path).unwrap();
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        log.opened(key, "test");
+        assert!(log.finding().unwrap().contains("missing"));
+        log.shutdown();
+    }
+
+    #[test]
+    fn a_roll_over_cut_short_goes_on_from_the_last_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[6; 32]);
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        log.opened(key.clone(), "test");
+        log.shutdown();
+        // Renamed, and the new file got only part of its first record before the crash.
+        let live = dir.path().join(format::LOG_FILE);
+        std::fs::rename(&live, rolled_path(dir.path(), 1)).unwrap();
+        std::fs::write(&live, br#"{"seq":5,"time":"20"#).unwrap();
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        log.opened(key.clone(), "test");
+        log.shutdown();
+        let r = format::verify(&whole_set(dir.path()), &key.verifying_key()).unwrap();
+        assert_eq!(r.damage.len(), 1);
+        assert_eq!(log.finding(), None);
     }
 
     #[test]

@@ -62,6 +62,9 @@ pub struct Config {
     /// Recovery shares.
     #[serde(default)]
     pub recovery: RecoveryConfig,
+    /// How the audit log is kept.
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 /// Recovery shares: how long new ones wait for an admin to type enough of them back.
@@ -511,5 +514,57 @@ mod tests {
         assert!(parse("[limits]\nmax_connections_per_uid = 0").is_err());
         assert!(parse("[limits]\nidle_timeout_secs = 0").is_err());
         assert!(parse("[limits]\nmax_conections = 8").is_err());
+    }
+}
+
+/// `[audit]`: how the audit log is kept.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// `audit.log` rolls over to `audit.log.N` at this size (bytes; at least 4096).
+    #[serde(default = "default_max_file_bytes")]
+    pub max_file_bytes: u64,
+    /// A configured `tpm2` device whose NV counter the audit anchors are bound to, so that a
+    /// log and anchor rolled back together are caught. Off unless set.
+    #[serde(default)]
+    pub tpm_counter: Option<String>,
+    /// The counter's NV index (owner range; default 0x01004b57).
+    #[serde(default = "default_counter_index")]
+    pub tpm_counter_index: u32,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: default_max_file_bytes(),
+            tpm_counter: None,
+            tpm_counter_index: default_counter_index(),
+        }
+    }
+}
+
+fn default_max_file_bytes() -> u64 {
+    crate::audit::DEFAULT_MAX_FILE_BYTES
+}
+
+fn default_counter_index() -> u32 {
+    0x0100_4b57
+}
+
+impl AuditConfig {
+    /// The options the audit log is opened with.
+    ///
+    /// # Errors
+    /// A size too small to hold a few records.
+    pub fn options(&self) -> Result<crate::audit::AuditOptions, String> {
+        if self.max_file_bytes < 4096 {
+            return Err(format!(
+                "audit.max_file_bytes = {} is below 4096",
+                self.max_file_bytes
+            ));
+        }
+        Ok(crate::audit::AuditOptions {
+            max_file_bytes: self.max_file_bytes,
+        })
     }
 }

@@ -133,6 +133,14 @@ fn export_softhsm_conf(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
+/// `line`, and what the audit log's check against its anchor found, if anything.
+fn with_audit_finding(line: &str, audit: &AuditLog) -> String {
+    match audit.finding() {
+        Some(f) => format!("{line}; AUDIT LOG DID NOT MATCH ITS ANCHOR: {f}"),
+        None => line.to_owned(),
+    }
+}
+
 fn load_policy(config: &Config) -> Result<Policy, String> {
     match &config.policy {
         Some(path) => Policy::load(path).map_err(|e| format!("policy {}: {e}", path.display())),
@@ -164,8 +172,17 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
             )
         })
         .collect();
-    let on_change: Arc<dyn Fn(&str) + Send + Sync> =
-        Arc::new(|line: &str| sys::notify(&[NotifyState::Status(line)]));
+    // Before the first unseal: the vault hands the audit log its signing key when it opens.
+    let audit = AuditLog::open(&config.state_dir, config.audit.options()?)
+        .map_err(|e| format!("audit log: {e}"))?;
+    let on_change: Arc<dyn Fn(&str) + Send + Sync> = {
+        let audit = audit.clone();
+        // The audit log is told first (it checks its anchor as the vault opens): what it found
+        // rides on every status line.
+        Arc::new(move |line: &str| {
+            sys::notify(&[NotifyState::Status(&with_audit_finding(line, &audit))]);
+        })
+    };
     let confirm_within = Duration::from_secs(config.recovery.confirm_within_secs);
     let vault = Vault::load(
         store,
@@ -176,8 +193,17 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
     )
     .await
     .map_err(|e| e.to_string())?;
-    // Before the first unseal: the vault hands the audit log its signing key when it opens.
-    let audit = AuditLog::open(&config.state_dir).map_err(|e| format!("audit log: {e}"))?;
+    if let Some(name) = &config.audit.tpm_counter {
+        let device = match (config.devices.get(name), vault.devices().get(name)) {
+            (Some(DeviceConfig::Tpm2 { .. }), Some(d)) => d.clone(),
+            _ => {
+                return Err(format!(
+                    "audit.tpm_counter: {name:?} is not a configured tpm2 device"
+                ))
+            }
+        };
+        audit.set_counter(device, config.audit.tpm_counter_index)?;
+    }
     vault.set_audit(audit.clone());
     let service = Arc::new(Service::new(vault, policy, audit.clone()));
 
@@ -276,6 +302,7 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
     } else {
         format!("unsealed by {}", status.unsealed_by.unwrap_or_default())
     };
+    let line = with_audit_finding(&line, &audit);
     sys::notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
     tracing::info!(socket_activated, "{line}; ready");
 

@@ -135,6 +135,7 @@ impl Service {
             Request::Status => {
                 let mut status = v.status().await?;
                 status.audit_public_key = self.audit.public_key();
+                status.audit_finding = self.audit.finding();
                 Reply::Status(status)
             }
             Request::Init(p) => {

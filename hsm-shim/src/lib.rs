@@ -239,6 +239,25 @@ pub trait Device {
     /// # Errors
     /// [`DeviceError::DeviceGone`] when the device no longer answers.
     fn ping(&mut self) -> Result<()>;
+
+    /// The monotonic counter the device keeps at `index` (created on first use), after
+    /// incrementing it by one if `increment`. Only a TPM has one (an NV counter index).
+    ///
+    /// # Errors
+    /// [`DeviceError::Unsupported`] on devices without counters; device errors otherwise.
+    fn counter(&mut self, index: u32, increment: bool) -> Result<Counter> {
+        let _ = (index, increment);
+        Err(DeviceError::Unsupported(
+            "this device keeps no monotonic counter".into(),
+        ))
+    }
+}
+
+/// A monotonic counter's value, and whether this call created it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counter {
+    pub value: u64,
+    pub created: bool,
 }
 
 /// Seal and unseal small secrets (a vault master key) inside the device.

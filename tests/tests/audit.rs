@@ -570,6 +570,60 @@ fn tail_follows_records_as_they_are_appended_and_a_policy_reload_is_one() {
     let _ = child.wait();
 }
 
+#[test]
+fn tail_follows_the_log_across_a_roll_over() {
+    use std::io::BufRead as _;
+    let token = SoftHsm::new("audit");
+    let mut d = Setup::new().token("hsm", &token).prepare();
+    let mut config = std::fs::read_to_string(d.config_path()).unwrap();
+    config.push_str("\n[audit]\nmax_file_bytes = 4096\n");
+    std::fs::write(d.config_path(), config).unwrap();
+    d.start();
+    let mut child = Command::new(bin("keyward"))
+        .args(["audit", "tail", "-f", "-n", "1"])
+        .arg(log_path(&d))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    assert!(rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .unwrap()
+        .contains("daemon start"));
+    // Enough records to fill the first file, then one that can only be in the second.
+    while !state(&d).join("audit.log.1").exists() {
+        assert_eq!(d.run(&["secret", "list"], b"").code, 4, "no vault yet");
+    }
+    assert_eq!(d.run(&["secret", "get", "after/roll-over"], b"").code, 4);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("GetSecret after/roll-over"))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("tail -f stopped at the roll-over; it printed {seen:#?}"),
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("daemon continued: from audit.log.1")),
+        "{seen:#?}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// A tmpfs mounted over a directory for as long as it lives.
 struct Tmpfs(PathBuf);
 
@@ -665,4 +719,389 @@ fn a_full_disk_fails_requests_closed_and_they_work_again_when_space_returns() {
                 .all(|(_, r)| r.result != audit::OK)
         }
     );
+}
+
+/// `keyward --json audit verify ARGS...`: (exit code, JSON document).
+fn verify_args(d: &Keywardd, args: &[&str]) -> (i32, Value) {
+    let mut full = vec!["--json", "audit", "verify"];
+    full.extend_from_slice(args);
+    let out = d.run(&full, b"");
+    let doc = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {} / {}", out.stdout, out.stderr));
+    (out.code, doc)
+}
+
+/// What someone with write access to the state directory and no key can do to a log: edit
+/// the records after the checkpoint at line `keep` (0-based), drop every later checkpoint,
+/// renumber seq and recompute the chain. The result passes the chain and signature checks.
+fn forge_after(lines: &[Vec<u8>], keep: usize) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut prev = [0u8; 32];
+    let mut seq = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let mut r = audit::parse(line).unwrap();
+        if i > keep {
+            if matches!(r.body, Body::Checkpoint(_)) {
+                continue;
+            }
+            if let Body::Request(q) = &mut r.body {
+                q.target = "forged".into();
+            }
+            r.seq = seq;
+            r.prev = audit::hex(&prev);
+        }
+        let bytes = if i > keep {
+            serde_json::to_vec(&r).unwrap()
+        } else {
+            line.clone()
+        };
+        prev = audit::line_hash(&bytes);
+        seq = r.seq + 1;
+        out.push(bytes);
+    }
+    out
+}
+
+/// The line index of the next-to-last checkpoint: everything after it is the forger's.
+fn next_to_last_checkpoint(lines: &[Vec<u8>]) -> usize {
+    let checkpoints: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| matches!(audit::parse(l).unwrap().body, Body::Checkpoint(_)))
+        .map(|(i, _)| i)
+        .collect();
+    checkpoints[checkpoints.len() - 2]
+}
+
+/// The directory the daemon moved a log it would not continue into.
+fn set_aside(d: &Keywardd) -> PathBuf {
+    let dirs: Vec<PathBuf> = std::fs::read_dir(state(d))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("audit-set-aside-")
+        })
+        .collect();
+    assert_eq!(dirs.len(), 1, "one set-aside directory: {dirs:?}");
+    dirs[0].clone()
+}
+
+/// The daemon, started on a log it must not continue: `Status`, `STATUS=` and the new log's
+/// first record all say what it found.
+fn assert_refused(d: &Keywardd, says: &str) -> String {
+    let finding = d.json(&["status"])["audit_finding"]
+        .as_str()
+        .unwrap_or_else(|| panic!("status names no audit finding; log:\n{}", d.log()))
+        .to_owned();
+    assert!(finding.contains(says), "{finding}");
+    assert!(
+        d.statuses()
+            .iter()
+            .any(|s| s.contains("AUDIT LOG DID NOT MATCH ITS ANCHOR") && s.contains(says)),
+        "{:?}",
+        d.statuses()
+    );
+    let first = records_in(&log_path(d)).remove(0);
+    assert_eq!(first.seq, 0);
+    match &first.body {
+        Body::Event(e) => {
+            assert_eq!(e.event, "new-log");
+            assert!(e.detail.contains(says), "{}", e.detail);
+        }
+        other => panic!("the new log starts with {other:?}"),
+    }
+    finding
+}
+
+#[test]
+fn a_log_rewritten_after_a_checkpoint_is_refused_at_start_and_flagged_by_verify() {
+    let token = SoftHsm::new("audit");
+    let (mut d, lines, _) = signed_log(&token);
+    let key = {
+        let pem = std::fs::read_to_string(state(&d).join(audit::PUBLIC_KEY_FILE)).unwrap();
+        audit::encode_key(&audit::decode_key(&pem).unwrap())
+    };
+    let last_seq = audit::parse(lines.last().unwrap()).unwrap().seq;
+    // A copy of the anchor kept off the machine (the daemon moves its own with the old log).
+    let kept = std::fs::read(state(&d).join("audit.anchor")).ok();
+
+    // The forgery: everything after the next-to-last checkpoint rewritten, as long as before.
+    let forged = forge_after(&lines, next_to_last_checkpoint(&lines));
+    assert!(forged.len() < lines.len(), "checkpoints were dropped");
+    write_lines(&log_path(&d), &forged);
+    let forged_bytes = std::fs::read(log_path(&d)).unwrap();
+    // The chain and the signatures alone can't tell: a copy without an anchor passes.
+    let copy = copy_log(&d, &d.dir().join("forged-copy"));
+    let (code, doc) = verify_args(&d, &["--public-key", &key, copy.to_str().unwrap()]);
+    assert_eq!(code, 0, "{doc}");
+
+    // The daemon, once unsealed, does not sign over it.
+    d.start();
+    let finding = assert_refused(&d, "does not match its anchor");
+    assert!(finding.contains("truncated"), "{finding}");
+    let aside = set_aside(&d);
+    let moved = std::fs::read(aside.join(audit::LOG_FILE)).unwrap();
+    assert!(
+        moved.starts_with(&forged_bytes),
+        "the forged log is kept as it was"
+    );
+    ok(
+        &d.run(&["secret", "get", "t/0"], b""),
+        "the daemon serves on",
+    );
+    d.stop();
+
+    // verify with the anchor (kept elsewhere, or the one moved beside the log) flags it.
+    let kept_path = d.dir().join("kept.anchor");
+    std::fs::write(&kept_path, kept.expect("the daemon keeps an anchor")).unwrap();
+    let moved_log = aside.join(audit::LOG_FILE);
+    for args in [
+        vec![
+            "--anchor",
+            kept_path.to_str().unwrap(),
+            moved_log.to_str().unwrap(),
+        ],
+        vec![moved_log.to_str().unwrap()],
+    ] {
+        // (The moved file ends with this run's start record, at the anchored seq.)
+        let (code, doc) = verify_args(&d, &args);
+        assert_eq!(code, 1, "{doc}");
+        let p = &doc["error"]["parameters"];
+        let problem = p["problem"].as_str().unwrap();
+        assert!(
+            problem.contains(&format!(
+                "truncated: the log ends at seq {}, but seq {last_seq} was written",
+                last_seq - 1
+            )) || (problem.contains("rewritten") && p["seq"] == last_seq),
+            "{doc}"
+        );
+    }
+    // So does the last seq seen (from the journal's checkpoint events, say).
+    let seen = last_seq.to_string();
+    let (code, doc) = verify_args(&d, &["--expect-seq", &seen, copy.to_str().unwrap()]);
+    assert_eq!(code, 1, "{doc}");
+    // A forger who pads the log out to the anchored seq is caught at that record.
+    let mut padded = forged.clone();
+    while audit::parse(padded.last().unwrap()).unwrap().seq < last_seq {
+        let mut r = audit::parse(padded.last().unwrap()).unwrap();
+        r.prev = audit::hex(&audit::line_hash(padded.last().unwrap()));
+        r.seq += 1;
+        padded.push(serde_json::to_vec(&r).unwrap());
+    }
+    write_lines(&copy, &padded);
+    let (code, doc) = verify_args(
+        &d,
+        &[
+            "--anchor",
+            kept_path.to_str().unwrap(),
+            copy.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 1, "{doc}");
+    assert!(
+        doc["error"]["parameters"]["problem"]
+            .as_str()
+            .unwrap()
+            .contains("rewritten"),
+        "{doc}"
+    );
+    // The new log verifies, with its own anchor.
+    let (code, doc) = verify_args(&d, &[state(&d).to_str().unwrap()]);
+    assert_eq!(code, 0, "{doc}");
+    assert!(doc["anchored_seq"].is_u64(), "{doc}");
+}
+
+#[test]
+fn a_log_cut_after_a_checkpoint_is_reported_truncated() {
+    let token = SoftHsm::new("audit");
+    let (mut d, lines, _) = signed_log(&token);
+    let last_seq = audit::parse(lines.last().unwrap()).unwrap().seq;
+    let cut = next_to_last_checkpoint(&lines) + 1;
+    let cut_seq = audit::parse(&lines[cut - 1]).unwrap().seq;
+    write_lines(&log_path(&d), &lines[..cut]);
+    // Without an anchor the cut can't be seen; with one it is named, seq numbers and all.
+    let copy = copy_log(&d, &d.dir().join("cut-copy"));
+    let (code, doc) = verify_args(&d, &[copy.to_str().unwrap()]);
+    assert_eq!(code, 0, "{doc}");
+    let (code, doc) = verify_args(&d, &[log_path(&d).to_str().unwrap()]);
+    assert_eq!(code, 1, "{doc}");
+    let problem = doc["error"]["parameters"]["problem"].as_str().unwrap();
+    assert!(
+        problem.contains(&format!(
+            "truncated: the log ends at seq {cut_seq}, but seq {last_seq} was written"
+        )),
+        "{doc}"
+    );
+    d.start();
+    assert_refused(&d, "truncated");
+}
+
+#[test]
+fn an_untouched_log_verifies_across_roll_overs_a_rekey_and_restarts() {
+    let token = SoftHsm::new("audit");
+    let mut d = Setup::new().token("hsm", &token).prepare();
+    let mut config = std::fs::read_to_string(d.config_path()).unwrap();
+    config.push_str("\n[audit]\nmax_file_bytes = 4096\n");
+    std::fs::write(d.config_path(), config).unwrap();
+    d.start();
+    ok(
+        &d.run(&["init", "--pkcs11", "hsm", "--recovery", "1/1"], b""),
+        "init",
+    );
+    let first = status_key(&d);
+    for i in 0..15 {
+        ok(&d.run(&["secret", "put", &format!("r/{i}")], b"v"), "put");
+    }
+    let rekey = d.json(&["rekey"]);
+    let share = rekey["recovery_shares"][0].as_str().unwrap().to_owned();
+    ok(&d.run(&["confirm-recovery"], share.as_bytes()), "confirm");
+    let second = status_key(&d);
+    assert_ne!(first, second);
+    for i in 0..15 {
+        ok(&d.run(&["secret", "get", &format!("r/{i}")], b""), "get");
+    }
+    d.restart();
+    ok(&d.run(&["secret", "get", "r/0"], b""), "get after restart");
+    d.restart();
+    assert!(
+        d.json(&["status"])["audit_finding"].is_null(),
+        "an untouched log passes its check"
+    );
+    assert!(d.statuses().iter().all(|s| !s.contains("ANCHOR")));
+    d.stop();
+
+    let set = audit::set_in(&state(&d)).unwrap();
+    assert!(set.len() >= 4, "the log rolled over: {set:?}");
+    for f in &set {
+        assert!(std::fs::metadata(f).unwrap().len() < 4096 + 2048, "{f:?}");
+    }
+    // The whole set, by directory or file by file, from either key, against the anchor.
+    let files: Vec<&str> = set.iter().map(|p| p.to_str().unwrap()).collect();
+    for args in [vec![state(&d).to_str().unwrap()], files.clone()] {
+        for key in [&first, &second] {
+            let mut with_key = vec!["--public-key", key.as_str()];
+            with_key.extend(args.iter().copied());
+            let (code, doc) = verify_args(&d, &with_key);
+            assert_eq!(code, 0, "{doc}");
+            assert_eq!(doc["keys"], serde_json::json!([first, second]), "{doc}");
+            assert_eq!(doc["first_seq"], 0, "{doc}");
+            assert_eq!(doc["unsigned_tail"], 0, "{doc}");
+            assert_eq!(doc["anchored_seq"], doc["last_seq"], "{doc}");
+        }
+    }
+    // Every file after the first carries the chain on; the last files alone verify too.
+    for f in &set[1..] {
+        let first = records_in(f).remove(0);
+        assert!(
+            matches!(&first.body, Body::Event(e) if e.event == "continued"),
+            "{f:?}: {first:?}"
+        );
+    }
+    let (code, doc) = verify_args(&d, &files[files.len() - 2..]);
+    assert_eq!(code, 0, "{doc}");
+    assert!(doc["first_seq"].as_u64().unwrap() > 0, "{doc}");
+    // A file missing from the middle of the set breaks the chain there.
+    let mut gap = files.clone();
+    gap.remove(1);
+    let (code, doc) = verify_args(&d, &gap);
+    assert_eq!(code, 1, "{doc}");
+    assert_eq!(doc["error"]["parameters"]["path"], files[2], "{doc}");
+    assert_eq!(doc["error"]["parameters"]["line"], 1, "{doc}");
+
+    // The checkpoints' second copy: the daemon's log (the journal, under systemd).
+    let anchor: Value =
+        serde_json::from_slice(&std::fs::read(state(&d).join("audit.anchor")).unwrap()).unwrap();
+    let witness = strip_ansi(&d.log())
+        .lines()
+        .rev()
+        .find(|l| l.contains("keyward::audit::checkpoint"))
+        .map(str::to_owned)
+        .expect("checkpoints are copied to the daemon's log");
+    assert!(
+        witness.contains(&format!("seq={}", anchor["seq"])),
+        "{witness} / {anchor}"
+    );
+    assert!(
+        witness.contains(anchor["head"].as_str().unwrap()),
+        "{witness} / {anchor}"
+    );
+}
+
+/// `text` without its terminal colour codes (`ESC [ ... m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Run a daemon on a token (and a swtpm, when `tpm_counter`), keep a copy of its log and
+/// anchor, let it write and sign more, then put the copy back: a rollback of the log and its
+/// anchor together. Returns the daemon, started again on the rolled-back pair.
+fn rolled_back(token: &SoftHsm, swtpm: Option<&keyward_tests::swtpm::Swtpm>) -> Keywardd {
+    let mut setup = Setup::new().token("hsm", token).unseal_order(&["hsm"]);
+    if let Some(t) = swtpm {
+        setup = setup.tpm("tpm", t);
+    }
+    let mut d = setup.prepare();
+    if swtpm.is_some() {
+        let mut config = std::fs::read_to_string(d.config_path()).unwrap();
+        config.push_str("\n[audit]\ntpm_counter = \"tpm\"\n");
+        std::fs::write(d.config_path(), config).unwrap();
+    }
+    d.start();
+    ok(&d.run(&["init", "--pkcs11", "hsm"], b""), "init");
+    ok(&d.run(&["secret", "put", "a"], b"1"), "put");
+    d.stop();
+    let files = [audit::LOG_FILE, "audit.anchor"];
+    let saved: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(state(&d).join(f)).unwrap())
+        .collect();
+    d.start();
+    ok(&d.run(&["secret", "get", "a"], b""), "get");
+    ok(&d.run(&["rotate"], b""), "rotate");
+    d.stop();
+    for (f, bytes) in files.iter().zip(&saved) {
+        std::fs::write(state(&d).join(f), bytes).unwrap();
+    }
+    d.start();
+    d
+}
+
+#[test]
+fn a_log_and_anchor_rolled_back_together_are_caught_by_the_tpm_counter() {
+    let token = SoftHsm::new("audit");
+    let swtpm = keyward_tests::swtpm::Swtpm::start();
+    let mut d = rolled_back(&token, Some(&swtpm));
+    let finding = assert_refused(&d, "rolled back");
+    assert!(finding.contains("older than the TPM counter"), "{finding}");
+    // The new log's anchors carry the counter, and the next start finds them in order.
+    d.restart();
+    assert!(d.json(&["status"])["audit_finding"].is_null());
+    let anchor: Value =
+        serde_json::from_slice(&std::fs::read(state(&d).join("audit.anchor")).unwrap()).unwrap();
+    assert!(anchor["counter"].is_u64(), "{anchor}");
+}
+
+#[test]
+fn without_a_tpm_counter_a_rollback_of_log_and_anchor_together_is_not_seen() {
+    // The limit the README states: the pair is consistent, and nothing else remembers.
+    let token = SoftHsm::new("audit");
+    let d = rolled_back(&token, None);
+    assert!(d.json(&["status"])["audit_finding"].is_null());
 }

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use keyward::audit::{self, Report};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
@@ -14,7 +14,18 @@ use super::{AuditCommand, CliError};
 /// Run an `audit` subcommand.
 pub fn run(cmd: AuditCommand, json: bool) -> Result<(), CliError> {
     match cmd {
-        AuditCommand::Verify { path, public_key } => verify(&path, public_key.as_deref(), json),
+        AuditCommand::Verify {
+            paths,
+            public_key,
+            expect_seq,
+            anchor,
+        } => verify(
+            &paths,
+            public_key.as_deref(),
+            expect_seq,
+            anchor.as_deref(),
+            json,
+        ),
         AuditCommand::Tail {
             path,
             lines,
@@ -51,26 +62,129 @@ fn read_text(path: &Path) -> Result<String, CliError> {
         .map_err(|e| CliError::Local(format!("cannot read {}: {e}", path.display())))
 }
 
-fn verify(path: &Path, public_key: Option<&str>, json: bool) -> Result<(), CliError> {
-    let key = trusted_key(path, public_key)?;
-    let log = std::fs::read(path)
+/// The files to verify, oldest first: the paths as given, or the set in a directory.
+fn files_of(paths: &[PathBuf]) -> Result<Vec<PathBuf>, CliError> {
+    match paths {
+        [dir] if dir.is_dir() => {
+            let set = audit::set_in(dir)
+                .map_err(|e| CliError::Local(format!("cannot read {}: {e}", dir.display())))?;
+            if set.is_empty() {
+                return Err(CliError::Usage(format!(
+                    "{} holds no {} files",
+                    dir.display(),
+                    audit::LOG_FILE
+                )));
+            }
+            Ok(set)
+        }
+        _ => Ok(paths.to_vec()),
+    }
+}
+
+/// The anchor to check against: `--anchor`, else `audit.anchor` beside the live log when the
+/// files given end with it.
+fn anchor_of(
+    files: &[PathBuf],
+    given: Option<&Path>,
+) -> Result<Option<(PathBuf, audit::CheckedAnchor)>, CliError> {
+    let path = match given {
+        Some(p) => p.to_owned(),
+        None => {
+            let Some(last) = files.last() else {
+                return Ok(None);
+            };
+            if last.file_name().and_then(|n| n.to_str()) != Some(audit::LOG_FILE) {
+                return Ok(None);
+            }
+            let beside = last
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(audit::ANCHOR_FILE);
+            if !beside.is_file() {
+                return Ok(None);
+            }
+            beside
+        }
+    };
+    let bytes = std::fs::read(&path)
         .map_err(|e| CliError::Local(format!("cannot read {}: {e}", path.display())))?;
-    let report = audit::verify(&log, &key).map_err(|failure| CliError::AuditInvalid {
-        path: path.to_owned(),
-        failure,
+    let anchor = audit::Anchor::parse(&bytes)
+        .map_err(|e| CliError::Usage(format!("{}: not an anchor: {e}", path.display())))?;
+    let checked = anchor.check().map_err(|problem| CliError::AuditInvalid {
+        path: path.clone(),
+        failure: audit::Failure {
+            line: None,
+            seq: Some(anchor.seq),
+            problem,
+        },
     })?;
+    Ok(Some((path, checked)))
+}
+
+fn verify(
+    paths: &[PathBuf],
+    public_key: Option<&str>,
+    expect_seq: Option<u64>,
+    anchor: Option<&Path>,
+    json: bool,
+) -> Result<(), CliError> {
+    let files = files_of(paths)?;
+    let first = files.first().cloned().unwrap_or_default();
+    let key = trusted_key(&first, public_key)?;
+    let anchor = anchor_of(&files, anchor)?;
+    // The set end to end, and where each file's lines start, to name a file and its line.
+    let mut log = Vec::new();
+    let mut starts = Vec::with_capacity(files.len());
+    for path in &files {
+        let bytes = std::fs::read(path)
+            .map_err(|e| CliError::Local(format!("cannot read {}: {e}", path.display())))?;
+        starts.push(audit::lines(&log).len());
+        log.extend_from_slice(&bytes);
+    }
+    let expect = audit::Expect {
+        anchor: anchor.as_ref().map(|(_, a)| a),
+        last_seq: expect_seq,
+    };
+    let report = audit::verify_against(&log, &key, expect).map_err(|mut failure| {
+        let mut path = files.last().cloned().unwrap_or_default();
+        if let Some(line) = failure.line {
+            let at = starts.iter().rposition(|&s| s < line).unwrap_or(0);
+            path = files[at].clone();
+            failure.line = Some(line - starts[at]);
+        }
+        CliError::AuditInvalid { path, failure }
+    })?;
+    let shown = files
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
     let text = if json {
         let mut doc = serde_json::to_value(&report).unwrap_or_default();
         if let Some(m) = doc.as_object_mut() {
             m.insert("ok".into(), json!(true));
             m.insert("trusted_key".into(), json!(audit::encode_key(&key)));
+            m.insert("files".into(), json!(files));
+            if let Some((path, _)) = &anchor {
+                m.insert("anchor".into(), json!(path));
+            }
         }
         format!(
             "{}\n",
             serde_json::to_string_pretty(&doc).unwrap_or_default()
         )
     } else {
-        report_text(path, &report)
+        let mut t = report_text(Path::new(&shown), &report);
+        if let Some((path, a)) = &anchor {
+            use std::fmt::Write as _;
+            let _ = writeln!(
+                t,
+                "matches the anchor {} (checkpoint seq {})",
+                path.display(),
+                a.seq
+            );
+        }
+        t
     };
     write_out(text.as_bytes())
 }
@@ -82,9 +196,10 @@ pub fn report_text(path: &Path, r: &Report) -> String {
     let cp = &r.last_checkpoint;
     let _ = writeln!(
         s,
-        "{}: OK: {} records (seq 0 to {}), {} checkpoints",
+        "{}: OK: {} records (seq {} to {}), {} checkpoints",
         path.display(),
         r.records,
+        r.first_seq,
         r.last_seq,
         r.checkpoints
     );
@@ -140,15 +255,25 @@ fn show(line: &[u8], json: bool) -> String {
 
 fn tail(path: &Path, n: usize, follow: bool, json: bool) -> Result<(), CliError> {
     let local = |e: io::Error| CliError::Local(format!("{}: {e}", path.display()));
-    // Watch before reading, so nothing appended in between is missed.
+    // Watch before reading, so nothing appended in between is missed. The directory too: when
+    // the log rolls over, the file is renamed and a new one appears under the name.
+    let file_events = AddWatchFlags::IN_MODIFY
+        | AddWatchFlags::IN_ATTRIB
+        | AddWatchFlags::IN_CLOSE_WRITE
+        | AddWatchFlags::IN_MOVE_SELF
+        | AddWatchFlags::IN_DELETE_SELF;
     let inotify = if follow {
         let i = Inotify::init(InitFlags::IN_CLOEXEC).map_err(|e| local(e.into()))?;
-        i.add_watch(
-            path,
-            AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_ATTRIB | AddWatchFlags::IN_CLOSE_WRITE,
-        )
-        .map_err(|e| local(e.into()))?;
-        Some(i)
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        i.add_watch(dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
+            .map_err(|e| local(e.into()))?;
+        let wd = i
+            .add_watch(path, file_events)
+            .map_err(|e| local(e.into()))?;
+        Some((i, wd))
     } else {
         None
     };
@@ -163,9 +288,11 @@ fn tail(path: &Path, n: usize, follow: bool, json: bool) -> Result<(), CliError>
         text.push_str(&show(line.bytes, json));
     }
     write_out(text.as_bytes())?;
-    let Some(inotify) = inotify else {
+    let Some((inotify, mut watched)) = inotify else {
         return Ok(());
     };
+    // The file was renamed away (rolled over): follow the name once what it held is printed.
+    let mut moved = false;
     let mut offset = complete as u64;
     let mut pending: Vec<u8> = data[complete..].to_vec();
     loop {
@@ -195,8 +322,31 @@ fn tail(path: &Path, n: usize, follow: bool, json: bool) -> Result<(), CliError>
             pending.drain(..complete);
             write_out(text.as_bytes())?;
         }
-        // Blocks until the file changes.
-        inotify.read_events().map_err(|e| local(e.into()))?;
+        if moved {
+            match File::open(path) {
+                Ok(f) => {
+                    // The new file under the name: watch it and print it from its start.
+                    watched = inotify
+                        .add_watch(path, file_events)
+                        .map_err(|e| local(e.into()))?;
+                    file = f;
+                    offset = 0;
+                    pending.clear();
+                    moved = false;
+                    continue;
+                }
+                // Not created yet: the directory's watch wakes us when it is.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(local(e)),
+            }
+        }
+        // Blocks until the file or the directory changes.
+        let events = inotify.read_events().map_err(|e| local(e.into()))?;
+        moved |= events.iter().any(|e| {
+            e.wd == watched
+                && e.mask
+                    .intersects(AddWatchFlags::IN_MOVE_SELF | AddWatchFlags::IN_DELETE_SELF)
+        });
     }
 }
 

@@ -338,11 +338,21 @@ pub enum KeyCommand {
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Check the hash chain, the sequence and every checkpoint signature; name the first bad
-    /// record. Records after the last checkpoint are protected by the chain only: cutting them
-    /// off can't be detected offline.
+    /// record. With an anchor (`audit.anchor` beside `audit.log`, or --anchor) or --expect-seq,
+    /// a log cut short or rewritten after the anchored checkpoint is caught too.
     Verify {
-        /// The log (`audit.log` in keywardd's state directory, or a copy of it).
-        path: PathBuf,
+        /// The log: `audit.log`, or the files of a rolled-over log in order (`audit.log.1
+        /// audit.log.2 audit.log`), or the directory that holds them.
+        #[arg(required = true, num_args = 1.., value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        /// The log must reach this seq (the last one you saw, from the journal's checkpoint
+        /// events or an earlier verify).
+        #[arg(long, value_name = "N")]
+        expect_seq: Option<u64>,
+        /// An anchor the daemon signed (`audit.anchor`, or a copy kept elsewhere) [default:
+        /// audit.anchor beside audit.log, when the files given end with audit.log].
+        #[arg(long, value_name = "FILE")]
+        anchor: Option<PathBuf>,
         /// The key to trust: a PEM file, or the base64 key `keyward status` shows
         /// [default: audit.pub beside the log]. Any key the log was handed over to or from by
         /// a rekey works.

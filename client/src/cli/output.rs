@@ -142,6 +142,9 @@ pub fn status(s: &StatusReply) -> String {
     if let Some(key) = &s.audit_public_key {
         let _ = writeln!(out, "audit:    {key} (audit log signing key)");
     }
+    if let Some(finding) = &s.audit_finding {
+        let _ = writeln!(out, "AUDIT LOG DID NOT MATCH ITS ANCHOR: {finding}");
+    }
     if s.devices.is_empty() {
         let _ = writeln!(out, "devices:  none configured");
     } else {
@@ -267,6 +270,7 @@ mod tests {
             version: "0.1.0".into(),
             audit_public_key: Some("MCowBQYDK2VwAyEA".into()),
             rekey_pending_until: None,
+            audit_finding: None,
         };
         let text = status(&s);
         assert!(

@@ -214,6 +214,7 @@ impl Vault {
             // The service adds it: the audit log knows its key, the vault does not.
             audit_public_key: None,
             rekey_pending_until,
+            audit_finding: None,
         };
         match &*state {
             State::Uninitialized => reply.reason = Some("no vault yet: run `keyward init`".into()),

@@ -43,6 +43,8 @@ pub(super) enum Op {
     Ping,
     /// Parsing stored blobs on the host (no TPM involved).
     Unmarshal,
+    /// Defining, incrementing or reading an NV counter.
+    Nv,
 }
 
 impl Op {
@@ -62,6 +64,7 @@ impl Op {
             Self::GetCapability => "Esys_GetCapability",
             Self::Ping => "Esys_ReadPublic(SRK)",
             Self::Unmarshal => "unmarshal stored blob",
+            Self::Nv => "Esys_NV_*",
         }
     }
 }

@@ -11,6 +11,7 @@
 //! session slots (swtpm: 3 each), so the device is `&mut self` throughout, holds at most the SRK,
 //! one cached signing key and, during a call, one more object and one session.
 
+mod counter;
 mod error;
 mod seal;
 mod session;
@@ -281,6 +282,10 @@ impl Device for TpmDevice {
             .execute_without_session(|c| c.read_public(srk))
             .map(|_| ())
             .map_err(|e| map(Op::Ping, e))
+    }
+
+    fn counter(&mut self, index: u32, increment: bool) -> Result<crate::Counter> {
+        counter::counter(&mut self.ctx, index, increment)
     }
 }
 
