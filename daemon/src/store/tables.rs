@@ -16,10 +16,15 @@ use super::StoreError;
 /// The current time as RFC 3339 UTC with second precision, e.g. `2026-11-23T17:42:53Z`
 /// (the audit log's millisecond form, cut to the second).
 pub fn now_rfc3339() -> String {
-    let mut t = keyward::audit::rfc3339_millis(SystemTime::now());
+    rfc3339(SystemTime::now())
+}
+
+/// `t` as RFC 3339 UTC with second precision (the audit log's millisecond form, cut).
+pub fn rfc3339(t: SystemTime) -> String {
+    let mut text = keyward::audit::rfc3339_millis(t);
     // `YYYY-MM-DDTHH:MM:SS.mmmZ` -> `YYYY-MM-DDTHH:MM:SSZ`
-    t.replace_range(19.., "Z");
-    t
+    text.replace_range(19.., "Z");
+    text
 }
 
 /// A byte count for `Debug`: blobs are opaque and long, so only their size is shown.

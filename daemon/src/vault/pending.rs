@@ -38,9 +38,7 @@ pub(super) fn unix_now() -> u64 {
 
 /// Unix seconds as RFC 3339 UTC (second precision), as the API shows times.
 pub fn rfc3339(unix: u64) -> String {
-    let mut t = keyward::audit::rfc3339_millis(UNIX_EPOCH + Duration::from_secs(unix));
-    t.replace_range(19.., "Z");
-    t
+    store::tables::rfc3339(UNIX_EPOCH + Duration::from_secs(unix))
 }
 
 fn bad(reason: impl Into<String>) -> ApiError {
