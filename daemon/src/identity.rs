@@ -53,6 +53,16 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// What the access policy looks at.
+    pub fn subject(&self) -> keyward_policy::Subject<'_> {
+        keyward_policy::Subject {
+            uid: self.uid,
+            gid: self.gid,
+            groups: &self.groups,
+            unit: self.unit.as_deref(),
+        }
+    }
+
     /// The daemon acting for itself.
     pub fn daemon() -> Self {
         Self {

@@ -3,7 +3,7 @@
 //!
 //! Data flows one way: a transport (`transport/`) turns bytes and a kernel-verified identity
 //! into an [`keyward::api::Request`] and a [`identity::Caller`]; the [`service`] checks the
-//! [`policy`] and runs the request against the [`vault`], the [`store`] and the device actors
+//! policy ([`keyward_policy`]) and runs the request against the [`vault`], the [`store`] and the device actors
 //! ([`device`]), and records it in the [`audit`] log. A transport never touches the store or a device.
 
 pub mod audit;
@@ -12,7 +12,6 @@ pub mod device;
 pub mod identity;
 pub mod logging;
 pub mod names;
-pub mod policy;
 pub mod service;
 pub mod store;
 pub mod sys;

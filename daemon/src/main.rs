@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use keyward_policy::Policy;
 use keywardd::audit::AuditLog;
 use keywardd::config::{Config, DeviceConfig, DEFAULT_CONFIG};
 use keywardd::device::{self, ActorOptions, DeviceHandle};
-use keywardd::policy::Policy;
 use keywardd::service::Service;
 use keywardd::store::Store;
 use keywardd::sys;

@@ -14,9 +14,9 @@ use keyward::audit::{OK, STARTED};
 
 use crate::audit::{AuditLog, Durability, Entry};
 use crate::identity::Caller;
-use crate::policy::{credential_secret, decide, Action, Decision, Policy, Resource};
 use crate::transport::Handler;
 use crate::vault::Vault;
+use keyward_policy::{credential_secret, decide, Action, Decision, Policy, Resource};
 
 /// The service layer.
 pub struct Service {
@@ -106,7 +106,7 @@ impl Service {
 
     fn allowed(policy: &Policy, caller: &Caller, action: Action, resource: Resource<'_>) -> bool {
         matches!(
-            decide(policy, caller, action, resource),
+            decide(policy, caller.subject(), action, resource),
             Decision::Allow { .. }
         )
     }

@@ -2,11 +2,11 @@
 //!
 //! Input: policy text, then after the first NUL, names to ask about (one per line). Checks,
 //! beyond "no panic" (and no stack overflow in the TOML reader): a loaded policy can be asked
-//! about any caller, action and name, and answers the same when asked twice.
+//! about any caller, action and name, answers the same when asked twice, and explains the answer
+//! it gives.
 #![no_main]
 
-use keywardd::identity::{Caller, Via};
-use keywardd::policy::{credential_secret, decide, Action, Policy, Resource};
+use keyward_policy::{credential_secret, decide, Action, Policy, Resource, Subject};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -22,23 +22,22 @@ fuzz_target!(|data: &[u8]| {
         (1000, 1000, Some("a.service")),
         (65534, 65534, None),
     ]
-    .map(|(uid, gid, unit)| Caller {
+    .map(|(uid, gid, unit)| Subject {
         uid,
         gid,
-        groups: vec![gid, 10],
-        pid: None,
-        unit: unit.map(str::to_owned),
-        via: Via::Varlink,
+        groups: &[10],
+        unit,
     });
     for name in names.lines().take(8) {
         for caller in &callers {
             for action in Action::ALL {
                 for resource in [Resource::Secret(name), Resource::Key(name), Resource::Vault] {
-                    let first = decide(&policy, caller, action, resource);
-                    assert_eq!(first, decide(&policy, caller, action, resource));
+                    let first = decide(&policy, *caller, action, resource);
+                    assert_eq!(first, decide(&policy, *caller, action, resource));
+                    assert_eq!(first, policy.explain(*caller, action, resource).decision);
                 }
             }
-            let _ = credential_secret(&policy, caller.unit.as_deref().unwrap_or(""), name);
+            let _ = credential_secret(&policy, caller.unit.unwrap_or(""), name);
         }
     }
 });

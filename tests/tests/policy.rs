@@ -528,3 +528,146 @@ fn sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one() {
         ))
     });
 }
+
+/// `keyward policy check FILE ARGS --json`, offline (no socket is given or needed).
+fn policy_check(file: &std::path::Path, args: &[&str]) -> (Output, Value) {
+    let mut cmd = Command::new(bin("keyward"));
+    cmd.args(["--json", "policy", "check"])
+        .arg(file)
+        .args(args)
+        .env_remove("KEYWARD_SOCKET");
+    let out = run_cli(&mut cmd, b"");
+    let doc = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {:?} / {}", out.stdout, out.stderr));
+    (out, doc)
+}
+
+#[test]
+fn policy_check_explains_offline_what_the_daemon_decides() {
+    let (_token, d) = daemon();
+    let file = d.policy_path();
+
+    // The file keywardd runs with loads, and its rules are listed in file order.
+    let (out, doc) = policy_check(file, &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let rules = doc["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 3, "{doc}");
+    assert!(
+        rules[1].as_str().unwrap().contains("uid 65534 may read"),
+        "{doc}"
+    );
+
+    // For each request: what the daemon does, and what `policy check` says it will do.
+    let nobody = NOBODY.to_string();
+    let cases: [(&[&str], &[&str], Option<u64>); 4] = [
+        (
+            &["secret", "get", "shared/a"],
+            &["--action", "read", "--secret", "shared/a"],
+            Some(2),
+        ),
+        (
+            &["secret", "get", "private/b"],
+            &["--action", "read", "--secret", "private/b"],
+            None,
+        ),
+        (
+            &["key", "public", "nobody-key"],
+            &["--action", "sign", "--key", "nobody-key"],
+            Some(3),
+        ),
+        (
+            &["key", "public", "root-key"],
+            &["--action", "sign", "--key", "root-key"],
+            None,
+        ),
+    ];
+    for (request, query, rule) in cases {
+        let live = run_as(&d, Who::Nobody, request, b"");
+        let mut args = vec!["--uid", nobody.as_str()];
+        args.extend_from_slice(query);
+        let (out, doc) = policy_check(file, &args);
+        match rule {
+            Some(rule) => {
+                assert_eq!(live.code, 0, "{request:?} as nobody: {}", live.stderr);
+                assert_eq!(out.code, 0, "{query:?}: {}", out.stderr);
+                assert_eq!(doc["decision"], "allow", "{doc}");
+                assert_eq!(doc["rule"], rule, "{doc}");
+                // Every rule before the deciding one is passed over with a reason.
+                let passed: Vec<u64> = doc["passed_over"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p["rule"].as_u64().unwrap())
+                    .collect();
+                assert_eq!(passed, (1..rule).collect::<Vec<_>>(), "{doc}");
+            }
+            None => {
+                assert!(is_denied(&live), "{request:?} as nobody: {}", live.stderr);
+                assert_eq!(out.code, 1, "{query:?}: {}", out.stderr);
+                let e = &doc["error"];
+                assert_eq!(e["name"], "keyward.PolicyDenied", "{doc}");
+                let why: Vec<&str> = e["parameters"]["passed_over"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p["why"].as_str().unwrap())
+                    .collect();
+                assert_eq!(why.len(), 3, "{doc}");
+                assert!(why[0].contains("needs uid 0"), "{why:?}");
+                assert!(why.iter().any(|w| w.contains("matches none")), "{why:?}");
+            }
+        }
+    }
+
+    // A unit rule: a caller outside the unit is told which unit the rule wants.
+    let dir = tempfile::tempdir().unwrap();
+    let unit_policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &unit_policy,
+        "[[rule]]\nwho = { unit = \"postgresql.service\" }\nallow = [\"read\"]\nsecrets = [\"db/*\"]\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&unit_policy, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let read_db = [
+        "--uid",
+        "105",
+        "--action",
+        "read",
+        "--secret",
+        "db/password",
+    ];
+    let (out, doc) = policy_check(
+        &unit_policy,
+        &[&read_db[..], &["--unit", "postgresql.service"]].concat(),
+    );
+    assert_eq!((out.code, &doc["rule"]), (0, &json!(1)), "{doc}");
+    let (out, doc) = policy_check(
+        &unit_policy,
+        &[&read_db[..], &["--unit", "cron.service"]].concat(),
+    );
+    assert_eq!(out.code, 1, "{doc}");
+    let why = doc["error"]["parameters"]["passed_over"][0]["why"]
+        .as_str()
+        .unwrap();
+    assert!(
+        why.contains("\"postgresql.service\"") && why.contains("\"cron.service\""),
+        "{why}"
+    );
+
+    // The files keywardd would refuse, refused with the same reason.
+    std::fs::set_permissions(&unit_policy, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (out, doc) = policy_check(&unit_policy, &[]);
+    assert_eq!(out.code, 1);
+    assert_eq!(doc["error"]["name"], "keyward.PolicyInvalid", "{doc}");
+    assert!(out.stderr.contains("chmod go-w"), "{}", out.stderr);
+    std::fs::write(&unit_policy, INVALID_POLICY).unwrap();
+    std::fs::set_permissions(&unit_policy, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (out, _) = policy_check(&unit_policy, &[]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("rule 1") && out.stderr.contains("\"everything\""),
+        "{}",
+        out.stderr
+    );
+}

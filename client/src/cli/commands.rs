@@ -80,10 +80,13 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     if let Command::Audit(cmd) = cli.command {
         return super::audit::run(cmd, cli.json);
     }
+    if let Command::Policy(cmd) = cli.command {
+        return super::policy::run(cmd, cli.json);
+    }
     let mut client = connect(&cli.socket)?;
     let c = &mut client;
     match cli.command {
-        Command::Completions { .. } | Command::Audit(_) => Ok(()),
+        Command::Completions { .. } | Command::Audit(_) | Command::Policy(_) => Ok(()),
         Command::Status => {
             let status = c.status()?;
             out.emit(&status, || output::status(&status))

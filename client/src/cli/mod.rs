@@ -9,6 +9,7 @@ mod audit;
 mod commands;
 pub mod input;
 pub mod output;
+mod policy;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -22,8 +23,8 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  success
   1  keywardd refused the request (permission, not found, invalid argument, device
-     trouble, ...), a local file could not be read or written, or `audit verify` found
-     the log altered
+     trouble, ...), a local file could not be read or written, `audit verify` found
+     the log altered, or `policy check` found the file invalid or the request denied
   2  usage: bad arguments or input
   3  keywardd cannot be reached (not running, wrong --socket, no access to the socket,
      connection lost)
@@ -94,6 +95,10 @@ pub enum Command {
     /// Verify or follow an audit log file (offline: works on a copy, no daemon needed).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Check a policy file offline, as keywardd would load it, and explain its decision for a
+    /// caller (no daemon is asked).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -372,6 +377,50 @@ pub enum AuditCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Load the file with keywardd's checks (owner, mode, syntax, names), list its rules; with
+    /// --action, say which rule allows the request, or why each rule passes it over.
+    Check(PolicyCheckArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("caller").args(["uid", "user"])))]
+#[command(group(ArgGroup::new("resource").args(["secret", "key"])))]
+pub struct PolicyCheckArgs {
+    /// The policy file.
+    #[arg(value_name = "FILE", default_value = "/etc/keyward/policy.toml")]
+    pub file: PathBuf,
+    /// The caller's uid (its primary gid and groups are looked up, when it is a known user).
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<u32>,
+    /// The caller's user name (its uid, primary gid and groups are looked up).
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+    /// The caller's primary gid, instead of the user's.
+    #[arg(long, value_name = "GID")]
+    pub gid: Option<u32>,
+    /// A supplementary group of the caller, by name or gid (repeatable), on top of the user's.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Vec<String>,
+    /// The caller's systemd system unit, e.g. postgresql.service.
+    #[arg(long, value_name = "UNIT")]
+    pub unit: Option<String>,
+    /// What the caller asks to do: read, write, sign, keys or admin.
+    #[arg(long, value_name = "ACTION", requires = "caller")]
+    pub action: Option<keyward_policy::Action>,
+    /// The secret it is done to (read, write).
+    #[arg(long, value_name = "NAME", requires = "action")]
+    pub secret: Option<String>,
+    /// The key it is done to (sign, keys).
+    #[arg(long, value_name = "NAME", requires = "action")]
+    pub key: Option<String>,
+    /// The user keywardd runs as: the file must be owned by root or by it
+    /// [default: keyward, when that user exists, else root only].
+    #[arg(long, value_name = "NAME")]
+    pub daemon_user: Option<String>,
+}
+
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -390,6 +439,17 @@ pub enum CliError {
         .needed.map(|n| format!(" ({n} more share(s) needed)")).unwrap_or_default()
     )]
     StillSealed { needed: Option<u8> },
+    /// `policy check`: the file would not load.
+    #[error("{0}")]
+    PolicyInvalid(keyward_policy::PolicyError),
+    /// `policy check --action`: no rule allows the request.
+    #[error("denied: no rule allows {request}")]
+    PolicyDenied {
+        /// The request, said for a person.
+        request: String,
+        /// What each rule made of it (the `--json` document).
+        explanation: serde_json::Value,
+    },
     /// `audit verify` found the log altered, damaged or unsigned.
     #[error("audit log {}: {failure}", .path.display())]
     AuditInvalid {
@@ -418,6 +478,8 @@ impl CliError {
             Self::Client(ClientError::Api(ApiError::Busy)) => exit::BUSY,
             Self::Client(ClientError::Api(_) | ClientError::Protocol(_))
             | Self::Local(_)
+            | Self::PolicyInvalid(_)
+            | Self::PolicyDenied { .. }
             | Self::AuditInvalid { .. } => exit::REFUSED,
             Self::Usage(_) => exit::USAGE,
         }
@@ -443,6 +505,10 @@ impl CliError {
                 "keyward.AuditInvalid".into(),
                 audit::failure_json(path, failure),
             ),
+            Self::PolicyInvalid(_) => ("keyward.PolicyInvalid".into(), serde_json::json!({})),
+            Self::PolicyDenied { explanation, .. } => {
+                ("keyward.PolicyDenied".into(), explanation.clone())
+            }
         };
         serde_json::json!({ "error": {
             "name": name,

@@ -4,8 +4,13 @@
 //! `[[credential]]` tables mapping a unit's `LoadCredential=` id to a secret) and the pure
 //! decision function [`decide`]. It must not do I/O when deciding: user and group names are
 //! resolved to ids once, when the file loads, so [`decide`] reads no files, asks no NSS and reads
-//! no clock. It knows nothing of transports, the store or devices; the service asks it, and the
-//! caller's identity comes from the kernel via [`crate::identity::Caller`].
+//! no clock. It knows nothing of transports, the store or devices: `keywardd` asks it with a
+//! [`Subject`] it filled from the kernel (peer credentials, `/proc`, the cgroup), and
+//! `keyward policy check` asks it offline with a subject named on its command line, through
+//! [`Policy::explain`], which says why each rule did or did not apply.
+//!
+//! It must never widen access to make a file load: every table denies unknown fields, and a rule
+//! that could not match or grants nothing is an error, not a warning.
 //!
 //! Rules are numbered from 1 in file order; load errors and [`Decision::Allow`] use that number.
 
@@ -16,8 +21,6 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::Deserialize;
-
-use crate::identity::{Caller, Via};
 
 /// Largest policy file accepted, in bytes.
 pub const MAX_POLICY_SIZE: u64 = 1 << 20;
@@ -96,11 +99,24 @@ pub enum Resource<'a> {
     Vault,
 }
 
+/// Who asks: what the kernel vouches for about the calling process. Borrowed, so that the
+/// daemon asks per request without copying its caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subject<'a> {
+    /// Effective uid.
+    pub uid: u32,
+    /// Effective primary gid.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: &'a [u32],
+    /// The caller's systemd (system) unit, when it has one.
+    pub unit: Option<&'a str>,
+}
+
 /// The outcome of [`decide`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// Allowed by the rule with this number (1-based, in file order). `0` is the built-in rule
-    /// that lets the daemon act for itself ([`Via::Daemon`]).
+    /// Allowed by the rule with this number (1-based, in file order).
     Allow {
         /// The rule's number, for the audit log.
         rule: usize,
@@ -222,7 +238,7 @@ struct Who {
 }
 
 impl Who {
-    fn matches(&self, caller: &Caller) -> bool {
+    fn matches(&self, caller: Subject<'_>) -> bool {
         let in_group = |gid: u32| caller.gid == gid || caller.groups.contains(&gid);
         self.uid.is_none_or(|uid| caller.uid == uid)
             && self.user.as_ref().is_none_or(|(_, uid)| caller.uid == *uid)
@@ -231,7 +247,38 @@ impl Who {
             && self
                 .unit
                 .as_ref()
-                .is_none_or(|unit| caller.unit.as_deref() == Some(unit.as_str()))
+                .is_none_or(|unit| caller.unit == Some(unit.as_str()))
+    }
+
+    /// The first condition `caller` fails, said for a person; `None` when all hold.
+    fn mismatch(&self, caller: Subject<'_>) -> Option<String> {
+        let in_group = |gid: u32| caller.gid == gid || caller.groups.contains(&gid);
+        if let Some(uid) = self.uid.filter(|&uid| caller.uid != uid) {
+            return Some(format!("needs uid {uid}, the caller is uid {}", caller.uid));
+        }
+        if let Some((name, uid)) = self.user.as_ref().filter(|(_, uid)| caller.uid != *uid) {
+            return Some(format!(
+                "needs user {name:?} (uid {uid}), the caller is uid {}",
+                caller.uid
+            ));
+        }
+        if let Some(gid) = self.gid.filter(|&gid| !in_group(gid)) {
+            return Some(format!("needs gid {gid}, the caller is not in it"));
+        }
+        if let Some((name, gid)) = self.group.as_ref().filter(|(_, gid)| !in_group(*gid)) {
+            return Some(format!(
+                "needs group {name:?} (gid {gid}), the caller is not in it"
+            ));
+        }
+        match (&self.unit, caller.unit) {
+            (Some(want), Some(have)) if want != have => {
+                Some(format!("needs unit {want:?}, the caller runs in {have:?}"))
+            }
+            (Some(want), None) => Some(format!(
+                "needs unit {want:?}, the caller runs in no system unit"
+            )),
+            _ => None,
+        }
     }
 }
 
@@ -247,6 +294,102 @@ struct Rule {
 impl Rule {
     fn allows(&self, action: Action) -> bool {
         self.allow & action.bit() != 0
+    }
+
+    /// Does the rule's name list cover `resource` for `action`? A mismatched pair (reading a
+    /// key, administering a secret) is never covered.
+    fn covers(&self, action: Action, resource: Resource<'_>) -> bool {
+        match (action, resource) {
+            (Action::Read | Action::Write, Resource::Secret(name)) => {
+                self.secrets.iter().any(|g| g.matches(name))
+            }
+            (Action::Sign | Action::Keys, Resource::Key(name)) => {
+                self.keys.iter().any(|g| g.matches(name))
+            }
+            (Action::Admin, Resource::Vault) => true,
+            _ => false,
+        }
+    }
+
+    /// The rule in one line, as the file says it (names resolved at load shown with their ids).
+    fn describe(&self) -> String {
+        let mut who = Vec::new();
+        if let Some(uid) = self.who.uid {
+            who.push(format!("uid {uid}"));
+        }
+        if let Some((name, uid)) = &self.who.user {
+            who.push(format!("user {name:?} (uid {uid})"));
+        }
+        if let Some(gid) = self.who.gid {
+            who.push(format!("gid {gid}"));
+        }
+        if let Some((name, gid)) = &self.who.group {
+            who.push(format!("group {name:?} (gid {gid})"));
+        }
+        if let Some(unit) = &self.who.unit {
+            who.push(format!("unit {unit:?}"));
+        }
+        let allow: Vec<&str> = Action::ALL
+            .into_iter()
+            .filter(|a| self.allows(*a))
+            .map(Action::as_str)
+            .collect();
+        let mut line = format!("{} may {}", who.join(" and "), allow.join(", "));
+        if !self.secrets.is_empty() {
+            line.push_str(&format!(" secrets {:?}", self.secrets));
+        }
+        if !self.keys.is_empty() {
+            line.push_str(&format!(" keys {:?}", self.keys));
+        }
+        line
+    }
+
+    /// Why the rule does not allow the request, said for a person; `None` when it does.
+    /// Agrees with [`decide`], which asks the same questions without building sentences.
+    fn refusal(
+        &self,
+        caller: Subject<'_>,
+        action: Action,
+        resource: Resource<'_>,
+    ) -> Option<String> {
+        if !self.allows(action) {
+            let granted: Vec<&str> = Action::ALL
+                .into_iter()
+                .filter(|a| self.allows(*a))
+                .map(Action::as_str)
+                .collect();
+            return Some(format!("allows {}, not {action}", granted.join(", ")));
+        }
+        if let Some(why) = self.who.mismatch(caller) {
+            return Some(why);
+        }
+        if self.covers(action, resource) {
+            return None;
+        }
+        let list = |globs: &[Glob]| {
+            globs
+                .iter()
+                .map(|g| format!("{g:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        Some(match (action, resource) {
+            (Action::Read | Action::Write, Resource::Secret(name)) => {
+                format!(
+                    "secret {name:?} matches none of its secrets [{}]",
+                    list(&self.secrets)
+                )
+            }
+            (Action::Sign | Action::Keys, Resource::Key(name)) => {
+                format!(
+                    "key {name:?} matches none of its keys [{}]",
+                    list(&self.keys)
+                )
+            }
+            (Action::Admin, _) => "admin applies to the vault, not to a secret or key".to_owned(),
+            (Action::Read | Action::Write, _) => format!("{action} applies to a secret"),
+            (Action::Sign | Action::Keys, _) => format!("{action} applies to a key"),
+        })
     }
 }
 
@@ -333,7 +476,7 @@ impl Resolver for Nss {
 }
 
 impl Policy {
-    /// The empty policy: every request is denied (except the daemon's own).
+    /// The empty policy: every request is denied.
     pub fn deny_all() -> Self {
         Self::default()
     }
@@ -360,6 +503,15 @@ impl Policy {
     /// ownership and mode rules above or a file over [`MAX_POLICY_SIZE`], and as
     /// [`Policy::from_toml`].
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        Self::load_as(path, nix::unistd::geteuid().as_raw())
+    }
+
+    /// [`Policy::load`] for a daemon running as `daemon_uid` (so that `keyward policy check`,
+    /// run by an admin, judges the file as keywardd will).
+    ///
+    /// # Errors
+    /// As [`Policy::load`].
+    pub fn load_as(path: &Path, daemon_uid: u32) -> Result<Self, PolicyError> {
         let read_err = |source| PolicyError::Read {
             path: path.to_owned(),
             source,
@@ -371,7 +523,7 @@ impl Policy {
         let mut file = std::fs::File::open(path).map_err(read_err)?;
         // Check the file we opened, not the path again (no window to swap it in between).
         let meta = file.metadata().map_err(read_err)?;
-        check_file_meta(&meta, nix::unistd::geteuid().as_raw()).map_err(insecure)?;
+        check_file_meta(&meta, daemon_uid).map_err(insecure)?;
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
             _ => PathBuf::from("."),
@@ -591,36 +743,70 @@ fn check_rule(n: usize, spec: RuleSpec, names: &dyn Resolver) -> Result<Rule, St
 ///
 /// [`Action::Read`]/[`Action::Write`] need a [`Resource::Secret`] matching the rule's `secrets`,
 /// [`Action::Sign`]/[`Action::Keys`] a [`Resource::Key`] matching its `keys`, and
-/// [`Action::Admin`] [`Resource::Vault`]; any other pairing is denied. The daemon acting for itself
-/// ([`Via::Daemon`]) is always allowed, as rule 0.
+/// [`Action::Admin`] [`Resource::Vault`]; any other pairing is denied.
 pub fn decide(
     policy: &Policy,
-    caller: &Caller,
+    caller: Subject<'_>,
     action: Action,
     resource: Resource<'_>,
 ) -> Decision {
-    if caller.via == Via::Daemon {
-        return Decision::Allow { rule: 0 };
-    }
-    for (i, rule) in policy.rules.iter().enumerate() {
-        if !rule.allows(action) || !rule.who.matches(caller) {
-            continue;
-        }
-        let covered = match (action, resource) {
-            (Action::Read | Action::Write, Resource::Secret(name)) => {
-                rule.secrets.iter().any(|g| g.matches(name))
+    policy
+        .rules
+        .iter()
+        .position(|rule| {
+            rule.allows(action) && rule.who.matches(caller) && rule.covers(action, resource)
+        })
+        .map_or(Decision::Deny, |i| Decision::Allow { rule: i + 1 })
+}
+
+/// [`decide`], with the reasons: what each rule made of the request, in file order, up to the one
+/// that decides. For people (`keyward policy check`), not for the request path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Explanation {
+    /// The same answer [`decide`] gives.
+    pub decision: Decision,
+    /// `(rule number, why it does not apply)` for every rule before the deciding one (all of
+    /// them when the request is denied).
+    pub passed_over: Vec<(usize, String)>,
+}
+
+impl Policy {
+    /// Explain [`decide`]'s answer for this request.
+    pub fn explain(
+        &self,
+        caller: Subject<'_>,
+        action: Action,
+        resource: Resource<'_>,
+    ) -> Explanation {
+        let mut passed_over = Vec::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            match rule.refusal(caller, action, resource) {
+                None => {
+                    return Explanation {
+                        decision: Decision::Allow { rule: i + 1 },
+                        passed_over,
+                    }
+                }
+                Some(why) => passed_over.push((i + 1, why)),
             }
-            (Action::Sign | Action::Keys, Resource::Key(name)) => {
-                rule.keys.iter().any(|g| g.matches(name))
-            }
-            (Action::Admin, Resource::Vault) => true,
-            _ => false,
-        };
-        if covered {
-            return Decision::Allow { rule: i + 1 };
+        }
+        Explanation {
+            decision: Decision::Deny,
+            passed_over,
         }
     }
-    Decision::Deny
+
+    /// The rules as the file states them, one line each, numbered from 1 (for `policy check`).
+    pub fn describe_rules(&self) -> Vec<String> {
+        self.rules.iter().map(Rule::describe).collect()
+    }
+
+    /// The `[[credential]]` mappings as `(unit, id, secret)`, in file order.
+    pub fn credentials(&self) -> impl Iterator<Item = (&str, &str, &str)> {
+        self.credentials
+            .iter()
+            .map(|m| (m.unit.as_str(), m.id.as_str(), m.secret.as_str()))
+    }
 }
 
 /// The secret that unit `unit` gets for its `LoadCredential=` id `id`, if the policy maps one.
@@ -631,6 +817,28 @@ pub fn credential_secret<'p>(policy: &'p Policy, unit: &str, id: &str) -> Option
         .iter()
         .find(|m| m.unit == unit && m.id == id)
         .map(|m| m.secret.as_str())
+}
+
+/// An owned caller for the tests to build and keep in tables.
+#[cfg(test)]
+#[derive(Clone, Debug)]
+struct Caller {
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+    unit: Option<String>,
+}
+
+#[cfg(test)]
+impl Caller {
+    fn subject(&self) -> Subject<'_> {
+        Subject {
+            uid: self.uid,
+            gid: self.gid,
+            groups: &self.groups,
+            unit: self.unit.as_deref(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -701,9 +909,7 @@ mod tests {
             uid,
             gid,
             groups: groups.to_vec(),
-            pid: Some(4242),
             unit: unit.map(str::to_owned),
-            via: Via::Varlink,
         }
     }
 
@@ -722,8 +928,6 @@ mod tests {
         let deploy_in_unit = caller(1001, 1001, &[], Some("deploy.service"));
         let deploy_elsewhere = caller(1001, 1001, &[], Some("session-3.scope"));
         let other_in_deploy_unit = caller(1002, 1002, &[], Some("deploy.service"));
-        let mut daemon = Caller::daemon();
-        daemon.uid = 65534; // the daemon's own requests pass whatever its uid
 
         let allow = |rule| Decision::Allow { rule };
         let deny = Decision::Deny;
@@ -757,12 +961,65 @@ mod tests {
             ("unit, wrong uid", &other_in_deploy_unit, Sign, Key("ci-build"), deny),
             ("action/resource mismatch", &root, Read, Key("k"), deny),
             ("admin needs the vault", &root, Admin, Secret("x"), deny),
-            ("daemon always", &daemon, Admin, Vault, allow(0)),
-            ("daemon always (read)", &daemon, Read, Secret("anything"), allow(0)),
         ];
         for (what, who, action, resource, want) in table {
-            assert_eq!(decide(&p, who, *action, *resource), *want, "{what}");
+            assert_eq!(
+                decide(&p, who.subject(), *action, *resource),
+                *want,
+                "{what}"
+            );
         }
+    }
+
+    #[test]
+    fn explain_names_the_deciding_rule_and_why_the_others_pass() {
+        let p = parse(EXAMPLE).unwrap();
+        let pg = caller(105, 105, &[], Some("postgresql.service"));
+        let e = p.explain(pg.subject(), Action::Read, Resource::Secret("db/password"));
+        assert_eq!(e.decision, Decision::Allow { rule: 2 });
+        assert_eq!(
+            e.passed_over,
+            [(1, "needs uid 0, the caller is uid 105".to_owned())]
+        );
+
+        let e = p.explain(pg.subject(), Action::Write, Resource::Secret("db/password"));
+        assert_eq!(e.decision, Decision::Deny);
+        let why: Vec<&str> = e.passed_over.iter().map(|(_, w)| w.as_str()).collect();
+        assert_eq!(
+            why,
+            [
+                "needs uid 0, the caller is uid 105",
+                "allows read, not write",
+                "allows sign, not write",
+                "needs user \"alice\" (uid 1000), the caller is uid 105",
+                "allows sign, keys, not write",
+            ]
+        );
+
+        let elsewhere = caller(1001, 1001, &[], Some("session-3.scope"));
+        let e = p.explain(elsewhere.subject(), Action::Keys, Resource::Key("ci-1"));
+        assert_eq!(e.decision, Decision::Deny);
+        assert_eq!(
+            e.passed_over[4].1,
+            "needs unit \"deploy.service\", the caller runs in \"session-3.scope\""
+        );
+        let deployer = caller(1500, 1500, &[2000], None);
+        let e = p.explain(deployer.subject(), Action::Sign, Resource::Key("debug-1"));
+        assert_eq!(
+            e.passed_over[2].1,
+            "key \"debug-1\" matches none of its keys [\"release-*\"]"
+        );
+        let e = p.explain(
+            deployer.subject(),
+            Action::Sign,
+            Resource::Secret("release-1"),
+        );
+        assert_eq!(e.passed_over[2].1, "sign applies to a key");
+        assert_eq!(
+            p.describe_rules()[3],
+            "user \"alice\" (uid 1000) and gid 2001 may read, write \
+             secrets [\"alice/??/*\", \"shared/config\"]"
+        );
     }
 
     #[test]
@@ -771,17 +1028,10 @@ mod tests {
         for p in [Policy::deny_all(), parse("").unwrap()] {
             for action in Action::ALL {
                 for r in [Resource::Secret("a"), Resource::Key("a"), Resource::Vault] {
-                    assert_eq!(decide(&p, &root, action, r), Decision::Deny);
+                    assert_eq!(decide(&p, root.subject(), action, r), Decision::Deny);
                 }
             }
         }
-        assert!(decide(
-            &Policy::deny_all(),
-            &Caller::daemon(),
-            Action::Admin,
-            Resource::Vault
-        )
-        .is_allowed());
     }
 
     #[test]
@@ -801,11 +1051,11 @@ mod tests {
         .unwrap();
         let c = caller(5, 5, &[], None);
         assert_eq!(
-            decide(&p, &c, Action::Read, Resource::Secret("a/b")),
+            decide(&p, c.subject(), Action::Read, Resource::Secret("a/b")),
             Decision::Allow { rule: 1 }
         );
         assert_eq!(
-            decide(&p, &c, Action::Write, Resource::Secret("a/b")),
+            decide(&p, c.subject(), Action::Write, Resource::Secret("a/b")),
             Decision::Allow { rule: 2 }
         );
     }
@@ -959,7 +1209,13 @@ mod tests {
             "[[rule]]\nwho = { user = \"root\", group = \"root\" }\nallow = [\"admin\"]",
         )
         .unwrap();
-        assert!(decide(&p, &caller(0, 0, &[], None), Action::Admin, Resource::Vault).is_allowed());
+        assert!(decide(
+            &p,
+            caller(0, 0, &[], None).subject(),
+            Action::Admin,
+            Resource::Vault
+        )
+        .is_allowed());
         let e = Policy::from_toml(
             "[[rule]]\nwho = { user = \"keyward-no-such-user-x9\" }\nallow = [\"admin\"]",
         )
@@ -1188,15 +1444,12 @@ mod proptests {
                 "b.socket",
                 "c.service",
             ])),
-            proptest::sample::select(vec![Via::Varlink, Via::Dbus, Via::Credentials]),
         )
-            .prop_map(|(uid, gid, groups, unit, via)| Caller {
+            .prop_map(|(uid, gid, groups, unit)| Caller {
                 uid,
                 gid,
                 groups,
-                pid: None,
                 unit: unit.map(str::to_owned),
-                via,
             })
     }
 
@@ -1241,16 +1494,21 @@ mod proptests {
                     .position(|r| r.allows(caller, *action, resource))
                     .map_or(Decision::Deny, |i| Decision::Allow { rule: i + 1 });
                 prop_assert_eq!(
-                    decide(&policy, caller, *action, resource),
+                    decide(&policy, caller.subject(), *action, resource),
                     expect,
                     "{:?} {:?} {:?}\n{}", caller, action, resource, text
                 );
+                // The explanation agrees with the decision, and passes over every rule before
+                // the deciding one with a reason.
+                let explained = policy.explain(caller.subject(), *action, resource);
+                prop_assert_eq!(explained.decision, expect);
+                let before = match expect {
+                    Decision::Allow { rule } => rule - 1,
+                    Decision::Deny => rules.len(),
+                };
+                let numbers: Vec<usize> = explained.passed_over.iter().map(|(n, _)| *n).collect();
+                prop_assert_eq!(numbers, (1..=before).collect::<Vec<_>>());
             }
-            // The daemon acting for itself is never asked about.
-            prop_assert_eq!(
-                decide(&policy, &Caller::daemon(), Action::Admin, Resource::Vault),
-                Decision::Allow { rule: 0 }
-            );
         }
 
         #[test]
@@ -1321,11 +1579,11 @@ mod proptests {
             let text = lines.join("\n");
             if let Ok(policy) = Policy::parse(&text, "policy", &Table) {
                 // Whatever loads can be asked anything.
-                let root = Caller { uid: 0, gid: 0, groups: Vec::new(), pid: None, unit: None, via: Via::Varlink };
+                let root = Subject { uid: 0, gid: 0, groups: &[], unit: None };
                 for action in Action::ALL {
-                    let _ = decide(&policy, &root, action, Resource::Secret("a"));
-                    let _ = decide(&policy, &root, action, Resource::Key("a"));
-                    let _ = decide(&policy, &root, action, Resource::Vault);
+                    let _ = decide(&policy, root, action, Resource::Secret("a"));
+                    let _ = decide(&policy, root, action, Resource::Key("a"));
+                    let _ = decide(&policy, root, action, Resource::Vault);
                 }
             }
         }
