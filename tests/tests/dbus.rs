@@ -218,6 +218,8 @@ fn root_reads_writes_signs_and_administers_over_dbus() {
     assert_eq!(s["keyslots"], 2, "{s:?}");
     assert!(s["term"].as_u64().unwrap() >= 1, "{s:?}");
     assert_eq!(s["reason"], "", "{s:?}");
+    assert_eq!(s["rekey_pending_until"], "", "{s:?}");
+    assert_eq!(s["audit_finding"], "", "{s:?}");
     assert!(!s["version"].as_str().unwrap().is_empty(), "{s:?}");
     assert!(s["devices"].as_array().is_some(), "{s:?}");
 

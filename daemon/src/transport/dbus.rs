@@ -693,6 +693,15 @@ fn status_dict(s: api::StatusReply) -> BTreeMap<&'static str, Variant<'static>> 
         "audit_public_key",
         Variant::from(s.audit_public_key.unwrap_or_default()),
     );
+    // What an admin must act on; empty when there is nothing.
+    m.insert(
+        "rekey_pending_until",
+        Variant::from(s.rekey_pending_until.unwrap_or_default()),
+    );
+    m.insert(
+        "audit_finding",
+        Variant::from(s.audit_finding.unwrap_or_default()),
+    );
     m
 }
 
