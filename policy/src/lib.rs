@@ -819,19 +819,23 @@ pub fn credential_secret<'p>(policy: &'p Policy, unit: &str, id: &str) -> Option
         .map(|m| m.secret.as_str())
 }
 
-/// An owned caller for the tests to build and keep in tables.
-#[cfg(test)]
-#[derive(Clone, Debug)]
-struct Caller {
-    uid: u32,
-    gid: u32,
-    groups: Vec<u32>,
-    unit: Option<String>,
+/// An owned [`Subject`], for callers built by hand (`keyward policy check`, tests) rather than
+/// read from the kernel per request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// Effective uid.
+    pub uid: u32,
+    /// Effective primary gid.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+    /// The systemd (system) unit, if any.
+    pub unit: Option<String>,
 }
 
-#[cfg(test)]
-impl Caller {
-    fn subject(&self) -> Subject<'_> {
+impl Identity {
+    /// Borrow it to ask [`decide`] or [`Policy::explain`].
+    pub fn subject(&self) -> Subject<'_> {
         Subject {
             uid: self.uid,
             gid: self.gid,
@@ -904,8 +908,8 @@ mod tests {
         secret = "db/password"
     "#;
 
-    fn caller(uid: u32, gid: u32, groups: &[u32], unit: Option<&str>) -> Caller {
-        Caller {
+    fn caller(uid: u32, gid: u32, groups: &[u32], unit: Option<&str>) -> Identity {
+        Identity {
             uid,
             gid,
             groups: groups.to_vec(),
@@ -932,7 +936,7 @@ mod tests {
         let allow = |rule| Decision::Allow { rule };
         let deny = Decision::Deny;
         #[rustfmt::skip]
-        let table: &[(&str, &Caller, Action, Resource<'_>, Decision)] = &[
+        let table: &[(&str, &Identity, Action, Resource<'_>, Decision)] = &[
             ("root admin", &root, Admin, Vault, allow(1)),
             ("root reads anything", &root, Read, Secret("x/y/z"), allow(1)),
             ("root signs", &root, Sign, Key("anything"), allow(1)),
@@ -1361,7 +1365,7 @@ mod proptests {
         }
 
         /// The rule read the plain way.
-        fn allows(&self, caller: &Caller, action: Action, resource: Resource<'_>) -> bool {
+        fn allows(&self, caller: &Identity, action: Action, resource: Resource<'_>) -> bool {
             let id = |name: &str, table: &[(&str, u32)]| {
                 table.iter().find(|(n, _)| *n == name).map(|(_, id)| *id)
             };
@@ -1434,7 +1438,7 @@ mod proptests {
             )
     }
 
-    fn caller() -> impl Strategy<Value = Caller> {
+    fn caller() -> impl Strategy<Value = Identity> {
         (
             proptest::sample::select(vec![0u32, 1000, 1001, 5]),
             proptest::sample::select(vec![0u32, 10, 2000, 7]),
@@ -1445,7 +1449,7 @@ mod proptests {
                 "c.service",
             ])),
         )
-            .prop_map(|(uid, gid, groups, unit)| Caller {
+            .prop_map(|(uid, gid, groups, unit)| Identity {
                 uid,
                 gid,
                 groups,

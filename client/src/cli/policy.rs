@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use keyward_policy::{Action, Decision, Explanation, Policy, Resource, Subject};
+use keyward_policy::{Action, Decision, Explanation, Identity, Policy, Resource};
 use nix::unistd::{Gid, Group, Uid, User};
 use serde_json::json;
 
@@ -27,35 +27,24 @@ pub fn run(cmd: PolicyCommand, json: bool) -> Result<(), CliError> {
 /// A caller as the command line describes it, filled in from the user database.
 #[derive(Debug)]
 struct Caller {
-    uid: u32,
+    who: Identity,
     /// The user's name, when the uid has one (for the report only).
     name: Option<String>,
-    gid: u32,
-    groups: Vec<u32>,
-    unit: Option<String>,
 }
 
 impl Caller {
-    fn subject(&self) -> Subject<'_> {
-        Subject {
-            uid: self.uid,
-            gid: self.gid,
-            groups: &self.groups,
-            unit: self.unit.as_deref(),
-        }
-    }
-
     fn describe(&self) -> String {
-        let mut text = format!("uid {}", self.uid);
+        let who = &self.who;
+        let mut text = format!("uid {}", who.uid);
         if let Some(name) = &self.name {
             text.push_str(&format!(" ({name})"));
         }
-        text.push_str(&format!(" gid {}", self.gid));
-        if !self.groups.is_empty() {
-            let groups: Vec<String> = self.groups.iter().map(u32::to_string).collect();
+        text.push_str(&format!(" gid {}", who.gid));
+        if !who.groups.is_empty() {
+            let groups: Vec<String> = who.groups.iter().map(u32::to_string).collect();
             text.push_str(&format!(" groups {}", groups.join(",")));
         }
-        match &self.unit {
+        match &who.unit {
             Some(unit) => text.push_str(&format!(" in {unit}")),
             None => text.push_str(" in no system unit"),
         }
@@ -136,11 +125,13 @@ fn caller(args: &PolicyCheckArgs) -> Result<Caller, CliError> {
         }
     }
     Ok(Caller {
-        uid,
+        who: Identity {
+            uid,
+            gid,
+            groups,
+            unit: args.unit.clone(),
+        },
         name: user.map(|u| u.name),
-        gid,
-        groups,
-        unit: args.unit.clone(),
     })
 }
 
@@ -183,7 +174,7 @@ fn check(args: &PolicyCheckArgs, json: bool) -> Result<(), CliError> {
     let caller = caller(args)?;
     let resource = resource(action, args)?;
     let request = request_text(action, resource);
-    let explained = policy.explain(caller.subject(), action, resource);
+    let explained = policy.explain(caller.who.subject(), action, resource);
     let doc = explanation_json(&args.file, &caller, &request, &explained);
     let text = explanation_text(&caller, &request, &explained);
     match explained.decision {
@@ -265,11 +256,11 @@ fn explanation_json(
     json!({
         "policy": file,
         "caller": {
-            "uid": caller.uid,
+            "uid": caller.who.uid,
             "user": caller.name,
-            "gid": caller.gid,
-            "groups": caller.groups,
-            "unit": caller.unit,
+            "gid": caller.who.gid,
+            "groups": caller.who.groups,
+            "unit": caller.who.unit,
         },
         "request": request,
         "decision": decision,
