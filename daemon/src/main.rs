@@ -15,6 +15,7 @@ use keywardd::service::Service;
 use keywardd::store::Store;
 use keywardd::sys;
 use keywardd::transport::credentials::{self, CredentialLimits};
+use keywardd::transport::socket;
 use keywardd::transport::varlink::{self, VarlinkLimits};
 use keywardd::vault::Vault;
 use sd_notify::NotifyState;
@@ -228,14 +229,14 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
         }
         None => {
             let mode = config.api.mode_bits()?;
-            varlink::bind(&config.api.socket, mode)
+            socket::bind(&config.api.socket, mode)
                 .map_err(|e| format!("cannot listen on {}: {e}", config.api.socket.display()))?
         }
     };
     let credentials_listener = match (activated.remove("credentials"), &config.credentials) {
         (Some(l), _) => Some(tokio_listener(l, "credentials")?),
         (None, Some(c)) if !socket_activated => Some(
-            varlink::bind(&c.socket, c.mode_bits()?)
+            socket::bind(&c.socket, c.mode_bits()?)
                 .map_err(|e| format!("cannot listen on {}: {e}", c.socket.display()))?,
         ),
         (None, _) => None,

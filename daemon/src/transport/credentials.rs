@@ -13,9 +13,8 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
 
-use super::Handler;
+use super::{socket, Handler};
 use crate::identity::{Peer, Via};
 
 /// Bounds for the credential socket.
@@ -61,73 +60,58 @@ pub fn parse_peer(name: &[u8]) -> Option<CredentialRequest> {
 }
 
 /// Serve the credential socket until `shutdown` turns true, then finish the requests in hand.
+///
+/// Only root's connections are served (PID 1's); anyone else's is closed at once, before it
+/// holds a slot. Root's wait for one of `max_connections` slots: a boot starts hundreds of units
+/// together, and systemd has no retry for a credential that was refused.
 pub async fn serve<H: Handler>(
     listener: UnixListener,
     handler: Arc<H>,
     limits: CredentialLimits,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let mut tasks = JoinSet::new();
-    loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.wait_for(|s| *s) => break,
-        };
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = shutdown.wait_for(|s| *s) => break,
-        };
-        let stream = match accepted {
-            Ok((s, _)) => s,
-            Err(e) => {
-                // Out of descriptors or memory, typically: back off instead of spinning (and
-                // flooding the log) while the condition lasts.
-                tracing::warn!(error = %e, "credential socket accept failed");
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                    _ = shutdown.wait_for(|s| *s) => break,
-                }
-            }
-        };
+    socket::accept_loop("credentials", listener, shutdown, |stream, peer| {
+        if peer.uid != 0 {
+            // Anyone can bind `\0…/unit/postgresql.service/db-pass`; only PID 1 is believed.
+            tracing::warn!(
+                uid = peer.uid,
+                pid = ?peer.pid,
+                "credential request from a non-root peer: refused"
+            );
+            return None;
+        }
         let handler = handler.clone();
-        tasks.spawn(async move {
-            serve_one(stream, handler.as_ref(), limits).await;
-            drop(permit);
-        });
-        while tasks.try_join_next().is_some() {}
-    }
-    while tasks.join_next().await.is_some() {}
+        let slots = slots.clone();
+        Some(async move {
+            let Ok(_slot) = slots.acquire_owned().await else {
+                return;
+            };
+            serve_one(stream, peer, handler.as_ref(), limits).await;
+        })
+    })
+    .await;
 }
 
-async fn serve_one<H: Handler>(mut stream: UnixStream, handler: &H, limits: CredentialLimits) {
-    let peer = match Peer::of_socket(&stream) {
-        Ok(peer) => peer,
-        Err(e) => {
-            tracing::warn!(error = %e, "credential request without peer credentials: refused");
-            return;
-        }
-    };
+async fn serve_one<H: Handler>(
+    mut stream: UnixStream,
+    peer: Peer,
+    handler: &H,
+    limits: CredentialLimits,
+) {
     let addr = stream.peer_addr().ok();
     let name = addr
         .as_ref()
         .and_then(|a| a.as_abstract_name())
         .map(<[u8]>::to_vec);
     let request = name.as_deref().and_then(parse_peer);
-    let (uid, pid) = (peer.uid, peer.pid);
     let Some(request) = request else {
         tracing::warn!(
-            uid,
-            ?pid,
+            pid = ?peer.pid,
             "credential request from an address that is not systemd's: refused"
         );
         return;
     };
-    if uid != 0 {
-        // Anyone can bind `\0…/unit/postgresql.service/db-pass`; only PID 1 is believed.
-        tracing::warn!(uid, ?pid, unit = %request.unit, id = %request.id, "credential request from a non-root peer: refused");
-        return;
-    }
     // The unit is the one systemd named in its address (its own cgroup is PID 1's), believed
     // because the peer is root; the rest of the identity is read like any caller's.
     let mut caller = peer.caller(Via::Credentials);

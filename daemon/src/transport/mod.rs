@@ -4,6 +4,7 @@
 
 pub mod credentials;
 pub mod dbus;
+pub mod socket;
 pub mod varlink;
 
 use std::future::Future;

@@ -1,8 +1,8 @@
 //! The Varlink transport (varlink.org): NUL-terminated JSON messages on a Unix stream socket,
 //! answered by the one [`Handler`].
 //!
-//! It owns the socket's life — bind, accept, per-connection identity from the kernel
-//! ([`Peer::of_socket`]), the bounds on what a client controls (frame size, connections per uid
+//! It owns, on top of the shared accept loop ([`socket::accept_loop`], which reads each
+//! connection's identity from the kernel), the bounds on what a client controls (frame size, connections per uid
 //! and in all, idle time), `org.varlink.service` introspection, and the drain at shutdown. It
 //! turns frames into [`Request`]s and results into frames, nothing more: it never touches the
 //! store, the vault or a device, and it never logs, prints or keeps a copy of request or reply
@@ -11,10 +11,8 @@
 //! reallocation that would leave a copy behind.
 
 use std::fmt;
-use std::io::{self, Write as _};
+use std::io::Write as _;
 use std::ops::Range;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,11 +22,11 @@ use serde_json::value::RawValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, info, warn};
 use zeroize::{Zeroize, Zeroizing};
 
+use super::socket::{self, shutdown_requested};
 use super::Handler;
 use crate::identity::{Caller, Peer, Via};
 
@@ -188,60 +186,6 @@ impl Drop for Slot {
     }
 }
 
-/// Bind the API socket at `path` with permission bits `mode`.
-///
-/// Creates the parent directory (mode 0750) if it is missing, and replaces a stale socket left
-/// by an earlier run. Must be called from within a Tokio runtime (with I/O enabled).
-///
-/// # Errors
-/// The directory can't be created; `path` exists and is not a socket (it is never removed);
-/// another process is listening on `path` (`AddrInUse`); binding or `chmod` fails; or there is
-/// no Tokio runtime.
-pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
-    if let Some(parent) = path.parent() {
-        if !parent.as_os_str().is_empty() && !parent.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o750)
-                .create(parent)?;
-        }
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!(
-                        "{}: another process is listening on this socket",
-                        path.display()
-                    ),
-                ));
-            }
-            std::fs::remove_file(path)?;
-        }
-        Ok(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!(
-                    "{} exists and is not a socket: refusing to replace it",
-                    path.display()
-                ),
-            ))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    if tokio::runtime::Handle::try_current().is_err() {
-        return Err(io::Error::other(
-            "the Varlink socket must be bound inside a Tokio runtime",
-        ));
-    }
-    let listener = std::os::unix::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    listener.set_nonblocking(true)?;
-    UnixListener::from_std(listener)
-}
-
 /// Serve Varlink on `listener` until `shutdown` becomes true (or its sender is dropped).
 ///
 /// Then stop accepting, close idle connections, let each busy connection finish the request
@@ -255,49 +199,21 @@ pub async fn serve<H: Handler>(
     listener: UnixListener,
     handler: Arc<H>,
     limits: VarlinkLimits,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let slots = Slots::new(limits);
     let mut refusals = Refusals::default();
-    let mut connections = JoinSet::new();
-    loop {
-        while let Some(done) = connections.try_join_next() {
-            log_join(done);
-        }
-        let stream = tokio::select! {
-            biased;
-            () = shutdown_requested(&mut shutdown) => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of descriptors or memory, typically: back off instead of spinning.
-                    warn!(error = %e, "varlink: accept failed");
-                    tokio::select! {
-                        () = shutdown_requested(&mut shutdown) => break,
-                        () = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                    }
-                }
-            },
-        };
-        // Identity from the kernel, once per connection; without it the connection is closed.
-        let peer = match Peer::of_socket(&stream) {
-            Ok(peer) => peer,
-            Err(e) => {
-                info!(error = %e, "varlink: no peer credentials; connection closed");
-                continue;
-            }
-        };
+    let stop = shutdown.clone();
+    socket::accept_loop("varlink", listener, shutdown, |stream, peer| {
         match slots.take(peer.uid) {
-            Ok(slot) => {
-                connections.spawn(connection(
-                    stream,
-                    peer,
-                    Arc::clone(&handler),
-                    limits,
-                    shutdown.clone(),
-                    slot,
-                ));
-            }
+            Ok(slot) => Some(connection(
+                stream,
+                peer,
+                Arc::clone(&handler),
+                limits,
+                stop.clone(),
+                slot,
+            )),
             Err(full) => {
                 refusals.note(peer.uid, full);
                 // A fresh socket's send buffer is empty: the short frame goes out in one
@@ -306,18 +222,11 @@ pub async fn serve<H: Handler>(
                 if let Ok(stream) = stream.into_std() {
                     let _ = (&stream).write(&encode_error(&ApiError::Busy));
                 }
+                None
             }
         }
-    }
-    drop(listener);
-    debug!(
-        connections = connections.len(),
-        "varlink: no longer accepting; draining"
-    );
-    while let Some(done) = connections.join_next().await {
-        log_join(done);
-    }
-    debug!("varlink: drained");
+    })
+    .await;
 }
 
 /// Says that connections are being turned away, at most once a second (a flood of them must
@@ -348,18 +257,6 @@ impl Refusals {
         self.last = Some(now);
         self.since = 0;
     }
-}
-
-fn log_join(done: Result<(), tokio::task::JoinError>) {
-    if let Err(e) = done {
-        warn!(error = %e, "varlink: a connection task failed");
-    }
-}
-
-/// Resolves once a shutdown is requested. A dropped sender counts as one: nobody is left who
-/// could ask for it.
-async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Why a connection ended (for the debug log).
@@ -871,7 +768,7 @@ mod tests {
     fn start(limits: VarlinkLimits) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/api.sock");
-        let listener = bind(&path, 0o600).unwrap();
+        let listener = socket::bind(&path, 0o600).unwrap();
         let stub = Arc::new(Stub::default());
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(serve(listener, Arc::clone(&stub), limits, stopped));
@@ -920,7 +817,7 @@ mod tests {
                 match self.stream.read(&mut chunk).await {
                     Ok(0) => return None,
                     Ok(n) => self.pending.extend_from_slice(&chunk[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return None,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
                     Err(e) => panic!("read: {e}"),
                 }
             }
@@ -1368,31 +1265,6 @@ mod tests {
             UnixStream::connect(&server.path).await.is_err(),
             "no longer accepting"
         );
-    }
-
-    #[tokio::test]
-    async fn bind_prepares_the_directory_and_replaces_only_a_stale_socket() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("run/keyward/api.sock");
-        let listener = bind(&path, 0o660).unwrap();
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
-        assert_eq!(mode(&path), 0o660);
-        assert_eq!(mode(path.parent().unwrap()) & 0o027, 0, "no world access");
-        // In use: refused.
-        let e = bind(&path, 0o600).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
-        // Stale: replaced.
-        drop(listener);
-        let _listener = bind(&path, 0o600).unwrap();
-        assert_eq!(mode(&path), 0o600);
-        // Not a socket: left alone.
-        let file = dir.path().join("file");
-        std::fs::write(&file, b"keep").unwrap();
-        assert_eq!(
-            bind(&file, 0o600).unwrap_err().kind(),
-            io::ErrorKind::AlreadyExists
-        );
-        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
     }
 }
 
