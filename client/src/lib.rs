@@ -1,9 +1,12 @@
-//! Client of the `keywardd` Varlink API (`org.keyward.Custodian`), the wire types both sides
-//! share ([`api`]), and the audit log's format and offline verification ([`audit`]).
+//! Client of the `keywardd` Varlink API (`org.keyward.Custodian`): one connection, one call at a
+//! time, with the daemon's bounds and errors made typed ([`Client`], [`ClientError`]).
+//!
+//! The contract itself (types, errors, the frame codec, the audit format) is `keyward-proto`'s;
+//! it is re-exported here so that a client needs one dependency. This crate must not grow
+//! command-line concerns (those are the `keyward` binary's) nor anything the daemon needs.
 
-pub mod api;
-pub mod audit;
+pub use keyward_proto::{api, audit, wire};
+
 pub mod varlink;
-pub mod wire;
 
 pub use varlink::{Client, ClientError, DEFAULT_SOCKET, SOCKET_ENV};

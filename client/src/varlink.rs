@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::api::{
+use keyward_proto::api::{
     self, ApiError, Bytes, ConfirmRecoveryParams, ConfirmRecoveryReply, CreateKeyParams, Empty,
     EnrollParams, EnrollReply, GetSecretParams, GetSecretReply, InitParams, InitReply, KeyInfo,
     KeysReply, Keyslot, KeyslotsReply, ListSecretsParams, NameParams, NamesReply, PublicKeyReply,
@@ -237,7 +237,7 @@ impl Client {
             method,
             parameters: params,
         };
-        let frame = crate::wire::encode_frame(&message, api::MAX_FRAME_LEN)
+        let frame = keyward_proto::wire::encode_frame(&message, api::MAX_FRAME_LEN)
             .map_err(|e| {
                 ClientError::Protocol(format!(
                     "cannot encode a call of {method}: {}",
@@ -275,7 +275,7 @@ impl Client {
             }
             let len = frame.len();
             let want = READ_CHUNK.min(MAX_REPLY_LEN + 1 - len);
-            crate::wire::reserve_zeroizing(&mut frame, want);
+            keyward_proto::wire::reserve_zeroizing(&mut frame, want);
             frame.resize(len + want, 0);
             let n = loop {
                 match self.stream.read(&mut frame[len..]) {

@@ -1,7 +1,7 @@
 //! The audit log: every request the service sees — who, what, which target, the result, when;
 //! never a secret value, PIN, share or digest — appended to `audit.log` in the state directory,
 //! hash-chained and signed at checkpoints. The format and its verification live in
-//! [`keyward::audit`], shared with `keyward audit verify|tail`; this module only writes.
+//! [`keyward_proto::audit`], shared with `keyward audit verify|tail`; this module only writes.
 //!
 //! **Fail closed.** A record that can't be written fails its request. A mutation (a write or
 //! an admin verb) writes a `started` record and makes it durable *before* it runs, and its
@@ -30,7 +30,7 @@
 //! log holds the current key (PEM); `Status` shows it.
 //!
 //! **Anchor.** Each checkpoint also yields an anchor (its seq and the hash of its line, signed
-//! with the same key; [`keyward::audit::Anchor`]), kept in `audit.anchor` once the checkpoint is
+//! with the same key; [`keyward_proto::audit::Anchor`]), kept in `audit.anchor` once the checkpoint is
 //! on disk, and copied to the daemon's log (the journal under systemd) as an event of target
 //! `keyward::audit::checkpoint`: a second witness off the state directory. When the vault opens
 //! (the key exists only then) the log is checked against the anchor: the anchored checkpoint
@@ -74,8 +74,8 @@ use std::time::{Duration, Instant, SystemTime};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
-use keyward::api::ApiError;
-use keyward::audit::{
+use keyward_proto::api::ApiError;
+use keyward_proto::audit::{
     self as format, Anchor, Body, CallerRecord, CheckedAnchor, Checkpoint, EventRecord, Expect,
     Record, RequestRecord, Resume,
 };

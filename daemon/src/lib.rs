@@ -2,7 +2,7 @@
 //! keeps secrets in, and the transports that serve them.
 //!
 //! Data flows one way: a transport (`transport/`) turns bytes and a kernel-verified identity
-//! into an [`keyward::api::Request`] and a [`identity::Caller`]; the [`service`] checks the
+//! into an [`keyward_proto::api::Request`] and a [`identity::Caller`]; the [`service`] checks the
 //! policy ([`keyward_policy`]) and runs the request against the [`vault`], the [`store`] and the device actors
 //! ([`device`]), and records it in the [`audit`] log. A transport never touches the store or a device.
 

@@ -4,7 +4,7 @@
 //! `A-Z a-z 0-9 . _ - @ + =`, and is not `.` or `..`. So names are safe in paths, logs, globs
 //! and systemd credential ids, and `db/password` reads like the path it looks like.
 
-use keyward::api::ApiError;
+use keyward_proto::api::ApiError;
 
 /// Longest secret name, in bytes.
 pub const MAX_SECRET_NAME: usize = 255;

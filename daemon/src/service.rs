@@ -9,8 +9,8 @@
 
 use std::sync::{Arc, RwLock};
 
-use keyward::api::{self, ApiError, Reply, Request};
-use keyward::audit::{OK, STARTED};
+use keyward_proto::api::{self, ApiError, Reply, Request};
+use keyward_proto::audit::{OK, STARTED};
 
 use crate::audit::{AuditLog, Durability, Entry};
 use crate::identity::Caller;

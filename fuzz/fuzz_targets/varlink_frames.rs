@@ -14,7 +14,7 @@ use keywardd::transport::varlink::{encode_result, parse_frame, Call, FrameBuf, N
 use libfuzzer_sys::fuzz_target;
 
 /// Small bounds reach `TooLarge` often; the real one (2 MiB) checks nothing overflows.
-const BOUNDS: [usize; 5] = [0, 7, 64, 4096, keyward::api::MAX_FRAME_LEN];
+const BOUNDS: [usize; 5] = [0, 7, 64, 4096, keyward_proto::api::MAX_FRAME_LEN];
 
 fuzz_target!(|data: &[u8]| {
     let [bound, reads, stream @ ..] = data else {
@@ -79,7 +79,7 @@ fn check_call(call: Call) {
             assert!(!request.method().is_empty());
         }
         Call::Answer { result, .. } => {
-            let reply = encode_result(&result, keyward::api::MAX_FRAME_LEN);
+            let reply = encode_result(&result, keyward_proto::api::MAX_FRAME_LEN);
             let (last, json) = reply.split_last().expect("a reply is never empty");
             assert_eq!(*last, 0);
             assert!(!json.contains(&0), "one NUL, at the end");

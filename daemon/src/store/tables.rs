@@ -21,7 +21,7 @@ pub fn now_rfc3339() -> String {
 
 /// `t` as RFC 3339 UTC with second precision (the audit log's millisecond form, cut).
 pub fn rfc3339(t: SystemTime) -> String {
-    let mut text = keyward::audit::rfc3339_millis(t);
+    let mut text = keyward_proto::audit::rfc3339_millis(t);
     // `YYYY-MM-DDTHH:MM:SS.mmmZ` -> `YYYY-MM-DDTHH:MM:SSZ`
     text.replace_range(19.., "Z");
     text

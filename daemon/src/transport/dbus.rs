@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyward::api::{
+use keyward_proto::api::{
     self, ApiError, CreateKeyParams, GetSecretParams, ListSecretsParams, NameParams,
     PutSecretParams, Reply, Request, SecretString, SecretValue, SignParams, UnsealParams,
 };

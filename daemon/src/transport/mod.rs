@@ -9,7 +9,7 @@ pub mod varlink;
 
 use std::future::Future;
 
-use keyward::api::{ApiError, Reply, Request, SecretValue};
+use keyward_proto::api::{ApiError, Reply, Request, SecretValue};
 
 use crate::identity::Caller;
 

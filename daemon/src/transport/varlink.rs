@@ -16,7 +16,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyward::api::{self, ApiError, Request};
+use keyward_proto::api::{self, ApiError, Request};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -530,7 +530,7 @@ struct ErrorMessage<'a> {
 /// `msg` as a NUL-terminated frame in a zeroizing buffer that never reallocated, or `None` if
 /// it is longer than `max` (or can't be serialized).
 fn encode_bounded<T: Serialize>(msg: &T, max: usize) -> Option<Zeroizing<Vec<u8>>> {
-    keyward::wire::encode_frame(msg, max).ok().flatten()
+    keyward_proto::wire::encode_frame(msg, max).ok().flatten()
 }
 
 fn encode_error(e: &ApiError) -> Zeroizing<Vec<u8>> {
@@ -705,7 +705,7 @@ mod tests {
     use std::sync::Mutex;
     use tokio::sync::{mpsc, Notify};
 
-    use keyward::api::{Empty, NamesReply, Reply, VersionReply};
+    use keyward_proto::api::{Empty, NamesReply, Reply, VersionReply};
     use serde_json::{json, Value};
 
     /// Guards every wait so a broken server fails a test instead of hanging it.
@@ -1363,7 +1363,7 @@ mod proptests {
                     },
                     "oneway": oneway,
                 });
-                let frame = keyward::wire::encode_frame(&message, 4096)
+                let frame = keyward_proto::wire::encode_frame(&message, 4096)
                     .map_err(|e| TestCaseError::fail(e.to_string()))?
                     .ok_or_else(|| TestCaseError::fail("over the bound"))?;
                 stream.extend_from_slice(&frame);

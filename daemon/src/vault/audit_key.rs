@@ -11,7 +11,7 @@
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use hkdf::Hkdf;
-use keyward::api::ApiError;
+use keyward_proto::api::ApiError;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 

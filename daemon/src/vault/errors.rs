@@ -1,7 +1,7 @@
 //! The one place where device, store and crypto failures become API errors. Details that help
 //! an admin (which device, which code) go into the error; nothing secret ever does.
 
-use keyward::api::ApiError;
+use keyward_proto::api::ApiError;
 
 use crate::device::CallError;
 use crate::store::StoreError;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use hsm_shim::{KeyAlgorithm, KeyHandle, KeySpec, SignInput};
-use keyward::api::{self, ApiError};
+use keyward_proto::api::{self, ApiError};
 
 use super::{errors, store_error, Vault};
 use crate::names::check_key_name;

@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use chacha20poly1305::aead::rand_core::RngCore as _;
-use keyward::api::{self, ApiError, SecretString, SlotSpec};
+use keyward_proto::api::{self, ApiError, SecretString, SlotSpec};
 use tokio::sync::RwLock;
 
 use crate::device::DeviceHandle;

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keyward::api::{self, ApiError, SecretString};
+use keyward_proto::api::{self, ApiError, SecretString};
 use serde::{Deserialize, Serialize};
 
 use super::crypto::Key32;

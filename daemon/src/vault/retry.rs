@@ -10,7 +10,7 @@
 
 use std::sync::Mutex;
 
-use keyward::api::ApiError;
+use keyward_proto::api::ApiError;
 
 use super::Vault;
 

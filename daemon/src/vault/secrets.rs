@@ -2,7 +2,7 @@
 //! with AAD binding vault, name, version and term, so a stored record can't be moved to
 //! another name or version, or replayed from another vault.
 
-use keyward::api::{self, ApiError, SecretValue};
+use keyward_proto::api::{self, ApiError, SecretValue};
 
 use super::crypto::{self, Key32};
 use super::{errors, store_error, Vault};

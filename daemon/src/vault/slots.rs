@@ -3,7 +3,7 @@
 //! and the admin verbs over them: enroll, remove, rekey, rotate.
 
 use hsm_shim::{Pin, SealPolicy, SealedBlob, SecretBytes};
-use keyward::api::{self, ApiError, SecretString, SlotSpec};
+use keyward_proto::api::{self, ApiError, SecretString, SlotSpec};
 
 use super::crypto::Key32;
 use super::keyring::Keyring;

@@ -1,0 +1,12 @@
+//! keyward-proto: the contract between `keywardd` and everything that talks to it or reads what
+//! it writes.
+//!
+//! It owns the wire types and errors of `org.keyward.Custodian` and the Varlink interface text
+//! ([`api`]), the frame codec both ends use ([`wire`]), and the audit log's record format with
+//! its offline verifier ([`audit`]). It must stay pure: no sockets, no files opened on its own
+//! account, no threads, no command-line or daemon dependencies, so that the daemon, the client
+//! library, the CLI and the fuzz targets can all build on it and nothing else.
+
+pub mod api;
+pub mod audit;
+pub mod wire;
