@@ -549,7 +549,7 @@ fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
             algorithm,
         } => {
             let der = c.create_key(&name, &device, algorithm.as_str())?;
-            let pem = output::pem_public_key(&der);
+            let pem = keyward::text::public_key_pem(&der);
             out.emit(
                 &json!({ "name": name, "device": device, "algorithm": algorithm.as_str(),
                          "public_key": B64.encode(&der), "pem": pem }),
@@ -562,7 +562,7 @@ fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
         }
         KeyCommand::Public { name, der, output } => {
             let public = c.public_key(&name)?;
-            let pem = output::pem_public_key(&public);
+            let pem = keyward::text::public_key_pem(&public);
             let bytes = if der {
                 public.clone()
             } else {

@@ -6,22 +6,7 @@
 
 use std::fmt::Write as _;
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
 use keyward::api::{DeviceStatus, KeyInfo, Keyslot, SecretString, SecretVersion, StatusReply};
-
-/// A public key (DER SubjectPublicKeyInfo) as PEM: base64 in 64-character lines.
-pub fn pem_public_key(der: &[u8]) -> String {
-    let text = B64.encode(der);
-    let mut pem = String::from("-----BEGIN PUBLIC KEY-----\n");
-    for line in text.as_bytes().chunks(64) {
-        // base64 is ASCII: every chunk is valid UTF-8.
-        pem.push_str(&String::from_utf8_lossy(line));
-        pem.push('\n');
-    }
-    pem.push_str("-----END PUBLIC KEY-----\n");
-    pem
-}
 
 /// Columns padded to their widest cell, two spaces apart, indented by `indent`.
 pub fn table(indent: &str, header: &[&str], rows: &[Vec<String>]) -> String {
@@ -210,23 +195,6 @@ pub fn keys(keys: &[KeyInfo]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pem_has_64_character_lines_and_the_right_armour() {
-        let der: Vec<u8> = (0..=255u8).collect();
-        let pem = pem_public_key(&der);
-        let lines: Vec<&str> = pem.lines().collect();
-        assert_eq!(lines.first(), Some(&"-----BEGIN PUBLIC KEY-----"));
-        assert_eq!(lines.last(), Some(&"-----END PUBLIC KEY-----"));
-        let body = &lines[1..lines.len() - 1];
-        assert!(body[..body.len() - 1].iter().all(|l| l.len() == 64));
-        assert!(body.last().unwrap().len() <= 64);
-        assert_eq!(B64.decode(body.concat()).unwrap(), der);
-        assert!(pem.ends_with("-----\n"));
-        // Exactly 48 bytes: one full line, no empty line after it.
-        let pem = pem_public_key(&[1u8; 48]);
-        assert_eq!(pem.lines().count(), 3);
-    }
 
     #[test]
     fn tables_align_columns() {

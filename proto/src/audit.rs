@@ -59,6 +59,9 @@ use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+pub use crate::text::hex;
+use crate::text::public_key_pem;
+
 /// The log's file name in the state directory.
 pub const LOG_FILE: &str = "audit.log";
 /// The signing public key's file name, beside the log.
@@ -191,17 +194,6 @@ pub struct Resume {
 /// SHA-256 of a line's bytes (without its newline): the next record's `prev`.
 pub fn line_hash(line: &[u8]) -> [u8; 32] {
     Sha256::digest(line).into()
-}
-
-/// Lower-case hex. (By table: the daemon does this once per record, on the read path.)
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    s
 }
 
 /// What a checkpoint's signature covers: a fixed context string, then the chain head
@@ -402,10 +394,7 @@ pub fn encode_key(key: &VerifyingKey) -> String {
 
 /// A public key as PEM (`audit.pub`).
 pub fn pem(key: &VerifyingKey) -> String {
-    format!(
-        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
-        encode_key(key)
-    )
+    public_key_pem(&spki_der(key))
 }
 
 /// A public key from PEM, base64 DER SubjectPublicKeyInfo, or base64 of the 32 raw bytes.

@@ -54,16 +54,12 @@ pub struct Meta {
 impl fmt::Debug for Meta {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Meta")
-            .field("vault_id", &hex(&self.vault_id))
+            .field("vault_id", &keyward_proto::text::hex(&self.vault_id))
             .field("created", &self.created)
             .field("keyring", &Len(self.keyring.len()))
             .field("keyring_term", &self.keyring_term)
             .finish()
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The vault's metadata, or `None` when no vault was created yet.

@@ -543,18 +543,13 @@ pub fn parse_share(text: &str) -> Result<ParsedShare, RecoveryError> {
 }
 
 fn hex_upper(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02X}")).collect()
+    base16ct::upper::encode_string(bytes)
 }
 
 fn parse_hex4(text: &str) -> Option<[u8; 4]> {
-    if text.len() != 8 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
     let mut out = [0u8; 4];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
+    // Exactly 8 hex digits, either case (a share may be retyped in lower case).
+    (text.len() == 8 && base16ct::mixed::decode(text, &mut out).is_ok()).then_some(out)
 }
 
 /// The 5-bit values of `bytes` in base32, most significant bit first, zero-padded to a whole

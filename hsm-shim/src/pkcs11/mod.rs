@@ -301,14 +301,14 @@ impl Pkcs11Device {
             }
             [] => Err(DeviceError::NotFound(format!(
                 "{class} with CKA_ID {}",
-                hex(id)
+                base16ct::lower::encode_string(id)
             ))),
             _ => Err(DeviceError::Backend {
                 op: "C_FindObjects",
                 detail: format!(
                     "{} objects of class {class} share CKA_ID {}",
                     found.len(),
-                    hex(id)
+                    base16ct::lower::encode_string(id)
                 ),
             }),
         }
@@ -408,8 +408,4 @@ impl Device for Pkcs11Device {
             .map_err(|e| map_error("C_GetSessionInfo", e))?;
         Ok(())
     }
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
