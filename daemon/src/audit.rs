@@ -214,6 +214,17 @@ impl Entry {
             detail: None,
         }
     }
+
+    fn into_body(self) -> Body {
+        Body::Request(RequestRecord {
+            caller: self.caller,
+            op: self.op.to_owned(),
+            target: self.target,
+            result: self.result,
+            intent: self.intent,
+            detail: self.detail,
+        })
+    }
 }
 
 /// The caller as the log shows it.
@@ -620,15 +631,7 @@ impl AuditLog {
         durability: Durability,
         checkpoint: Option<&str>,
     ) -> Result<u64, AuditError> {
-        let body = Body::Request(RequestRecord {
-            caller: entry.caller,
-            op: entry.op.to_owned(),
-            target: entry.target,
-            result: entry.result,
-            intent: entry.intent,
-            detail: entry.detail,
-        });
-        self.append(body, durability, checkpoint)
+        self.append(entry.into_body(), durability, checkpoint)
     }
 
     /// [`AuditLog::request`] from async code: a synced record waits for the disk on a
@@ -660,15 +663,7 @@ impl AuditLog {
     /// # Errors
     /// Why it was not written (it is counted as lost).
     pub fn request_or_declare_lost(&self, entry: Entry) -> Result<u64, AuditError> {
-        let body = Body::Request(RequestRecord {
-            caller: entry.caller,
-            op: entry.op.to_owned(),
-            target: entry.target,
-            result: entry.result,
-            intent: entry.intent,
-            detail: entry.detail,
-        });
-        self.append_as(body, Durability::Written, None, true)
+        self.append_as(entry.into_body(), Durability::Written, None, true)
     }
 
     /// Records answered without being written and not declared yet (none once one is).
@@ -1945,6 +1940,68 @@ mod tests {
         let r = format::verify(&whole_set(dir.path()), &key.verifying_key()).unwrap();
         assert_eq!(r.damage.len(), 1);
         assert_eq!(log.finding(), None);
+    }
+
+    #[test]
+    fn a_full_file_system_is_storage_full_and_other_failures_are_not() {
+        let os = io::Error::from_raw_os_error;
+        for e in [
+            AuditError::Write(os(nix::libc::ENOSPC)),
+            AuditError::Sync(os(nix::libc::EDQUOT)),
+            AuditError::Degraded { storage_full: true },
+        ] {
+            let api = ApiError::from(e);
+            assert!(
+                matches!(&api, ApiError::StorageFull { what } if what == "audit log"),
+                "{api:?}"
+            );
+        }
+        let anchor = AuditError::PublicKey {
+            path: PathBuf::from("/var/lib/keyward").join(format::ANCHOR_FILE),
+            source: os(nix::libc::ENOSPC),
+        };
+        assert!(
+            matches!(ApiError::from(anchor), ApiError::StorageFull { what } if what == format::ANCHOR_FILE)
+        );
+        for e in [
+            AuditError::Write(os(nix::libc::EIO)),
+            AuditError::Degraded {
+                storage_full: false,
+            },
+        ] {
+            assert!(matches!(
+                ApiError::from(e),
+                ApiError::AuditUnavailable { .. }
+            ));
+        }
+    }
+
+    #[test]
+    fn a_status_record_that_cannot_be_written_is_declared_by_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        log.opened(key.clone(), "test");
+        // /dev/full: every write fails with ENOSPC, as on a full file system.
+        let real = log.live();
+        log.set_live(OpenOptions::new().write(true).open("/dev/full").unwrap());
+        let e = log
+            .request_or_declare_lost(entry("Status", "vault"))
+            .unwrap_err();
+        assert!(e.storage_full(), "{e}");
+        let lost = log.lost().expect("counted");
+        assert_eq!(lost.records, 1);
+        *log.file.write().unwrap() = real;
+        let seq = log
+            .request(entry("GetSecret", "a"), Durability::Written, None)
+            .unwrap();
+        assert_eq!(log.lost(), None, "declared");
+        log.shutdown();
+        let r = verify(dir.path(), &key.verifying_key());
+        assert_eq!(r.lost.len(), 1);
+        assert_eq!(r.lost[0].declared_at_seq, seq);
+        assert_eq!(r.lost[0].records, 1);
+        assert_eq!(r.lost[0].first, lost.first);
     }
 
     #[test]

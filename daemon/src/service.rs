@@ -390,11 +390,14 @@ impl Service {
         match nix::sys::statvfs::statvfs(dir) {
             Ok(fs) => {
                 let free = fs.blocks_available().saturating_mul(fs.fragment_size());
-                if free < LOW_SPACE {
+                let dir = dir.display();
+                if free == 0 {
                     said.push(format!(
-                        "the file system of the state directory {} is {}full ({free} bytes free): changes are refused (StorageFull) until space is freed there",
-                        dir.display(),
-                        if free == 0 { "" } else { "nearly " }
+                        "the file system of the state directory {dir} is full (0 bytes free): changes and reads of secrets are refused (StorageFull) until space is freed there"
+                    ));
+                } else if free < LOW_SPACE {
+                    said.push(format!(
+                        "the file system of the state directory {dir} is nearly full ({free} bytes free): changes may be refused (StorageFull); free space there"
                     ));
                 }
             }
