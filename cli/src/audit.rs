@@ -230,6 +230,13 @@ pub fn report_text(path: &Path, r: &Report) -> String {
             d.line, d.bytes, d.noted_at_seq
         );
     }
+    for l in &r.lost {
+        let _ = writeln!(
+            s,
+            "note: line {} (seq {}) declares {} record(s) before it that the daemon could not write ({} to {}: {}): a declared gap, not a deletion",
+            l.line, l.declared_at_seq, l.records, l.first, l.last, l.reason
+        );
+    }
     s
 }
 

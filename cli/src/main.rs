@@ -32,6 +32,8 @@ Exit codes:
   5  keywardd is running but busy: it turned this connection away (this user holds all
      the connections it may, or the slots left are root's) or a device queue is full;
      try again
+  6  keywardd's state directory is on a full file system: the request was refused (or
+     not acknowledged); free space there and retry
 
 Secret values, PINs and recovery shares are never taken on the command line: they are read
 from stdin or from a file.";
@@ -466,6 +468,7 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 3;
     pub const SEALED: u8 = 4;
     pub const BUSY: u8 = 5;
+    pub const STORAGE_FULL: u8 = 6;
 }
 
 impl CliError {
@@ -476,6 +479,7 @@ impl CliError {
             Self::Client(ClientError::Api(ApiError::Sealed { .. } | ApiError::NotInitialized))
             | Self::StillSealed { .. } => exit::SEALED,
             Self::Client(ClientError::Api(ApiError::Busy)) => exit::BUSY,
+            Self::Client(ClientError::Api(ApiError::StorageFull { .. })) => exit::STORAGE_FULL,
             Self::Client(ClientError::Api(_) | ClientError::Protocol(_))
             | Self::Local(_)
             | Self::PolicyInvalid(_)
@@ -678,6 +682,11 @@ mod tests {
         );
         // Up but busy is not unreachable.
         assert_eq!(api(ApiError::Busy).exit_code(), 5);
+        let full = api(ApiError::StorageFull {
+            what: "database".into(),
+        });
+        assert_eq!(full.exit_code(), 6);
+        assert!(full.to_string().contains("file system"), "{full}");
         assert_eq!(
             api(ApiError::Busy).to_json()["error"]["name"],
             "org.keyward.Custodian.Busy"
@@ -709,5 +718,6 @@ mod tests {
         let help = Cli::command().render_help().to_string();
         assert!(help.contains("Exit codes:") && help.contains("4  the vault is sealed"));
         assert!(help.contains("5  keywardd is running but busy"));
+        assert!(help.contains("6  keywardd's state directory is on a full file system"));
     }
 }

@@ -130,6 +130,9 @@ pub fn status(s: &StatusReply) -> String {
     if let Some(finding) = &s.audit_finding {
         let _ = writeln!(out, "AUDIT LOG DID NOT MATCH ITS ANCHOR: {finding}");
     }
+    if let Some(storage) = &s.storage {
+        let _ = writeln!(out, "STORAGE:  {storage}");
+    }
     if s.devices.is_empty() {
         let _ = writeln!(out, "devices:  none configured");
     } else {
@@ -239,6 +242,7 @@ mod tests {
             audit_public_key: Some("MCowBQYDK2VwAyEA".into()),
             rekey_pending_until: None,
             audit_finding: None,
+            storage: Some("the file system is full".into()),
         };
         let text = status(&s);
         assert!(
@@ -248,6 +252,7 @@ mod tests {
         assert!(text.contains("1 more recovery share"), "{text}");
         assert!(text.contains("7,11"), "{text}");
         assert!(text.contains("audit:    MCowBQYDK2VwAyEA"), "{text}");
+        assert!(text.contains("STORAGE:  the file system is full"), "{text}");
     }
 
     #[test]

@@ -8,7 +8,14 @@
 //! outcome record before the reply: a change the log cannot show is never made, and one whose
 //! outcome could not be written is not acknowledged (the caller gets `AuditUnavailable`; the
 //! `started` record shows the attempt). Reads write one record after they run and before the
-//! reply.
+//! reply. A record that can't be written because the state directory's file system is full
+//! (`ENOSPC`, `EDQUOT`) fails its request with `StorageFull` instead: the admin's to fix.
+//!
+//! **Declared losses.** One exception: `Status` (read-only, nothing secret, and how an admin
+//! finds out what is wrong) is answered even when its record can't be written
+//! ([`AuditLog::request_or_declare_lost`]). The loss is counted, and the next record that does
+//! get written carries it (`lost`: how many, first and last time, why), so the gap is declared
+//! in the chain, never silent. A count still pending at exit is only in the daemon's log.
 //!
 //! **Durability.** Every change that reaches the disk has a durable `started` record. Admin
 //! verbs also `fdatasync` their outcome (with a checkpoint) before the reply; a secret's put or
@@ -77,7 +84,7 @@ use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use keyward_proto::api::ApiError;
 use keyward_proto::audit::{
     self as format, Anchor, Body, CallerRecord, CheckedAnchor, Checkpoint, EventRecord, Expect,
-    Record, RequestRecord, Resume,
+    Lost, Record, RequestRecord, Resume,
 };
 
 use crate::device::DeviceHandle;
@@ -130,16 +137,45 @@ pub enum AuditError {
     Write(io::Error),
     #[error("cannot sync the audit log: {0}")]
     Sync(io::Error),
-    #[error("the audit log failed to reach the disk and has not recovered")]
-    Degraded,
+    #[error("the audit log failed to reach the disk and has not recovered{}", if *.storage_full { " (its file system is full)" } else { "" })]
+    Degraded { storage_full: bool },
     #[error("cannot write {path}: {source}")]
     PublicKey { path: PathBuf, source: io::Error },
     #[error("cannot roll the log over or start a new one: {0}")]
     Files(io::Error),
 }
 
+/// Whether `e` says the file system is full: no space (`ENOSPC`) or the quota (`EDQUOT`).
+pub fn no_space(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
+impl AuditError {
+    /// Whether it failed because the state directory's file system is full.
+    pub fn storage_full(&self) -> bool {
+        match self {
+            Self::Open { source, .. } | Self::PublicKey { source, .. } => no_space(source),
+            Self::Write(e) | Self::Sync(e) | Self::Files(e) => no_space(e),
+            Self::Degraded { storage_full } => *storage_full,
+            Self::NotAFile { .. } | Self::Unreadable { .. } => false,
+        }
+    }
+}
+
 impl From<AuditError> for ApiError {
     fn from(e: AuditError) -> Self {
+        if e.storage_full() {
+            let what = match &e {
+                AuditError::PublicKey { path, .. } => path
+                    .file_name()
+                    .map_or_else(|| "audit log".into(), |n| n.to_string_lossy().into_owned()),
+                _ => "audit log".to_owned(),
+            };
+            return ApiError::StorageFull { what };
+        }
         ApiError::AuditUnavailable {
             reason: e.to_string(),
         }
@@ -177,6 +213,17 @@ impl Entry {
             intent: None,
             detail: None,
         }
+    }
+
+    fn into_body(self) -> Body {
+        Body::Request(RequestRecord {
+            caller: self.caller,
+            op: self.op.to_owned(),
+            target: self.target,
+            result: self.result,
+            intent: self.intent,
+            detail: self.detail,
+        })
     }
 }
 
@@ -234,6 +281,8 @@ struct Writer {
     counter_next: Option<u64>,
     /// True while rolling over (its own records must not roll it over again).
     rolling: bool,
+    /// `Status` records answered without being written, until a record declares them.
+    lost: Option<Lost>,
     /// Reused for every line: no allocation per record once warm.
     buf: Vec<u8>,
 }
@@ -257,6 +306,8 @@ pub struct AuditLog {
     sync_lock: Mutex<()>,
     /// Set when a background sync failed; cleared when one succeeds.
     degraded: AtomicBool,
+    /// Whether that failure was a full file system.
+    degraded_full: AtomicBool,
     /// The flusher's wake-up: `true` when woken early.
     wake: Mutex<bool>,
     wake_cv: Condvar,
@@ -406,12 +457,14 @@ impl AuditLog {
                 found: Some((rolled, found_end)),
                 counter_next: None,
                 rolling: false,
+                lost: None,
                 buf: Vec::with_capacity(512),
             }),
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             sync_lock: Mutex::new(()),
             degraded: AtomicBool::new(false),
+            degraded_full: AtomicBool::new(false),
             wake: Mutex::new(false),
             wake_cv: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -578,15 +631,7 @@ impl AuditLog {
         durability: Durability,
         checkpoint: Option<&str>,
     ) -> Result<u64, AuditError> {
-        let body = Body::Request(RequestRecord {
-            caller: entry.caller,
-            op: entry.op.to_owned(),
-            target: entry.target,
-            result: entry.result,
-            intent: entry.intent,
-            detail: entry.detail,
-        });
-        self.append(body, durability, checkpoint)
+        self.append(entry.into_body(), durability, checkpoint)
     }
 
     /// [`AuditLog::request`] from async code: a synced record waits for the disk on a
@@ -611,18 +656,64 @@ impl AuditLog {
         }
     }
 
+    /// Append a request record that may be lost: a `Status` call, answered even when its
+    /// record can't be written. Written as [`Durability::Written`]; if it can't be, the loss is
+    /// counted and the next record written declares it.
+    ///
+    /// # Errors
+    /// Why it was not written (it is counted as lost).
+    pub fn request_or_declare_lost(&self, entry: Entry) -> Result<u64, AuditError> {
+        self.append_as(entry.into_body(), Durability::Written, None, true)
+    }
+
+    /// Records answered without being written and not declared yet (none once one is).
+    pub fn lost(&self) -> Option<Lost> {
+        lock(&self.writer).lost.clone()
+    }
+
+    /// The state directory the log is kept in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn append(
         &self,
         body: Body,
         durability: Durability,
         checkpoint: Option<&str>,
     ) -> Result<u64, AuditError> {
+        self.append_as(body, durability, checkpoint, false)
+    }
+
+    /// [`AuditLog::append`]; with `lossy`, a record that can't be written is counted as lost
+    /// (under the writer's lock, so the next record written declares it).
+    fn append_as(
+        &self,
+        body: Body,
+        durability: Durability,
+        checkpoint: Option<&str>,
+        lossy: bool,
+    ) -> Result<u64, AuditError> {
         if self.degraded.load(Ordering::Acquire) {
-            return Err(AuditError::Degraded);
+            let e = AuditError::Degraded {
+                storage_full: self.degraded_full.load(Ordering::Acquire),
+            };
+            if lossy {
+                count_lost(&mut lock(&self.writer), &e);
+            }
+            return Err(e);
         }
         let (seq, number) = {
             let mut w = lock(&self.writer);
-            let seq = self.write(&mut w, body)?;
+            let seq = match self.write(&mut w, body) {
+                Ok(seq) => seq,
+                Err(e) => {
+                    if lossy {
+                        count_lost(&mut w, &e);
+                    }
+                    return Err(e);
+                }
+            };
             let mut number = self.written.fetch_add(1, Ordering::AcqRel) + 1;
             let due = w.since_checkpoint >= CHECKPOINT_EVERY
                 || w.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL;
@@ -654,10 +745,18 @@ impl AuditLog {
 
     /// Serialise and write one line at the end; the head moves only if all of it was written.
     fn write_line(&self, w: &mut Writer, time: String, body: Body) -> Result<u64, AuditError> {
+        // A checkpoint's signature would not cover a declaration: the next record carries it.
+        let lost = if matches!(body, Body::Checkpoint(_)) {
+            None
+        } else {
+            w.lost.clone()
+        };
+        let declares = lost.is_some();
         let record = Record {
             seq: w.seq,
             time,
             body,
+            lost,
             prev: format::hex(&w.prev),
         };
         w.buf.clear();
@@ -673,6 +772,15 @@ impl AuditLog {
         w.end += w.buf.len() as u64;
         w.prev = hash;
         w.since_checkpoint += 1;
+        if declares {
+            if let Some(l) = w.lost.take() {
+                tracing::warn!(
+                    seq = w.seq,
+                    records = l.records,
+                    "audit log: writes again; the record at this seq declares the lost records"
+                );
+            }
+        }
         let seq = w.seq;
         w.seq += 1;
         if w.end >= self.options.max_file_bytes && !w.rolling {
@@ -1068,6 +1176,7 @@ impl AuditLog {
                 Ok(())
             }
             Err(e) => {
+                self.degraded_full.store(no_space(&e), Ordering::Release);
                 self.degraded.store(true, Ordering::Release);
                 Err(AuditError::Sync(e))
             }
@@ -1295,6 +1404,24 @@ impl AuditKeys for AuditLog {
             }
         }
     }
+}
+
+/// Count one record lost to `e`, to be declared by the next record written.
+fn count_lost(w: &mut Writer, e: &AuditError) {
+    let time = now();
+    let lost = w.lost.get_or_insert_with(|| Lost {
+        records: 0,
+        first: time.clone(),
+        last: time.clone(),
+        reason: capped(&e.to_string()),
+    });
+    lost.records += 1;
+    lost.last = time;
+    tracing::warn!(
+        records = lost.records,
+        since = %lost.first,
+        "audit record of a Status call not written ({e}); answered all the same: the next record written declares the loss"
+    );
 }
 
 /// An anchor for the record `seq` whose line hashes to `head`, signed by `key`.
@@ -1813,6 +1940,68 @@ mod tests {
         let r = format::verify(&whole_set(dir.path()), &key.verifying_key()).unwrap();
         assert_eq!(r.damage.len(), 1);
         assert_eq!(log.finding(), None);
+    }
+
+    #[test]
+    fn a_full_file_system_is_storage_full_and_other_failures_are_not() {
+        let os = io::Error::from_raw_os_error;
+        for e in [
+            AuditError::Write(os(nix::libc::ENOSPC)),
+            AuditError::Sync(os(nix::libc::EDQUOT)),
+            AuditError::Degraded { storage_full: true },
+        ] {
+            let api = ApiError::from(e);
+            assert!(
+                matches!(&api, ApiError::StorageFull { what } if what == "audit log"),
+                "{api:?}"
+            );
+        }
+        let anchor = AuditError::PublicKey {
+            path: PathBuf::from("/var/lib/keyward").join(format::ANCHOR_FILE),
+            source: os(nix::libc::ENOSPC),
+        };
+        assert!(
+            matches!(ApiError::from(anchor), ApiError::StorageFull { what } if what == format::ANCHOR_FILE)
+        );
+        for e in [
+            AuditError::Write(os(nix::libc::EIO)),
+            AuditError::Degraded {
+                storage_full: false,
+            },
+        ] {
+            assert!(matches!(
+                ApiError::from(e),
+                ApiError::AuditUnavailable { .. }
+            ));
+        }
+    }
+
+    #[test]
+    fn a_status_record_that_cannot_be_written_is_declared_by_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        log.opened(key.clone(), "test");
+        // /dev/full: every write fails with ENOSPC, as on a full file system.
+        let real = log.live();
+        log.set_live(OpenOptions::new().write(true).open("/dev/full").unwrap());
+        let e = log
+            .request_or_declare_lost(entry("Status", "vault"))
+            .unwrap_err();
+        assert!(e.storage_full(), "{e}");
+        let lost = log.lost().expect("counted");
+        assert_eq!(lost.records, 1);
+        *log.file.write().unwrap() = real;
+        let seq = log
+            .request(entry("GetSecret", "a"), Durability::Written, None)
+            .unwrap();
+        assert_eq!(log.lost(), None, "declared");
+        log.shutdown();
+        let r = verify(dir.path(), &key.verifying_key());
+        assert_eq!(r.lost.len(), 1);
+        assert_eq!(r.lost[0].declared_at_seq, seq);
+        assert_eq!(r.lost[0].records, 1);
+        assert_eq!(r.lost[0].first, lost.first);
     }
 
     #[test]

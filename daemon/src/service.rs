@@ -6,6 +6,11 @@
 //! was written: a mutation (write or admin verb) gets a durable `started` record before it runs
 //! and a durable outcome record before the reply; a read gets one record, written before the
 //! reply and synced by the audit log's flusher (see [`crate::audit`] for the window).
+//!
+//! The one exception is `Status`: read-only, nothing secret, and how an admin learns that the
+//! state directory's file system is full. It is answered even when its record can't be
+//! written; the audit log counts the loss and its next record declares it, and the reply's
+//! `storage` says what is wrong.
 
 use std::sync::{Arc, RwLock};
 
@@ -17,6 +22,10 @@ use crate::identity::Caller;
 use crate::transport::Handler;
 use crate::vault::Vault;
 use keyward_policy::{credential_secret, decide, Action, Decision, Policy, Resource};
+
+/// Free space below which `Status` calls the state directory's file system full: SQLite needs
+/// room for its WAL frames, the audit log for its records.
+const LOW_SPACE: u64 = 1 << 20;
 
 /// The service layer.
 pub struct Service {
@@ -241,6 +250,9 @@ impl Service {
 /// How a request is audited.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Class {
+    /// `Status`: as a read, but answered even when its record can't be written (the loss is
+    /// declared by the next record written).
+    Report,
     /// One record, written before the reply, synced by the flusher.
     Read,
     /// One record, synced before the reply (admin calls that change nothing).
@@ -252,8 +264,8 @@ enum Class {
 
 fn class(request: &Request) -> Class {
     match request {
-        Request::Status
-        | Request::GetSecret(_)
+        Request::Status => Class::Report,
+        Request::GetSecret(_)
         | Request::ListSecrets(_)
         | Request::SecretVersions(_)
         | Request::ListKeys
@@ -369,6 +381,39 @@ impl Service {
     }
 }
 
+impl Service {
+    /// What `Status` says about the state directory: its file system full (or nearly), and
+    /// `Status` records not written (`not_written`: why this call's was not).
+    fn storage(&self, not_written: Option<crate::audit::AuditError>) -> Option<String> {
+        let dir = self.audit.dir();
+        let mut said = Vec::new();
+        match nix::sys::statvfs::statvfs(dir) {
+            Ok(fs) => {
+                let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+                let dir = dir.display();
+                if free == 0 {
+                    said.push(format!(
+                        "the file system of the state directory {dir} is full (0 bytes free): changes and reads of secrets are refused (StorageFull) until space is freed there"
+                    ));
+                } else if free < LOW_SPACE {
+                    said.push(format!(
+                        "the file system of the state directory {dir} is nearly full ({free} bytes free): changes may be refused (StorageFull); free space there"
+                    ));
+                }
+            }
+            Err(e) => tracing::warn!("cannot read the free space of {}: {e}", dir.display()),
+        }
+        if let Some(e) = not_written {
+            let lost = self.audit.lost();
+            let (records, since) = lost.map_or((1, String::new()), |l| (l.records, l.first));
+            said.push(format!(
+                "the audit log can't be written ({e}): {records} Status record(s) not written since {since}, to be declared by the next record written"
+            ));
+        }
+        (!said.is_empty()).then(|| said.join("; "))
+    }
+}
+
 impl Handler for Service {
     async fn handle(&self, caller: Caller, request: Request) -> Result<Reply, ApiError> {
         let method = request.method();
@@ -380,7 +425,7 @@ impl Handler for Service {
             e
         };
         let durability = match class {
-            Class::Read => Durability::Written,
+            Class::Report | Class::Read => Durability::Written,
             Class::AdminRead | Class::Mutation { .. } => Durability::Synced,
         };
         let policy = self.policy();
@@ -402,6 +447,14 @@ impl Handler for Service {
         let result = self.run(&policy, &caller, request).await;
         outcome_entry.result = result_name(&result);
         outcome_entry.intent = intent;
+        if class == Class::Report {
+            let written = self.audit.request_or_declare_lost(outcome_entry);
+            let mut result = result;
+            if let Ok(Reply::Status(status)) = &mut result {
+                status.storage = self.storage(written.err());
+            }
+            return result;
+        }
         let checkpoint = matches!(class, Class::Mutation { admin: true }).then_some("admin");
         // A secret's put or delete: its `started` record is already durable, and the store's
         // commit shows what happened, so the outcome line may ride the next group sync (one

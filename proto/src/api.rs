@@ -71,7 +71,8 @@ method Status() -> (
   version: string,
   audit_public_key: ?string,
   rekey_pending_until: ?string,
-  audit_finding: ?string
+  audit_finding: ?string,
+  storage: ?string
 )
 
 # Create the vault master key and enroll its first keyslots. A recovery slot's shares are
@@ -153,6 +154,9 @@ error AuditUnavailable (reason: string)
 # A rekey waits for its new recovery shares to be confirmed: keyslots can't change until it
 # is confirmed, started over, or lapses.
 error RekeyPending (until: string)
+# The file system of the daemon's state directory is full: what (the database, the audit log)
+# could not be written. The call was refused, or (for a change already made) not acknowledged.
+error StorageFull (what: string)
 "#;
 
 /// A secret value: base64 on the wire, zeroizing bytes in memory, redacted in `Debug`.
@@ -371,6 +375,10 @@ pub struct StatusReply {
     /// and where the old log was put (a new one was started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_finding: Option<String>,
+    /// Set when the state directory can't take writes: its file system is (nearly) full, or
+    /// audit records of `Status` calls could not be written (how many, since when).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -722,6 +730,9 @@ pub enum ApiError {
     AuditUnavailable { reason: String },
     #[error("a rekey waits for its new recovery shares until {until}: confirm them (`keyward rekey --confirm-from FILE`) or start over (`keyward rekey`)")]
     RekeyPending { until: String },
+    /// The disk, not a bug: the admin frees space and the daemon serves again.
+    #[error("the file system of keywardd's state directory is full: the {what} could not be written, so the request was refused (or, if already carried out, not acknowledged); free space there and retry (`keyward status` shows it)")]
+    StorageFull { what: String },
     /// `org.varlink.service.MethodNotFound`.
     #[error("no such method {method:?}")]
     MethodNotFound { method: String },
@@ -757,6 +768,7 @@ impl ApiError {
             Self::Internal { .. } => "Internal",
             Self::AuditUnavailable { .. } => "AuditUnavailable",
             Self::RekeyPending { .. } => "RekeyPending",
+            Self::StorageFull { .. } => "StorageFull",
             Self::MethodNotFound { .. } => return "org.varlink.service.MethodNotFound".into(),
             Self::InterfaceNotFound { .. } => {
                 return "org.varlink.service.InterfaceNotFound".into()
@@ -800,6 +812,7 @@ impl ApiError {
                 json!({ "reason": reason })
             }
             Self::RekeyPending { until } => json!({ "until": until }),
+            Self::StorageFull { what } => json!({ "what": what }),
             Self::MethodNotFound { method } => json!({ "method": method }),
             Self::InterfaceNotFound { interface } => json!({ "interface": interface }),
             Self::InvalidParameter { parameter } => json!({ "parameter": parameter }),
@@ -872,6 +885,7 @@ impl ApiError {
                 reason: s("reason"),
             },
             (Some("RekeyPending"), _) => Self::RekeyPending { until: s("until") },
+            (Some("StorageFull"), _) => Self::StorageFull { what: s("what") },
             (_, "org.varlink.service.MethodNotFound") => Self::MethodNotFound {
                 method: s("method"),
             },
@@ -941,6 +955,9 @@ mod tests {
                 retries_left: Some(2),
             },
             ApiError::LastKeyslot { id: 3 },
+            ApiError::StorageFull {
+                what: "audit log".into(),
+            },
             ApiError::InvalidParameter {
                 parameter: "name".into(),
             },
@@ -989,7 +1006,9 @@ mod proptests {
             text().prop_map(|device| ApiError::PinLocked { device }),
             text().prop_map(|device| ApiError::PolicyMismatch { device }),
             text().prop_map(|reason| ApiError::Internal { reason }),
+            text().prop_map(|reason| ApiError::AuditUnavailable { reason }),
             text().prop_map(|until| ApiError::RekeyPending { until }),
+            text().prop_map(|what| ApiError::StorageFull { what }),
             text().prop_map(|method| ApiError::MethodNotFound { method }),
             text().prop_map(|interface| ApiError::InterfaceNotFound { interface }),
             text().prop_map(|parameter| ApiError::InvalidParameter { parameter }),

@@ -23,6 +23,13 @@
 //!   length and SHA-256 and continues the chain from the last good record, so history is
 //!   never silently rewritten and [`verify`] can say exactly what was lost.
 //!
+//! Any record but a checkpoint may also carry `lost`: records the daemon could not write
+//! before it (the state directory's file system was full) and answered all the same. Only
+//! `Status` calls are answered that way (read-only, nothing secret, and how an admin finds out
+//! the disk is full); `lost` gives how many, the times of the first and the last, and why, so
+//! the gap in the log is declared, not silent. It is part of its line, so the chain covers it,
+//! and [`verify`] reports it.
+//!
 //! Public keys are base64 DER SubjectPublicKeyInfo everywhere (records, `Status`), and PEM in
 //! `audit.pub`.
 //!
@@ -103,6 +110,9 @@ pub struct Record {
     /// What kind of record, and its fields.
     #[serde(flatten)]
     pub body: Body,
+    /// Records the daemon could not write before this one, declared here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<Lost>,
     /// Hex SHA-256 of the previous line's exact bytes.
     pub prev: String,
 }
@@ -188,6 +198,21 @@ pub struct Resume {
     pub damaged_bytes: u64,
     /// Hex SHA-256 of those bytes.
     pub damaged_sha256: String,
+    pub reason: String,
+}
+
+/// Records of `Status` calls the daemon answered without writing them (the state directory's
+/// file system was full), declared by the next record it could write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lost {
+    /// How many (at least 1).
+    pub records: u64,
+    /// When the first of them was due (RFC 3339 UTC, milliseconds).
+    pub first: String,
+    /// When the last of them was due.
+    pub last: String,
+    /// Why they could not be written (the write's error).
     pub reason: String,
 }
 
@@ -517,6 +542,19 @@ pub struct Damage {
     pub noted_at_seq: u64,
 }
 
+/// Records a later record declares were not written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LostRecords {
+    /// 1-based line number of the record that declares them.
+    pub line: usize,
+    /// Its seq: the lost records were due before it.
+    pub declared_at_seq: u64,
+    pub records: u64,
+    pub first: String,
+    pub last: String,
+    pub reason: String,
+}
+
 /// What a successful verification found.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Report {
@@ -535,6 +573,8 @@ pub struct Report {
     pub keys: Vec<String>,
     /// Damaged bytes the daemon noted and continued after.
     pub damage: Vec<Damage>,
+    /// Records the daemon declared it could not write (a full disk), where it declared them.
+    pub lost: Vec<LostRecords>,
     /// The seq of the anchor the log was checked against, if one was given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub anchored_seq: Option<u64>,
@@ -662,6 +702,7 @@ pub fn verify_against(
     let mut last_checkpoint: Option<(CheckpointSummary, u64)> = None;
     let mut keys = Keys::default();
     let mut damage = Vec::new();
+    let mut lost = Vec::new();
     // True when the record at `i` comes right after damaged bytes its resume record explains.
     let mut after_damage = false;
     let mut i = 0;
@@ -735,6 +776,20 @@ pub fn verify_against(
             }
             _ => {}
         }
+        if let Some(l) = &record.lost {
+            // Never on a checkpoint: its signature would not cover the declaration.
+            if l.records == 0 || matches!(record.body, Body::Checkpoint(_)) {
+                return Err(fail(i, seq, Problem::Malformed("lost")));
+            }
+            lost.push(LostRecords {
+                line: i + 1,
+                declared_at_seq: record.seq,
+                records: l.records,
+                first: l.first.clone(),
+                last: l.last.clone(),
+                reason: l.reason.clone(),
+            });
+        }
         if let Some(a) = expect.anchor {
             if a.seq == record.seq && a.head != hash_of(i) {
                 return Err(fail(i, seq, Problem::AnchorMismatch));
@@ -798,6 +853,7 @@ pub fn verify_against(
         unsigned_tail: records - signed,
         keys: keys.adopted.iter().map(encode_key).collect(),
         damage,
+        lost,
     })
 }
 
@@ -984,7 +1040,14 @@ pub fn human(record: &Record) -> String {
             r.damaged_bytes, r.reason
         ),
     };
-    format!("{}  #{}  {what}", record.time, record.seq)
+    let lost = match &record.lost {
+        Some(l) => format!(
+            "  [{} record(s) before this one not written, {} to {}: {}]",
+            l.records, l.first, l.last, l.reason
+        ),
+        None => String::new(),
+    };
+    format!("{}  #{}  {what}{lost}", record.time, record.seq)
 }
 
 #[cfg(test)]
@@ -1013,6 +1076,8 @@ mod tests {
         prev: [u8; 32],
         key: SigningKey,
         next: Option<SigningKey>,
+        /// Declared by the next record pushed.
+        lost: Option<Lost>,
     }
 
     impl Writer {
@@ -1023,6 +1088,7 @@ mod tests {
                 prev: GENESIS,
                 key: SigningKey::from_bytes(&[seed; 32]),
                 next: None,
+                lost: None,
             }
         }
 
@@ -1031,6 +1097,7 @@ mod tests {
                 seq: self.seq,
                 time: "2025-01-01T00:00:00.000Z".into(),
                 body,
+                lost: self.lost.take(),
                 prev: hex(&self.prev),
             };
             let line = serde_json::to_vec(&record).unwrap();
@@ -1472,6 +1539,50 @@ mod tests {
         let l = lines(&w.out);
         let f = failure(&w.out[l[4].start..], &w.public());
         assert_eq!(f.problem, Problem::NotFirst);
+    }
+
+    #[test]
+    fn declared_lost_records_verify_and_are_reported() {
+        let mut w = sample();
+        w.lost = Some(Lost {
+            records: 3,
+            first: "2025-01-01T00:00:01.000Z".into(),
+            last: "2025-01-01T00:00:02.000Z".into(),
+            reason: "No space left on device (os error 28)".into(),
+        });
+        w.request("Status", "vault");
+        w.checkpoint();
+        let r = verify(&w.out, &w.public()).unwrap();
+        assert_eq!(r.lost.len(), 1);
+        assert_eq!((r.lost[0].records, r.lost[0].line), (3, 11));
+        assert_eq!(r.lost[0].declared_at_seq, 10);
+        let last = lines_of(&w.out)[10].clone();
+        let text = String::from_utf8(last.clone()).unwrap();
+        assert!(text.contains(r#""lost":{"records":3,"#), "{text}");
+        assert!(human(&parse(&last).unwrap()).contains("3 record(s) before this one not written"));
+        // The declaration is covered by the chain: removing it breaks the log.
+        let mut edited = lines_of(&w.out);
+        let mut r = parse(&edited[10]).unwrap();
+        r.lost = None;
+        edited[10] = serde_json::to_vec(&r).unwrap();
+        assert_eq!(
+            failure(&join(&edited), &w.public()).problem,
+            Problem::Altered
+        );
+        // A declaration of nothing is malformed.
+        let mut w = sample();
+        w.lost = Some(Lost {
+            records: 0,
+            first: String::new(),
+            last: String::new(),
+            reason: String::new(),
+        });
+        w.request("Status", "vault");
+        w.checkpoint();
+        assert_eq!(
+            failure(&w.out, &w.public()).problem,
+            Problem::Malformed("lost")
+        );
     }
 
     #[test]

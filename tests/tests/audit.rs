@@ -1,7 +1,8 @@
 //! The audit log against the real daemon on a real SoftHSM token: every request on record with
 //! the right caller, op, target and result and never a secret; `keyward audit verify` passing
 //! on a copy and naming the first bad record on tampered copies; a rekey and a restart keeping
-//! the chain; and fail-closed on a full disk (a real tmpfs, mounted for the test).
+//! the chain; and on a full disk (a real tmpfs, mounted for the test): `StorageFull`, fail
+//! closed, and `Status` answered with its lost records declared in the log.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
@@ -628,7 +629,13 @@ fn tail_follows_the_log_across_a_roll_over() {
 struct Tmpfs(PathBuf);
 
 impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Self {
+    /// `None` (the test is skipped, and says why) when not root: mounting needs it. CI runs
+    /// the tests as root.
+    fn mount(at: &Path, size: &str) -> Option<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: this test mounts a tmpfs for the state directory and needs root");
+            return None;
+        }
         std::fs::create_dir_all(at).unwrap();
         let out = Command::new("mount")
             .args([
@@ -643,11 +650,23 @@ impl Tmpfs {
             .unwrap();
         assert!(
             out.status.success(),
-            "this test mounts a tmpfs and needs root: {}",
+            "cannot mount a tmpfs: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        Self(at.to_owned())
+        Some(Self(at.to_owned()))
     }
+}
+
+/// Fill the file system of `dir` with a file until a write fails; the file is returned open
+/// (delete it to give the space back).
+fn fill(dir: &Path) -> (std::fs::File, PathBuf) {
+    use std::io::Write as _;
+    let filler = dir.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    while f.write_all(&block).is_ok() {}
+    let _ = f.sync_all();
+    (f, filler)
 }
 
 impl Drop for Tmpfs {
@@ -660,22 +679,14 @@ impl Drop for Tmpfs {
 fn a_full_disk_fails_requests_closed_and_they_work_again_when_space_returns() {
     let token = SoftHsm::new("audit");
     let mut d = Setup::new().token("hsm", &token).prepare();
-    let _tmpfs = Tmpfs::mount(&state(&d), "8m");
+    let Some(_tmpfs) = Tmpfs::mount(&state(&d), "8m") else {
+        return;
+    };
     d.start();
     ok(&d.run(&["init", "--pkcs11", "hsm"], b""), "init");
     ok(&d.run(&["secret", "put", "before"], b"1"), "put");
 
-    // Fill the file system.
-    let filler = state(&d).join("filler");
-    let mut f = std::fs::File::create(&filler).unwrap();
-    let block = vec![0u8; 64 * 1024];
-    loop {
-        use std::io::Write as _;
-        if f.write_all(&block).is_err() {
-            break;
-        }
-    }
-    let _ = f.sync_all();
+    let (f, filler) = fill(&state(&d));
     // The log's last page may still take a few records: reads go on until it is full.
     let mut refused = None;
     for _ in 0..200 {
@@ -686,16 +697,12 @@ fn a_full_disk_fails_requests_closed_and_they_work_again_when_space_returns() {
         }
     }
     let refused = refused.expect("a read must fail once the log can't grow");
-    assert!(
-        refused.stdout.contains("AuditUnavailable"),
-        "{}",
-        refused.stdout
-    );
+    assert!(refused.stdout.contains("StorageFull"), "{}", refused.stdout);
 
     // A write is refused before it runs, and leaves nothing behind.
     let out = d.run(&["--json", "secret", "put", "during"], b"never stored");
-    assert_eq!(out.code, 1, "{}", out.stderr);
-    assert!(out.stdout.contains("AuditUnavailable"), "{}", out.stdout);
+    assert_eq!(out.code, 6, "{}", out.stderr);
+    assert!(out.stdout.contains("StorageFull"), "{}", out.stdout);
 
     // Space returns: the daemon serves again, and the write was never made.
     drop(f);
@@ -718,6 +725,115 @@ fn a_full_disk_fails_requests_closed_and_they_work_again_when_space_returns() {
                 .iter()
                 .all(|(_, r)| r.result != audit::OK)
         }
+    );
+}
+
+/// How many `Status` records a `status`'s `storage` says were not written, if it says so.
+fn lost_in(storage: &str) -> Option<u64> {
+    let (before, _) = storage.split_once(" Status record(s) not written")?;
+    before.rsplit(' ').next()?.parse().ok()
+}
+
+#[test]
+fn a_full_disk_is_storage_full_and_status_answers_with_its_lost_records_declared() {
+    let token = SoftHsm::new("audit");
+    let mut d = Setup::new().token("hsm", &token).prepare();
+    let Some(_tmpfs) = Tmpfs::mount(&state(&d), "8m") else {
+        return;
+    };
+    d.start();
+    ok(&d.run(&["init", "--pkcs11", "hsm"], b""), "init");
+    ok(&d.run(&["secret", "put", "before"], b"kept"), "put");
+    let (f, filler) = fill(&state(&d));
+
+    // A write on a full disk is the disk's fault, said as such: whichever file ran out of room
+    // (the audit log or the database), never `Internal`.
+    let out = d.run(&["--json", "secret", "put", "during"], b"not acknowledged");
+    let doc: Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {} / {}", out.stdout, out.stderr));
+    assert_eq!(
+        doc["error"]["name"], "org.keyward.Custodian.StorageFull",
+        "{doc}"
+    );
+    assert_eq!(out.code, 6, "{}", out.stderr);
+    // And the CLI says what to do.
+    let out = d.run(&["secret", "put", "during"], b"not acknowledged");
+    assert_eq!(out.code, 6, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("the file system of keywardd's state directory is full")
+            && out.stderr.contains("free space there"),
+        "{}",
+        out.stderr
+    );
+
+    // Status answers and names the problem...
+    let storage = |d: &Keywardd| {
+        d.json(&["status"])["storage"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let said = storage(&d);
+    let full = format!("the state directory {} is full", state(&d).display());
+    assert!(said.contains(&full), "{said}");
+    // ...also once its own records can't be written (the log's last page took what it could):
+    // those are counted, one by one.
+    let mut lost = 0;
+    for _ in 0..200 {
+        if let Some(n) = lost_in(&storage(&d)) {
+            lost = n;
+            if n >= 3 {
+                break;
+            }
+        }
+    }
+    assert!(lost >= 3, "Status must go on answering: {lost} lost");
+    let text = d.run(&["status"], b"");
+    ok(&text, "status");
+    assert!(
+        text.stdout.contains("STORAGE:") && text.stdout.contains(&full),
+        "{}",
+        text.stdout
+    );
+    let said = storage(&d);
+    assert_eq!(lost_in(&said), Some(lost + 2), "{said}");
+    lost += 2;
+
+    // Secrets are not handed out off the record: a read fails closed, as StorageFull.
+    let out = d.run(&["--json", "secret", "get", "before"], b"");
+    assert_eq!(out.code, 6, "{} / {}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("StorageFull"), "{}", out.stdout);
+
+    // Space returns: a write goes through, nothing acknowledged before was lost, and Status
+    // has nothing more to say.
+    drop(f);
+    std::fs::remove_file(&filler).unwrap();
+    ok(&d.run(&["secret", "put", "after"], b"new"), "put after");
+    let out = d.run(&["secret", "get", "before"], b"");
+    ok(&out, "get before");
+    assert_eq!(out.stdout_bytes, b"kept");
+    assert!(d.json(&["status"])["storage"].is_null());
+    d.stop();
+
+    // The log verifies, and declares the lost records: the gap is stated, not silent.
+    let path = copy_log(&d, &d.dir().join("copy"));
+    let (code, doc) = verify(&d, &path, None);
+    assert_eq!(code, 0, "{doc}");
+    let declared: u64 = doc["lost"]
+        .as_array()
+        .unwrap_or_else(|| panic!("verify reports declared losses: {doc}"))
+        .iter()
+        .map(|l| l["records"].as_u64().unwrap_or_default())
+        .sum();
+    assert_eq!(declared, lost, "{doc}");
+    let out = d.run(&["audit", "verify", path.to_str().unwrap()], b"");
+    ok(&out, "verify");
+    assert!(
+        out.stdout
+            .contains(&format!("declares {lost} record(s) before it")),
+        "{}",
+        out.stdout
     );
 }
 

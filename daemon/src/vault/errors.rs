@@ -42,16 +42,22 @@ pub fn device_error(device: &str, e: CallError) -> ApiError {
     }
 }
 
-/// A store failure. The disk being full is said plainly: it is the admin's to fix.
+/// A store failure. The disk being full is said plainly, as its own error: it is the admin's
+/// to fix, not a bug.
 pub fn store_error(e: StoreError) -> ApiError {
     tracing::error!(error = %e, "store failure");
     match e {
-        StoreError::DiskFull => ApiError::Internal {
-            reason: "the state directory's disk is full".into(),
-        },
+        StoreError::DiskFull => storage_full(),
+        StoreError::Io { source, .. } if crate::audit::no_space(&source) => storage_full(),
         other => ApiError::Internal {
             reason: format!("store: {other}"),
         },
+    }
+}
+
+fn storage_full() -> ApiError {
+    ApiError::StorageFull {
+        what: "database".into(),
     }
 }
 

@@ -215,6 +215,7 @@ impl Vault {
             audit_public_key: None,
             rekey_pending_until,
             audit_finding: None,
+            storage: None,
         };
         match &*state {
             State::Uninitialized => reply.reason = Some("no vault yet: run `keyward init`".into()),
