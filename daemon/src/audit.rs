@@ -143,6 +143,9 @@ pub enum AuditError {
     PublicKey { path: PathBuf, source: io::Error },
     #[error("cannot roll the log over or start a new one: {0}")]
     Files(io::Error),
+    /// The thread that syncs read records and writes periodic checkpoints has stopped.
+    #[error("the audit log's background flusher has stopped")]
+    FlusherStopped,
 }
 
 /// Whether `e` says the file system is full: no space (`ENOSPC`) or the quota (`EDQUOT`).
@@ -1248,6 +1251,28 @@ impl AuditLog {
         }
     }
 
+    /// Whether the log still takes records, without writing one: the last background sync
+    /// did not fail, the writer's lock can be taken (no append is stuck inside `write(2)`), and
+    /// the background flusher is running.
+    ///
+    /// Blocks while an append holds the lock: call it on a blocking thread, with a bound.
+    ///
+    /// # Errors
+    /// [`AuditError::Degraded`] after a failed sync; [`AuditError::FlusherStopped`].
+    pub fn probe(&self) -> Result<(), AuditError> {
+        if self.degraded.load(Ordering::Acquire) {
+            return Err(AuditError::Degraded);
+        }
+        drop(lock(&self.writer));
+        let stopped = lock(&self.flusher)
+            .as_ref()
+            .is_some_and(std::thread::JoinHandle::is_finished);
+        if stopped && !self.stop.load(Ordering::Acquire) {
+            return Err(AuditError::FlusherStopped);
+        }
+        Ok(())
+    }
+
     /// Append a daemon event (`policy-reload`, ...), synced.
     ///
     /// # Errors
@@ -2009,5 +2034,34 @@ mod tests {
         let e = entry("GetSecret", &"é".repeat(400));
         assert!(e.target.len() <= MAX_FIELD + 3);
         assert!(e.target.ends_with("..."));
+    }
+
+    #[test]
+    fn the_probe_writes_nothing_and_waits_for_a_stuck_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        let len = || {
+            std::fs::metadata(dir.path().join(format::LOG_FILE))
+                .unwrap()
+                .len()
+        };
+        let before = len();
+        log.probe().unwrap();
+        assert_eq!(len(), before, "a probe wrote a record");
+
+        // An append stuck inside write(2) holds the writer: the probe waits for it.
+        let held = lock(&log.writer);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let probing = Arc::clone(&log);
+        let t = std::thread::spawn(move || tx.send(probing.probe().is_ok()));
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        drop(held);
+        assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+        t.join().unwrap().unwrap();
+
+        // A failed background sync fails it until a sync succeeds.
+        log.degraded.store(true, Ordering::Release);
+        assert!(matches!(log.probe(), Err(AuditError::Degraded)));
+        log.shutdown();
     }
 }

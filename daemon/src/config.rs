@@ -233,6 +233,10 @@ pub struct Limits {
     /// Requests queued per device before callers get `Busy`.
     #[serde(default = "default_device_queue")]
     pub device_queue: usize,
+    /// How often every device is pinged, so `STATUS=` says a device went away (or came back)
+    /// without waiting for a request to find out.
+    #[serde(default = "default_device_watch")]
+    pub device_watch_secs: u64,
 }
 
 impl Default for Limits {
@@ -244,6 +248,7 @@ impl Default for Limits {
             idle_timeout_secs: default_idle_timeout(),
             device_timeout_secs: default_device_timeout(),
             device_queue: default_device_queue(),
+            device_watch_secs: default_device_watch(),
         }
     }
 }
@@ -255,6 +260,7 @@ impl Limits {
             || self.max_connections_per_uid == 0
             || self.device_queue == 0
             || self.idle_timeout_secs == 0
+            || self.device_watch_secs == 0
         {
             return Err("limits must be at least 1".into());
         }
@@ -286,6 +292,9 @@ fn default_device_timeout() -> u64 {
 }
 fn default_device_queue() -> usize {
     64
+}
+fn default_device_watch() -> u64 {
+    15
 }
 
 /// One device.

@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod config;
 pub mod device;
+pub mod health;
 pub mod identity;
 pub mod logging;
 pub mod names;

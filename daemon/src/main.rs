@@ -134,14 +134,6 @@ fn export_softhsm_conf(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// `line`, and what the audit log's check against its anchor found, if anything.
-fn with_audit_finding(line: &str, audit: &AuditLog) -> String {
-    match audit.finding() {
-        Some(f) => format!("{line}; AUDIT LOG DID NOT MATCH ITS ANCHOR: {f}"),
-        None => line.to_owned(),
-    }
-}
-
 fn load_policy(config: &Config) -> Result<Policy, String> {
     match &config.policy {
         Some(path) => Policy::load(path).map_err(|e| format!("policy {}: {e}", path.display())),
@@ -176,17 +168,16 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
     // Before the first unseal: the vault hands the audit log its signing key when it opens.
     let audit = AuditLog::open(&config.state_dir, config.audit.options()?)
         .map_err(|e| format!("audit log: {e}"))?;
+    // The audit log is told first (it checks its anchor as the vault opens): what it found
+    // rides on every status line.
+    let status_line = keywardd::health::StatusLine::new(audit.clone());
     let on_change: Arc<dyn Fn(&str) + Send + Sync> = {
-        let audit = audit.clone();
-        // The audit log is told first (it checks its anchor as the vault opens): what it found
-        // rides on every status line.
-        Arc::new(move |line: &str| {
-            sys::notify(&[NotifyState::Status(&with_audit_finding(line, &audit))]);
-        })
+        let status_line = status_line.clone();
+        Arc::new(move |line: &str| status_line.vault(line))
     };
     let confirm_within = Duration::from_secs(config.recovery.confirm_within_secs);
     let vault = Vault::load(
-        store,
+        store.clone(),
         devices,
         config.unseal_order(),
         confirm_within,
@@ -303,9 +294,26 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
     } else {
         format!("unsealed by {}", status.unsealed_by.unwrap_or_default())
     };
-    let line = with_audit_finding(&line, &audit);
-    sys::notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
+    // From READY=1 on, systemd counts the watchdog interval. The pings go on while requests
+    // drain (a drain may take as long as a device call), so they stop on their own signal.
+    let (watchdog_stop, watchdog_stopped) = tokio::sync::watch::channel(false);
+    let watchdog = sys::watchdog_interval().map(|interval| {
+        tokio::spawn(keywardd::health::watchdog(
+            interval,
+            store,
+            audit.clone(),
+            status_line.clone(),
+            watchdog_stopped,
+        ))
+    });
+    let line = status_line.ready(&line);
     tracing::info!(socket_activated, "{line}; ready");
+    let device_watch = tokio::spawn(keywardd::health::watch_devices(
+        service.vault().devices().clone(),
+        Duration::from_secs(config.limits.device_watch_secs),
+        status_line,
+        stop_rx.clone(),
+    ));
 
     loop {
         tokio::select! {
@@ -343,6 +351,11 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
     }
     if let Some(c) = credentials_server {
         let _ = c.await;
+    }
+    let _ = device_watch.await;
+    let _ = watchdog_stop.send(true);
+    if let Some(w) = watchdog {
+        let _ = w.await;
     }
     // Last: every drained request is on record; a final checkpoint signs them.
     audit.shutdown();

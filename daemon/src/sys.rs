@@ -9,7 +9,8 @@
 //!   zeroized before they are freed. Per-request plaintexts live for microseconds in zeroizing
 //!   buffers; the unit's `MemorySwapMax=0` keeps the whole service out of swap for those;
 //! - umask 077, so nothing the daemon creates is readable by others;
-//! - `sd_notify`: `READY=1`, `STATUS=`, `STOPPING=1` (no-ops without `NOTIFY_SOCKET`);
+//! - `sd_notify`: `READY=1`, `STATUS=`, `STOPPING=1`, `WATCHDOG=1` (no-ops without
+//!   `NOTIFY_SOCKET`), and whether systemd asked for watchdog pings;
 //! - pidfds (`pidfd_open`, `pidfd_send_signal`), which pin the process a caller's identity was
 //!   read from, so a recycled pid can't lend a caller another process's groups or unit.
 #![allow(unsafe_code)]
@@ -68,6 +69,14 @@ pub fn notify(states: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(false, states) {
         tracing::warn!(error = %e, "sd_notify failed");
     }
+}
+
+/// The watchdog interval systemd asked this process for (`WatchdogSec=`: `WATCHDOG_USEC`, with
+/// `WATCHDOG_PID` naming us), or `None`. The environment is left as it is.
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    let mut usec = 0;
+    (sd_notify::watchdog_enabled(false, &mut usec) && usec > 0)
+        .then(|| std::time::Duration::from_micros(usec))
 }
 
 /// The listening Unix sockets systemd passed (socket activation), by their

@@ -1,6 +1,7 @@
 //! A real `keywardd` process on real devices, in a temp dir of its own: config, state
 //! directory, API socket, policy, and a `NOTIFY_SOCKET` the fixture listens on, so that start-up
-//! waits on `READY=1` and never on time.
+//! waits on `READY=1` and never on time (and, when asked, what the daemon says after it:
+//! [`Keywardd::wait_notify`]).
 //!
 //! The binaries are the workspace's own (`keywardd`, `keyward`), found next to the test binary's
 //! directory: `scripts/test` builds them first.
@@ -59,6 +60,8 @@ pub struct Setup {
     credentials_wait: Option<u64>,
     log_filter: Option<String>,
     limits: Option<String>,
+    keep_notify: bool,
+    watchdog_usec: Option<u64>,
 }
 
 impl Setup {
@@ -145,6 +148,22 @@ impl Setup {
         self
     }
 
+    /// Keep listening on the notify socket after `READY=1`, for [`Keywardd::wait_notify`].
+    /// (Off by default: nobody would read the datagrams, and a full queue blocks the sender.)
+    pub fn keep_notify(mut self) -> Self {
+        self.keep_notify = true;
+        self
+    }
+
+    /// Run under a systemd watchdog of `usec` microseconds: `WATCHDOG_USEC`, and
+    /// `WATCHDOG_PID` set to the daemon's own pid as systemd does (through an `exec` from a
+    /// shell, which keeps the pid). Implies [`Setup::keep_notify`].
+    pub fn watchdog(mut self, usec: u64) -> Self {
+        self.watchdog_usec = Some(usec);
+        self.keep_notify = true;
+        self
+    }
+
     /// Start the daemon and wait for `READY=1`.
     pub fn start(self) -> Keywardd {
         let mut d = self.prepare();
@@ -209,6 +228,9 @@ impl Setup {
             child: None,
             statuses: Vec::new(),
             log_filter: self.log_filter.unwrap_or_else(|| "debug".into()),
+            keep_notify: self.keep_notify,
+            watchdog_usec: self.watchdog_usec,
+            notify: None,
         }
     }
 }
@@ -223,6 +245,10 @@ pub struct Keywardd {
     child: Option<Child>,
     statuses: Vec<String>,
     log_filter: String,
+    keep_notify: bool,
+    watchdog_usec: Option<u64>,
+    /// The notify socket, kept after `READY=1` with [`Setup::keep_notify`].
+    notify: Option<UnixDatagram>,
 }
 
 impl Keywardd {
@@ -277,7 +303,18 @@ impl Keywardd {
             .append(true)
             .open(self.dir.path().join("keywardd.log"))
             .expect("log");
-        let child = Command::new(bin("keywardd"))
+        let mut command = match self.watchdog_usec {
+            Some(usec) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(r#"export WATCHDOG_PID=$$; exec "$0" "$@""#)
+                    .arg(bin("keywardd"))
+                    .env("WATCHDOG_USEC", usec.to_string());
+                c
+            }
+            None => Command::new(bin("keywardd")),
+        };
+        let child = command
             .arg("--config")
             .arg(&self.config_path)
             .env("NOTIFY_SOCKET", &notify_path)
@@ -290,6 +327,73 @@ impl Keywardd {
             .expect("spawn keywardd");
         self.child = Some(child);
         self.wait_ready(&notify);
+        if self.keep_notify {
+            self.notify = Some(notify);
+        }
+    }
+
+    /// The lines of the next datagram the daemon sends to its notify socket (`STATUS=` lines
+    /// are kept in [`Keywardd::statuses`] too), or `None` when none comes `within`. Needs
+    /// [`Setup::keep_notify`].
+    pub fn next_notify(&mut self, within: Duration) -> Option<Vec<String>> {
+        let notify = self
+            .notify
+            .as_ref()
+            .expect("not listening after READY=1: use Setup::keep_notify");
+        let mut buf = vec![0u8; 4096];
+        notify
+            .set_read_timeout(Some(within.max(Duration::from_millis(1))))
+            .expect("timeout");
+        match notify.recv(&mut buf) {
+            Ok(n) => {
+                let lines: Vec<String> = String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .map(str::to_owned)
+                    .collect();
+                for line in &lines {
+                    if let Some(s) = line.strip_prefix("STATUS=") {
+                        self.statuses.push(s.to_owned());
+                    }
+                }
+                Some(lines)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            Err(e) => panic!("notify socket: {e}"),
+        }
+    }
+
+    /// Wait (at most `within`) for a notify line that `pred` accepts, and return it. Panics
+    /// with `what`, the log and the lines seen when none comes.
+    pub fn wait_notify(
+        &mut self,
+        what: &str,
+        within: Duration,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + within;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!(
+                    "no {what} within {within:?}; seen: {seen:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            for line in self.next_notify(left).unwrap_or_default() {
+                if pred(&line) {
+                    return line;
+                }
+                seen.push(line);
+            }
+        }
     }
 
     fn wait_ready(&mut self, notify: &UnixDatagram) {

@@ -237,6 +237,29 @@ impl Store {
 }
 
 impl Store {
+    /// Whether the store still answers: one `BEGIN IMMEDIATE`, a read of the schema and a
+    /// commit of nothing, on the writer thread. It passes only if the writer thread takes jobs
+    /// and the database can take a write right now; it writes nothing to disk.
+    ///
+    /// For the health check: queued behind real writes, it waits as long as they do. A database
+    /// locked by another process holds it for up to the busy timeout, so callers bound the wait
+    /// and must not queue a second probe while one is outstanding.
+    ///
+    /// # Errors
+    /// [`StoreError::Busy`] (locked by another process), [`StoreError::Closed`] (the writer
+    /// thread is gone), or what SQLite says about the file.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.query_row("SELECT count(*) FROM sqlite_schema", [], |row| {
+                row.get::<_, i64>(0)
+            })?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+impl Store {
     /// Run `f` right here, on the caller's thread, on a pooled read-only connection, without a
     /// transaction (so `f` should be one statement, which is its own consistent snapshot).
     ///

@@ -612,3 +612,31 @@ async fn closes_when_the_last_handle_drops() {
     put(&clone, "still", b"here").await;
     assert!(format!("{clone:?}").contains("keyward.db"));
 }
+
+#[tokio::test]
+async fn the_probe_writes_nothing_and_waits_while_another_process_holds_the_write_lock() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    store.probe().await.unwrap();
+    let wal = path.with_extension("db-wal");
+    let before = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    for _ in 0..3 {
+        store.probe().await.unwrap();
+    }
+    assert_eq!(
+        std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0),
+        before,
+        "a probe wrote to the WAL"
+    );
+
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let mut probe = Box::pin(store.probe());
+    let waited = tokio::time::timeout(std::time::Duration::from_millis(300), &mut probe).await;
+    assert!(
+        waited.is_err(),
+        "the probe passed under another's write lock"
+    );
+    other.execute_batch("COMMIT").unwrap();
+    probe.await.unwrap();
+}
