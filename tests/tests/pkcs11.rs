@@ -20,6 +20,7 @@ fn key(dev: &mut Pkcs11Device, algorithm: KeyAlgorithm) -> hsm_shim::KeyHandle {
     dev.generate(&KeySpec {
         label: format!("test-{algorithm}"),
         algorithm,
+        id: None,
     })
     .unwrap()
 }

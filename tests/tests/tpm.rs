@@ -39,6 +39,7 @@ fn p256_key(tpm: &mut TpmDevice) -> KeyHandle {
     tpm.generate(&KeySpec {
         label: "test".into(),
         algorithm: KeyAlgorithm::EcdsaP256,
+        id: None,
     })
     .unwrap()
 }
@@ -417,6 +418,7 @@ fn ed25519_and_rsa_generate_are_unsupported() {
             .generate(&KeySpec {
                 label: "x".into(),
                 algorithm,
+                id: None,
             })
             .unwrap_err();
         match err {
