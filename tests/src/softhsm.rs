@@ -103,8 +103,9 @@ impl SoftHsm {
 
     /// `pkcs11-tool` on this token, logged in as the user.
     fn pkcs11_tool(&self) -> Command {
+        // `pkcs11-tool` has no `--version` that exits 0: only check that it starts.
         assert!(
-            crate::have_program("pkcs11-tool"),
+            Command::new("pkcs11-tool").arg("--help").output().is_ok(),
             "pkcs11-tool is not installed: apt-get install opensc"
         );
         let pin = std::fs::read_to_string(self.pin_file()).unwrap();
