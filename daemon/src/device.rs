@@ -725,6 +725,9 @@ mod tests {
         fn destroy(&mut self, _: &KeyHandle) -> hsm_shim::Result<()> {
             Ok(())
         }
+        fn destroy_generated(&mut self, _: &KeySpec) -> hsm_shim::Result<usize> {
+            Ok(0)
+        }
     }
 
     /// What the opener will return, in order (then `Ok` forever), and what it was called with.

@@ -249,6 +249,12 @@ async fn run(config: Config, config_path: PathBuf) -> Result<(), String> {
         }
     }
     service.vault().unseal_unattended().await;
+    // Key operations a crash cut short are settled once the devices are up, before requests.
+    for line in service.vault().settle_key_intents().await {
+        if let Err(e) = audit.event("key-sweep", &line) {
+            tracing::error!("audit log: {e}");
+        }
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let limits = VarlinkLimits::from_config(&config.limits);

@@ -112,6 +112,11 @@ pub struct KeySpec {
     pub label: String,
     /// The algorithm.
     pub algorithm: KeyAlgorithm,
+    /// The id to give the key where the device names its objects (PKCS#11 `CKA_ID`); `None`
+    /// lets the device pick one. A caller that names the key up front can find what
+    /// [`Signer::generate`] made even if the handle never reached it (a crash in between):
+    /// see [`Signer::destroy_generated`].
+    pub id: Option<Vec<u8>>,
 }
 
 /// A signing key that lives in a device. Store it; pass it back to sign.
@@ -323,6 +328,18 @@ pub trait Signer {
     /// # Errors
     /// Device errors; a key that is already gone is not an error.
     fn destroy(&mut self, handle: &KeyHandle) -> Result<()>;
+
+    /// Destroy what [`Signer::generate`] made for `spec` (which names an id), found by the
+    /// label **and** the id rather than by a handle: for a caller that lost the handle (it died
+    /// between generating the key and recording it). An object that carries only one of the
+    /// two is someone else's and is left alone. Returns how many objects were destroyed: 0
+    /// when the generate never got that far, or when the device keeps no objects of ours (a
+    /// TPM key exists only in its blobs).
+    ///
+    /// # Errors
+    /// [`DeviceError::InvalidArgument`] for a spec without an id, on a device that keeps
+    /// objects; device errors.
+    fn destroy_generated(&mut self, spec: &KeySpec) -> Result<usize>;
 }
 
 /// Everything a configured device does, for callers that hold any backend.

@@ -5,6 +5,10 @@
 //! be initialised only once per process: so a test that opens a token in-process calls
 //! [`SoftHsm::use_in_this_process`] first, and runs under cargo-nextest (one process per test).
 //! Child processes get the variable through `Command::env` instead ([`SoftHsm::env`]).
+//!
+//! [`SoftHsm::keypair_as_another_app`] and [`SoftHsm::objects`] go through OpenSC's
+//! `pkcs11-tool`, a process of its own each time: what another application would do to the
+//! token, and a view of it that no cache of ours can colour.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -97,6 +101,60 @@ impl SoftHsm {
         Pkcs11Config::new(SOFTHSM_MODULE, self.uri(), Some(self.pin()))
     }
 
+    /// `pkcs11-tool` on this token, logged in as the user.
+    fn pkcs11_tool(&self) -> Command {
+        // `pkcs11-tool` has no `--version` that exits 0: only check that it starts.
+        assert!(
+            Command::new("pkcs11-tool").arg("--help").output().is_ok(),
+            "pkcs11-tool is not installed: apt-get install opensc"
+        );
+        let pin = std::fs::read_to_string(self.pin_file()).unwrap();
+        let mut c = Command::new("pkcs11-tool");
+        c.env("SOFTHSM2_CONF", &self.conf)
+            .args(["--module", SOFTHSM_MODULE, "--token-label", &self.label])
+            .args(["--login", "--pin", pin.trim()]);
+        c
+    }
+
+    /// Make an ECDSA P-256 key pair on the token with `label` and `CKA_ID` `id` (hex), as any
+    /// other application could.
+    pub fn keypair_as_another_app(&self, label: &str, id: &str) {
+        crate::run(self.pkcs11_tool().args([
+            "--keypairgen",
+            "--key-type",
+            "EC:prime256v1",
+            "--label",
+            label,
+            "--id",
+            id,
+        ]));
+    }
+
+    /// Every object on the token (that the user sees), as `pkcs11-tool --list-objects` prints
+    /// them.
+    pub fn objects(&self) -> Vec<TokenObject> {
+        let listing = crate::run(self.pkcs11_tool().arg("--list-objects"));
+        let mut objects: Vec<TokenObject> = Vec::new();
+        for line in listing.lines() {
+            if !line.starts_with(char::is_whitespace) {
+                let class = line.split(';').next().unwrap_or(line).trim().to_owned();
+                objects.push(TokenObject {
+                    class,
+                    ..TokenObject::default()
+                });
+            } else if let (Some(last), Some((field, value))) =
+                (objects.last_mut(), line.trim().split_once(':'))
+            {
+                match field {
+                    "label" => last.label = value.trim().to_owned(),
+                    "ID" => last.id = value.trim().to_owned(),
+                    _ => {}
+                }
+            }
+        }
+        objects
+    }
+
     /// Point this process's SoftHSM at this token's config. Call it before the first
     /// `Pkcs11Device::open` of the process.
     ///
@@ -111,4 +169,12 @@ impl SoftHsm {
         );
         std::env::set_var("SOFTHSM2_CONF", &self.conf);
     }
+}
+
+/// One object on a token: class (`Private Key Object`, ...), `CKA_LABEL`, `CKA_ID` in hex.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TokenObject {
+    pub class: String,
+    pub label: String,
+    pub id: String,
 }

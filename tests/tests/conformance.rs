@@ -127,6 +127,7 @@ fn signatures_verify_with_openssl(h: &dyn Harness) {
         let spec = KeySpec {
             label: format!("conformance-{algorithm}"),
             algorithm,
+            id: None,
         };
         let key = match dev.generate(&spec) {
             Ok(k) => k,
@@ -154,6 +155,7 @@ fn public_key_is_stable_across_reopen(h: &dyn Harness) {
     let spec = KeySpec {
         label: "stable".into(),
         algorithm: KeyAlgorithm::EcdsaP256,
+        id: None,
     };
     let (key, first) = {
         let mut dev = h.open();
@@ -174,6 +176,7 @@ fn keys_are_non_extractable(h: &dyn Harness) {
             .generate(&KeySpec {
                 label: "guarded".into(),
                 algorithm,
+                id: None,
             })
             .unwrap();
         let p = dev.protection(&key).unwrap();

@@ -20,6 +20,7 @@ fn key(dev: &mut Pkcs11Device, algorithm: KeyAlgorithm) -> hsm_shim::KeyHandle {
     dev.generate(&KeySpec {
         label: format!("test-{algorithm}"),
         algorithm,
+        id: None,
     })
     .unwrap()
 }
@@ -216,4 +217,44 @@ fn per_secret_pins_and_pcrs_are_unsupported() {
         dev.seal(&secret, b"c", &pin),
         Err(DeviceError::Unsupported(_))
     ));
+}
+
+#[test]
+fn a_generated_key_is_found_by_label_and_id_and_nothing_else_is() {
+    let t = token();
+    let mut dev = Pkcs11Device::open(t.config()).unwrap();
+    let spec = |id: &[u8]| KeySpec {
+        label: "shared-label".into(),
+        algorithm: KeyAlgorithm::EcdsaP256,
+        id: Some(id.to_vec()),
+    };
+    let ours = dev.generate(&spec(&[0xaa; 16])).unwrap();
+    assert_eq!(
+        ours,
+        hsm_shim::KeyHandle::Pkcs11 {
+            algorithm: KeyAlgorithm::EcdsaP256,
+            id: vec![0xaa; 16]
+        }
+    );
+    // The same label under another id, and the same id under another label: not ours.
+    let same_label = dev.generate(&spec(&[0xbb; 16])).unwrap();
+    let same_id = dev
+        .generate(&KeySpec {
+            label: "another-label".into(),
+            ..spec(&[0xaa; 16])
+        })
+        .unwrap();
+
+    assert_eq!(dev.destroy_generated(&spec(&[0xaa; 16])).unwrap(), 2);
+    assert_eq!(dev.destroy_generated(&spec(&[0xaa; 16])).unwrap(), 0);
+    dev.public_key(&same_label).unwrap();
+    // The other-label pair shares the id: it is what a lookup by id now finds.
+    dev.public_key(&same_id).unwrap();
+    let err = dev
+        .destroy_generated(&KeySpec {
+            id: None,
+            ..spec(&[])
+        })
+        .unwrap_err();
+    assert!(matches!(err, DeviceError::InvalidArgument(_)), "{err:?}");
 }

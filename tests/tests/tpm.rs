@@ -39,6 +39,7 @@ fn p256_key(tpm: &mut TpmDevice) -> KeyHandle {
     tpm.generate(&KeySpec {
         label: "test".into(),
         algorithm: KeyAlgorithm::EcdsaP256,
+        id: None,
     })
     .unwrap()
 }
@@ -417,6 +418,7 @@ fn ed25519_and_rsa_generate_are_unsupported() {
             .generate(&KeySpec {
                 label: "x".into(),
                 algorithm,
+                id: None,
             })
             .unwrap_err();
         match err {
@@ -580,4 +582,19 @@ fn tpm_reset_under_an_open_device_gives_device_gone() {
     let mut tpm = open(&swtpm);
     tpm.ping().unwrap();
     assert_unseals(&mut tpm, &blob, None);
+}
+
+#[test]
+fn a_lost_key_handle_leaves_nothing_in_the_tpm_to_sweep() {
+    let swtpm = Swtpm::start();
+    let mut tpm = open(&swtpm);
+    let spec = KeySpec {
+        label: "lost".into(),
+        algorithm: KeyAlgorithm::EcdsaP256,
+        id: Some(vec![1; 16]),
+    };
+    let key = tpm.generate(&spec).unwrap();
+    assert_eq!(tpm.destroy_generated(&spec).unwrap(), 0);
+    // The key lives in its blobs only: still usable by whoever holds them.
+    tpm.sign(&key, SignInput::Message(b"still here")).unwrap();
 }

@@ -1,5 +1,5 @@
 //! The embedded database: one SQLite file (WAL, `synchronous=FULL`) holding the vault's metadata,
-//! keyslots, encrypted secrets and device-key records.
+//! keyslots, encrypted secrets, device-key records and the device-key operations in flight.
 //!
 //! This module owns the connections and the threads they run on; [`schema`] owns the versioned
 //! migrations and [`tables`] the typed rows and their SQL. It knows nothing about cryptography:

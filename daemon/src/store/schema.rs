@@ -81,8 +81,28 @@ CREATE TABLE pending_rekey (
 ) STRICT;
 ";
 
+/// Schema v3: device-key operations that were started and not yet finished.
+///
+/// Creating a key is two steps, the device's and the store's, and a crash between them would
+/// leave a key on the device that no record names (deleting one, a record whose key is gone). A
+/// row here is written, durably, before the device is touched, and removed in the transaction
+/// that records the outcome; a row found at start-up is an operation the last run did not finish,
+/// and says exactly what to clean up: a `create` names the `object_id` the device was asked to
+/// give the new key (so that only that object is ever destroyed, never another application's), a
+/// `delete` the key whose record is to go once its device object is gone.
+const V3: &str = "
+CREATE TABLE key_intents (
+    name TEXT PRIMARY KEY,
+    action TEXT NOT NULL CHECK (action IN ('create', 'delete')),
+    device TEXT NOT NULL,
+    algorithm TEXT NOT NULL,
+    object_id BLOB CHECK ((action = 'create') = (object_id IS NOT NULL)),
+    created TEXT NOT NULL
+) STRICT;
+";
+
 /// The migrations, in order. The schema version this build writes is their count.
-pub const MIGRATIONS: &[&str] = &[V1, V2];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// The schema version this build knows.
 pub fn current_version() -> i64 {

@@ -730,6 +730,130 @@ pub fn delete_key(tx: &Transaction<'_>, name: &str) -> Result<bool, StoreError> 
     Ok(tx.execute("DELETE FROM keys WHERE name = ?1", [name])? > 0)
 }
 
+// ---------------------------------------------------------------------------------------------
+// key intents
+
+/// What an unfinished device-key operation was doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IntentAction {
+    /// Generating a key on the device, to be recorded in `keys`.
+    Create,
+    /// Destroying a recorded key's device object, then its record.
+    Delete,
+}
+
+impl IntentAction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Delete => "delete",
+        }
+    }
+}
+
+/// A device-key operation that was started and has not finished (see schema v3). Nothing in
+/// it is secret: a name, a device, an algorithm and an object id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyIntent {
+    /// The key's name (one operation per name at a time).
+    pub name: String,
+    pub action: IntentAction,
+    /// The configured device the operation runs on.
+    pub device: String,
+    pub algorithm: String,
+    /// `Create`: the id the device was asked to give the new key (PKCS#11 `CKA_ID`).
+    pub object_id: Option<Vec<u8>>,
+    pub created: String,
+}
+
+/// Record that an operation on key `intent.name` starts.
+///
+/// # Errors
+/// [`StoreError::AlreadyExists`] (kind `key operation`) when one is recorded for the name
+/// already; a SQLite failure (a `create` without an object id is refused by the schema).
+pub fn insert_key_intent(tx: &Transaction<'_>, intent: &KeyIntent) -> Result<(), StoreError> {
+    let inserted = tx.execute(
+        "INSERT INTO key_intents (name, action, device, algorithm, object_id, created)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (name) DO NOTHING",
+        params![
+            intent.name,
+            intent.action.as_str(),
+            intent.device,
+            intent.algorithm,
+            intent.object_id,
+            intent.created
+        ],
+    )?;
+    if inserted == 0 {
+        return Err(StoreError::AlreadyExists {
+            kind: "key operation",
+            name: intent.name.clone(),
+        });
+    }
+    Ok(())
+}
+
+fn intent_from_row(row: &Row<'_>) -> rusqlite::Result<KeyIntent> {
+    let action: String = row.get(1)?;
+    let action = match action.as_str() {
+        "create" => IntentAction::Create,
+        "delete" => IntentAction::Delete,
+        _ => {
+            return Err(rusqlite::Error::FromSqlConversionFailure(
+                1,
+                rusqlite::types::Type::Text,
+                format!("unknown key operation {action:?}").into(),
+            ))
+        }
+    };
+    Ok(KeyIntent {
+        name: row.get(0)?,
+        action,
+        device: row.get(2)?,
+        algorithm: row.get(3)?,
+        object_id: row.get(4)?,
+        created: row.get(5)?,
+    })
+}
+
+const INTENT_COLUMNS: &str = "name, action, device, algorithm, object_id, created";
+
+/// The unfinished operation on key `name`, if any.
+///
+/// # Errors
+/// A SQLite failure; [`StoreError::Corrupt`] when the row does not decode.
+pub fn get_key_intent(conn: &Connection, name: &str) -> Result<Option<KeyIntent>, StoreError> {
+    Ok(conn
+        .query_row(
+            &format!("SELECT {INTENT_COLUMNS} FROM key_intents WHERE name = ?1"),
+            [name],
+            intent_from_row,
+        )
+        .optional()?)
+}
+
+/// Every unfinished operation, oldest first.
+///
+/// # Errors
+/// A SQLite failure; [`StoreError::Corrupt`] when a row does not decode.
+pub fn list_key_intents(conn: &Connection) -> Result<Vec<KeyIntent>, StoreError> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {INTENT_COLUMNS} FROM key_intents ORDER BY created, name"
+    ))?;
+    let intents = stmt
+        .query_map([], intent_from_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(intents)
+}
+
+/// The operation on key `name` is over; `false` when none was recorded.
+///
+/// # Errors
+/// A SQLite failure.
+pub fn delete_key_intent(tx: &Transaction<'_>, name: &str) -> Result<bool, StoreError> {
+    Ok(tx.execute("DELETE FROM key_intents WHERE name = ?1", [name])? > 0)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -433,6 +433,121 @@ async fn keys_are_unique_by_name() {
     assert_eq!(store.read(|c| tables::get_key(c, "k")).await.unwrap(), None);
 }
 
+fn intent(name: &str, action: tables::IntentAction) -> tables::KeyIntent {
+    tables::KeyIntent {
+        name: name.into(),
+        action,
+        device: "hsm".into(),
+        algorithm: "ed25519".into(),
+        object_id: (action == tables::IntentAction::Create).then(|| vec![0xa5; 16]),
+        created: tables::now_rfc3339(),
+    }
+}
+
+#[tokio::test]
+async fn key_intents_are_one_per_name_and_checked() {
+    use tables::IntentAction::{Create, Delete};
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let k = intent("k", Create);
+    let stored = k.clone();
+    store
+        .write(move |tx| tables::insert_key_intent(tx, &stored))
+        .await
+        .unwrap();
+    let e = store
+        .write(|tx| tables::insert_key_intent(tx, &intent("k", Delete)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::AlreadyExists { kind: "key operation", name } if name == "k"),
+        "{e}"
+    );
+    // A create must say which object it asked for; a delete names none.
+    let mut bad = intent("j", Create);
+    bad.object_id = None;
+    let e = store
+        .write(move |tx| tables::insert_key_intent(tx, &bad))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+    store
+        .write(|tx| tables::insert_key_intent(tx, &intent("j", Delete)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .read(|c| tables::get_key_intent(c, "k"))
+            .await
+            .unwrap(),
+        Some(k)
+    );
+    let names: Vec<_> = store
+        .read(tables::list_key_intents)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.name, i.action))
+        .collect();
+    assert!(
+        names.contains(&("j".into(), Delete)) && names.len() == 2,
+        "{names:?}"
+    );
+    assert!(store
+        .write(|tx| tables::delete_key_intent(tx, "k"))
+        .await
+        .unwrap());
+    assert!(!store
+        .write(|tx| tables::delete_key_intent(tx, "k"))
+        .await
+        .unwrap());
+}
+
+/// A database as the previous build (schema v2) left it, with a vault and a key in it, takes the
+/// v3 step and keeps everything.
+#[tokio::test]
+async fn migrates_v2_to_v3_keeping_the_data() {
+    let (_dir, path) = temp();
+    {
+        let mut conn = rusqlite::Connection::open(&path).unwrap();
+        let tx = conn.transaction().unwrap();
+        for step in &schema::MIGRATIONS[..2] {
+            tx.execute_batch(step).unwrap();
+        }
+        tx.pragma_update(None, "user_version", 2).unwrap();
+        tx.pragma_update(None, "application_id", schema::APPLICATION_ID)
+            .unwrap();
+        tx.execute(
+            "INSERT INTO keys (name, device, algorithm, handle, public_key, created)
+             VALUES ('old', 'hsm', 'ed25519', x'7b7d', x'302a', '2026-01-01T00:00:00Z')",
+            [],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let version: i64 = store
+        .read(|c| Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?))
+        .await
+        .unwrap();
+    assert_eq!(version, 3);
+    let old = store
+        .read(|c| tables::get_key(c, "old"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(old.handle, b"{}");
+    assert!(store
+        .read(tables::list_key_intents)
+        .await
+        .unwrap()
+        .is_empty());
+    store
+        .write(|tx| tables::insert_key_intent(tx, &intent("old", tables::IntentAction::Delete)))
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn failed_write_is_rolled_back() {
     let (_dir, path) = temp();

@@ -1,15 +1,22 @@
 //! Signing keys: created inside a configured device, recorded in the store by name (device,
 //! algorithm, the device's handle and the public key), used to sign inside the device.
+//!
+//! Creating and deleting a key each take a step on the device and one in the store; an intent
+//! recorded before the device's step makes a crash in between recoverable, and the sweep at
+//! start-up ([`Vault::settle_key_intents`]) settles what is left. It must never destroy a
+//! device object it did not make and record: tokens are shared with other applications.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
 
+use chacha20poly1305::aead::{rand_core::RngCore as _, OsRng};
 use hsm_shim::{KeyAlgorithm, KeyHandle, KeySpec, SignInput};
 use keyward_proto::api::{self, ApiError};
 
 use super::{errors, store_error, Vault};
 use crate::names::check_key_name;
-use crate::store::{self, tables::KeyRow, StoreError};
+use crate::store::tables::{IntentAction, KeyIntent, KeyRow};
+use crate::store::{self, StoreError};
 
 fn not_found(name: &str) -> ApiError {
     ApiError::NotFound {
@@ -61,6 +68,46 @@ impl KeyCache {
     }
 }
 
+/// Names of keys that a `CreateKey` or `DeleteKey` of this process is working on. An intent in
+/// the store whose name is not here was left by an earlier run (or a cleanup that failed), and
+/// may be settled; one whose name is here belongs to a request still running.
+#[derive(Debug, Default)]
+pub(super) struct KeyOps(Mutex<HashSet<String>>);
+
+/// The claim on one key name; released on drop.
+struct KeyOp<'a> {
+    ops: &'a KeyOps,
+    name: String,
+}
+
+impl KeyOps {
+    /// Claim `name`, or `Busy` while another operation holds it.
+    fn begin(&self, name: &str) -> Result<KeyOp<'_>, ApiError> {
+        let fresh = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned());
+        if !fresh {
+            return Err(ApiError::Busy);
+        }
+        Ok(KeyOp {
+            ops: self,
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl Drop for KeyOp<'_> {
+    fn drop(&mut self) {
+        self.ops
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
+    }
+}
+
 impl Vault {
     async fn key_row(&self, name: &str) -> Result<KeyRow, ApiError> {
         check_key_name(name)?;
@@ -96,8 +143,14 @@ impl Vault {
 
     /// `CreateKey`: generate a key pair inside `device`; returns the DER SPKI public key.
     ///
+    /// The store records the intent (with the object id the device is to give the key) before
+    /// the device is touched, and drops it in the transaction that records the key: whatever
+    /// happens in between, a crash included, what the device made can be found and destroyed
+    /// ([`Vault::settle_key_intents`]).
+    ///
     /// # Errors
-    /// `Sealed`, an invalid name or algorithm, `AlreadyExists`, device failures.
+    /// `Sealed`, an invalid name or algorithm, `AlreadyExists`, `Busy` while another
+    /// `CreateKey` or `DeleteKey` of the name runs, device failures.
     pub async fn create_key(
         &self,
         name: String,
@@ -114,31 +167,52 @@ impl Vault {
                     reason: e.to_string(),
                 })?;
         let handle_dev = self.device(&device)?.clone();
-        let lookup = name.clone();
-        if self
-            .store
-            .read(move |c| store::tables::get_key(c, &lookup))
+        let _op = self.key_ops.begin(&name)?;
+        self.settle_leftover(&name).await?;
+        let mut object_id = vec![0u8; 16];
+        OsRng.fill_bytes(&mut object_id);
+        let intent = KeyIntent {
+            name: name.clone(),
+            action: IntentAction::Create,
+            device: device.clone(),
+            algorithm: algorithm.as_str().to_owned(),
+            object_id: Some(object_id.clone()),
+            created: store::tables::now_rfc3339(),
+        };
+        let recorded = intent.clone();
+        self.store
+            .write(move |tx| {
+                if store::tables::get_key(tx, &recorded.name)?.is_some() {
+                    return Err(StoreError::AlreadyExists {
+                        kind: "key",
+                        name: recorded.name,
+                    });
+                }
+                store::tables::insert_key_intent(tx, &recorded)
+            })
             .await
-            .map_err(store_error)?
-            .is_some()
-        {
-            return Err(ApiError::AlreadyExists {
-                kind: "key".into(),
-                name,
-            });
-        }
+            .map_err(|e| key_store_error(&name, e))?;
         let spec = KeySpec {
             label: name.clone(),
             algorithm,
+            id: Some(object_id),
         };
-        let (handle, public) = handle_dev
+        let generated = handle_dev
             .call(move |d| {
                 let handle = d.generate(&spec)?;
                 let public = d.public_key(&handle)?;
                 Ok((handle, public))
             })
-            .await
-            .map_err(|e| errors::device_error(&device, e))?;
+            .await;
+        let (handle, public) = match generated {
+            Ok(made) => made,
+            Err(e) => {
+                // The device may have made the key before failing (or after our wait ended):
+                // the undo runs behind it on the device's queue.
+                self.undo_quietly(&intent).await;
+                return Err(errors::device_error(&device, e));
+            }
+        };
         let row = KeyRow {
             name: name.clone(),
             device: device.clone(),
@@ -151,7 +225,11 @@ impl Vault {
         };
         match self
             .store
-            .write(move |tx| store::tables::insert_key(tx, &row))
+            .write(move |tx| {
+                store::tables::insert_key(tx, &row)?;
+                store::tables::delete_key_intent(tx, &row.name)?;
+                Ok(())
+            })
             .await
         {
             Ok(()) => {
@@ -159,15 +237,8 @@ impl Vault {
                 Ok(public.0)
             }
             Err(e) => {
-                // Don't leave an orphan object on the token.
-                let _ = handle_dev.call(move |d| d.destroy(&handle)).await;
-                match e {
-                    StoreError::AlreadyExists { .. } => Err(ApiError::AlreadyExists {
-                        kind: "key".into(),
-                        name,
-                    }),
-                    other => Err(store_error(other)),
-                }
+                self.undo_quietly(&intent).await;
+                Err(key_store_error(&name, e))
             }
         }
     }
@@ -237,25 +308,229 @@ impl Vault {
 
     /// `DeleteKey`: destroys the device object, then forgets the key.
     ///
+    /// The store records the intent first, so a delete cut short (a crash, a device that fails
+    /// half-way) is finished later rather than leaving a record whose key is gone: by the next
+    /// `DeleteKey` or `CreateKey` of the name, or at the next start.
+    ///
     /// # Errors
-    /// `Sealed`, `NotFound`, device failures (the record stays, so the delete can be retried).
+    /// `Sealed`, `NotFound`, `Busy` while another `CreateKey` or `DeleteKey` of the name runs,
+    /// device failures (the delete stays recorded and is finished later).
     pub async fn delete_key(&self, name: String) -> Result<(), ApiError> {
+        check_key_name(&name)?;
+        self.with_open(|_| ()).await?;
+        let _op = self.key_ops.begin(&name)?;
+        if self.settle_leftover(&name).await? == Some(IntentAction::Delete) {
+            // An earlier delete of this key was cut short; it is finished now.
+            return Ok(());
+        }
         let row = self.key_row(&name).await?;
+        let intent = KeyIntent {
+            name: name.clone(),
+            action: IntentAction::Delete,
+            device: row.device.clone(),
+            algorithm: row.algorithm.clone(),
+            object_id: None,
+            created: store::tables::now_rfc3339(),
+        };
+        self.store
+            .write(move |tx| {
+                if store::tables::get_key(tx, &intent.name)?.is_none() {
+                    return Err(StoreError::NotFound {
+                        kind: "key",
+                        name: intent.name,
+                    });
+                }
+                store::tables::insert_key_intent(tx, &intent)
+            })
+            .await
+            .map_err(|e| key_store_error(&name, e))?;
+        self.finish_delete(&name, &row).await
+    }
+
+    /// Destroy the device object of `row` (the key `name`), then drop its record and the
+    /// delete intent in one transaction.
+    async fn finish_delete(&self, name: &str, row: &KeyRow) -> Result<(), ApiError> {
         let handle: KeyHandle =
             serde_json::from_slice(&row.handle).map_err(|_| ApiError::Internal {
                 reason: format!("stored handle of key {name:?} does not decode"),
             })?;
-        let device = row.device;
+        // Stop signing with it before it goes.
+        self.keys.remove(name);
+        let device = row.device.clone();
         self.device(&device)?
             .call(move |d| d.destroy(&handle))
             .await
             .map_err(|e| errors::device_error(&device, e))?;
-        // Forget the cached entry now: the device object is gone, whatever the store says.
-        self.keys.remove(&name);
+        let forget = name.to_owned();
         self.store
-            .write(move |tx| store::tables::delete_key(tx, &name))
+            .write(move |tx| {
+                store::tables::delete_key(tx, &forget)?;
+                store::tables::delete_key_intent(tx, &forget)?;
+                Ok(())
+            })
             .await
             .map_err(store_error)?;
+        // Again: a signature that ran meanwhile may have cached it anew.
+        self.keys.remove(name);
         Ok(())
+    }
+
+    /// Undo the create `intent` (destroy what the device made for it, drop the intent), or
+    /// leave the intent for later when the device can't be reached now.
+    async fn undo_quietly(&self, intent: &KeyIntent) {
+        if let Err(e) = self.undo_create(intent).await {
+            tracing::warn!(
+                key = %intent.name,
+                device = %intent.device,
+                error = %e,
+                "cannot clean up after a failed key creation now; it is retried later"
+            );
+        }
+    }
+
+    /// Destroy the objects the create `intent` asked the device for (found by label and
+    /// object id: nothing else on a shared token is touched), then drop the intent. Returns
+    /// how many objects were destroyed.
+    async fn undo_create(&self, intent: &KeyIntent) -> Result<usize, ApiError> {
+        let algorithm: KeyAlgorithm = intent.algorithm.parse().map_err(|_| ApiError::Internal {
+            reason: format!(
+                "stored operation on key {:?} names an unknown algorithm",
+                intent.name
+            ),
+        })?;
+        let spec = KeySpec {
+            label: intent.name.clone(),
+            algorithm,
+            id: intent.object_id.clone(),
+        };
+        // Defensive: an object a key record names is never destroyed here. (The record and
+        // the intent's removal are one transaction, so this does not happen.)
+        let lookup = intent.name.clone();
+        let recorded = self
+            .store
+            .read(move |c| store::tables::get_key(c, &lookup))
+            .await
+            .map_err(store_error)?
+            .and_then(|row| serde_json::from_slice::<KeyHandle>(&row.handle).ok());
+        let destroyed = match recorded {
+            Some(KeyHandle::Pkcs11 { id, .. }) if Some(&id) == intent.object_id.as_ref() => 0,
+            _ => self
+                .device(&intent.device)?
+                .call(move |d| d.destroy_generated(&spec))
+                .await
+                .map_err(|e| errors::device_error(&intent.device, e))?,
+        };
+        let name = intent.name.clone();
+        self.store
+            .write(move |tx| store::tables::delete_key_intent(tx, &name))
+            .await
+            .map_err(store_error)?;
+        Ok(destroyed)
+    }
+
+    /// Finish the operation `intent` that an earlier run (or a failed cleanup) left. Returns a
+    /// line for the log and the audit record.
+    async fn settle(&self, intent: &KeyIntent) -> Result<String, ApiError> {
+        let id = intent.object_id.as_deref().map(keyward::audit::hex);
+        match intent.action {
+            IntentAction::Create => {
+                let destroyed = self.undo_create(intent).await?;
+                Ok(format!(
+                    "unfinished create of key {:?} on device {:?} (object id {}): {destroyed} \
+                     device objects destroyed",
+                    intent.name,
+                    intent.device,
+                    id.unwrap_or_default()
+                ))
+            }
+            IntentAction::Delete => {
+                let lookup = intent.name.clone();
+                let row = self
+                    .store
+                    .read(move |c| store::tables::get_key(c, &lookup))
+                    .await
+                    .map_err(store_error)?;
+                match row {
+                    Some(row) => self.finish_delete(&intent.name, &row).await?,
+                    None => {
+                        let name = intent.name.clone();
+                        self.store
+                            .write(move |tx| store::tables::delete_key_intent(tx, &name))
+                            .await
+                            .map_err(store_error)?;
+                    }
+                }
+                Ok(format!(
+                    "unfinished delete of key {:?} on device {:?}: finished",
+                    intent.name, intent.device
+                ))
+            }
+        }
+    }
+
+    /// Settle a leftover operation on key `name`, if the store holds one; which it was. Call
+    /// with the name's [`KeyOps`] guard held, so the intent can't be one running now.
+    async fn settle_leftover(&self, name: &str) -> Result<Option<IntentAction>, ApiError> {
+        let lookup = name.to_owned();
+        let Some(intent) = self
+            .store
+            .read(move |c| store::tables::get_key_intent(c, &lookup))
+            .await
+            .map_err(store_error)?
+        else {
+            return Ok(None);
+        };
+        let line = self.settle(&intent).await?;
+        tracing::info!(key = %name, "{line}");
+        Ok(Some(intent.action))
+    }
+
+    /// Finish or undo every device-key operation an earlier run left unfinished (it stopped
+    /// between a device's step and the store's): a create's device objects are destroyed (only
+    /// those with the label and object id it recorded), a delete is carried through. An
+    /// operation whose device is down now stays recorded for the next start (or the next
+    /// `CreateKey`/`DeleteKey` of the name). Returns one line per settled operation, for the
+    /// audit log; nothing in them is secret.
+    ///
+    /// The vault need not be open: intents and key records are not encrypted.
+    pub async fn settle_key_intents(&self) -> Vec<String> {
+        let intents = match self.store.read(store::tables::list_key_intents).await {
+            Ok(intents) => intents,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read unfinished key operations");
+                return Vec::new();
+            }
+        };
+        let mut settled = Vec::new();
+        for intent in intents {
+            let Ok(_op) = self.key_ops.begin(&intent.name) else {
+                continue; // a request is on it already
+            };
+            match self.settle(&intent).await {
+                Ok(line) => {
+                    tracing::info!(key = %intent.name, device = %intent.device, "{line}");
+                    settled.push(line);
+                }
+                Err(e) => tracing::warn!(
+                    key = %intent.name,
+                    device = %intent.device,
+                    error = %e,
+                    "unfinished key operation kept for later"
+                ),
+            }
+        }
+        settled
+    }
+}
+
+/// A store failure of a key operation: name clashes are the caller's business.
+fn key_store_error(name: &str, e: StoreError) -> ApiError {
+    match e {
+        StoreError::AlreadyExists { kind: "key", .. } => ApiError::AlreadyExists {
+            kind: "key".into(),
+            name: name.to_owned(),
+        },
+        StoreError::NotFound { kind: "key", .. } => not_found(name),
+        other => store_error(other),
     }
 }

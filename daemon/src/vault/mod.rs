@@ -75,6 +75,8 @@ pub struct Vault {
     audit: std::sync::OnceLock<Arc<dyn audit_key::AuditKeys>>,
     /// Signing keys by name, so a signature costs no store read.
     keys: keys::KeyCache,
+    /// Key names with a `CreateKey` or `DeleteKey` in progress.
+    key_ops: keys::KeyOps,
     /// Devices whose return should trigger another unattended unseal.
     retry: retry::Retry,
     /// How long new recovery shares wait for their confirmation ([`pending`]).
@@ -129,6 +131,7 @@ impl Vault {
             open_tx,
             audit: std::sync::OnceLock::new(),
             keys: keys::KeyCache::default(),
+            key_ops: keys::KeyOps::default(),
             retry: retry::Retry::default(),
             confirm_within,
         })

@@ -1,5 +1,7 @@
 //! Key pairs on a PKCS#11 token: generate, read the public half, read the protection flags,
-//! destroy. Private keys are generated on the token as sensitive and non-extractable.
+//! destroy (by handle, or by label and id when the handle was lost). Private keys are generated
+//! on the token as sensitive and non-extractable. Nothing here touches an object it did not
+//! name exactly: other applications may share the token.
 
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
@@ -26,7 +28,10 @@ impl Pkcs11Device {
 
     /// Generate a key pair for `spec` on the token.
     pub(super) fn generate_pair(&mut self, spec: &KeySpec) -> Result<KeyHandle> {
-        let id = self.random(16)?;
+        let id = match &spec.id {
+            Some(id) => id.clone(),
+            None => self.random(16)?,
+        };
         let label = spec.label.as_bytes().to_vec();
         let mut public = vec![
             Attribute::Token(true),
@@ -163,6 +168,29 @@ impl Pkcs11Device {
         }
         self.handles.retain(|(_, cached), _| *cached != id);
         Ok(())
+    }
+
+    /// The objects labelled `spec.label` with `CKA_ID` `spec.id`, destroyed; how many.
+    pub(super) fn destroy_by_spec(&mut self, spec: &KeySpec) -> Result<usize> {
+        let Some(id) = &spec.id else {
+            return Err(DeviceError::InvalidArgument(
+                "finding a generated key without its handle needs the id it was given".into(),
+            ));
+        };
+        let objects = self
+            .session
+            .find_objects(&[
+                Attribute::Id(id.clone()),
+                Attribute::Label(spec.label.as_bytes().to_vec()),
+            ])
+            .map_err(|e| map_error("C_FindObjects", e))?;
+        for &object in &objects {
+            self.session
+                .destroy_object(object)
+                .map_err(|e| map_error("C_DestroyObject", e))?;
+        }
+        self.handles.retain(|(_, cached), _| cached != id);
+        Ok(objects.len())
     }
 }
 

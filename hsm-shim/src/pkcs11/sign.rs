@@ -83,4 +83,8 @@ impl Signer for Pkcs11Device {
     fn destroy(&mut self, handle: &KeyHandle) -> Result<()> {
         self.destroy_pair(handle)
     }
+
+    fn destroy_generated(&mut self, spec: &KeySpec) -> Result<usize> {
+        self.destroy_by_spec(spec)
+    }
 }

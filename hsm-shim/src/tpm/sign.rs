@@ -201,4 +201,11 @@ impl Signer for TpmDevice {
         }
         Ok(())
     }
+
+    fn destroy_generated(&mut self, _spec: &KeySpec) -> Result<usize> {
+        // `generate` leaves nothing in the TPM: TPM2_Create hands the key back as public and
+        // private blobs and loads nothing, and nothing is made persistent (no EvictControl).
+        // A lost handle is a key nobody can ever load: there is nothing to sweep.
+        Ok(0)
+    }
 }
