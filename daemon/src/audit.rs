@@ -163,7 +163,7 @@ impl AuditError {
             Self::Open { source, .. } | Self::PublicKey { source, .. } => no_space(source),
             Self::Write(e) | Self::Sync(e) | Self::Files(e) => no_space(e),
             Self::Degraded { storage_full } => *storage_full,
-            Self::NotAFile { .. } | Self::Unreadable { .. } => false,
+            Self::NotAFile { .. } | Self::Unreadable { .. } | Self::FlusherStopped => false,
         }
     }
 }
@@ -1261,7 +1261,9 @@ impl AuditLog {
     /// [`AuditError::Degraded`] after a failed sync; [`AuditError::FlusherStopped`].
     pub fn probe(&self) -> Result<(), AuditError> {
         if self.degraded.load(Ordering::Acquire) {
-            return Err(AuditError::Degraded);
+            return Err(AuditError::Degraded {
+                storage_full: self.degraded_full.load(Ordering::Acquire),
+            });
         }
         drop(lock(&self.writer));
         let stopped = lock(&self.flusher)
@@ -2061,7 +2063,7 @@ mod tests {
 
         // A failed background sync fails it until a sync succeeds.
         log.degraded.store(true, Ordering::Release);
-        assert!(matches!(log.probe(), Err(AuditError::Degraded)));
+        assert!(matches!(log.probe(), Err(AuditError::Degraded { .. })));
         log.shutdown();
     }
 }

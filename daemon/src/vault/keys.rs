@@ -431,7 +431,7 @@ impl Vault {
     /// Finish the operation `intent` that an earlier run (or a failed cleanup) left. Returns a
     /// line for the log and the audit record.
     async fn settle(&self, intent: &KeyIntent) -> Result<String, ApiError> {
-        let id = intent.object_id.as_deref().map(keyward::audit::hex);
+        let id = intent.object_id.as_deref().map(keyward_proto::text::hex);
         match intent.action {
             IntentAction::Create => {
                 let destroyed = self.undo_create(intent).await?;
