@@ -5,6 +5,11 @@
 //! into an [`keyward_proto::api::Request`] and a [`identity::Caller`]; the [`service`] checks the
 //! policy ([`keyward_policy`]) and runs the request against the [`vault`], the [`store`] and the device actors
 //! ([`device`]), and records it in the [`audit`] log. A transport never touches the store or a device.
+//!
+//! What this crate must never do: hold the VMK or a plaintext secret outside zeroizing, locked
+//! memory, or let one reach a log line, an error or the audit log; unwrap or sign outside a
+//! device; answer a request the policy did not allow or that could not be audited (`Status`
+//! alone answers with its record declared lost); acknowledge a write before it is durable.
 
 pub mod audit;
 pub mod config;
