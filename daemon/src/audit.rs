@@ -81,7 +81,6 @@ use std::time::{Duration, Instant, SystemTime};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
-use keyward_proto::api::ApiError;
 use keyward_proto::audit::{
     self as format, Anchor, Body, CallerRecord, CheckedAnchor, Checkpoint, EventRecord, Expect,
     Lost, Record, RequestRecord, Resume,
@@ -164,23 +163,6 @@ impl AuditError {
             Self::Write(e) | Self::Sync(e) | Self::Files(e) => no_space(e),
             Self::Degraded { storage_full } => *storage_full,
             Self::NotAFile { .. } | Self::Unreadable { .. } | Self::FlusherStopped => false,
-        }
-    }
-}
-
-impl From<AuditError> for ApiError {
-    fn from(e: AuditError) -> Self {
-        if e.storage_full() {
-            let what = match &e {
-                AuditError::PublicKey { path, .. } => path
-                    .file_name()
-                    .map_or_else(|| "audit log".into(), |n| n.to_string_lossy().into_owned()),
-                _ => "audit log".to_owned(),
-            };
-            return ApiError::StorageFull { what };
-        }
-        ApiError::AuditUnavailable {
-            reason: e.to_string(),
         }
     }
 }
@@ -1400,7 +1382,7 @@ impl AuditKeys for AuditLog {
         }
     }
 
-    fn rekeying(&self, next: &VerifyingKey) -> Result<(), ApiError> {
+    fn rekeying(&self, next: &VerifyingKey) -> Result<(), AuditError> {
         let mut w = lock(&self.writer);
         w.next = Some(*next);
         let handed = self.checkpoint_synced(w, "rekey: handing over to the next key", |_| {});
@@ -1408,7 +1390,7 @@ impl AuditKeys for AuditLog {
             // The rekey is refused: no later checkpoint may keep naming this key.
             lock(&self.writer).next = None;
         }
-        Ok(handed?)
+        handed
     }
 
     fn rekeyed(&self, key: Option<SigningKey>) {
@@ -1967,40 +1949,6 @@ mod tests {
         let r = format::verify(&whole_set(dir.path()), &key.verifying_key()).unwrap();
         assert_eq!(r.damage.len(), 1);
         assert_eq!(log.finding(), None);
-    }
-
-    #[test]
-    fn a_full_file_system_is_storage_full_and_other_failures_are_not() {
-        let os = io::Error::from_raw_os_error;
-        for e in [
-            AuditError::Write(os(nix::libc::ENOSPC)),
-            AuditError::Sync(os(nix::libc::EDQUOT)),
-            AuditError::Degraded { storage_full: true },
-        ] {
-            let api = ApiError::from(e);
-            assert!(
-                matches!(&api, ApiError::StorageFull { what } if what == "audit log"),
-                "{api:?}"
-            );
-        }
-        let anchor = AuditError::PublicKey {
-            path: PathBuf::from("/var/lib/keyward").join(format::ANCHOR_FILE),
-            source: os(nix::libc::ENOSPC),
-        };
-        assert!(
-            matches!(ApiError::from(anchor), ApiError::StorageFull { what } if what == format::ANCHOR_FILE)
-        );
-        for e in [
-            AuditError::Write(os(nix::libc::EIO)),
-            AuditError::Degraded {
-                storage_full: false,
-            },
-        ] {
-            assert!(matches!(
-                ApiError::from(e),
-                ApiError::AuditUnavailable { .. }
-            ));
-        }
     }
 
     #[test]

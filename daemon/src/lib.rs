@@ -5,6 +5,8 @@
 //! into an [`keyward_proto::api::Request`] and a [`identity::Caller`]; the [`service`] checks the
 //! policy ([`keyward_policy`]) and runs the request against the [`vault`], the [`store`] and the device actors
 //! ([`device`]), and records it in the [`audit`] log. A transport never touches the store or a device.
+//! What fails below the service is an [`error::Error`]; the service alone turns it into the wire's
+//! [`keyward_proto::api::ApiError`].
 //!
 //! What this crate must never do: hold the VMK or a plaintext secret outside zeroizing, locked
 //! memory, or let one reach a log line, an error or the audit log; unwrap or sign outside a
@@ -14,6 +16,7 @@
 pub mod audit;
 pub mod config;
 pub mod device;
+pub mod error;
 pub mod health;
 pub mod identity;
 pub mod logging;

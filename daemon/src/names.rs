@@ -4,18 +4,15 @@
 //! `A-Z a-z 0-9 . _ - @ + =`, and is not `.` or `..`. So names are safe in paths, logs, globs
 //! and systemd credential ids, and `db/password` reads like the path it looks like.
 
-use keyward_proto::api::ApiError;
+use crate::error::{invalid, Error, Param};
 
 /// Longest secret name, in bytes.
 pub const MAX_SECRET_NAME: usize = 255;
 /// Longest key name, in bytes.
 pub const MAX_KEY_NAME: usize = 128;
 
-fn check(parameter: &str, name: &str, max: usize) -> Result<(), ApiError> {
-    let bad = |reason: String| ApiError::InvalidArgument {
-        parameter: parameter.into(),
-        reason,
-    };
+fn check(parameter: Param, name: &str, max: usize) -> Result<(), Error> {
+    let bad = |reason: String| invalid(parameter, reason);
     if name.is_empty() || name.len() > max {
         return Err(bad(format!(
             "a name is 1 to {max} bytes, not {}",
@@ -46,17 +43,17 @@ fn check(parameter: &str, name: &str, max: usize) -> Result<(), ApiError> {
 /// Check a secret name.
 ///
 /// # Errors
-/// [`ApiError::InvalidArgument`] naming what is wrong.
-pub fn check_secret_name(name: &str) -> Result<(), ApiError> {
-    check("name", name, MAX_SECRET_NAME)
+/// [`Error::InvalidArgument`] naming what is wrong.
+pub fn check_secret_name(name: &str) -> Result<(), Error> {
+    check(Param::Name, name, MAX_SECRET_NAME)
 }
 
 /// Check a key name.
 ///
 /// # Errors
-/// [`ApiError::InvalidArgument`] naming what is wrong.
-pub fn check_key_name(name: &str) -> Result<(), ApiError> {
-    check("name", name, MAX_KEY_NAME)
+/// [`Error::InvalidArgument`] naming what is wrong.
+pub fn check_key_name(name: &str) -> Result<(), Error> {
+    check(Param::Name, name, MAX_KEY_NAME)
 }
 
 #[cfg(test)]

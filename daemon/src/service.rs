@@ -376,7 +376,7 @@ impl Service {
             .await
             .map_err(|e| {
                 tracing::error!("audit record not written, failing the request: {e}");
-                ApiError::from(e)
+                ApiError::from(crate::error::Error::from(e))
             })
     }
 }
@@ -495,6 +495,7 @@ impl Handler for Service {
                         .get_secret(secret.clone(), None)
                         .await
                         .map(|(value, _)| value)
+                        .map_err(ApiError::from)
                 } else {
                     Err(ApiError::Sealed {
                         reason: format!("still sealed after waiting {wait:?}"),

@@ -187,6 +187,22 @@ impl Store {
         &self,
         f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.try_write(f).await
+    }
+
+    /// [`Store::write`] for a transaction that can also fail for a reason of the caller's (an
+    /// error type that a [`StoreError`] converts into): its `Err` rolls back the same way.
+    ///
+    /// # Errors
+    /// As [`Store::write`].
+    pub async fn try_write<T, E>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(move |conn: &mut Connection| {
             // The caller may have stopped waiting; the outcome stands all the same.
@@ -386,14 +402,16 @@ fn writer_loop(mut conn: Connection, mut jobs: mpsc::Receiver<Job>) {
     }
 }
 
-fn run_write<T>(
+fn run_write<T, E: From<StoreError>>(
     conn: &mut Connection,
-    f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    f: impl FnOnce(&Transaction<'_>) -> Result<T, E>,
+) -> Result<T, E> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(StoreError::from)?;
     match std::panic::catch_unwind(AssertUnwindSafe(|| f(&tx))) {
         Ok(Ok(value)) => {
-            tx.commit()?;
+            tx.commit().map_err(StoreError::from)?;
             Ok(value)
         }
         Ok(Err(e)) => {
@@ -406,7 +424,7 @@ fn run_write<T>(
             // Dropping the transaction rolls it back.
             drop(tx);
             tracing::error!("a database write panicked; rolled back");
-            Err(StoreError::Panicked)
+            Err(StoreError::Panicked.into())
         }
     }
 }

@@ -11,11 +11,11 @@
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use hkdf::Hkdf;
-use keyward_proto::api::ApiError;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use super::crypto::Key32;
+use crate::audit::AuditError;
 
 /// HKDF info: names the key's one use, so no other derivation from the VMK can collide.
 const INFO: &[u8] = b"keyward audit signing key v1";
@@ -43,7 +43,7 @@ pub trait AuditKeys: Send + Sync {
     ///
     /// # Errors
     /// The hand-over could not be written.
-    fn rekeying(&self, next: &VerifyingKey) -> Result<(), ApiError>;
+    fn rekeying(&self, next: &VerifyingKey) -> Result<(), AuditError>;
     /// The rekey committed (`Some(new key)`) or did not (`None`).
     fn rekeyed(&self, key: Option<SigningKey>);
 }

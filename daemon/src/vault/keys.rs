@@ -11,16 +11,17 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use chacha20poly1305::aead::{rand_core::RngCore as _, OsRng};
 use hsm_shim::{KeyAlgorithm, KeyHandle, KeySpec, SignInput};
-use keyward_proto::api::{self, ApiError};
+use keyward_proto::api;
 
-use super::{errors, store_error, Vault};
+use super::Vault;
+use crate::error::{corrupt, invalid, Error, Param, Thing};
 use crate::names::check_key_name;
 use crate::store::tables::{IntentAction, KeyIntent, KeyRow};
 use crate::store::{self, StoreError};
 
-fn not_found(name: &str) -> ApiError {
-    ApiError::NotFound {
-        kind: "key".into(),
+fn not_found(name: &str) -> Error {
+    Error::NotFound {
+        what: Thing::Key,
         name: name.to_owned(),
     }
 }
@@ -82,14 +83,16 @@ struct KeyOp<'a> {
 
 impl KeyOps {
     /// Claim `name`, or `Busy` while another operation holds it.
-    fn begin(&self, name: &str) -> Result<KeyOp<'_>, ApiError> {
+    fn begin(&self, name: &str) -> Result<KeyOp<'_>, Error> {
         let fresh = self
             .0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_owned());
         if !fresh {
-            return Err(ApiError::Busy);
+            return Err(Error::KeyInUse {
+                name: name.to_owned(),
+            });
         }
         Ok(KeyOp {
             ops: self,
@@ -109,29 +112,26 @@ impl Drop for KeyOp<'_> {
 }
 
 impl Vault {
-    async fn key_row(&self, name: &str) -> Result<KeyRow, ApiError> {
+    async fn key_row(&self, name: &str) -> Result<KeyRow, Error> {
         check_key_name(name)?;
         self.with_open(|_| ()).await?;
         let lookup = name.to_owned();
         self.store
             .read(move |c| store::tables::get_key(c, &lookup))
-            .await
-            .map_err(store_error)?
+            .await?
             .ok_or_else(|| not_found(name))
     }
 
     /// The key `name`, from the cache or else the store.
-    async fn key_ref(&self, name: &str) -> Result<Arc<KeyRef>, ApiError> {
+    async fn key_ref(&self, name: &str) -> Result<Arc<KeyRef>, Error> {
         check_key_name(name)?;
         self.with_open(|_| ()).await?;
         if let Some(key) = self.keys.get(name) {
             return Ok(key);
         }
         let row = self.key_row(name).await?;
-        let handle: KeyHandle =
-            serde_json::from_slice(&row.handle).map_err(|_| ApiError::Internal {
-                reason: format!("stored handle of key {name:?} does not decode"),
-            })?;
+        let handle: KeyHandle = serde_json::from_slice(&row.handle)
+            .map_err(|_| corrupt(format!("handle of key {name:?}")))?;
         let key = Arc::new(KeyRef {
             device: row.device,
             handle: Arc::new(handle),
@@ -156,16 +156,12 @@ impl Vault {
         name: String,
         device: String,
         algorithm: String,
-    ) -> Result<Vec<u8>, ApiError> {
+    ) -> Result<Vec<u8>, Error> {
         check_key_name(&name)?;
         self.with_open(|_| ()).await?;
-        let algorithm: KeyAlgorithm =
-            algorithm
-                .parse()
-                .map_err(|e: hsm_shim::DeviceError| ApiError::InvalidArgument {
-                    parameter: "algorithm".into(),
-                    reason: e.to_string(),
-                })?;
+        let algorithm: KeyAlgorithm = algorithm
+            .parse()
+            .map_err(|e: hsm_shim::DeviceError| invalid(Param::Algorithm, e.to_string()))?;
         let handle_dev = self.device(&device)?.clone();
         let _op = self.key_ops.begin(&name)?;
         self.settle_leftover(&name).await?;
@@ -181,17 +177,16 @@ impl Vault {
         };
         let recorded = intent.clone();
         self.store
-            .write(move |tx| {
+            .try_write(move |tx| {
                 if store::tables::get_key(tx, &recorded.name)?.is_some() {
-                    return Err(StoreError::AlreadyExists {
-                        kind: "key",
+                    return Err(Error::AlreadyExists {
+                        what: Thing::Key,
                         name: recorded.name,
                     });
                 }
-                store::tables::insert_key_intent(tx, &recorded)
+                Ok(store::tables::insert_key_intent(tx, &recorded)?)
             })
-            .await
-            .map_err(|e| key_store_error(&name, e))?;
+            .await?;
         let spec = KeySpec {
             label: name.clone(),
             algorithm,
@@ -210,14 +205,14 @@ impl Vault {
                 // The device may have made the key before failing (or after our wait ended):
                 // the undo runs behind it on the device's queue.
                 self.undo_quietly(&intent).await;
-                return Err(errors::device_error(&device, e));
+                return Err(Error::device(&device, e));
             }
         };
         let row = KeyRow {
             name: name.clone(),
             device: device.clone(),
             algorithm: algorithm.as_str().to_owned(),
-            handle: serde_json::to_vec(&handle).map_err(|_| ApiError::Internal {
+            handle: serde_json::to_vec(&handle).map_err(|_| Error::Internal {
                 reason: "key handle encoding".into(),
             })?,
             public_key: public.0.clone(),
@@ -238,7 +233,7 @@ impl Vault {
             }
             Err(e) => {
                 self.undo_quietly(&intent).await;
-                Err(key_store_error(&name, e))
+                Err(key_clash(&name, e))
             }
         }
     }
@@ -247,13 +242,9 @@ impl Vault {
     ///
     /// # Errors
     /// `Sealed`, store failures.
-    pub async fn list_keys(&self) -> Result<Vec<api::KeyInfo>, ApiError> {
+    pub async fn list_keys(&self) -> Result<Vec<api::KeyInfo>, Error> {
         self.with_open(|_| ()).await?;
-        let rows = self
-            .store
-            .read(store::tables::list_keys)
-            .await
-            .map_err(store_error)?;
+        let rows = self.store.read(store::tables::list_keys).await?;
         Ok(rows
             .into_iter()
             .map(|r| api::KeyInfo {
@@ -269,7 +260,7 @@ impl Vault {
     ///
     /// # Errors
     /// `Sealed`, `NotFound`.
-    pub async fn public_key(&self, name: String) -> Result<Vec<u8>, ApiError> {
+    pub async fn public_key(&self, name: String) -> Result<Vec<u8>, Error> {
         Ok(self.key_ref(&name).await?.public_key.clone())
     }
 
@@ -282,16 +273,16 @@ impl Vault {
         name: String,
         data: Vec<u8>,
         prehashed: bool,
-    ) -> Result<Vec<u8>, ApiError> {
+    ) -> Result<Vec<u8>, Error> {
         let key = self.key_ref(&name).await?;
         if prehashed && data.len() != 32 {
-            return Err(ApiError::InvalidArgument {
-                parameter: "data".into(),
-                reason: format!(
+            return Err(invalid(
+                Param::Data,
+                format!(
                     "a prehashed input is a 32-byte SHA-256 digest, not {} bytes",
                     data.len()
                 ),
-            });
+            ));
         }
         let handle = key.handle.clone();
         self.device(&key.device)?
@@ -303,7 +294,7 @@ impl Vault {
                 d.sign(&handle, input)
             })
             .await
-            .map_err(|e| errors::device_error(&key.device, e))
+            .map_err(|e| Error::device(&key.device, e))
     }
 
     /// `DeleteKey`: destroys the device object, then forgets the key.
@@ -315,7 +306,7 @@ impl Vault {
     /// # Errors
     /// `Sealed`, `NotFound`, `Busy` while another `CreateKey` or `DeleteKey` of the name runs,
     /// device failures (the delete stays recorded and is finished later).
-    pub async fn delete_key(&self, name: String) -> Result<(), ApiError> {
+    pub async fn delete_key(&self, name: String) -> Result<(), Error> {
         check_key_name(&name)?;
         self.with_open(|_| ()).await?;
         let _op = self.key_ops.begin(&name)?;
@@ -333,34 +324,28 @@ impl Vault {
             created: store::tables::now_rfc3339(),
         };
         self.store
-            .write(move |tx| {
+            .try_write(move |tx| {
                 if store::tables::get_key(tx, &intent.name)?.is_none() {
-                    return Err(StoreError::NotFound {
-                        kind: "key",
-                        name: intent.name,
-                    });
+                    return Err(not_found(&intent.name));
                 }
-                store::tables::insert_key_intent(tx, &intent)
+                Ok(store::tables::insert_key_intent(tx, &intent)?)
             })
-            .await
-            .map_err(|e| key_store_error(&name, e))?;
+            .await?;
         self.finish_delete(&name, &row).await
     }
 
     /// Destroy the device object of `row` (the key `name`), then drop its record and the
     /// delete intent in one transaction.
-    async fn finish_delete(&self, name: &str, row: &KeyRow) -> Result<(), ApiError> {
-        let handle: KeyHandle =
-            serde_json::from_slice(&row.handle).map_err(|_| ApiError::Internal {
-                reason: format!("stored handle of key {name:?} does not decode"),
-            })?;
+    async fn finish_delete(&self, name: &str, row: &KeyRow) -> Result<(), Error> {
+        let handle: KeyHandle = serde_json::from_slice(&row.handle)
+            .map_err(|_| corrupt(format!("handle of key {name:?}")))?;
         // Stop signing with it before it goes.
         self.keys.remove(name);
         let device = row.device.clone();
         self.device(&device)?
             .call(move |d| d.destroy(&handle))
             .await
-            .map_err(|e| errors::device_error(&device, e))?;
+            .map_err(|e| Error::device(&device, e))?;
         let forget = name.to_owned();
         self.store
             .write(move |tx| {
@@ -368,8 +353,7 @@ impl Vault {
                 store::tables::delete_key_intent(tx, &forget)?;
                 Ok(())
             })
-            .await
-            .map_err(store_error)?;
+            .await?;
         // Again: a signature that ran meanwhile may have cached it anew.
         self.keys.remove(name);
         Ok(())
@@ -391,8 +375,8 @@ impl Vault {
     /// Destroy the objects the create `intent` asked the device for (found by label and
     /// object id: nothing else on a shared token is touched), then drop the intent. Returns
     /// how many objects were destroyed.
-    async fn undo_create(&self, intent: &KeyIntent) -> Result<usize, ApiError> {
-        let algorithm: KeyAlgorithm = intent.algorithm.parse().map_err(|_| ApiError::Internal {
+    async fn undo_create(&self, intent: &KeyIntent) -> Result<usize, Error> {
+        let algorithm: KeyAlgorithm = intent.algorithm.parse().map_err(|_| Error::Internal {
             reason: format!(
                 "stored operation on key {:?} names an unknown algorithm",
                 intent.name
@@ -409,8 +393,7 @@ impl Vault {
         let recorded = self
             .store
             .read(move |c| store::tables::get_key(c, &lookup))
-            .await
-            .map_err(store_error)?
+            .await?
             .and_then(|row| serde_json::from_slice::<KeyHandle>(&row.handle).ok());
         let destroyed = match recorded {
             Some(KeyHandle::Pkcs11 { id, .. }) if Some(&id) == intent.object_id.as_ref() => 0,
@@ -418,19 +401,18 @@ impl Vault {
                 .device(&intent.device)?
                 .call(move |d| d.destroy_generated(&spec))
                 .await
-                .map_err(|e| errors::device_error(&intent.device, e))?,
+                .map_err(|e| Error::device(&intent.device, e))?,
         };
         let name = intent.name.clone();
         self.store
             .write(move |tx| store::tables::delete_key_intent(tx, &name))
-            .await
-            .map_err(store_error)?;
+            .await?;
         Ok(destroyed)
     }
 
     /// Finish the operation `intent` that an earlier run (or a failed cleanup) left. Returns a
     /// line for the log and the audit record.
-    async fn settle(&self, intent: &KeyIntent) -> Result<String, ApiError> {
+    async fn settle(&self, intent: &KeyIntent) -> Result<String, Error> {
         let id = intent.object_id.as_deref().map(keyward_proto::text::hex);
         match intent.action {
             IntentAction::Create => {
@@ -448,16 +430,14 @@ impl Vault {
                 let row = self
                     .store
                     .read(move |c| store::tables::get_key(c, &lookup))
-                    .await
-                    .map_err(store_error)?;
+                    .await?;
                 match row {
                     Some(row) => self.finish_delete(&intent.name, &row).await?,
                     None => {
                         let name = intent.name.clone();
                         self.store
                             .write(move |tx| store::tables::delete_key_intent(tx, &name))
-                            .await
-                            .map_err(store_error)?;
+                            .await?;
                     }
                 }
                 Ok(format!(
@@ -470,13 +450,12 @@ impl Vault {
 
     /// Settle a leftover operation on key `name`, if the store holds one; which it was. Call
     /// with the name's [`KeyOps`] guard held, so the intent can't be one running now.
-    async fn settle_leftover(&self, name: &str) -> Result<Option<IntentAction>, ApiError> {
+    async fn settle_leftover(&self, name: &str) -> Result<Option<IntentAction>, Error> {
         let lookup = name.to_owned();
         let Some(intent) = self
             .store
             .read(move |c| store::tables::get_key_intent(c, &lookup))
-            .await
-            .map_err(store_error)?
+            .await?
         else {
             return Ok(None);
         };
@@ -523,14 +502,14 @@ impl Vault {
     }
 }
 
-/// A store failure of a key operation: name clashes are the caller's business.
-fn key_store_error(name: &str, e: StoreError) -> ApiError {
+/// A store failure of recording the key `name`: a clash of names (another request created it
+/// meanwhile) is the caller's business, anything else the store's.
+fn key_clash(name: &str, e: StoreError) -> Error {
     match e {
-        StoreError::AlreadyExists { kind: "key", .. } => ApiError::AlreadyExists {
-            kind: "key".into(),
+        StoreError::AlreadyExists { kind: "key", .. } => Error::AlreadyExists {
+            what: Thing::Key,
             name: name.to_owned(),
         },
-        StoreError::NotFound { kind: "key", .. } => not_found(name),
-        other => store_error(other),
+        other => other.into(),
     }
 }

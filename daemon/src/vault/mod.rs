@@ -14,7 +14,6 @@ pub mod crypto;
 pub mod keyring;
 pub mod recovery;
 
-mod errors;
 mod keys;
 mod pending;
 mod retry;
@@ -25,16 +24,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use chacha20poly1305::aead::rand_core::RngCore as _;
-use keyward_proto::api::{self, ApiError, SecretString, SlotSpec};
+use keyward_proto::api::{self, SecretString, SlotSpec};
 use tokio::sync::RwLock;
 
 use crate::device::DeviceHandle;
+use crate::error::{invalid, Error, Param};
 use crate::store::{self, Store};
 use crypto::Key32;
 use keyring::Keyring;
 use recovery::ParsedShare;
 
-pub use errors::{device_error, store_error};
 pub use pending::rfc3339;
 
 /// Where the vault stands.
@@ -109,11 +108,8 @@ impl Vault {
         unseal_order: Vec<String>,
         confirm_within: std::time::Duration,
         on_change: Arc<dyn Fn(&str) + Send + Sync>,
-    ) -> Result<Self, ApiError> {
-        let meta = store
-            .read(store::tables::get_meta)
-            .await
-            .map_err(store_error)?;
+    ) -> Result<Self, Error> {
+        let meta = store.read(store::tables::get_meta).await?;
         let state = match meta {
             Some(_) => State::Sealed {
                 reason: "not unsealed yet".into(),
@@ -147,16 +143,11 @@ impl Vault {
         &self.devices
     }
 
-    fn device(&self, name: &str) -> Result<&DeviceHandle, ApiError> {
-        self.devices
-            .get(name)
-            .ok_or_else(|| ApiError::InvalidArgument {
-                parameter: "device".into(),
-                reason: format!(
-                    "no device {name:?} is configured (configured: {})",
-                    self.devices.keys().cloned().collect::<Vec<_>>().join(", ")
-                ),
-            })
+    fn device(&self, name: &str) -> Result<&DeviceHandle, Error> {
+        self.devices.get(name).ok_or_else(|| Error::UnknownDevice {
+            name: name.to_owned(),
+            configured: self.devices.keys().cloned().collect(),
+        })
     }
 
     fn changed(&self, state: &State) {
@@ -186,7 +177,7 @@ impl Vault {
     ///
     /// # Errors
     /// The store can't be read.
-    pub async fn status(&self) -> Result<api::StatusReply, ApiError> {
+    pub async fn status(&self) -> Result<api::StatusReply, Error> {
         self.retry_unattended_if_due().await;
         let keyslots = self.list_keyslots_any_state().await?;
         let rekey_pending_until = self.rekey_pending_until().await?;
@@ -241,21 +232,18 @@ impl Vault {
     /// before anything is stored. Returns the keyslots and any recovery shares (shown once).
     ///
     /// # Errors
-    /// [`ApiError::AlreadyInitialized`], a bad slot spec, a device failure.
+    /// [`Error::AlreadyInitialized`], a bad slot spec, a device failure.
     pub async fn init(
         &self,
         specs: Vec<SlotSpec>,
-    ) -> Result<(Vec<api::Keyslot>, Vec<SecretString>), ApiError> {
+    ) -> Result<(Vec<api::Keyslot>, Vec<SecretString>), Error> {
         if specs.is_empty() {
-            return Err(ApiError::InvalidArgument {
-                parameter: "slots".into(),
-                reason: "a vault needs at least one keyslot".into(),
-            });
+            return Err(invalid(Param::Slots, "a vault needs at least one keyslot"));
         }
         // Hold the write lock throughout: two concurrent inits must not both succeed.
         let mut state = self.state.write().await;
         if !matches!(*state, State::Uninitialized) {
-            return Err(ApiError::AlreadyInitialized);
+            return Err(Error::AlreadyInitialized);
         }
         let mut vault_id = [0u8; 16];
         chacha20poly1305::aead::OsRng.fill_bytes(&mut vault_id);
@@ -271,9 +259,7 @@ impl Vault {
             made.push(slot);
             shares.append(&mut s);
         }
-        let sealed_keyring = keyring
-            .seal(&vmk, &vault_id)
-            .map_err(errors::crypto_error)?;
+        let sealed_keyring = keyring.seal(&vmk, &vault_id).map_err(Error::Encrypt)?;
         let term = keyring.current_term();
         let rows: Vec<store::tables::KeyslotRow> = self
             .store
@@ -291,8 +277,7 @@ impl Vault {
                     .map(|slot| store::tables::insert_keyslot(tx, slot))
                     .collect()
             })
-            .await
-            .map_err(store_error)?;
+            .await?;
         *state = State::Unsealed(Box::new(Open {
             vault_id,
             vmk,
@@ -307,11 +292,11 @@ impl Vault {
     /// `Seal`: forget the VMK and the keyring (zeroized on drop).
     ///
     /// # Errors
-    /// [`ApiError::NotInitialized`].
-    pub async fn seal(&self, by: &str) -> Result<(), ApiError> {
+    /// [`Error::NotInitialized`].
+    pub async fn seal(&self, by: &str) -> Result<(), Error> {
         let mut state = self.state.write().await;
         match *state {
-            State::Uninitialized => return Err(ApiError::NotInitialized),
+            State::Uninitialized => return Err(Error::NotInitialized),
             State::Sealed { .. } => return Ok(()),
             State::Unsealed(_) => {}
         }
@@ -326,7 +311,7 @@ impl Vault {
     }
 
     /// Run `f` with the open vault, or answer `Sealed` / `NotInitialized`.
-    async fn with_open<T>(&self, f: impl FnOnce(&Open) -> T) -> Result<T, ApiError> {
+    async fn with_open<T>(&self, f: impl FnOnce(&Open) -> T) -> Result<T, Error> {
         self.retry_unattended_if_due().await;
         let state = self.state.read().await;
         match &*state {
@@ -337,17 +322,14 @@ impl Vault {
 
     /// Install an unsealed VMK after checking it against the stored keyring (the AEAD tag of
     /// the keyring is the check value: a wrong VMK can't open it).
-    async fn open_with(&self, vmk: Key32, by: String) -> Result<(), ApiError> {
+    async fn open_with(&self, vmk: Key32, by: String) -> Result<(), Error> {
         let meta = self
             .store
             .read(store::tables::get_meta)
-            .await
-            .map_err(store_error)?
-            .ok_or(ApiError::NotInitialized)?;
-        let keyring =
-            Keyring::open(&vmk, &meta.vault_id, &meta.keyring).map_err(|_| ApiError::Internal {
-                reason: format!("{by} released a key that does not open this vault"),
-            })?;
+            .await?
+            .ok_or(Error::NotInitialized)?;
+        let keyring = Keyring::open(&vmk, &meta.vault_id, &meta.keyring)
+            .map_err(|_| Error::WrongKey { by: by.clone() })?;
         let mut state = self.state.write().await;
         *state = State::Unsealed(Box::new(Open {
             vault_id: meta.vault_id,
@@ -361,13 +343,12 @@ impl Vault {
         Ok(())
     }
 
-    async fn vault_id(&self) -> Result<[u8; 16], ApiError> {
+    async fn vault_id(&self) -> Result<[u8; 16], Error> {
         Ok(self
             .store
             .read(store::tables::get_meta)
-            .await
-            .map_err(store_error)?
-            .ok_or(ApiError::NotInitialized)?
+            .await?
+            .ok_or(Error::NotInitialized)?
             .vault_id)
     }
 
@@ -383,7 +364,7 @@ impl Vault {
 
 impl State {
     /// The open vault, or the error that says why there is none.
-    fn open_mut(&mut self) -> Result<&mut Open, ApiError> {
+    fn open_mut(&mut self) -> Result<&mut Open, Error> {
         match self {
             State::Unsealed(open) => Ok(open),
             other => Err(other.closed()),
@@ -391,13 +372,13 @@ impl State {
     }
 
     /// The error for a vault that is not open.
-    fn closed(&self) -> ApiError {
+    fn closed(&self) -> Error {
         match self {
-            State::Sealed { reason, .. } => ApiError::Sealed {
+            State::Sealed { reason, .. } => Error::Sealed {
                 reason: reason.clone(),
             },
-            State::Uninitialized => ApiError::NotInitialized,
-            State::Unsealed(_) => ApiError::Internal {
+            State::Uninitialized => Error::NotInitialized,
+            State::Unsealed(_) => Error::Internal {
                 reason: "the vault is open".into(),
             },
         }

@@ -21,12 +21,13 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keyward_proto::api::{self, ApiError, SecretString};
+use keyward_proto::api::{self, SecretString};
 use serde::{Deserialize, Serialize};
 
 use super::crypto::Key32;
 use super::recovery::{self, ParsedShare, RecoverySlotData};
-use super::{errors, store_error, Open, Vault};
+use super::{Open, Vault};
+use crate::error::{corrupt, invalid, Error, Param};
 use crate::store::{self, tables::KeyslotRow, tables::PendingRekey};
 
 /// Now, in unix seconds.
@@ -41,17 +42,8 @@ pub fn rfc3339(unix: u64) -> String {
     store::tables::rfc3339(UNIX_EPOCH + Duration::from_secs(unix))
 }
 
-fn bad(reason: impl Into<String>) -> ApiError {
-    ApiError::InvalidArgument {
-        parameter: "recovery_shares".into(),
-        reason: reason.into(),
-    }
-}
-
-fn corrupt(what: &str) -> ApiError {
-    ApiError::Internal {
-        reason: format!("stored {what} does not decode"),
-    }
+fn bad(reason: impl Into<String>) -> Error {
+    invalid(Param::RecoveryShares, reason)
 }
 
 /// One keyslot's material under the next master key.
@@ -75,7 +67,7 @@ struct Prepared {
 }
 
 /// The recovery set a keyslot's material belongs to.
-fn set_of(blob: &[u8]) -> Result<RecoverySlotData, ApiError> {
+fn set_of(blob: &[u8]) -> Result<RecoverySlotData, Error> {
     RecoverySlotData::from_blob(blob).map_err(|_| corrupt("recovery slot"))
 }
 
@@ -85,7 +77,7 @@ fn open_set(
     vault_id: &[u8; 16],
     given: &[ParsedShare],
     what: &str,
-) -> Result<Key32, ApiError> {
+) -> Result<Key32, Error> {
     let k = usize::from(data.set.threshold);
     if given.len() < k {
         return Err(bad(format!(
@@ -105,13 +97,8 @@ impl Vault {
     }
 
     /// The pending rekey, unless there is none or it lapsed.
-    async fn prepared(&self) -> Result<Option<Prepared>, ApiError> {
-        let Some(row) = self
-            .store
-            .read(store::tables::get_pending_rekey)
-            .await
-            .map_err(store_error)?
-        else {
+    async fn prepared(&self) -> Result<Option<Prepared>, Error> {
+        let Some(row) = self.store.read(store::tables::get_pending_rekey).await? else {
             return Ok(None);
         };
         if row.expires <= unix_now() {
@@ -129,14 +116,14 @@ impl Vault {
     }
 
     /// When the pending rekey lapses, if one is pending (for `Status`).
-    pub(super) async fn rekey_pending_until(&self) -> Result<Option<String>, ApiError> {
+    pub(super) async fn rekey_pending_until(&self) -> Result<Option<String>, Error> {
         Ok(self.prepared().await?.map(|p| rfc3339(p.expires)))
     }
 
     /// Refuse a keyslot change while a rekey is pending.
-    pub(super) async fn no_rekey_pending(&self) -> Result<(), ApiError> {
+    pub(super) async fn no_rekey_pending(&self) -> Result<(), Error> {
         match self.prepared().await? {
-            Some(p) => Err(ApiError::RekeyPending {
+            Some(p) => Err(Error::RekeyPending {
                 until: rfc3339(p.expires),
             }),
             None => Ok(()),
@@ -145,7 +132,7 @@ impl Vault {
 
     /// Drop what lapsed: unconfirmed recovery keyslots past their time (never the last
     /// keyslot) and a pending rekey past its time. Run before every keyslot change.
-    pub(super) async fn drop_lapsed(&self) -> Result<(), ApiError> {
+    pub(super) async fn drop_lapsed(&self) -> Result<(), Error> {
         let now = unix_now();
         let (slots, rekey) = self
             .store
@@ -157,8 +144,7 @@ impl Vault {
                 };
                 Ok((slots, rekey))
             })
-            .await
-            .map_err(store_error)?;
+            .await?;
         for id in slots {
             tracing::warn!(
                 keyslot = id,
@@ -173,7 +159,7 @@ impl Vault {
 
     /// Keep a rekey's next master key and material until its new shares are confirmed.
     /// Returns when it lapses (unix seconds).
-    pub(super) async fn prepare_rekey(&self, slots: Vec<NextSlot>) -> Result<u64, ApiError> {
+    pub(super) async fn prepare_rekey(&self, slots: Vec<NextSlot>) -> Result<u64, Error> {
         let expires = self.confirm_deadline();
         let encoded =
             serde_json::to_vec(&NextSlots { v: 1, slots }).map_err(|_| corrupt("pending rekey"))?;
@@ -184,8 +170,7 @@ impl Vault {
         };
         self.store
             .write(move |tx| store::tables::put_pending_rekey(tx, &pending))
-            .await
-            .map_err(store_error)?;
+            .await?;
         tracing::info!(
             until = %rfc3339(expires),
             "rekey prepared: it takes effect once its new recovery shares are confirmed"
@@ -204,7 +189,7 @@ impl Vault {
     pub async fn confirm_recovery(
         &self,
         shares: Vec<SecretString>,
-    ) -> Result<(Vec<api::Keyslot>, bool), ApiError> {
+    ) -> Result<(Vec<api::Keyslot>, bool), Error> {
         let mut sets: HashMap<[u8; 4], Vec<ParsedShare>> = HashMap::new();
         for (i, share) in shares.iter().enumerate() {
             let parsed = recovery::parse_share(share.expose())
@@ -228,7 +213,7 @@ impl Vault {
             let mut ids: Vec<u32> = p.slots.iter().map(|s| s.id).collect();
             ids.sort_unstable();
             if ids != rows.iter().map(|r| r.id).collect::<Vec<_>>() {
-                return Err(ApiError::Internal {
+                return Err(Error::Internal {
                     reason: "the pending rekey does not cover the keyslots: start it over with \
                              `keyward rekey`"
                         .into(),
@@ -299,8 +284,7 @@ impl Vault {
                         }
                         Ok(())
                     })
-                    .await
-                    .map_err(store_error)?;
+                    .await?;
                 false
             }
         };
@@ -326,12 +310,9 @@ impl Vault {
         vmk: Key32,
         blobs: Vec<(u32, Vec<u8>)>,
         confirm: Vec<u32>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         let vault_id = open.vault_id;
-        let keyring_blob = open
-            .keyring
-            .seal(&vmk, &vault_id)
-            .map_err(errors::crypto_error)?;
+        let keyring_blob = open.keyring.seal(&vmk, &vault_id).map_err(Error::Encrypt)?;
         let term = open.keyring.current_term();
         // The audit log names the next signing key durably before the new VMK is committed:
         // whichever way a crash falls, the log knows both keys.
@@ -353,13 +334,12 @@ impl Vault {
                 store::tables::delete_pending_rekey(tx)?;
                 Ok(())
             })
-            .await
-            .map_err(store_error);
+            .await;
         if let Err(e) = committed {
             if let Some(audit) = audit {
                 audit.rekeyed(None);
             }
-            return Err(e);
+            return Err(e.into());
         }
         if let Some(audit) = audit {
             audit.rekeyed(Some(super::audit_key::derive(&vmk, &vault_id)));

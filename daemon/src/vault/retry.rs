@@ -10,8 +10,6 @@
 
 use std::sync::Mutex;
 
-use keyward_proto::api::ApiError;
-
 use super::Vault;
 
 /// What to retry, if anything.
@@ -43,11 +41,6 @@ impl Retry {
     pub(super) fn disarm(&self) {
         self.waiting().clear();
     }
-}
-
-/// Whether a keyslot's unseal failed only because its device was not there to ask.
-pub(super) fn device_was_away(e: &ApiError) -> bool {
-    matches!(e, ApiError::DeviceUnavailable { .. } | ApiError::Busy)
 }
 
 impl Vault {

@@ -2,23 +2,24 @@
 //! with AAD binding vault, name, version and term, so a stored record can't be moved to
 //! another name or version, or replayed from another vault.
 
-use keyward_proto::api::{self, ApiError, SecretValue};
+use keyward_proto::api::{self, SecretValue};
 
 use super::crypto::{self, Key32};
-use super::{errors, store_error, Vault};
+use super::Vault;
+use crate::error::{Error, Param, Thing};
 use crate::names::check_secret_name;
-use crate::store::{self, tables::SecretRow, StoreError};
+use crate::store::{self, tables::SecretRow};
 
 impl Vault {
     /// `PutSecret`: a new version of `name`. Returns the version once committed.
     ///
     /// # Errors
     /// `Sealed`, an invalid name, `TooLarge`, store failures.
-    pub async fn put_secret(&self, name: String, value: SecretValue) -> Result<u64, ApiError> {
+    pub async fn put_secret(&self, name: String, value: SecretValue) -> Result<u64, Error> {
         check_secret_name(&name)?;
         if value.expose().len() > api::MAX_SECRET_LEN {
-            return Err(ApiError::TooLarge {
-                parameter: "value".into(),
+            return Err(Error::TooLarge {
+                parameter: Param::Value,
                 limit: api::MAX_SECRET_LEN as u64,
             });
         }
@@ -28,14 +29,14 @@ impl Vault {
                 Key32::from_bytes(key.expose()).map(|k| (o.vault_id, term, k))
             })
             .await?
-            .map_err(errors::crypto_error)?;
+            .map_err(Error::Encrypt)?;
         let version = self
             .store
-            .write(move |tx| {
+            .try_write(move |tx| {
                 let version = store::tables::next_secret_version(tx, &name)?;
                 let aad = crypto::secret_aad(&vault_id, &name, version, term);
-                let ciphertext = crypto::seal(&key, &aad, value.expose())
-                    .map_err(|_| StoreError::Conflict("secret too large to encrypt".into()))?;
+                let ciphertext =
+                    crypto::seal(&key, &aad, value.expose()).map_err(Error::Encrypt)?;
                 store::tables::insert_secret(
                     tx,
                     &SecretRow {
@@ -46,10 +47,9 @@ impl Vault {
                         created: store::tables::now_rfc3339(),
                     },
                 )?;
-                Ok(version)
+                Ok::<_, Error>(version)
             })
-            .await
-            .map_err(store_error)?;
+            .await?;
         Ok(version)
     }
 
@@ -61,16 +61,15 @@ impl Vault {
         &self,
         name: String,
         version: Option<u64>,
-    ) -> Result<(SecretValue, u64), ApiError> {
+    ) -> Result<(SecretValue, u64), Error> {
         check_secret_name(&name)?;
         self.with_open(|_| ()).await?;
         // A point lookup: run in place rather than on a blocking thread (see `read_now`).
         let row = self
             .store
-            .read_now(|c| store::tables::get_secret(c, &name, version))
-            .map_err(store_error)?
-            .ok_or_else(|| ApiError::NotFound {
-                kind: "secret".into(),
+            .read_now(|c| store::tables::get_secret(c, &name, version))?
+            .ok_or_else(|| Error::NotFound {
+                what: Thing::Secret,
                 name: match version {
                     Some(v) => format!("{name}@{v}"),
                     None => name.clone(),
@@ -86,7 +85,7 @@ impl Vault {
                 crypto::open(key, &aad, &row.ciphertext)
             })
             .await?
-            .map_err(errors::crypto_error)?;
+            .map_err(Error::Decrypt)?;
         Ok((SecretValue::from(plain), row.version))
     }
 
@@ -94,30 +93,29 @@ impl Vault {
     ///
     /// # Errors
     /// `Sealed`, store failures.
-    pub async fn list_secrets(&self, prefix: Option<String>) -> Result<Vec<String>, ApiError> {
+    pub async fn list_secrets(&self, prefix: Option<String>) -> Result<Vec<String>, Error> {
         self.with_open(|_| ()).await?;
         self.store
             .read(move |c| store::tables::list_secret_names(c, prefix.as_deref()))
             .await
-            .map_err(store_error)
+            .map_err(Error::from)
     }
 
     /// `SecretVersions`.
     ///
     /// # Errors
     /// `Sealed`, `NotFound`, store failures.
-    pub async fn secret_versions(&self, name: String) -> Result<Vec<api::SecretVersion>, ApiError> {
+    pub async fn secret_versions(&self, name: String) -> Result<Vec<api::SecretVersion>, Error> {
         check_secret_name(&name)?;
         self.with_open(|_| ()).await?;
         let lookup = name.clone();
         let versions = self
             .store
             .read(move |c| store::tables::secret_versions(c, &lookup))
-            .await
-            .map_err(store_error)?;
+            .await?;
         if versions.is_empty() {
-            return Err(ApiError::NotFound {
-                kind: "secret".into(),
+            return Err(Error::NotFound {
+                what: Thing::Secret,
                 name,
             });
         }
@@ -135,20 +133,19 @@ impl Vault {
     ///
     /// # Errors
     /// `Sealed`, `NotFound`, store failures.
-    pub async fn delete_secret(&self, name: String) -> Result<(), ApiError> {
+    pub async fn delete_secret(&self, name: String) -> Result<(), Error> {
         check_secret_name(&name)?;
         self.with_open(|_| ()).await?;
         let target = name.clone();
         let deleted = self
             .store
             .write(move |tx| store::tables::delete_secret(tx, &target))
-            .await
-            .map_err(store_error)?;
+            .await?;
         if deleted {
             Ok(())
         } else {
-            Err(ApiError::NotFound {
-                kind: "secret".into(),
+            Err(Error::NotFound {
+                what: Thing::Secret,
                 name,
             })
         }

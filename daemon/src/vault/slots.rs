@@ -3,12 +3,13 @@
 //! and the admin verbs over them: enroll, remove, rekey, rotate.
 
 use hsm_shim::{Pin, SealPolicy, SealedBlob, SecretBytes};
-use keyward_proto::api::{self, ApiError, SecretString, SlotSpec};
+use keyward_proto::api::{self, SecretString, SlotSpec};
 
 use super::crypto::Key32;
 use super::keyring::Keyring;
 use super::recovery::{self, RecoverySlotData};
-use super::{errors, pending, seal_context, store_error, State, Vault};
+use super::{pending, seal_context, State, Vault};
+use crate::error::{corrupt, invalid, Error, Param, Thing};
 use crate::store::{self, tables::KeyslotRow, tables::NewKeyslot};
 
 /// The API view of a stored keyslot.
@@ -26,22 +27,9 @@ pub(super) fn to_api(row: &KeyslotRow) -> api::Keyslot {
     }
 }
 
-fn bad(parameter: &str, reason: impl Into<String>) -> ApiError {
-    ApiError::InvalidArgument {
-        parameter: parameter.into(),
-        reason: reason.into(),
-    }
-}
-
-fn pin_of(s: Option<&SecretString>) -> Result<Option<Pin>, ApiError> {
-    s.map(|p| Pin::new(p.expose()).map_err(|e| bad("pin", e.to_string())))
+fn pin_of(s: Option<&SecretString>) -> Result<Option<Pin>, Error> {
+    s.map(|p| Pin::new(p.expose()).map_err(|e| invalid(Param::Pin, e.to_string())))
         .transpose()
-}
-
-fn corrupt(what: &str) -> ApiError {
-    ApiError::Internal {
-        reason: format!("stored {what} does not decode"),
-    }
 }
 
 impl Vault {
@@ -52,25 +40,28 @@ impl Vault {
         vault_id: &[u8; 16],
         vmk: &Key32,
         spec: &SlotSpec,
-    ) -> Result<(NewKeyslot, Vec<SecretString>), ApiError> {
+    ) -> Result<(NewKeyslot, Vec<SecretString>), Error> {
         match spec.kind.as_str() {
             "tpm2" | "pkcs11" => {
                 let name = spec
                     .device
                     .as_deref()
-                    .ok_or_else(|| bad("device", "a device slot names its device"))?;
+                    .ok_or_else(|| invalid(Param::Device, "a device slot names its device"))?;
                 let device = self.device(name)?;
                 if device.kind() != spec.kind {
-                    return Err(bad(
-                        "device",
+                    return Err(invalid(
+                        Param::Device,
                         format!("{name:?} is a {} device, not {}", device.kind(), spec.kind),
                     ));
                 }
                 if spec.kind == "pkcs11" && (spec.pcrs.is_some() || spec.pin.is_some()) {
-                    return Err(bad("slot", "a pkcs11 slot has no PCRs or PIN of its own: the token's login PIN guards it"));
+                    return Err(invalid(Param::Slot, "a pkcs11 slot has no PCRs or PIN of its own: the token's login PIN guards it"));
                 }
                 if spec.threshold.is_some() || spec.shares.is_some() {
-                    return Err(bad("slot", "threshold and shares are for recovery slots"));
+                    return Err(invalid(
+                        Param::Slot,
+                        "threshold and shares are for recovery slots",
+                    ));
                 }
                 let policy = SealPolicy {
                     pcrs: spec.pcrs.clone(),
@@ -80,7 +71,7 @@ impl Vault {
                 let blob = self.device_seal(name, vault_id, vmk, policy).await?;
                 let back = self.device_unseal(name, vault_id, &blob, test_pin).await?;
                 if back.expose() != vmk.expose() {
-                    return Err(ApiError::Internal {
+                    return Err(Error::SelfTest {
                         reason: format!("device {name:?} returned another key in the test unseal"),
                     });
                 }
@@ -105,38 +96,38 @@ impl Vault {
             }
             "recovery" => {
                 if spec.device.is_some() || spec.pcrs.is_some() || spec.pin.is_some() {
-                    return Err(bad(
-                        "slot",
+                    return Err(invalid(
+                        Param::Slot,
                         "a recovery slot takes only threshold and shares",
                     ));
                 }
                 let (k, n) = match (spec.threshold, spec.shares) {
                     (Some(k), Some(n)) => (k, n),
                     _ => {
-                        return Err(bad(
-                            "slot",
+                        return Err(invalid(
+                            Param::Slot,
                             "a recovery slot needs threshold and shares (e.g. 2 of 3)",
                         ))
                     }
                 };
                 let (data, texts) = recovery::enroll(vmk, vault_id, k, n)
-                    .map_err(|e| bad("slot", e.to_string()))?;
+                    .map_err(|e| invalid(Param::Slot, e.to_string()))?;
                 // The test unseal: the first k shares, parsed back from their text, must open it.
                 let parsed = texts
                     .iter()
                     .take(usize::from(k))
                     .map(|t| recovery::parse_share(t))
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| ApiError::Internal {
+                    .map_err(|e| Error::SelfTest {
                         reason: format!("recovery share self-test: {e}"),
                     })?;
                 let back = recovery::unwrap_vmk(&data, vault_id, &parsed).map_err(|e| {
-                    ApiError::Internal {
+                    Error::SelfTest {
                         reason: format!("recovery self-test: {e}"),
                     }
                 })?;
                 if back.expose() != vmk.expose() {
-                    return Err(ApiError::Internal {
+                    return Err(Error::SelfTest {
                         reason: "recovery self-test opened another key".into(),
                     });
                 }
@@ -160,8 +151,8 @@ impl Vault {
                     shares,
                 ))
             }
-            other => Err(bad(
-                "kind",
+            other => Err(invalid(
+                Param::Kind,
                 format!("{other:?}: a keyslot is tpm2, pkcs11 or recovery"),
             )),
         }
@@ -173,13 +164,13 @@ impl Vault {
         vault_id: &[u8; 16],
         vmk: &Key32,
         policy: SealPolicy,
-    ) -> Result<SealedBlob, ApiError> {
+    ) -> Result<SealedBlob, Error> {
         let secret = SecretBytes::new(vmk.expose().to_vec());
         let context = seal_context(vault_id);
         self.device(name)?
             .call(move |d| d.seal(&secret, &context, &policy))
             .await
-            .map_err(|e| errors::device_error(name, e))
+            .map_err(|e| Error::device(name, e))
     }
 
     async fn device_unseal(
@@ -188,15 +179,15 @@ impl Vault {
         vault_id: &[u8; 16],
         blob: &SealedBlob,
         pin: Option<Pin>,
-    ) -> Result<Key32, ApiError> {
+    ) -> Result<Key32, Error> {
         let blob = blob.clone();
         let context = seal_context(vault_id);
         let secret = self
             .device(name)?
             .call(move |d| d.unseal(&blob, &context, pin.as_ref()))
             .await
-            .map_err(|e| errors::device_error(name, e))?;
-        Key32::from_bytes(secret.expose()).map_err(|_| ApiError::Internal {
+            .map_err(|e| Error::device(name, e))?;
+        Key32::from_bytes(secret.expose()).map_err(|_| Error::Internal {
             reason: format!("device {name:?} unsealed a key of the wrong size"),
         })
     }
@@ -207,7 +198,7 @@ impl Vault {
         vault_id: &[u8; 16],
         row: &KeyslotRow,
         pin: Option<Pin>,
-    ) -> Result<Key32, ApiError> {
+    ) -> Result<Key32, Error> {
         let device = row
             .device
             .as_deref()
@@ -218,17 +209,13 @@ impl Vault {
     }
 
     /// Every keyslot, whatever the vault's state (for `Status`).
-    pub(super) async fn list_keyslots_any_state(&self) -> Result<Vec<api::Keyslot>, ApiError> {
+    pub(super) async fn list_keyslots_any_state(&self) -> Result<Vec<api::Keyslot>, Error> {
         Ok(self.keyslot_rows().await?.iter().map(to_api).collect())
     }
 
     /// The keyslots that count now (lapsed unconfirmed recovery slots are left out).
-    pub(super) async fn keyslot_rows(&self) -> Result<Vec<KeyslotRow>, ApiError> {
-        let rows = self
-            .store
-            .read(store::tables::list_keyslots)
-            .await
-            .map_err(store_error)?;
+    pub(super) async fn keyslot_rows(&self) -> Result<Vec<KeyslotRow>, Error> {
+        let rows = self.store.read(store::tables::list_keyslots).await?;
         Ok(pending::live(rows, pending::unix_now()))
     }
 
@@ -236,7 +223,7 @@ impl Vault {
     ///
     /// # Errors
     /// `Sealed`, `NotInitialized`, store failures.
-    pub async fn list_keyslots(&self) -> Result<Vec<api::Keyslot>, ApiError> {
+    pub async fn list_keyslots(&self) -> Result<Vec<api::Keyslot>, Error> {
         self.with_open(|_| ()).await?;
         self.list_keyslots_any_state().await
     }
@@ -286,9 +273,7 @@ impl Vault {
                     }
                     Err(e) => {
                         tracing::warn!(keyslot = row.id, device = %device, error = %e, "unattended unseal failed");
-                        if super::retry::device_was_away(&e)
-                            && !away.iter().any(|(d, _)| d == device)
-                        {
+                        if e.is_retryable() && !away.iter().any(|(d, _)| d == device) {
                             away.push((device.clone(), opens));
                         }
                         why.push(format!("keyslot {} ({device}): {e}", row.id));
@@ -314,11 +299,11 @@ impl Vault {
     ///
     /// # Errors
     /// `NotInitialized`; a malformed share; a PIN the device refuses.
-    pub async fn unseal(&self, params: api::UnsealParams) -> Result<(bool, Option<u8>), ApiError> {
+    pub async fn unseal(&self, params: api::UnsealParams) -> Result<(bool, Option<u8>), Error> {
         {
             let state = self.state.read().await;
             match *state {
-                State::Uninitialized => return Err(ApiError::NotInitialized),
+                State::Uninitialized => return Err(Error::NotInitialized),
                 State::Unsealed(_) => return Ok((false, None)),
                 State::Sealed { .. } => {}
             }
@@ -331,8 +316,8 @@ impl Vault {
                 .unseal_with_pin(&vault_id, &rows, pin)
                 .await
                 .map(|()| (false, None)),
-            _ => Err(bad(
-                "parameters",
+            _ => Err(invalid(
+                Param::Parameters,
                 "give exactly one of recovery_share and pin",
             )),
         }
@@ -343,16 +328,16 @@ impl Vault {
         vault_id: &[u8; 16],
         rows: &[KeyslotRow],
         share: SecretString,
-    ) -> Result<(bool, Option<u8>), ApiError> {
+    ) -> Result<(bool, Option<u8>), Error> {
         let parsed = recovery::parse_share(share.expose())
-            .map_err(|e| bad("recovery_share", e.to_string()))?;
+            .map_err(|e| invalid(Param::RecoveryShare, e.to_string()))?;
         let slot = rows.iter().filter(|r| r.kind == "recovery").find_map(|r| {
             let data = RecoverySlotData::from_blob(&r.blob).ok()?;
             (data.set.set_id == parsed.set_id).then_some((r.id, r.unconfirmed_until, data))
         });
         let Some((slot_id, unconfirmed, data)) = slot else {
-            return Err(bad(
-                "recovery_share",
+            return Err(invalid(
+                Param::RecoveryShare,
                 "this share belongs to no recovery keyslot of this vault",
             ));
         };
@@ -374,8 +359,8 @@ impl Vault {
             shares.remove(&set_id).unwrap_or_default()
         };
         let vmk = recovery::unwrap_vmk(&data, vault_id, &ready).map_err(|e| {
-            bad(
-                "recovery_share",
+            invalid(
+                Param::RecoveryShare,
                 format!("the shares do not open keyslot {slot_id}: {e}"),
             )
         })?;
@@ -385,8 +370,7 @@ impl Vault {
             // Whoever opened the vault with these shares holds them: that is the proof.
             self.store
                 .write(move |tx| store::tables::confirm_keyslot(tx, slot_id))
-                .await
-                .map_err(store_error)?;
+                .await?;
             tracing::info!(keyslot = slot_id, "recovery shares confirmed by an unseal");
         }
         Ok((false, None))
@@ -397,7 +381,7 @@ impl Vault {
         vault_id: &[u8; 16],
         rows: &[KeyslotRow],
         pin: SecretString,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         // TPM slots bound to a PIN first; a wrong PIN ends the attempt (each try burns the
         // TPM's lockout counter).
         if let Some(row) = rows.iter().find(|r| r.kind == "tpm2" && r.pin) {
@@ -418,23 +402,23 @@ impl Vault {
             else {
                 continue;
             };
-            let p = pin_of(Some(&pin))?.ok_or_else(|| bad("pin", "empty"))?;
-            handle
-                .login(p)
-                .await
-                .map_err(|e| errors::device_error(name, e))?;
+            let p = pin_of(Some(&pin))?.ok_or_else(|| invalid(Param::Pin, "empty"))?;
+            handle.login(p).await.map_err(|e| Error::device(name, e))?;
             let vmk = self.unseal_slot(vault_id, row, None).await?;
             return self
                 .open_with(vmk, format!("keyslot {} (pkcs11 on {name})", row.id))
                 .await;
         }
-        Err(bad("pin", "no keyslot of this vault takes a PIN now"))
+        Err(invalid(
+            Param::Pin,
+            "no keyslot of this vault takes a PIN now",
+        ))
     }
 
     /// A duplicate of the open vault's id and VMK, for work that must not hold the lock.
-    async fn open_copy(&self) -> Result<([u8; 16], Key32), ApiError> {
+    async fn open_copy(&self) -> Result<([u8; 16], Key32), Error> {
         self.with_open(|o| {
-            Ok::<_, ApiError>((
+            Ok::<_, Error>((
                 o.vault_id,
                 Key32::from_bytes(o.vmk.expose()).map_err(|_| corrupt("vmk"))?,
             ))
@@ -446,10 +430,7 @@ impl Vault {
     ///
     /// # Errors
     /// `Sealed`, a bad spec, a device failure.
-    pub async fn enroll(
-        &self,
-        spec: SlotSpec,
-    ) -> Result<(api::Keyslot, Vec<SecretString>), ApiError> {
+    pub async fn enroll(&self, spec: SlotSpec) -> Result<(api::Keyslot, Vec<SecretString>), Error> {
         let (vault_id, vmk) = self.open_copy().await?;
         self.no_rekey_pending().await?;
         self.drop_lapsed().await?;
@@ -460,8 +441,7 @@ impl Vault {
         let row = self
             .store
             .write(move |tx| store::tables::insert_keyslot(tx, &slot))
-            .await
-            .map_err(store_error)?;
+            .await?;
         tracing::info!(keyslot = row.id, kind = %row.kind, "keyslot enrolled");
         Ok((to_api(&row), shares))
     }
@@ -471,60 +451,54 @@ impl Vault {
     ///
     /// # Errors
     /// `Sealed`, `NotFound`, `LastKeyslot`, `RekeyPending`.
-    pub async fn remove_keyslot(&self, id: u32, force: bool) -> Result<(), ApiError> {
+    pub async fn remove_keyslot(&self, id: u32, force: bool) -> Result<(), Error> {
         self.with_open(|_| ()).await?;
         self.no_rekey_pending().await?;
         self.drop_lapsed().await?;
-        let removed = self
-            .store
-            .write(move |tx| {
+        self.store
+            .try_write(move |tx| {
                 let rows = store::tables::list_keyslots(tx)?;
                 if !rows.iter().any(|r| r.id == id) {
-                    return Ok(Err(ApiError::NotFound {
-                        kind: "keyslot".into(),
+                    return Err(Error::NotFound {
+                        what: Thing::Keyslot,
                         name: id.to_string(),
-                    }));
+                    });
                 }
                 let ways_left = rows
                     .iter()
                     .filter(|r| r.id != id && r.unconfirmed_until.is_none())
                     .count();
                 if ways_left == 0 && !force {
-                    return Ok(Err(ApiError::LastKeyslot { id }));
+                    return Err(Error::LastKeyslot { id });
                 }
                 store::tables::delete_keyslot(tx, id)?;
-                Ok(Ok(()))
+                Ok(())
             })
-            .await
-            .map_err(store_error)?;
-        if removed.is_ok() {
-            tracing::warn!(keyslot = id, force, "keyslot removed");
-        }
-        removed
+            .await?;
+        tracing::warn!(keyslot = id, force, "keyslot removed");
+        Ok(())
     }
 
     /// `Rotate`: a new data-key term; new secret versions use it, old ones stay readable.
     ///
     /// # Errors
     /// `Sealed`, store failures.
-    pub async fn rotate(&self) -> Result<u32, ApiError> {
+    pub async fn rotate(&self) -> Result<u32, Error> {
         let mut state = self.state.write().await;
         let open = state.open_mut()?;
         // Rotate a copy, store it, then swap: a failed write leaves memory and disk as they were.
         let sealed = open
             .keyring
             .seal(&open.vmk, &open.vault_id)
-            .map_err(errors::crypto_error)?;
-        let mut next =
-            Keyring::open(&open.vmk, &open.vault_id, &sealed).map_err(errors::crypto_error)?;
-        let term = next.rotate().map_err(errors::crypto_error)?;
+            .map_err(Error::Encrypt)?;
+        let mut next = Keyring::open(&open.vmk, &open.vault_id, &sealed).map_err(Error::Decrypt)?;
+        let term = next.rotate().map_err(Error::Encrypt)?;
         let blob = next
             .seal(&open.vmk, &open.vault_id)
-            .map_err(errors::crypto_error)?;
+            .map_err(Error::Encrypt)?;
         self.store
             .write(move |tx| store::tables::update_keyring(tx, &blob, term))
-            .await
-            .map_err(store_error)?;
+            .await?;
         open.keyring = next;
         tracing::info!(term, "data-key term rotated");
         Ok(term)
@@ -545,7 +519,7 @@ impl Vault {
     pub async fn rekey(
         &self,
         pin: Option<SecretString>,
-    ) -> Result<(Vec<SecretString>, Option<u64>), ApiError> {
+    ) -> Result<(Vec<SecretString>, Option<u64>), Error> {
         self.drop_lapsed().await?;
         // The write lock for the whole rekey: no reader may see a half-swapped VMK.
         let mut state = self.state.write().await;
@@ -553,8 +527,8 @@ impl Vault {
         let rows = self.keyslot_rows().await?;
         if let Some(row) = rows.iter().find(|r| r.pin) {
             if pin.is_none() {
-                return Err(bad(
-                    "pin",
+                return Err(invalid(
+                    Param::Pin,
                     format!(
                         "keyslot {} is bound to a PIN: give it to re-seal the slot",
                         row.id
