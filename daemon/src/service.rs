@@ -1,6 +1,8 @@
 //! THE API: one transport-agnostic service. Every transport (Varlink, D-Bus, the credential
 //! socket) hands it a [`Caller`] and a [`Request`]; it checks the policy, runs the request on the
-//! vault, audits it (never a value) and returns a typed reply or error.
+//! vault, audits it (never a value) and returns a typed reply or error. What the policy checks
+//! and how a call is audited come from the contract's method table (`Request::access`,
+//! `Request::audit`, `Request::target`, `Request::detail`); the one match here is the handler.
 //!
 //! Every request is audited, refused ones included, and none is answered unless its record
 //! was written: a mutation (write or admin verb) gets a durable `started` record before it runs

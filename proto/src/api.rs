@@ -2,6 +2,11 @@
 //! and the Varlink interface description. The daemon's transports and this crate's client both
 //! use these types, so the two sides cannot drift apart.
 //!
+//! Each method is declared once, in the table [`keyward_methods!`](crate::keyward_methods):
+//! [`Request`], [`Reply`], [`methods`] and [`METHODS`] are built from it, and so are the
+//! daemon's D-Bus members. The interface text is written by hand; a test holds it to the table
+//! and to [`ApiError`].
+//!
 //! Binary values travel as base64 strings. Secret values use [`SecretValue`], which decodes
 //! straight into zeroizing memory and never prints its content.
 
@@ -1070,6 +1075,75 @@ mod tests {
             Ok(Request::Status(_))
         ));
         assert!(Request::parse("Status", Some(r#"{"x":1}"#)).is_err());
+    }
+
+    /// The names and parameters clients already parse, spelled out.
+    #[test]
+    fn the_wire_form_of_errors_is_the_documented_one() {
+        use serde_json::json;
+        let cases = [
+            (ApiError::Busy, "org.keyward.Custodian.Busy", json!({})),
+            (
+                ApiError::PinIncorrect { retries_left: None },
+                "org.keyward.Custodian.PinIncorrect",
+                json!({}),
+            ),
+            (
+                ApiError::PinIncorrect {
+                    retries_left: Some(2),
+                },
+                "org.keyward.Custodian.PinIncorrect",
+                json!({ "retries_left": 2 }),
+            ),
+            (
+                ApiError::TooLarge {
+                    parameter: "value".into(),
+                    limit: 9,
+                },
+                "org.keyward.Custodian.TooLarge",
+                json!({ "parameter": "value", "limit": 9 }),
+            ),
+            (
+                ApiError::InvalidParameter {
+                    parameter: "name".into(),
+                },
+                "org.varlink.service.InvalidParameter",
+                json!({ "parameter": "name" }),
+            ),
+            (
+                ApiError::Other {
+                    name: "com.example.Odd".into(),
+                    parameters: r#"{"a":1}"#.into(),
+                },
+                "com.example.Odd",
+                json!({ "a": 1 }),
+            ),
+        ];
+        for (e, name, parameters) in cases {
+            assert_eq!(e.name(), name);
+            assert_eq!(e.parameters(), parameters, "{name}");
+        }
+        let e = ApiError::NotFound {
+            kind: "secret".into(),
+            name: "a".into(),
+        };
+        assert_eq!(
+            (e.short_name().as_str(), e.reason().as_str()),
+            ("NotFound", "NotFound")
+        );
+        let e = ApiError::MethodNotFound { method: "m".into() };
+        assert_eq!(e.short_name(), "org.varlink.service.MethodNotFound");
+        assert_eq!(e.reason(), "MethodNotFound");
+        // Another interface's error of the same short name is not ours.
+        assert!(matches!(
+            ApiError::from_wire("com.example.NotFound", &json!({"kind": "k", "name": "n"})),
+            ApiError::Other { .. }
+        ));
+        // Known name, parameters that don't fit: kept as they came.
+        assert!(matches!(
+            ApiError::from_wire("org.keyward.Custodian.LastKeyslot", &json!({"id": "x"})),
+            ApiError::Other { .. }
+        ));
     }
 
     #[test]

@@ -9,6 +9,11 @@
 //! bus can't vouch for is refused. Nothing else is decided here: policy, the vault and the
 //! devices are the service's business, and this module never touches them.
 //!
+//! Every method of the contract's table (`keyward_proto::keyward_methods!`) is a member: the
+//! everyday ones with typed signatures written out here, every other one generated as
+//! `s` (its Varlink parameters as JSON) → `s` (its Varlink reply as JSON), so that a method
+//! added to the table reaches D-Bus without an edit here.
+//!
 //! It never logs, prints or keeps a copy of argument or reply contents (secret values, PINs,
 //! recovery shares). Secret values are moved into zeroizing buffers the moment they leave the
 //! message, and returned values are serialized straight from the service's zeroizing buffer.
