@@ -161,7 +161,7 @@ impl Service {
             }),
             Request::RemoveKeyslot(p) => {
                 v.remove_keyslot(p.id, p.force.unwrap_or(false)).await?;
-                Reply::RemoveKeyslot(api::Empty {})
+                Reply::RemoveKeyslot(api::Done {})
             }
             Request::Rekey(p) => {
                 let (recovery_shares, pending) = v.rekey(p.pin).await?;
@@ -179,7 +179,7 @@ impl Service {
             }),
             Request::Seal(_) => {
                 v.seal(&caller.to_string()).await?;
-                Reply::Seal(api::Empty {})
+                Reply::Seal(api::Done {})
             }
             Request::Unseal(p) => {
                 let (sealed, shares_needed) = v.unseal(p).await?;
@@ -208,7 +208,7 @@ impl Service {
             }),
             Request::DeleteSecret(p) => {
                 v.delete_secret(p.name).await?;
-                Reply::DeleteSecret(api::Empty {})
+                Reply::DeleteSecret(api::Done {})
             }
             Request::CreateKey(p) => Reply::CreateKey(api::PublicKeyReply {
                 public_key: api::Bytes(v.create_key(p.name, p.device, p.algorithm).await?),
@@ -236,7 +236,7 @@ impl Service {
             }),
             Request::DeleteKey(p) => {
                 v.delete_key(p.name).await?;
-                Reply::DeleteKey(api::Empty {})
+                Reply::DeleteKey(api::Done {})
             }
         })
     }

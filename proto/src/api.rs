@@ -352,6 +352,11 @@ pub struct KeyInfo {
 #[serde(deny_unknown_fields)]
 pub struct Empty {}
 
+/// The reply of a call that returns nothing (`()`): unlike [`Empty`], a field a newer daemon
+/// adds is ignored.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Done {}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReply {
     pub initialized: bool,
@@ -651,7 +656,7 @@ macro_rules! keyward_methods {
                 target: |_| "vault".into(), detail: |_| None,
             }
             /// Remove a keyslot.
-            RemoveKeyslot($crate::api::RemoveKeyslotParams) -> $crate::api::Empty {
+            RemoveKeyslot($crate::api::RemoveKeyslotParams) -> $crate::api::Done {
                 access: Admin, audit: AdminChange,
                 target: |p| format!("keyslot {}", p.id), detail: |_| None,
             }
@@ -671,7 +676,7 @@ macro_rules! keyward_methods {
                 target: |_| "vault".into(), detail: |_| None,
             }
             /// Forget the master key.
-            Seal($crate::api::Empty) -> $crate::api::Empty {
+            Seal($crate::api::Empty) -> $crate::api::Done {
                 access: Admin, audit: AdminChange,
                 target: |_| "vault".into(), detail: |_| None,
             }
@@ -706,7 +711,7 @@ macro_rules! keyward_methods {
                 target: |p| p.name.clone(), detail: |_| None,
             }
             /// Delete a secret.
-            DeleteSecret($crate::api::NameParams) -> $crate::api::Empty {
+            DeleteSecret($crate::api::NameParams) -> $crate::api::Done {
                 access: WriteSecret, audit: Change,
                 target: |p| p.name.clone(), detail: |_| None,
             }
@@ -732,7 +737,7 @@ macro_rules! keyward_methods {
                 detail: |p| p.prehashed.filter(|&h| h).map(|_| "prehashed".into()),
             }
             /// Destroy a key.
-            DeleteKey($crate::api::NameParams) -> $crate::api::Empty {
+            DeleteKey($crate::api::NameParams) -> $crate::api::Done {
                 access: ManageKey, audit: Change,
                 target: |p| p.name.clone(), detail: |_| None,
             }

@@ -705,7 +705,7 @@ mod tests {
     use std::sync::Mutex;
     use tokio::sync::{mpsc, Notify};
 
-    use keyward_proto::api::{Empty, NamesReply, Reply, VersionReply};
+    use keyward_proto::api::{Done, NamesReply, Reply, VersionReply};
     use serde_json::{json, Value};
 
     /// Guards every wait so a broken server fails a test instead of hanging it.
@@ -740,10 +740,10 @@ mod tests {
                         let _ = started.send(());
                     }
                     self.release.notified().await;
-                    Ok(Reply::Seal(Empty {}))
+                    Ok(Reply::Seal(Done {}))
                 }
                 // Every other reply here is `{}`.
-                _ => Ok(Reply::DeleteKey(Empty {})),
+                _ => Ok(Reply::DeleteKey(Done {})),
             }
         }
     }
