@@ -14,18 +14,17 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use zeroize::{Zeroize, Zeroizing};
 
 use keyward_proto::api::{
-    self, ApiError, Bytes, ConfirmRecoveryParams, ConfirmRecoveryReply, CreateKeyParams, Empty,
-    EnrollParams, EnrollReply, GetSecretParams, GetSecretReply, InitParams, InitReply, KeyInfo,
-    KeysReply, Keyslot, KeyslotsReply, ListSecretsParams, NameParams, NamesReply, PublicKeyReply,
-    PutSecretParams, RekeyParams, RekeyReply, RemoveKeyslotParams, RotateReply, SecretString,
-    SecretValue, SecretVersion, SignParams, SignReply, SlotSpec, StatusReply, UnsealParams,
-    UnsealReply, VersionReply, VersionsReply,
+    self, methods, ApiError, Bytes, ConfirmRecoveryParams, ConfirmRecoveryReply, CreateKeyParams,
+    Empty, EnrollParams, EnrollReply, GetSecretParams, GetSecretReply, InitParams, InitReply,
+    KeyInfo, Keyslot, ListSecretsParams, Method, NameParams, PutSecretParams, RekeyParams,
+    RekeyReply, RemoveKeyslotParams, SecretString, SecretValue, SecretVersion, SignParams,
+    SlotSpec, StatusReply, UnsealParams, UnsealReply,
 };
 
 /// Where `keywardd` listens unless told otherwise.
@@ -221,12 +220,14 @@ impl Client {
         self.call(method, params)
     }
 
-    fn custodian<P: Serialize, R: DeserializeOwned>(
-        &mut self,
-        short: &str,
-        params: &P,
-    ) -> Result<R, ClientError> {
-        self.call(&format!("{}.{short}", api::INTERFACE), params)
+    /// Call any method of `org.keyward.Custodian` by its type in the method table
+    /// (`client.request::<methods::SecretVersions>(&params)`): the typed methods below are
+    /// this, with friendlier arguments.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn request<M: Method>(&mut self, params: &M::Params) -> Result<M::Reply, ClientError> {
+        self.call(&format!("{}.{}", api::INTERFACE, M::NAME), params)
     }
 
     fn send<P: Serialize>(&mut self, method: &str, params: &P) -> Result<(), ClientError> {
@@ -303,7 +304,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn status(&mut self) -> Result<StatusReply, ClientError> {
-        self.custodian("Status", &Empty {})
+        self.request::<methods::Status>(&Empty {})
     }
 
     /// `Init(slots)`: create the vault with these keyslots. Recovery shares come back once.
@@ -311,7 +312,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn init(&mut self, slots: Vec<SlotSpec>) -> Result<InitReply, ClientError> {
-        self.custodian("Init", &InitParams { slots })
+        self.request::<methods::Init>(&InitParams { slots })
     }
 
     /// `Enroll(slot)`: add a keyslot.
@@ -319,7 +320,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn enroll(&mut self, slot: SlotSpec) -> Result<EnrollReply, ClientError> {
-        self.custodian("Enroll", &EnrollParams { slot })
+        self.request::<methods::Enroll>(&EnrollParams { slot })
     }
 
     /// `ListKeyslots()`.
@@ -327,7 +328,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn list_keyslots(&mut self) -> Result<Vec<Keyslot>, ClientError> {
-        self.custodian::<_, KeyslotsReply>("ListKeyslots", &Empty {})
+        self.request::<methods::ListKeyslots>(&Empty {})
             .map(|r| r.keyslots)
     }
 
@@ -340,8 +341,7 @@ impl Client {
             id,
             force: force.then_some(true),
         };
-        self.custodian::<_, IgnoredAny>("RemoveKeyslot", &params)
-            .map(drop)
+        self.request::<methods::RemoveKeyslot>(&params).map(drop)
     }
 
     /// `Rekey(pin)`: a new master key. Recovery slots get new shares, returned once.
@@ -349,7 +349,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn rekey(&mut self, pin: Option<SecretString>) -> Result<RekeyReply, ClientError> {
-        self.custodian("Rekey", &RekeyParams { pin })
+        self.request::<methods::Rekey>(&RekeyParams { pin })
     }
 
     /// `ConfirmRecovery(recovery_shares)`: prove the new shares reached a person; a pending
@@ -361,10 +361,7 @@ impl Client {
         &mut self,
         recovery_shares: Vec<SecretString>,
     ) -> Result<ConfirmRecoveryReply, ClientError> {
-        self.custodian(
-            "ConfirmRecovery",
-            &ConfirmRecoveryParams { recovery_shares },
-        )
+        self.request::<methods::ConfirmRecovery>(&ConfirmRecoveryParams { recovery_shares })
     }
 
     /// `Rotate()`: a new data-key term; returns it.
@@ -372,8 +369,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn rotate(&mut self) -> Result<u32, ClientError> {
-        self.custodian::<_, RotateReply>("Rotate", &Empty {})
-            .map(|r| r.term)
+        self.request::<methods::Rotate>(&Empty {}).map(|r| r.term)
     }
 
     /// `Seal()`: the daemon forgets the master key.
@@ -381,7 +377,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn seal(&mut self) -> Result<(), ClientError> {
-        self.custodian::<_, IgnoredAny>("Seal", &Empty {}).map(drop)
+        self.request::<methods::Seal>(&Empty {}).map(drop)
     }
 
     /// `Unseal(recovery_share, pin)`: one share, or a PIN.
@@ -389,7 +385,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn unseal(&mut self, params: UnsealParams) -> Result<UnsealReply, ClientError> {
-        self.custodian("Unseal", &params)
+        self.request::<methods::Unseal>(&params)
     }
 
     /// `PutSecret(name, value)`: returns the new version.
@@ -401,7 +397,7 @@ impl Client {
             name: name.to_owned(),
             value: SecretValue::new(value.to_vec()),
         };
-        self.custodian::<_, VersionReply>("PutSecret", &params)
+        self.request::<methods::PutSecret>(&params)
             .map(|r| r.version)
     }
 
@@ -418,7 +414,7 @@ impl Client {
             name: name.to_owned(),
             version,
         };
-        self.custodian("GetSecret", &params)
+        self.request::<methods::GetSecret>(&params)
     }
 
     /// `ListSecrets(prefix)`.
@@ -429,7 +425,7 @@ impl Client {
         let params = ListSecretsParams {
             prefix: prefix.map(str::to_owned),
         };
-        self.custodian::<_, NamesReply>("ListSecrets", &params)
+        self.request::<methods::ListSecrets>(&params)
             .map(|r| r.names)
     }
 
@@ -438,7 +434,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn secret_versions(&mut self, name: &str) -> Result<Vec<SecretVersion>, ClientError> {
-        self.custodian::<_, VersionsReply>("SecretVersions", &name_params(name))
+        self.request::<methods::SecretVersions>(&name_params(name))
             .map(|r| r.versions)
     }
 
@@ -447,7 +443,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn delete_secret(&mut self, name: &str) -> Result<(), ClientError> {
-        self.custodian::<_, IgnoredAny>("DeleteSecret", &name_params(name))
+        self.request::<methods::DeleteSecret>(&name_params(name))
             .map(drop)
     }
 
@@ -466,7 +462,7 @@ impl Client {
             device: device.to_owned(),
             algorithm: algorithm.to_owned(),
         };
-        self.custodian::<_, PublicKeyReply>("CreateKey", &params)
+        self.request::<methods::CreateKey>(&params)
             .map(|r| r.public_key.0)
     }
 
@@ -475,8 +471,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn list_keys(&mut self) -> Result<Vec<KeyInfo>, ClientError> {
-        self.custodian::<_, KeysReply>("ListKeys", &Empty {})
-            .map(|r| r.keys)
+        self.request::<methods::ListKeys>(&Empty {}).map(|r| r.keys)
     }
 
     /// `PublicKey(name)`: DER SubjectPublicKeyInfo.
@@ -484,7 +479,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn public_key(&mut self, name: &str) -> Result<Vec<u8>, ClientError> {
-        self.custodian::<_, PublicKeyReply>("PublicKey", &name_params(name))
+        self.request::<methods::PublicKey>(&name_params(name))
             .map(|r| r.public_key.0)
     }
 
@@ -504,7 +499,7 @@ impl Client {
             data: Bytes(data.to_vec()),
             prehashed: prehashed.then_some(true),
         };
-        self.custodian::<_, SignReply>("Sign", &params)
+        self.request::<methods::Sign>(&params)
             .map(|r| r.signature.0)
     }
 
@@ -513,7 +508,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn delete_key(&mut self, name: &str) -> Result<(), ClientError> {
-        self.custodian::<_, IgnoredAny>("DeleteKey", &name_params(name))
+        self.request::<methods::DeleteKey>(&name_params(name))
             .map(drop)
     }
 }
@@ -579,6 +574,7 @@ fn decode_reply<R: DeserializeOwned>(frame: &[u8], method: &str) -> Result<R, Cl
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::de::IgnoredAny;
     use std::os::unix::net::UnixListener;
 
     /// A fake daemon on one connection: answers each request with the next canned reply.

@@ -1,6 +1,8 @@
 //! THE API: one transport-agnostic service. Every transport (Varlink, D-Bus, the credential
 //! socket) hands it a [`Caller`] and a [`Request`]; it checks the policy, runs the request on the
-//! vault, audits it (never a value) and returns a typed reply or error.
+//! vault, audits it (never a value) and returns a typed reply or error. What the policy checks
+//! and how a call is audited come from the contract's method table (`Request::access`,
+//! `Request::audit`, `Request::target`, `Request::detail`); the one match here is the handler.
 //!
 //! Every request is audited, refused ones included, and none is answered unless its record
 //! was written: a mutation (write or admin verb) gets a durable `started` record before it runs
@@ -14,7 +16,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use keyward_proto::api::{self, ApiError, Reply, Request};
+use keyward_proto::api::{self, Access, ApiError, Audit, Reply, Request};
 use keyward_proto::audit::{OK, STARTED};
 
 use crate::audit::{AuditLog, Durability, Entry};
@@ -42,30 +44,18 @@ impl std::fmt::Debug for Service {
     }
 }
 
-/// What a request touches, for the policy.
-fn needs(request: &Request) -> Option<(Action, Resource<'_>)> {
-    Some(match request {
-        // Anyone who can reach the socket may ask whether the vault is sealed.
-        Request::Status => return None,
-        Request::Init(_)
-        | Request::Enroll(_)
-        | Request::ListKeyslots
-        | Request::RemoveKeyslot(_)
-        | Request::Rekey(_)
-        | Request::ConfirmRecovery(_)
-        | Request::Rotate
-        | Request::Seal
-        | Request::Unseal(_) => (Action::Admin, Resource::Vault),
-        Request::PutSecret(p) => (Action::Write, Resource::Secret(&p.name)),
-        Request::DeleteSecret(p) => (Action::Write, Resource::Secret(&p.name)),
-        Request::GetSecret(p) => (Action::Read, Resource::Secret(&p.name)),
-        Request::SecretVersions(p) => (Action::Read, Resource::Secret(&p.name)),
-        // Filtered name by name below.
-        Request::ListSecrets(_) | Request::ListKeys => return None,
-        Request::CreateKey(p) => (Action::Keys, Resource::Key(&p.name)),
-        Request::DeleteKey(p) => (Action::Keys, Resource::Key(&p.name)),
-        Request::PublicKey(p) => (Action::Sign, Resource::Key(&p.name)),
-        Request::Sign(p) => (Action::Sign, Resource::Key(&p.name)),
+/// What a request touches, for the policy (the table's [`Access`] and the request's target);
+/// `None` for a call anyone may make or a list filtered name by name.
+fn needs<'a>(request: &Request, target: &'a str) -> Option<(Action, Resource<'a>)> {
+    Some(match request.access() {
+        // Anyone who can reach the socket may ask whether the vault is sealed; lists are
+        // filtered name by name in the handler.
+        Access::Open | Access::Filtered => return None,
+        Access::Admin => (Action::Admin, Resource::Vault),
+        Access::ReadSecret => (Action::Read, Resource::Secret(target)),
+        Access::WriteSecret => (Action::Write, Resource::Secret(target)),
+        Access::ManageKey => (Action::Keys, Resource::Key(target)),
+        Access::UseKey => (Action::Sign, Resource::Key(target)),
     })
 }
 
@@ -121,8 +111,13 @@ impl Service {
     }
 
     /// The policy's verdict on `request` as a whole (lists are filtered name by name later).
-    fn check(policy: &Policy, caller: &Caller, request: &Request) -> Result<(), ApiError> {
-        if let Some((action, resource)) = needs(request) {
+    fn check(
+        policy: &Policy,
+        caller: &Caller,
+        request: &Request,
+        target: &str,
+    ) -> Result<(), ApiError> {
+        if let Some((action, resource)) = needs(request, target) {
             if !Self::allowed(policy, caller, action, resource) {
                 return Err(ApiError::PermissionDenied {
                     action: action.as_str().to_owned(),
@@ -141,7 +136,7 @@ impl Service {
     ) -> Result<Reply, ApiError> {
         let v = &self.vault;
         Ok(match request {
-            Request::Status => {
+            Request::Status(_) => {
                 let mut status = v.status().await?;
                 status.audit_public_key = self.audit.public_key();
                 status.audit_finding = self.audit.finding();
@@ -161,12 +156,12 @@ impl Service {
                     recovery_shares,
                 })
             }
-            Request::ListKeyslots => Reply::Keyslots(api::KeyslotsReply {
+            Request::ListKeyslots(_) => Reply::ListKeyslots(api::KeyslotsReply {
                 keyslots: v.list_keyslots().await?,
             }),
             Request::RemoveKeyslot(p) => {
                 v.remove_keyslot(p.id, p.force.unwrap_or(false)).await?;
-                Reply::Empty(api::Empty {})
+                Reply::RemoveKeyslot(api::Done {})
             }
             Request::Rekey(p) => {
                 let (recovery_shares, pending) = v.rekey(p.pin).await?;
@@ -179,12 +174,12 @@ impl Service {
                 let (keyslots, rekeyed) = v.confirm_recovery(p.recovery_shares).await?;
                 Reply::ConfirmRecovery(api::ConfirmRecoveryReply { keyslots, rekeyed })
             }
-            Request::Rotate => Reply::Rotate(api::RotateReply {
+            Request::Rotate(_) => Reply::Rotate(api::RotateReply {
                 term: v.rotate().await?,
             }),
-            Request::Seal => {
+            Request::Seal(_) => {
                 v.seal(&caller.to_string()).await?;
-                Reply::Empty(api::Empty {})
+                Reply::Seal(api::Done {})
             }
             Request::Unseal(p) => {
                 let (sealed, shares_needed) = v.unseal(p).await?;
@@ -193,7 +188,7 @@ impl Service {
                     shares_needed,
                 })
             }
-            Request::PutSecret(p) => Reply::Version(api::VersionReply {
+            Request::PutSecret(p) => Reply::PutSecret(api::VersionReply {
                 version: v.put_secret(p.name, p.value).await?,
             }),
             Request::GetSecret(p) => {
@@ -206,19 +201,19 @@ impl Service {
                     .into_iter()
                     .filter(|n| Self::allowed(policy, caller, Action::Read, Resource::Secret(n)))
                     .collect();
-                Reply::Names(api::NamesReply { names })
+                Reply::ListSecrets(api::NamesReply { names })
             }
-            Request::SecretVersions(p) => Reply::Versions(api::VersionsReply {
+            Request::SecretVersions(p) => Reply::SecretVersions(api::VersionsReply {
                 versions: v.secret_versions(p.name).await?,
             }),
             Request::DeleteSecret(p) => {
                 v.delete_secret(p.name).await?;
-                Reply::Empty(api::Empty {})
+                Reply::DeleteSecret(api::Done {})
             }
-            Request::CreateKey(p) => Reply::PublicKey(api::PublicKeyReply {
+            Request::CreateKey(p) => Reply::CreateKey(api::PublicKeyReply {
                 public_key: api::Bytes(v.create_key(p.name, p.device, p.algorithm).await?),
             }),
-            Request::ListKeys => {
+            Request::ListKeys(_) => {
                 let keys = v
                     .list_keys()
                     .await?
@@ -228,7 +223,7 @@ impl Service {
                             || Self::allowed(policy, caller, Action::Sign, Resource::Key(&k.name))
                     })
                     .collect();
-                Reply::Keys(api::KeysReply { keys })
+                Reply::ListKeys(api::KeysReply { keys })
             }
             Request::PublicKey(p) => Reply::PublicKey(api::PublicKeyReply {
                 public_key: api::Bytes(v.public_key(p.name).await?),
@@ -241,108 +236,9 @@ impl Service {
             }),
             Request::DeleteKey(p) => {
                 v.delete_key(p.name).await?;
-                Reply::Empty(api::Empty {})
+                Reply::DeleteKey(api::Done {})
             }
         })
-    }
-}
-
-/// How a request is audited.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Class {
-    /// `Status`: as a read, but answered even when its record can't be written (the loss is
-    /// declared by the next record written).
-    Report,
-    /// One record, written before the reply, synced by the flusher.
-    Read,
-    /// One record, synced before the reply (admin calls that change nothing).
-    AdminRead,
-    /// A synced `started` record before it runs and a synced outcome record before the
-    /// reply; `admin` ones are followed by a checkpoint.
-    Mutation { admin: bool },
-}
-
-fn class(request: &Request) -> Class {
-    match request {
-        Request::Status => Class::Report,
-        Request::GetSecret(_)
-        | Request::ListSecrets(_)
-        | Request::SecretVersions(_)
-        | Request::ListKeys
-        | Request::PublicKey(_)
-        | Request::Sign(_) => Class::Read,
-        Request::ListKeyslots => Class::AdminRead,
-        Request::PutSecret(_)
-        | Request::DeleteSecret(_)
-        | Request::CreateKey(_)
-        | Request::DeleteKey(_) => Class::Mutation { admin: false },
-        Request::Init(_)
-        | Request::Enroll(_)
-        | Request::RemoveKeyslot(_)
-        | Request::Rekey(_)
-        | Request::ConfirmRecovery(_)
-        | Request::Rotate
-        | Request::Seal
-        | Request::Unseal(_) => Class::Mutation { admin: true },
-    }
-}
-
-/// The target a request names, for the audit log and logs (names only, never values).
-fn target(request: &Request) -> String {
-    match request {
-        Request::PutSecret(p) => p.name.clone(),
-        Request::GetSecret(p) => p.name.clone(),
-        Request::SecretVersions(p)
-        | Request::DeleteSecret(p)
-        | Request::PublicKey(p)
-        | Request::DeleteKey(p) => p.name.clone(),
-        Request::CreateKey(p) => p.name.clone(),
-        Request::Sign(p) => p.name.clone(),
-        Request::RemoveKeyslot(p) => format!("keyslot {}", p.id),
-        Request::ListSecrets(p) => match &p.prefix {
-            Some(prefix) => format!("{prefix}*"),
-            None => "*".into(),
-        },
-        Request::ListKeys => "*".into(),
-        Request::Status
-        | Request::Init(_)
-        | Request::Enroll(_)
-        | Request::ListKeyslots
-        | Request::Rekey(_)
-        | Request::ConfirmRecovery(_)
-        | Request::Rotate
-        | Request::Seal
-        | Request::Unseal(_) => "vault".into(),
-    }
-}
-
-/// What else the audit record says about a request: which version, device or kind of slot;
-/// never a value, PIN, share or digest.
-fn detail(request: &Request) -> Option<String> {
-    match request {
-        Request::GetSecret(p) => p.version.map(|v| format!("version {v}")),
-        Request::CreateKey(p) => Some(format!("{} on {}", p.algorithm, p.device)),
-        Request::Enroll(p) => Some(match &p.slot.device {
-            Some(d) => format!("{} on {d}", p.slot.kind),
-            None => p.slot.kind.clone(),
-        }),
-        Request::Init(p) => Some(
-            p.slots
-                .iter()
-                .map(|s| s.kind.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
-        ),
-        Request::Unseal(p) => Some(
-            if p.recovery_share.is_some() {
-                "recovery share"
-            } else {
-                "PIN"
-            }
-            .into(),
-        ),
-        Request::Sign(p) => p.prehashed.filter(|&h| h).map(|_| "prehashed".into()),
-        _ => None,
     }
 }
 
@@ -350,16 +246,7 @@ fn detail(request: &Request) -> Option<String> {
 fn result_name(result: &Result<impl Sized, ApiError>) -> String {
     match result {
         Ok(_) => OK.to_owned(),
-        Err(e) => {
-            let name = e.name();
-            match name
-                .strip_prefix(api::INTERFACE)
-                .and_then(|n| n.strip_prefix('.'))
-            {
-                Some(short) => short.to_owned(),
-                None => name,
-            }
-        }
+        Err(e) => e.short_name(),
     }
 }
 
@@ -417,19 +304,19 @@ impl Service {
 impl Handler for Service {
     async fn handle(&self, caller: Caller, request: Request) -> Result<Reply, ApiError> {
         let method = request.method();
-        let target = target(&request);
-        let class = class(&request);
+        let target = request.target();
+        let audit = request.audit();
         let entry = |result: String| {
             let mut e = Entry::new(&caller, method, &target, &result);
-            e.detail = detail(&request);
+            e.detail = request.detail();
             e
         };
-        let durability = match class {
-            Class::Report | Class::Read => Durability::Written,
-            Class::AdminRead | Class::Mutation { .. } => Durability::Synced,
+        let durability = match audit {
+            Audit::Report | Audit::Read => Durability::Written,
+            Audit::AdminRead | Audit::Change | Audit::AdminChange => Durability::Synced,
         };
         let policy = self.policy();
-        if let Err(denied) = Self::check(&policy, &caller, &request) {
+        if let Err(denied) = Self::check(&policy, &caller, &request, &target) {
             // Nothing changed: the refusal is on disk within the window, like a read.
             let e = entry(result_name(&Err::<(), _>(denied.clone())));
             self.record(e, Durability::Written, None).await?;
@@ -437,17 +324,16 @@ impl Handler for Service {
             return Err(denied);
         }
         // A mutation is on record before it runs: nothing the log can't show is done.
-        let intent = match class {
-            Class::Mutation { .. } => {
-                Some(self.record(entry(STARTED.into()), durability, None).await?)
-            }
-            _ => None,
+        let intent = if audit.mutates() {
+            Some(self.record(entry(STARTED.into()), durability, None).await?)
+        } else {
+            None
         };
         let mut outcome_entry = entry(String::new());
         let result = self.run(&policy, &caller, request).await;
         outcome_entry.result = result_name(&result);
         outcome_entry.intent = intent;
-        if class == Class::Report {
+        if audit == Audit::Report {
             let written = self.audit.request_or_declare_lost(outcome_entry);
             let mut result = result;
             if let Ok(Reply::Status(status)) = &mut result {
@@ -455,12 +341,12 @@ impl Handler for Service {
             }
             return result;
         }
-        let checkpoint = matches!(class, Class::Mutation { admin: true }).then_some("admin");
+        let checkpoint = (audit == Audit::AdminChange).then_some("admin");
         // A secret's put or delete: its `started` record is already durable, and the store's
         // commit shows what happened, so the outcome line may ride the next group sync (one
         // `fdatasync` saved per write). Admin verbs sync theirs, with a checkpoint.
-        let outcome_durability = match class {
-            Class::Mutation { admin: false } => Durability::Written,
+        let outcome_durability = match audit {
+            Audit::Change => Durability::Written,
             _ => durability,
         };
         // Not acknowledged unless on record (a reply carrying a value is dropped, zeroized).

@@ -2,6 +2,11 @@
 //! and the Varlink interface description. The daemon's transports and this crate's client both
 //! use these types, so the two sides cannot drift apart.
 //!
+//! Each method is declared once, in the table [`keyward_methods!`](crate::keyward_methods):
+//! [`Request`], [`Reply`], [`methods`] and [`METHODS`] are built from it, and so are the
+//! daemon's D-Bus members. The interface text is written by hand; a test holds it to the table
+//! and to [`ApiError`].
+//!
 //! Binary values travel as base64 strings. Secret values use [`SecretValue`], which decodes
 //! straight into zeroizing memory and never prints its content.
 
@@ -347,6 +352,11 @@ pub struct KeyInfo {
 #[serde(deny_unknown_fields)]
 pub struct Empty {}
 
+/// The reply of a call that returns nothing (`()`): unlike [`Empty`], a field a newer daemon
+/// adds is ignored.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Done {}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReply {
     pub initialized: bool,
@@ -554,125 +564,306 @@ pub struct SignReply {
     pub signature: Bytes,
 }
 
-/// Every call of the interface, with its parameters. Transports build one of these and hand it
-/// to the daemon's service layer.
-#[derive(Debug)]
-pub enum Request {
-    Status,
-    Init(InitParams),
-    Enroll(EnrollParams),
-    ListKeyslots,
-    RemoveKeyslot(RemoveKeyslotParams),
-    Rekey(RekeyParams),
-    ConfirmRecovery(ConfirmRecoveryParams),
-    Rotate,
-    Seal,
-    Unseal(UnsealParams),
-    PutSecret(PutSecretParams),
-    GetSecret(GetSecretParams),
-    ListSecrets(ListSecretsParams),
-    SecretVersions(NameParams),
-    DeleteSecret(NameParams),
-    CreateKey(CreateKeyParams),
-    ListKeys,
-    PublicKey(NameParams),
-    Sign(SignParams),
-    DeleteKey(NameParams),
+/// Who may call a method, as the daemon's policy sees it. The resource a call names is its
+/// audit target ([`Request::target`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone who can reach the daemon (`Status`: whether the vault is sealed).
+    Open,
+    /// A list, filtered name by name by the daemon.
+    Filtered,
+    /// A verb on the vault itself.
+    Admin,
+    /// Reads the named secret.
+    ReadSecret,
+    /// Changes the named secret.
+    WriteSecret,
+    /// Creates or destroys the named key.
+    ManageKey,
+    /// Uses the named key.
+    UseKey,
 }
 
-/// Every reply, matching [`Request`] one to one.
-#[derive(Debug, Serialize)]
-#[serde(untagged)]
-pub enum Reply {
-    Status(StatusReply),
-    Init(InitReply),
-    Enroll(EnrollReply),
-    Keyslots(KeyslotsReply),
-    Rekey(RekeyReply),
-    ConfirmRecovery(ConfirmRecoveryReply),
-    Rotate(RotateReply),
-    Unseal(UnsealReply),
-    Version(VersionReply),
-    GetSecret(GetSecretReply),
-    Names(NamesReply),
-    Versions(VersionsReply),
-    PublicKey(PublicKeyReply),
-    Keys(KeysReply),
-    Sign(SignReply),
-    Empty(Empty),
+/// How a method is audited, which follows from what it changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Audit {
+    /// `Status`: as a read, but answered even when its record can't be written.
+    Report,
+    /// Changes nothing: one record before the reply.
+    Read,
+    /// An admin call that changes nothing: one synced record.
+    AdminRead,
+    /// Changes a secret or a key: on record before it runs and after.
+    Change,
+    /// Changes the vault: on record before it runs and after, then a checkpoint.
+    AdminChange,
 }
 
-impl Request {
-    /// The method's short name (`GetSecret`), for logs, audit and policy.
-    pub fn method(&self) -> &'static str {
-        match self {
-            Self::Status => "Status",
-            Self::Init(_) => "Init",
-            Self::Enroll(_) => "Enroll",
-            Self::ListKeyslots => "ListKeyslots",
-            Self::RemoveKeyslot(_) => "RemoveKeyslot",
-            Self::Rekey(_) => "Rekey",
-            Self::ConfirmRecovery(_) => "ConfirmRecovery",
-            Self::Rotate => "Rotate",
-            Self::Seal => "Seal",
-            Self::Unseal(_) => "Unseal",
-            Self::PutSecret(_) => "PutSecret",
-            Self::GetSecret(_) => "GetSecret",
-            Self::ListSecrets(_) => "ListSecrets",
-            Self::SecretVersions(_) => "SecretVersions",
-            Self::DeleteSecret(_) => "DeleteSecret",
-            Self::CreateKey(_) => "CreateKey",
-            Self::ListKeys => "ListKeys",
-            Self::PublicKey(_) => "PublicKey",
-            Self::Sign(_) => "Sign",
-            Self::DeleteKey(_) => "DeleteKey",
-        }
+impl Audit {
+    /// The method changes state (a `started` record precedes it).
+    pub fn mutates(self) -> bool {
+        matches!(self, Self::Change | Self::AdminChange)
     }
+}
 
-    /// Build a request from a method's short name and its JSON parameters (`None` or `{}` for
-    /// none).
-    ///
-    /// # Errors
-    /// [`ApiError::MethodNotFound`] for an unknown method, [`ApiError::InvalidParameter`] for
-    /// parameters that don't fit (a missing or unknown field, a wrong type, bad base64).
-    pub fn parse(method: &str, params: Option<&str>) -> Result<Self, ApiError> {
-        fn p<'a, T: Deserialize<'a>>(params: Option<&'a str>) -> Result<T, ApiError> {
-            serde_json::from_str(params.unwrap_or("{}")).map_err(|e| ApiError::InvalidParameter {
-                parameter: field_of(&e.to_string()),
-            })
-        }
-        fn none(params: Option<&str>) -> Result<(), ApiError> {
-            p::<Empty>(params).map(|_| ())
-        }
-        Ok(match method {
-            "Status" => none(params).map(|()| Self::Status)?,
-            "Init" => Self::Init(p(params)?),
-            "Enroll" => Self::Enroll(p(params)?),
-            "ListKeyslots" => none(params).map(|()| Self::ListKeyslots)?,
-            "RemoveKeyslot" => Self::RemoveKeyslot(p(params)?),
-            "Rekey" => Self::Rekey(p(params)?),
-            "ConfirmRecovery" => Self::ConfirmRecovery(p(params)?),
-            "Rotate" => none(params).map(|()| Self::Rotate)?,
-            "Seal" => none(params).map(|()| Self::Seal)?,
-            "Unseal" => Self::Unseal(p(params)?),
-            "PutSecret" => Self::PutSecret(p(params)?),
-            "GetSecret" => Self::GetSecret(p(params)?),
-            "ListSecrets" => Self::ListSecrets(p(params)?),
-            "SecretVersions" => Self::SecretVersions(p(params)?),
-            "DeleteSecret" => Self::DeleteSecret(p(params)?),
-            "CreateKey" => Self::CreateKey(p(params)?),
-            "ListKeys" => none(params).map(|()| Self::ListKeys)?,
-            "PublicKey" => Self::PublicKey(p(params)?),
-            "Sign" => Self::Sign(p(params)?),
-            "DeleteKey" => Self::DeleteKey(p(params)?),
-            _ => {
-                return Err(ApiError::MethodNotFound {
-                    method: format!("{INTERFACE}.{method}"),
-                })
+/// One method of the interface, as a type: its name, parameters and reply. A client calls any
+/// method through it (`Client::request::<methods::GetSecret>(..)`).
+pub trait Method {
+    /// The short name (`GetSecret`).
+    const NAME: &'static str;
+    /// What the call carries.
+    type Params: Serialize + serde::de::DeserializeOwned;
+    /// What it returns.
+    type Reply: Serialize + serde::de::DeserializeOwned;
+}
+
+/// THE method table: every method of `org.keyward.Custodian`, declared once. Each row gives the
+/// method's name, parameter and reply types, who may call it ([`Access`]), how it is audited
+/// ([`Audit`]), what it names for the audit log and the policy (`target`), and what else its
+/// audit record says (`detail`: never a value, PIN, share or digest).
+///
+/// It hands the rows to `$callback!`, so that everything built per method (here: [`Request`],
+/// [`Reply`], [`methods`], [`METHODS`]; in the daemon: its D-Bus members) comes from this one
+/// list. A new method is a new row, a handler arm in the daemon's service, and its text in
+/// [`INTERFACE_DESCRIPTION`] (a test checks that the two agree).
+#[macro_export]
+macro_rules! keyward_methods {
+    ($callback:ident) => {
+        $callback! {
+            /// State of the vault and its devices.
+            Status($crate::api::Empty) -> $crate::api::StatusReply {
+                access: Open, audit: Report,
+                target: |_| "vault".into(), detail: |_| None,
             }
-        })
-    }
+            /// Create the vault master key and enroll its first keyslots.
+            Init($crate::api::InitParams) -> $crate::api::InitReply {
+                access: Admin, audit: AdminChange,
+                target: |_| "vault".into(),
+                detail: |p| Some(p.slots.iter().map(|s| s.kind.as_str()).collect::<Vec<_>>().join(",")),
+            }
+            /// Add a keyslot.
+            Enroll($crate::api::EnrollParams) -> $crate::api::EnrollReply {
+                access: Admin, audit: AdminChange,
+                target: |_| "vault".into(),
+                detail: |p| Some(match &p.slot.device {
+                    Some(d) => format!("{} on {d}", p.slot.kind),
+                    None => p.slot.kind.clone(),
+                }),
+            }
+            /// The keyslots.
+            ListKeyslots($crate::api::Empty) -> $crate::api::KeyslotsReply {
+                access: Admin, audit: AdminRead,
+                target: |_| "vault".into(), detail: |_| None,
+            }
+            /// Remove a keyslot.
+            RemoveKeyslot($crate::api::RemoveKeyslotParams) -> $crate::api::Done {
+                access: Admin, audit: AdminChange,
+                target: |p| format!("keyslot {}", p.id), detail: |_| None,
+            }
+            /// A new master key.
+            Rekey($crate::api::RekeyParams) -> $crate::api::RekeyReply {
+                access: Admin, audit: AdminChange,
+                target: |_| "vault".into(), detail: |_| None,
+            }
+            /// Prove that recovery shares reached a person.
+            ConfirmRecovery($crate::api::ConfirmRecoveryParams) -> $crate::api::ConfirmRecoveryReply {
+                access: Admin, audit: AdminChange,
+                target: |_| "vault".into(), detail: |_| None,
+            }
+            /// A new data-key term.
+            Rotate($crate::api::Empty) -> $crate::api::RotateReply {
+                access: Admin, audit: AdminChange,
+                target: |_| "vault".into(), detail: |_| None,
+            }
+            /// Forget the master key.
+            Seal($crate::api::Empty) -> $crate::api::Done {
+                access: Admin, audit: AdminChange,
+                target: |_| "vault".into(), detail: |_| None,
+            }
+            /// One recovery share, or a PIN.
+            Unseal($crate::api::UnsealParams) -> $crate::api::UnsealReply {
+                access: Admin, audit: AdminChange,
+                target: |_| "vault".into(),
+                detail: |p| Some(if p.recovery_share.is_some() { "recovery share" } else { "PIN" }.into()),
+            }
+            /// Store a new version of a secret.
+            PutSecret($crate::api::PutSecretParams) -> $crate::api::VersionReply {
+                access: WriteSecret, audit: Change,
+                target: |p| p.name.clone(), detail: |_| None,
+            }
+            /// A secret's value.
+            GetSecret($crate::api::GetSecretParams) -> $crate::api::GetSecretReply {
+                access: ReadSecret, audit: Read,
+                target: |p| p.name.clone(), detail: |p| p.version.map(|v| format!("version {v}")),
+            }
+            /// Names of secrets.
+            ListSecrets($crate::api::ListSecretsParams) -> $crate::api::NamesReply {
+                access: Filtered, audit: Read,
+                target: |p| match &p.prefix {
+                    Some(prefix) => format!("{prefix}*"),
+                    None => "*".into(),
+                },
+                detail: |_| None,
+            }
+            /// A secret's versions.
+            SecretVersions($crate::api::NameParams) -> $crate::api::VersionsReply {
+                access: ReadSecret, audit: Read,
+                target: |p| p.name.clone(), detail: |_| None,
+            }
+            /// Delete a secret.
+            DeleteSecret($crate::api::NameParams) -> $crate::api::Done {
+                access: WriteSecret, audit: Change,
+                target: |p| p.name.clone(), detail: |_| None,
+            }
+            /// Generate a key pair inside a device.
+            CreateKey($crate::api::CreateKeyParams) -> $crate::api::PublicKeyReply {
+                access: ManageKey, audit: Change,
+                target: |p| p.name.clone(), detail: |p| Some(format!("{} on {}", p.algorithm, p.device)),
+            }
+            /// The keys.
+            ListKeys($crate::api::Empty) -> $crate::api::KeysReply {
+                access: Filtered, audit: Read,
+                target: |_| "*".into(), detail: |_| None,
+            }
+            /// A key's public key.
+            PublicKey($crate::api::NameParams) -> $crate::api::PublicKeyReply {
+                access: UseKey, audit: Read,
+                target: |p| p.name.clone(), detail: |_| None,
+            }
+            /// Sign data inside the device.
+            Sign($crate::api::SignParams) -> $crate::api::SignReply {
+                access: UseKey, audit: Read,
+                target: |p| p.name.clone(),
+                detail: |p| p.prehashed.filter(|&h| h).map(|_| "prehashed".into()),
+            }
+            /// Destroy a key.
+            DeleteKey($crate::api::NameParams) -> $crate::api::Done {
+                access: ManageKey, audit: Change,
+                target: |p| p.name.clone(), detail: |_| None,
+            }
+        }
+    };
 }
+
+/// Builds the per-method types and functions from the rows of [`keyward_methods`].
+macro_rules! declare {
+    ($(
+        $(#[$doc:meta])*
+        $name:ident($params:ty) -> $reply:ty {
+            access: $access:ident, audit: $audit:ident,
+            target: $target:expr, detail: $detail:expr $(,)?
+        }
+    )*) => {
+        /// Every call of the interface, with its parameters. Transports build one of these and
+        /// hand it to the daemon's service layer.
+        #[derive(Debug)]
+        pub enum Request {
+            $( $(#[$doc])* $name($params), )*
+        }
+
+        /// Every reply, one per method; on the wire, just the reply's parameters.
+        #[derive(Debug)]
+        pub enum Reply {
+            $( $(#[$doc])* $name($reply), )*
+        }
+
+        impl Serialize for Reply {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                match self {
+                    $( Self::$name(r) => r.serialize(s), )*
+                }
+            }
+        }
+
+        /// Every method as a type, for [`Method`]-generic callers.
+        pub mod methods {
+            $(
+                $(#[$doc])*
+                #[derive(Clone, Copy, Debug)]
+                pub struct $name;
+
+                impl super::Method for $name {
+                    const NAME: &'static str = stringify!($name);
+                    type Params = $params;
+                    type Reply = $reply;
+                }
+            )*
+        }
+
+        /// The short names of every method, in the table's order.
+        pub const METHODS: &[&str] = &[$(stringify!($name)),*];
+
+        impl Request {
+            /// The method's short name (`GetSecret`), for logs, audit and policy.
+            pub fn method(&self) -> &'static str {
+                match self {
+                    $( Self::$name(_) => stringify!($name), )*
+                }
+            }
+
+            /// Build a request from a method's short name and its JSON parameters (`None` or
+            /// `{}` for none).
+            ///
+            /// # Errors
+            /// [`ApiError::MethodNotFound`] for an unknown method, [`ApiError::InvalidParameter`]
+            /// for parameters that don't fit (a missing or unknown field, a wrong type, bad
+            /// base64).
+            pub fn parse(method: &str, params: Option<&str>) -> Result<Self, ApiError> {
+                fn p<'a, T: Deserialize<'a>>(params: Option<&'a str>) -> Result<T, ApiError> {
+                    serde_json::from_str(params.unwrap_or("{}")).map_err(|e| {
+                        ApiError::InvalidParameter {
+                            parameter: field_of(&e.to_string()),
+                        }
+                    })
+                }
+                match method {
+                    $( stringify!($name) => Ok(Self::$name(p(params)?)), )*
+                    _ => Err(ApiError::MethodNotFound {
+                        method: format!("{INTERFACE}.{method}"),
+                    }),
+                }
+            }
+
+            /// Who may call it.
+            pub fn access(&self) -> Access {
+                match self {
+                    $( Self::$name(_) => Access::$access, )*
+                }
+            }
+
+            /// How it is audited.
+            pub fn audit(&self) -> Audit {
+                match self {
+                    $( Self::$name(_) => Audit::$audit, )*
+                }
+            }
+
+            /// What it names, for the audit log, the logs and the policy (names only, never
+            /// values): the secret or key, `keyslot N`, a list's pattern, or `vault`.
+            pub fn target(&self) -> String {
+                match self {
+                    $( Self::$name(p) => {
+                        let f: fn(&$params) -> String = $target;
+                        f(p)
+                    } )*
+                }
+            }
+
+            /// What else its audit record says: which version, device or kind of slot; never a
+            /// value, PIN, share or digest.
+            pub fn detail(&self) -> Option<String> {
+                match self {
+                    $( Self::$name(p) => {
+                        let f: fn(&$params) -> Option<String> = $detail;
+                        f(p)
+                    } )*
+                }
+            }
+        }
+    };
+}
+
+crate::keyward_methods!(declare);
 
 /// Best effort at naming the offending field from a serde_json message, for
 /// `InvalidParameter`. Never includes the value (it may be a secret).
@@ -688,8 +879,15 @@ fn field_of(message: &str) -> String {
 }
 
 /// Every error the interface returns: the `org.keyward.Custodian.*` errors, plus the
-/// `org.varlink.service.*` protocol errors.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+/// `org.varlink.service.*` protocol errors, plus [`ApiError::Other`] for a name this side does
+/// not know.
+///
+/// The wire form (name and parameters) is serde's: a variant's name is its error's name within
+/// the interface (protocol errors are renamed to their full name), its fields are the error's
+/// parameters. So an error is declared once, here, and [`ApiError::name`],
+/// [`ApiError::parameters`] and [`ApiError::from_wire`] follow.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "error", content = "parameters")]
 pub enum ApiError {
     #[error("the vault is not initialised: run `keyward init`")]
     NotInitialized,
@@ -714,7 +912,10 @@ pub enum ApiError {
     #[error("device {device:?} unavailable: {reason}")]
     DeviceUnavailable { device: String, reason: String },
     #[error("PIN incorrect{}", .retries_left.map(|n| format!(" ({n} tries left)")).unwrap_or_default())]
-    PinIncorrect { retries_left: Option<u32> },
+    PinIncorrect {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retries_left: Option<u32>,
+    },
     #[error("PIN locked on device {device:?}")]
     PinLocked { device: String },
     #[error(
@@ -734,167 +935,104 @@ pub enum ApiError {
     #[error("the file system of keywardd's state directory is full: the {what} could not be written, so the request was refused (or, if already carried out, not acknowledged); free space there and retry (`keyward status` shows it)")]
     StorageFull { what: String },
     /// `org.varlink.service.MethodNotFound`.
+    #[serde(rename = "org.varlink.service.MethodNotFound")]
     #[error("no such method {method:?}")]
     MethodNotFound { method: String },
     /// `org.varlink.service.InterfaceNotFound`.
+    #[serde(rename = "org.varlink.service.InterfaceNotFound")]
     #[error("no such interface {interface:?}")]
     InterfaceNotFound { interface: String },
     /// `org.varlink.service.InvalidParameter`.
+    #[serde(rename = "org.varlink.service.InvalidParameter")]
     #[error("invalid parameter {parameter:?}")]
     InvalidParameter { parameter: String },
-    /// An error name this client does not know (a newer daemon).
+    /// An error name this client does not know (a newer daemon), or a known name whose
+    /// parameters don't fit.
     #[error("{name}: {parameters}")]
+    #[serde(skip)]
     Other { name: String, parameters: String },
 }
 
 impl ApiError {
-    /// The Varlink error name.
+    /// The Varlink error name (`org.keyward.Custodian.NotFound`).
     pub fn name(&self) -> String {
-        let short = match self {
-            Self::NotInitialized => "NotInitialized",
-            Self::AlreadyInitialized => "AlreadyInitialized",
-            Self::Sealed { .. } => "Sealed",
-            Self::NotFound { .. } => "NotFound",
-            Self::AlreadyExists { .. } => "AlreadyExists",
-            Self::PermissionDenied { .. } => "PermissionDenied",
-            Self::InvalidArgument { .. } => "InvalidArgument",
-            Self::TooLarge { .. } => "TooLarge",
-            Self::LastKeyslot { .. } => "LastKeyslot",
-            Self::DeviceUnavailable { .. } => "DeviceUnavailable",
-            Self::PinIncorrect { .. } => "PinIncorrect",
-            Self::PinLocked { .. } => "PinLocked",
-            Self::PolicyMismatch { .. } => "PolicyMismatch",
-            Self::Busy => "Busy",
-            Self::Internal { .. } => "Internal",
-            Self::AuditUnavailable { .. } => "AuditUnavailable",
-            Self::RekeyPending { .. } => "RekeyPending",
-            Self::StorageFull { .. } => "StorageFull",
-            Self::MethodNotFound { .. } => return "org.varlink.service.MethodNotFound".into(),
-            Self::InterfaceNotFound { .. } => {
-                return "org.varlink.service.InterfaceNotFound".into()
-            }
-            Self::InvalidParameter { .. } => return "org.varlink.service.InvalidParameter".into(),
-            Self::Other { name, .. } => return name.clone(),
-        };
-        format!("{INTERFACE}.{short}")
+        let (tag, _) = self.wire();
+        if tag.contains('.') {
+            tag
+        } else {
+            format!("{INTERFACE}.{tag}")
+        }
+    }
+
+    /// The name within `org.keyward.Custodian` (`NotFound`) for the interface's own errors, as
+    /// the audit log writes it; the full name for any other (`org.varlink.service.*`).
+    pub fn short_name(&self) -> String {
+        let name = self.name();
+        match name
+            .strip_prefix(INTERFACE)
+            .and_then(|rest| rest.strip_prefix('.'))
+        {
+            Some(short) => short.to_owned(),
+            None => name,
+        }
+    }
+
+    /// The last element of the name (`NotFound`, `InvalidParameter`): the reason, whichever
+    /// interface names it, for transports that name errors their own way (D-Bus).
+    pub fn reason(&self) -> String {
+        let name = self.name();
+        name.rsplit('.').next().unwrap_or_default().to_owned()
     }
 
     /// The error's parameters as a JSON object.
     pub fn parameters(&self) -> serde_json::Value {
-        use serde_json::json;
-        match self {
-            Self::NotInitialized | Self::AlreadyInitialized | Self::Busy => json!({}),
-            Self::Sealed { reason } => json!({ "reason": reason }),
-            Self::NotFound { kind, name } | Self::AlreadyExists { kind, name } => {
-                json!({ "kind": kind, "name": name })
+        self.wire().1
+    }
+
+    /// The serde tag (the name within the interface, or a full name) and the parameters.
+    fn wire(&self) -> (String, serde_json::Value) {
+        let empty = || serde_json::Value::Object(serde_json::Map::new());
+        if let Self::Other { name, parameters } = self {
+            let parameters = serde_json::from_str(parameters)
+                .ok()
+                .filter(serde_json::Value::is_object);
+            return (name.clone(), parameters.unwrap_or_else(empty));
+        }
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(mut m)) => {
+                let tag = match m.remove("error") {
+                    Some(serde_json::Value::String(tag)) => tag,
+                    _ => "Internal".to_owned(),
+                };
+                (tag, m.remove("parameters").unwrap_or_else(empty))
             }
-            Self::PermissionDenied { action, resource } => {
-                json!({ "action": action, "resource": resource })
-            }
-            Self::InvalidArgument { parameter, reason } => {
-                json!({ "parameter": parameter, "reason": reason })
-            }
-            Self::TooLarge { parameter, limit } => {
-                json!({ "parameter": parameter, "limit": limit })
-            }
-            Self::LastKeyslot { id } => json!({ "id": id }),
-            Self::DeviceUnavailable { device, reason } => {
-                json!({ "device": device, "reason": reason })
-            }
-            Self::PinIncorrect { retries_left } => match retries_left {
-                Some(n) => json!({ "retries_left": n }),
-                None => json!({}),
-            },
-            Self::PinLocked { device } | Self::PolicyMismatch { device } => {
-                json!({ "device": device })
-            }
-            Self::Internal { reason } | Self::AuditUnavailable { reason } => {
-                json!({ "reason": reason })
-            }
-            Self::RekeyPending { until } => json!({ "until": until }),
-            Self::StorageFull { what } => json!({ "what": what }),
-            Self::MethodNotFound { method } => json!({ "method": method }),
-            Self::InterfaceNotFound { interface } => json!({ "interface": interface }),
-            Self::InvalidParameter { parameter } => json!({ "parameter": parameter }),
-            Self::Other { parameters, .. } => {
-                serde_json::from_str(parameters).unwrap_or_else(|_| json!({}))
-            }
+            // Every variant but `Other` serializes to a tagged object.
+            _ => ("Internal".to_owned(), empty()),
         }
     }
 
-    /// Rebuild an error from its Varlink name and parameters (the client side).
+    /// Rebuild an error from its Varlink name and parameters (the client side). A name this
+    /// side does not know, or parameters that don't fit it, give [`ApiError::Other`].
     pub fn from_wire(name: &str, parameters: &serde_json::Value) -> Self {
-        let s = |k: &str| {
-            parameters
-                .get(k)
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .to_owned()
-        };
-        let n = |k: &str| parameters.get(k).and_then(serde_json::Value::as_u64);
-        let short = name
+        let tag = name
             .strip_prefix(INTERFACE)
-            .and_then(|r| r.strip_prefix('.'));
-        match (short, name) {
-            (Some("NotInitialized"), _) => Self::NotInitialized,
-            (Some("AlreadyInitialized"), _) => Self::AlreadyInitialized,
-            (Some("Sealed"), _) => Self::Sealed {
-                reason: s("reason"),
-            },
-            (Some("NotFound"), _) => Self::NotFound {
-                kind: s("kind"),
-                name: s("name"),
-            },
-            (Some("AlreadyExists"), _) => Self::AlreadyExists {
-                kind: s("kind"),
-                name: s("name"),
-            },
-            (Some("PermissionDenied"), _) => Self::PermissionDenied {
-                action: s("action"),
-                resource: s("resource"),
-            },
-            (Some("InvalidArgument"), _) => Self::InvalidArgument {
-                parameter: s("parameter"),
-                reason: s("reason"),
-            },
-            (Some("TooLarge"), _) => Self::TooLarge {
-                parameter: s("parameter"),
-                limit: n("limit").unwrap_or_default(),
-            },
-            (Some("LastKeyslot"), _) => Self::LastKeyslot {
-                id: n("id").unwrap_or_default() as u32,
-            },
-            (Some("DeviceUnavailable"), _) => Self::DeviceUnavailable {
-                device: s("device"),
-                reason: s("reason"),
-            },
-            (Some("PinIncorrect"), _) => Self::PinIncorrect {
-                retries_left: n("retries_left").map(|v| v as u32),
-            },
-            (Some("PinLocked"), _) => Self::PinLocked {
-                device: s("device"),
-            },
-            (Some("PolicyMismatch"), _) => Self::PolicyMismatch {
-                device: s("device"),
-            },
-            (Some("Busy"), _) => Self::Busy,
-            (Some("Internal"), _) => Self::Internal {
-                reason: s("reason"),
-            },
-            (Some("AuditUnavailable"), _) => Self::AuditUnavailable {
-                reason: s("reason"),
-            },
-            (Some("RekeyPending"), _) => Self::RekeyPending { until: s("until") },
-            (Some("StorageFull"), _) => Self::StorageFull { what: s("what") },
-            (_, "org.varlink.service.MethodNotFound") => Self::MethodNotFound {
-                method: s("method"),
-            },
-            (_, "org.varlink.service.InterfaceNotFound") => Self::InterfaceNotFound {
-                interface: s("interface"),
-            },
-            (_, "org.varlink.service.InvalidParameter") => Self::InvalidParameter {
-                parameter: s("parameter"),
-            },
+            .and_then(|rest| rest.strip_prefix('.'))
+            .unwrap_or(name);
+        let mut wire = serde_json::Map::new();
+        wire.insert("error".into(), tag.into());
+        // Serde wants no content at all for a variant without fields.
+        if parameters.as_object().is_none_or(|p| !p.is_empty()) {
+            wire.insert("parameters".into(), parameters.clone());
+        }
+        let known = serde_json::from_value::<Self>(serde_json::Value::Object(wire.clone()))
+            .or_else(|_| {
+                // A variant whose fields are all optional, sent with none of them.
+                wire.insert("parameters".into(), parameters.clone());
+                serde_json::from_value::<Self>(serde_json::Value::Object(wire))
+            });
+        // Only names this interface or the protocol give: `org.example.NotFound` is not ours.
+        match known {
+            Ok(e) if e.name() == name => e,
             _ => Self::Other {
                 name: name.to_owned(),
                 parameters: parameters.to_string(),
@@ -902,6 +1040,9 @@ impl ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod interface_text;
 
 #[cfg(test)]
 mod tests {
@@ -936,9 +1077,78 @@ mod tests {
         assert!(matches!(e, ApiError::MethodNotFound { .. }));
         assert!(matches!(
             Request::parse("Status", None),
-            Ok(Request::Status)
+            Ok(Request::Status(_))
         ));
         assert!(Request::parse("Status", Some(r#"{"x":1}"#)).is_err());
+    }
+
+    /// The names and parameters clients already parse, spelled out.
+    #[test]
+    fn the_wire_form_of_errors_is_the_documented_one() {
+        use serde_json::json;
+        let cases = [
+            (ApiError::Busy, "org.keyward.Custodian.Busy", json!({})),
+            (
+                ApiError::PinIncorrect { retries_left: None },
+                "org.keyward.Custodian.PinIncorrect",
+                json!({}),
+            ),
+            (
+                ApiError::PinIncorrect {
+                    retries_left: Some(2),
+                },
+                "org.keyward.Custodian.PinIncorrect",
+                json!({ "retries_left": 2 }),
+            ),
+            (
+                ApiError::TooLarge {
+                    parameter: "value".into(),
+                    limit: 9,
+                },
+                "org.keyward.Custodian.TooLarge",
+                json!({ "parameter": "value", "limit": 9 }),
+            ),
+            (
+                ApiError::InvalidParameter {
+                    parameter: "name".into(),
+                },
+                "org.varlink.service.InvalidParameter",
+                json!({ "parameter": "name" }),
+            ),
+            (
+                ApiError::Other {
+                    name: "com.example.Odd".into(),
+                    parameters: r#"{"a":1}"#.into(),
+                },
+                "com.example.Odd",
+                json!({ "a": 1 }),
+            ),
+        ];
+        for (e, name, parameters) in cases {
+            assert_eq!(e.name(), name);
+            assert_eq!(e.parameters(), parameters, "{name}");
+        }
+        let e = ApiError::NotFound {
+            kind: "secret".into(),
+            name: "a".into(),
+        };
+        assert_eq!(
+            (e.short_name().as_str(), e.reason().as_str()),
+            ("NotFound", "NotFound")
+        );
+        let e = ApiError::MethodNotFound { method: "m".into() };
+        assert_eq!(e.short_name(), "org.varlink.service.MethodNotFound");
+        assert_eq!(e.reason(), "MethodNotFound");
+        // Another interface's error of the same short name is not ours.
+        assert!(matches!(
+            ApiError::from_wire("com.example.NotFound", &json!({"kind": "k", "name": "n"})),
+            ApiError::Other { .. }
+        ));
+        // Known name, parameters that don't fit: kept as they came.
+        assert!(matches!(
+            ApiError::from_wire("org.keyward.Custodian.LastKeyslot", &json!({"id": "x"})),
+            ApiError::Other { .. }
+        ));
     }
 
     #[test]

@@ -73,12 +73,7 @@ fn world() -> World {
         daemon.log()
     );
     let init = daemon.json(&["init", "--pkcs11", "hsm", "--recovery", "2/3"]);
-    let shares = init["recovery_shares"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_owned())
-        .collect();
+    let shares = strings(&init["recovery_shares"]);
     for (name, value) in [
         ("shared/a", &b"alpha"[..]),
         ("private/b", b"bravo"),
@@ -106,6 +101,15 @@ fn world() -> World {
         daemon,
         shares,
     }
+}
+
+/// A JSON array of strings (recovery shares).
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect()
 }
 
 /// `cmd` as `who`: unchanged for root, under `setpriv` for nobody.
@@ -536,4 +540,136 @@ fn a_bus_that_does_not_let_us_own_the_name_fails_the_start() {
         out.stderr
     );
     assert!(!bus.has_owner(NAME));
+}
+
+/// A JSON member (the methods without a typed D-Bus signature): the Varlink parameters as one
+/// `s`, the Varlink reply as one `s`, parsed.
+fn json_call(bus: &PrivateBus, who: Who, method: &str, params: &str) -> Value {
+    let data = ok(bus, who, method, &["s", params]);
+    let text = data[0]
+        .as_str()
+        .unwrap_or_else(|| panic!("{method}: {data:?}"));
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{method}: {e}: {text}"))
+}
+
+#[test]
+fn every_method_of_the_table_is_on_the_bus_and_admin_verbs_take_json() {
+    let w = world();
+    let bus = &w.bus;
+    let root = Who::Root;
+
+    // Every method of the contract is a member; those without a typed signature take and
+    // return JSON text.
+    let mut c = Command::new("busctl");
+    c.arg(format!("--address={}", bus.address())).args([
+        "introspect",
+        "--no-pager",
+        NAME,
+        PATH,
+        IFACE,
+    ]);
+    let out = run_cli(&mut c, b"");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    for method in keyward::api::METHODS {
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&format!(".{method} ")))
+            .unwrap_or_else(|| panic!("{method} missing:\n{}", out.stdout));
+        assert!(line.split_whitespace().nth(1) == Some("method"), "{line}");
+    }
+    for method in [
+        "Init",
+        "Enroll",
+        "ListKeyslots",
+        "RemoveKeyslot",
+        "Rekey",
+        "ConfirmRecovery",
+        "SecretVersions",
+    ] {
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&format!(".{method} ")))
+            .unwrap();
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(&cols[1..4], ["method", "s", "s"], "{line}");
+    }
+
+    // Reads: the Varlink reply objects; "" stands for no parameters.
+    let slots = json_call(bus, root, "ListKeyslots", "");
+    let slots = slots["keyslots"].as_array().unwrap();
+    let kinds: Vec<&str> = slots.iter().map(|s| s["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["pkcs11", "recovery"], "{slots:?}");
+    assert_eq!(
+        json_call(bus, root, "ListKeyslots", "{}")["keyslots"],
+        json_call(bus, root, "ListKeyslots", "")["keyslots"]
+    );
+    let versions = json_call(bus, root, "SecretVersions", r#"{"name":"shared/a"}"#);
+    let versions = versions["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), 1, "{versions:?}");
+    assert_eq!(versions[0]["version"], 1);
+    // Bad parameters are named, as over Varlink.
+    let msg = fails(
+        bus,
+        root,
+        "SecretVersions",
+        &[r#"string:{"nam":"shared/a"}"#],
+        "InvalidParameter",
+    );
+    assert!(msg.contains("nam"), "{msg}");
+    fails(
+        bus,
+        root,
+        "SecretVersions",
+        &[r#"string:{"name":"shared/none"}"#],
+        "NotFound",
+    );
+
+    // Rekey over D-Bus: new shares, pending until confirmed; confirming two of them (2-of-3)
+    // over D-Bus puts the new key in force and the new shares unseal the vault.
+    let rekey = json_call(bus, root, "Rekey", "");
+    let shares = strings(&rekey["recovery_shares"]);
+    assert_eq!(shares.len(), 3, "{rekey}");
+    assert!(rekey["pending_until"].is_string(), "{rekey}");
+    assert_ne!(status(bus, root)["rekey_pending_until"], "");
+    let confirm = serde_json::json!({ "recovery_shares": &shares[..2] }).to_string();
+    let confirmed = json_call(bus, root, "ConfirmRecovery", &confirm);
+    assert_eq!(confirmed["rekeyed"], true, "{confirmed}");
+    assert_eq!(status(bus, root)["rekey_pending_until"], "");
+    ok(bus, root, "Seal", &[]);
+    ok(bus, root, "Unseal", &["ss", &shares[1], ""]);
+    let r = ok(bus, root, "Unseal", &["ss", &shares[2], ""]);
+    assert_eq!(r, [Value::from(false), Value::from(0)]);
+    assert_eq!(
+        bytes(&ok(bus, root, "GetSecret", &["st", "shared/a", "0"])[0]),
+        b"alpha"
+    );
+
+    // Nobody meets the daemon's policy on these too, and is told so by name.
+    let nobody = Who::Nobody;
+    fails(
+        bus,
+        nobody,
+        "ListKeyslots",
+        &["string:"],
+        "PermissionDenied",
+    );
+    fails(bus, nobody, "Rekey", &["string:"], "PermissionDenied");
+    fails(
+        bus,
+        nobody,
+        "SecretVersions",
+        &[r#"string:{"name":"private/b"}"#],
+        "PermissionDenied",
+    );
+    // What nobody may read, nobody may list the versions of.
+    let v = json_call(bus, nobody, "SecretVersions", r#"{"name":"shared/a"}"#);
+    assert_eq!(v["versions"][0]["version"], 1, "{v}");
+    // The vault is still open, the new key in force, no secret in the log.
+    assert_eq!(status(bus, root)["sealed"], false);
+    let log = w.daemon.log();
+    for share in &shares {
+        assert!(!log.contains(share.as_str()), "a share in the log");
+    }
 }

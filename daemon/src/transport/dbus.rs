@@ -9,6 +9,11 @@
 //! bus can't vouch for is refused. Nothing else is decided here: policy, the vault and the
 //! devices are the service's business, and this module never touches them.
 //!
+//! Every method of the contract's table (`keyward_proto::keyward_methods!`) is a member: the
+//! everyday ones with typed signatures written out here, every other one generated as
+//! `s` (its Varlink parameters as JSON) → `s` (its Varlink reply as JSON), so that a method
+//! added to the table reaches D-Bus without an edit here.
+//!
 //! It never logs, prints or keeps a copy of argument or reply contents (secret values, PINs,
 //! recovery shares). Secret values are moved into zeroizing buffers the moment they leave the
 //! message, and returned values are serialized straight from the service's zeroizing buffer.
@@ -21,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyward_proto::api::{
-    self, ApiError, CreateKeyParams, GetSecretParams, ListSecretsParams, NameParams,
+    self, ApiError, CreateKeyParams, Empty, GetSecretParams, ListSecretsParams, NameParams,
     PutSecretParams, Reply, Request, SecretString, SecretValue, SignParams, UnsealParams,
 };
 use serde::{Serialize, Serializer};
@@ -256,6 +261,20 @@ impl Type for SecretOut {
     const SIGNATURE: &'static Signature = &Signature::static_array(&Signature::U8);
 }
 
+/// A reply as JSON text (`s`), for the members that carry the table's types as JSON: written
+/// into the reply message straight from a zeroizing buffer (recovery shares travel in it).
+struct JsonOut(Zeroizing<String>);
+
+impl Serialize for JsonOut {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl Type for JsonOut {
+    const SIGNATURE: &'static Signature = &Signature::Str;
+}
+
 /// A failed call, as D-Bus sees it: `org.keyward.Custodian1.Error.<Reason>` and the
 /// [`ApiError`]'s text.
 pub struct CallError {
@@ -306,19 +325,17 @@ impl zbus::DBusError for CallError {
     }
 }
 
-/// The short reason of an API error: the last component of its Varlink name
-/// (`org.keyward.Custodian.NotFound` → `NotFound`), or `Internal` if that isn't a valid D-Bus
-/// name element.
+/// The short reason of an API error ([`ApiError::reason`]: `NotFound`), or `Internal` if that
+/// isn't a valid D-Bus name element.
 pub fn error_reason(e: &ApiError) -> String {
-    let name = e.name();
-    let short = name.rsplit('.').next().unwrap_or_default();
+    let short = e.reason();
     let valid = short
         .chars()
         .next()
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && short.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if valid {
-        short.to_owned()
+        short
     } else {
         "Internal".to_owned()
     }
@@ -418,6 +435,39 @@ impl<H: Handler> Custodian<H> {
             .await
             .map_err(|e| CallError::from_api(&e))
     }
+
+    /// A JSON member: `params` is the method's Varlink parameters object (`""` for none), the
+    /// reply its Varlink reply object. Secrets and PINs in `params` are read straight into
+    /// zeroizing buffers by their types; the reply text is built in one.
+    async fn json(
+        &self,
+        conn: &Connection,
+        hdr: &Header<'_>,
+        method: &str,
+        params: &str,
+    ) -> Result<JsonOut, CallError> {
+        let request =
+            Request::parse(method, non_empty(params)).map_err(|e| CallError::from_api(&e))?;
+        let reply = self.call(conn, hdr, request).await?;
+        let too_large = || ApiError::TooLarge {
+            parameter: "reply".into(),
+            limit: api::MAX_FRAME_LEN as u64,
+        };
+        let mut text = keyward_proto::wire::encode_frame(&reply, api::MAX_FRAME_LEN)
+            .ok()
+            .flatten()
+            .ok_or_else(|| CallError::from_api(&too_large()))?;
+        text.pop(); // The frame's NUL.
+                    // The bytes move, uncopied; JSON from serde_json is UTF-8.
+        let text = String::from_utf8(std::mem::take(&mut *text)).map_err(|e| {
+            let mut bytes = e.into_bytes();
+            zeroize::Zeroize::zeroize(&mut bytes);
+            CallError::from_api(&ApiError::Internal {
+                reason: "a reply that is not UTF-8".into(),
+            })
+        })?;
+        Ok(JsonOut(Zeroizing::new(text)))
+    }
 }
 
 /// `""` means "not given".
@@ -425,6 +475,61 @@ fn non_empty(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
 
+/// Builds the exported interface from the method table: the typed members written out below
+/// (their D-Bus signatures predate the table and stay as they are), and for every other method
+/// a member of the same name that takes its parameters and returns its reply as the Varlink
+/// JSON objects (`s` → `s`). A method added to the table is exported here without an edit.
+macro_rules! custodian_interface {
+    ($(
+        $(#[$doc:meta])*
+        $name:ident($params:ty) -> $reply:ty { $($rest:tt)* }
+    )*) => {
+        custodian_interface!(@json [] $($name)*);
+    };
+    // The methods with a typed member.
+    (@json [$($done:ident)*] Status $($more:ident)*) => {
+        custodian_interface!(@json [$($done)*] $($more)*);
+    };
+    (@json [$($done:ident)*] GetSecret $($more:ident)*) => {
+        custodian_interface!(@json [$($done)*] $($more)*);
+    };
+    (@json [$($done:ident)*] PutSecret $($more:ident)*) => {
+        custodian_interface!(@json [$($done)*] $($more)*);
+    };
+    (@json [$($done:ident)*] ListSecrets $($more:ident)*) => {
+        custodian_interface!(@json [$($done)*] $($more)*);
+    };
+    (@json [$($done:ident)*] DeleteSecret $($more:ident)*) => {
+        custodian_interface!(@json [$($done)*] $($more)*);
+    };
+    (@json [$($done:ident)*] CreateKey $($more:ident)*) => {
+        custodian_interface!(@json [$($done)*] $($more)*);
+    };
+    (@json [$($done:ident)*] ListKeys $($more:ident)*) => {
+        custodian_interface!(@json [$($done)*] $($more)*);
+    };
+    (@json [$($done:ident)*] PublicKey $($more:ident)*) => {
+        custodian_interface!(@json [$($done)*] $($more)*);
+    };
+    (@json [$($done:ident)*] Sign $($more:ident)*) => {
+        custodian_interface!(@json [$($done)*] $($more)*);
+    };
+    (@json [$($done:ident)*] DeleteKey $($more:ident)*) => {
+        custodian_interface!(@json [$($done)*] $($more)*);
+    };
+    (@json [$($done:ident)*] Seal $($more:ident)*) => {
+        custodian_interface!(@json [$($done)*] $($more)*);
+    };
+    (@json [$($done:ident)*] Unseal $($more:ident)*) => {
+        custodian_interface!(@json [$($done)*] $($more)*);
+    };
+    (@json [$($done:ident)*] Rotate $($more:ident)*) => {
+        custodian_interface!(@json [$($done)*] $($more)*);
+    };
+    (@json [$($done:ident)*] $name:ident $($more:ident)*) => {
+        custodian_interface!(@json [$($done)* $name] $($more)*);
+    };
+    (@json [$($json:ident)*]) => {
 #[zbus::interface(name = "org.keyward.Custodian1")]
 impl<H: Handler> Custodian<H> {
     /// State of the vault: initialized (b), sealed (b), unsealed_by (s, empty if sealed),
@@ -437,7 +542,7 @@ impl<H: Handler> Custodian<H> {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<BTreeMap<&'static str, Variant<'static>>, CallError> {
-        let reply = self.call(conn, &hdr, Request::Status).await?;
+        let reply = self.call(conn, &hdr, Request::Status(Empty {})).await?;
         let Reply::Status(s) = reply else {
             return Err(unexpected("Status"));
         };
@@ -488,7 +593,7 @@ impl<H: Handler> Custodian<H> {
             value: SecretValue::from(secret),
         });
         let reply = self.call(conn, &hdr, request).await?;
-        let Reply::Version(r) = reply else {
+        let Reply::PutSecret(r) = reply else {
             return Err(unexpected("PutSecret"));
         };
         Ok(r.version)
@@ -506,7 +611,7 @@ impl<H: Handler> Custodian<H> {
             prefix: non_empty(&prefix).map(str::to_owned),
         });
         let reply = self.call(conn, &hdr, request).await?;
-        let Reply::Names(r) = reply else {
+        let Reply::ListSecrets(r) = reply else {
             return Err(unexpected("ListSecrets"));
         };
         Ok(r.names)
@@ -541,7 +646,7 @@ impl<H: Handler> Custodian<H> {
             algorithm,
         });
         let reply = self.call(conn, &hdr, request).await?;
-        let Reply::PublicKey(r) = reply else {
+        let Reply::CreateKey(r) = reply else {
             return Err(unexpected("CreateKey"));
         };
         Ok(r.public_key.0)
@@ -554,8 +659,8 @@ impl<H: Handler> Custodian<H> {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<Vec<(String, String, String, String)>, CallError> {
-        let reply = self.call(conn, &hdr, Request::ListKeys).await?;
-        let Reply::Keys(r) = reply else {
+        let reply = self.call(conn, &hdr, Request::ListKeys(Empty {})).await?;
+        let Reply::ListKeys(r) = reply else {
             return Err(unexpected("ListKeys"));
         };
         let keys = r
@@ -623,7 +728,7 @@ impl<H: Handler> Custodian<H> {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<(), CallError> {
-        self.call(conn, &hdr, Request::Seal).await?;
+        self.call(conn, &hdr, Request::Seal(Empty {})).await?;
         Ok(())
     }
 
@@ -655,13 +760,32 @@ impl<H: Handler> Custodian<H> {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<u32, CallError> {
-        let reply = self.call(conn, &hdr, Request::Rotate).await?;
+        let reply = self.call(conn, &hdr, Request::Rotate(Empty {})).await?;
         let Reply::Rotate(r) = reply else {
             return Err(unexpected("Rotate"));
         };
         Ok(r.term)
     }
+
+    $(
+        /// The method of the same name in `org.keyward.Custodian`: its parameters as a JSON
+        /// object ("" for none), its reply as one.
+        #[allow(non_snake_case)]
+        #[zbus(out_args("reply"))]
+        async fn $json(
+            &self,
+            #[zbus(connection)] conn: &Connection,
+            #[zbus(header)] hdr: Header<'_>,
+            params: &str,
+        ) -> Result<JsonOut, CallError> {
+            self.json(conn, &hdr, stringify!($json), params).await
+        }
+    )*
 }
+    };
+}
+
+keyward_proto::keyward_methods!(custodian_interface);
 
 /// `Status` as `a{sv}`.
 fn status_dict(s: api::StatusReply) -> BTreeMap<&'static str, Variant<'static>> {

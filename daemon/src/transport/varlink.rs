@@ -705,7 +705,7 @@ mod tests {
     use std::sync::Mutex;
     use tokio::sync::{mpsc, Notify};
 
-    use keyward_proto::api::{Empty, NamesReply, Reply, VersionReply};
+    use keyward_proto::api::{Done, NamesReply, Reply, VersionReply};
     use serde_json::{json, Value};
 
     /// Guards every wait so a broken server fails a test instead of hanging it.
@@ -724,25 +724,26 @@ mod tests {
             assert_eq!(caller.via, Via::Varlink);
             self.calls.lock().unwrap().push(request.method().to_owned());
             match request {
-                Request::ListSecrets(p) => Ok(Reply::Names(NamesReply {
+                Request::ListSecrets(p) => Ok(Reply::ListSecrets(NamesReply {
                     names: vec![p.prefix.unwrap_or_default()],
                 })),
-                Request::PutSecret(p) => Ok(Reply::Version(VersionReply {
+                Request::PutSecret(p) => Ok(Reply::PutSecret(VersionReply {
                     version: p.value.expose().len() as u64,
                 })),
                 Request::GetSecret(p) => Err(ApiError::NotFound {
                     kind: "secret".into(),
                     name: p.name,
                 }),
-                Request::Seal => {
+                Request::Seal(_) => {
                     let started = self.started.lock().unwrap().clone();
                     if let Some(started) = started {
                         let _ = started.send(());
                     }
                     self.release.notified().await;
-                    Ok(Reply::Empty(Empty {}))
+                    Ok(Reply::Seal(Done {}))
                 }
-                _ => Ok(Reply::Empty(Empty {})),
+                // Every other reply here is `{}`.
+                _ => Ok(Reply::DeleteKey(Done {})),
             }
         }
     }
