@@ -34,7 +34,7 @@ pub fn read_bounded(
     loop {
         let len = buf.len();
         let want = CHUNK.min(limit + 1 - len);
-        keyward::wire::reserve_zeroizing(&mut buf, want);
+        keyward::wire::reserve_zeroizing(&mut buf, want, limit + 1);
         buf.resize(len + want, 0);
         let n = loop {
             match reader.read(&mut buf[len..]) {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use keyward_proto::api::{
     self, methods, ApiError, Bytes, ConfirmRecoveryParams, ConfirmRecoveryReply, CreateKeyParams,
@@ -26,6 +26,7 @@ use keyward_proto::api::{
     RekeyReply, RemoveKeyslotParams, SecretString, SecretValue, SecretVersion, SignParams,
     SlotSpec, StatusReply, UnsealParams, UnsealReply,
 };
+use keyward_proto::wire::{FrameBuf, Next};
 
 /// Where `keywardd` listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/keyward/api.sock";
@@ -38,8 +39,6 @@ const REPLY_SLACK: usize = 64 * 1024;
 
 /// Largest reply accepted, NUL excluded.
 pub const MAX_REPLY_LEN: usize = api::MAX_FRAME_LEN + REPLY_SLACK;
-
-const READ_CHUNK: usize = 16 * 1024;
 
 /// The socket path from `KEYWARD_SOCKET`, or [`DEFAULT_SOCKET`].
 pub fn default_socket() -> PathBuf {
@@ -94,7 +93,8 @@ pub struct Client {
     /// The timeout given to [`Client::set_timeout`], for a new connection.
     timeout: Option<Duration>,
     /// Bytes received after the last reply's NUL (none, from a well-behaved daemon).
-    pending: Zeroizing<Vec<u8>>,
+    /// Received bytes not yet handed out as a reply (zeroizing, bounded).
+    frames: FrameBuf,
 }
 
 #[derive(Serialize)]
@@ -127,7 +127,7 @@ impl Client {
             stream,
             path: path.to_owned(),
             timeout: None,
-            pending: Zeroizing::new(Vec::new()),
+            frames: FrameBuf::new(MAX_REPLY_LEN),
         })
     }
 
@@ -137,7 +137,7 @@ impl Client {
         use nix::errno::Errno;
         use nix::sys::socket::{recv, MsgFlags};
         use std::os::fd::AsRawFd as _;
-        if !self.pending.is_empty() {
+        if self.frames.holds_partial() {
             return false;
         }
         let mut byte = [0u8; 1];
@@ -256,46 +256,40 @@ impl Client {
 
     /// The next NUL-terminated message, NUL excluded.
     fn receive(&mut self) -> Result<Zeroizing<Vec<u8>>, ClientError> {
-        let mut frame = std::mem::replace(&mut self.pending, Zeroizing::new(Vec::new()));
-        let mut scanned = 0;
         loop {
-            if let Some(i) = frame[scanned..].iter().position(|&b| b == 0) {
-                let end = scanned + i;
-                if end + 1 < frame.len() {
-                    self.pending = Zeroizing::new(frame[end + 1..].to_vec());
+            match self.frames.next_frame() {
+                Next::Frame(range) => {
+                    return Ok(self.frames.take(range));
                 }
-                frame[end..].zeroize();
-                frame.truncate(end);
-                return Ok(frame);
+                Next::TooLarge => {
+                    // Out of step for good: drop what was buffered (the connection is useless).
+                    self.frames = FrameBuf::new(MAX_REPLY_LEN);
+                    return Err(ClientError::Protocol(format!(
+                        "a reply longer than {MAX_REPLY_LEN} bytes"
+                    )));
+                }
+                Next::Incomplete => {}
             }
-            scanned = frame.len();
-            if scanned > MAX_REPLY_LEN {
-                return Err(ClientError::Protocol(format!(
-                    "a reply longer than {MAX_REPLY_LEN} bytes"
-                )));
-            }
-            let len = frame.len();
-            let want = READ_CHUNK.min(MAX_REPLY_LEN + 1 - len);
-            keyward_proto::wire::reserve_zeroizing(&mut frame, want);
-            frame.resize(len + want, 0);
+            let partial = self.frames.holds_partial();
+            let space = self.frames.space();
             let n = loop {
-                match self.stream.read(&mut frame[len..]) {
+                match self.stream.read(space) {
                     Ok(n) => break n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(ClientError::Io(e)),
                 }
             };
-            frame.truncate(len + n);
             if n == 0 {
-                return Err(if len == 0 {
+                return Err(if partial {
+                    ClientError::Protocol("the connection closed in the middle of a reply".into())
+                } else {
                     ClientError::Io(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "keywardd closed the connection",
                     ))
-                } else {
-                    ClientError::Protocol("the connection closed in the middle of a reply".into())
                 });
             }
+            self.frames.filled(n);
         }
     }
 
@@ -730,7 +724,7 @@ mod tests {
             Err(ClientError::Protocol(m)) => assert!(m.contains("longer than"), "{m}"),
             other => panic!("{other:?}"),
         }
-        assert!(c.pending.is_empty());
+        assert!(!c.frames.holds_partial());
         drop(c);
         server.join().unwrap();
     }

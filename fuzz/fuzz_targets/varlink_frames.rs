@@ -10,7 +10,8 @@
 #![no_main]
 
 use keywardd::identity::{Caller, Via};
-use keywardd::transport::varlink::{encode_result, parse_frame, Call, FrameBuf, Next};
+use keyward_proto::wire::{FrameBuf, Next};
+use keywardd::transport::varlink::{encode_result, parse_frame, Call};
 use libfuzzer_sys::fuzz_target;
 
 /// Small bounds reach `TooLarge` often; the real one (2 MiB) checks nothing overflows.

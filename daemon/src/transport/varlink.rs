@@ -10,13 +10,13 @@
 //! before it is freed, and grown only by copying into a new zeroizing buffer, never by a
 //! reallocation that would leave a copy behind.
 
-use std::fmt;
 use std::io::Write as _;
-use std::ops::Range;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use keyward_proto::api::{self, ApiError, Request};
+use keyward_proto::wire::{FrameBuf, Next};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,7 +24,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, info, warn};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use super::socket::{self, shutdown_requested};
 use super::Handler;
@@ -70,9 +70,6 @@ error PermissionDenied ()
 # Method is expected to be called with 'more' set to true, but wasn't
 error ExpectedMore ()
 "#;
-
-/// How much is read from a socket at a time; also the buffer an idle connection keeps.
-const READ_CHUNK: usize = 16 * 1024;
 
 /// Bounds on what one client, and all of them together, can make the transport hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -566,139 +563,6 @@ pub fn encode_result<T: Serialize>(result: &Result<T, ApiError>, max: usize) -> 
     }
 }
 
-/// What the buffer holds next: the result of [`FrameBuf::next_frame`].
-#[derive(Debug, PartialEq, Eq)]
-pub enum Next {
-    /// A complete request (NUL excluded) at this range of `buf`.
-    Frame(Range<usize>),
-    /// More than `max_frame` bytes without a NUL.
-    TooLarge,
-    /// Read more.
-    Incomplete,
-}
-
-/// The receive buffer of one connection. It never holds more than `max_frame + 1` bytes, is
-/// allocated in steps (never past `max_frame + 1`), grows by copying into a new zeroizing
-/// buffer (the old one is zeroized), and wipes consumed frames.
-///
-/// Use: read into [`FrameBuf::space`], report the count with [`FrameBuf::filled`], then take
-/// frames with [`FrameBuf::next_frame`] until it says [`Next::Incomplete`]. Public so that the
-/// fuzz targets drive the same splitting a connection does.
-pub struct FrameBuf {
-    /// Received bytes up to `end`, then zeroed room to read into. The room is zero-filled
-    /// once, when the buffer grows, not on every read: a client sending a byte at a time
-    /// must not make each read clear a whole chunk.
-    buf: Zeroizing<Vec<u8>>,
-    /// End of the received bytes.
-    end: usize,
-    /// First byte not yet handed out as a frame.
-    start: usize,
-    /// Bytes after `start` already searched for a NUL.
-    scanned: usize,
-    max_frame: usize,
-}
-
-impl fmt::Debug for FrameBuf {
-    /// Sizes only: the buffer holds request bytes, which may be secrets.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FrameBuf")
-            .field("received", &self.end)
-            .field("capacity", &self.buf.capacity())
-            .field("start", &self.start)
-            .field("max_frame", &self.max_frame)
-            .finish_non_exhaustive()
-    }
-}
-
-impl FrameBuf {
-    /// An empty buffer for frames of at most `max_frame` bytes (NUL excluded).
-    pub fn new(max_frame: usize) -> Self {
-        Self {
-            buf: Zeroizing::new(Vec::new()),
-            end: 0,
-            start: 0,
-            scanned: 0,
-            max_frame,
-        }
-    }
-
-    /// The next complete frame, if the buffer holds one; [`Next::TooLarge`] once more than
-    /// `max_frame` bytes arrived without a NUL (the connection must then be closed: it is out
-    /// of step).
-    pub fn next_frame(&mut self) -> Next {
-        let from = self.start + self.scanned;
-        let unscanned = self.buf.get(from..self.end).unwrap_or_default();
-        match unscanned.iter().position(|&b| b == 0) {
-            Some(i) => {
-                let end = from + i;
-                if end - self.start > self.max_frame {
-                    return Next::TooLarge;
-                }
-                let frame = self.start..end;
-                self.start = end + 1;
-                self.scanned = 0;
-                Next::Frame(frame)
-            }
-            None => {
-                self.scanned = self.end - self.start;
-                if self.scanned > self.max_frame {
-                    Next::TooLarge
-                } else {
-                    Next::Incomplete
-                }
-            }
-        }
-    }
-
-    /// The bytes of a frame [`FrameBuf::next_frame`] just returned (empty for a range that is
-    /// not one).
-    pub fn frame(&self, range: Range<usize>) -> &[u8] {
-        self.buf.get(range).unwrap_or_default()
-    }
-
-    /// Bytes allocated for the buffer: never more than `max_frame + 1`, whatever a client
-    /// sends, so a connection's memory is bounded.
-    pub fn capacity(&self) -> usize {
-        self.buf.capacity()
-    }
-
-    /// Room to read into (at least one byte): consumed frames are wiped and dropped first.
-    /// Call it only after [`FrameBuf::next_frame`] said [`Next::Incomplete`], so what is left
-    /// is at most `max_frame` bytes.
-    pub fn space(&mut self) -> &mut [u8] {
-        if self.start > 0 {
-            let rest = self.end - self.start;
-            self.buf.copy_within(self.start..self.end, 0);
-            self.buf[rest..self.end].zeroize();
-            self.end = rest;
-            self.start = 0;
-        }
-        if self.end == 0 && self.buf.capacity() > READ_CHUNK {
-            // An idle connection keeps a small buffer; the big one is zeroized on drop.
-            self.buf = Zeroizing::new(Vec::new());
-        }
-        let limit = self.max_frame.saturating_add(1);
-        let want = READ_CHUNK.min(limit.saturating_sub(self.end)).max(1);
-        let len = self.end + want;
-        if self.buf.len() < len {
-            if self.buf.capacity() < len {
-                let capacity = (self.buf.capacity() * 2).max(len).min(limit.max(len));
-                let mut bigger = Zeroizing::new(Vec::with_capacity(capacity));
-                bigger.extend_from_slice(&self.buf[..self.end]);
-                self.buf = bigger;
-            }
-            self.buf.resize(len, 0);
-        }
-        let end = self.end;
-        &mut self.buf[end..]
-    }
-
-    /// `n` bytes were read into the slice [`FrameBuf::space`] returned.
-    pub fn filled(&mut self, n: usize) {
-        self.end = (self.end + n).min(self.buf.len());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1006,53 +870,6 @@ mod tests {
         let r = other.call(&exact).await;
         assert_eq!(r["parameters"]["names"], json!(["p"]));
         finish(server).await;
-    }
-
-    #[test]
-    fn the_receive_buffer_stays_bounded() {
-        let max = 100_000;
-        let mut frames = FrameBuf::new(max);
-        let mut total = 0;
-        let outcome = loop {
-            match frames.next_frame() {
-                Next::Incomplete => {}
-                other => break other,
-            }
-            let space = frames.space();
-            space.fill(b'x');
-            let n = space.len();
-            frames.filled(n);
-            total += n;
-            assert!(
-                frames.buf.capacity() <= max + 1,
-                "{}",
-                frames.buf.capacity()
-            );
-        };
-        assert_eq!(outcome, Next::TooLarge);
-        assert_eq!(total, max + 1);
-        // Frames are handed out in order; consumed ones are wiped when room is made.
-        let mut frames = FrameBuf::new(max);
-        let space = frames.space();
-        space[..8].copy_from_slice(b"one\0two\0");
-        frames.filled(8);
-        assert_eq!(frames.next_frame(), Next::Frame(0..3));
-        assert_eq!(frames.next_frame(), Next::Frame(4..7));
-        assert_eq!(frames.next_frame(), Next::Incomplete);
-        let _ = frames.space();
-        assert!(frames.buf.iter().all(|&b| b == 0));
-        // A partial frame survives compaction.
-        let mut frames = FrameBuf::new(max);
-        let space = frames.space();
-        space[..6].copy_from_slice(b"a\0bcde");
-        frames.filled(6);
-        assert_eq!(frames.next_frame(), Next::Frame(0..1));
-        assert_eq!(frames.next_frame(), Next::Incomplete);
-        let space = frames.space();
-        space[..2].copy_from_slice(b"f\0");
-        frames.filled(2);
-        assert_eq!(frames.next_frame(), Next::Frame(0..5));
-        assert_eq!(&frames.buf[0..5], b"bcdef");
     }
 
     #[tokio::test]
