@@ -775,6 +775,18 @@ mod tests {
         );
     }
 
+    /// The shipped example is a valid config, and the defaults it documents are the code's.
+    #[test]
+    fn the_shipped_example_loads_with_the_documented_defaults() {
+        let c = parse(include_str!("../../systemd/keywardd.toml.example")).unwrap();
+        let credentials = c.credentials.unwrap();
+        let defaults = CredentialSettings::default_limits();
+        assert_eq!(credentials.socket.mode.bits(), 0o600);
+        assert_eq!(credentials.limits.max_connections, defaults.max_connections);
+        assert_eq!(credentials.limits.write_timeout, defaults.write_timeout);
+        assert_eq!(credentials.limits.wait_unsealed, defaults.wait_unsealed);
+    }
+
     #[test]
     fn socket_modes_are_parsed_once_and_named_in_errors() {
         assert_eq!("0660".parse::<SocketMode>().unwrap().bits(), 0o660);
