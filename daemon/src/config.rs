@@ -1,14 +1,29 @@
 //! `keywardd.toml`: where the state lives, which sockets to serve, which devices to use and in
-//! which order to try them at start. Unknown keys are errors, so a typo never silently turns a
-//! protection off. PINs are never in this file: only the path of a file that holds one (a
-//! systemd credential, typically).
+//! which order to try them at start. The file is read once, here, into a [`Config`] whose every
+//! field is already checked and typed (modes as [`SocketMode`], times as [`Duration`], devices
+//! as the [`DeviceSpec`]s the device actors open): no subsystem reads raw TOML or re-validates a
+//! setting. Unknown keys are errors, so a typo never silently turns a protection off, and every
+//! error names the setting it is about. PINs are never in this file: only the path of a file
+//! that holds one (a systemd credential, typically).
+//!
+//! This module must not open, bind or start anything: it only turns text into settings.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
 
-use hsm_shim::tpm::TpmConfig;
+use hsm_shim::tpm::{Tcti, TpmConfig};
 use hsm_shim::uri::Pkcs11Uri;
+use keyward_proto::api;
 use serde::Deserialize;
+
+use crate::audit::AuditOptions;
+use crate::device::{ActorOptions, DeviceSpec, Pkcs11Spec};
+use crate::transport::credentials::CredentialLimits;
+use crate::transport::dbus::Bus;
+use crate::transport::varlink::VarlinkLimits;
 
 /// Default path of the config file.
 pub const DEFAULT_CONFIG: &str = "/etc/keyward/keywardd.toml";
@@ -26,58 +41,427 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
-    #[error("{path}: {reason}")]
-    Invalid { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Invalid { path: PathBuf, source: Invalid },
 }
 
-/// The whole configuration.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A setting that parsed as TOML but can't be used: which key, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{key} {problem}")]
+pub struct Invalid {
+    /// The setting, as written in the file (`api.mode`, `devices.hsm.token`).
+    pub key: String,
+    /// What is wrong with its value.
+    pub problem: String,
+}
+
+impl Invalid {
+    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Permission bits of a socket: octal, nothing beyond `0777`. The one parser of socket modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketMode(u32);
+
+impl SocketMode {
+    /// The mode bits, for `chmod`.
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+}
+
+/// Why a text is not a socket mode.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ModeError {
+    /// Not an octal number.
+    #[error("{0:?} is not an octal mode like \"0660\"")]
+    NotOctal(String),
+    /// Bits a socket's permissions don't have.
+    #[error("{0:?} has bits beyond 0777")]
+    TooWide(String),
+}
+
+impl FromStr for SocketMode {
+    type Err = ModeError;
+
+    /// `"0660"`, `"660"` or `"0o660"`.
+    fn from_str(text: &str) -> Result<Self, ModeError> {
+        let bits = u32::from_str_radix(text.trim_start_matches("0o"), 8)
+            .map_err(|_| ModeError::NotOctal(text.to_owned()))?;
+        if bits > 0o777 {
+            return Err(ModeError::TooWide(text.to_owned()));
+        }
+        Ok(Self(bits))
+    }
+}
+
+impl fmt::Display for SocketMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
+/// A socket to bind when systemd does not pass one in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketSettings {
+    /// Its path (ignored under socket activation).
+    pub path: PathBuf,
+    /// Its permissions.
+    pub mode: SocketMode,
+}
+
+/// The credential socket: where, and its bounds.
+#[derive(Clone, Debug)]
+pub struct CredentialSettings {
+    /// The socket.
+    pub socket: SocketSettings,
+    /// How long a request may wait for the unseal, how many are served at once, how long a
+    /// write may take.
+    pub limits: CredentialLimits,
+}
+
+impl CredentialSettings {
+    /// The limits of a `[credentials]` table that sets none: also those of a credential socket
+    /// systemd passes in when the file has no such table.
+    pub fn default_limits() -> CredentialLimits {
+        CredentialLimits {
+            wait_unsealed: Duration::from_secs(default_credentials_wait()),
+            max_connections: default_credentials_connections(),
+            write_timeout: Duration::from_secs(default_credentials_write_timeout()),
+        }
+    }
+}
+
+/// The audit log's NV counter: a configured `tpm2` device and the index on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TpmCounter {
+    /// The device's configured name (checked to be a `tpm2` device).
+    pub device: String,
+    /// The NV index.
+    pub index: u32,
+}
+
+/// The whole configuration, checked.
+#[derive(Debug)]
 pub struct Config {
-    /// Where the database lives (mode 0700).
-    #[serde(default = "default_state_dir")]
+    /// Where the database and the audit log live (mode 0700).
     pub state_dir: PathBuf,
     /// The Varlink API socket.
-    #[serde(default)]
-    pub api: ApiConfig,
-    /// systemd's `LoadCredential=` socket. Off unless configured.
-    #[serde(default)]
-    pub credentials: Option<CredentialsConfig>,
-    /// The D-Bus service. Off unless configured.
-    #[serde(default)]
-    pub dbus: Option<DbusConfig>,
-    /// The policy file (TOML). Without one, everything but `Status` is denied.
-    #[serde(default)]
+    pub api: SocketSettings,
+    /// systemd's `LoadCredential=` socket, when configured.
+    pub credentials: Option<CredentialSettings>,
+    /// The bus the D-Bus service joins, when configured.
+    pub dbus: Option<Bus>,
+    /// The policy file. Without one, everything but `Status` is denied.
     pub policy: Option<PathBuf>,
-    /// Device names to try, in order, for the unattended unseal at start. Default: every
-    /// configured device, in name order. Recovery slots are never tried unattended.
-    #[serde(default)]
-    pub unseal_order: Option<Vec<String>>,
-    /// The devices, by the name keyslots and keys refer to (`tpm`, `hsm`, ...).
-    #[serde(default)]
-    pub devices: BTreeMap<String, DeviceConfig>,
-    /// Limits on what clients can make the daemon do.
-    #[serde(default)]
-    pub limits: Limits,
-    /// Recovery shares.
-    #[serde(default)]
-    pub recovery: RecoveryConfig,
+    /// Device names to try, in order, for the unattended unseal at start (every one is a
+    /// configured device).
+    pub unseal_order: Vec<String>,
+    /// The devices, by the name keyslots and keys refer to.
+    pub devices: BTreeMap<String, DeviceSpec>,
+    /// SoftHSM's config file, when a device names one (all that name one name the same).
+    pub softhsm_conf: Option<PathBuf>,
+    /// How device actors queue and wait.
+    pub actor: ActorOptions,
+    /// The Varlink transport's bounds.
+    pub varlink: VarlinkLimits,
+    /// How often every device is pinged for `STATUS=`.
+    pub device_watch: Duration,
+    /// How long new recovery shares wait to be confirmed.
+    pub confirm_within: Duration,
     /// How the audit log is kept.
-    #[serde(default)]
-    pub audit: AuditConfig,
+    pub audit: AuditOptions,
+    /// The audit anchors' NV counter, when configured.
+    pub tpm_counter: Option<TpmCounter>,
 }
 
-/// Recovery shares: how long new ones wait for an admin to type enough of them back.
+impl Config {
+    /// Load and check a config file.
+    ///
+    /// # Errors
+    /// The file can't be read, isn't valid TOML, has unknown keys, or a setting is unusable.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ParseError::Toml(source) => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            ParseError::Invalid(source) => ConfigError::Invalid {
+                path: path.to_owned(),
+                source,
+            },
+        })
+    }
+
+    fn parse(text: &str) -> Result<Self, ParseError> {
+        let file: File = toml::from_str(text).map_err(ParseError::Toml)?;
+        file.check().map_err(ParseError::Invalid)
+    }
+
+    /// The path of the database.
+    pub fn database(&self) -> PathBuf {
+        self.state_dir.join("keyward.db")
+    }
+}
+
+enum ParseError {
+    Toml(toml::de::Error),
+    Invalid(Invalid),
+}
+
+/// A `mode` key, checked.
+fn mode(key: &str, text: &str) -> Result<SocketMode, Invalid> {
+    text.parse()
+        .map_err(|e: ModeError| Invalid::new(key, e.to_string()))
+}
+
+/// A count that must be at least 1.
+fn positive(key: &str, n: u64) -> Result<u64, Invalid> {
+    if n == 0 {
+        return Err(Invalid::new(key, "must be at least 1"));
+    }
+    Ok(n)
+}
+
+/// A count of things held at once, at least 1.
+fn count(key: &str, n: usize) -> Result<usize, Invalid> {
+    if n == 0 {
+        return Err(Invalid::new(key, "must be at least 1"));
+    }
+    Ok(n)
+}
+
+/// Device names must be short identifiers: they appear in keyslots, key records and logs.
+fn check_device_name(name: &str) -> Result<(), Invalid> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid::new(
+            format!("devices.{name:?}"),
+            "is not a device name: use 1 to 32 of a-z, 0-9, '-' and '_'",
+        ))
+    }
+}
+
+impl File {
+    fn check(self) -> Result<Config, Invalid> {
+        let api = SocketSettings {
+            mode: mode("api.mode", &self.api.mode)?,
+            path: self.api.socket,
+        };
+        let credentials = match self.credentials {
+            Some(c) => Some(CredentialSettings {
+                socket: SocketSettings {
+                    mode: mode("credentials.mode", &c.mode)?,
+                    path: c.socket,
+                },
+                limits: CredentialLimits {
+                    wait_unsealed: Duration::from_secs(c.wait_unsealed_secs),
+                    max_connections: count("credentials.max_connections", c.max_connections)?,
+                    write_timeout: Duration::from_secs(positive(
+                        "credentials.write_timeout_secs",
+                        c.write_timeout_secs,
+                    )?),
+                },
+            }),
+            None => None,
+        };
+        let dbus = match self.dbus {
+            None => None,
+            Some(FileDbus {
+                address: Some(address),
+                ..
+            }) => Some(Bus::Address(address)),
+            Some(FileDbus { bus, .. }) => Some(match bus.as_str() {
+                "system" => Bus::System,
+                "session" => Bus::Session,
+                _ => {
+                    return Err(Invalid::new(
+                        "dbus.bus",
+                        format!("{bus:?}: use \"system\" or \"session\", or set dbus.address"),
+                    ))
+                }
+            }),
+        };
+        let mut devices = BTreeMap::new();
+        let mut softhsm_conf: Option<PathBuf> = None;
+        for (name, device) in self.devices {
+            check_device_name(&name)?;
+            let spec = match device {
+                FileDevice::Tpm2 { tcti, pcrs } => DeviceSpec::Tpm2(TpmConfig { tcti, pcrs }),
+                FileDevice::Pkcs11 {
+                    module,
+                    token,
+                    pin_file,
+                    softhsm_conf: conf,
+                    seal_key_label,
+                } => {
+                    if !token.names_token() {
+                        return Err(Invalid::new(
+                            format!("devices.{name}.token"),
+                            format!("{token} must name a token (token=, serial=, ...)"),
+                        ));
+                    }
+                    if let Some(path) = conf {
+                        if softhsm_conf.as_ref().is_some_and(|c| *c != path) {
+                            return Err(Invalid::new(
+                                format!("devices.{name}.softhsm_conf"),
+                                "differs from another device's: SoftHSM reads one config per process",
+                            ));
+                        }
+                        softhsm_conf = Some(path);
+                    }
+                    DeviceSpec::Pkcs11(Box::new(Pkcs11Spec {
+                        module,
+                        token: *token,
+                        pin_file,
+                        seal_key_label,
+                    }))
+                }
+            };
+            devices.insert(name, spec);
+        }
+        let unseal_order = match self.unseal_order {
+            Some(order) => {
+                if let Some(name) = order.iter().find(|n| !devices.contains_key(*n)) {
+                    return Err(Invalid::new(
+                        "unseal_order",
+                        format!("names {name:?}, which is not a configured device"),
+                    ));
+                }
+                order
+            }
+            None => devices.keys().cloned().collect(),
+        };
+        let tpm_counter = match self.audit.tpm_counter {
+            Some(device) => {
+                if !matches!(devices.get(&device), Some(DeviceSpec::Tpm2(_))) {
+                    return Err(Invalid::new(
+                        "audit.tpm_counter",
+                        format!("{device:?} is not a configured tpm2 device"),
+                    ));
+                }
+                Some(TpmCounter {
+                    device,
+                    index: self.audit.tpm_counter_index,
+                })
+            }
+            None => None,
+        };
+        if self.audit.max_file_bytes < 4096 {
+            return Err(Invalid::new(
+                "audit.max_file_bytes",
+                format!("= {} is below 4096", self.audit.max_file_bytes),
+            ));
+        }
+        let l = &self.limits;
+        let max_connections = count("limits.max_connections", l.max_connections)?;
+        if l.root_reserve >= max_connections {
+            return Err(Invalid::new(
+                "limits.root_reserve",
+                format!(
+                    "({}) must be below limits.max_connections ({max_connections}): \
+                     other users need a slot too",
+                    l.root_reserve
+                ),
+            ));
+        }
+        Ok(Config {
+            state_dir: self.state_dir,
+            api,
+            credentials,
+            dbus,
+            policy: self.policy,
+            unseal_order,
+            devices,
+            softhsm_conf,
+            actor: ActorOptions {
+                queue: count("limits.device_queue", l.device_queue)?,
+                timeout: Duration::from_secs(l.device_timeout_secs),
+                ..ActorOptions::default()
+            },
+            varlink: VarlinkLimits {
+                max_frame: api::MAX_FRAME_LEN,
+                max_connections,
+                max_connections_per_uid: count(
+                    "limits.max_connections_per_uid",
+                    l.max_connections_per_uid,
+                )?,
+                root_reserve: l.root_reserve,
+                idle_timeout: Duration::from_secs(positive(
+                    "limits.idle_timeout_secs",
+                    l.idle_timeout_secs,
+                )?),
+            },
+            device_watch: Duration::from_secs(positive(
+                "limits.device_watch_secs",
+                l.device_watch_secs,
+            )?),
+            confirm_within: Duration::from_secs(self.recovery.confirm_within_secs),
+            audit: AuditOptions {
+                max_file_bytes: self.audit.max_file_bytes,
+            },
+            tpm_counter,
+        })
+    }
+}
+
+// The file as written. Private: only `File::check` reads it, once.
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RecoveryConfig {
-    /// New shares (from init, enroll or rekey) that are not confirmed within this time
-    /// lapse: an unconfirmed keyslot is dropped, a pending rekey is forgotten.
-    #[serde(default = "default_confirm_within")]
-    pub confirm_within_secs: u64,
+struct File {
+    /// Where the database lives (mode 0700).
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default)]
+    api: FileApi,
+    /// Off unless configured.
+    #[serde(default)]
+    credentials: Option<FileCredentials>,
+    /// Off unless configured.
+    #[serde(default)]
+    dbus: Option<FileDbus>,
+    #[serde(default)]
+    policy: Option<PathBuf>,
+    /// Default: every configured device, in name order. Recovery slots are never tried
+    /// unattended.
+    #[serde(default)]
+    unseal_order: Option<Vec<String>>,
+    #[serde(default)]
+    devices: BTreeMap<String, FileDevice>,
+    #[serde(default)]
+    limits: FileLimits,
+    #[serde(default)]
+    recovery: FileRecovery,
+    #[serde(default)]
+    audit: FileAudit,
 }
 
-impl Default for RecoveryConfig {
+/// New shares (from init, enroll or rekey) that are not confirmed within `confirm_within_secs`
+/// lapse: an unconfirmed keyslot is dropped, a pending rekey is forgotten.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRecovery {
+    #[serde(default = "default_confirm_within")]
+    confirm_within_secs: u64,
+}
+
+impl Default for FileRecovery {
     fn default() -> Self {
         Self {
             confirm_within_secs: default_confirm_within(),
@@ -93,19 +477,17 @@ fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/keyward")
 }
 
-/// The Varlink socket.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ApiConfig {
-    /// Path of the socket (ignored under socket activation).
+struct FileApi {
     #[serde(default = "default_api_socket")]
-    pub socket: PathBuf,
-    /// Permission bits of the socket, octal as a string ("0660").
+    socket: PathBuf,
+    /// Octal, as a string ("0660").
     #[serde(default = "default_mode")]
-    pub mode: String,
+    mode: String,
 }
 
-impl Default for ApiConfig {
+impl Default for FileApi {
     fn default() -> Self {
         Self {
             socket: default_api_socket(),
@@ -122,38 +504,22 @@ fn default_mode() -> String {
     "0660".into()
 }
 
-impl ApiConfig {
-    /// The socket mode as bits.
-    ///
-    /// # Errors
-    /// A mode that isn't octal or grants more than `0777`.
-    pub fn mode_bits(&self) -> Result<u32, String> {
-        let bits = u32::from_str_radix(self.mode.trim_start_matches("0o"), 8).map_err(|_| {
-            format!(
-                "api.mode {:?} is not an octal mode like \"0660\"",
-                self.mode
-            )
-        })?;
-        if bits > 0o777 {
-            return Err(format!("api.mode {:?} has bits beyond 0777", self.mode));
-        }
-        Ok(bits)
-    }
-}
-
 /// The credential socket that systemd connects to for `LoadCredential=ID:PATH`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CredentialsConfig {
-    /// Path of the socket (ignored under socket activation).
+struct FileCredentials {
     #[serde(default = "default_credentials_socket")]
-    pub socket: PathBuf,
-    /// Permission bits, octal ("0600": only systemd, which runs as root, connects).
+    socket: PathBuf,
+    /// "0600": only systemd, which runs as root, connects.
     #[serde(default = "default_credentials_mode")]
-    pub mode: String,
-    /// How long a request may wait for the vault to be unsealed at boot before it gets nothing.
+    mode: String,
     #[serde(default = "default_credentials_wait")]
-    pub wait_unsealed_secs: u64,
+    wait_unsealed_secs: u64,
+    /// A boot starts hundreds of units together; more wait in the backlog.
+    #[serde(default = "default_credentials_connections")]
+    max_connections: usize,
+    #[serde(default = "default_credentials_write_timeout")]
+    write_timeout_secs: u64,
 }
 
 fn default_credentials_socket() -> PathBuf {
@@ -168,39 +534,27 @@ fn default_credentials_wait() -> u64 {
     60
 }
 
-impl CredentialsConfig {
-    /// The socket mode as bits.
-    ///
-    /// # Errors
-    /// A mode that isn't octal or grants more than `0777`.
-    pub fn mode_bits(&self) -> Result<u32, String> {
-        parse_mode("credentials.mode", &self.mode)
-    }
+fn default_credentials_connections() -> usize {
+    1024
 }
 
-/// Which bus the D-Bus service joins.
+fn default_credentials_write_timeout() -> u64 {
+    10
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DbusConfig {
+struct FileDbus {
     /// `system` (default) or `session`; ignored when `address` is set.
     #[serde(default = "default_bus")]
-    pub bus: String,
+    bus: String,
     /// An explicit bus address (`unix:path=…`), e.g. a private bus in tests.
     #[serde(default)]
-    pub address: Option<String>,
+    address: Option<String>,
 }
 
 fn default_bus() -> String {
     "system".into()
-}
-
-fn parse_mode(what: &str, mode: &str) -> Result<u32, String> {
-    let bits = u32::from_str_radix(mode.trim_start_matches("0o"), 8)
-        .map_err(|_| format!("{what} {mode:?} is not an octal mode like \"0660\""))?;
-    if bits > 0o777 {
-        return Err(format!("{what} {mode:?} has bits beyond 0777"));
-    }
-    Ok(bits)
 }
 
 /// Bounds on client-controlled resources.
@@ -211,35 +565,28 @@ fn parse_mode(what: &str, mode: &str) -> Result<u32, String> {
 /// even when other users fill the rest.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Limits {
-    /// Connections served at once, all users together.
+struct FileLimits {
     #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
-    /// Connections one uid may hold at once (root included).
+    max_connections: usize,
     #[serde(default = "default_max_connections_per_uid")]
-    pub max_connections_per_uid: usize,
-    /// Of `max_connections`, how many only uid 0 may use.
+    max_connections_per_uid: usize,
     #[serde(default = "default_root_reserve")]
-    pub root_reserve: usize,
-    /// A connection that holds no request (none running, none being received) is closed after
-    /// this long; so is one that doesn't take its reply. Short, because an idle connection
-    /// holds a slot. Clients connect again when they need to (the Rust client does so by
-    /// itself).
+    root_reserve: usize,
+    /// Short, because an idle connection holds a slot. Clients connect again when they need to
+    /// (the Rust client does so by itself).
     #[serde(default = "default_idle_timeout")]
-    pub idle_timeout_secs: u64,
-    /// How long a request may wait for a device before `DeviceUnavailable`.
+    idle_timeout_secs: u64,
     #[serde(default = "default_device_timeout")]
-    pub device_timeout_secs: u64,
-    /// Requests queued per device before callers get `Busy`.
+    device_timeout_secs: u64,
     #[serde(default = "default_device_queue")]
-    pub device_queue: usize,
-    /// How often every device is pinged, so `STATUS=` says a device went away (or came back)
-    /// without waiting for a request to find out.
+    device_queue: usize,
+    /// So `STATUS=` says a device went away (or came back) without waiting for a request to
+    /// find out.
     #[serde(default = "default_device_watch")]
-    pub device_watch_secs: u64,
+    device_watch_secs: u64,
 }
 
-impl Default for Limits {
+impl Default for FileLimits {
     fn default() -> Self {
         Self {
             max_connections: default_max_connections(),
@@ -250,28 +597,6 @@ impl Default for Limits {
             device_queue: default_device_queue(),
             device_watch_secs: default_device_watch(),
         }
-    }
-}
-
-impl Limits {
-    /// The bounds must leave every user, and root, at least one connection.
-    fn check(&self) -> Result<(), String> {
-        if self.max_connections == 0
-            || self.max_connections_per_uid == 0
-            || self.device_queue == 0
-            || self.idle_timeout_secs == 0
-            || self.device_watch_secs == 0
-        {
-            return Err("limits must be at least 1".into());
-        }
-        if self.root_reserve >= self.max_connections {
-            return Err(format!(
-                "limits.root_reserve ({}) must be below limits.max_connections ({}): \
-                 other users need a slot too",
-                self.root_reserve, self.max_connections
-            ));
-        }
-        Ok(())
     }
 }
 
@@ -297,33 +622,28 @@ fn default_device_watch() -> u64 {
     15
 }
 
-/// One device.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum DeviceConfig {
-    /// A TPM 2.0.
+enum FileDevice {
     Tpm2 {
         /// `device:/dev/tpmrm0` (default) or `swtpm:host=…,port=…`.
         #[serde(default)]
-        tcti: hsm_shim::tpm::Tcti,
+        tcti: Tcti,
         /// Default PCRs of the sha256 bank for new tpm2 keyslots.
         #[serde(default = "default_pcrs")]
         pcrs: Vec<u8>,
     },
-    /// A PKCS#11 token.
     Pkcs11 {
-        /// The module (shared library).
         module: PathBuf,
-        /// The token, by a PKCS#11 URI that names it (`pkcs11:token=…`).
+        /// A PKCS#11 URI that names the token (`pkcs11:token=…`).
         token: Box<Pkcs11Uri>,
-        /// File holding the user PIN (a systemd credential). Never the PIN itself.
+        /// Never the PIN itself.
         #[serde(default)]
         pin_file: Option<PathBuf>,
-        /// For SoftHSM: its config file, exported as `SOFTHSM2_CONF` at start. Keyward never
-        /// lets SoftHSM fall back to `/etc/softhsm/softhsm2.conf`.
+        /// Exported as `SOFTHSM2_CONF` at start: Keyward never lets SoftHSM fall back to
+        /// `/etc/softhsm/softhsm2.conf`.
         #[serde(default)]
         softhsm_conf: Option<PathBuf>,
-        /// `CKA_LABEL` of the sealing key.
         #[serde(default = "default_seal_key_label")]
         seal_key_label: String,
     },
@@ -337,212 +657,22 @@ fn default_seal_key_label() -> String {
     "keyward-seal".into()
 }
 
-impl DeviceConfig {
-    /// `tpm2` or `pkcs11`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Tpm2 { .. } => "tpm2",
-            Self::Pkcs11 { .. } => "pkcs11",
-        }
-    }
-
-    /// The TPM config, for a TPM.
-    pub fn tpm_config(&self) -> Option<TpmConfig> {
-        match self {
-            Self::Tpm2 { tcti, pcrs } => Some(TpmConfig {
-                tcti: tcti.clone(),
-                pcrs: pcrs.clone(),
-            }),
-            Self::Pkcs11 { .. } => None,
-        }
-    }
-}
-
-/// Device names must be short identifiers: they appear in keyslots, key records and logs.
-fn check_device_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 32
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "device name {name:?}: use 1 to 32 of a-z, 0-9, '-' and '_'"
-        ))
-    }
-}
-
-impl Config {
-    /// Load and check a config file.
-    ///
-    /// # Errors
-    /// The file can't be read, isn't valid TOML, has unknown keys, or is inconsistent.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
-        config.check().map_err(|reason| ConfigError::Invalid {
-            path: path.to_owned(),
-            reason,
-        })?;
-        Ok(config)
-    }
-
-    fn check(&self) -> Result<(), String> {
-        self.api.mode_bits()?;
-        if let Some(c) = &self.credentials {
-            c.mode_bits()?;
-        }
-        if let Some(d) = &self.dbus {
-            if d.address.is_none() && !matches!(d.bus.as_str(), "system" | "session") {
-                return Err(format!(
-                    "dbus.bus {:?}: use \"system\" or \"session\", or set dbus.address",
-                    d.bus
-                ));
-            }
-        }
-        for (name, device) in &self.devices {
-            check_device_name(name)?;
-            if let DeviceConfig::Pkcs11 { token, .. } = device {
-                if !token.names_token() {
-                    return Err(format!(
-                        "devices.{name}.token {token} must name a token (token=, serial=, ...)"
-                    ));
-                }
-            }
-        }
-        for name in self.unseal_order.iter().flatten() {
-            if !self.devices.contains_key(name) {
-                return Err(format!(
-                    "unseal_order names {name:?}, which is not a configured device"
-                ));
-            }
-        }
-        self.limits.check()?;
-        Ok(())
-    }
-
-    /// Device names in unattended-unseal order.
-    pub fn unseal_order(&self) -> Vec<String> {
-        match &self.unseal_order {
-            Some(order) => order.clone(),
-            None => self.devices.keys().cloned().collect(),
-        }
-    }
-
-    /// The path of the database.
-    pub fn database(&self) -> PathBuf {
-        self.state_dir.join("keyward.db")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(text: &str) -> Result<Config, String> {
-        let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
-        c.check()?;
-        Ok(c)
-    }
-
-    #[test]
-    fn full_config_parses() {
-        let c = parse(
-            r#"
-            state_dir = "/tmp/kw"
-            policy = "/etc/keyward/policy.toml"
-            unseal_order = ["tpm", "hsm"]
-            [api]
-            socket = "/tmp/kw/api.sock"
-            mode = "0600"
-            [devices.tpm]
-            kind = "tpm2"
-            tcti = "swtpm:host=127.0.0.1,port=2321"
-            pcrs = [7, 11]
-            [devices.hsm]
-            kind = "pkcs11"
-            module = "/usr/lib/softhsm/libsofthsm2.so"
-            token = "pkcs11:token=keyward"
-            pin_file = "/run/credentials/keywardd.service/hsm-pin"
-            "#,
-        )
-        .unwrap();
-        assert_eq!(c.api.mode_bits().unwrap(), 0o600);
-        assert_eq!(c.unseal_order(), ["tpm", "hsm"]);
-        assert_eq!(c.devices["tpm"].kind(), "tpm2");
-        assert_eq!(c.devices["tpm"].tpm_config().unwrap().pcrs, [7, 11]);
-    }
-
-    #[test]
-    fn mistakes_are_errors() {
-        assert!(parse("state_dri = \"/x\"")
-            .unwrap_err()
-            .contains("unknown field"));
-        assert!(parse("[devices.tpm]\nkind = \"tpm2\"\ntcti = \"swtpm:path=/x\"").is_err());
-        assert!(parse("[devices.tpm]\nkind = \"tpm2\"\npin = \"1234\"").is_err());
-        assert!(parse(
-            "[devices.h]\nkind = \"pkcs11\"\nmodule = \"/m.so\"\ntoken = \"pkcs11:object=x\""
-        )
-        .unwrap_err()
-        .contains("must name a token"));
-        assert!(parse("unseal_order = [\"nope\"]")
-            .unwrap_err()
-            .contains("not a configured device"));
-        assert!(parse("[api]\nmode = \"rw\"").is_err());
-        assert!(parse("[devices.\"Bad Name\"]\nkind = \"tpm2\"").is_err());
-    }
-
-    #[test]
-    fn limits_default_and_bounds() {
-        let l = parse("").unwrap().limits;
-        assert_eq!(
-            (l.max_connections, l.max_connections_per_uid, l.root_reserve),
-            (256, 64, 16)
-        );
-        assert!(l.max_connections_per_uid < l.max_connections - l.root_reserve);
-        assert!(l.idle_timeout_secs <= 10, "idle connections hold slots");
-        let l =
-            parse("[limits]\nmax_connections = 8\nmax_connections_per_uid = 2\nroot_reserve = 1")
-                .unwrap()
-                .limits;
-        assert_eq!(
-            (l.max_connections, l.max_connections_per_uid, l.root_reserve),
-            (8, 2, 1)
-        );
-        assert!(parse("[limits]\nmax_connections = 8")
-            .unwrap_err()
-            .contains("root_reserve"));
-        assert!(parse("[limits]\nmax_connections_per_uid = 0").is_err());
-        assert!(parse("[limits]\nidle_timeout_secs = 0").is_err());
-        assert!(parse("[limits]\nmax_conections = 8").is_err());
-    }
-}
-
-/// `[audit]`: how the audit log is kept.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AuditConfig {
+struct FileAudit {
     /// `audit.log` rolls over to `audit.log.N` at this size (bytes; at least 4096).
     #[serde(default = "default_max_file_bytes")]
-    pub max_file_bytes: u64,
+    max_file_bytes: u64,
     /// A configured `tpm2` device whose NV counter the audit anchors are bound to, so that a
     /// log and anchor rolled back together are caught. Off unless set.
     #[serde(default)]
-    pub tpm_counter: Option<String>,
-    /// The counter's NV index (owner range; default 0x01004b57).
+    tpm_counter: Option<String>,
+    /// Owner range.
     #[serde(default = "default_counter_index")]
-    pub tpm_counter_index: u32,
+    tpm_counter_index: u32,
 }
 
-impl Default for AuditConfig {
+impl Default for FileAudit {
     fn default() -> Self {
         Self {
             max_file_bytes: default_max_file_bytes(),
@@ -560,20 +690,216 @@ fn default_counter_index() -> u32 {
     0x0100_4b57
 }
 
-impl AuditConfig {
-    /// The options the audit log is opened with.
-    ///
-    /// # Errors
-    /// A size too small to hold a few records.
-    pub fn options(&self) -> Result<crate::audit::AuditOptions, String> {
-        if self.max_file_bytes < 4096 {
-            return Err(format!(
-                "audit.max_file_bytes = {} is below 4096",
-                self.max_file_bytes
-            ));
-        }
-        Ok(crate::audit::AuditOptions {
-            max_file_bytes: self.max_file_bytes,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text).map_err(|e| match e {
+            ParseError::Toml(e) => e.to_string(),
+            ParseError::Invalid(e) => e.to_string(),
         })
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = parse(
+            r#"
+            state_dir = "/tmp/kw"
+            policy = "/etc/keyward/policy.toml"
+            unseal_order = ["tpm", "hsm"]
+            [api]
+            socket = "/tmp/kw/api.sock"
+            mode = "0600"
+            [credentials]
+            max_connections = 8
+            write_timeout_secs = 3
+            [devices.tpm]
+            kind = "tpm2"
+            tcti = "swtpm:host=127.0.0.1,port=2321"
+            pcrs = [7, 11]
+            [devices.hsm]
+            kind = "pkcs11"
+            module = "/usr/lib/softhsm/libsofthsm2.so"
+            token = "pkcs11:token=keyward"
+            pin_file = "/run/credentials/keywardd.service/hsm-pin"
+            softhsm_conf = "/etc/keyward/softhsm2.conf"
+            [audit]
+            tpm_counter = "tpm"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.api.mode.bits(), 0o600);
+        assert_eq!(c.unseal_order, ["tpm", "hsm"]);
+        let DeviceSpec::Tpm2(tpm) = &c.devices["tpm"] else {
+            panic!("{:?}", c.devices["tpm"]);
+        };
+        assert_eq!(tpm.pcrs, [7, 11]);
+        assert_eq!(c.devices["hsm"].kind(), "pkcs11");
+        assert_eq!(
+            c.softhsm_conf.as_deref(),
+            Some(Path::new("/etc/keyward/softhsm2.conf"))
+        );
+        let credentials = c.credentials.unwrap();
+        assert_eq!(credentials.socket.mode.bits(), 0o600);
+        assert_eq!(credentials.limits.max_connections, 8);
+        assert_eq!(credentials.limits.write_timeout, Duration::from_secs(3));
+        assert_eq!(credentials.limits.wait_unsealed, Duration::from_secs(60));
+        assert_eq!(
+            c.tpm_counter,
+            Some(TpmCounter {
+                device: "tpm".into(),
+                index: 0x0100_4b57
+            })
+        );
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = parse("[credentials]\n[dbus]").unwrap();
+        assert_eq!(c.api.mode.bits(), 0o660);
+        assert_eq!(c.api.path, Path::new("/run/keyward/api.sock"));
+        let credentials = c.credentials.unwrap();
+        assert_eq!(credentials.limits.max_connections, 1024);
+        assert_eq!(credentials.limits.write_timeout, Duration::from_secs(10));
+        assert_eq!(c.dbus, Some(Bus::System));
+        assert_eq!(c.confirm_within, Duration::from_secs(3600));
+        assert_eq!(c.device_watch, Duration::from_secs(15));
+        assert_eq!(c.actor.timeout, Duration::from_secs(30));
+        assert!(c.unseal_order.is_empty() && c.devices.is_empty());
+        assert_eq!(
+            parse("[dbus]\nbus = \"bogus\"\naddress = \"unix:path=/x\"")
+                .unwrap()
+                .dbus,
+            Some(Bus::Address("unix:path=/x".into()))
+        );
+    }
+
+    /// The shipped example is a valid config, and the defaults it documents are the code's.
+    #[test]
+    fn the_shipped_example_loads_with_the_documented_defaults() {
+        let c = parse(include_str!("../../systemd/keywardd.toml.example")).unwrap();
+        let credentials = c.credentials.unwrap();
+        let defaults = CredentialSettings::default_limits();
+        assert_eq!(credentials.socket.mode.bits(), 0o600);
+        assert_eq!(credentials.limits.max_connections, defaults.max_connections);
+        assert_eq!(credentials.limits.write_timeout, defaults.write_timeout);
+        assert_eq!(credentials.limits.wait_unsealed, defaults.wait_unsealed);
+    }
+
+    #[test]
+    fn socket_modes_are_parsed_once_and_named_in_errors() {
+        assert_eq!("0660".parse::<SocketMode>().unwrap().bits(), 0o660);
+        assert_eq!("0o600".parse::<SocketMode>().unwrap().bits(), 0o600);
+        assert_eq!("0o600".parse::<SocketMode>().unwrap().to_string(), "0600");
+        assert_eq!(
+            "0o8".parse::<SocketMode>(),
+            Err(ModeError::NotOctal("0o8".into()))
+        );
+        assert_eq!(
+            "1777".parse::<SocketMode>(),
+            Err(ModeError::TooWide("1777".into()))
+        );
+        let e = parse("[api]\nmode = \"0o8\"").unwrap_err();
+        assert_eq!(e, "api.mode \"0o8\" is not an octal mode like \"0660\"");
+        let e = parse("[credentials]\nmode = \"rw\"").unwrap_err();
+        assert!(e.starts_with("credentials.mode \"rw\""), "{e}");
+        let e = parse("[credentials]\nmode = \"4755\"").unwrap_err();
+        assert!(
+            e.contains("credentials.mode") && e.contains("beyond 0777"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn zero_limits_are_errors_that_name_the_key() {
+        for (table, key) in [
+            ("limits", "max_connections"),
+            ("limits", "max_connections_per_uid"),
+            ("limits", "device_queue"),
+            ("limits", "idle_timeout_secs"),
+            ("limits", "device_watch_secs"),
+            ("credentials", "max_connections"),
+            ("credentials", "write_timeout_secs"),
+        ] {
+            let e = parse(&format!("[{table}]\n{key} = 0")).unwrap_err();
+            assert_eq!(e, format!("{table}.{key} must be at least 1"));
+        }
+        assert!(parse("[limits]\nmax_connections = 8")
+            .unwrap_err()
+            .starts_with("limits.root_reserve (16) must be below"));
+        assert!(parse("[audit]\nmax_file_bytes = 100")
+            .unwrap_err()
+            .starts_with("audit.max_file_bytes"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        for text in [
+            "state_dri = \"/x\"",
+            "[api]\nmod = \"0600\"",
+            "[credentials]\nmax_conections = 8",
+            "[limits]\nmax_conections = 8",
+            "[devices.tpm]\nkind = \"tpm2\"\npin = \"1234\"",
+            "[audit]\ntpm_countr = \"tpm\"",
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(e.contains("unknown field"), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn mistakes_are_errors() {
+        assert!(parse("[devices.tpm]\nkind = \"tpm2\"\ntcti = \"swtpm:path=/x\"").is_err());
+        assert!(parse(
+            "[devices.h]\nkind = \"pkcs11\"\nmodule = \"/m.so\"\ntoken = \"pkcs11:object=x\""
+        )
+        .unwrap_err()
+        .contains("must name a token"));
+        assert_eq!(
+            parse("unseal_order = [\"nope\"]").unwrap_err(),
+            "unseal_order names \"nope\", which is not a configured device"
+        );
+        assert!(parse("[devices.\"Bad Name\"]\nkind = \"tpm2\"")
+            .unwrap_err()
+            .contains("is not a device name"));
+        assert!(parse("[dbus]\nbus = \"bogus\"")
+            .unwrap_err()
+            .starts_with("dbus.bus"));
+        let hsm = |conf: &str| {
+            format!(
+                "[devices.{conf}]\nkind = \"pkcs11\"\nmodule = \"/m.so\"\n\
+                 token = \"pkcs11:token={conf}\"\nsofthsm_conf = \"/{conf}.conf\"\n"
+            )
+        };
+        assert!(parse(&format!("{}{}", hsm("a"), hsm("b")))
+            .unwrap_err()
+            .contains("differs from another device's"));
+        assert_eq!(
+            parse(&format!("{}[audit]\ntpm_counter = \"a\"", hsm("a"))).unwrap_err(),
+            "audit.tpm_counter \"a\" is not a configured tpm2 device"
+        );
+    }
+
+    #[test]
+    fn limits_default_and_bounds() {
+        let l = parse("").unwrap().varlink;
+        assert_eq!(
+            (l.max_connections, l.max_connections_per_uid, l.root_reserve),
+            (256, 64, 16)
+        );
+        assert!(l.max_connections_per_uid < l.max_connections - l.root_reserve);
+        assert!(
+            l.idle_timeout <= Duration::from_secs(10),
+            "idle connections hold slots"
+        );
+        let l =
+            parse("[limits]\nmax_connections = 8\nmax_connections_per_uid = 2\nroot_reserve = 1")
+                .unwrap()
+                .varlink;
+        assert_eq!(
+            (l.max_connections, l.max_connections_per_uid, l.root_reserve),
+            (8, 2, 1)
+        );
     }
 }

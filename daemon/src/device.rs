@@ -17,16 +17,16 @@
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hsm_shim::pkcs11::{Pkcs11Config, Pkcs11Device, SealMode};
 use hsm_shim::tpm::{TpmConfig, TpmDevice};
+use hsm_shim::uri::Pkcs11Uri;
 use hsm_shim::{Backend, DeviceError, DeviceInfo, Pin};
 use tokio::sync::{oneshot, watch};
-
-use crate::config::{DeviceConfig, Limits};
 
 /// Opens a device. Called on the actor's thread: at start and on each reopen with `None` (the
 /// opener finds the PIN itself, e.g. by reading the PIN file), and with `Some(pin)` once per
@@ -45,17 +45,6 @@ pub struct ActorOptions {
     pub backoff_min: Duration,
     /// Longest delay between reopen attempts (the delay doubles up to this).
     pub backoff_max: Duration,
-}
-
-impl ActorOptions {
-    /// Queue depth and timeout from the config's `[limits]`; backoff from 250 ms up to 30 s.
-    pub fn from_limits(limits: &Limits) -> Self {
-        Self {
-            queue: limits.device_queue,
-            timeout: Duration::from_secs(limits.device_timeout_secs),
-            ..Self::default()
-        }
-    }
 }
 
 impl Default for ActorOptions {
@@ -598,6 +587,39 @@ fn describe(info: &DeviceInfo) -> String {
     )
 }
 
+/// A configured device, checked: what its opener needs.
+#[derive(Clone, Debug)]
+pub enum DeviceSpec {
+    /// A TPM 2.0.
+    Tpm2(TpmConfig),
+    /// A PKCS#11 token.
+    Pkcs11(Box<Pkcs11Spec>),
+}
+
+/// A PKCS#11 token as configured: everything of a [`Pkcs11Config`] but the PIN, which is read
+/// from `pin_file` at each open (or given once to [`DeviceHandle::login`]), never kept.
+#[derive(Clone, Debug)]
+pub struct Pkcs11Spec {
+    /// The module (shared library).
+    pub module: PathBuf,
+    /// A URI that names the token.
+    pub token: Pkcs11Uri,
+    /// File holding the user PIN (a systemd credential). Never the PIN itself.
+    pub pin_file: Option<PathBuf>,
+    /// `CKA_LABEL` of the sealing key.
+    pub seal_key_label: String,
+}
+
+impl DeviceSpec {
+    /// `tpm2` or `pkcs11`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Tpm2(_) => "tpm2",
+            Self::Pkcs11(_) => "pkcs11",
+        }
+    }
+}
+
 /// The real opener for a configured device.
 ///
 /// TPM: [`TpmDevice::open`] (a TPM has no login; a PIN passed in is ignored, PINs of TPM
@@ -605,32 +627,20 @@ fn describe(info: &DeviceInfo) -> String {
 /// the PIN given to [`DeviceHandle::login`] or else read from `pin_file` at every attempt (never
 /// cached). A PKCS#11 device with neither is a configuration error, not a session without login
 /// that would fail on every operation.
-pub fn opener_from_config(name: &str, config: &DeviceConfig) -> Opener {
-    match config {
-        DeviceConfig::Tpm2 { tcti, pcrs } => {
-            let config = TpmConfig {
-                tcti: tcti.clone(),
-                pcrs: pcrs.clone(),
-            };
+pub fn opener(name: &str, spec: &DeviceSpec) -> Opener {
+    match spec {
+        DeviceSpec::Tpm2(config) => {
+            let config = config.clone();
             Box::new(move |_pin| {
                 let device: Box<dyn Backend> = Box::new(TpmDevice::open(config.clone())?);
                 Ok(device)
             })
         }
-        DeviceConfig::Pkcs11 {
-            module,
-            token,
-            pin_file,
-            seal_key_label,
-            ..
-        } => {
+        DeviceSpec::Pkcs11(spec) => {
             let name = name.to_owned();
-            let module = module.clone();
-            let token = (**token).clone();
-            let pin_file = pin_file.clone();
-            let seal_key_label = seal_key_label.clone();
+            let spec = spec.clone();
             Box::new(move |pin_override| {
-                let pin = match (pin_override, &pin_file) {
+                let pin = match (pin_override, &spec.pin_file) {
                     (Some(pin), _) => pin,
                     (None, Some(path)) => Pin::from_file(path)?,
                     (None, None) => {
@@ -641,10 +651,10 @@ pub fn opener_from_config(name: &str, config: &DeviceConfig) -> Opener {
                     }
                 };
                 let device: Box<dyn Backend> = Box::new(Pkcs11Device::open(Pkcs11Config {
-                    module: module.clone(),
-                    token: token.clone(),
+                    module: spec.module.clone(),
+                    token: spec.token.clone(),
                     pin: Some(pin),
-                    seal_key_label: seal_key_label.clone(),
+                    seal_key_label: spec.seal_key_label.clone(),
                     seal_mode: SealMode::Auto,
                 })?);
                 Ok(device)
@@ -1159,23 +1169,21 @@ mod tests {
 
     #[tokio::test]
     async fn pkcs11_without_any_pin_is_a_config_error() {
-        let config: DeviceConfig = toml::from_str(
-            "kind = \"pkcs11\"\nmodule = \"/nonexistent/libnone.so\"\ntoken = \"pkcs11:token=kw\"",
-        )
-        .unwrap();
-        let mut open = opener_from_config("hsm", &config);
+        let spec = |pin_file: Option<PathBuf>| {
+            DeviceSpec::Pkcs11(Box::new(Pkcs11Spec {
+                module: "/nonexistent/libnone.so".into(),
+                token: "pkcs11:token=kw".parse().unwrap(),
+                pin_file,
+                seal_key_label: "keyward-seal".into(),
+            }))
+        };
+        let mut open = opener("hsm", &spec(None));
         let e = open(None).err().unwrap();
         assert!(e.to_string().contains("devices.hsm.pin_file"), "{e}");
 
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("pin");
-        let config: DeviceConfig = toml::from_str(&format!(
-            "kind = \"pkcs11\"\nmodule = \"/nonexistent/libnone.so\"\ntoken = \"pkcs11:token=kw\"\n\
-             pin_file = {:?}",
-            missing.display().to_string()
-        ))
-        .unwrap();
-        let mut open = opener_from_config("hsm", &config);
+        let mut open = opener("hsm", &spec(Some(missing.clone())));
         let e = open(None).err().unwrap();
         assert!(e.to_string().contains("cannot read PIN file"), "{e}");
         // The file is read at each attempt: once it exists, the opener gets past the PIN.

@@ -22,6 +22,7 @@ pub mod identity;
 pub mod logging;
 pub mod names;
 pub mod service;
+pub mod startup;
 pub mod store;
 pub mod sys;
 pub mod transport;

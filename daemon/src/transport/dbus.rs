@@ -39,7 +39,6 @@ use zbus::{Connection, Signature, Type, Variant};
 use zeroize::Zeroizing;
 
 use super::Handler;
-use crate::config::DbusConfig;
 use crate::identity::{Caller, Peer, Via};
 
 /// The well-known bus name the daemon owns.
@@ -60,6 +59,17 @@ pub const MAX_CALLS_IN_FLIGHT: usize = 256;
 
 /// How long shutdown waits for calls in flight to be answered.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which bus the service joins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bus {
+    /// The system bus.
+    System,
+    /// The caller's session bus.
+    Session,
+    /// An explicit address (`unix:path=…`), e.g. a private bus in tests.
+    Address(String),
+}
 
 /// Why the D-Bus service could not start or stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -123,19 +133,14 @@ pub struct DbusService {
 /// The bus can't be reached or refuses to authenticate us ([`DbusError::Connect`]); another
 /// connection owns the name ([`DbusError::NameTaken`]); the bus policy doesn't let us own it
 /// ([`DbusError::NameNotPermitted`]); anything else the bus refuses ([`DbusError::Bus`]).
-pub async fn start<H: Handler>(
-    config: &DbusConfig,
-    handler: Arc<H>,
-) -> Result<DbusService, DbusError> {
-    let (builder, bus) = match &config.address {
-        Some(address) => (
+pub async fn start<H: Handler>(bus: &Bus, handler: Arc<H>) -> Result<DbusService, DbusError> {
+    let (builder, bus) = match bus {
+        Bus::Address(address) => (
             zbus::connection::Builder::address(address.as_str()),
             format!("bus at {address}"),
         ),
-        None if config.bus == "session" => {
-            (zbus::connection::Builder::session(), "session bus".into())
-        }
-        None => (zbus::connection::Builder::system(), "system bus".into()),
+        Bus::Session => (zbus::connection::Builder::session(), "session bus".into()),
+        Bus::System => (zbus::connection::Builder::system(), "system bus".into()),
     };
     let conn = builder.build().await.map_err(|source| DbusError::Connect {
         bus: bus.clone(),
@@ -180,11 +185,11 @@ pub async fn start<H: Handler>(
 /// # Errors
 /// Those of [`start`] and [`DbusService::run`].
 pub async fn serve<H: Handler>(
-    config: &DbusConfig,
+    bus: &Bus,
     handler: Arc<H>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), DbusError> {
-    start(config, handler).await?.run(shutdown).await
+    start(bus, handler).await?.run(shutdown).await
 }
 
 impl DbusService {

@@ -88,19 +88,6 @@ pub struct VarlinkLimits {
     pub idle_timeout: Duration,
 }
 
-impl VarlinkLimits {
-    /// The limits of the daemon's config, with the API's frame bound.
-    pub fn from_config(limits: &crate::config::Limits) -> Self {
-        Self {
-            max_frame: api::MAX_FRAME_LEN,
-            max_connections: limits.max_connections,
-            max_connections_per_uid: limits.max_connections_per_uid,
-            root_reserve: limits.root_reserve,
-            idle_timeout: Duration::from_secs(limits.idle_timeout_secs),
-        }
-    }
-}
-
 /// Why a connection was turned away.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Full {
