@@ -192,6 +192,7 @@ impl Vault {
             })
             .await
             .map_err(|e| key_store_error(&name, e))?;
+        tracing::debug!(key = %name, device = %device, "create intent recorded");
         let spec = KeySpec {
             label: name.clone(),
             algorithm,
@@ -223,6 +224,7 @@ impl Vault {
             public_key: public.0.clone(),
             created: store::tables::now_rfc3339(),
         };
+        tracing::debug!(key = %name, device = %device, "the device made the key; recording it");
         match self
             .store
             .write(move |tx| {
