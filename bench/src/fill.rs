@@ -1,24 +1,21 @@
-//! Filling a vault with many secrets fast, for the scale figures: a million durable PutSecrets
-//! over the socket would take hours, so with the daemon stopped the bench opens the vault the
-//! proper way (a recovery share it enrolled unwraps the VMK, the VMK opens the keyring), encrypts
-//! each secret with the vault's own crypto for its (name, version 1, current term), and stores
-//! batches through the store's bulk insert. The rows are exactly what PutSecret writes: the
-//! daemon reads them back normally, which the scale phase checks on random names.
+//! Filling a vault with many secrets for the scale figures, through the daemon's public API
+//! only: `PutSecret` calls on several connections at once, each connection pipelined (its
+//! calls written ahead of their replies, which the daemon answers in order), so the daemon's
+//! store can commit many writes together. Every reply is read and must be a success. The
+//! daemon reads the secrets back normally, which the scale phase checks on random names.
 
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context as _, Result};
-use keywardd::store::tables::{self, SecretRow};
-use keywardd::store::{Store, StoreError};
-use keywardd::vault::crypto::{self, Key32};
-use keywardd::vault::keyring::Keyring;
-use keywardd::vault::recovery::{self, RecoverySlotData};
-use tokio::runtime::Runtime;
+use anyhow::{anyhow, ensure, Context as _, Result};
+use keyward::api::{self, PutSecretParams, SecretValue};
+use serde::Serialize;
 
-/// Secrets per transaction: large enough that commits don't count, small enough that the WAL
-/// stays bounded.
-const BATCH: u64 = 20_000;
+/// Connections writing at once: enough for the store to batch commits, well under the
+/// daemon's per-user connection bound.
+pub const CONNECTIONS: u64 = 16;
 
 /// The name of filled secret `i`.
 pub fn name(i: u64) -> String {
@@ -30,79 +27,74 @@ pub fn value(i: u64) -> Vec<u8> {
     format!("value-of-secret-{i:016}").into_bytes()
 }
 
-/// What it takes to write secrets the daemon will read: the vault id, the current term and its
-/// data key.
-struct Sealing {
-    vault_id: [u8; 16],
-    term: u32,
-    key: Key32,
+/// One Varlink call, as the protocol frames it.
+#[derive(Serialize)]
+struct Call<'a> {
+    method: &'a str,
+    parameters: PutSecretParams,
 }
 
-/// Add secrets `from..to` (names [`name`], values [`value`]) to the vault in database `db`,
-/// opened with recovery share `share`. The daemon must be stopped. Returns the time taken.
+/// Add secrets `from..to` (names [`name`], values [`value`]) through the running daemon's API
+/// socket. Returns the time taken.
 ///
 /// # Errors
-/// The store can't be opened, the share does not open the vault, or a write fails.
-pub fn fill(rt: &Runtime, db: &Path, share: &str, from: u64, to: u64) -> Result<Duration> {
+/// A connection fails or the daemon refuses a write.
+pub fn fill(socket: &Path, from: u64, to: u64) -> Result<Duration> {
     let started = Instant::now();
-    let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
-    let sealing = open_vault(rt, &store, share)?;
-    let created = tables::now_rfc3339();
-    let mut pending: Option<tokio::task::JoinHandle<Result<(), StoreError>>> = None;
-    let mut start = from;
-    while start < to {
-        let end = (start + BATCH).min(to);
-        let rows = (start..end)
-            .map(|i| {
-                let name = name(i);
-                let aad = crypto::secret_aad(&sealing.vault_id, &name, 1, sealing.term);
-                let ciphertext = crypto::seal(&sealing.key, &aad, &value(i))?;
-                Ok(SecretRow {
-                    name,
-                    version: 1,
-                    term: sealing.term,
-                    ciphertext,
-                    created: created.clone(),
-                })
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..CONNECTIONS)
+            .map(|k| {
+                s.spawn(move || put_range(socket, (from + k..to).step_by(CONNECTIONS as usize)))
             })
-            .collect::<Result<Vec<_>, crypto::CryptoError>>()?;
-        // Encrypt the next batch while the writer thread commits this one.
-        if let Some(p) = pending.take() {
-            rt.block_on(p)??;
-        }
-        let writer = store.clone();
-        pending = Some(rt.spawn(async move {
-            writer
-                .write(move |tx| tables::insert_new_secrets(tx, &rows))
-                .await
-        }));
-        start = end;
-    }
-    if let Some(p) = pending.take() {
-        rt.block_on(p)??;
-    }
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .map_err(|_| anyhow!("a fill connection panicked"))?
+        })
+    })?;
     Ok(started.elapsed())
 }
 
-/// Unwrap the VMK with the recovery share and open the keyring: its current term's key is the
-/// one PutSecret would encrypt with.
-fn open_vault(rt: &Runtime, store: &Store, share: &str) -> Result<Sealing> {
-    let (meta, slots) =
-        rt.block_on(store.read(|c| Ok((tables::get_meta(c)?, tables::list_keyslots(c)?))))?;
-    let meta = meta.ok_or_else(|| anyhow!("the database holds no vault"))?;
-    let slot = slots
-        .iter()
-        .find(|s| s.kind == "recovery")
-        .ok_or_else(|| anyhow!("the vault has no recovery keyslot"))?;
-    let data = RecoverySlotData::from_blob(&slot.blob)?;
-    let share = recovery::parse_share(share)?;
-    let vmk = recovery::unwrap_vmk(&data, &meta.vault_id, &[share])?;
-    let keyring = Keyring::open(&vmk, &meta.vault_id, &meta.keyring)?;
-    let (term, key) = keyring.current_key();
-    Ok(Sealing {
-        vault_id: meta.vault_id,
-        term,
-        // The key leaves the keyring only into another zeroizing key, for the cipher.
-        key: Key32::from_bytes(key.expose())?,
+/// `PutSecret` of each secret in `indices` on one connection: a writer thread sends the calls
+/// while this one reads the replies (the kernel's socket buffers are the window).
+fn put_range(socket: &Path, indices: impl Iterator<Item = u64> + Send) -> Result<()> {
+    let indices: Vec<u64> = indices.collect();
+    let stream = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    let mut writer = stream.try_clone()?;
+    let method = format!("{}.PutSecret", api::INTERFACE);
+    let mut replies = BufReader::new(stream);
+    std::thread::scope(|s| {
+        let calls = &indices;
+        let sender = s.spawn(move || -> Result<()> {
+            for &i in calls {
+                let call = Call {
+                    method: &method,
+                    parameters: PutSecretParams {
+                        name: name(i),
+                        value: SecretValue::new(value(i)),
+                    },
+                };
+                let frame = keyward::wire::encode_frame(&call, api::MAX_FRAME_LEN)?
+                    .ok_or_else(|| anyhow!("a PutSecret call too large"))?;
+                writer.write_all(&frame)?;
+            }
+            Ok(())
+        });
+        let mut frame = Vec::new();
+        for answered in 0..calls.len() {
+            frame.clear();
+            ensure!(
+                replies.read_until(0, &mut frame)? > 0,
+                "the daemon closed the connection after {answered} of {} replies",
+                calls.len()
+            );
+            frame.pop();
+            let reply: serde_json::Value = serde_json::from_slice(&frame)?;
+            ensure!(reply.get("error").is_none(), "PutSecret refused: {reply}");
+        }
+        sender
+            .join()
+            .map_err(|_| anyhow!("the fill writer panicked"))?
     })
 }

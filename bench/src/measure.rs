@@ -9,6 +9,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _, Result};
+use keywardd::identity::status_field;
 
 /// Requests counted over a measured wall time, with each request's latency.
 #[derive(Debug, Default, Clone)]
@@ -276,19 +277,15 @@ pub fn rss(pid: u32) -> Result<(u64, u64)> {
     let path = format!("/proc/{pid}/status");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     let field = |name: &str| -> Result<u64> {
-        let line = text
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .ok_or_else(|| anyhow!("{path} has no {name}"))?;
-        let kib: u64 = line
-            .trim()
+        let value = status_field(&text, name).ok_or_else(|| anyhow!("{path} has no {name}"))?;
+        let kib: u64 = value
             .trim_end_matches("kB")
             .trim()
             .parse()
-            .with_context(|| format!("{path}: {name}{line}"))?;
+            .with_context(|| format!("{path}: {name}: {value}"))?;
         Ok(kib * 1024)
     };
-    Ok((field("VmHWM:")?, field("VmRSS:")?))
+    Ok((field("VmHWM")?, field("VmRSS")?))
 }
 
 /// A small, fast, deterministic generator for picking names at random (xorshift64*): the

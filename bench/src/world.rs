@@ -11,6 +11,7 @@ use keyward::Client;
 use keyward_tests::keywardd::{Keywardd, Setup, ROOT_ADMIN_POLICY};
 use keyward_tests::softhsm::SoftHsm;
 use keyward_tests::swtpm::Swtpm;
+use keywardd::identity::status_field;
 use tokio::runtime::Runtime;
 
 use crate::fill;
@@ -154,19 +155,14 @@ impl Daemon {
         self.filled
     }
 
-    /// Stop the daemon, add secrets up to `n` with [`fill::fill`], start it again. Returns
-    /// the fill's time, or `None` when there were `n` already.
-    pub fn fill_to(&mut self, rt: &Runtime, n: u64) -> Result<Option<Duration>> {
+    /// Add secrets up to `n` with [`fill::fill`] (through the API of the running daemon).
+    /// Returns the fill's time, or `None` when there were `n` already.
+    pub fn fill_to(&mut self, n: u64) -> Result<Option<Duration>> {
         if self.filled >= n {
             return Ok(None);
         }
-        let db = keywardd::config::Config::load(self.keywardd.config_path())?.database();
-        self.track_rss()?;
-        self.keywardd.stop();
-        let took = fill::fill(rt, &db, &self.share, self.filled, n)?;
+        let took = fill::fill(self.keywardd.socket(), self.filled, n)?;
         self.filled = n;
-        // Not timed: the first start after a fill also folds the fill's WAL into the file.
-        self.start_again()?;
         Ok(Some(took))
     }
 
@@ -192,12 +188,6 @@ impl Daemon {
         let took = t.elapsed();
         self.check_unsealed()?;
         Ok(took)
-    }
-
-    /// Start the stopped daemon (untimed) and check it came up unsealed.
-    fn start_again(&mut self) -> Result<()> {
-        self.keywardd.start();
-        self.check_unsealed()
     }
 
     /// One Status round trip (the vault must be open), then wait until the daemon catches
@@ -250,10 +240,8 @@ fn wait_catches_sigterm(pid: u32) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        let caught = text
-            .lines()
-            .find_map(|l| l.strip_prefix("SigCgt:"))
-            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        let caught = status_field(&text, "SigCgt")
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
             .ok_or_else(|| anyhow!("{path} has no SigCgt"))?;
         if caught & SIGTERM_BIT != 0 {
             return Ok(());

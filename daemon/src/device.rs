@@ -468,13 +468,16 @@ impl Actor {
         match opened {
             Ok(backend) => {
                 let detail = describe(backend.info());
-                tracing::info!(device = %self.name, kind = self.kind, %detail, "device open");
                 self.backend = Some(backend);
                 self.opens += 1;
                 self.backoff = self.backoff_min;
                 self.next_open = None;
                 self.down_reason.clear();
+                // Logged once the state is published, so that whoever reads the line (an
+                // operator, a test) finds the device available in the status too.
+                let line = detail.clone();
                 self.publish(true, detail);
+                tracing::info!(device = %self.name, kind = self.kind, detail = %line, "device open");
                 Ok(())
             }
             Err(e) => {

@@ -228,23 +228,32 @@ impl Peer {
     }
 }
 
+/// The value of field `name` (`"Uid"`, `"VmLck"`) in the text of a `/proc/PID/status` file:
+/// what follows `name:` on its line, trimmed. The daemon's one reader of that format.
+pub fn status_field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
 /// (effective uid, effective gid, supplementary groups) from `/proc/PID/status`.
 fn parse_status(text: &str) -> Option<(u32, u32, Vec<u32>)> {
+    // `Uid:` and `Gid:` list real, effective, saved and filesystem ids.
     let effective = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+        status_field(text, name)?
+            .split_whitespace()
+            .nth(1)?
+            .parse::<u32>()
+            .ok()
     };
-    let groups = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
+    let groups = status_field(text, "Groups")
         .map(|g| {
             g.split_whitespace()
                 .filter_map(|n| n.parse().ok())
                 .collect()
         })
         .unwrap_or_default();
-    Some((effective("Uid:")?, effective("Gid:")?, groups))
+    Some((effective("Uid")?, effective("Gid")?, groups))
 }
 
 /// Which cgroup hierarchy systemd keeps its tree in.
@@ -523,6 +532,14 @@ mod tests {
             Some((0, 0, vec![]))
         );
         assert_eq!(parse_status("Gid:\t0\t0\t0\t0\n"), None);
+        let text = "UidMap:\tno\nVmLck:\t     8 kB\nSigCgt:\t0000000000004a02\n";
+        assert_eq!(status_field(text, "VmLck"), Some("8 kB"));
+        assert_eq!(status_field(text, "SigCgt"), Some("0000000000004a02"));
+        assert_eq!(
+            status_field(text, "Uid"),
+            None,
+            "a longer name is another field"
+        );
     }
 
     fn me() -> Peer {

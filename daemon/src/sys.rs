@@ -282,10 +282,8 @@ mod tests {
 
     fn vm_locked_kib() -> u64 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmLck:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        crate::identity::status_field(&status, "VmLck")
+            .and_then(|v| v.trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
     }
 

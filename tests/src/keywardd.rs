@@ -1,18 +1,24 @@
 //! A real `keywardd` process on real devices, in a temp dir of its own: config, state
 //! directory, API socket, policy, and a `NOTIFY_SOCKET` the fixture listens on, so that start-up
 //! waits on `READY=1` and never on time (and, when asked, what the daemon says after it:
-//! [`Keywardd::wait_notify`]).
+//! [`Keywardd::wait_notify`]). The daemon writes its log (stderr) straight into a file, so that
+//! what a call logged is there when the call returns; a test that waits for a line
+//! ([`Keywardd::wait_log`]) is woken by inotify each time the file grows, never on a timer.
 //!
 //! The binaries are the workspace's own (`keywardd`, `keyward`), found next to the test binary's
 //! directory: `scripts/test` builds them first.
 
 use std::fmt::Write as _;
 use std::io::Read as _;
+use std::os::fd::AsFd as _;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use crate::softhsm::SoftHsm;
 use crate::swtpm::Swtpm;
@@ -235,6 +241,31 @@ impl Setup {
     }
 }
 
+/// `text` without its terminal colour codes (CSI sequences: `ESC [ parameters final-byte`), so
+/// that a test matches `device=tpm` whether or not the log was coloured.
+pub fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+/// Whether a (plain) log line carries the field `name=value`.
+pub fn has_field(line: &str, name: &str, value: &str) -> bool {
+    let field = format!("{name}={value}");
+    line.split_whitespace().any(|w| w == field)
+}
+
 /// A running (or stopped) `keywardd`.
 #[derive(Debug)]
 pub struct Keywardd {
@@ -275,6 +306,63 @@ impl Keywardd {
     /// The daemon's log (its stderr), all runs appended.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("keywardd.log")).unwrap_or_default()
+    }
+
+    /// How much the daemon has logged so far (all runs): a mark for [`Keywardd::wait_log`].
+    pub fn log_mark(&self) -> usize {
+        self.log().len()
+    }
+
+    /// The daemon's log without terminal colour codes.
+    pub fn plain_log(&self) -> String {
+        plain(&self.log())
+    }
+
+    /// Wait (at most `within`) until the daemon logs, after byte `from` of its log
+    /// ([`Keywardd::log_mark`]; 0 for the whole log), a line that `pred` accepts (given
+    /// without colour codes, see [`plain`]), and return that line. Each new line wakes the wait; nothing is re-read on a timer.
+    ///
+    /// # Panics
+    /// When no such line comes in time, naming `what` and showing what was logged meanwhile.
+    pub fn wait_log(
+        &self,
+        what: &str,
+        from: usize,
+        within: Duration,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + within;
+        let inotify = Inotify::init(InitFlags::IN_CLOEXEC).expect("inotify");
+        // Watched before the first read, so that no write in between goes unnoticed.
+        inotify
+            .add_watch(
+                &self.dir.path().join("keywardd.log"),
+                AddWatchFlags::IN_MODIFY,
+            )
+            .expect("watch the daemon's log");
+        let mut checked = from;
+        loop {
+            let text = self.log();
+            // Only whole lines, each looked at once.
+            let new = text.get(checked..).unwrap_or_default();
+            let whole = new.rfind('\n').map_or(0, |i| i + 1);
+            if let Some(line) = new[..whole].lines().map(plain).find(|l| pred(l)) {
+                return line;
+            }
+            checked += whole;
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no log line for {what} within {within:?}; logged since the mark:\n{}",
+                text.get(from..).unwrap_or_default()
+            );
+            let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+            let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            if poll(&mut fds, timeout).is_ok_and(|n| n > 0) {
+                // Drain the events: the file is read again from `checked` either way.
+                let _ = inotify.read_events();
+            }
+        }
     }
 
     /// The policy file (rewrite it and [`Keywardd::reload`] to change the policy).
@@ -394,6 +482,15 @@ impl Keywardd {
                 seen.push(line);
             }
         }
+    }
+
+    /// Wait (at most `within`) until device `name`'s actor logs, after log mark `from`, that
+    /// it opened the device: from then on the device's calls reach it and the status shows
+    /// it available (the actor logs after publishing).
+    pub fn wait_device_open(&self, name: &str, from: usize, within: Duration) {
+        self.wait_log(&format!("device {name} to be opened"), from, within, |l| {
+            l.contains("device open") && has_field(l, "device", name)
+        });
     }
 
     fn wait_ready(&mut self, notify: &UnixDatagram) {

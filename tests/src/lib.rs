@@ -16,7 +16,7 @@ pub mod swtpm;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// True when `program` runs (`--version` or `-v` exits), so a fixture can say which package is
 /// missing instead of failing with ENOENT.
@@ -61,18 +61,32 @@ pub fn workspace_root() -> &'static Path {
         .unwrap_or(Path::new("."))
 }
 
-/// Re-run `probe` (each attempt a real request) until it returns `Some`, backing off between
-/// attempts; panics after `deadline` with `what`.
-pub fn wait_for<T>(what: &str, deadline: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let until = Instant::now() + deadline;
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        if let Some(v) = probe() {
-            return v;
+/// Whole seconds since the epoch on the wall clock, as the daemon counts its deadlines.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Block until the wall clock reaches `unix_secs` (at most a minute ahead): for a contract
+/// whose event *is* the clock, such as a confirmation window that lapses. Nothing else
+/// announces such an event; the wait ends at the second the contract names, not after a guess.
+///
+/// # Panics
+/// When `unix_secs` is more than a minute away (a test asking for that is wrong).
+pub fn wait_for_clock(unix_secs: u64) {
+    let target = UNIX_EPOCH + Duration::from_secs(unix_secs);
+    let left = target.duration_since(SystemTime::now()).unwrap_or_default();
+    assert!(
+        left <= Duration::from_secs(60),
+        "waiting {left:?} for the clock"
+    );
+    // Nobody sends: the receive ends at the deadline, re-checked against the wall clock.
+    let (_never, rx) = std::sync::mpsc::channel::<()>();
+    while let Ok(left) = target.duration_since(SystemTime::now()) {
+        if left.is_zero() {
+            break;
         }
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        // A pause between probes so the loop does not spin; the probe decides, not the time.
-        std::thread::park_timeout(backoff);
-        backoff = (backoff * 2).min(Duration::from_millis(250));
+        let _ = rx.recv_timeout(left);
     }
 }

@@ -1,25 +1,40 @@
 //! [`Swtpm`]: a real software TPM (swtpm) per test, on its own TCP port pair and state directory,
 //! killed when dropped.
 //!
+//! Start-up waits on events, never on time: the control port is a listener this process binds
+//! and hands to swtpm (`--ctrl type=tcp,fd=3`), and readiness is swtpm writing its pid file,
+//! which it does once its command port listens (watched with inotify, not re-read). swtpm 0.7
+//! takes only an accepted connection as `--server fd=`, not a listener, so the command port is
+//! still bound by swtpm itself; a start whose port was taken meanwhile is retried on another.
+//!
 //! TCP only: tss-esapi 7.7 ignores `swtpm:path=` and would talk to localhost:2321. swtpm serves
 //! one client at a time, so a test drops its `TpmDevice` before running tpm2-tools against the
 //! same instance ([`Swtpm::extend_pcr`]).
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStderr, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use command_fds::{CommandFdExt as _, FdMapping};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use crate::{have_program, run};
 
 /// How long swtpm may take to accept connections after it starts.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// How many fresh port pairs to try when another process grabs ours between probe and bind.
+/// How many fresh command ports to try when another process takes ours before swtpm binds it.
 const PORT_ATTEMPTS: usize = 20;
+
+/// The descriptor number swtpm finds its control listener at.
+const CTRL_FD: i32 = 3;
 
 /// One swtpm process (`swtpm socket --tpm2`), with its state in a temporary directory.
 #[derive(Debug)]
@@ -53,8 +68,11 @@ impl Swtpm {
             .tempdir()
             .unwrap();
         for _ in 0..PORT_ATTEMPTS {
-            let port = free_port_pair();
-            match spawn(state.path(), port) {
+            let (cmd, ctrl) = bind_port_pair();
+            let port = cmd.local_addr().unwrap().port();
+            // swtpm binds the command port itself (see the module note).
+            drop(cmd);
+            match spawn(state.path(), port, ctrl) {
                 Ok(child) => {
                     return Swtpm {
                         state,
@@ -100,7 +118,9 @@ impl Swtpm {
     /// When swtpm does not come back.
     pub fn restart(&mut self) {
         self.stop();
-        match spawn(self.state.path(), self.port) {
+        let ctrl = TcpListener::bind((Ipv4Addr::LOCALHOST, self.port + 1))
+            .unwrap_or_else(|e| panic!("swtpm's control port {} is taken: {e}", self.port + 1));
+        match spawn(self.state.path(), self.port, ctrl) {
             Ok(child) => self.child = Some(child),
             Err(StartError::PortsTaken) => {
                 panic!(
@@ -151,21 +171,13 @@ impl Wiretap {
     /// Listen on a fresh port pair and relay it to `swtpm`'s.
     pub fn start(swtpm: &Swtpm) -> Wiretap {
         let captured = Arc::new(Mutex::new(Vec::new()));
-        for _ in 0..PORT_ATTEMPTS {
-            let port = free_port_pair();
-            let (Ok(cmd), Ok(ctrl)) = (
-                TcpListener::bind((Ipv4Addr::LOCALHOST, port)),
-                TcpListener::bind((Ipv4Addr::LOCALHOST, port + 1)),
-            ) else {
-                continue;
-            };
-            for (listener, upstream) in [(cmd, swtpm.port()), (ctrl, swtpm.port() + 1)] {
-                let captured = Arc::clone(&captured);
-                std::thread::spawn(move || relay(listener, upstream, captured));
-            }
-            return Wiretap { port, captured };
+        let (cmd, ctrl) = bind_port_pair();
+        let port = cmd.local_addr().unwrap().port();
+        for (listener, upstream) in [(cmd, swtpm.port()), (ctrl, swtpm.port() + 1)] {
+            let captured = Arc::clone(&captured);
+            std::thread::spawn(move || relay(listener, upstream, captured));
         }
-        panic!("no free port pair for the wiretap");
+        Wiretap { port, captured }
     }
 
     /// The TCTI string that goes through the tap.
@@ -212,16 +224,17 @@ fn pump(mut from: TcpStream, mut to: TcpStream, captured: Arc<Mutex<Vec<u8>>>) {
     let _ = from.shutdown(Shutdown::Both);
 }
 
-/// A port `P` such that `P` and `P + 1` are both free on 127.0.0.1 right now.
-fn free_port_pair() -> u16 {
+/// Listeners on 127.0.0.1 ports `P` and `P + 1` (the TCTI's command and control ports),
+/// bound here and kept, so nobody can take them between choosing and using.
+fn bind_port_pair() -> (TcpListener, TcpListener) {
     for _ in 0..100 {
         let first = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let port = first.local_addr().unwrap().port();
         if port == u16::MAX {
             continue;
         }
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port + 1)).is_ok() {
-            return port;
+        if let Ok(second) = TcpListener::bind((Ipv4Addr::LOCALHOST, port + 1)) {
+            return (first, second);
         }
     }
     panic!("no free pair of adjacent TCP ports on 127.0.0.1");
@@ -231,68 +244,114 @@ fn log_path(dir: &Path) -> PathBuf {
     dir.join("swtpm.log")
 }
 
-fn read_log(dir: &Path) -> String {
-    std::fs::read_to_string(log_path(dir)).unwrap_or_default()
-}
-
-/// Run swtpm on `dir` and ports `port`, `port + 1`; return it once it accepts connections.
-fn spawn(dir: &Path, port: u16) -> Result<Child, StartError> {
-    let failed = |what: &str, e: std::io::Error| StartError::Failed(format!("{what}: {e}"));
-    // Truncated per start, so a port clash of an earlier attempt isn't read as this one's.
-    let log = File::create(log_path(dir)).map_err(|e| failed("cannot create the log", e))?;
-    let log_err = log
-        .try_clone()
-        .map_err(|e| failed("cannot open the log", e))?;
-    let child = Command::new("swtpm")
+/// Run swtpm on `dir`, command port `port` and the control listener `ctrl` (on `port + 1`);
+/// return it once it serves: when it has written its pid file, which it does after its
+/// command port listens. Its stderr (where it says why it could not start) is read meanwhile,
+/// so an early exit ends the wait at once.
+fn spawn(dir: &Path, port: u16, ctrl: TcpListener) -> Result<Child, StartError> {
+    let failed = |what: &str, e: &dyn std::fmt::Display| StartError::Failed(format!("{what}: {e}"));
+    let pid_file = dir.join("pid");
+    let _ = std::fs::remove_file(&pid_file);
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC).map_err(|e| failed("inotify", &e))?;
+    inotify
+        .add_watch(
+            dir,
+            AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_MOVED_TO,
+        )
+        .map_err(|e| failed("inotify watch", &e))?;
+    let log = File::create(log_path(dir)).map_err(|e| failed("cannot create the log", &e))?;
+    let mut command = Command::new("swtpm");
+    command
         .args(["socket", "--tpm2", "--tpmstate"])
         .arg(format!("dir={}", dir.display()))
         .arg("--server")
         .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
         .arg("--ctrl")
-        .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+        .arg(format!("type=tcp,fd={CTRL_FD}"))
         .args(["--flags", "not-need-init,startup-clear", "--pid"])
-        .arg(format!("file={}", dir.join("pid").display()))
+        .arg(format!("file={}", pid_file.display()))
         .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err)
+        .stdout(
+            log.try_clone()
+                .map_err(|e| failed("cannot open the log", &e))?,
+        )
+        .stderr(Stdio::piped())
+        .fd_mappings(vec![FdMapping {
+            parent_fd: OwnedFd::from(ctrl),
+            child_fd: CTRL_FD,
+        }])
+        .map_err(|e| failed("fd mapping", &e))?;
+    let mut child = command
         .spawn()
-        .map_err(|e| failed("cannot run swtpm", e))?;
-    wait_ready(child, dir, port)
-}
-
-/// Readiness is the command port accepting a connection (swtpm binds both ports before it
-/// serves). Between attempts we back off on `park_timeout`, never a fixed sleep standing in for
-/// readiness, and we stop waiting as soon as swtpm exits.
-fn wait_ready(mut child: Child, dir: &Path, port: u16) -> Result<Child, StartError> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let deadline = Instant::now() + READY_TIMEOUT;
-    let mut backoff = Duration::from_millis(1);
-    loop {
-        if let Some(status) = child.try_wait().ok().flatten() {
-            let log = read_log(dir);
-            if log.contains("Address already in use") {
+        .map_err(|e| failed("cannot run swtpm", &e))?;
+    // The command holds our copy of the control listener: drop it, so that only swtpm has it
+    // and a killed swtpm's port refuses connections as a dead TPM's would.
+    drop(command);
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    match wait_pid_file(
+        &inotify,
+        &mut stderr,
+        pid_file.file_name().unwrap_or_default(),
+    ) {
+        Ok(()) => {
+            // Whatever swtpm says later goes to its log.
+            std::thread::spawn(move || copy_to(stderr, log));
+            Ok(child)
+        }
+        Err(mut said) => {
+            let _ = child.kill();
+            let status = child.wait();
+            said.push_str(&std::fs::read_to_string(log_path(dir)).unwrap_or_default());
+            if said.contains("Address already in use") {
                 return Err(StartError::PortsTaken);
             }
-            return Err(StartError::Failed(format!(
-                "swtpm exited with {status}: {log}"
-            )));
+            Err(StartError::Failed(format!(
+                "swtpm ({status:?}) did not write its pid file within {READY_TIMEOUT:?}: {said}"
+            )))
         }
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(child);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(StartError::Failed(format!(
-                "port {port} not accepting after {READY_TIMEOUT:?}: {}",
-                read_log(dir)
-            )));
-        }
-        // A refused connect returns at once; without a pause this loop would spin. This is a
-        // backoff between readiness probes, not a wait that stands in for readiness.
-        std::thread::park_timeout(backoff);
-        backoff = (backoff * 2).min(Duration::from_millis(50));
     }
+}
+
+/// Wait until `name` is written in the watched directory, or swtpm's `stderr` closes (it
+/// exited), or [`READY_TIMEOUT`] passes. `Err` carries what swtpm wrote to stderr.
+fn wait_pid_file(inotify: &Inotify, stderr: &mut ChildStderr, name: &OsStr) -> Result<(), String> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut said = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(String::from_utf8_lossy(&said).into_owned());
+        }
+        let mut fds = [
+            PollFd::new(inotify.as_fd(), PollFlags::POLLIN),
+            PollFd::new(stderr.as_fd(), PollFlags::POLLIN),
+        ];
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(format!("poll: {e}")),
+        }
+        let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+        let (written, spoke) = (ready(&fds[0]), ready(&fds[1]));
+        if written {
+            let events = inotify.read_events().map_err(|e| format!("inotify: {e}"))?;
+            if events.iter().any(|e| e.name.as_deref() == Some(name)) {
+                return Ok(());
+            }
+        }
+        if spoke {
+            let mut buf = [0u8; 4096];
+            match stderr.read(&mut buf) {
+                Ok(0) | Err(_) => return Err(String::from_utf8_lossy(&said).into_owned()),
+                Ok(n) => said.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+}
+
+/// Copy swtpm's stderr into its log until swtpm exits.
+fn copy_to(mut stderr: ChildStderr, mut log: File) {
+    let _ = std::io::copy(&mut stderr, &mut log);
 }
 
 /// TPM2_CC_Sign: the command code a [`Gate`] can hold.
@@ -336,21 +395,13 @@ impl Gate {
     /// Listen on a fresh port pair and relay it to `swtpm`'s.
     pub fn start(swtpm: &Swtpm) -> Gate {
         let shared = Arc::new(GateShared::default());
-        for _ in 0..PORT_ATTEMPTS {
-            let port = free_port_pair();
-            let (Ok(cmd), Ok(ctrl)) = (
-                TcpListener::bind((Ipv4Addr::LOCALHOST, port)),
-                TcpListener::bind((Ipv4Addr::LOCALHOST, port + 1)),
-            ) else {
-                continue;
-            };
-            let upstream = swtpm.port();
-            let gate = Arc::clone(&shared);
-            std::thread::spawn(move || gate_relay(cmd, upstream, Some(gate)));
-            std::thread::spawn(move || gate_relay(ctrl, upstream + 1, None));
-            return Gate { port, shared };
-        }
-        panic!("no free port pair for the gate");
+        let (cmd, ctrl) = bind_port_pair();
+        let port = cmd.local_addr().unwrap().port();
+        let upstream = swtpm.port();
+        let gate = Arc::clone(&shared);
+        std::thread::spawn(move || gate_relay(cmd, upstream, Some(gate)));
+        std::thread::spawn(move || gate_relay(ctrl, upstream + 1, None));
+        Gate { port, shared }
     }
 
     /// The TCTI string that goes through the gate.

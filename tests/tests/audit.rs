@@ -1131,7 +1131,7 @@ fn an_untouched_log_verifies_across_roll_overs_a_rekey_and_restarts() {
     // The checkpoints' second copy: the daemon's log (the journal, under systemd).
     let anchor: Value =
         serde_json::from_slice(&std::fs::read(state(&d).join("audit.anchor")).unwrap()).unwrap();
-    let witness = strip_ansi(&d.log())
+    let witness = keyward_tests::keywardd::plain(&d.log())
         .lines()
         .rev()
         .find(|l| l.contains("keyward::audit::checkpoint"))
@@ -1145,24 +1145,6 @@ fn an_untouched_log_verifies_across_roll_overs_a_rekey_and_restarts() {
         witness.contains(anchor["head"].as_str().unwrap()),
         "{witness} / {anchor}"
     );
-}
-
-/// `text` without its terminal colour codes (`ESC [ ... m`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Run a daemon on a token (and a swtpm, when `tpm_counter`), keep a copy of its log and

@@ -224,13 +224,17 @@ fn one_user_holding_max_connections_locks_nobody_out() {
     assert!(stderr.contains("busy"), "{stderr}");
     assert!(took < ROOT_BOUND, "Busy took {took:?}");
 
-    // Once the hog lets go, it is served again.
+    // Once the hog lets go, its slots are freed and it is served again.
+    let mark = d.log_mark();
+    let held = hog.count("ok") + hog.count("timeout");
     drop(hog);
-    let again = keyward_tests::wait_for("uid 65534 to be served again", GIVE_UP, || {
-        let (code, _, _) = status_as(&d, Some(65534));
-        (code == 0).then_some(code)
+    let mut closed = 0;
+    d.wait_log("the hog's connections to close", mark, GIVE_UP, |l| {
+        closed += usize::from(l.contains("varlink: connection closed") && l.contains("uid=65534"));
+        closed == held
     });
-    assert_eq!(again, 0);
+    let (code, stderr, _) = status_as(&d, Some(65534));
+    assert_eq!(code, 0, "uid 65534 is served again: {stderr}");
 }
 
 #[test]
@@ -270,11 +274,8 @@ fn an_idle_connection_is_closed_soon_and_the_client_connects_again() {
     c.set_timeout(Some(GIVE_UP)).unwrap();
     assert!(c.status().unwrap().initialized);
     let started = Instant::now();
-    keyward_tests::wait_for("the daemon to close the idle connection", GIVE_UP, || {
-        d.log()
-            .lines()
-            .any(|l| l.contains("varlink: connection closed") && l.contains("Idle"))
-            .then_some(())
+    d.wait_log("the daemon to close the idle connection", 0, GIVE_UP, |l| {
+        l.contains("varlink: connection closed") && l.contains("Idle")
     });
     let closed_after = started.elapsed();
     eprintln!("idle connection closed after {closed_after:?}");

@@ -17,7 +17,7 @@ use hsm_shim::pkcs11::SOFTHSM_MODULE;
 use hsm_shim::{KeyAlgorithm, PublicKeyDer};
 use keyward::api::ApiError;
 use keyward::varlink::{Client, ClientError};
-use keyward_tests::keywardd::{Keywardd, Output, Setup};
+use keyward_tests::keywardd::{has_field, Keywardd, Output, Setup};
 use keyward_tests::softhsm::SoftHsm;
 use keyward_tests::swtpm::{Gate, Swtpm, CC_SIGN, CC_UNSEAL};
 use serde_json::Value;
@@ -59,11 +59,6 @@ fn client(d: &Keywardd) -> Client {
     // A call that hangs fails the test instead of hanging it.
     c.set_timeout(Some(DEADLINE)).unwrap();
     c
-}
-
-/// [`keyward_tests::wait_for`] with this file's deadline.
-fn wait_for<T>(what: &str, probe: impl FnMut() -> Option<T>) -> T {
-    keyward_tests::wait_for(what, DEADLINE, probe)
 }
 
 /// The `DeviceUnavailable` a call failed with, or a panic naming what it was instead.
@@ -243,15 +238,13 @@ fn swtpm_killed_during_signs_fails_each_fast_and_signing_resumes_without_a_resta
     verify_p256(&hsm_public, b"token still signs", &signature);
 
     // The same TPM state back on the same ports: the daemon reopens it by itself.
+    let mark = d.log_mark();
     tpm.restart();
+    d.wait_device_open("tpm", mark, DEADLINE);
     let message = b"the TPM is back";
-    let signature = wait_for("tpm-k to sign again", || {
-        match c.sign("tpm-k", message, false) {
-            Ok(s) => Some(s),
-            Err(ClientError::Api(ApiError::DeviceUnavailable { .. })) => None,
-            Err(e) => panic!("while the TPM comes back, only DeviceUnavailable: {e}"),
-        }
-    });
+    let signature = c
+        .sign("tpm-k", message, false)
+        .expect("tpm-k signs once the TPM is reopened");
     verify_p256(&tpm_public, message, &signature);
     assert!(device(&c.status().unwrap(), "tpm").available);
     assert_eq!(d.pid(), pid, "the same keywardd throughout");
@@ -308,10 +301,11 @@ fn a_hung_tpm_fails_calls_at_the_device_timeout_and_the_daemon_keeps_serving() {
         eprintln!("hung sign failed after {took:?}: {reason}");
     }
 
+    // The held Sign goes on; a call now queues behind it and is answered: no reopen needed.
     gate.release();
-    let signature = wait_for("tpm-k to sign once the TPM answers", || {
-        c.sign("tpm-k", b"answering again", false).ok()
-    });
+    let signature = c
+        .sign("tpm-k", b"answering again", false)
+        .expect("tpm-k signs once the TPM answers");
     verify_p256(&tpm_public, b"answering again", &signature);
     assert_eq!(get(&mut c, "app/db"), b"not stuck");
 }
@@ -363,11 +357,12 @@ fn swtpm_killed_during_the_unattended_unseal_leaves_the_vault_sealed_until_the_t
         other => panic!("a sealed vault answers Sealed: {other:?}"),
     }
 
+    // Once the TPM is reopened, the next request runs the unattended unseal again first.
+    let mark = d.log_mark();
     tpm.restart();
-    let status = wait_for("the vault to open from the TPM", || {
-        let s = c.status().unwrap();
-        (!s.sealed).then_some(s)
-    });
+    d.wait_device_open("tpm", mark, DEADLINE);
+    let status = c.status().unwrap();
+    assert!(!status.sealed, "{status:?}");
     let by = status.unsealed_by.unwrap_or_default();
     assert!(by.contains("tpm2"), "{by}");
     assert_eq!(get(&mut c, "app/db"), b"behind the TPM");
@@ -415,7 +410,8 @@ fn a_keywardd_killed_inside_the_tpm_leaves_nothing_that_blocks_the_next_one() {
     assert!(status.unsealed_by.unwrap_or_default().contains("tpm2"));
     assert_eq!(get(&mut client(&d), "app/db"), b"after four kills");
     assert!(
-        plain_log(&d).contains("flushed TPM objects and sessions a previous owner left loaded"),
+        d.plain_log()
+            .contains("flushed TPM objects and sessions a previous owner left loaded"),
         "the leftovers were found and flushed"
     );
 }
@@ -464,24 +460,18 @@ fn swtpm_killed_during_a_pin_unseal_is_device_unavailable_and_the_pin_works_once
 
     let mut c = client(&d);
     assert!(c.status().unwrap().sealed);
+    let mark = d.log_mark();
     tpm.restart();
-    wait_for("the PIN to unseal once the TPM is back", || {
-        let out = d.run(
-            &["--json", "unseal", "--pin-file", pin.to_str().unwrap()],
-            b"",
-        );
-        if out.code == 0 {
-            return Some(());
-        }
-        // Retried only because the PIN never reached a TPM; a refused PIN ends the test.
-        let (name, _) = json_error(&out);
-        assert_eq!(
-            name, "org.keyward.Custodian.DeviceUnavailable",
-            "while the TPM comes back: {}",
-            out.stdout
-        );
-        None
-    });
+    d.wait_device_open("tpm", mark, DEADLINE);
+    let out = d.run(
+        &["--json", "unseal", "--pin-file", pin.to_str().unwrap()],
+        b"",
+    );
+    assert_eq!(
+        out.code, 0,
+        "the PIN unseals once the TPM is back: {}",
+        out.stdout
+    );
     let status = c.status().unwrap();
     assert!(!status.sealed);
     assert!(status.unsealed_by.unwrap_or_default().contains("PIN"));
@@ -526,14 +516,12 @@ fn a_removed_token_directory_is_device_unavailable_and_the_token_recovers_when_i
     assert_eq!(get(&mut c, "app/db"), b"in the store, not the token");
     c.put_secret("app/new", b"written meanwhile").unwrap();
 
+    let mark = d.log_mark();
     std::fs::rename(&away, token.token_dir()).unwrap();
-    let signature = wait_for("the token to sign again", || {
-        match c.sign("hsm-k", b"back", false) {
-            Ok(s) => Some(s),
-            Err(ClientError::Api(ApiError::DeviceUnavailable { .. })) => None,
-            Err(e) => panic!("while the token comes back, only DeviceUnavailable: {e}"),
-        }
-    });
+    d.wait_device_open("hsm", mark, DEADLINE);
+    let signature = c
+        .sign("hsm-k", b"back", false)
+        .expect("hsm-k signs once the token is reopened");
     verify_p256(&public, b"back", &signature);
     assert!(device(&c.status().unwrap(), "hsm").available);
     c.create_key("hsm-k2", "hsm", "ecdsa-p256").unwrap();
@@ -566,11 +554,12 @@ fn a_token_directory_missing_at_start_leaves_the_vault_sealed_until_it_is_back()
     let line = d.statuses().last().cloned().unwrap_or_default();
     assert!(line.starts_with("sealed") && line.contains("hsm"), "{line}");
 
+    // Once the token is reopened, the next request runs the unattended unseal again first.
+    let mark = d.log_mark();
     std::fs::rename(&away, token.token_dir()).unwrap();
-    let status = wait_for("the token slot to open the vault", || {
-        let s = c.status().unwrap();
-        (!s.sealed).then_some(s)
-    });
+    d.wait_device_open("hsm", mark, DEADLINE);
+    let status = c.status().unwrap();
+    assert!(!status.sealed, "{status:?}");
     assert!(status.unsealed_by.unwrap_or_default().contains("pkcs11"));
     assert_eq!(get(&mut c, "app/db"), b"behind the token");
     assert_eq!(d.pid(), pid);
@@ -593,35 +582,18 @@ fn pin_count_low(token: &SoftHsm) -> bool {
     text.contains("user PIN count low")
 }
 
-/// The daemon's log without terminal colour codes.
-fn plain_log(d: &Keywardd) -> String {
-    let log = d.log();
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(ch) = chars.next() {
-        if ch == '\u{1b}' {
-            // CSI: ESC [ parameters final-byte
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(ch);
-        }
-    }
-    out
-}
-
 /// Open attempts of device `name` that failed, as logged by its actor.
 fn failed_opens(d: &Keywardd, name: &str) -> usize {
-    plain_log(d)
+    d.plain_log()
         .lines()
-        .filter(|l| {
-            l.contains(&format!("device={name}"))
-                && (l.contains("device unavailable") || l.contains("device still unavailable"))
-        })
+        .filter(|l| is_failed_open(l, name))
         .count()
+}
+
+/// Whether a plain log line is device `name`'s actor saying an open attempt failed.
+fn is_failed_open(line: &str, name: &str) -> bool {
+    has_field(line, "device", name)
+        && (line.contains("device unavailable") || line.contains("device still unavailable"))
 }
 
 /// A wrong PIN in the token's PIN file: the daemon comes up sealed and says "PIN incorrect"
@@ -673,20 +645,22 @@ fn a_wrong_token_pin_is_reported_once_and_never_retried() {
         d.statuses()
     );
     assert!(pin_count_low(&token), "the token saw one failed login");
-    assert_eq!(failed_opens(&d, "hsm"), 1, "{}", plain_log(&d));
+    assert_eq!(failed_opens(&d, "hsm"), 1, "{}", d.plain_log());
 
     // A retry would now succeed.
     write_pin(&token.pin_file(), &right);
     // The control: the TPM's actor retries on its backoff (250 ms, then doubling). Three failed
     // opens of the TPM mean its retry timer fired twice since the start, long enough for any
     // retry of the token to have happened; then the TPM comes back and is reopened.
-    wait_for("three failed opens of the TPM", || {
-        (failed_opens(&d, "tpm") >= 3).then_some(())
+    let mut seen = 0;
+    d.wait_log("three failed opens of the TPM", 0, DEADLINE, |l| {
+        seen += usize::from(is_failed_open(l, "tpm"));
+        seen >= 3
     });
+    let mark = d.log_mark();
     tpm.restart();
-    wait_for("the TPM to be reopened", || {
-        device(&c.status().unwrap(), "tpm").available.then_some(())
-    });
+    d.wait_device_open("tpm", mark, DEADLINE);
+    assert!(device(&c.status().unwrap(), "tpm").available);
     // The unattended unseal did not come back for the token either: still sealed.
     let status = c.status().unwrap();
     assert!(status.sealed, "{status:?}");

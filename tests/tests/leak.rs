@@ -379,16 +379,21 @@ fn the_daemon_is_non_dumpable_without_core_dumps_and_its_keys_are_locked() {
     let mut plain = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let plain_pid = plain.id();
-    // Until `cat` runs, /proc/PID is setpriv's, mid-switch from root: wait for the exec.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(format!("/proc/{plain_pid}/comm")).unwrap() != "cat\n" {
-        assert!(Instant::now() < deadline, "setpriv never ran cat");
-        std::thread::yield_now();
-    }
+    // Until `cat` runs, /proc/PID is setpriv's, mid-switch from root: wait for the exec, which
+    // `cat` proves by echoing a line.
+    plain.stdin.as_mut().unwrap().write_all(b"x\n").unwrap();
+    let mut echo = [0u8; 2];
+    plain
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut echo)
+        .unwrap();
+    assert_eq!(&echo, b"x\n", "setpriv never ran cat");
     let plain_owner = std::fs::metadata(format!("/proc/{plain_pid}"))
         .unwrap()
         .uid();

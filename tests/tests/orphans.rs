@@ -13,9 +13,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use keyward_tests::keywardd::{Keywardd, Setup};
+use keyward_tests::keywardd::{has_field, Keywardd, Setup};
 use keyward_tests::softhsm::{SoftHsm, TokenObject};
-use keyward_tests::wait_for;
 
 fn world() -> (SoftHsm, Keywardd) {
     let token = SoftHsm::new("keyward-orphans");
@@ -71,18 +70,6 @@ fn sweep_records(d: &Keywardd) -> Vec<String> {
         .filter(|l| l.contains("key-sweep"))
         .map(str::to_owned)
         .collect()
-}
-
-/// True when the daemon's database writer thread (`keyward-store`) sleeps in SQLite's busy
-/// handler: a write of its is waiting for a lock someone else holds.
-fn store_thread_waits_for_a_lock(pid: u32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().any(|task| {
-        let read = |file: &str| std::fs::read_to_string(task.path().join(file)).unwrap_or_default();
-        read("comm").trim() == "keyward-store" && read("wchan").contains("nanosleep")
-    })
 }
 
 #[test]
@@ -200,6 +187,7 @@ fn a_create_killed_between_token_and_store_leaves_nothing_after_restart() {
             break;
         }
         let name = format!("crash-{round}");
+        let mark = d.log_mark();
         let mut create = d
             .cli()
             .args([
@@ -217,16 +205,8 @@ fn a_create_killed_between_token_and_store_leaves_nothing_after_restart() {
             .unwrap();
         let mut db = rusqlite::Connection::open(database(&d)).unwrap();
         db.busy_timeout(Duration::from_secs(30)).unwrap();
-        wait_for("the create intent", Duration::from_secs(30), || {
-            let n: i64 = db
-                .query_row(
-                    "SELECT (SELECT count(*) FROM key_intents WHERE name = ?1)
-                          + (SELECT count(*) FROM keys WHERE name = ?1)",
-                    [&name],
-                    |r| r.get(0),
-                )
-                .ok()?;
-            (n > 0).then_some(())
+        d.wait_log("the create intent", mark, Duration::from_secs(30), |l| {
+            l.contains("create intent recorded") && has_field(l, "key", &name)
         });
         let lock = db
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -244,24 +224,22 @@ fn a_create_killed_between_token_and_store_leaves_nothing_after_restart() {
             recorded.push(name);
             continue;
         }
-        // Once the token has made the key, the daemon's next step is the key row, which the
-        // lock holds up: its store thread sleeps in SQLite's busy handler. (Watching the token
-        // itself instead would race SoftHSM's own files: a second process that reads a token
-        // while another writes it can fail either one.)
-        let pid = d.pid();
-        wait_for(
-            "the daemon's store waiting for the lock",
+        // Once the token has made the key, the daemon says so and its next step is the key
+        // row, which the lock holds up. (Watching the token itself instead would race
+        // SoftHSM's own files: a second process that reads a token while another writes it
+        // can fail either one.)
+        d.wait_log(
+            "the device to make the key",
+            mark,
             Duration::from_secs(60),
-            || {
-                if let Some(status) = create.try_wait().unwrap() {
-                    panic!(
-                        "round {round}: the create ended ({status}) under the lock; log:\n{}",
-                        d.log()
-                    );
-                }
-                store_thread_waits_for_a_lock(pid).then_some(())
-            },
+            |l| l.contains("the device made the key") && has_field(l, "key", &name),
         );
+        if let Some(status) = create.try_wait().unwrap() {
+            panic!(
+                "round {round}: the create ended ({status}) under the lock; log:\n{}",
+                d.log()
+            );
+        }
         d.kill();
         drop(lock);
         let _ = create.wait();

@@ -5,7 +5,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keyward_tests::keywardd::{bin, run_cli, Keywardd, Output, Setup, ROOT_ADMIN_POLICY};
 use keyward_tests::softhsm::SoftHsm;
@@ -417,17 +417,18 @@ fn write_policy(d: &Keywardd, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// Re-run `probe` (each attempt a real request) until it holds, backing off between attempts;
-/// panics after [`DEADLINE`] with `what`.
-fn wait_until(what: &str, mut probe: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    let mut backoff = Duration::from_millis(5);
-    while !probe() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        // A pause between probes so the loop does not spin; the probe decides, not the time.
-        std::thread::park_timeout(backoff);
-        backoff = (backoff * 2).min(Duration::from_millis(200));
-    }
+/// Wait until the daemon logs, after log mark `from`, that it reloaded its policy.
+fn wait_reloaded(d: &Keywardd, from: usize) {
+    d.wait_log("the policy to be reloaded", from, DEADLINE, |l| {
+        l.contains("policy reloaded")
+    });
+}
+
+/// Wait until the daemon logs, after log mark `from`, that it rejected a reload.
+fn wait_rejected(d: &Keywardd, from: usize) {
+    d.wait_log("the reload to be rejected", from, DEADLINE, |l| {
+        l.contains("reload") && l.contains("rejected")
+    });
 }
 
 fn log_since(d: &Keywardd, start: usize) -> String {
@@ -453,32 +454,25 @@ fn sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one() {
     let meta = std::fs::metadata(d.policy_path()).unwrap();
     assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 0);
-    let mark = d.log().len();
+    let mark = d.log_mark();
     d.reload();
-    wait_until("nobody to read private/b after the reload", || {
-        let out = run_as(&d, Who::Nobody, &["secret", "get", "private/b"], b"");
-        if out.code == 0 {
-            assert_eq!(out.stdout_bytes, b"bravo");
-            return true;
-        }
-        assert!(is_denied(&out), "neither read nor denied: {}", out.stderr);
-        false
-    });
-    wait_until("the daemon to log the reload", || {
-        log_since(&d, mark).contains("policy reloaded")
-    });
+    wait_reloaded(&d, mark);
+    let out = run_as(&d, Who::Nobody, &["secret", "get", "private/b"], b"");
+    assert_eq!(
+        out.code, 0,
+        "nobody reads private/b after the reload: {}",
+        out.stderr
+    );
+    assert_eq!(out.stdout_bytes, b"bravo");
     // The reload widened reads only.
     let out = run_as(&d, Who::Nobody, &["secret", "put", "private/b"], b"x");
     assert!(is_denied(&out), "{}", out.stderr);
 
     // An invalid file: rejected, logged, and the policy in force stays.
     write_policy(&d, INVALID_POLICY);
-    let mark = d.log().len();
+    let mark = d.log_mark();
     d.reload();
-    wait_until("the daemon to log the rejected reload", || {
-        let log = log_since(&d, mark);
-        log.contains("reload") && log.contains("rejected")
-    });
+    wait_rejected(&d, mark);
     let log = log_since(&d, mark);
     assert!(
         log.contains("everything"),
@@ -503,12 +497,9 @@ fn sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one() {
     // A file others could write is refused the same way.
     write_policy(&d, &narrow_policy());
     std::fs::set_permissions(d.policy_path(), std::fs::Permissions::from_mode(0o666)).unwrap();
-    let mark = d.log().len();
+    let mark = d.log_mark();
     d.reload();
-    wait_until("the daemon to refuse a world-writable policy", || {
-        let log = log_since(&d, mark);
-        log.contains("reload") && log.contains("rejected")
-    });
+    wait_rejected(&d, mark);
     let out = run_as(&d, Who::Nobody, &["secret", "get", "private/b"], b"");
     assert_eq!(
         out.code, 0,
@@ -518,15 +509,15 @@ fn sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one() {
 
     // Fixed: the narrow policy is back.
     std::fs::set_permissions(d.policy_path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mark = d.log_mark();
     d.reload();
-    wait_until("the narrow policy to apply again", || {
-        is_denied(&run_as(
-            &d,
-            Who::Nobody,
-            &["secret", "get", "private/b"],
-            b"",
-        ))
-    });
+    wait_reloaded(&d, mark);
+    let out = run_as(&d, Who::Nobody, &["secret", "get", "private/b"], b"");
+    assert!(
+        is_denied(&out),
+        "the narrow policy applies again: {}",
+        out.stderr
+    );
 }
 
 /// `keyward policy check FILE ARGS --json`, offline (no socket is given or needed).

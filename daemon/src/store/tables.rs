@@ -491,38 +491,6 @@ pub fn insert_secret(tx: &Transaction<'_>, row: &SecretRow) -> Result<(), StoreE
     Ok(())
 }
 
-/// Store many secrets whose names the vault has never seen, each at the version its row says
-/// (the name's counter is set just past it), with each statement compiled once for the batch.
-/// This is how a vault is filled in bulk (the benchmark's million secrets) without one
-/// transaction and three statement compilations per secret; the caller encrypted every row for
-/// its (name, version, term) exactly as [`next_secret_version`] + [`insert_secret`] would have.
-///
-/// # Errors
-/// [`StoreError::Conflict`] when a name was seen before (nothing of the batch is kept once the
-/// transaction rolls back); a SQLite failure.
-pub fn insert_new_secrets(tx: &Transaction<'_>, rows: &[SecretRow]) -> Result<(), StoreError> {
-    let mut names =
-        tx.prepare_cached("INSERT INTO secret_names (name, next_version) VALUES (?1, ?2)")?;
-    let mut secrets = tx.prepare_cached(
-        "INSERT INTO secrets (name, version, term, ciphertext, created)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?;
-    for row in rows {
-        let next = row.version.checked_add(1).ok_or_else(|| {
-            StoreError::Conflict(format!("secret version {} is out of range", row.version))
-        })?;
-        names.execute(params![row.name, next])?;
-        secrets.execute(params![
-            row.name,
-            row.version,
-            row.term,
-            row.ciphertext,
-            row.created
-        ])?;
-    }
-    Ok(())
-}
-
 const LATEST_SECRET: &str = "SELECT name, version, term, ciphertext, created FROM secrets \
      WHERE name = ?1 ORDER BY version DESC LIMIT 1";
 const SECRET_VERSION: &str = "SELECT name, version, term, ciphertext, created FROM secrets \

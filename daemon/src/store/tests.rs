@@ -342,41 +342,6 @@ async fn unreserved_versions_are_refused() {
 }
 
 #[tokio::test]
-async fn bulk_inserts_read_back_and_keep_the_counters() {
-    let (_dir, path) = temp();
-    let store = Store::open(&path).unwrap();
-    let row = |i: usize| SecretRow {
-        name: format!("bulk/{i}"),
-        version: 1,
-        term: 1,
-        ciphertext: vec![i as u8; 8],
-        created: tables::now_rfc3339(),
-    };
-    let rows: Vec<SecretRow> = (0..100).map(row).collect();
-    store
-        .write(move |tx| tables::insert_new_secrets(tx, &rows))
-        .await
-        .unwrap();
-    assert_eq!(store.read(tables::count_secrets).await.unwrap(), 100);
-    let got = store
-        .read(|c| tables::get_secret(c, "bulk/42", None))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!((got.version, got.ciphertext), (1, vec![42; 8]));
-    // The next ordinary put of a bulk name gets version 2.
-    assert_eq!(put(&store, "bulk/7", b"x").await, 2);
-    // A batch that repeats a known name is refused whole.
-    let again = vec![row(100), row(7)];
-    let e = store
-        .write(move |tx| tables::insert_new_secrets(tx, &again))
-        .await
-        .unwrap_err();
-    assert!(matches!(e, StoreError::Conflict(_)), "{e}");
-    assert_eq!(store.read(tables::count_secrets).await.unwrap(), 100);
-}
-
-#[tokio::test]
 async fn prefix_listing_is_literal() {
     let (_dir, path) = temp();
     let store = Store::open(&path).unwrap();

@@ -260,12 +260,15 @@ async fn connection<H: Handler>(
     handler: Arc<H>,
     limits: VarlinkLimits,
     mut shutdown: watch::Receiver<bool>,
-    _slot: Slot,
+    slot: Slot,
 ) {
     let caller = peer.caller(Via::Varlink);
     drop(peer);
     debug!(caller = %caller, "varlink: connection accepted");
     let closed = run_connection(&mut stream, &caller, &*handler, limits, &mut shutdown).await;
+    // Closed and its slot free before the line says so.
+    drop(stream);
+    drop(slot);
     debug!(caller = %caller, reason = ?closed, "varlink: connection closed");
 }
 

@@ -187,6 +187,7 @@ impl Vault {
                 Ok(store::tables::insert_key_intent(tx, &recorded)?)
             })
             .await?;
+        tracing::debug!(key = %name, device = %device, "create intent recorded");
         let spec = KeySpec {
             label: name.clone(),
             algorithm,
@@ -218,6 +219,7 @@ impl Vault {
             public_key: public.0.clone(),
             created: store::tables::now_rfc3339(),
         };
+        tracing::debug!(key = %name, device = %device, "the device made the key; recording it");
         match self
             .store
             .write(move |tx| {
