@@ -376,7 +376,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = SigningKey::from_bytes(&[4; 32]);
         let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
-        log.opened(key.clone(), "test");
+        log.key_opened(key.clone(), "test");
         for _ in 0..CHECKPOINT_EVERY + 5 {
             log.request(entry("GetSecret", "x"), Durability::Written, None)
                 .unwrap();
@@ -426,7 +426,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = SigningKey::from_bytes(&[2; 32]);
         let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
-        log.opened(key.clone(), "test");
+        log.key_opened(key.clone(), "test");
         log.request(entry("Rotate", "vault"), Durability::Synced, Some("admin"))
             .unwrap();
         for n in 0..4 {
@@ -460,7 +460,7 @@ mod tests {
             None,
             "nothing is known before the key is here"
         );
-        log.opened(key.clone(), "test");
+        log.key_opened(key.clone(), "test");
         let finding = log.finding().expect("a finding");
         assert!(finding.contains("does not match its anchor"), "{finding}");
         log.shutdown();
@@ -490,7 +490,7 @@ mod tests {
         assert_eq!(r.unsigned_tail, 0);
         // And the next start finds it in order.
         let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
-        log.opened(key, "test");
+        log.key_opened(key, "test");
         assert_eq!(log.finding(), None);
         log.shutdown();
     }
@@ -501,20 +501,20 @@ mod tests {
         let key = SigningKey::from_bytes(&[1; 32]);
         for _ in 0..3 {
             let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
-            log.opened(key.clone(), "test");
+            log.key_opened(key.clone(), "test");
             log.request(entry("GetSecret", "a"), Durability::Written, None)
                 .unwrap();
-            log.closed("sealed by test");
+            log.key_closed("sealed by test");
             // Written while sealed: after the anchor, chained to it.
             log.request(entry("GetSecret", "a"), Durability::Written, None)
                 .unwrap();
-            log.opened(key.clone(), "test");
+            log.key_opened(key.clone(), "test");
             assert_eq!(log.finding(), None);
             log.shutdown();
         }
         // A stranger's key never passes.
         let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
-        log.opened(SigningKey::from_bytes(&[9; 32]), "test");
+        log.key_opened(SigningKey::from_bytes(&[9; 32]), "test");
         assert!(log.finding().unwrap().contains("not signed by this vault"));
         log.shutdown();
     }
@@ -527,7 +527,7 @@ mod tests {
         let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
         // The first unseal anchors the head before it writes the first checkpoint: the anchor
         // a crash right after that checkpoint would leave.
-        log.opened(key.clone(), "test");
+        log.key_opened(key.clone(), "test");
         let records =
             format::lines(&std::fs::read(dir.path().join(format::LOG_FILE)).unwrap()).len();
         let first = std::fs::read(&anchor_path).unwrap();
@@ -543,13 +543,13 @@ mod tests {
         let oldest = sign_anchor(&key, 0, &format::line_hash(&head), now(), None, None);
         std::fs::write(&anchor_path, serde_json::to_vec(&oldest).unwrap()).unwrap();
         let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
-        log.opened(key.clone(), "test");
+        log.key_opened(key.clone(), "test");
         assert_eq!(log.finding(), None);
         log.shutdown();
         // Removed: the log holds checkpoints, so that is a finding.
         std::fs::remove_file(&anchor_path).unwrap();
         let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
-        log.opened(key, "test");
+        log.key_opened(key, "test");
         assert!(log.finding().unwrap().contains("missing"));
         log.shutdown();
     }

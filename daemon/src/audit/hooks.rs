@@ -2,12 +2,107 @@
 //! against its anchor, checkpoint), closed (last checkpoint, key dropped), a rekey's hand-over
 //! to the next key and its end.
 //!
-//! Must not: call into the vault (it calls here under its own lock).
+//! The vault calls these holding its state lock, from async code on a runtime worker. Each
+//! writes and syncs a checkpoint (and may write the anchor, reach the TPM counter, or set a
+//! log aside), so the work is queued to a thread of its own ([`HookThread`]) when the hook
+//! is called, and the vault awaits its completion: the worker keeps serving while the disk
+//! works, and the vault still goes on only once the checkpoint is durable. One thread, one
+//! queue: the hooks run in the order the vault's lock gave them, even if a caller stops
+//! waiting.
+//!
+//! Must not: call into the vault (it calls here under its own lock), or do their disk work on
+//! the calling thread.
+
+use std::future::Future;
+use std::sync::{mpsc, Weak};
 
 use super::*;
+use crate::vault::audit_key::Done;
+
+/// A hook's work, run on the hook thread with the log.
+type Job = Box<dyn FnOnce(&AuditLog) + Send>;
+
+/// The thread the hooks' disk work runs on, and its queue.
+pub(super) struct HookThread {
+    queue: mpsc::Sender<Job>,
+}
+
+impl HookThread {
+    /// Start the thread for `log`. It ends when the log is dropped (its queue with it).
+    pub(super) fn start(log: Weak<AuditLog>) -> io::Result<Self> {
+        let (queue, jobs) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("audit-hooks".into())
+            .spawn(move || {
+                while let Ok(job) = jobs.recv() {
+                    let Some(log) = log.upgrade() else { return };
+                    job(&log);
+                }
+            })?;
+        Ok(Self { queue })
+    }
+}
+
+impl AuditLog {
+    /// Queue `hook` on the hook thread now, and return its result when it has run.
+    fn off_worker<T: Send + 'static>(
+        &self,
+        hook: impl FnOnce(&AuditLog) -> T + Send + 'static,
+    ) -> impl Future<Output = Result<T, AuditError>> + Send + 'static {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |log| {
+            // The caller may have stopped waiting: the work is done all the same.
+            let _ = done.send(hook(log));
+        });
+        let queued = match self.hooks.get() {
+            Some(hooks) => hooks.queue.send(job).is_ok(),
+            None => false,
+        };
+        async move {
+            if !queued {
+                return Err(AuditError::HooksStopped);
+            }
+            // Dropped unanswered: the job panicked.
+            result.await.map_err(|_| AuditError::HooksStopped)
+        }
+    }
+}
+
+/// `done`, with a failure to run the hook at all logged (it is the hook's to log the rest).
+fn logged(done: impl Future<Output = Result<(), AuditError>> + Send + 'static) -> Done<()> {
+    Box::pin(async move {
+        if let Err(e) = done.await {
+            tracing::error!("audit log: {e}");
+        }
+    })
+}
 
 impl AuditKeys for AuditLog {
-    fn opened(&self, key: SigningKey, by: &str) {
+    fn opened(&self, key: SigningKey, by: &str) -> Done<()> {
+        let by = by.to_owned();
+        logged(self.off_worker(move |log| log.key_opened(key, &by)))
+    }
+
+    fn closed(&self, why: &str) -> Done<()> {
+        let why = why.to_owned();
+        logged(self.off_worker(move |log| log.key_closed(&why)))
+    }
+
+    fn rekeying(&self, next: &VerifyingKey) -> Done<Result<(), AuditError>> {
+        let next = *next;
+        let done = self.off_worker(move |log| log.key_rekeying(&next));
+        Box::pin(async move { done.await.and_then(|handed| handed) })
+    }
+
+    fn rekeyed(&self, key: Option<SigningKey>) -> Done<()> {
+        logged(self.off_worker(move |log| log.key_rekeyed(key)))
+    }
+}
+
+/// The hooks' work, on the hook thread (or a test's).
+impl AuditLog {
+    /// [`AuditKeys::opened`], here.
+    pub(super) fn key_opened(&self, key: SigningKey, by: &str) {
         let public = key.verifying_key();
         let mut w = lock(&self.writer);
         if w.key.as_ref().map(SigningKey::verifying_key) == Some(public) {
@@ -59,7 +154,8 @@ impl AuditKeys for AuditLog {
         }
     }
 
-    fn closed(&self, why: &str) {
+    /// [`AuditKeys::closed`], here.
+    pub(super) fn key_closed(&self, why: &str) {
         let w = lock(&self.writer);
         if w.key.is_none() {
             return;
@@ -74,7 +170,8 @@ impl AuditKeys for AuditLog {
         }
     }
 
-    fn rekeying(&self, next: &VerifyingKey) -> Result<(), AuditError> {
+    /// [`AuditKeys::rekeying`], here.
+    pub(super) fn key_rekeying(&self, next: &VerifyingKey) -> Result<(), AuditError> {
         let mut w = lock(&self.writer);
         w.next = Some(*next);
         let handed = self.checkpoint_synced(w, "rekey: handing over to the next key", |_| {});
@@ -85,7 +182,8 @@ impl AuditKeys for AuditLog {
         handed
     }
 
-    fn rekeyed(&self, key: Option<SigningKey>) {
+    /// [`AuditKeys::rekeyed`], here.
+    pub(super) fn key_rekeyed(&self, key: Option<SigningKey>) {
         let mut w = lock(&self.writer);
         w.next = None;
         let public = key.as_ref().map(SigningKey::verifying_key);
@@ -112,6 +210,7 @@ mod tests {
     use super::*;
     use crate::audit::test_support::*;
     use ed25519_dalek::SigningKey;
+    use std::time::Duration;
 
     #[test]
     fn a_rekey_hands_over_and_verifies_from_either_key() {
@@ -119,14 +218,14 @@ mod tests {
         let old = SigningKey::from_bytes(&[8; 32]);
         let new = SigningKey::from_bytes(&[9; 32]);
         let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
-        log.opened(old.clone(), "test");
-        log.rekeying(&new.verifying_key()).unwrap();
+        log.key_opened(old.clone(), "test");
+        log.key_rekeying(&new.verifying_key()).unwrap();
         log.request(entry("Status", "vault"), Durability::Written, None)
             .unwrap();
-        log.rekeyed(Some(new.clone()));
+        log.key_rekeyed(Some(new.clone()));
         log.request(entry("GetSecret", "x"), Durability::Written, None)
             .unwrap();
-        log.closed("sealed by test");
+        log.key_closed("sealed by test");
         assert_eq!(
             log.public_key(),
             Some(format::encode_key(&new.verifying_key()))
@@ -135,5 +234,49 @@ mod tests {
         let r = verify(dir.path(), &old.verifying_key());
         assert_eq!(r.keys.len(), 2);
         verify(dir.path(), &new.verifying_key());
+    }
+
+    /// The vault awaits these hooks on a runtime worker while it holds its lock: their
+    /// `fdatasync` must not run there. A current-thread runtime has one worker. The test holds
+    /// the log's sync lock, as a slow `fdatasync` would hold up the hand-over's sync; a task
+    /// spawned on that runtime while the hook is in flight must still run. Were the sync on
+    /// the worker, the probe could not run until the disk let go.
+    #[test]
+    fn a_hook_waits_for_the_disk_off_the_runtime_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = SigningKey::from_bytes(&[8; 32]);
+        let new = SigningKey::from_bytes(&[9; 32]);
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        log.key_opened(old.clone(), "test");
+        let (ran, probe) = std::sync::mpsc::channel();
+        let slow_disk = lock(&log.sync_lock);
+        let runtime = {
+            let keys: Arc<dyn AuditKeys> = log.clone();
+            let next = new.verifying_key();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let handing = keys.rekeying(&next);
+                    let probe = tokio::spawn(async move { ran.send(()).unwrap() });
+                    let handed = handing.await;
+                    probe.await.unwrap();
+                    handed
+                })
+            })
+        };
+        let progressed = probe.recv_timeout(Duration::from_secs(10));
+        drop(slow_disk);
+        let handed = runtime.join().unwrap();
+        assert!(
+            progressed.is_ok(),
+            "the runtime's worker was blocked while the hook waited for the disk"
+        );
+        handed.unwrap();
+        // And the hand-over is on disk: the log verifies from the old key to the new.
+        log.key_rekeyed(Some(new.clone()));
+        log.shutdown();
+        assert_eq!(verify(dir.path(), &old.verifying_key()).keys.len(), 2);
     }
 }

@@ -52,7 +52,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = SigningKey::from_bytes(&[7; 32]);
         let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
-        log.opened(key.clone(), "test");
+        log.key_opened(key.clone(), "test");
         // /dev/full: every write fails with ENOSPC, as on a full file system.
         let real = log.live();
         log.set_live(OpenOptions::new().write(true).open("/dev/full").unwrap());

@@ -65,8 +65,14 @@
 //! the log holds no readable record at all, the daemon refuses to start: that is not a torn
 //! write, and someone should look before a new chain is started.
 //!
-//! Must not: write anything a client sent as a value (only names, capped in length), or call
-//! into the vault (the vault calls in here under its own lock).
+//! **Off the workers.** The vault tells the log about its key ([`AuditKeys`]) holding its own
+//! lock, from async code; those hooks checkpoint and sync on a thread of their own while the
+//! vault awaits them ([`hooks`]), and synced request records wait for the disk on a blocking
+//! thread ([`AuditLog::request_async`]), so no `fdatasync` of theirs runs on a runtime worker.
+//!
+//! Must not: write anything a client sent as a value (only names, capped in length), call
+//! into the vault (the vault calls in here under its own lock), or wait for the disk on a
+//! runtime worker on the vault's behalf.
 
 mod checkpoint;
 mod counter;
@@ -101,7 +107,9 @@ use crate::identity::{Caller, Via};
 use crate::vault::audit_key::AuditKeys;
 
 use counter::TpmCounter;
+use hooks::HookThread;
 use writer::Writer;
+
 /// How long a read's record may wait for `fdatasync`.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -161,6 +169,9 @@ pub enum AuditError {
     /// The thread that syncs read records and writes periodic checkpoints has stopped.
     #[error("the audit log's background flusher has stopped")]
     FlusherStopped,
+    /// The thread the vault's hooks run on has stopped.
+    #[error("the audit log's hook thread has stopped")]
+    HooksStopped,
 }
 
 /// Whether `e` says the file system is full: no space (`ENOSPC`) or the quota (`EDQUOT`).
@@ -178,7 +189,10 @@ impl AuditError {
             Self::Open { source, .. } | Self::PublicKey { source, .. } => no_space(source),
             Self::Write(e) | Self::Sync(e) | Self::Files(e) => no_space(e),
             Self::Degraded { storage_full } => *storage_full,
-            Self::NotAFile { .. } | Self::Unreadable { .. } | Self::FlusherStopped => false,
+            Self::NotAFile { .. }
+            | Self::Unreadable { .. }
+            | Self::FlusherStopped
+            | Self::HooksStopped => false,
         }
     }
 }
@@ -293,6 +307,8 @@ pub struct AuditLog {
     finding: Mutex<Option<String>>,
     /// The TPM counter anchors are bound to, if one is configured.
     counter: std::sync::OnceLock<TpmCounter>,
+    /// Where the vault's hooks do their disk work (set once, at open).
+    hooks: std::sync::OnceLock<HookThread>,
 }
 
 impl std::fmt::Debug for AuditLog {

@@ -131,7 +131,10 @@ impl AuditLog {
             anchor_lock: Mutex::new(None),
             finding: Mutex::new(None),
             counter: std::sync::OnceLock::new(),
+            hooks: std::sync::OnceLock::new(),
         });
+        let hooks = HookThread::start(Arc::downgrade(&log)).map_err(open_err)?;
+        let _ = log.hooks.set(hooks);
         if let Some(n) = continued {
             if let Err(e) = log.append(continued_from(n), Durability::Synced, None) {
                 tracing::error!("audit log: cannot continue from {}: {e}", rolled_name(n));
@@ -263,7 +266,7 @@ mod tests {
         let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
         log.request(entry("Status", "vault"), Durability::Written, None)
             .unwrap();
-        log.opened(key.clone(), "test");
+        log.key_opened(key.clone(), "test");
         for n in 0..3 {
             log.request(
                 entry("GetSecret", &format!("s{n}")),
@@ -283,7 +286,7 @@ mod tests {
 
         let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
         assert_eq!(log.public_key(), Some(format::encode_key(&public)));
-        log.opened(key, "test");
+        log.key_opened(key, "test");
         log.shutdown();
         let r = verify(dir.path(), &public);
         assert_eq!(r.records, 14);
@@ -295,7 +298,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = SigningKey::from_bytes(&[6; 32]);
         let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
-        log.opened(key.clone(), "test");
+        log.key_opened(key.clone(), "test");
         log.request(entry("GetSecret", "a"), Durability::Synced, None)
             .unwrap();
         log.shutdown();
@@ -306,7 +309,7 @@ mod tests {
         let before = std::fs::read(&path).unwrap();
 
         let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
-        log.opened(key.clone(), "test");
+        log.key_opened(key.clone(), "test");
         log.shutdown();
         let after = std::fs::read(&path).unwrap();
         assert!(after.starts_with(&before), "history is never rewritten");
@@ -322,7 +325,7 @@ mod tests {
         std::fs::write(&path, b"garbage\nmore garbage\n").unwrap();
         let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
         let key = SigningKey::from_bytes(&[7; 32]);
-        log.opened(key.clone(), "test");
+        log.key_opened(key.clone(), "test");
         log.shutdown();
         let r = verify(dir.path(), &key.verifying_key());
         assert_eq!(r.damage[0].bytes, 20);
@@ -348,14 +351,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = SigningKey::from_bytes(&[6; 32]);
         let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
-        log.opened(key.clone(), "test");
+        log.key_opened(key.clone(), "test");
         log.shutdown();
         // Renamed, and the new file got only part of its first record before the crash.
         let live = dir.path().join(format::LOG_FILE);
         std::fs::rename(&live, rolled_path(dir.path(), 1)).unwrap();
         std::fs::write(&live, br#"{"seq":5,"time":"20"#).unwrap();
         let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
-        log.opened(key.clone(), "test");
+        log.key_opened(key.clone(), "test");
         log.shutdown();
         let r = format::verify(&whole_set(dir.path()), &key.verifying_key()).unwrap();
         assert_eq!(r.damage.len(), 1);

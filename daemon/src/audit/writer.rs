@@ -306,7 +306,7 @@ mod tests {
             max_file_bytes: 4096,
         };
         let log = AuditLog::open(dir.path(), small).unwrap();
-        log.opened(key.clone(), "test");
+        log.key_opened(key.clone(), "test");
         for n in 0..60 {
             log.request(
                 entry("GetSecret", &format!("s{n}")),
@@ -318,7 +318,7 @@ mod tests {
         log.shutdown();
         // Reopened: it finds the numbering and goes on.
         let log = AuditLog::open(dir.path(), small).unwrap();
-        log.opened(key.clone(), "test");
+        log.key_opened(key.clone(), "test");
         for _ in 0..30 {
             log.request(entry("Status", "vault"), Durability::Written, None)
                 .unwrap();
