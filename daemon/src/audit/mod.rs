@@ -215,6 +215,8 @@ pub struct Entry {
     pub result: String,
     pub intent: Option<u64>,
     pub detail: Option<String>,
+    /// The policy rule that allowed the call, if one decided it.
+    pub rule: Option<u32>,
 }
 
 impl Entry {
@@ -227,6 +229,7 @@ impl Entry {
             result: result.to_owned(),
             intent: None,
             detail: None,
+            rule: None,
         }
     }
 
@@ -238,6 +241,7 @@ impl Entry {
             result: self.result,
             intent: self.intent,
             detail: self.detail,
+            rule: self.rule,
         })
     }
 }
