@@ -110,22 +110,25 @@ impl Service {
         )
     }
 
-    /// The policy's verdict on `request` as a whole (lists are filtered name by name later).
+    /// The policy's verdict on `request` as a whole (lists are filtered name by name later):
+    /// the number of the rule that allowed it, for the audit record (`None`: no rule decides).
     fn check(
         policy: &Policy,
         caller: &Caller,
         request: &Request,
         target: &str,
-    ) -> Result<(), ApiError> {
-        if let Some((action, resource)) = needs(request, target) {
-            if !Self::allowed(policy, caller, action, resource) {
-                return Err(ApiError::PermissionDenied {
-                    action: action.as_str().to_owned(),
-                    resource: resource_name(&resource),
-                });
-            }
+    ) -> Result<Option<u32>, ApiError> {
+        let Some((action, resource)) = needs(request, target) else {
+            return Ok(None);
+        };
+        match decide(policy, caller.subject(), action, resource) {
+            // A policy file is far too small to hold 2^32 rules.
+            Decision::Allow { rule } => Ok(Some(u32::try_from(rule).unwrap_or(u32::MAX))),
+            Decision::Deny => Err(ApiError::PermissionDenied {
+                action: action.as_str().to_owned(),
+                resource: resource_name(&resource),
+            }),
         }
-        Ok(())
     }
 
     async fn run(
@@ -316,13 +319,20 @@ impl Handler for Service {
             Audit::AdminRead | Audit::Change | Audit::AdminChange => Durability::Synced,
         };
         let policy = self.policy();
-        if let Err(denied) = Self::check(&policy, &caller, &request, &target) {
-            // Nothing changed: the refusal is on disk within the window, like a read.
-            let e = entry(result_name(&Err::<(), _>(denied.clone())));
-            self.record(e, Durability::Written, None).await?;
-            tracing::info!(caller = %caller, method, target = %target, error = %denied.name(), "refused");
-            return Err(denied);
-        }
+        let rule = match Self::check(&policy, &caller, &request, &target) {
+            Ok(rule) => rule,
+            Err(denied) => {
+                // Nothing changed: the refusal is on disk within the window, like a read.
+                let e = entry(result_name(&Err::<(), _>(denied.clone())));
+                self.record(e, Durability::Written, None).await?;
+                tracing::info!(caller = %caller, method, target = %target, error = %denied.name(), "refused");
+                return Err(denied);
+            }
+        };
+        let entry = |result: String| Entry {
+            rule,
+            ..entry(result)
+        };
         // A mutation is on record before it runs: nothing the log can't show is done.
         let intent = if audit.mutates() {
             Some(self.record(entry(STARTED.into()), durability, None).await?)

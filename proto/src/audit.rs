@@ -10,7 +10,8 @@
 //! - `request`: one call — who (`caller`: uid, gid, pid, systemd unit, transport), `op`,
 //!   `target` (a secret or key name, a keyslot, or `vault`; never a value, PIN, share or digest)
 //!   and `result` (`ok`, `started` for the record a mutation writes before it runs, or the
-//!   error's stable wire name). An outcome record names its `started` record in `intent`.
+//!   error's stable wire name). An outcome record names its `started` record in `intent`, and
+//!   a call the policy allowed names the rule that did in `rule`.
 //! - `event`: the daemon starting or stopping.
 //! - `checkpoint`: an Ed25519 signature by the vault's audit key over the chain head (its own
 //!   `seq`, `prev`, `time`, `reason`, `public_key` and `next_public_key`), so one signature
@@ -163,6 +164,11 @@ pub struct RequestRecord {
     /// More about the target (the credential id, the kind of keyslot), never a secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The number (1-based, in file order) of the policy rule that allowed the call; absent
+    /// when it was refused or no rule decides it (`Status`, lists filtered name by name, the
+    /// credential socket's map).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<u32>,
 }
 
 /// An event record.
@@ -1025,6 +1031,9 @@ pub fn human(record: &Record) -> String {
             if let Some(d) = &r.detail {
                 let _ = write!(s, "  [{d}]");
             }
+            if let Some(rule) = r.rule {
+                let _ = write!(s, "  (policy rule {rule})");
+            }
             s
         }
         Body::Event(e) => format!("daemon {}: {}", e.event, e.detail),
@@ -1121,6 +1130,7 @@ mod tests {
                 result: OK.into(),
                 intent: None,
                 detail: None,
+                rule: None,
             }));
         }
 
@@ -1604,5 +1614,21 @@ mod tests {
         let back = parse(text.trim_end().as_bytes()).unwrap();
         assert!(matches!(back.body, Body::Request(ref r) if r.target == "db/pass\nword"));
         assert!(human(&back).contains("GetSecret"));
+    }
+
+    #[test]
+    fn the_allowing_rule_is_kept_shown_and_left_out_when_there_is_none() {
+        let mut w = Writer::new(1);
+        w.request("GetSecret", "a");
+        let without = String::from_utf8(w.out.clone()).unwrap();
+        assert!(!without.contains("rule"), "{without}");
+        let mut record = parse(without.trim_end().as_bytes()).unwrap();
+        if let Body::Request(r) = &mut record.body {
+            r.rule = Some(3);
+        }
+        let line = serde_json::to_vec(&record).unwrap();
+        let back = parse(&line).unwrap();
+        assert_eq!(back, record);
+        assert!(human(&back).contains("policy rule 3"), "{}", human(&back));
     }
 }

@@ -1203,3 +1203,79 @@ fn without_a_tpm_counter_a_rollback_of_log_and_anchor_together_is_not_seen() {
     let d = rolled_back(&token, None);
     assert!(d.json(&["status"])["audit_finding"].is_null());
 }
+
+/// Two rules allow nobody different secrets: each request record names the rule that allowed
+/// the call (1-based, in file order), and none names a rule when the policy refused the call or
+/// no rule decides it (`Status`); `keyward audit tail` shows it.
+#[test]
+fn a_request_record_names_the_policy_rule_that_allowed_it() {
+    let token = SoftHsm::new("audit-rule");
+    let policy = format!(
+        "{ROOT_ADMIN_POLICY}
+[[rule]]
+who = {{ uid = {NOBODY} }}
+allow = [\"read\"]
+secrets = [\"a/*\"]
+
+[[rule]]
+who = {{ uid = {NOBODY} }}
+allow = [\"read\"]
+secrets = [\"b/*\"]
+"
+    );
+    let root_rule = 1;
+    let first = u32::try_from(ROOT_ADMIN_POLICY.matches("[[rule]]").count()).unwrap() + 1;
+    let second = first + 1;
+    let d = Setup::new()
+        .token("hsm", &token)
+        .policy(&policy)
+        .public_socket()
+        .start();
+    ok(&d.run(&["init", "--pkcs11", "hsm"], b""), "init");
+    ok(&d.run(&["secret", "put", "a/one"], b"1"), "put a/one");
+    ok(&d.run(&["secret", "put", "b/two"], b"2"), "put b/two");
+    ok(
+        &as_nobody(&d, &["secret", "get", "b/two"]),
+        "get b/two as nobody",
+    );
+    ok(
+        &as_nobody(&d, &["secret", "get", "a/one"]),
+        "get a/one as nobody",
+    );
+    assert_eq!(as_nobody(&d, &["secret", "get", "c/three"]).code, 1);
+    ok(&d.run(&["status"], b""), "status");
+
+    let records = records_in(&log_path(&d));
+    let rules = |op: &str, target: &str, uid: u32| -> Vec<Option<u32>> {
+        let found: Vec<_> = of(&records, op, target)
+            .into_iter()
+            .filter(|(_, r)| r.caller.uid == uid)
+            .map(|(_, r)| r.rule)
+            .collect();
+        assert!(!found.is_empty(), "no {op} {target} by uid {uid}");
+        found
+    };
+    assert_eq!(rules("GetSecret", "b/two", NOBODY), [Some(second)]);
+    assert_eq!(rules("GetSecret", "a/one", NOBODY), [Some(first)]);
+    // A mutation's `started` and outcome records both name the rule.
+    assert_eq!(
+        rules("PutSecret", "a/one", 0),
+        [Some(root_rule), Some(root_rule)]
+    );
+    // Refused by the policy: no rule allowed it.
+    assert_eq!(rules("GetSecret", "c/three", NOBODY), [None]);
+    // No rule decides `Status`.
+    assert!(rules("Status", "vault", 0).iter().all(Option::is_none));
+
+    let out = d.run(
+        &["audit", "tail", "-n", "50", log_path(&d).to_str().unwrap()],
+        b"",
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("GetSecret b/two"))
+        .unwrap_or_else(|| panic!("{}", out.stdout));
+    assert!(line.contains(&format!("policy rule {second}")), "{line}");
+}

@@ -9,6 +9,9 @@
 //! Must not: return the key bytes anywhere but into an `ed25519_dalek::SigningKey` (zeroized on
 //! drop), or let the audit log reach back into the vault (it is called under the vault's lock).
 
+use std::future::Future;
+use std::pin::Pin;
+
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use hkdf::Hkdf;
 use sha2::Sha256;
@@ -30,22 +33,28 @@ pub fn derive(vmk: &Key32, vault_id: &[u8; 16]) -> SigningKey {
     SigningKey::from_bytes(&seed)
 }
 
-/// What the vault tells the audit log. Called with the vault's state lock held: implementations
-/// must not call into the vault.
+/// A hook's completion: resolves once the audit log has done what it was told (and what it
+/// wrote is durable).
+pub type Done<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What the vault tells the audit log. Called, and awaited, with the vault's state lock held,
+/// from a runtime worker: implementations must not call into the vault, and must do their disk
+/// work (`fdatasync`) off the calling thread, started when the hook is called and in call
+/// order, so that a caller that stops waiting neither loses nor reorders it.
 pub trait AuditKeys: Send + Sync {
     /// The vault is open; `key` signs checkpoints from now on. `by` says what opened it.
-    fn opened(&self, key: SigningKey, by: &str);
+    fn opened(&self, key: SigningKey, by: &str) -> Done<()>;
     /// The vault is closed (sealed, or never opened); `why` says why. The key must be dropped
     /// after a last checkpoint.
-    fn closed(&self, why: &str);
+    fn closed(&self, why: &str) -> Done<()>;
     /// A rekey is about to commit a VMK whose audit key is `next`. The log must durably name
     /// `next` before the commit; an error aborts the rekey (fail closed).
     ///
     /// # Errors
     /// The hand-over could not be written.
-    fn rekeying(&self, next: &VerifyingKey) -> Result<(), AuditError>;
+    fn rekeying(&self, next: &VerifyingKey) -> Done<Result<(), AuditError>>;
     /// The rekey committed (`Some(new key)`) or did not (`None`).
-    fn rekeyed(&self, key: Option<SigningKey>);
+    fn rekeyed(&self, key: Option<SigningKey>) -> Done<()>;
 }
 
 #[cfg(test)]

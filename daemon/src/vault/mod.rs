@@ -150,17 +150,18 @@ impl Vault {
         })
     }
 
-    fn changed(&self, state: &State) {
+    async fn changed(&self, state: &State) {
         self.open_tx
             .send_replace(matches!(state, State::Unsealed(_)));
         let line = status_line(state);
         if let Some(audit) = self.audit.get() {
-            match state {
+            let told = match state {
                 State::Unsealed(open) => {
                     audit.opened(audit_key::derive(&open.vmk, &open.vault_id), &line)
                 }
                 _ => audit.closed(&line),
-            }
+            };
+            told.await;
         }
         (self.on_change)(&line);
     }
@@ -284,7 +285,7 @@ impl Vault {
             keyring,
             by: "init".into(),
         }));
-        self.changed(&state);
+        self.changed(&state).await;
         tracing::info!(keyslots = specs.len(), "vault initialised");
         Ok((rows.iter().map(slots::to_api).collect(), shares))
     }
@@ -305,7 +306,7 @@ impl Vault {
             shares: HashMap::new(),
         };
         self.retry.disarm();
-        self.changed(&state);
+        self.changed(&state).await;
         tracing::info!(by, "vault sealed");
         Ok(())
     }
@@ -338,7 +339,7 @@ impl Vault {
             by: by.clone(),
         }));
         self.retry.disarm();
-        self.changed(&state);
+        self.changed(&state).await;
         tracing::info!(by = %by, "vault unsealed");
         Ok(())
     }
@@ -358,7 +359,7 @@ impl Vault {
         if let State::Sealed { reason: r, .. } = &mut *state {
             *r = reason;
         }
-        self.changed(&state);
+        self.changed(&state).await;
     }
 }
 

@@ -318,7 +318,9 @@ impl Vault {
         // whichever way a crash falls, the log knows both keys.
         let audit = self.audit.get();
         if let Some(audit) = audit {
-            audit.rekeying(&super::audit_key::derive(&vmk, &vault_id).verifying_key())?;
+            audit
+                .rekeying(&super::audit_key::derive(&vmk, &vault_id).verifying_key())
+                .await?;
         }
         let count = blobs.len();
         let committed = self
@@ -337,12 +339,14 @@ impl Vault {
             .await;
         if let Err(e) = committed {
             if let Some(audit) = audit {
-                audit.rekeyed(None);
+                audit.rekeyed(None).await;
             }
             return Err(e.into());
         }
         if let Some(audit) = audit {
-            audit.rekeyed(Some(super::audit_key::derive(&vmk, &vault_id)));
+            audit
+                .rekeyed(Some(super::audit_key::derive(&vmk, &vault_id)))
+                .await;
         }
         open.vmk = vmk;
         tracing::info!(keyslots = count, "vault rekeyed");

@@ -353,7 +353,7 @@ impl Vault {
             }
             if pending.len() < usize::from(data.set.threshold) {
                 let needed = data.set.threshold - pending.len() as u8;
-                self.changed(&state);
+                self.changed(&state).await;
                 return Ok((true, Some(needed)));
             }
             shares.remove(&set_id).unwrap_or_default()
