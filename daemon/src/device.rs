@@ -156,6 +156,18 @@ impl fmt::Debug for DeviceHandle {
 }
 
 impl DeviceHandle {
+    /// Resolves once the actor thread has ended: every handle was dropped, the last job ran and
+    /// the device was closed (its sessions logged out and closed, the library finalised).
+    ///
+    /// The daemon waits for this before the process exits: a device library still closing a
+    /// session on the actor thread while the C runtime runs its exit handlers (SoftHSM's static
+    /// destructors) can crash the process on its way out.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut state = self.inner.state.clone();
+        // The actor owns the only sender: it is dropped when the thread returns.
+        async move { while state.changed().await.is_ok() {} }
+    }
+
     /// Start the actor thread for device `name`; it opens the device with `opener` right away
     /// (in the thread). Never fails: if the thread can't start, the handle reports the device
     /// unavailable with that reason.
@@ -409,6 +421,11 @@ impl Actor {
             self.handle(job);
         }
         tracing::debug!(device = %self.name, "device thread stopping: no handles left");
+        // Close the device here, on its own thread, before the thread ends: the stop waits for
+        // this ([`DeviceHandle::closed`]).
+        if self.backend.take().is_some() {
+            tracing::info!(device = %self.name, "device closed");
+        }
     }
 
     fn handle(&mut self, job: Job) {

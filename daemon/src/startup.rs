@@ -34,6 +34,9 @@ use crate::transport::dbus::{self, DbusError};
 use crate::transport::{credentials, socket, varlink};
 use crate::vault::Vault;
 
+/// How long the stop waits for the device threads to close their devices.
+const DEVICE_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What a subsystem said when its stage failed.
 type Cause = Box<dyn std::error::Error + Send + Sync>;
 
@@ -488,5 +491,23 @@ impl Daemon {
         }
         // Last: every drained request is on record; a final checkpoint signs them.
         self.audit.shutdown();
+        // Then let go of the devices and wait, bounded, for their threads to close them, so that
+        // no device library is mid-close while the process exits.
+        let closing: Vec<_> = self
+            .service
+            .vault()
+            .devices()
+            .iter()
+            .map(|(name, d)| (name.clone(), d.closed()))
+            .collect();
+        drop(self.service);
+        drop(self.audit);
+        let deadline = tokio::time::Instant::now() + DEVICE_CLOSE_WAIT;
+        for (name, closed) in closing {
+            if tokio::time::timeout_at(deadline, closed).await.is_err() {
+                tracing::warn!(device = %name, "device still closing at exit");
+            }
+        }
+        tracing::info!("stopped");
     }
 }

@@ -379,3 +379,27 @@ fn a_softhsm_device_without_its_config_is_refused_naming_the_setting() {
         "{stderr}"
     );
 }
+
+/// A stop lets go of the devices and waits for their threads to close them before the process
+/// exits: a device library must not be mid-close while the C runtime runs its exit handlers.
+#[test]
+fn a_stop_closes_every_device_before_the_process_exits() {
+    let mut w = world();
+    init(&w.daemon);
+    put(&w.daemon, "db/password", b"x");
+    let mark = w.daemon.log_mark();
+    w.daemon.stop();
+    let log = w.daemon.log();
+    let after: Vec<&str> = log.get(mark..).unwrap_or_default().lines().collect();
+    let stopped = after
+        .iter()
+        .position(|l| l.contains("stopped"))
+        .unwrap_or_else(|| panic!("no \"stopped\" line; log since the stop:\n{after:#?}"));
+    for device in ["tpm", "hsm"] {
+        let closed = after
+            .iter()
+            .position(|l| l.contains("device closed") && l.contains(device))
+            .unwrap_or_else(|| panic!("{device} never closed; log since the stop:\n{after:#?}"));
+        assert!(closed < stopped, "{device} closed after the stop ended:\n{after:#?}");
+    }
+}
