@@ -400,6 +400,9 @@ fn a_stop_closes_every_device_before_the_process_exits() {
             .iter()
             .position(|l| l.contains("device closed") && l.contains(device))
             .unwrap_or_else(|| panic!("{device} never closed; log since the stop:\n{after:#?}"));
-        assert!(closed < stopped, "{device} closed after the stop ended:\n{after:#?}");
+        assert!(
+            closed < stopped,
+            "{device} closed after the stop ended:\n{after:#?}"
+        );
     }
 }
