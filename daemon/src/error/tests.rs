@@ -365,13 +365,7 @@ fn no_error_shows_the_secret_it_was_about() {
             for secret in [share.as_str(), pin] {
                 assert!(!shows(&text, secret), "{text:?} shows a secret");
             }
-            assert!(!text.contains(
-                vmk.expose()
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<String>()
-                    .as_str()
-            ));
+            assert!(!text.contains(keyward_proto::text::hex(vmk.expose()).as_str()));
         }
     }
 }

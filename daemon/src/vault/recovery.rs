@@ -946,7 +946,7 @@ mod tests {
         for group in data_part.split('-') {
             assert!(!shown.contains(group), "{shown}");
         }
-        let hex_data: String = share.data.iter().map(|b| format!("{b:02x}")).collect();
+        let hex_data = keyward_proto::text::hex(&share.data);
         assert!(!shown.contains(&hex_data[..8]));
         assert!(!shown.contains(&format!("{:?}", &share.data[..4])));
     }
