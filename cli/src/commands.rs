@@ -28,13 +28,17 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest input to `key sign`.
 const MAX_SIGN_INPUT: usize = 1024 * 1024;
 
-struct Out {
-    json: bool,
+pub(crate) struct Out {
+    pub(crate) json: bool,
 }
 
 impl Out {
     /// Print `doc` with `--json`, else `text` (if not empty).
-    fn emit(&self, doc: &impl Serialize, text: impl FnOnce() -> String) -> Result<(), CliError> {
+    pub(crate) fn emit(
+        &self,
+        doc: &impl Serialize,
+        text: impl FnOnce() -> String,
+    ) -> Result<(), CliError> {
         let mut out = io::stdout().lock();
         let written = if self.json {
             serde_json::to_writer_pretty(&mut out, doc)

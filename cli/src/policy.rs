@@ -12,6 +12,7 @@ use keyward_policy::{Action, Decision, Explanation, Identity, Policy, Resource};
 use nix::unistd::{Gid, Group, Uid, User};
 use serde_json::json;
 
+use super::commands::Out;
 use super::{CliError, PolicyCheckArgs, PolicyCommand};
 
 /// The user keywardd runs as in the shipped units (systemd/sysusers.d).
@@ -177,11 +178,12 @@ fn check(args: &PolicyCheckArgs, json: bool) -> Result<(), CliError> {
     let explained = policy.explain(caller.who.subject(), action, resource);
     let doc = explanation_json(&args.file, &caller, &request, &explained);
     let text = explanation_text(&caller, &request, &explained);
+    let out = Out { json };
     match explained.decision {
-        Decision::Allow { .. } => print(json, &doc, &text),
+        Decision::Allow { .. } => out.emit(&doc, || text),
         Decision::Deny => {
             if !json {
-                print(false, &doc, &text)?;
+                out.emit(&doc, || text)?;
             }
             Err(CliError::PolicyDenied {
                 request: format!("{} to {request}", caller.describe()),
@@ -189,21 +191,6 @@ fn check(args: &PolicyCheckArgs, json: bool) -> Result<(), CliError> {
             })
         }
     }
-}
-
-fn print(json: bool, doc: &serde_json::Value, text: &str) -> Result<(), CliError> {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    let written = if json {
-        serde_json::to_writer_pretty(&mut out, doc)
-            .map_err(std::io::Error::from)
-            .and_then(|()| writeln!(out))
-    } else {
-        out.write_all(text.as_bytes())
-    };
-    written
-        .and_then(|()| out.flush())
-        .map_err(|e| CliError::Local(format!("cannot write to stdout: {e}")))
 }
 
 fn summary(file: &Path, policy: &Policy, json: bool) -> Result<(), CliError> {
@@ -235,7 +222,7 @@ fn summary(file: &Path, policy: &Policy, json: bool) -> Result<(), CliError> {
         "rules": rules,
         "credentials": credentials,
     });
-    print(json, &doc, &text)
+    Out { json }.emit(&doc, || text)
 }
 
 fn explanation_json(
