@@ -462,8 +462,8 @@ impl<H: Handler> Custodian<H> {
             .ok()
             .flatten()
             .ok_or_else(|| CallError::from_api(&too_large()))?;
-        text.pop(); // The frame's NUL.
-                    // The bytes move, uncopied; JSON from serde_json is UTF-8.
+        // Drop the frame's NUL; the bytes then move, uncopied (serde_json writes UTF-8).
+        text.pop();
         let text = String::from_utf8(std::mem::take(&mut *text)).map_err(|e| {
             let mut bytes = e.into_bytes();
             zeroize::Zeroize::zeroize(&mut bytes);
