@@ -71,7 +71,7 @@ fn put_range(socket: &Path, indices: impl Iterator<Item = u64> + Send) -> Result
                 let call = Call {
                     method: &method,
                     parameters: PutSecretParams {
-                        name: name(i),
+                        name: api::SecretName::try_from(name(i))?,
                         value: SecretValue::new(value(i)),
                     },
                 };

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context as _, Result};
-use keyward::api::{SecretString, SlotSpec};
+use keyward::api::{KeyAlgorithm, KeyslotKind, SecretString, SlotSpec};
 use keyward::Client;
 use keyward_tests::keywardd::{Keywardd, Setup, ROOT_ADMIN_POLICY};
 use keyward_tests::softhsm::SoftHsm;
@@ -114,25 +114,24 @@ impl Daemon {
             .log_filter("warn")
             .start();
         let mut c = Client::connect(keywardd.socket())?;
-        let slot = |kind: &str, device: Option<&str>| SlotSpec {
-            kind: kind.into(),
+        let slot = |kind: KeyslotKind, device: Option<&str>| SlotSpec {
             device: device.map(str::to_owned),
-            ..SlotSpec::default()
+            ..SlotSpec::new(kind)
         };
         let init = c.init(vec![
-            slot("tpm2", Some("tpm")),
-            slot("pkcs11", Some("hsm")),
+            slot(KeyslotKind::Tpm2, Some("tpm")),
+            slot(KeyslotKind::Pkcs11, Some("hsm")),
             SlotSpec {
                 threshold: Some(1),
                 shares: Some(1),
-                ..slot("recovery", None)
+                ..slot(KeyslotKind::Recovery, None)
             },
         ])?;
         let share = first_share(&init.recovery_shares)?;
         c.confirm_recovery(vec![SecretString::new(share.as_str())])?;
-        c.create_key("p256-hsm", "hsm", "ecdsa-p256")?;
-        c.create_key("ed25519-hsm", "hsm", "ed25519")?;
-        c.create_key("p256-tpm", "tpm", "ecdsa-p256")?;
+        c.create_key("p256-hsm", "hsm", KeyAlgorithm::EcdsaP256)?;
+        c.create_key("ed25519-hsm", "hsm", KeyAlgorithm::Ed25519)?;
+        c.create_key("p256-tpm", "tpm", KeyAlgorithm::EcdsaP256)?;
         c.put_secret("bench/secret", SECRET)?;
         c.put_secret("bench/credential", CREDENTIAL)?;
         Ok(Daemon {

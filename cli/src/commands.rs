@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::CommandFactory as _;
 use keyward::api::{
-    ConfirmRecoveryReply, SecretString, SecretValue, SlotSpec, UnsealParams, UnsealReply,
-    MAX_SECRET_LEN,
+    ConfirmRecoveryReply, KeyslotKind, SecretString, SecretValue, SlotSpec, UnsealParams,
+    UnsealReply, MAX_SECRET_LEN,
 };
 use keyward::{Client, ClientError};
 use serde::Serialize;
@@ -136,7 +136,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 fn recovery_thresholds(c: &mut Client) -> Result<Vec<u8>, CliError> {
     Ok(c.list_keyslots()?
         .iter()
-        .filter(|s| s.kind == "recovery")
+        .filter(|s| s.kind == KeyslotKind::Recovery)
         .filter_map(|s| s.threshold)
         .collect())
 }
@@ -265,26 +265,23 @@ fn init(c: &mut Client, out: &Out, args: &InitArgs) -> Result<(), CliError> {
     let mut slots = Vec::new();
     for device in &args.tpm2 {
         slots.push(SlotSpec {
-            kind: "tpm2".into(),
             device: Some(device.clone()),
             pcrs: args.pcrs.clone(),
             pin: pin.as_ref().map(|p| SecretString::new(p.expose())),
-            ..SlotSpec::default()
+            ..SlotSpec::new(KeyslotKind::Tpm2)
         });
     }
     for device in &args.pkcs11 {
         slots.push(SlotSpec {
-            kind: "pkcs11".into(),
             device: Some(device.clone()),
-            ..SlotSpec::default()
+            ..SlotSpec::new(KeyslotKind::Pkcs11)
         });
     }
     if let Some(t) = args.recovery {
         slots.push(SlotSpec {
-            kind: "recovery".into(),
             threshold: Some(t.k),
             shares: Some(t.n),
-            ..SlotSpec::default()
+            ..SlotSpec::new(KeyslotKind::Recovery)
         });
     }
     let reply = c.init(slots)?;
@@ -320,19 +317,17 @@ fn enroll(c: &mut Client, out: &Out, what: Enroll) -> Result<(), CliError> {
             pin_file,
         } => (
             SlotSpec {
-                kind: "tpm2".into(),
                 device: Some(device),
                 pcrs,
                 pin: pin_file.as_deref().map(input::read_pin_file).transpose()?,
-                ..SlotSpec::default()
+                ..SlotSpec::new(KeyslotKind::Tpm2)
             },
             None,
         ),
         Enroll::Pkcs11 { device } => (
             SlotSpec {
-                kind: "pkcs11".into(),
                 device: Some(device),
-                ..SlotSpec::default()
+                ..SlotSpec::new(KeyslotKind::Pkcs11)
             },
             None,
         ),
@@ -340,10 +335,9 @@ fn enroll(c: &mut Client, out: &Out, what: Enroll) -> Result<(), CliError> {
             super::check_threshold(threshold, shares).map_err(CliError::Usage)?;
             (
                 SlotSpec {
-                    kind: "recovery".into(),
                     threshold: Some(threshold),
                     shares: Some(shares),
-                    ..SlotSpec::default()
+                    ..SlotSpec::new(KeyslotKind::Recovery)
                 },
                 Some(threshold),
             )
@@ -552,10 +546,10 @@ fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
             device,
             algorithm,
         } => {
-            let der = c.create_key(&name, &device, algorithm.as_str())?;
+            let der = c.create_key(&name, &device, algorithm)?;
             let pem = keyward::text::public_key_pem(&der);
             out.emit(
-                &json!({ "name": name, "device": device, "algorithm": algorithm.as_str(),
+                &json!({ "name": name, "device": device, "algorithm": algorithm,
                          "public_key": B64.encode(&der), "pem": pem }),
                 || pem.clone(),
             )

@@ -15,8 +15,9 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
-use keyward::api::ApiError;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use keyward::api::{ApiError, KeyAlgorithm, KeyName, SecretName};
 use keyward::{ClientError, DEFAULT_SOCKET};
 
 const EXIT_CODES: &str = "\
@@ -238,7 +239,7 @@ pub enum SecretCommand {
     /// Store a new version of a secret; the value comes from stdin (to EOF) or --file.
     Put {
         /// The secret's name (like db/password).
-        name: String,
+        name: SecretName,
         /// Read the value from this file instead of stdin.
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
@@ -246,7 +247,7 @@ pub enum SecretCommand {
     /// Write a secret's value (raw bytes) to stdout or --output.
     Get {
         /// The secret's name.
-        name: String,
+        name: SecretName,
         /// This version instead of the latest.
         #[arg(long, value_name = "N")]
         version: Option<u64>,
@@ -263,35 +264,19 @@ pub enum SecretCommand {
     /// List a secret's versions.
     Versions {
         /// The secret's name.
-        name: String,
+        name: SecretName,
     },
     /// Delete a secret and all its versions.
     Delete {
         /// The secret's name.
-        name: String,
+        name: SecretName,
     },
 }
 
-/// Signing algorithms.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Algorithm {
-    #[value(name = "ed25519")]
-    Ed25519,
-    #[value(name = "ecdsa-p256")]
-    EcdsaP256,
-    #[value(name = "rsa-pss-3072")]
-    RsaPss3072,
-}
-
-impl Algorithm {
-    /// The name on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ed25519 => "ed25519",
-            Self::EcdsaP256 => "ecdsa-p256",
-            Self::RsaPss3072 => "rsa-pss-3072",
-        }
-    }
+/// `--algorithm`: the contract's names, offered to completions.
+fn algorithm() -> impl TypedValueParser<Value = KeyAlgorithm> {
+    PossibleValuesParser::new(KeyAlgorithm::ALL.map(KeyAlgorithm::as_str))
+        .try_map(|s| s.parse::<KeyAlgorithm>())
 }
 
 #[derive(Debug, Subcommand)]
@@ -299,20 +284,20 @@ pub enum KeyCommand {
     /// Generate a key pair inside a device; prints the public key (PEM).
     Create {
         /// The key's name.
-        name: String,
+        name: KeyName,
         /// The configured device to create it in.
         #[arg(long, value_name = "DEVICE")]
         device: String,
         /// The signature algorithm.
-        #[arg(long, value_enum)]
-        algorithm: Algorithm,
+        #[arg(long, value_parser = algorithm())]
+        algorithm: KeyAlgorithm,
     },
     /// List keys.
     List,
     /// Print a public key: PEM, or DER with --der.
     Public {
         /// The key's name.
-        name: String,
+        name: KeyName,
         /// Raw DER SubjectPublicKeyInfo instead of PEM.
         #[arg(long)]
         der: bool,
@@ -324,7 +309,7 @@ pub enum KeyCommand {
     /// ECDSA: DER, RSA-PSS: raw).
     Sign {
         /// The key's name.
-        name: String,
+        name: KeyName,
         /// Sign this file's contents instead of stdin.
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
@@ -338,7 +323,7 @@ pub enum KeyCommand {
     /// Delete a key (destroyed in its device).
     Delete {
         /// The key's name.
-        name: String,
+        name: KeyName,
     },
 }
 
@@ -614,7 +599,7 @@ mod tests {
             .unwrap()
             .command,
             Command::Key(KeyCommand::Create {
-                algorithm: Algorithm::RsaPss3072,
+                algorithm: KeyAlgorithm::RsaPss3072,
                 ..
             })
         ));

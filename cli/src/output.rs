@@ -51,7 +51,7 @@ pub fn keyslots(indent: &str, slots: &[Keyslot]) -> String {
         .map(|s| {
             vec![
                 s.id.to_string(),
-                s.kind.clone(),
+                s.kind.to_string(),
                 or_dash(s.device.clone()),
                 or_dash(s.pcrs.as_deref().map(pcr_list)),
                 if s.pin { "yes" } else { "no" }.into(),
@@ -79,7 +79,7 @@ fn devices(indent: &str, devices: &[DeviceStatus]) -> String {
         .map(|d| {
             vec![
                 d.name.clone(),
-                d.kind.clone(),
+                d.kind.to_string(),
                 if d.available { "yes" } else { "NO" }.into(),
                 d.detail.clone(),
             ]
@@ -187,7 +187,7 @@ pub fn keys(keys: &[KeyInfo]) -> String {
             vec![
                 k.name.clone(),
                 k.device.clone(),
-                k.algorithm.clone(),
+                k.algorithm.to_string(),
                 k.created.clone(),
             ]
         })
@@ -221,7 +221,7 @@ mod tests {
             reason: Some("no keyslot could unseal: tpm: PCRs changed".into()),
             keyslots: vec![Keyslot {
                 id: 1,
-                kind: "tpm2".into(),
+                kind: keyward::api::KeyslotKind::Tpm2,
                 device: Some("tpm".into()),
                 pcrs: Some(vec![7, 11]),
                 pin: false,
@@ -232,7 +232,7 @@ mod tests {
             }],
             devices: vec![DeviceStatus {
                 name: "tpm".into(),
-                kind: "tpm2".into(),
+                kind: keyward::api::DeviceKind::Tpm2,
                 available: true,
                 detail: "swtpm".into(),
             }],

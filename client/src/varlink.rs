@@ -22,9 +22,9 @@ use zeroize::Zeroizing;
 use keyward_proto::api::{
     self, methods, ApiError, Bytes, ConfirmRecoveryParams, ConfirmRecoveryReply, CreateKeyParams,
     Empty, EnrollParams, EnrollReply, GetSecretParams, GetSecretReply, InitParams, InitReply,
-    KeyInfo, Keyslot, ListSecretsParams, Method, NameParams, PutSecretParams, RekeyParams,
-    RekeyReply, RemoveKeyslotParams, SecretString, SecretValue, SecretVersion, SignParams,
-    SlotSpec, StatusReply, UnsealParams, UnsealReply,
+    KeyAlgorithm, KeyInfo, KeyNameParams, Keyslot, ListSecretsParams, Method, PutSecretParams,
+    RekeyParams, RekeyReply, RemoveKeyslotParams, SecretNameParams, SecretString, SecretValue,
+    SecretVersion, SignParams, SlotSpec, StatusReply, UnsealParams, UnsealReply,
 };
 use keyward_proto::wire::{FrameBuf, Next};
 
@@ -388,7 +388,7 @@ impl Client {
     /// As [`Client::call`].
     pub fn put_secret(&mut self, name: &str, value: &[u8]) -> Result<u64, ClientError> {
         let params = PutSecretParams {
-            name: name.to_owned(),
+            name: checked(name)?,
             value: SecretValue::new(value.to_vec()),
         };
         self.request::<methods::PutSecret>(&params)
@@ -405,7 +405,7 @@ impl Client {
         version: Option<u64>,
     ) -> Result<GetSecretReply, ClientError> {
         let params = GetSecretParams {
-            name: name.to_owned(),
+            name: checked(name)?,
             version,
         };
         self.request::<methods::GetSecret>(&params)
@@ -428,7 +428,10 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn secret_versions(&mut self, name: &str) -> Result<Vec<SecretVersion>, ClientError> {
-        self.request::<methods::SecretVersions>(&name_params(name))
+        let params = SecretNameParams {
+            name: checked(name)?,
+        };
+        self.request::<methods::SecretVersions>(&params)
             .map(|r| r.versions)
     }
 
@@ -437,8 +440,10 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn delete_secret(&mut self, name: &str) -> Result<(), ClientError> {
-        self.request::<methods::DeleteSecret>(&name_params(name))
-            .map(drop)
+        let params = SecretNameParams {
+            name: checked(name)?,
+        };
+        self.request::<methods::DeleteSecret>(&params).map(drop)
     }
 
     /// `CreateKey(name, device, algorithm)`: returns the public key (DER SPKI).
@@ -449,12 +454,12 @@ impl Client {
         &mut self,
         name: &str,
         device: &str,
-        algorithm: &str,
+        algorithm: KeyAlgorithm,
     ) -> Result<Vec<u8>, ClientError> {
         let params = CreateKeyParams {
-            name: name.to_owned(),
+            name: checked(name)?,
             device: device.to_owned(),
-            algorithm: algorithm.to_owned(),
+            algorithm,
         };
         self.request::<methods::CreateKey>(&params)
             .map(|r| r.public_key.0)
@@ -473,7 +478,10 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn public_key(&mut self, name: &str) -> Result<Vec<u8>, ClientError> {
-        self.request::<methods::PublicKey>(&name_params(name))
+        let params = KeyNameParams {
+            name: checked(name)?,
+        };
+        self.request::<methods::PublicKey>(&params)
             .map(|r| r.public_key.0)
     }
 
@@ -489,7 +497,7 @@ impl Client {
         prehashed: bool,
     ) -> Result<Vec<u8>, ClientError> {
         let params = SignParams {
-            name: name.to_owned(),
+            name: checked(name)?,
             data: Bytes(data.to_vec()),
             prehashed: prehashed.then_some(true),
         };
@@ -502,15 +510,19 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn delete_key(&mut self, name: &str) -> Result<(), ClientError> {
-        self.request::<methods::DeleteKey>(&name_params(name))
-            .map(drop)
+        let params = KeyNameParams {
+            name: checked(name)?,
+        };
+        self.request::<methods::DeleteKey>(&params).map(drop)
     }
 }
 
-fn name_params(name: &str) -> NameParams {
-    NameParams {
-        name: name.to_owned(),
-    }
+/// A name checked here, before anything is sent: a bad one is the same `InvalidArgument` the
+/// daemon would answer, without the round trip.
+fn checked<N: for<'a> TryFrom<&'a str, Error = keyward_proto::Invalid>>(
+    name: &str,
+) -> Result<N, ClientError> {
+    N::try_from(name).map_err(|e| ClientError::Api(e.into()))
 }
 
 trait ClassifyStr {

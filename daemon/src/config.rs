@@ -735,7 +735,7 @@ mod tests {
             panic!("{:?}", c.devices["tpm"]);
         };
         assert_eq!(tpm.pcrs, [7, 11]);
-        assert_eq!(c.devices["hsm"].kind(), "pkcs11");
+        assert_eq!(c.devices["hsm"].kind(), hsm_shim::DeviceKind::Pkcs11);
         assert_eq!(
             c.softhsm_conf.as_deref(),
             Some(Path::new("/etc/keyward/softhsm2.conf"))

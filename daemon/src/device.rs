@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use hsm_shim::pkcs11::{Pkcs11Config, Pkcs11Device, SealMode};
 use hsm_shim::tpm::{TpmConfig, TpmDevice};
 use hsm_shim::uri::Pkcs11Uri;
-use hsm_shim::{Backend, DeviceError, DeviceInfo, Pin};
+use hsm_shim::{Backend, DeviceError, DeviceInfo, DeviceKind, Pin};
 use tokio::sync::{oneshot, watch};
 
 /// Opens a device. Called on the actor's thread: at start and on each reopen with `None` (the
@@ -129,7 +129,7 @@ enum Job {
 
 struct Inner {
     name: String,
-    kind: &'static str,
+    kind: DeviceKind,
     jobs: SyncSender<Job>,
     state: watch::Receiver<Snapshot>,
     timeout: Duration,
@@ -173,7 +173,7 @@ impl DeviceHandle {
     /// unavailable with that reason.
     pub fn spawn(
         name: String,
-        kind: &'static str,
+        kind: DeviceKind,
         opener: Opener,
         options: ActorOptions,
     ) -> DeviceHandle {
@@ -303,7 +303,7 @@ impl DeviceHandle {
     }
 
     /// `tpm2` or `pkcs11`.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> DeviceKind {
         self.inner.kind
     }
 
@@ -373,7 +373,7 @@ impl DeviceHandle {
 /// The state that lives on the device's thread.
 struct Actor {
     name: String,
-    kind: &'static str,
+    kind: DeviceKind,
     opener: Opener,
     backend: Option<Box<dyn Backend>>,
     /// Why the device is down (what calls get while `backend` is `None`).
@@ -494,7 +494,7 @@ impl Actor {
                 // operator, a test) finds the device available in the status too.
                 let line = detail.clone();
                 self.publish(true, detail);
-                tracing::info!(device = %self.name, kind = self.kind, detail = %line, "device open");
+                tracing::info!(device = %self.name, kind = %self.kind, detail = %line, "device open");
                 Ok(())
             }
             Err(e) => {
@@ -542,11 +542,11 @@ impl Actor {
         if changed {
             match retry_in {
                 Some(delay) => tracing::warn!(
-                    device = %self.name, kind = self.kind, %reason, retry_in = ?delay,
+                    device = %self.name, kind = %self.kind, %reason, retry_in = ?delay,
                     "device unavailable"
                 ),
                 None => tracing::warn!(
-                    device = %self.name, kind = self.kind, %reason,
+                    device = %self.name, kind = %self.kind, %reason,
                     "device unavailable; waiting for a PIN"
                 ),
             }
@@ -631,11 +631,11 @@ pub struct Pkcs11Spec {
 }
 
 impl DeviceSpec {
-    /// `tpm2` or `pkcs11`.
-    pub fn kind(&self) -> &'static str {
+    /// Which kind of device it is.
+    pub fn kind(&self) -> DeviceKind {
         match self {
-            Self::Tpm2(_) => "tpm2",
-            Self::Pkcs11(_) => "pkcs11",
+            Self::Tpm2(_) => DeviceKind::Tpm2,
+            Self::Pkcs11(_) => DeviceKind::Pkcs11,
         }
     }
 }
@@ -857,13 +857,13 @@ mod tests {
         let script = Script::default();
         let h = DeviceHandle::spawn(
             "hsm".into(),
-            "pkcs11",
+            DeviceKind::Pkcs11,
             script.opener(),
             options(4, LONG, LONG),
         );
         h.ready().await;
         assert_eq!(h.name(), "hsm");
-        assert_eq!(h.kind(), "pkcs11");
+        assert_eq!(h.kind(), DeviceKind::Pkcs11);
         let s = h.status();
         assert!(s.available, "{s:?}");
         assert_eq!(s.detail, "fake scripted, serial open-1, test");
@@ -894,7 +894,7 @@ mod tests {
     async fn a_full_queue_is_busy() {
         let h = DeviceHandle::spawn(
             "tpm".into(),
-            "tpm2",
+            DeviceKind::Tpm2,
             Script::default().opener(),
             options(1, LONG, LONG),
         );
@@ -932,7 +932,7 @@ mod tests {
     async fn a_slow_device_times_out_and_stale_calls_are_skipped() {
         let h = DeviceHandle::spawn(
             "tpm".into(),
-            "tpm2",
+            DeviceKind::Tpm2,
             Script::default().opener(),
             options(4, Duration::from_millis(50), LONG),
         );
@@ -989,7 +989,7 @@ mod tests {
         ]);
         let h = DeviceHandle::spawn(
             "hsm".into(),
-            "pkcs11",
+            DeviceKind::Pkcs11,
             script.opener(),
             options(4, LONG, Duration::from_millis(5)),
         );
@@ -1021,7 +1021,7 @@ mod tests {
         // Hour-long waits: an answer at all proves it came without waiting for the device.
         let h = DeviceHandle::spawn(
             "tpm".into(),
-            "tpm2",
+            DeviceKind::Tpm2,
             script.opener(),
             options(4, LONG, LONG),
         );
@@ -1054,7 +1054,7 @@ mod tests {
         })]);
         let h = DeviceHandle::spawn(
             "hsm".into(),
-            "pkcs11",
+            DeviceKind::Pkcs11,
             script.opener(),
             options(4, LONG, Duration::from_millis(1)),
         );
@@ -1126,7 +1126,7 @@ mod tests {
         let dead = Arc::clone(&script.0.lock().unwrap().dead);
         let h = DeviceHandle::spawn(
             "hsm".into(),
-            "pkcs11",
+            DeviceKind::Pkcs11,
             script.opener(),
             options(4, LONG, Duration::from_millis(5)),
         );
@@ -1173,7 +1173,7 @@ mod tests {
         let script = Script::default();
         let h = DeviceHandle::spawn(
             "hsm".into(),
-            "pkcs11",
+            DeviceKind::Pkcs11,
             script.opener(),
             options(4, LONG, Duration::from_millis(5)),
         );

@@ -20,7 +20,6 @@ pub mod error;
 pub mod health;
 pub mod identity;
 pub mod logging;
-pub mod names;
 pub mod service;
 pub mod startup;
 pub mod store;

@@ -16,7 +16,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use keyward_proto::api::{self, Access, ApiError, Audit, Reply, Request};
+use keyward_proto::api::{self, Access, ApiError, Audit, Reply, Request, SecretName};
 use keyward_proto::audit::{OK, STARTED};
 
 use crate::audit::{AuditLog, Durability, Entry};
@@ -379,7 +379,7 @@ impl Handler for Service {
     ) -> Result<api::SecretValue, ApiError> {
         let unit = caller.unit.clone().unwrap_or_default();
         // The map is the grant: a unit gets exactly the secrets mapped to its credential ids.
-        let secret = credential_secret(&self.policy(), &unit, &id).map(str::to_owned);
+        let secret = credential_secret(&self.policy(), &unit, &id).cloned();
         let result = match &secret {
             None => Err(ApiError::PermissionDenied {
                 action: "credential".into(),
@@ -399,12 +399,14 @@ impl Handler for Service {
                 }
             }
         };
-        let target = secret.clone().unwrap_or_else(|| format!("{unit}/{id}"));
+        let target = secret
+            .as_ref()
+            .map_or_else(|| format!("{unit}/{id}"), SecretName::to_string);
         let mut entry = Entry::new(&caller, "Credential", &target, &result_name(&result));
         entry.detail = Some(format!("credential id {id}"));
         // Delivered only once on record; a refusal is on record too (systemd hears nothing).
         self.record(entry, Durability::Written, None).await?;
-        let secret = secret.unwrap_or_default();
+        let secret = secret.as_deref().unwrap_or_default();
         match &result {
             Ok(_) => {
                 tracing::info!(caller = %caller, credential = %id, secret = %secret, "credential delivered")

@@ -20,26 +20,17 @@ pub mod secret;
 pub mod tpm;
 pub mod uri;
 
-use std::fmt;
-use std::str::FromStr;
-
 use serde::{Deserialize, Serialize};
+
+/// The algorithms and device kinds are the contract's: one name for each, on the wire, in the
+/// config, in the store and here.
+pub use keyward_proto::kinds::{DeviceKind, KeyAlgorithm};
 
 pub use error::DeviceError;
 pub use secret::{Pin, SecretBytes};
 
 /// Result of every device operation.
 pub type Result<T, E = DeviceError> = std::result::Result<T, E>;
-
-/// Which kind of device a backend drives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceKind {
-    /// A PKCS#11 token or HSM.
-    Pkcs11,
-    /// A TPM 2.0.
-    Tpm2,
-}
 
 /// What a device says about itself; shown to admins, never secret.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,55 +45,6 @@ pub struct DeviceInfo {
     pub serial: String,
     /// Token label (PKCS#11) or the TCTI in use (TPM).
     pub label: String,
-}
-
-/// Signing algorithms Keyward offers. Names are the wire names used by the API and the CLI.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum KeyAlgorithm {
-    /// Ed25519 (pure EdDSA); signature is the raw 64 bytes.
-    #[serde(rename = "ed25519")]
-    Ed25519,
-    /// ECDSA over P-256 with SHA-256; signature is DER (X9.62 `Ecdsa-Sig-Value`).
-    #[serde(rename = "ecdsa-p256")]
-    EcdsaP256,
-    /// RSA-3072 with PSS padding, SHA-256, MGF1-SHA-256, 32-byte salt; signature is raw.
-    #[serde(rename = "rsa-pss-3072")]
-    RsaPss3072,
-}
-
-impl KeyAlgorithm {
-    /// Every algorithm, for help texts and exhaustive tests.
-    pub const ALL: [KeyAlgorithm; 3] = [Self::Ed25519, Self::EcdsaP256, Self::RsaPss3072];
-
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ed25519 => "ed25519",
-            Self::EcdsaP256 => "ecdsa-p256",
-            Self::RsaPss3072 => "rsa-pss-3072",
-        }
-    }
-}
-
-impl fmt::Display for KeyAlgorithm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for KeyAlgorithm {
-    type Err = DeviceError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|a| a.as_str() == s)
-            .ok_or_else(|| {
-                DeviceError::InvalidArgument(format!(
-                    "unknown algorithm {s:?}: expected one of ed25519, ecdsa-p256, rsa-pss-3072"
-                ))
-            })
-    }
 }
 
 /// What to create with [`Signer::generate`].

@@ -20,6 +20,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use keyward_proto::names::SecretName;
 use serde::Deserialize;
 
 /// Largest policy file accepted, in bytes.
@@ -397,7 +398,7 @@ impl Rule {
 struct CredentialMap {
     unit: String,
     id: String,
-    secret: String,
+    secret: SecretName,
 }
 
 /// A loaded, checked policy. Build one with [`Policy::load`], [`Policy::from_toml`] or
@@ -574,10 +575,12 @@ impl Policy {
                     prev + 1
                 )));
             }
+            let secret = SecretName::try_from(c.secret)
+                .map_err(|e| invalid(format!("credential {n}: secret: {e}")))?;
             credentials.push(CredentialMap {
                 unit: c.unit,
                 id: c.id,
-                secret: c.secret,
+                secret,
             });
         }
         Ok(Self { rules, credentials })
@@ -811,12 +814,12 @@ impl Policy {
 
 /// The secret that unit `unit` gets for its `LoadCredential=` id `id`, if the policy maps one.
 /// Whether to trust the unit name is the credential transport's business (only from uid 0).
-pub fn credential_secret<'p>(policy: &'p Policy, unit: &str, id: &str) -> Option<&'p str> {
+pub fn credential_secret<'p>(policy: &'p Policy, unit: &str, id: &str) -> Option<&'p SecretName> {
     policy
         .credentials
         .iter()
         .find(|m| m.unit == unit && m.id == id)
-        .map(|m| m.secret.as_str())
+        .map(|m| &m.secret)
 }
 
 /// An owned [`Subject`], for callers built by hand (`keyward policy check`, tests) rather than
@@ -1068,11 +1071,19 @@ mod tests {
     fn credentials_map() {
         let p = parse(EXAMPLE).unwrap();
         assert_eq!(
-            credential_secret(&p, "postgresql.service", "db-pass"),
+            credential_secret(&p, "postgresql.service", "db-pass").map(|s| s.as_str()),
             Some("db/password")
         );
         assert_eq!(credential_secret(&p, "postgresql.service", "other"), None);
         assert_eq!(credential_secret(&p, "nginx.service", "db-pass"), None);
+        // A secret no request could name is refused when the policy is loaded, not when a
+        // unit starts.
+        let bad = "[[credential]]\nunit = \"a.service\"\nid = \"x\"\nsecret = \"../etc\"\n";
+        let e = parse(bad).unwrap_err().to_string();
+        assert!(
+            e.contains("credential 1: secret: '.' and '..' are not names"),
+            "{e}"
+        );
         assert_eq!(p.rule_count(), 5);
         assert_eq!(p.credential_count(), 1);
     }
@@ -1521,7 +1532,7 @@ mod proptests {
                 (
                     proptest::sample::select(vec!["a.service", "b.service", "c.mount"]),
                     "[a-z-]{1,4}",
-                    "[a-z/]{1,8}",
+                    "[a-z]{1,4}(/[a-z]{1,3})?",
                 ),
                 0..6,
             ),
@@ -1545,11 +1556,11 @@ mod proptests {
                     prop_assert!(!duplicated, "a pair mapped twice was accepted\n{}", text);
                     prop_assert_eq!(policy.credential_count(), maps.len());
                     for (unit, id, secret) in &maps {
-                        prop_assert_eq!(credential_secret(&policy, unit, id), Some(secret.as_str()));
+                        prop_assert_eq!(credential_secret(&policy, unit, id).map(|s| s.as_str()), Some(secret.as_str()));
                     }
                     let (unit, id) = &ask;
                     let expect = first(unit, id).map(|n| maps[n].2.as_str());
-                    prop_assert_eq!(credential_secret(&policy, unit, id), expect);
+                    prop_assert_eq!(credential_secret(&policy, unit, id).map(|s| s.as_str()), expect);
                 }
                 Err(e) => {
                     prop_assert!(duplicated, "{}\n{}", e, text);

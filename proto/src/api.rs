@@ -17,6 +17,9 @@ use base64::Engine as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::Zeroizing;
 
+pub use crate::kinds::{DeviceKind, KeyAlgorithm, KeyslotKind};
+pub use crate::names::{KeyName, SecretName};
+
 /// The interface name.
 pub const INTERFACE: &str = "org.keyward.Custodian";
 
@@ -258,8 +261,7 @@ impl<'de> Deserialize<'de> for Bytes {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Keyslot {
     pub id: u32,
-    /// `tpm2`, `pkcs11` or `recovery`.
-    pub kind: String,
+    pub kind: KeyslotKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -278,11 +280,10 @@ pub struct Keyslot {
 }
 
 /// What to enroll.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SlotSpec {
-    /// `tpm2`, `pkcs11` or `recovery`.
-    pub kind: String,
+    pub kind: KeyslotKind,
     /// The configured device (tpm2, pkcs11).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
@@ -298,6 +299,20 @@ pub struct SlotSpec {
     /// recovery: shares made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shares: Option<u8>,
+}
+
+impl SlotSpec {
+    /// A keyslot of `kind`, everything else left to the daemon's defaults.
+    pub fn new(kind: KeyslotKind) -> Self {
+        Self {
+            kind,
+            device: None,
+            pcrs: None,
+            pin: None,
+            threshold: None,
+            shares: None,
+        }
+    }
 }
 
 /// A short secret text (a PIN, a recovery share): zeroized, redacted in `Debug`.
@@ -325,8 +340,7 @@ impl fmt::Debug for SecretString {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceStatus {
     pub name: String,
-    /// `tpm2` or `pkcs11`.
-    pub kind: String,
+    pub kind: DeviceKind,
     pub available: bool,
     /// What the device says it is, or why it is unavailable.
     pub detail: String,
@@ -343,7 +357,7 @@ pub struct SecretVersion {
 pub struct KeyInfo {
     pub name: String,
     pub device: String,
-    pub algorithm: String,
+    pub algorithm: KeyAlgorithm,
     pub created: String,
 }
 
@@ -485,7 +499,7 @@ pub struct UnsealReply {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PutSecretParams {
-    pub name: String,
+    pub name: SecretName,
     pub value: SecretValue,
 }
 
@@ -497,7 +511,7 @@ pub struct VersionReply {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GetSecretParams {
-    pub name: String,
+    pub name: SecretName,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
 }
@@ -520,11 +534,18 @@ pub struct NamesReply {
     pub names: Vec<String>,
 }
 
-/// A call that names one secret or key.
+/// A call that names one secret.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct NameParams {
-    pub name: String,
+pub struct SecretNameParams {
+    pub name: SecretName,
+}
+
+/// A call that names one key.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyNameParams {
+    pub name: KeyName,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -535,9 +556,9 @@ pub struct VersionsReply {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKeyParams {
-    pub name: String,
+    pub name: KeyName,
     pub device: String,
-    pub algorithm: String,
+    pub algorithm: KeyAlgorithm,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -553,7 +574,7 @@ pub struct KeysReply {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignParams {
-    pub name: String,
+    pub name: KeyName,
     pub data: Bytes,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prehashed: Option<bool>,
@@ -647,7 +668,7 @@ macro_rules! keyward_methods {
                 target: |_| "vault".into(),
                 detail: |p| Some(match &p.slot.device {
                     Some(d) => format!("{} on {d}", p.slot.kind),
-                    None => p.slot.kind.clone(),
+                    None => p.slot.kind.to_string(),
                 }),
             }
             /// The keyslots.
@@ -689,12 +710,12 @@ macro_rules! keyward_methods {
             /// Store a new version of a secret.
             PutSecret($crate::api::PutSecretParams) -> $crate::api::VersionReply {
                 access: WriteSecret, audit: Change,
-                target: |p| p.name.clone(), detail: |_| None,
+                target: |p| p.name.to_string(), detail: |_| None,
             }
             /// A secret's value.
             GetSecret($crate::api::GetSecretParams) -> $crate::api::GetSecretReply {
                 access: ReadSecret, audit: Read,
-                target: |p| p.name.clone(), detail: |p| p.version.map(|v| format!("version {v}")),
+                target: |p| p.name.to_string(), detail: |p| p.version.map(|v| format!("version {v}")),
             }
             /// Names of secrets.
             ListSecrets($crate::api::ListSecretsParams) -> $crate::api::NamesReply {
@@ -706,19 +727,19 @@ macro_rules! keyward_methods {
                 detail: |_| None,
             }
             /// A secret's versions.
-            SecretVersions($crate::api::NameParams) -> $crate::api::VersionsReply {
+            SecretVersions($crate::api::SecretNameParams) -> $crate::api::VersionsReply {
                 access: ReadSecret, audit: Read,
-                target: |p| p.name.clone(), detail: |_| None,
+                target: |p| p.name.to_string(), detail: |_| None,
             }
             /// Delete a secret.
-            DeleteSecret($crate::api::NameParams) -> $crate::api::Done {
+            DeleteSecret($crate::api::SecretNameParams) -> $crate::api::Done {
                 access: WriteSecret, audit: Change,
-                target: |p| p.name.clone(), detail: |_| None,
+                target: |p| p.name.to_string(), detail: |_| None,
             }
             /// Generate a key pair inside a device.
             CreateKey($crate::api::CreateKeyParams) -> $crate::api::PublicKeyReply {
                 access: ManageKey, audit: Change,
-                target: |p| p.name.clone(), detail: |p| Some(format!("{} on {}", p.algorithm, p.device)),
+                target: |p| p.name.to_string(), detail: |p| Some(format!("{} on {}", p.algorithm, p.device)),
             }
             /// The keys.
             ListKeys($crate::api::Empty) -> $crate::api::KeysReply {
@@ -726,20 +747,20 @@ macro_rules! keyward_methods {
                 target: |_| "*".into(), detail: |_| None,
             }
             /// A key's public key.
-            PublicKey($crate::api::NameParams) -> $crate::api::PublicKeyReply {
+            PublicKey($crate::api::KeyNameParams) -> $crate::api::PublicKeyReply {
                 access: UseKey, audit: Read,
-                target: |p| p.name.clone(), detail: |_| None,
+                target: |p| p.name.to_string(), detail: |_| None,
             }
             /// Sign data inside the device.
             Sign($crate::api::SignParams) -> $crate::api::SignReply {
                 access: UseKey, audit: Read,
-                target: |p| p.name.clone(),
+                target: |p| p.name.to_string(),
                 detail: |p| p.prehashed.filter(|&h| h).map(|_| "prehashed".into()),
             }
             /// Destroy a key.
-            DeleteKey($crate::api::NameParams) -> $crate::api::Done {
+            DeleteKey($crate::api::KeyNameParams) -> $crate::api::Done {
                 access: ManageKey, audit: Change,
-                target: |p| p.name.clone(), detail: |_| None,
+                target: |p| p.name.to_string(), detail: |_| None,
             }
         }
     };
@@ -807,12 +828,18 @@ macro_rules! declare {
             /// # Errors
             /// [`ApiError::MethodNotFound`] for an unknown method, [`ApiError::InvalidParameter`]
             /// for parameters that don't fit (a missing or unknown field, a wrong type, bad
-            /// base64).
+            /// base64), [`ApiError::InvalidArgument`] for a value the contract refuses (a bad
+            /// name, an unknown algorithm: see [`crate::Invalid`]).
             pub fn parse(method: &str, params: Option<&str>) -> Result<Self, ApiError> {
                 fn p<'a, T: Deserialize<'a>>(params: Option<&'a str>) -> Result<T, ApiError> {
                     serde_json::from_str(params.unwrap_or("{}")).map_err(|e| {
-                        ApiError::InvalidParameter {
-                            parameter: field_of(&e.to_string()),
+                        match $crate::invalid::Invalid::from_serde(&e) {
+                            Some((parameter, reason)) => {
+                                ApiError::InvalidArgument { parameter, reason }
+                            }
+                            None => ApiError::InvalidParameter {
+                                parameter: field_of(&e.to_string()),
+                            },
                         }
                     })
                 }
@@ -951,6 +978,15 @@ pub enum ApiError {
     #[error("{name}: {parameters}")]
     #[serde(skip)]
     Other { name: String, parameters: String },
+}
+
+impl From<crate::Invalid> for ApiError {
+    fn from(e: crate::Invalid) -> Self {
+        Self::InvalidArgument {
+            parameter: e.parameter.to_owned(),
+            reason: e.reason,
+        }
+    }
 }
 
 impl ApiError {
@@ -1191,6 +1227,12 @@ mod proptests {
         "\\PC{0,16}|[\\x00-\\x1f\"\\\\]{0,4}"
     }
 
+    /// A valid name, of either kind.
+    fn name<N: TryFrom<String> + fmt::Debug>() -> impl Strategy<Value = N> {
+        "[a-z0-9@+=][a-z0-9._@+=-]{0,12}(/[a-z0-9_-]{1,8}){0,2}"
+            .prop_filter_map("a valid name", |s| N::try_from(s).ok())
+    }
+
     fn bytes() -> impl Strategy<Value = Vec<u8>> {
         proptest::collection::vec(any::<u8>(), 0..48)
     }
@@ -1238,7 +1280,7 @@ mod proptests {
     fn call() -> impl Strategy<Value = (&'static str, serde_json::Value, String)> {
         use serde_json::json;
         prop_oneof![
-            (text(), bytes()).prop_map(|(name, value)| {
+            (name::<SecretName>(), bytes()).prop_map(|(name, value)| {
                 let params = serde_json::to_value(PutSecretParams {
                     name: name.clone(),
                     value: SecretValue::new(value.clone()),
@@ -1249,7 +1291,7 @@ mod proptests {
                     format!("{name:?} {value:?}"),
                 )
             }),
-            (text(), of(any::<u64>())).prop_map(|(name, version)| {
+            (name::<SecretName>(), of(any::<u64>())).prop_map(|(name, version)| {
                 let params = json!(GetSecretParams {
                     name: name.clone(),
                     version
@@ -1262,20 +1304,29 @@ mod proptests {
                 });
                 ("ListSecrets", params, format!("{prefix:?}"))
             }),
-            text().prop_map(|name| ("DeleteSecret", json!({ "name": name }), format!("{name:?}"))),
-            (text(), text(), text()).prop_map(|(name, device, algorithm)| {
-                let params = json!(CreateKeyParams {
-                    name: name.clone(),
-                    device: device.clone(),
-                    algorithm: algorithm.clone()
-                });
-                (
-                    "CreateKey",
-                    params,
-                    format!("{name:?} {device:?} {algorithm:?}"),
-                )
-            }),
-            (text(), bytes(), of(any::<bool>())).prop_map(|(name, data, prehashed)| {
+            name::<SecretName>().prop_map(|name| (
+                "DeleteSecret",
+                json!({ "name": name }),
+                format!("{name:?}")
+            )),
+            (
+                name::<KeyName>(),
+                text(),
+                proptest::sample::select(&KeyAlgorithm::ALL[..])
+            )
+                .prop_map(|(name, device, algorithm)| {
+                    let params = json!(CreateKeyParams {
+                        name: name.clone(),
+                        device: device.clone(),
+                        algorithm,
+                    });
+                    (
+                        "CreateKey",
+                        params,
+                        format!("{name:?} {device:?} {algorithm:?}"),
+                    )
+                }),
+            (name::<KeyName>(), bytes(), of(any::<bool>())).prop_map(|(name, data, prehashed)| {
                 let params = json!(SignParams {
                     name: name.clone(),
                     data: Bytes(data.clone()),
@@ -1295,7 +1346,7 @@ mod proptests {
                 ("RemoveKeyslot", params, format!("{id} {force:?}"))
             }),
             (
-                text(),
+                proptest::sample::select(&KeyslotKind::ALL[..]),
                 of(text()),
                 of(proptest::collection::vec(0u8..24, 0..4)),
                 of(any::<u8>())
@@ -1303,7 +1354,7 @@ mod proptests {
                 .prop_map(|(kind, device, pcrs, threshold)| {
                     let params = json!(EnrollParams {
                         slot: SlotSpec {
-                            kind: kind.clone(),
+                            kind,
                             device: device.clone(),
                             pcrs: pcrs.clone(),
                             pin: None,
@@ -1356,6 +1407,21 @@ mod proptests {
                 .map_err(|e| TestCaseError::fail(format!("{method}: {e}")))?;
             prop_assert_eq!(request.method(), method);
             prop_assert_eq!(summary(&request), expect);
+        }
+
+        /// Any text as a name: the name, or `InvalidArgument` naming the parameter.
+        #[test]
+        fn names_are_checked_while_parsing(given in text()) {
+            let params = serde_json::json!({ "name": given }).to_string();
+            match Request::parse("DeleteSecret", Some(&params)) {
+                Ok(Request::DeleteSecret(p)) => prop_assert_eq!(p.name.as_str(), given.as_str()),
+                Ok(other) => prop_assert!(false, "{}", other.method()),
+                Err(ApiError::InvalidArgument { parameter, reason }) => {
+                    prop_assert_eq!(parameter, "name");
+                    prop_assert!(SecretName::try_from(given.as_str()).is_err(), "{}", reason);
+                }
+                Err(e) => prop_assert!(false, "{}", e),
+            }
         }
 
         #[test]

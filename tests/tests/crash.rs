@@ -26,7 +26,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::pkcs8::DecodePublicKey as _;
-use keyward::api::{ApiError, Keyslot, RekeyReply, SecretString, SlotSpec, UnsealParams};
+use keyward::api::{
+    ApiError, KeyAlgorithm, Keyslot, KeyslotKind, RekeyReply, SecretString, SlotSpec, UnsealParams,
+};
 use keyward::varlink::{Client, ClientError};
 use keyward_tests::keywardd::{Keywardd, Setup};
 use keyward_tests::softhsm::SoftHsm;
@@ -129,13 +131,13 @@ struct Writer {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Slot {
-    kind: String,
+    kind: KeyslotKind,
     device: Option<String>,
 }
 
 #[derive(Clone, Debug)]
 struct Key {
-    algorithm: String,
+    algorithm: KeyAlgorithm,
     public: Vec<u8>,
 }
 
@@ -151,7 +153,7 @@ enum AdminOp {
     CreateKey {
         name: String,
         device: String,
-        algorithm: String,
+        algorithm: KeyAlgorithm,
     },
     DeleteKey(String),
 }
@@ -354,18 +356,16 @@ fn run_writer(mut w: Writer, socket: PathBuf, round: Arc<Round>) -> Writer {
 
 fn recovery_spec() -> SlotSpec {
     SlotSpec {
-        kind: "recovery".into(),
         threshold: Some(THRESHOLD),
         shares: Some(SHARES),
-        ..SlotSpec::default()
+        ..SlotSpec::new(KeyslotKind::Recovery)
     }
 }
 
 fn tpm_spec() -> SlotSpec {
     SlotSpec {
-        kind: "tpm2".into(),
         device: Some("tpm".into()),
-        ..SlotSpec::default()
+        ..SlotSpec::new(KeyslotKind::Tpm2)
     }
 }
 
@@ -377,7 +377,7 @@ impl Admin {
     fn recovery_ids(&self) -> Vec<u32> {
         self.slots
             .iter()
-            .filter(|(_, s)| s.kind == "recovery")
+            .filter(|(_, s)| s.kind == KeyslotKind::Recovery)
             .map(|(id, _)| *id)
             .collect()
     }
@@ -385,7 +385,7 @@ impl Admin {
     fn tpm_slot(&self) -> Option<u32> {
         self.slots
             .iter()
-            .find(|(_, s)| s.kind == "tpm2")
+            .find(|(_, s)| s.kind == KeyslotKind::Tpm2)
             .map(|(id, _)| *id)
     }
 
@@ -464,15 +464,15 @@ impl Admin {
                 }
                 11..=13 => {
                     let (device, algorithm) = *self.rng.pick(&[
-                        ("hsm", "ecdsa-p256"),
-                        ("hsm", "ed25519"),
-                        ("tpm", "ecdsa-p256"),
+                        ("hsm", KeyAlgorithm::EcdsaP256),
+                        ("hsm", KeyAlgorithm::Ed25519),
+                        ("tpm", KeyAlgorithm::EcdsaP256),
                     ]);
                     self.key_counter += 1;
                     return AdminOp::CreateKey {
                         name: format!("key-{}", self.key_counter),
                         device: device.into(),
-                        algorithm: algorithm.into(),
+                        algorithm,
                     };
                 }
                 14 if !self.keys.is_empty() => {
@@ -522,7 +522,7 @@ fn run_admin(mut a: Admin, socket: PathBuf, round: Arc<Round>) -> Admin {
                     a.slots.insert(
                         reply.keyslot.id,
                         Slot {
-                            kind: "recovery".into(),
+                            kind: KeyslotKind::Recovery,
                             device: None,
                         },
                     );
@@ -539,7 +539,7 @@ fn run_admin(mut a: Admin, socket: PathBuf, round: Arc<Round>) -> Admin {
                     a.slots.insert(
                         reply.keyslot.id,
                         Slot {
-                            kind: "tpm2".into(),
+                            kind: KeyslotKind::Tpm2,
                             device: Some("tpm".into()),
                         },
                     );
@@ -588,11 +588,7 @@ fn run_admin(mut a: Admin, socket: PathBuf, round: Arc<Round>) -> Admin {
                 name,
                 device,
                 algorithm,
-            } => match outcome(
-                &round,
-                c.create_key(&name, &device, &algorithm),
-                "CreateKey",
-            ) {
+            } => match outcome(&round, c.create_key(&name, &device, algorithm), "CreateKey") {
                 Outcome::Acked(public) => {
                     a.keys.insert(name, Key { algorithm, public });
                     Ok(())
@@ -620,15 +616,15 @@ fn run_admin(mut a: Admin, socket: PathBuf, round: Arc<Round>) -> Admin {
 }
 
 fn verify(key: &Key, message: &[u8], signature: &[u8]) -> Result<(), String> {
-    match key.algorithm.as_str() {
-        "ecdsa-p256" => {
+    match key.algorithm {
+        KeyAlgorithm::EcdsaP256 => {
             use p256::ecdsa::signature::Verifier as _;
             let vk = p256::ecdsa::VerifyingKey::from_public_key_der(&key.public)
                 .map_err(|e| e.to_string())?;
             let sig = p256::ecdsa::Signature::from_der(signature).map_err(|e| e.to_string())?;
             vk.verify(message, &sig).map_err(|e| e.to_string())
         }
-        "ed25519" => {
+        KeyAlgorithm::Ed25519 => {
             use ed25519_dalek::Verifier as _;
             let vk = ed25519_dalek::VerifyingKey::from_public_key_der(&key.public)
                 .map_err(|e| e.to_string())?;
@@ -769,9 +765,9 @@ fn resolve(h: &mut Harness, c: &mut Client, writers: &mut [Writer], admin: &mut 
     let committed = match op {
         AdminOp::EnrollRecovery | AdminOp::EnrollTpm => {
             let slot_kind = if matches!(op, AdminOp::EnrollTpm) {
-                "tpm2"
+                KeyslotKind::Tpm2
             } else {
-                "recovery"
+                KeyslotKind::Recovery
             };
             let new: Vec<&Keyslot> = slots.iter().filter(|s| !known.contains(&s.id)).collect();
             match new.as_slice() {
@@ -780,7 +776,7 @@ fn resolve(h: &mut Harness, c: &mut Client, writers: &mut [Writer], admin: &mut 
                     h.check(s.kind == slot_kind, || {
                         format!("enroll {slot_kind} in flight made {s:?}")
                     });
-                    if s.kind == "recovery" {
+                    if s.kind == KeyslotKind::Recovery {
                         // Its shares were never seen, so it is unconfirmed: not a way in, and
                         // removed without --force.
                         h.check(s.unconfirmed_until.is_some(), || {
@@ -794,7 +790,7 @@ fn resolve(h: &mut Harness, c: &mut Client, writers: &mut [Writer], admin: &mut 
                         admin.slots.insert(
                             s.id,
                             Slot {
-                                kind: s.kind.clone(),
+                                kind: s.kind,
                                 device: s.device.clone(),
                             },
                         );
@@ -968,7 +964,7 @@ fn verify_all(h: &mut Harness, c: &mut Client, writers: &[Writer], admin: &Admin
             (
                 s.id,
                 Slot {
-                    kind: s.kind.clone(),
+                    kind: s.kind,
                     device: s.device.clone(),
                 },
             )
@@ -1120,7 +1116,7 @@ fn refresh_shares(h: &mut Harness, c: &mut Client, admin: &mut Admin) {
         admin.slots.insert(
             reply.keyslot.id,
             Slot {
-                kind: "recovery".into(),
+                kind: KeyslotKind::Recovery,
                 device: None,
             },
         );
@@ -1180,9 +1176,8 @@ fn acknowledged_writes_survive_sigkill_and_the_vault_always_opens() {
         c.init(vec![
             tpm_spec(),
             SlotSpec {
-                kind: "pkcs11".into(),
                 device: Some("hsm".into()),
-                ..SlotSpec::default()
+                ..SlotSpec::new(KeyslotKind::Pkcs11)
             },
             recovery_spec(),
         ]),
@@ -1195,7 +1190,7 @@ fn acknowledged_writes_survive_sigkill_and_the_vault_always_opens() {
                 (
                     s.id,
                     Slot {
-                        kind: s.kind.clone(),
+                        kind: s.kind,
                         device: s.device.clone(),
                     },
                 )

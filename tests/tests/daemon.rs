@@ -406,3 +406,43 @@ fn a_stop_closes_every_device_before_the_process_exits() {
         );
     }
 }
+
+#[test]
+fn the_cli_refuses_a_bad_name_or_algorithm_before_it_connects() {
+    // No daemon at the socket: had the CLI sent anything, it would fail to connect instead.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("absent.sock");
+    let run = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(keyward_tests::keywardd::bin("keyward"));
+        cmd.arg("--socket").arg(&socket).args(args);
+        keyward_tests::keywardd::run_cli(&mut cmd, b"value")
+    };
+    let out = run(&["secret", "put", "db/../etc"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("'.' and '..' are not names"),
+        "{}",
+        out.stderr
+    );
+    let out = run(&["key", "sign", "a key"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("' ' is not allowed"), "{}", out.stderr);
+    let out = run(&[
+        "key",
+        "create",
+        "k",
+        "--device",
+        "hsm",
+        "--algorithm",
+        "dsa",
+    ]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("ed25519") && out.stderr.contains("rsa-pss-3072"),
+        "{}",
+        out.stderr
+    );
+    // A good name gets as far as the socket.
+    let out = run(&["secret", "put", "db/password"]);
+    assert_ne!(out.code, 2, "{}", out.stderr);
+}

@@ -141,8 +141,12 @@ fn swtpm_killed_during_signs_fails_each_fast_and_signing_resumes_without_a_resta
     let mut c = client(&d);
     c.put_secret("app/db", b"served while the TPM is gone")
         .unwrap();
-    let tpm_public = c.create_key("tpm-k", "tpm", "ecdsa-p256").unwrap();
-    let hsm_public = c.create_key("hsm-k", "hsm", "ecdsa-p256").unwrap();
+    let tpm_public = c
+        .create_key("tpm-k", "tpm", KeyAlgorithm::EcdsaP256)
+        .unwrap();
+    let hsm_public = c
+        .create_key("hsm-k", "hsm", KeyAlgorithm::EcdsaP256)
+        .unwrap();
 
     // Signers on their own connections, each until its first failure.
     let signed = Arc::new((Mutex::new(0u64), Condvar::new()));
@@ -265,7 +269,9 @@ fn a_hung_tpm_fails_calls_at_the_device_timeout_and_the_daemon_keeps_serving() {
     d.json(&["init", "--pkcs11", "hsm"]);
     let mut c = client(&d);
     c.put_secret("app/db", b"not stuck").unwrap();
-    let tpm_public = c.create_key("tpm-k", "tpm", "ecdsa-p256").unwrap();
+    let tpm_public = c
+        .create_key("tpm-k", "tpm", KeyAlgorithm::EcdsaP256)
+        .unwrap();
 
     gate.hold(CC_SIGN);
     let (tx, rx) = mpsc::channel();
@@ -492,7 +498,9 @@ fn a_removed_token_directory_is_device_unavailable_and_the_token_recovers_when_i
     let mut c = client(&d);
     c.put_secret("app/db", b"in the store, not the token")
         .unwrap();
-    let public = c.create_key("hsm-k", "hsm", "ecdsa-p256").unwrap();
+    let public = c
+        .create_key("hsm-k", "hsm", KeyAlgorithm::EcdsaP256)
+        .unwrap();
     verify_p256(&public, b"m", &c.sign("hsm-k", b"m", false).unwrap());
 
     let away = token.dir().join("tokens-away");
@@ -503,7 +511,7 @@ fn a_removed_token_directory_is_device_unavailable_and_the_token_recovers_when_i
     eprintln!("sign with the token directory gone: {reason}");
     let (device_name, _) = unavailable(
         "create a key without the token",
-        c.create_key("hsm-k2", "hsm", "ecdsa-p256"),
+        c.create_key("hsm-k2", "hsm", KeyAlgorithm::EcdsaP256),
     );
     assert_eq!(device_name, "hsm");
     let status = c.status().unwrap();
@@ -524,7 +532,8 @@ fn a_removed_token_directory_is_device_unavailable_and_the_token_recovers_when_i
         .expect("hsm-k signs once the token is reopened");
     verify_p256(&public, b"back", &signature);
     assert!(device(&c.status().unwrap(), "hsm").available);
-    c.create_key("hsm-k2", "hsm", "ecdsa-p256").unwrap();
+    c.create_key("hsm-k2", "hsm", KeyAlgorithm::EcdsaP256)
+        .unwrap();
     assert_eq!(get(&mut c, "app/new"), b"written meanwhile");
     assert_eq!(d.pid(), pid, "the same keywardd throughout");
 }

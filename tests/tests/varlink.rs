@@ -174,13 +174,37 @@ fn bad_input_gets_typed_errors_and_the_daemon_keeps_serving() {
     assert_eq!(error_name(&r), "org.varlink.service.InvalidParameter");
     let r = c.call("PutSecret", json!({ "name": "x", "value": "%%%" }));
     assert_eq!(error_name(&r), "org.varlink.service.InvalidParameter");
-    // Invalid names.
+    // Invalid names and algorithms: refused while the call is parsed, with the parameter and
+    // the reason, before policy or audit see them.
     for name in ["", "../etc/passwd", "a//b", "with space"] {
         let r = c.call("PutSecret", json!({ "name": name, "value": "eA==" }));
         assert_eq!(
             error_name(&r),
             "org.keyward.Custodian.InvalidArgument",
             "{name:?}: {r}"
+        );
+        assert_eq!(r["parameters"]["parameter"], "name", "{r}");
+    }
+    let r = c.call("GetSecret", json!({ "name": "with space" }));
+    assert_eq!(
+        r["parameters"]["reason"],
+        "' ' is not allowed: use A-Z a-z 0-9 . _ - @ + = and '/' between segments",
+        "{r}"
+    );
+    let r = c.call(
+        "CreateKey",
+        json!({ "name": "k", "device": "hsm", "algorithm": "dsa" }),
+    );
+    assert_eq!(
+        (error_name(&r), &r["parameters"]["parameter"]),
+        ("org.keyward.Custodian.InvalidArgument", &json!("algorithm")),
+        "{r}"
+    );
+    let audit = std::fs::read_to_string(d.dir().join("state/audit.log")).unwrap();
+    for refused in ["passwd", "with space", "a//b", "\"k\""] {
+        assert!(
+            !audit.contains(refused),
+            "{refused} reached the audit log:\n{audit}"
         );
     }
     // A secret over 1 MiB.

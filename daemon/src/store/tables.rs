@@ -11,7 +11,23 @@ use std::time::SystemTime;
 
 use rusqlite::{params, Connection, OptionalExtension as _, Row, Transaction};
 
+use keyward_proto::kinds::{KeyAlgorithm, KeyslotKind};
+
 use super::StoreError;
+
+/// A column holding one of the contract's names (a keyslot kind, an algorithm), read back as
+/// its value: a name this version does not know is a conversion failure, which the store
+/// reports as corruption.
+fn parsed<T>(row: &Row<'_>, column: usize) -> rusqlite::Result<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    let text: String = row.get(column)?;
+    text.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
 
 /// The current time as RFC 3339 UTC with second precision, e.g. `2026-11-23T17:42:53Z`
 /// (the audit log's millisecond form, cut to the second).
@@ -123,8 +139,7 @@ pub fn update_keyring(tx: &Transaction<'_>, keyring: &[u8], term: u32) -> Result
 /// A keyslot to store: everything but the id and creation time, which the store assigns.
 #[derive(Clone, PartialEq, Eq)]
 pub struct NewKeyslot {
-    /// `tpm2`, `pkcs11` or `recovery`.
-    pub kind: String,
+    pub kind: KeyslotKind,
     pub device: Option<String>,
     pub pcrs: Option<Vec<u8>>,
     pub pin: bool,
@@ -157,7 +172,7 @@ impl fmt::Debug for NewKeyslot {
 pub struct KeyslotRow {
     /// Assigned by the store, increasing, never reused (even after a removal).
     pub id: u32,
-    pub kind: String,
+    pub kind: KeyslotKind,
     pub device: Option<String>,
     pub pcrs: Option<Vec<u8>>,
     pub pin: bool,
@@ -200,7 +215,7 @@ fn keyslot_from_row(row: &Row<'_>) -> rusqlite::Result<(KeyslotRow, Option<Strin
     Ok((
         KeyslotRow {
             id: row.get(0)?,
-            kind: row.get(1)?,
+            kind: parsed(row, 1)?,
             device: row.get(2)?,
             pcrs: None,
             pin: row.get(4)?,
@@ -238,7 +253,7 @@ pub fn insert_keyslot(tx: &Transaction<'_>, slot: &NewKeyslot) -> Result<Keyslot
              (kind, device, pcrs, pin, threshold, shares, blob, created, unconfirmed_until)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) RETURNING id",
         params![
-            slot.kind,
+            slot.kind.as_str(),
             slot.device,
             slot.pcrs.as_deref().map(pcrs_to_json),
             slot.pin,
@@ -252,7 +267,7 @@ pub fn insert_keyslot(tx: &Transaction<'_>, slot: &NewKeyslot) -> Result<Keyslot
     )?;
     Ok(KeyslotRow {
         id,
-        kind: slot.kind.clone(),
+        kind: slot.kind,
         device: slot.device.clone(),
         pcrs: slot.pcrs.clone(),
         pin: slot.pin,
@@ -603,8 +618,7 @@ pub struct KeyRow {
     pub name: String,
     /// The configured device that holds it.
     pub device: String,
-    /// `ed25519`, `ecdsa-p256` or `rsa-pss-3072`.
-    pub algorithm: String,
+    pub algorithm: KeyAlgorithm,
     /// How the device finds the key again (JSON of `hsm_shim::KeyHandle`; opaque here).
     pub handle: Vec<u8>,
     /// DER SubjectPublicKeyInfo.
@@ -636,7 +650,7 @@ pub fn insert_key(tx: &Transaction<'_>, key: &KeyRow) -> Result<(), StoreError> 
         params![
             key.name,
             key.device,
-            key.algorithm,
+            key.algorithm.as_str(),
             key.handle,
             key.public_key,
             key.created
@@ -657,7 +671,7 @@ fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRow> {
     Ok(KeyRow {
         name: row.get(0)?,
         device: row.get(1)?,
-        algorithm: row.get(2)?,
+        algorithm: parsed(row, 2)?,
         handle: row.get(3)?,
         public_key: row.get(4)?,
         created: row.get(5)?,
@@ -728,7 +742,7 @@ pub struct KeyIntent {
     pub action: IntentAction,
     /// The configured device the operation runs on.
     pub device: String,
-    pub algorithm: String,
+    pub algorithm: KeyAlgorithm,
     /// `Create`: the id the device was asked to give the new key (PKCS#11 `CKA_ID`).
     pub object_id: Option<Vec<u8>>,
     pub created: String,
@@ -747,7 +761,7 @@ pub fn insert_key_intent(tx: &Transaction<'_>, intent: &KeyIntent) -> Result<(),
             intent.name,
             intent.action.as_str(),
             intent.device,
-            intent.algorithm,
+            intent.algorithm.as_str(),
             intent.object_id,
             intent.created
         ],
@@ -778,7 +792,7 @@ fn intent_from_row(row: &Row<'_>) -> rusqlite::Result<KeyIntent> {
         name: row.get(0)?,
         action,
         device: row.get(2)?,
-        algorithm: row.get(3)?,
+        algorithm: parsed(row, 3)?,
         object_id: row.get(4)?,
         created: row.get(5)?,
     })

@@ -4,6 +4,8 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 
+use keyward_proto::kinds::{KeyAlgorithm, KeyslotKind};
+
 use super::tables::{self, KeyRow, Meta, NewKeyslot, SecretRow};
 use super::{schema, Store, StoreError};
 
@@ -22,9 +24,9 @@ fn meta() -> Meta {
     }
 }
 
-fn slot(kind: &str) -> NewKeyslot {
+fn slot(kind: KeyslotKind) -> NewKeyslot {
     NewKeyslot {
-        kind: kind.into(),
+        kind,
         device: Some("tpm".into()),
         pcrs: Some(vec![7, 11]),
         pin: true,
@@ -39,7 +41,7 @@ fn key(name: &str) -> KeyRow {
     KeyRow {
         name: name.into(),
         device: "hsm".into(),
-        algorithm: "ed25519".into(),
+        algorithm: KeyAlgorithm::Ed25519,
         handle: b"{\"id\":\"01\"}".to_vec(),
         public_key: vec![0x30, 0x2a],
         created: tables::now_rfc3339(),
@@ -104,7 +106,7 @@ async fn reopen_keeps_data() {
         store
             .write(|tx| {
                 tables::insert_meta(tx, &meta())?;
-                tables::insert_keyslot(tx, &slot("tpm2"))?;
+                tables::insert_keyslot(tx, &slot(KeyslotKind::Tpm2))?;
                 tables::insert_key(tx, &key("signer"))
             })
             .await
@@ -173,8 +175,8 @@ async fn keyslot_ids_are_never_reused() {
     let (a, b) = store
         .write(|tx| {
             Ok((
-                tables::insert_keyslot(tx, &slot("tpm2"))?,
-                tables::insert_keyslot(tx, &slot("pkcs11"))?,
+                tables::insert_keyslot(tx, &slot(KeyslotKind::Tpm2))?,
+                tables::insert_keyslot(tx, &slot(KeyslotKind::Pkcs11))?,
             ))
         })
         .await
@@ -193,7 +195,7 @@ async fn keyslot_ids_are_never_reused() {
             tables::insert_keyslot(
                 tx,
                 &NewKeyslot {
-                    kind: "recovery".into(),
+                    kind: KeyslotKind::Recovery,
                     device: None,
                     pcrs: None,
                     pin: false,
@@ -403,7 +405,7 @@ fn intent(name: &str, action: tables::IntentAction) -> tables::KeyIntent {
         name: name.into(),
         action,
         device: "hsm".into(),
-        algorithm: "ed25519".into(),
+        algorithm: KeyAlgorithm::Ed25519,
         object_id: (action == tables::IntentAction::Create).then(|| vec![0xa5; 16]),
         created: tables::now_rfc3339(),
     }

@@ -26,8 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyward_proto::api::{
-    self, ApiError, CreateKeyParams, Empty, GetSecretParams, ListSecretsParams, NameParams,
-    PutSecretParams, Reply, Request, SecretString, SecretValue, SignParams, UnsealParams,
+    self, ApiError, CreateKeyParams, Empty, GetSecretParams, KeyNameParams, ListSecretsParams,
+    PutSecretParams, Reply, Request, SecretNameParams, SecretString, SecretValue, SignParams,
+    UnsealParams,
 };
 use serde::{Serialize, Serializer};
 use tokio::sync::{watch, Semaphore};
@@ -356,6 +357,13 @@ pub fn error_name(e: &ApiError) -> OwnedErrorName {
 }
 
 /// The service answered with a reply of the wrong kind: a bug, reported as `Internal`.
+/// A typed member's argument as the contract's checked value (a name, an algorithm): a bad one
+/// is refused here, before the service, policy or audit see the call, as Varlink refuses it
+/// while parsing.
+fn checked<T: TryFrom<String, Error = keyward_proto::Invalid>>(s: String) -> Result<T, CallError> {
+    T::try_from(s).map_err(|e| CallError::from_api(&e.into()))
+}
+
 fn unexpected(method: &str) -> CallError {
     CallError::from_api(&ApiError::Internal {
         reason: format!("unexpected reply to {method}"),
@@ -564,7 +572,7 @@ impl<H: Handler> Custodian<H> {
         version: u64,
     ) -> Result<(SecretOut, u64), CallError> {
         let request = Request::GetSecret(GetSecretParams {
-            name,
+            name: checked(name)?,
             version: (version != 0).then_some(version),
         });
         let reply = self.call(conn, &hdr, request).await?;
@@ -594,7 +602,7 @@ impl<H: Handler> Custodian<H> {
         let mut secret = Zeroizing::new(Vec::with_capacity(value.len()));
         secret.extend_from_slice(value);
         let request = Request::PutSecret(PutSecretParams {
-            name,
+            name: checked(name)?,
             value: SecretValue::from(secret),
         });
         let reply = self.call(conn, &hdr, request).await?;
@@ -629,7 +637,9 @@ impl<H: Handler> Custodian<H> {
         #[zbus(header)] hdr: Header<'_>,
         name: String,
     ) -> Result<(), CallError> {
-        let request = Request::DeleteSecret(NameParams { name });
+        let request = Request::DeleteSecret(SecretNameParams {
+            name: checked(name)?,
+        });
         self.call(conn, &hdr, request).await?;
         Ok(())
     }
@@ -646,9 +656,9 @@ impl<H: Handler> Custodian<H> {
         algorithm: String,
     ) -> Result<Vec<u8>, CallError> {
         let request = Request::CreateKey(CreateKeyParams {
-            name,
+            name: checked(name)?,
             device,
-            algorithm,
+            algorithm: checked(algorithm)?,
         });
         let reply = self.call(conn, &hdr, request).await?;
         let Reply::CreateKey(r) = reply else {
@@ -671,7 +681,7 @@ impl<H: Handler> Custodian<H> {
         let keys = r
             .keys
             .into_iter()
-            .map(|k| (k.name, k.device, k.algorithm, k.created))
+            .map(|k| (k.name, k.device, k.algorithm.to_string(), k.created))
             .collect();
         Ok(keys)
     }
@@ -684,7 +694,9 @@ impl<H: Handler> Custodian<H> {
         #[zbus(header)] hdr: Header<'_>,
         name: String,
     ) -> Result<Vec<u8>, CallError> {
-        let request = Request::PublicKey(NameParams { name });
+        let request = Request::PublicKey(KeyNameParams {
+            name: checked(name)?,
+        });
         let reply = self.call(conn, &hdr, request).await?;
         let Reply::PublicKey(r) = reply else {
             return Err(unexpected("PublicKey"));
@@ -704,7 +716,7 @@ impl<H: Handler> Custodian<H> {
         prehashed: bool,
     ) -> Result<Vec<u8>, CallError> {
         let request = Request::Sign(SignParams {
-            name,
+            name: checked(name)?,
             data: api::Bytes(data),
             prehashed: Some(prehashed),
         });
@@ -722,7 +734,9 @@ impl<H: Handler> Custodian<H> {
         #[zbus(header)] hdr: Header<'_>,
         name: String,
     ) -> Result<(), CallError> {
-        let request = Request::DeleteKey(NameParams { name });
+        let request = Request::DeleteKey(KeyNameParams {
+            name: checked(name)?,
+        });
         self.call(conn, &hdr, request).await?;
         Ok(())
     }
@@ -797,7 +811,7 @@ fn status_dict(s: api::StatusReply) -> BTreeMap<&'static str, Variant<'static>> 
     let devices: Vec<(String, String, bool, String)> = s
         .devices
         .into_iter()
-        .map(|d| (d.name, d.kind, d.available, d.detail))
+        .map(|d| (d.name, d.kind.to_string(), d.available, d.detail))
         .collect();
     let mut m = BTreeMap::new();
     m.insert("initialized", Variant::from(s.initialized));

@@ -11,11 +11,10 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use chacha20poly1305::aead::{rand_core::RngCore as _, OsRng};
 use hsm_shim::{KeyAlgorithm, KeyHandle, KeySpec, SignInput};
-use keyward_proto::api;
+use keyward_proto::api::{self, KeyName};
 
 use super::Vault;
 use crate::error::{corrupt, invalid, Error, Param, Thing};
-use crate::names::check_key_name;
 use crate::store::tables::{IntentAction, KeyIntent, KeyRow};
 use crate::store::{self, StoreError};
 
@@ -113,7 +112,6 @@ impl Drop for KeyOp<'_> {
 
 impl Vault {
     async fn key_row(&self, name: &str) -> Result<KeyRow, Error> {
-        check_key_name(name)?;
         self.with_open(|_| ()).await?;
         let lookup = name.to_owned();
         self.store
@@ -124,7 +122,6 @@ impl Vault {
 
     /// The key `name`, from the cache or else the store.
     async fn key_ref(&self, name: &str) -> Result<Arc<KeyRef>, Error> {
-        check_key_name(name)?;
         self.with_open(|_| ()).await?;
         if let Some(key) = self.keys.get(name) {
             return Ok(key);
@@ -149,19 +146,16 @@ impl Vault {
     /// ([`Vault::settle_key_intents`]).
     ///
     /// # Errors
-    /// `Sealed`, an invalid name or algorithm, `AlreadyExists`, `Busy` while another
+    /// `Sealed`, an unknown device, `AlreadyExists`, `Busy` while another
     /// `CreateKey` or `DeleteKey` of the name runs, device failures.
     pub async fn create_key(
         &self,
-        name: String,
+        name: KeyName,
         device: String,
-        algorithm: String,
+        algorithm: KeyAlgorithm,
     ) -> Result<Vec<u8>, Error> {
-        check_key_name(&name)?;
+        let name = String::from(name);
         self.with_open(|_| ()).await?;
-        let algorithm: KeyAlgorithm = algorithm
-            .parse()
-            .map_err(|e: hsm_shim::DeviceError| invalid(Param::Algorithm, e.to_string()))?;
         let handle_dev = self.device(&device)?.clone();
         let _op = self.key_ops.begin(&name)?;
         self.settle_leftover(&name).await?;
@@ -171,7 +165,7 @@ impl Vault {
             name: name.clone(),
             action: IntentAction::Create,
             device: device.clone(),
-            algorithm: algorithm.as_str().to_owned(),
+            algorithm,
             object_id: Some(object_id.clone()),
             created: store::tables::now_rfc3339(),
         };
@@ -212,7 +206,7 @@ impl Vault {
         let row = KeyRow {
             name: name.clone(),
             device: device.clone(),
-            algorithm: algorithm.as_str().to_owned(),
+            algorithm,
             handle: serde_json::to_vec(&handle).map_err(|_| Error::Internal {
                 reason: "key handle encoding".into(),
             })?,
@@ -262,7 +256,7 @@ impl Vault {
     ///
     /// # Errors
     /// `Sealed`, `NotFound`.
-    pub async fn public_key(&self, name: String) -> Result<Vec<u8>, Error> {
+    pub async fn public_key(&self, name: KeyName) -> Result<Vec<u8>, Error> {
         Ok(self.key_ref(&name).await?.public_key.clone())
     }
 
@@ -272,7 +266,7 @@ impl Vault {
     /// `Sealed`, `NotFound`, a digest of the wrong length, device failures.
     pub async fn sign(
         &self,
-        name: String,
+        name: KeyName,
         data: Vec<u8>,
         prehashed: bool,
     ) -> Result<Vec<u8>, Error> {
@@ -308,8 +302,8 @@ impl Vault {
     /// # Errors
     /// `Sealed`, `NotFound`, `Busy` while another `CreateKey` or `DeleteKey` of the name runs,
     /// device failures (the delete stays recorded and is finished later).
-    pub async fn delete_key(&self, name: String) -> Result<(), Error> {
-        check_key_name(&name)?;
+    pub async fn delete_key(&self, name: KeyName) -> Result<(), Error> {
+        let name = String::from(name);
         self.with_open(|_| ()).await?;
         let _op = self.key_ops.begin(&name)?;
         if self.settle_leftover(&name).await? == Some(IntentAction::Delete) {
@@ -321,7 +315,7 @@ impl Vault {
             name: name.clone(),
             action: IntentAction::Delete,
             device: row.device.clone(),
-            algorithm: row.algorithm.clone(),
+            algorithm: row.algorithm,
             object_id: None,
             created: store::tables::now_rfc3339(),
         };
@@ -378,15 +372,9 @@ impl Vault {
     /// object id: nothing else on a shared token is touched), then drop the intent. Returns
     /// how many objects were destroyed.
     async fn undo_create(&self, intent: &KeyIntent) -> Result<usize, Error> {
-        let algorithm: KeyAlgorithm = intent.algorithm.parse().map_err(|_| Error::Internal {
-            reason: format!(
-                "stored operation on key {:?} names an unknown algorithm",
-                intent.name
-            ),
-        })?;
         let spec = KeySpec {
             label: intent.name.clone(),
-            algorithm,
+            algorithm: intent.algorithm,
             id: intent.object_id.clone(),
         };
         // Defensive: an object a key record names is never destroyed here. (The record and

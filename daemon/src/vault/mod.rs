@@ -189,7 +189,7 @@ impl Vault {
                 let s = d.status();
                 api::DeviceStatus {
                     name: name.clone(),
-                    kind: d.kind().to_owned(),
+                    kind: d.kind(),
                     available: s.available,
                     detail: s.detail,
                 }

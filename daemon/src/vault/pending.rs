@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keyward_proto::api::{self, SecretString};
+use keyward_proto::api::{self, KeyslotKind, SecretString};
 use serde::{Deserialize, Serialize};
 
 use super::crypto::Key32;
@@ -220,7 +220,10 @@ impl Vault {
                 });
             }
             for next in &p.slots {
-                if !rows.iter().any(|r| r.id == next.id && r.kind == "recovery") {
+                if !rows
+                    .iter()
+                    .any(|r| r.id == next.id && r.kind == KeyslotKind::Recovery)
+                {
                     continue;
                 }
                 let data = set_of(&next.blob)?;
@@ -239,10 +242,13 @@ impl Vault {
         // Every other set given must be one of the current recovery keyslots.
         let mut confirmed = Vec::new();
         for (set_id, given) in &sets {
-            let slot = rows.iter().filter(|r| r.kind == "recovery").find_map(|r| {
-                let data = RecoverySlotData::from_blob(&r.blob).ok()?;
-                (data.set.set_id == *set_id).then_some((r, data))
-            });
+            let slot = rows
+                .iter()
+                .filter(|r| r.kind == KeyslotKind::Recovery)
+                .find_map(|r| {
+                    let data = RecoverySlotData::from_blob(&r.blob).ok()?;
+                    (data.set.set_id == *set_id).then_some((r, data))
+                });
             let Some((row, data)) = slot else {
                 return Err(bad(format!(
                     "shares of set {} belong to no recovery keyslot or pending rekey of this vault",
@@ -266,7 +272,7 @@ impl Vault {
                 // The rekey's recovery slots are confirmed by this very call.
                 let rest: Vec<u32> = rows
                     .iter()
-                    .filter(|r| r.kind == "recovery" && !confirmed.contains(&r.id))
+                    .filter(|r| r.kind == KeyslotKind::Recovery && !confirmed.contains(&r.id))
                     .map(|r| r.id)
                     .collect();
                 confirmed.extend(rest);

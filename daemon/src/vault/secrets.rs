@@ -2,21 +2,20 @@
 //! with AAD binding vault, name, version and term, so a stored record can't be moved to
 //! another name or version, or replayed from another vault.
 
-use keyward_proto::api::{self, SecretValue};
+use keyward_proto::api::{self, SecretName, SecretValue};
 
 use super::crypto::{self, Key32};
 use super::Vault;
 use crate::error::{Error, Param, Thing};
-use crate::names::check_secret_name;
 use crate::store::{self, tables::SecretRow};
 
 impl Vault {
     /// `PutSecret`: a new version of `name`. Returns the version once committed.
     ///
     /// # Errors
-    /// `Sealed`, an invalid name, `TooLarge`, store failures.
-    pub async fn put_secret(&self, name: String, value: SecretValue) -> Result<u64, Error> {
-        check_secret_name(&name)?;
+    /// `Sealed`, `TooLarge`, store failures.
+    pub async fn put_secret(&self, name: SecretName, value: SecretValue) -> Result<u64, Error> {
+        let name = String::from(name);
         if value.expose().len() > api::MAX_SECRET_LEN {
             return Err(Error::TooLarge {
                 parameter: Param::Value,
@@ -59,10 +58,10 @@ impl Vault {
     /// `Sealed`, `NotFound`, integrity failures of stored data.
     pub async fn get_secret(
         &self,
-        name: String,
+        name: SecretName,
         version: Option<u64>,
     ) -> Result<(SecretValue, u64), Error> {
-        check_secret_name(&name)?;
+        let name = String::from(name);
         self.with_open(|_| ()).await?;
         // A point lookup: run in place rather than on a blocking thread (see `read_now`).
         let row = self
@@ -105,8 +104,11 @@ impl Vault {
     ///
     /// # Errors
     /// `Sealed`, `NotFound`, store failures.
-    pub async fn secret_versions(&self, name: String) -> Result<Vec<api::SecretVersion>, Error> {
-        check_secret_name(&name)?;
+    pub async fn secret_versions(
+        &self,
+        name: SecretName,
+    ) -> Result<Vec<api::SecretVersion>, Error> {
+        let name = String::from(name);
         self.with_open(|_| ()).await?;
         let lookup = name.clone();
         let versions = self
@@ -133,8 +135,8 @@ impl Vault {
     ///
     /// # Errors
     /// `Sealed`, `NotFound`, store failures.
-    pub async fn delete_secret(&self, name: String) -> Result<(), Error> {
-        check_secret_name(&name)?;
+    pub async fn delete_secret(&self, name: SecretName) -> Result<(), Error> {
+        let name = String::from(name);
         self.with_open(|_| ()).await?;
         let target = name.clone();
         let deleted = self

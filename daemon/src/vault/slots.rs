@@ -2,8 +2,8 @@
 //! the vault through one (unattended at start, or with a PIN or recovery shares from an admin),
 //! and the admin verbs over them: enroll, remove, rekey, rotate.
 
-use hsm_shim::{Pin, SealPolicy, SealedBlob, SecretBytes};
-use keyward_proto::api::{self, SecretString, SlotSpec};
+use hsm_shim::{DeviceKind, Pin, SealPolicy, SealedBlob, SecretBytes};
+use keyward_proto::api::{self, KeyslotKind, SecretString, SlotSpec};
 
 use super::crypto::Key32;
 use super::keyring::Keyring;
@@ -16,7 +16,7 @@ use crate::store::{self, tables::KeyslotRow, tables::NewKeyslot};
 pub(super) fn to_api(row: &KeyslotRow) -> api::Keyslot {
     api::Keyslot {
         id: row.id,
-        kind: row.kind.clone(),
+        kind: row.kind,
         device: row.device.clone(),
         pcrs: row.pcrs.clone(),
         pin: row.pin,
@@ -41,20 +41,20 @@ impl Vault {
         vmk: &Key32,
         spec: &SlotSpec,
     ) -> Result<(NewKeyslot, Vec<SecretString>), Error> {
-        match spec.kind.as_str() {
-            "tpm2" | "pkcs11" => {
+        match spec.kind.device() {
+            Some(kind) => {
                 let name = spec
                     .device
                     .as_deref()
                     .ok_or_else(|| invalid(Param::Device, "a device slot names its device"))?;
                 let device = self.device(name)?;
-                if device.kind() != spec.kind {
+                if device.kind() != kind {
                     return Err(invalid(
                         Param::Device,
                         format!("{name:?} is a {} device, not {}", device.kind(), spec.kind),
                     ));
                 }
-                if spec.kind == "pkcs11" && (spec.pcrs.is_some() || spec.pin.is_some()) {
+                if kind == DeviceKind::Pkcs11 && (spec.pcrs.is_some() || spec.pin.is_some()) {
                     return Err(invalid(Param::Slot, "a pkcs11 slot has no PCRs or PIN of its own: the token's login PIN guards it"));
                 }
                 if spec.threshold.is_some() || spec.shares.is_some() {
@@ -82,7 +82,7 @@ impl Vault {
                 let blob = serde_json::to_vec(&blob).map_err(|_| corrupt("sealed blob"))?;
                 Ok((
                     NewKeyslot {
-                        kind: spec.kind.clone(),
+                        kind: spec.kind,
                         device: Some(name.to_owned()),
                         pcrs,
                         pin,
@@ -94,7 +94,7 @@ impl Vault {
                     Vec::new(),
                 ))
             }
-            "recovery" => {
+            None => {
                 if spec.device.is_some() || spec.pcrs.is_some() || spec.pin.is_some() {
                     return Err(invalid(
                         Param::Slot,
@@ -138,7 +138,7 @@ impl Vault {
                     .collect();
                 Ok((
                     NewKeyslot {
-                        kind: "recovery".into(),
+                        kind: KeyslotKind::Recovery,
                         device: None,
                         pcrs: None,
                         pin: false,
@@ -151,10 +151,6 @@ impl Vault {
                     shares,
                 ))
             }
-            other => Err(invalid(
-                Param::Kind,
-                format!("{other:?}: a keyslot is tpm2, pkcs11 or recovery"),
-            )),
         }
     }
 
@@ -281,7 +277,7 @@ impl Vault {
                 }
             }
         }
-        if rows.iter().any(|r| r.kind == "recovery") {
+        if rows.iter().any(|r| r.kind == KeyslotKind::Recovery) {
             why.push("recovery shares can unseal: `keyward unseal`".into());
         }
         let reason = if why.is_empty() {
@@ -331,10 +327,13 @@ impl Vault {
     ) -> Result<(bool, Option<u8>), Error> {
         let parsed = recovery::parse_share(share.expose())
             .map_err(|e| invalid(Param::RecoveryShare, e.to_string()))?;
-        let slot = rows.iter().filter(|r| r.kind == "recovery").find_map(|r| {
-            let data = RecoverySlotData::from_blob(&r.blob).ok()?;
-            (data.set.set_id == parsed.set_id).then_some((r.id, r.unconfirmed_until, data))
-        });
+        let slot = rows
+            .iter()
+            .filter(|r| r.kind == KeyslotKind::Recovery)
+            .find_map(|r| {
+                let data = RecoverySlotData::from_blob(&r.blob).ok()?;
+                (data.set.set_id == parsed.set_id).then_some((r.id, r.unconfirmed_until, data))
+            });
         let Some((slot_id, unconfirmed, data)) = slot else {
             return Err(invalid(
                 Param::RecoveryShare,
@@ -384,7 +383,7 @@ impl Vault {
     ) -> Result<(), Error> {
         // TPM slots bound to a PIN first; a wrong PIN ends the attempt (each try burns the
         // TPM's lockout counter).
-        if let Some(row) = rows.iter().find(|r| r.kind == "tpm2" && r.pin) {
+        if let Some(row) = rows.iter().find(|r| r.kind == KeyslotKind::Tpm2 && r.pin) {
             let vmk = self.unseal_slot(vault_id, row, pin_of(Some(&pin))?).await?;
             let device = row.device.clone().unwrap_or_default();
             return self
@@ -393,7 +392,7 @@ impl Vault {
         }
         // Then tokens that could not log in on their own: log in with this PIN once.
         for (name, handle) in &self.devices {
-            if handle.kind() != "pkcs11" || handle.status().available {
+            if handle.kind() != DeviceKind::Pkcs11 || handle.status().available {
                 continue;
             }
             let Some(row) = rows
@@ -542,7 +541,7 @@ impl Vault {
         let mut shares = Vec::new();
         for row in &rows {
             let spec = SlotSpec {
-                kind: row.kind.clone(),
+                kind: row.kind,
                 device: row.device.clone(),
                 pcrs: row.pcrs.clone(),
                 pin: if row.pin {
