@@ -394,8 +394,8 @@ pub async fn start(config: &Config) -> Result<Daemon, StartError> {
     // D-Bus: the name is owned before READY=1, so a client ordered after us finds it. A bus that
     // refuses us (name taken, policy not installed) fails the start: it was configured.
     let dbus = match &config.dbus {
-        Some(bus) => {
-            let dbus = dbus::start(bus, service.clone()).await?;
+        Some(settings) => {
+            let dbus = dbus::start(&settings.bus, settings.limits, service.clone()).await?;
             Some(tokio::spawn(dbus.run(stopped.clone())))
         }
         None => None,
