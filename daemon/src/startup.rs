@@ -313,7 +313,7 @@ fn bind(settings: &SocketSettings) -> Result<UnixListener, StartError> {
 /// ordered after us does not race the unseal. Bounded: a hung device must not hold start-up
 /// forever (its calls time out the same way). Key operations a crash cut short are settled once
 /// the devices are up, before requests.
-async fn unseal_and_settle(service: &Service, audit: &AuditLog, config: &Config) {
+async fn unseal_and_settle(service: &Service, audit: &Arc<AuditLog>, config: &Config) {
     let wait = config.actor.timeout;
     for device in service.vault().devices().values() {
         if tokio::time::timeout(wait, device.ready()).await.is_err() {
@@ -325,7 +325,7 @@ async fn unseal_and_settle(service: &Service, audit: &AuditLog, config: &Config)
     }
     service.vault().unseal_unattended().await;
     for line in service.vault().settle_key_intents().await {
-        if let Err(e) = audit.event("key-sweep", &line) {
+        if let Err(e) = audit.event("key-sweep", &line).await {
             tracing::error!("audit log: {e}");
         }
     }
@@ -454,7 +454,7 @@ impl Daemon {
     ///
     /// # Errors
     /// The config or policy that was rejected (the old policy stays in force).
-    pub fn reload_policy(&self, config_path: &Path) -> Result<(), StartError> {
+    pub async fn reload_policy(&self, config_path: &Path) -> Result<(), StartError> {
         let loaded = Config::load(config_path)
             .map_err(StartError::from)
             .and_then(|c| load_policy(c.policy.as_deref()));
@@ -463,7 +463,7 @@ impl Daemon {
             Err(_) => "rejected: the old policy stays",
         };
         let reloaded = loaded.map(|policy| self.service.set_policy(policy));
-        if let Err(e) = self.audit.event("policy-reload", detail) {
+        if let Err(e) = self.audit.event("policy-reload", detail).await {
             tracing::error!("audit log: {e}");
         }
         reloaded
