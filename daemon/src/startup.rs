@@ -303,7 +303,7 @@ fn pick_listeners(
 }
 
 fn bind(settings: &SocketSettings) -> Result<UnixListener, StartError> {
-    socket::bind(&settings.path, settings.mode.bits()).map_err(|source| StartError::Bind {
+    socket::bind(&settings.path, settings.mode).map_err(|source| StartError::Bind {
         path: settings.path.clone(),
         source,
     })

@@ -623,7 +623,7 @@ mod tests {
     fn start(limits: VarlinkLimits) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/api.sock");
-        let listener = socket::bind(&path, 0o600).unwrap();
+        let listener = socket::bind(&path, "0600".parse().unwrap()).unwrap();
         let stub = Arc::new(Stub::default());
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(serve(listener, Arc::clone(&stub), limits, stopped));
