@@ -249,10 +249,10 @@ impl Entry {
 /// The caller as the log shows it.
 pub fn caller_record(c: &Caller) -> CallerRecord {
     CallerRecord {
-        uid: c.uid,
-        gid: c.gid,
+        uid: c.who.uid,
+        gid: c.who.gid,
         pid: c.pid,
-        unit: c.unit.clone(),
+        unit: c.who.unit.clone(),
         via: match c.via {
             Via::Varlink => "varlink",
             Via::Dbus => "dbus",

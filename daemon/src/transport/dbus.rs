@@ -40,6 +40,7 @@ use zeroize::Zeroizing;
 
 use super::Handler;
 use crate::identity::{Caller, Peer, Via};
+use keyward_policy::Identity;
 
 /// The well-known bus name the daemon owns.
 pub const BUS_NAME: &str = "org.keyward.Custodian1";
@@ -412,12 +413,14 @@ impl<H: Handler> Custodian<H> {
         .unwrap_or(u32::MAX);
         let (proc_groups, unit) = process.map_or((Vec::new(), None), |p| (p.groups, p.unit));
         Ok(Caller {
-            uid,
-            gid,
-            // What the bus saw when the sender connected beats /proc read now.
-            groups: bus_groups.unwrap_or(proc_groups),
+            who: Identity {
+                uid,
+                gid,
+                // What the bus saw when the sender connected beats /proc read now.
+                groups: bus_groups.unwrap_or(proc_groups),
+                unit,
+            },
             pid: peer.pid,
-            unit,
             via: Via::Dbus,
         })
     }

@@ -1087,11 +1087,12 @@ mod proptests {
 
     fn caller() -> Caller {
         Caller {
-            uid: 1000,
-            gid: 1000,
-            groups: Vec::new(),
+            who: keyward_policy::Identity {
+                uid: 1000,
+                gid: 1000,
+                ..Default::default()
+            },
             pid: None,
-            unit: None,
             via: Via::Varlink,
         }
     }
