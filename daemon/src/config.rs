@@ -22,7 +22,7 @@ use serde::Deserialize;
 use crate::audit::AuditOptions;
 use crate::device::{ActorOptions, DeviceSpec, Pkcs11Spec};
 use crate::transport::credentials::CredentialLimits;
-use crate::transport::dbus::Bus;
+use crate::transport::dbus::{Bus, DbusLimits};
 use crate::transport::varlink::VarlinkLimits;
 
 /// Default path of the config file.
@@ -137,6 +137,15 @@ impl CredentialSettings {
     }
 }
 
+/// The D-Bus service: which bus, and its bounds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DbusSettings {
+    /// The bus it joins.
+    pub bus: Bus,
+    /// How many calls it serves at once, how long the stop waits for them.
+    pub limits: DbusLimits,
+}
+
 /// The audit log's NV counter: a configured `tpm2` device and the index on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TpmCounter {
@@ -155,8 +164,8 @@ pub struct Config {
     pub api: SocketSettings,
     /// systemd's `LoadCredential=` socket, when configured.
     pub credentials: Option<CredentialSettings>,
-    /// The bus the D-Bus service joins, when configured.
-    pub dbus: Option<Bus>,
+    /// The D-Bus service, when configured.
+    pub dbus: Option<DbusSettings>,
     /// The policy file. Without one, everything but `Status` is denied.
     pub policy: Option<PathBuf>,
     /// Device names to try, in order, for the unattended unseal at start (every one is a
@@ -232,10 +241,14 @@ fn positive(key: &str, n: u64) -> Result<u64, Invalid> {
     Ok(n)
 }
 
-/// A count of things held at once, at least 1.
+/// A count of things held at once, at least 1 (and no more than a semaphore can count).
 fn count(key: &str, n: usize) -> Result<usize, Invalid> {
     if n == 0 {
         return Err(Invalid::new(key, "must be at least 1"));
+    }
+    let most = tokio::sync::Semaphore::MAX_PERMITS;
+    if n > most {
+        return Err(Invalid::new(key, format!("must be at most {most}")));
     }
     Ok(n)
 }
@@ -282,19 +295,25 @@ impl File {
         };
         let dbus = match self.dbus {
             None => None,
-            Some(FileDbus {
-                address: Some(address),
-                ..
-            }) => Some(Bus::Address(address)),
-            Some(FileDbus { bus, .. }) => Some(match bus.as_str() {
-                "system" => Bus::System,
-                "session" => Bus::Session,
-                _ => {
-                    return Err(Invalid::new(
-                        "dbus.bus",
-                        format!("{bus:?}: use \"system\" or \"session\", or set dbus.address"),
-                    ))
-                }
+            Some(d) => Some(DbusSettings {
+                bus: match (d.address, d.bus.as_str()) {
+                    (Some(address), _) => Bus::Address(address),
+                    (None, "system") => Bus::System,
+                    (None, "session") => Bus::Session,
+                    (None, bus) => {
+                        return Err(Invalid::new(
+                            "dbus.bus",
+                            format!("{bus:?}: use \"system\" or \"session\", or set dbus.address"),
+                        ))
+                    }
+                },
+                limits: DbusLimits {
+                    max_calls_in_flight: count("dbus.max_calls_in_flight", d.max_calls_in_flight)?,
+                    drain_timeout: Duration::from_secs(positive(
+                        "dbus.drain_timeout_secs",
+                        d.drain_timeout_secs,
+                    )?),
+                },
             }),
         };
         let mut devices = BTreeMap::new();
@@ -551,10 +570,24 @@ struct FileDbus {
     /// An explicit bus address (`unix:path=…`), e.g. a private bus in tests.
     #[serde(default)]
     address: Option<String>,
+    /// Calls served at once, all callers together; beyond it: `Busy`.
+    #[serde(default = "default_dbus_calls")]
+    max_calls_in_flight: usize,
+    /// How long the stop waits for calls in flight to be answered.
+    #[serde(default = "default_dbus_drain")]
+    drain_timeout_secs: u64,
 }
 
 fn default_bus() -> String {
     "system".into()
+}
+
+fn default_dbus_calls() -> usize {
+    256
+}
+
+fn default_dbus_drain() -> u64 {
+    30
 }
 
 /// Bounds on client-controlled resources.
@@ -714,6 +747,9 @@ mod tests {
             [credentials]
             max_connections = 8
             write_timeout_secs = 3
+            [dbus]
+            max_calls_in_flight = 4
+            drain_timeout_secs = 5
             [devices.tpm]
             kind = "tpm2"
             tcti = "swtpm:host=127.0.0.1,port=2321"
@@ -745,6 +781,9 @@ mod tests {
         assert_eq!(credentials.limits.max_connections, 8);
         assert_eq!(credentials.limits.write_timeout, Duration::from_secs(3));
         assert_eq!(credentials.limits.wait_unsealed, Duration::from_secs(60));
+        let dbus = c.dbus.unwrap().limits;
+        assert_eq!(dbus.max_calls_in_flight, 4);
+        assert_eq!(dbus.drain_timeout, Duration::from_secs(5));
         assert_eq!(
             c.tpm_counter,
             Some(TpmCounter {
@@ -762,7 +801,10 @@ mod tests {
         let credentials = c.credentials.unwrap();
         assert_eq!(credentials.limits.max_connections, 1024);
         assert_eq!(credentials.limits.write_timeout, Duration::from_secs(10));
-        assert_eq!(c.dbus, Some(Bus::System));
+        let dbus = c.dbus.unwrap();
+        assert_eq!(dbus.bus, Bus::System);
+        assert_eq!(dbus.limits.max_calls_in_flight, 256);
+        assert_eq!(dbus.limits.drain_timeout, Duration::from_secs(30));
         assert_eq!(c.confirm_within, Duration::from_secs(3600));
         assert_eq!(c.device_watch, Duration::from_secs(15));
         assert_eq!(c.actor.timeout, Duration::from_secs(30));
@@ -770,7 +812,8 @@ mod tests {
         assert_eq!(
             parse("[dbus]\nbus = \"bogus\"\naddress = \"unix:path=/x\"")
                 .unwrap()
-                .dbus,
+                .dbus
+                .map(|d| d.bus),
             Some(Bus::Address("unix:path=/x".into()))
         );
     }
@@ -785,6 +828,9 @@ mod tests {
         assert_eq!(credentials.limits.max_connections, defaults.max_connections);
         assert_eq!(credentials.limits.write_timeout, defaults.write_timeout);
         assert_eq!(credentials.limits.wait_unsealed, defaults.wait_unsealed);
+        let dbus = c.dbus.unwrap();
+        assert_eq!(dbus.bus, Bus::System);
+        assert_eq!(dbus.limits, parse("[dbus]").unwrap().dbus.unwrap().limits);
     }
 
     #[test]
@@ -821,10 +867,18 @@ mod tests {
             ("limits", "device_watch_secs"),
             ("credentials", "max_connections"),
             ("credentials", "write_timeout_secs"),
+            ("dbus", "max_calls_in_flight"),
+            ("dbus", "drain_timeout_secs"),
         ] {
             let e = parse(&format!("[{table}]\n{key} = 0")).unwrap_err();
             assert_eq!(e, format!("{table}.{key} must be at least 1"));
         }
+        let too_many = tokio::sync::Semaphore::MAX_PERMITS + 1;
+        let e = parse(&format!("[dbus]\nmax_calls_in_flight = {too_many}")).unwrap_err();
+        assert!(
+            e.starts_with("dbus.max_calls_in_flight must be at most"),
+            "{e}"
+        );
         assert!(parse("[limits]\nmax_connections = 8")
             .unwrap_err()
             .starts_with("limits.root_reserve (16) must be below"));
@@ -839,6 +893,7 @@ mod tests {
             "state_dri = \"/x\"",
             "[api]\nmod = \"0600\"",
             "[credentials]\nmax_conections = 8",
+            "[dbus]\nmax_call_in_flight = 8",
             "[limits]\nmax_conections = 8",
             "[devices.tpm]\nkind = \"tpm2\"\npin = \"1234\"",
             "[audit]\ntpm_countr = \"tpm\"",

@@ -105,7 +105,7 @@ impl Service {
 
     fn allowed(policy: &Policy, caller: &Caller, action: Action, resource: Resource<'_>) -> bool {
         matches!(
-            decide(policy, caller.subject(), action, resource),
+            decide(policy, caller.who.subject(), action, resource),
             Decision::Allow { .. }
         )
     }
@@ -121,7 +121,7 @@ impl Service {
         let Some((action, resource)) = needs(request, target) else {
             return Ok(None);
         };
-        match decide(policy, caller.subject(), action, resource) {
+        match decide(policy, caller.who.subject(), action, resource) {
             // A policy file is far too small to hold 2^32 rules.
             Decision::Allow { rule } => Ok(Some(u32::try_from(rule).unwrap_or(u32::MAX))),
             Decision::Deny => Err(ApiError::PermissionDenied {
@@ -377,7 +377,7 @@ impl Handler for Service {
         id: String,
         wait: std::time::Duration,
     ) -> Result<api::SecretValue, ApiError> {
-        let unit = caller.unit.clone().unwrap_or_default();
+        let unit = caller.who.unit.clone().unwrap_or_default();
         // The map is the grant: a unit gets exactly the secrets mapped to its credential ids.
         let secret = credential_secret(&self.policy(), &unit, &id).cloned();
         let result = match &secret {

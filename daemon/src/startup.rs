@@ -303,7 +303,7 @@ fn pick_listeners(
 }
 
 fn bind(settings: &SocketSettings) -> Result<UnixListener, StartError> {
-    socket::bind(&settings.path, settings.mode.bits()).map_err(|source| StartError::Bind {
+    socket::bind(&settings.path, settings.mode).map_err(|source| StartError::Bind {
         path: settings.path.clone(),
         source,
     })
@@ -313,7 +313,7 @@ fn bind(settings: &SocketSettings) -> Result<UnixListener, StartError> {
 /// ordered after us does not race the unseal. Bounded: a hung device must not hold start-up
 /// forever (its calls time out the same way). Key operations a crash cut short are settled once
 /// the devices are up, before requests.
-async fn unseal_and_settle(service: &Service, audit: &AuditLog, config: &Config) {
+async fn unseal_and_settle(service: &Service, audit: &Arc<AuditLog>, config: &Config) {
     let wait = config.actor.timeout;
     for device in service.vault().devices().values() {
         if tokio::time::timeout(wait, device.ready()).await.is_err() {
@@ -325,7 +325,7 @@ async fn unseal_and_settle(service: &Service, audit: &AuditLog, config: &Config)
     }
     service.vault().unseal_unattended().await;
     for line in service.vault().settle_key_intents().await {
-        if let Err(e) = audit.event("key-sweep", &line) {
+        if let Err(e) = audit.event("key-sweep", &line).await {
             tracing::error!("audit log: {e}");
         }
     }
@@ -394,8 +394,8 @@ pub async fn start(config: &Config) -> Result<Daemon, StartError> {
     // D-Bus: the name is owned before READY=1, so a client ordered after us finds it. A bus that
     // refuses us (name taken, policy not installed) fails the start: it was configured.
     let dbus = match &config.dbus {
-        Some(bus) => {
-            let dbus = dbus::start(bus, service.clone()).await?;
+        Some(settings) => {
+            let dbus = dbus::start(&settings.bus, settings.limits, service.clone()).await?;
             Some(tokio::spawn(dbus.run(stopped.clone())))
         }
         None => None,
@@ -454,7 +454,7 @@ impl Daemon {
     ///
     /// # Errors
     /// The config or policy that was rejected (the old policy stays in force).
-    pub fn reload_policy(&self, config_path: &Path) -> Result<(), StartError> {
+    pub async fn reload_policy(&self, config_path: &Path) -> Result<(), StartError> {
         let loaded = Config::load(config_path)
             .map_err(StartError::from)
             .and_then(|c| load_policy(c.policy.as_deref()));
@@ -463,7 +463,7 @@ impl Daemon {
             Err(_) => "rejected: the old policy stays",
         };
         let reloaded = loaded.map(|policy| self.service.set_policy(policy));
-        if let Err(e) = self.audit.event("policy-reload", detail) {
+        if let Err(e) = self.audit.event("policy-reload", detail).await {
             tracing::error!("audit log: {e}");
         }
         reloaded

@@ -822,8 +822,8 @@ pub fn credential_secret<'p>(policy: &'p Policy, unit: &str, id: &str) -> Option
         .map(|m| &m.secret)
 }
 
-/// An owned [`Subject`], for callers built by hand (`keyward policy check`, tests) rather than
-/// read from the kernel per request.
+/// An owned [`Subject`]: what the daemon keeps of a caller the kernel identified, and what
+/// `keyward policy check` and tests build by hand.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Identity {
     /// Effective uid.

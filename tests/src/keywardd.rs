@@ -21,7 +21,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use crate::softhsm::SoftHsm;
-use crate::swtpm::Swtpm;
+use crate::swtpm::{Gate, Swtpm};
 
 /// How long start-up may take before the fixture gives up (a debug build on a loaded 2-core
 /// machine, devices included).
@@ -80,11 +80,19 @@ impl Setup {
     }
 
     /// Add the TPM `swtpm` as device `name`.
-    pub fn tpm(mut self, name: &str, swtpm: &Swtpm) -> Self {
+    pub fn tpm(self, name: &str, swtpm: &Swtpm) -> Self {
+        self.tpm_at(name, &swtpm.tcti())
+    }
+
+    /// Add the TPM behind `gate` as device `name`: its commands can be held on their way in.
+    pub fn gated_tpm(self, name: &str, gate: &Gate) -> Self {
+        self.tpm_at(name, &gate.tcti())
+    }
+
+    fn tpm_at(mut self, name: &str, tcti: &str) -> Self {
         let _ = write!(
             self.devices,
-            "\n[devices.{name}]\nkind = \"tpm2\"\ntcti = \"{}\"\n",
-            swtpm.tcti()
+            "\n[devices.{name}]\nkind = \"tpm2\"\ntcti = \"{tcti}\"\n"
         );
         self
     }
@@ -104,8 +112,14 @@ impl Setup {
 
     /// Serve D-Bus on the bus at `address` (a [`crate::dbus::PrivateBus`]): a `[dbus]` table,
     /// appended after the device tables.
-    pub fn dbus_address(mut self, address: &str) -> Self {
-        let _ = write!(self.devices, "\n[dbus]\naddress = {address:?}\n");
+    pub fn dbus_address(self, address: &str) -> Self {
+        self.dbus_table(address, "")
+    }
+
+    /// [`Setup::dbus_address`] with more keys of the `[dbus]` table (`max_calls_in_flight = 1`
+    /// lines).
+    pub fn dbus_table(mut self, address: &str, keys: &str) -> Self {
+        let _ = write!(self.devices, "\n[dbus]\naddress = {address:?}\n{keys}\n");
         self
     }
 

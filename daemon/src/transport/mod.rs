@@ -37,7 +37,7 @@ pub trait Handler: Send + Sync + 'static {
         async move {
             Err(ApiError::PermissionDenied {
                 action: "credential".into(),
-                resource: format!("{}/{id}", caller.unit.unwrap_or_default()),
+                resource: format!("{}/{id}", caller.who.unit.unwrap_or_default()),
             })
         }
     }
