@@ -241,6 +241,51 @@ impl Setup {
     }
 }
 
+/// Wait until the file at `path` holds, past byte `from`, a line that `pred` accepts (given
+/// without colour codes, see [`plain`]), and return that line. Each write to the file wakes
+/// the wait (inotify); nothing is re-read on a timer. The file must exist when the wait starts.
+///
+/// # Panics
+/// When no such line comes within `within`, naming `what` and showing what was written meanwhile.
+pub fn wait_file_line(
+    path: &Path,
+    what: &str,
+    from: usize,
+    within: Duration,
+    pred: &mut dyn FnMut(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + within;
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC).expect("inotify");
+    // Watched before the first read, so that no write in between goes unnoticed.
+    inotify
+        .add_watch(path, AddWatchFlags::IN_MODIFY)
+        .unwrap_or_else(|e| panic!("watch {}: {e}", path.display()));
+    let mut checked = from;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        // Only whole lines, each looked at once.
+        let new = text.get(checked..).unwrap_or_default();
+        let whole = new.rfind('\n').map_or(0, |i| i + 1);
+        if let Some(line) = new[..whole].lines().map(plain).find(|l| pred(l)) {
+            return line;
+        }
+        checked += whole;
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "no line for {what} in {} within {within:?}; written since the mark:\n{}",
+            path.display(),
+            text.get(from..).unwrap_or_default()
+        );
+        let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        if poll(&mut fds, timeout).is_ok_and(|n| n > 0) {
+            // Drain the events: the file is read again from `checked` either way.
+            let _ = inotify.read_events();
+        }
+    }
+}
+
 /// `text` without its terminal colour codes (CSI sequences: `ESC [ parameters final-byte`), so
 /// that a test matches `device=tpm` whether or not the log was coloured.
 pub fn plain(text: &str) -> String {
@@ -331,38 +376,13 @@ impl Keywardd {
         within: Duration,
         mut pred: impl FnMut(&str) -> bool,
     ) -> String {
-        let deadline = Instant::now() + within;
-        let inotify = Inotify::init(InitFlags::IN_CLOEXEC).expect("inotify");
-        // Watched before the first read, so that no write in between goes unnoticed.
-        inotify
-            .add_watch(
-                &self.dir.path().join("keywardd.log"),
-                AddWatchFlags::IN_MODIFY,
-            )
-            .expect("watch the daemon's log");
-        let mut checked = from;
-        loop {
-            let text = self.log();
-            // Only whole lines, each looked at once.
-            let new = text.get(checked..).unwrap_or_default();
-            let whole = new.rfind('\n').map_or(0, |i| i + 1);
-            if let Some(line) = new[..whole].lines().map(plain).find(|l| pred(l)) {
-                return line;
-            }
-            checked += whole;
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "no log line for {what} within {within:?}; logged since the mark:\n{}",
-                text.get(from..).unwrap_or_default()
-            );
-            let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
-            let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
-            if poll(&mut fds, timeout).is_ok_and(|n| n > 0) {
-                // Drain the events: the file is read again from `checked` either way.
-                let _ = inotify.read_events();
-            }
-        }
+        wait_file_line(
+            &self.dir.path().join("keywardd.log"),
+            what,
+            from,
+            within,
+            &mut pred,
+        )
     }
 
     /// The policy file (rewrite it and [`Keywardd::reload`] to change the policy).
