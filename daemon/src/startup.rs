@@ -31,7 +31,7 @@ use crate::service::Service;
 use crate::store::Store;
 use crate::sys;
 use crate::transport::dbus::{self, DbusError};
-use crate::transport::{credentials, socket, varlink};
+use crate::transport::{credentials, socket, transit, varlink};
 use crate::vault::Vault;
 
 /// How long the stop waits for the device threads to close their devices.
@@ -355,6 +355,7 @@ pub struct Daemon {
     varlink: JoinHandle<()>,
     dbus: Option<JoinHandle<Result<(), DbusError>>>,
     credentials: Option<JoinHandle<()>>,
+    transit: Option<JoinHandle<()>>,
     device_watch: JoinHandle<()>,
     watchdog_stop: watch::Sender<bool>,
     watchdog: Option<JoinHandle<()>>,
@@ -413,6 +414,15 @@ pub async fn start(config: &Config) -> Result<Daemon, StartError> {
             stopped.clone(),
         ))
     });
+    let transit = match &config.transit {
+        Some(t) => {
+            let listener = bind(&t.socket)?;
+            let serve =
+                transit::serve(listener, service.clone(), t.limits.clone(), stopped.clone());
+            Some(tokio::spawn(serve))
+        }
+        None => None,
+    };
 
     let line = vault_line(&service).await?;
     // From READY=1 on, systemd counts the watchdog interval. The pings go on while requests
@@ -442,6 +452,7 @@ pub async fn start(config: &Config) -> Result<Daemon, StartError> {
         varlink,
         dbus,
         credentials,
+        transit,
         device_watch,
         watchdog_stop,
         watchdog,
@@ -483,6 +494,9 @@ impl Daemon {
         }
         if let Some(c) = self.credentials {
             let _ = c.await;
+        }
+        if let Some(t) = self.transit {
+            let _ = t.await;
         }
         let _ = self.device_watch.await;
         let _ = self.watchdog_stop.send(true);
