@@ -82,6 +82,8 @@ impl Bao {
             r#"storage "raft" {{
   path = "{data}"
   node_id = "{node}"
+  # Raft's tightest timing (its default is 5): a single node elects itself in about a second.
+  performance_multiplier = 1
 }}
 listener "tcp" {{
   address = "127.0.0.1:{port}"

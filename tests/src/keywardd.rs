@@ -64,6 +64,7 @@ pub struct Setup {
     policy: Option<String>,
     public_socket: bool,
     credentials_wait: Option<u64>,
+    transit: bool,
     log_filter: Option<String>,
     limits: Option<String>,
     keep_notify: bool,
@@ -131,6 +132,13 @@ impl Setup {
     /// `wait_unsealed_secs` for the vault to open.
     pub fn credentials(mut self, wait_unsealed_secs: u64) -> Self {
         self.credentials_wait = Some(wait_unsealed_secs);
+        self
+    }
+
+    /// Serve the OpenBao-compatible transit socket (`Keywardd::transit_socket`, mount
+    /// `transit`).
+    pub fn transit(mut self) -> Self {
+        self.transit = true;
         self
     }
 
@@ -208,6 +216,14 @@ impl Setup {
                 config,
                 "[credentials]\nsocket = \"{}\"\nmode = \"{}\"\nwait_unsealed_secs = {wait}\n",
                 run_dir.join("credentials.sock").display(),
+                if self.public_socket { "0666" } else { "0600" },
+            );
+        }
+        if self.transit {
+            let _ = write!(
+                config,
+                "[transit]\nsocket = \"{}\"\nmode = \"{}\"\n",
+                run_dir.join("transit.sock").display(),
                 if self.public_socket { "0666" } else { "0600" },
             );
         }
@@ -341,6 +357,11 @@ impl Keywardd {
     /// The credential socket (with [`Setup::credentials`]).
     pub fn credentials_socket(&self) -> PathBuf {
         self.socket.with_file_name("credentials.sock")
+    }
+
+    /// The transit socket (with [`Setup::transit`]).
+    pub fn transit_socket(&self) -> PathBuf {
+        self.socket.with_file_name("transit.sock")
     }
 
     /// The temp dir holding everything.
