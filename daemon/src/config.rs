@@ -147,6 +147,19 @@ pub struct TransitSettings {
     pub limits: TransitLimits,
 }
 
+impl TransitSettings {
+    /// The mount and bounds of a `[transit]` table that sets none: also those of a transit
+    /// socket systemd passes in when the file has no such table.
+    pub fn default_limits() -> TransitLimits {
+        TransitLimits {
+            mount: default_transit_mount(),
+            max_body: default_transit_max_body(),
+            max_connections: default_transit_connections(),
+            header_timeout: Duration::from_secs(default_transit_header_timeout()),
+        }
+    }
+}
+
 /// The audit log's NV counter: a configured `tpm2` device and the index on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TpmCounter {
