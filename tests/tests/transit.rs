@@ -12,6 +12,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use keyward_tests::as_uid;
 use keyward_tests::bao::Bao;
+use keyward_tests::dbus::PrivateBus;
 use keyward_tests::keywardd::{bin, run_cli, Keywardd, Output, Setup};
 use keyward_tests::swtpm::Swtpm;
 use serde_json::Value;
@@ -153,6 +154,54 @@ fn transit_keys_over_varlink_rotate_and_old_versions_still_decrypt() {
         assert!(!d.log().contains(body), "a ciphertext in the daemon's log");
     }
     assert!(!d.log().contains("first plaintext"));
+}
+
+/// The same methods on D-Bus, as JSON members (as every method of the table is).
+#[test]
+fn transit_methods_are_on_the_bus_too() {
+    let swtpm = Swtpm::start();
+    let bus = PrivateBus::start();
+    let d = Setup::new()
+        .tpm("tpm", &swtpm)
+        .policy(POLICY)
+        .dbus_address(bus.address())
+        .start();
+    ok(&d.run(&["init", "--tpm2", "tpm"], b""), "init");
+    let call = |method: &str, params: Value| -> Value {
+        let mut c = Command::new("busctl");
+        c.arg(format!("--address={}", bus.address())).args([
+            "--json=short",
+            "call",
+            "org.keyward.Custodian1",
+            "/org/keyward/Custodian1",
+            "org.keyward.Custodian1",
+            method,
+            "s",
+            &params.to_string(),
+        ]);
+        let out = run_cli(&mut c, b"");
+        assert_eq!(out.code, 0, "{method}: {}", out.stderr);
+        let reply: Value = serde_json::from_str(&out.stdout).unwrap();
+        serde_json::from_str(reply["data"][0].as_str().unwrap()).unwrap()
+    };
+    let created = call("CreateTransitKey", serde_json::json!({ "name": "app-bus" }));
+    assert_eq!(created["version"], 1);
+    let plaintext = B64.encode(b"over the bus");
+    let ad = B64.encode(b"ctx");
+    let sealed = call(
+        "Encrypt",
+        serde_json::json!({ "name": "app-bus", "plaintext": plaintext, "associated_data": ad }),
+    );
+    let ciphertext = sealed["ciphertext"].as_str().unwrap();
+    assert!(ciphertext.starts_with("vault:v1:"), "{sealed}");
+    let opened = call(
+        "Decrypt",
+        serde_json::json!({ "name": "app-bus", "ciphertext": ciphertext, "associated_data": ad }),
+    );
+    assert_eq!(opened["plaintext"], plaintext.as_str());
+    // And what the bus encrypted, the CLI decrypts.
+    let out = decrypt(&d, "app-bus", ciphertext, Some("ctx"));
+    assert_eq!(out.stdout_bytes, b"over the bus", "{}", out.stderr);
 }
 
 /// `curl` over the transit socket: (HTTP status, body as JSON).
