@@ -479,3 +479,73 @@ fn assert_stays_sealed(bao: &mut Bao, mark: usize, why: &str) {
     assert!(said.contains(why), "{said}");
     assert!(!said.contains("vault is unsealed"), "{said}");
 }
+
+/// Every node of an OpenBao Raft cluster shares one root key, wrapped by one seal: three nodes
+/// on one keywardd's transit key join and, restarted, each unseal with no human; a node whose
+/// seal is another keywardd (another TPM) can't join: it can't decrypt the cluster's
+/// challenge. (Each node unsealing from its own TPM needs OpenBao's parallel unseal.)
+#[test]
+fn a_raft_cluster_unseals_through_one_keywardd_and_another_keywardd_cannot_join() {
+    let started = Instant::now();
+    let swtpm = Swtpm::start();
+    let d = daemon(&swtpm);
+    ok(&d.run(&["transit", "create", "bao-unseal"], b""), "create");
+    let mut nodes: Vec<Bao> = ["node-1", "node-2", "node-3"]
+        .iter()
+        .map(|n| Bao::start(n, &seal_stanza(&d)))
+        .collect();
+    let out = nodes[0].run(&[
+        "operator",
+        "init",
+        "-format=json",
+        "-recovery-shares=1",
+        "-recovery-threshold=1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_unsealed(&nodes[0], 0);
+    let leader = nodes[0].addr();
+    for node in &nodes[1..] {
+        let out = node.run(&["operator", "raft", "join", &leader]);
+        assert!(
+            out.status.success(),
+            "join: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            node.log()
+        );
+        assert_unsealed(node, 0);
+    }
+    let formed = started.elapsed();
+
+    // A node sealed by another machine's keywardd (its own TPM, its own key) can't join.
+    let other_tpm = Swtpm::start();
+    let other = daemon(&other_tpm);
+    ok(
+        &other.run(&["transit", "create", "bao-unseal"], b""),
+        "create",
+    );
+    let stranger = Bao::start("node-4", &seal_stanza(&other));
+    let out = stranger.run(&["operator", "raft", "join", &leader]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "joined with another seal");
+    assert!(said.contains("error decrypting challenge"), "{said}");
+    assert!(said.contains("does not decrypt"), "{said}");
+
+    // The whole cluster down and up again: every node unseals on its own.
+    for node in &mut nodes {
+        node.stop();
+    }
+    for node in &mut nodes {
+        let mark = node.log_mark();
+        assert!(node.start_again(), "{}", node.log());
+        assert_unsealed(node, mark);
+    }
+
+    eprintln!(
+        "timing: 3-node cluster formed in {formed:?}, whole test {:?}",
+        started.elapsed()
+    );
+}
