@@ -79,6 +79,8 @@ enum Phase {
     Startup,
     /// 1k vs 100k secrets.
     Scale,
+    /// Transit Encrypt/Decrypt vs GetSecret over Varlink.
+    Transit,
 }
 
 /// One part of a run: measures against the world and adds to the report.
@@ -158,13 +160,14 @@ fn run(args: &Args) -> Result<bool> {
         settings.rekeys
     ));
     let wanted = |p: Phase| args.only.is_empty() || args.only.contains(&p);
-    let phases: [(Phase, PhaseFn); 7] = [
+    let phases: [(Phase, PhaseFn); 8] = [
         (Phase::GetSecret, phases::get_secret),
         (Phase::Sign, phases::sign_softhsm),
         (Phase::Tpm, phases::sign_tpm),
         (Phase::Credentials, phases::credential_fetches),
         (Phase::Put, phases::put_secret),
         (Phase::Startup, phases::startup),
+        (Phase::Transit, phases::transit),
         (Phase::Scale, phases::scale),
     ];
     for (phase, f) in phases {

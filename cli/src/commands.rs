@@ -18,7 +18,7 @@ use super::input::{self, NoEcho, Shares, ZeroizingReader};
 use super::output;
 use super::{
     Cli, CliError, Command, Enroll, InitArgs, KeyCommand, KeyslotCommand, RekeyArgs, SecretCommand,
-    UnsealArgs,
+    TransitCommand, UnsealArgs,
 };
 
 /// How long a call may go without progress before the CLI gives up (key generation and
@@ -129,6 +129,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Secret(cmd) => secret(c, &out, cmd),
         Command::Key(cmd) => key(c, &out, cmd),
+        Command::Transit(cmd) => transit(c, &out, cmd),
     }
 }
 
@@ -623,6 +624,85 @@ fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
             out.emit(&json!({ "deleted": name }), || {
                 format!("key {name} deleted\n")
             })
+        }
+    }
+}
+
+fn transit(c: &mut Client, out: &Out, cmd: TransitCommand) -> Result<(), CliError> {
+    use keyward::api::{methods, Bytes, DecryptParams, EncryptParams, TransitKeyParams};
+    let associated = |text: Option<String>| text.map(|t| Bytes(t.into_bytes()));
+    match cmd {
+        TransitCommand::Create { name } => {
+            let version = c
+                .request::<methods::CreateTransitKey>(&TransitKeyParams { name: name.clone() })?
+                .version;
+            out.emit(&json!({ "name": name, "version": version }), || {
+                format!("transit key {name} created (version {version})\n")
+            })
+        }
+        TransitCommand::Rotate { name } => {
+            let version = c
+                .request::<methods::RotateTransitKey>(&TransitKeyParams { name: name.clone() })?
+                .version;
+            out.emit(&json!({ "name": name, "version": version }), || {
+                format!("transit key {name} now encrypts with version {version}\n")
+            })
+        }
+        TransitCommand::Encrypt {
+            name,
+            file,
+            associated_data,
+        } => {
+            let plaintext = input::file_or_stdin(
+                file.as_deref(),
+                MAX_SECRET_LEN,
+                "the data to encrypt",
+                "pipe it in (`keyward transit encrypt NAME < FILE`) or use --file FILE",
+            )?;
+            let reply = c.request::<methods::Encrypt>(&EncryptParams {
+                name: name.clone(),
+                plaintext: SecretValue::from(plaintext),
+                associated_data: associated(associated_data),
+            })?;
+            out.emit(
+                &json!({ "name": name, "ciphertext": reply.ciphertext }),
+                || format!("{}\n", reply.ciphertext),
+            )
+        }
+        TransitCommand::Decrypt {
+            name,
+            ciphertext,
+            associated_data,
+            output,
+        } => {
+            let reply = c.request::<methods::Decrypt>(&DecryptParams {
+                name: name.clone(),
+                ciphertext,
+                associated_data: associated(associated_data),
+            })?;
+            if let Some(path) = &output {
+                input::write_private(path, reply.plaintext.expose())?;
+            }
+            if out.json {
+                #[derive(Serialize)]
+                struct Doc<'a> {
+                    name: &'a str,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    plaintext: Option<&'a SecretValue>,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    output: Option<&'a Path>,
+                }
+                let doc = Doc {
+                    name: &name,
+                    plaintext: output.is_none().then_some(&reply.plaintext),
+                    output: output.as_deref(),
+                };
+                out.emit(&doc, String::new)
+            } else if output.is_none() {
+                write_stdout(reply.plaintext.expose())
+            } else {
+                Ok(())
+            }
         }
     }
 }

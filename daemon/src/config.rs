@@ -23,6 +23,7 @@ use crate::audit::AuditOptions;
 use crate::device::{ActorOptions, DeviceSpec, Pkcs11Spec};
 use crate::transport::credentials::CredentialLimits;
 use crate::transport::dbus::{Bus, DbusLimits};
+use crate::transport::transit::TransitLimits;
 use crate::transport::varlink::VarlinkLimits;
 
 /// Default path of the config file.
@@ -146,6 +147,28 @@ pub struct DbusSettings {
     pub limits: DbusLimits,
 }
 
+/// The OpenBao-compatible transit socket: where, and its bounds.
+#[derive(Clone, Debug)]
+pub struct TransitSettings {
+    /// The socket.
+    pub socket: SocketSettings,
+    /// Its mount path and bounds.
+    pub limits: TransitLimits,
+}
+
+impl TransitSettings {
+    /// The mount and bounds of a `[transit]` table that sets none: also those of a transit
+    /// socket systemd passes in when the file has no such table.
+    pub fn default_limits() -> TransitLimits {
+        TransitLimits {
+            mount: default_transit_mount(),
+            max_body: default_transit_max_body(),
+            max_connections: default_transit_connections(),
+            header_timeout: Duration::from_secs(default_transit_header_timeout()),
+        }
+    }
+}
+
 /// The audit log's NV counter: a configured `tpm2` device and the index on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TpmCounter {
@@ -166,6 +189,8 @@ pub struct Config {
     pub credentials: Option<CredentialSettings>,
     /// The D-Bus service, when configured.
     pub dbus: Option<DbusSettings>,
+    /// The OpenBao-compatible transit socket, when configured.
+    pub transit: Option<TransitSettings>,
     /// The policy file. Without one, everything but `Status` is denied.
     pub policy: Option<PathBuf>,
     /// Device names to try, in order, for the unattended unseal at start (every one is a
@@ -293,6 +318,24 @@ impl File {
             }),
             None => None,
         };
+        let transit = match self.transit {
+            Some(t) => Some(TransitSettings {
+                socket: SocketSettings {
+                    mode: mode("transit.mode", &t.mode)?,
+                    path: t.socket,
+                },
+                limits: TransitLimits {
+                    mount: check_mount(&t.mount)?,
+                    max_body: count("transit.max_body_bytes", t.max_body_bytes)?,
+                    max_connections: count("transit.max_connections", t.max_connections)?,
+                    header_timeout: Duration::from_secs(positive(
+                        "transit.header_timeout_secs",
+                        t.header_timeout_secs,
+                    )?),
+                },
+            }),
+            None => None,
+        };
         let dbus = match self.dbus {
             None => None,
             Some(d) => Some(DbusSettings {
@@ -404,6 +447,7 @@ impl File {
             api,
             credentials,
             dbus,
+            transit,
             policy: self.policy,
             unseal_order,
             devices,
@@ -455,6 +499,9 @@ struct File {
     /// Off unless configured.
     #[serde(default)]
     dbus: Option<FileDbus>,
+    /// Off unless configured.
+    #[serde(default)]
+    transit: Option<FileTransit>,
     #[serde(default)]
     policy: Option<PathBuf>,
     /// Default: every configured device, in name order. Recovery slots are never tried
@@ -559,6 +606,68 @@ fn default_credentials_connections() -> usize {
 
 fn default_credentials_write_timeout() -> u64 {
     10
+}
+
+/// The OpenBao-compatible transit socket (`seal "transit" { address = "unix://…" }`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTransit {
+    #[serde(default = "default_transit_socket")]
+    socket: PathBuf,
+    /// "0660": the OpenBao service's group connects.
+    #[serde(default = "default_mode")]
+    mode: String,
+    /// OpenBao's `mount_path`.
+    #[serde(default = "default_transit_mount")]
+    mount: String,
+    #[serde(default = "default_transit_max_body")]
+    max_body_bytes: usize,
+    #[serde(default = "default_transit_connections")]
+    max_connections: usize,
+    #[serde(default = "default_transit_header_timeout")]
+    header_timeout_secs: u64,
+}
+
+fn default_transit_socket() -> PathBuf {
+    PathBuf::from("/run/keyward/transit.sock")
+}
+
+fn default_transit_mount() -> String {
+    "transit".into()
+}
+
+fn default_transit_max_body() -> usize {
+    api::MAX_FRAME_LEN
+}
+
+fn default_transit_connections() -> usize {
+    64
+}
+
+fn default_transit_header_timeout() -> u64 {
+    30
+}
+
+/// A mount path: `/`-separated segments of `A-Z a-z 0-9 . _ -` (a leading or trailing `/`, as
+/// OpenBao's `mount_path = "transit/"`, is dropped).
+fn check_mount(mount: &str) -> Result<String, Invalid> {
+    let trimmed = mount.trim_matches('/');
+    let ok = !trimmed.is_empty()
+        && trimmed.split('/').all(|s| {
+            !s.is_empty()
+                && s != "."
+                && s != ".."
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        });
+    if ok {
+        Ok(trimmed.to_owned())
+    } else {
+        Err(Invalid::new(
+            "transit.mount",
+            format!("{mount:?} is not a mount path like \"transit\""),
+        ))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -934,6 +1043,31 @@ mod tests {
             parse(&format!("{}[audit]\ntpm_counter = \"a\"", hsm("a"))).unwrap_err(),
             "audit.tpm_counter \"a\" is not a configured tpm2 device"
         );
+    }
+
+    #[test]
+    fn transit_socket_is_off_unless_configured_and_checked() {
+        assert!(parse("").unwrap().transit.is_none());
+        let t = parse("[transit]\nmount = \"/kw/transit/\"")
+            .unwrap()
+            .transit
+            .unwrap();
+        assert_eq!(t.socket.path, Path::new("/run/keyward/transit.sock"));
+        assert_eq!(t.socket.mode.to_string(), "0660");
+        assert_eq!(t.limits.mount, "kw/transit");
+        assert_eq!(t.limits.max_body, api::MAX_FRAME_LEN);
+        for bad in ["\"\"", "\"a//b\"", "\"../x\"", "\"a b\""] {
+            assert!(
+                parse(&format!("[transit]\nmount = {bad}"))
+                    .unwrap_err()
+                    .starts_with("transit.mount"),
+                "{bad}"
+            );
+        }
+        assert!(parse("[transit]\nmax_connections = 0")
+            .unwrap_err()
+            .starts_with("transit.max_connections"));
+        assert!(parse("[transit]\ntoken = \"x\"").is_err());
     }
 
     #[test]

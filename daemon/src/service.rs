@@ -56,13 +56,22 @@ fn needs<'a>(request: &Request, target: &'a str) -> Option<(Action, Resource<'a>
         Access::WriteSecret => (Action::Write, Resource::Secret(target)),
         Access::ManageKey => (Action::Keys, Resource::Key(target)),
         Access::UseKey => (Action::Sign, Resource::Key(target)),
+        Access::Encrypt => (Action::Encrypt, Resource::Transit(transit_name(target))),
+        Access::Decrypt => (Action::Decrypt, Resource::Transit(transit_name(target))),
     })
+}
+
+/// The transit key a `transit/<key>` target names (the policy's `transit` list holds key
+/// names; the audit log's target says which kind of thing it is).
+fn transit_name(target: &str) -> &str {
+    target.strip_prefix("transit/").unwrap_or(target)
 }
 
 fn resource_name(resource: &Resource<'_>) -> String {
     match resource {
         Resource::Secret(n) => format!("secret {n}"),
         Resource::Key(n) => format!("key {n}"),
+        Resource::Transit(n) => format!("transit/{n}"),
         Resource::Vault => "vault".into(),
     }
 }
@@ -240,6 +249,24 @@ impl Service {
             Request::DeleteKey(p) => {
                 v.delete_key(p.name).await?;
                 Reply::DeleteKey(api::Done {})
+            }
+            Request::CreateTransitKey(p) => Reply::CreateTransitKey(api::VersionReply {
+                version: v.create_transit_key(p.name).await?.into(),
+            }),
+            Request::RotateTransitKey(p) => Reply::RotateTransitKey(api::VersionReply {
+                version: v.rotate_transit_key(p.name).await?.into(),
+            }),
+            Request::Encrypt(p) => {
+                let associated = p.associated_data.as_ref().map(|a| a.0.as_slice());
+                Reply::Encrypt(api::EncryptReply {
+                    ciphertext: v.transit_encrypt(p.name, &p.plaintext, associated).await?,
+                })
+            }
+            Request::Decrypt(p) => {
+                let associated = p.associated_data.as_ref().map(|a| a.0.as_slice());
+                Reply::Decrypt(api::DecryptReply {
+                    plaintext: v.transit_decrypt(p.name, &p.ciphertext, associated).await?,
+                })
             }
         })
     }

@@ -24,14 +24,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::audit::AuditLog;
-use crate::config::{Config, ConfigError, CredentialSettings, SocketSettings};
+use crate::config::{Config, ConfigError, CredentialSettings, SocketSettings, TransitSettings};
 use crate::device::{self, DeviceHandle, DeviceSpec};
 use crate::health::{self, StatusLine};
 use crate::service::Service;
 use crate::store::Store;
 use crate::sys;
 use crate::transport::dbus::{self, DbusError};
-use crate::transport::{credentials, socket, varlink};
+use crate::transport::{credentials, socket, transit, varlink};
 use crate::vault::Vault;
 
 /// How long the stop waits for the device threads to close their devices.
@@ -112,7 +112,7 @@ pub enum StartError {
     /// An activated socket can't be served.
     #[error("activated {what} socket: {source}")]
     ActivatedSocket {
-        /// `api` or `credentials`.
+        /// `api`, `credentials` or `transit`.
         what: &'static str,
         /// Why tokio refused it.
         source: std::io::Error,
@@ -258,6 +258,7 @@ async fn open_vault(
 struct Listeners {
     api: UnixListener,
     credentials: Option<UnixListener>,
+    transit: Option<UnixListener>,
     activated: bool,
 }
 
@@ -277,7 +278,8 @@ fn pick_listeners(
         UnixListener::from_std(l).map_err(|source| StartError::ActivatedSocket { what, source })
     };
     let api = activated.remove("api").or_else(|| {
-        let only = (activated.len() == 1 && !activated.contains_key("credentials"))
+        let named = activated.contains_key("credentials") || activated.contains_key("transit");
+        let only = (activated.len() == 1 && !named)
             .then(|| activated.keys().next().cloned())
             .flatten()?;
         activated.remove(&only)
@@ -292,12 +294,22 @@ fn pick_listeners(
         (None, Some(c)) if !socket_activated => Some(bind(&c.socket)?),
         (None, _) => None,
     };
+    let transit = match (activated.remove("transit"), &config.transit) {
+        (Some(l), _) => Some(tokio_listener(l, "transit")?),
+        (None, Some(t)) if !socket_activated => Some(bind(&t.socket)?),
+        (None, Some(_)) => {
+            tracing::warn!("[transit] is configured, but systemd passed no socket named \"transit\" (keywardd-transit.socket): the transit socket is not served");
+            None
+        }
+        (None, None) => None,
+    };
     for name in activated.keys() {
         tracing::warn!(name = %name, "ignoring an activated socket with an unknown FileDescriptorName");
     }
     Ok(Listeners {
         api,
         credentials,
+        transit,
         activated: socket_activated,
     })
 }
@@ -355,6 +367,7 @@ pub struct Daemon {
     varlink: JoinHandle<()>,
     dbus: Option<JoinHandle<Result<(), DbusError>>>,
     credentials: Option<JoinHandle<()>>,
+    transit: Option<JoinHandle<()>>,
     device_watch: JoinHandle<()>,
     watchdog_stop: watch::Sender<bool>,
     watchdog: Option<JoinHandle<()>>,
@@ -413,6 +426,14 @@ pub async fn start(config: &Config) -> Result<Daemon, StartError> {
             stopped.clone(),
         ))
     });
+    let transit = listeners.transit.map(|l| {
+        // An activated transit socket without a [transit] table gets the defaults.
+        let limits = config
+            .transit
+            .as_ref()
+            .map_or_else(TransitSettings::default_limits, |t| t.limits.clone());
+        tokio::spawn(transit::serve(l, service.clone(), limits, stopped.clone()))
+    });
 
     let line = vault_line(&service).await?;
     // From READY=1 on, systemd counts the watchdog interval. The pings go on while requests
@@ -442,6 +463,7 @@ pub async fn start(config: &Config) -> Result<Daemon, StartError> {
         varlink,
         dbus,
         credentials,
+        transit,
         device_watch,
         watchdog_stop,
         watchdog,
@@ -484,6 +506,9 @@ impl Daemon {
         if let Some(c) = self.credentials {
             let _ = c.await;
         }
+        if let Some(t) = self.transit {
+            let _ = t.await;
+        }
         let _ = self.device_watch.await;
         let _ = self.watchdog_stop.send(true);
         if let Some(w) = self.watchdog {
@@ -509,5 +534,54 @@ impl Daemon {
             }
         }
         tracing::info!("stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listening socket as systemd passes it (keywardd sets passed sockets non-blocking).
+    fn listener(dir: &Path, name: &str) -> StdListener {
+        let l = StdListener::bind(dir.join(name)).unwrap();
+        l.set_nonblocking(true).unwrap();
+        l
+    }
+
+    /// Under socket activation the transit socket is systemd's (`FileDescriptorName=transit`):
+    /// served, never bound from the config, and never mistaken for the API socket.
+    #[tokio::test]
+    async fn an_activated_transit_socket_is_served_and_never_taken_for_the_api() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keywardd.toml");
+        let (api, bound) = (dir.path().join("api.sock"), dir.path().join("transit.sock"));
+        std::fs::write(
+            &path,
+            format!(
+                "[api]\nsocket = {api:?}\n[transit]\nsocket = {bound:?}\n",
+                api = api.display().to_string(),
+                bound = bound.display().to_string()
+            ),
+        )
+        .unwrap();
+        let config = Config::load(&path).unwrap();
+        let activated = HashMap::from([
+            ("api".to_owned(), listener(dir.path(), "a")),
+            ("transit".to_owned(), listener(dir.path(), "t")),
+        ]);
+        let picked = pick_listeners(activated, &config).unwrap_or_else(|e| panic!("{e}"));
+        assert!(picked.transit.is_some());
+        assert!(
+            !bound.exists() && !api.exists(),
+            "nothing bound under activation"
+        );
+        let lone = HashMap::from([("transit".to_owned(), listener(dir.path(), "t2"))]);
+        assert!(matches!(
+            pick_listeners(lone, &config),
+            Err(StartError::NoApiSocket)
+        ));
+        // Not activated: the configured paths are bound.
+        let picked = pick_listeners(HashMap::new(), &config).unwrap_or_else(|e| panic!("{e}"));
+        assert!(picked.transit.is_some() && bound.exists() && api.exists());
     }
 }

@@ -64,6 +64,7 @@ pub struct Setup {
     policy: Option<String>,
     public_socket: bool,
     credentials_wait: Option<u64>,
+    transit: bool,
     log_filter: Option<String>,
     limits: Option<String>,
     keep_notify: bool,
@@ -148,6 +149,13 @@ impl Setup {
         self
     }
 
+    /// Serve the OpenBao-compatible transit socket (`Keywardd::transit_socket`, mount
+    /// `transit`).
+    pub fn transit(mut self) -> Self {
+        self.transit = true;
+        self
+    }
+
     /// Put the API socket where any user can reach it (mode 0666 in a 0755 directory), for tests
     /// that call as another uid and must meet the policy, not file permissions.
     pub fn public_socket(mut self) -> Self {
@@ -225,6 +233,14 @@ impl Setup {
                 if self.public_socket { "0666" } else { "0600" },
             );
         }
+        if self.transit {
+            let _ = write!(
+                config,
+                "[transit]\nsocket = \"{}\"\nmode = \"{}\"\n",
+                run_dir.join("transit.sock").display(),
+                if self.public_socket { "0666" } else { "0600" },
+            );
+        }
         if let Some(policy) = &self.policy {
             std::fs::write(&policy_path, policy).expect("policy");
             std::fs::set_permissions(&policy_path, std::fs::Permissions::from_mode(0o600))
@@ -251,6 +267,51 @@ impl Setup {
             keep_notify: self.keep_notify,
             watchdog_usec: self.watchdog_usec,
             notify: None,
+        }
+    }
+}
+
+/// Wait until the file at `path` holds, past byte `from`, a line that `pred` accepts (given
+/// without colour codes, see [`plain`]), and return that line. Each write to the file wakes
+/// the wait (inotify); nothing is re-read on a timer. The file must exist when the wait starts.
+///
+/// # Panics
+/// When no such line comes within `within`, naming `what` and showing what was written meanwhile.
+pub fn wait_file_line(
+    path: &Path,
+    what: &str,
+    from: usize,
+    within: Duration,
+    pred: &mut dyn FnMut(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + within;
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC).expect("inotify");
+    // Watched before the first read, so that no write in between goes unnoticed.
+    inotify
+        .add_watch(path, AddWatchFlags::IN_MODIFY)
+        .unwrap_or_else(|e| panic!("watch {}: {e}", path.display()));
+    let mut checked = from;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        // Only whole lines, each looked at once.
+        let new = text.get(checked..).unwrap_or_default();
+        let whole = new.rfind('\n').map_or(0, |i| i + 1);
+        if let Some(line) = new[..whole].lines().map(plain).find(|l| pred(l)) {
+            return line;
+        }
+        checked += whole;
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "no line for {what} in {} within {within:?}; written since the mark:\n{}",
+            path.display(),
+            text.get(from..).unwrap_or_default()
+        );
+        let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        if poll(&mut fds, timeout).is_ok_and(|n| n > 0) {
+            // Drain the events: the file is read again from `checked` either way.
+            let _ = inotify.read_events();
         }
     }
 }
@@ -312,6 +373,11 @@ impl Keywardd {
         self.socket.with_file_name("credentials.sock")
     }
 
+    /// The transit socket (with [`Setup::transit`]).
+    pub fn transit_socket(&self) -> PathBuf {
+        self.socket.with_file_name("transit.sock")
+    }
+
     /// The temp dir holding everything.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -345,38 +411,13 @@ impl Keywardd {
         within: Duration,
         mut pred: impl FnMut(&str) -> bool,
     ) -> String {
-        let deadline = Instant::now() + within;
-        let inotify = Inotify::init(InitFlags::IN_CLOEXEC).expect("inotify");
-        // Watched before the first read, so that no write in between goes unnoticed.
-        inotify
-            .add_watch(
-                &self.dir.path().join("keywardd.log"),
-                AddWatchFlags::IN_MODIFY,
-            )
-            .expect("watch the daemon's log");
-        let mut checked = from;
-        loop {
-            let text = self.log();
-            // Only whole lines, each looked at once.
-            let new = text.get(checked..).unwrap_or_default();
-            let whole = new.rfind('\n').map_or(0, |i| i + 1);
-            if let Some(line) = new[..whole].lines().map(plain).find(|l| pred(l)) {
-                return line;
-            }
-            checked += whole;
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "no log line for {what} within {within:?}; logged since the mark:\n{}",
-                text.get(from..).unwrap_or_default()
-            );
-            let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
-            let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
-            if poll(&mut fds, timeout).is_ok_and(|n| n > 0) {
-                // Drain the events: the file is read again from `checked` either way.
-                let _ = inotify.read_events();
-            }
-        }
+        wait_file_line(
+            &self.dir.path().join("keywardd.log"),
+            what,
+            from,
+            within,
+            &mut pred,
+        )
     }
 
     /// The policy file (rewrite it and [`Keywardd::reload`] to change the policy).

@@ -257,6 +257,7 @@ pub fn caller_record(c: &Caller) -> CallerRecord {
             Via::Varlink => "varlink",
             Via::Dbus => "dbus",
             Via::Credentials => "credentials",
+            Via::Transit => "transit",
             Via::Daemon => "daemon",
         }
         .to_owned(),

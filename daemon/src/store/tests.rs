@@ -470,8 +470,8 @@ async fn key_intents_are_one_per_name_and_checked() {
         .unwrap());
 }
 
-/// A database as the previous build (schema v2) left it, with a vault and a key in it, takes the
-/// v3 step and keeps everything.
+/// A database as an earlier build (schema v2) left it, with a vault and a key in it, takes the
+/// v3 step (and every later one) and keeps everything.
 #[tokio::test]
 async fn migrates_v2_to_v3_keeping_the_data() {
     let (_dir, path) = temp();
@@ -497,7 +497,7 @@ async fn migrates_v2_to_v3_keeping_the_data() {
         .read(|c| Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?))
         .await
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, schema::current_version());
     let old = store
         .read(|c| tables::get_key(c, "old"))
         .await
@@ -803,4 +803,52 @@ async fn writes_queued_together_commit_together_and_fail_alone() {
     // group wrote the few pages it touched, once or twice.
     let frames = (wal_len() - before) / (page + 24);
     assert!(frames <= 8, "{frames} WAL frames for one group");
+}
+
+/// Transit key versions: stored per (name, version), the newest found, a version never
+/// written twice.
+#[tokio::test]
+async fn transit_key_versions() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let row = |version| tables::TransitKeyRow {
+        name: "bao".into(),
+        version,
+        term: 1,
+        sealed: vec![version as u8; 56],
+        created: tables::now_rfc3339(),
+    };
+    assert_eq!(
+        store
+            .read(|c| tables::latest_transit_version(c, "bao"))
+            .await
+            .unwrap(),
+        None
+    );
+    for v in [1, 2] {
+        store
+            .write(move |tx| tables::insert_transit_key(tx, &row(v)))
+            .await
+            .unwrap();
+    }
+    let e = store
+        .write(move |tx| tables::insert_transit_key(tx, &row(2)))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+    let (latest, newest, first, missing) = store
+        .read(|c| {
+            Ok((
+                tables::latest_transit_version(c, "bao")?,
+                tables::get_transit_key(c, "bao", None)?,
+                tables::get_transit_key(c, "bao", Some(1))?,
+                tables::get_transit_key(c, "bao", Some(3))?,
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!(latest, Some(2));
+    assert_eq!(newest.unwrap().sealed, vec![2; 56]);
+    assert_eq!(first.unwrap().sealed, vec![1; 56]);
+    assert!(missing.is_none());
 }

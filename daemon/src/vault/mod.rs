@@ -19,6 +19,7 @@ mod pending;
 mod retry;
 mod secrets;
 mod slots;
+pub mod transit;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
