@@ -712,20 +712,30 @@ mod tests {
     use super::*;
     use keyward::api::ApiError;
 
-    fn shares(text: &str) -> Shares<&[u8]> {
-        Shares::new(text.as_bytes(), "test", false)
+    /// Share `i` of a 2-of-n test set.
+    fn share(i: u8) -> String {
+        keyward::recovery_share::render(&[0x5E, 0x70, 0x1D, 0x00], 2, i, &[i; 32]).to_string()
     }
 
-    /// A daemon stand-in that opens after `k` shares, and refuses a share named "bad".
+    /// A share that reads, of a set the daemon stand-in does not know.
+    fn stranger() -> String {
+        keyward::recovery_share::render(&[0xFF; 4], 2, 1, &[7; 32]).to_string()
+    }
+
+    fn shares(text: &str) -> Shares<io::Cursor<Vec<u8>>> {
+        Shares::new(io::Cursor::new(text.as_bytes().to_vec()), "test", false)
+    }
+
+    /// A daemon stand-in that opens after `k` shares, and refuses the [`stranger`].
     fn daemon(
         k: u8,
         seen: &mut Vec<String>,
     ) -> impl FnMut(SecretString) -> Result<UnsealReply, ClientError> + '_ {
         move |share| {
-            if share.expose() == "bad" {
+            if share.expose() == stranger() {
                 return Err(ClientError::Api(ApiError::InvalidArgument {
                     parameter: "recovery_share".into(),
-                    reason: "checksum mismatch".into(),
+                    reason: "this share belongs to no recovery keyslot of this vault".into(),
                 }));
             }
             seen.push(share.expose().to_owned());
@@ -742,23 +752,30 @@ mod tests {
         let mut seen = Vec::new();
         let mut progress = Vec::new();
         let reply = unseal_with_shares(
-            shares("s1\n\ns2\ns3\n"),
+            shares(&format!("{}\n\n{}\n{}\n", share(1), share(2), share(3))),
             daemon(2, &mut seen),
             &mut progress,
         )
         .unwrap();
         assert!(!reply.sealed);
-        assert_eq!(seen, ["s1", "s2"], "the third share is never read or sent");
+        assert_eq!(
+            seen,
+            [share(1), share(2)],
+            "the third share is never read or sent"
+        );
         let progress = String::from_utf8(progress).unwrap();
         assert_eq!(progress, "share 1 accepted; 1 more needed\n");
-        assert!(!progress.contains("s1"));
     }
 
     #[test]
     fn too_few_shares_leave_it_sealed_with_exit_code_4() {
         let mut seen = Vec::new();
-        let e =
-            unseal_with_shares(shares("s1\n"), daemon(3, &mut seen), &mut Vec::new()).unwrap_err();
+        let e = unseal_with_shares(
+            shares(&format!("{}\n", share(1))),
+            daemon(3, &mut seen),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
         assert!(
             matches!(e, CliError::StillSealed { needed: Some(2) }),
             "{e:?}"
@@ -773,10 +790,29 @@ mod tests {
         let e =
             unseal_with_shares(shares("\n"), daemon(2, &mut seen), &mut Vec::new()).unwrap_err();
         assert_eq!(e.exit_code(), 2);
-        let e = unseal_with_shares(shares("bad\ns2\n"), daemon(2, &mut seen), &mut Vec::new())
-            .unwrap_err();
+        let e = unseal_with_shares(
+            shares(&format!("{}\n{}\n", stranger(), share(2))),
+            daemon(2, &mut seen),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
         assert_eq!(e.exit_code(), 1);
-        assert!(e.to_string().contains("checksum"), "{e}");
+        assert!(e.to_string().contains("no recovery keyslot"), "{e}");
         assert!(seen.is_empty(), "nothing after the refused share was sent");
+    }
+
+    #[test]
+    fn a_mistyped_share_is_not_sent_and_stops_the_loop() {
+        let mut seen = Vec::new();
+        let typo = share(2).replacen("-5E701D00-2-2-", "-5E701D00-2-3-", 1);
+        let e = unseal_with_shares(
+            shares(&format!("{}\n{typo}\n{}\n", share(1), share(3))),
+            daemon(3, &mut seen),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert_eq!(e.exit_code(), 2, "{e}");
+        assert!(e.to_string().contains("share 2 not sent"), "{e}");
+        assert_eq!(seen, [share(1)], "only the share before it was sent");
     }
 }
