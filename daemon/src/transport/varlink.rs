@@ -266,9 +266,10 @@ async fn connection<H: Handler>(
     drop(peer);
     debug!(caller = %caller, "varlink: connection accepted");
     let closed = run_connection(&mut stream, &caller, &*handler, limits, &mut shutdown).await;
-    // Closed and its slot free before the line says so.
-    drop(stream);
+    // The slot is free before the client can see the close (a client that reconnects on EOF
+    // finds it free), and both before the line says so.
     drop(slot);
+    drop(stream);
     debug!(caller = %caller, reason = ?closed, "varlink: connection closed");
 }
 
