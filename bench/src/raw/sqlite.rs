@@ -16,6 +16,8 @@ use rusqlite::{params, Connection};
 #[derive(Debug)]
 pub struct RawCommits {
     conn: Connection,
+    /// The row name this connection writes (one per connection: versions don't collide).
+    name: String,
     next: u64,
 }
 
@@ -54,7 +56,28 @@ impl RawCommits {
             }
         }
         conn.execute_batch("COMMIT; PRAGMA wal_checkpoint(PASSIVE); DELETE FROM secrets;")?;
-        Ok(Self { conn, next: 1 })
+        Ok(Self {
+            conn,
+            name: "bench/put/0".into(),
+            next: 1,
+        })
+    }
+
+    /// Another connection to the database [`RawCommits::create`] made, writing rows of its own:
+    /// several of them are concurrent writers, each committing its own rows, waiting for the
+    /// write lock as SQLite makes them.
+    ///
+    /// # Errors
+    /// SQLite failures.
+    pub fn open(path: &Path, lane: usize) -> Result<Self> {
+        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        Ok(Self {
+            conn,
+            name: format!("bench/put/{lane}"),
+            next: 1,
+        })
     }
 
     /// Commit one row (its own transaction; durable when this returns).
@@ -64,9 +87,9 @@ impl RawCommits {
     pub fn commit_one(&mut self, ciphertext: &[u8]) -> Result<()> {
         let mut stmt = self.conn.prepare_cached(
             "INSERT INTO secrets (name, version, term, ciphertext, created)
-             VALUES ('bench/put', ?1, 1, ?2, '2026-01-01T00:00:00Z')",
+             VALUES (?1, ?2, 1, ?3, '2026-01-01T00:00:00Z')",
         )?;
-        stmt.execute(params![self.next, ciphertext])?;
+        stmt.execute(params![self.name, self.next, ciphertext])?;
         self.next += 1;
         Ok(())
     }
