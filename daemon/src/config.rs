@@ -23,6 +23,7 @@ use crate::audit::AuditOptions;
 use crate::device::{ActorOptions, DeviceSpec, Pkcs11Spec};
 use crate::transport::credentials::CredentialLimits;
 use crate::transport::dbus::Bus;
+use crate::transport::ssh_agent::SshAgentLimits;
 use crate::transport::varlink::VarlinkLimits;
 
 /// Default path of the config file.
@@ -137,6 +138,26 @@ impl CredentialSettings {
     }
 }
 
+/// The ssh-agent socket: where, and its bounds.
+#[derive(Clone, Debug)]
+pub struct SshAgentSettings {
+    /// The socket (`SSH_AUTH_SOCK`).
+    pub socket: SocketSettings,
+    /// Connections at once, idle time.
+    pub limits: SshAgentLimits,
+}
+
+impl SshAgentSettings {
+    /// The limits of an `[ssh_agent]` table that sets none: also those of an ssh-agent socket
+    /// systemd passes in when the file has no such table.
+    pub fn default_limits() -> SshAgentLimits {
+        SshAgentLimits {
+            max_connections: default_ssh_agent_connections(),
+            idle_timeout: Duration::from_secs(default_ssh_agent_idle()),
+        }
+    }
+}
+
 /// The audit log's NV counter: a configured `tpm2` device and the index on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TpmCounter {
@@ -157,6 +178,8 @@ pub struct Config {
     pub credentials: Option<CredentialSettings>,
     /// The bus the D-Bus service joins, when configured.
     pub dbus: Option<Bus>,
+    /// The ssh-agent socket, when configured.
+    pub ssh_agent: Option<SshAgentSettings>,
     /// The policy file. Without one, everything but `Status` is denied.
     pub policy: Option<PathBuf>,
     /// Device names to try, in order, for the unattended unseal at start (every one is a
@@ -280,6 +303,22 @@ impl File {
             }),
             None => None,
         };
+        let ssh_agent = match self.ssh_agent {
+            Some(a) => Some(SshAgentSettings {
+                socket: SocketSettings {
+                    mode: mode("ssh_agent.mode", &a.mode)?,
+                    path: a.socket,
+                },
+                limits: SshAgentLimits {
+                    max_connections: count("ssh_agent.max_connections", a.max_connections)?,
+                    idle_timeout: Duration::from_secs(positive(
+                        "ssh_agent.idle_timeout_secs",
+                        a.idle_timeout_secs,
+                    )?),
+                },
+            }),
+            None => None,
+        };
         let dbus = match self.dbus {
             None => None,
             Some(FileDbus {
@@ -385,6 +424,7 @@ impl File {
             api,
             credentials,
             dbus,
+            ssh_agent,
             policy: self.policy,
             unseal_order,
             devices,
@@ -436,6 +476,9 @@ struct File {
     /// Off unless configured.
     #[serde(default)]
     dbus: Option<FileDbus>,
+    /// Off unless configured.
+    #[serde(default)]
+    ssh_agent: Option<FileSshAgent>,
     #[serde(default)]
     policy: Option<PathBuf>,
     /// Default: every configured device, in name order. Recovery slots are never tried
@@ -540,6 +583,35 @@ fn default_credentials_connections() -> usize {
 
 fn default_credentials_write_timeout() -> u64 {
     10
+}
+
+/// The ssh-agent socket. Anyone who can connect sees only the keys the policy lets them sign
+/// with; the mode decides who may connect at all.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSshAgent {
+    #[serde(default = "default_ssh_agent_socket")]
+    socket: PathBuf,
+    /// Octal, as a string ("0660").
+    #[serde(default = "default_mode")]
+    mode: String,
+    #[serde(default = "default_ssh_agent_connections")]
+    max_connections: usize,
+    /// ssh keeps its connection while it authenticates, which may wait on a person.
+    #[serde(default = "default_ssh_agent_idle")]
+    idle_timeout_secs: u64,
+}
+
+fn default_ssh_agent_socket() -> PathBuf {
+    PathBuf::from("/run/keyward/ssh-agent.sock")
+}
+
+fn default_ssh_agent_connections() -> usize {
+    128
+}
+
+fn default_ssh_agent_idle() -> u64 {
+    60
 }
 
 #[derive(Debug, Deserialize)]
@@ -756,8 +828,14 @@ mod tests {
 
     #[test]
     fn defaults_are_the_documented_ones() {
-        let c = parse("[credentials]\n[dbus]").unwrap();
+        let c = parse("[credentials]\n[dbus]\n[ssh_agent]").unwrap();
         assert_eq!(c.api.mode.bits(), 0o660);
+        let agent = c.ssh_agent.unwrap();
+        assert_eq!(agent.socket.path, Path::new("/run/keyward/ssh-agent.sock"));
+        assert_eq!(agent.socket.mode.bits(), 0o660);
+        assert_eq!(agent.limits.max_connections, 128);
+        assert_eq!(agent.limits.idle_timeout, Duration::from_secs(60));
+        assert!(parse("").unwrap().ssh_agent.is_none());
         assert_eq!(c.api.path, Path::new("/run/keyward/api.sock"));
         let credentials = c.credentials.unwrap();
         assert_eq!(credentials.limits.max_connections, 1024);
@@ -804,6 +882,8 @@ mod tests {
         assert_eq!(e, "api.mode \"0o8\" is not an octal mode like \"0660\"");
         let e = parse("[credentials]\nmode = \"rw\"").unwrap_err();
         assert!(e.starts_with("credentials.mode \"rw\""), "{e}");
+        let e = parse("[ssh_agent]\nmode = \"rw\"").unwrap_err();
+        assert!(e.starts_with("ssh_agent.mode \"rw\""), "{e}");
         let e = parse("[credentials]\nmode = \"4755\"").unwrap_err();
         assert!(
             e.contains("credentials.mode") && e.contains("beyond 0777"),
@@ -821,6 +901,8 @@ mod tests {
             ("limits", "device_watch_secs"),
             ("credentials", "max_connections"),
             ("credentials", "write_timeout_secs"),
+            ("ssh_agent", "max_connections"),
+            ("ssh_agent", "idle_timeout_secs"),
         ] {
             let e = parse(&format!("[{table}]\n{key} = 0")).unwrap_err();
             assert_eq!(e, format!("{table}.{key} must be at least 1"));

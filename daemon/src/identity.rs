@@ -30,6 +30,8 @@ pub enum Via {
     Dbus,
     /// systemd's `LoadCredential=` socket.
     Credentials,
+    /// The ssh-agent socket.
+    SshAgent,
     /// The daemon itself (unattended unseal at start).
     Daemon,
 }

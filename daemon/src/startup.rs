@@ -31,7 +31,7 @@ use crate::service::Service;
 use crate::store::Store;
 use crate::sys;
 use crate::transport::dbus::{self, DbusError};
-use crate::transport::{credentials, socket, varlink};
+use crate::transport::{credentials, socket, ssh_agent, varlink};
 use crate::vault::Vault;
 
 /// How long the stop waits for the device threads to close their devices.
@@ -112,7 +112,7 @@ pub enum StartError {
     /// An activated socket can't be served.
     #[error("activated {what} socket: {source}")]
     ActivatedSocket {
-        /// `api` or `credentials`.
+        /// `api`, `credentials` or `ssh-agent`.
         what: &'static str,
         /// Why tokio refused it.
         source: std::io::Error,
@@ -258,6 +258,7 @@ async fn open_vault(
 struct Listeners {
     api: UnixListener,
     credentials: Option<UnixListener>,
+    ssh_agent: Option<UnixListener>,
     activated: bool,
 }
 
@@ -277,9 +278,11 @@ fn pick_listeners(
         UnixListener::from_std(l).map_err(|source| StartError::ActivatedSocket { what, source })
     };
     let api = activated.remove("api").or_else(|| {
-        let only = (activated.len() == 1 && !activated.contains_key("credentials"))
-            .then(|| activated.keys().next().cloned())
-            .flatten()?;
+        let only = (activated.len() == 1
+            && !activated.contains_key("credentials")
+            && !activated.contains_key("ssh-agent"))
+        .then(|| activated.keys().next().cloned())
+        .flatten()?;
         activated.remove(&only)
     });
     let api = match api {
@@ -292,12 +295,18 @@ fn pick_listeners(
         (None, Some(c)) if !socket_activated => Some(bind(&c.socket)?),
         (None, _) => None,
     };
+    let ssh_agent = match (activated.remove("ssh-agent"), &config.ssh_agent) {
+        (Some(l), _) => Some(tokio_listener(l, "ssh-agent")?),
+        (None, Some(a)) if !socket_activated => Some(bind(&a.socket)?),
+        (None, _) => None,
+    };
     for name in activated.keys() {
         tracing::warn!(name = %name, "ignoring an activated socket with an unknown FileDescriptorName");
     }
     Ok(Listeners {
         api,
         credentials,
+        ssh_agent,
         activated: socket_activated,
     })
 }
@@ -355,6 +364,7 @@ pub struct Daemon {
     varlink: JoinHandle<()>,
     dbus: Option<JoinHandle<Result<(), DbusError>>>,
     credentials: Option<JoinHandle<()>>,
+    ssh_agent: Option<JoinHandle<()>>,
     device_watch: JoinHandle<()>,
     watchdog_stop: watch::Sender<bool>,
     watchdog: Option<JoinHandle<()>>,
@@ -413,6 +423,20 @@ pub async fn start(config: &Config) -> Result<Daemon, StartError> {
             stopped.clone(),
         ))
     });
+    let ssh_agent = listeners.ssh_agent.map(|l| {
+        let limits = config
+            .ssh_agent
+            .as_ref()
+            .map_or_else(crate::config::SshAgentSettings::default_limits, |a| {
+                a.limits
+            });
+        tokio::spawn(ssh_agent::serve(
+            l,
+            service.clone(),
+            limits,
+            stopped.clone(),
+        ))
+    });
 
     let line = vault_line(&service).await?;
     // From READY=1 on, systemd counts the watchdog interval. The pings go on while requests
@@ -442,6 +466,7 @@ pub async fn start(config: &Config) -> Result<Daemon, StartError> {
         varlink,
         dbus,
         credentials,
+        ssh_agent,
         device_watch,
         watchdog_stop,
         watchdog,
@@ -483,6 +508,9 @@ impl Daemon {
         }
         if let Some(c) = self.credentials {
             let _ = c.await;
+        }
+        if let Some(a) = self.ssh_agent {
+            let _ = a.await;
         }
         let _ = self.device_watch.await;
         let _ = self.watchdog_stop.send(true);

@@ -5,7 +5,8 @@
 //! ([`api`]), the frame codec both ends use ([`wire`]), and the audit log's record format with
 //! its offline verifier ([`audit`]), the text forms of bytes they share ([`text`]), and the
 //! checked values a request carries: names ([`names`]) and closed vocabularies ([`kinds`]),
-//! refused with an [`Invalid`] that says which parameter and why. It must stay pure: no
+//! refused with an [`Invalid`] that says which parameter and why, and the SSH forms of keys and
+//! signatures with the ssh-agent messages ([`ssh`]). It must stay pure: no
 //! sockets, no files opened on its own account, no threads, no command-line or daemon
 //! dependencies, so that the daemon, the client library, the CLI, the device layer and the
 //! fuzz targets can all build on it and nothing else.
@@ -15,6 +16,7 @@ pub mod audit;
 mod invalid;
 pub mod kinds;
 pub mod names;
+pub mod ssh;
 pub mod text;
 pub mod wire;
 

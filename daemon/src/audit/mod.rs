@@ -257,6 +257,7 @@ pub fn caller_record(c: &Caller) -> CallerRecord {
             Via::Varlink => "varlink",
             Via::Dbus => "dbus",
             Via::Credentials => "credentials",
+            Via::SshAgent => "ssh-agent",
             Via::Daemon => "daemon",
         }
         .to_owned(),
