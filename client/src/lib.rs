@@ -5,7 +5,7 @@
 //! it is re-exported here so that a client needs one dependency. This crate must not grow
 //! command-line concerns (those are the `keyward` binary's) nor anything the daemon needs.
 
-pub use keyward_proto::{api, audit, text, wire};
+pub use keyward_proto::{api, audit, ssh, text, wire};
 
 pub mod varlink;
 
