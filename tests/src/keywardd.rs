@@ -64,6 +64,7 @@ pub struct Setup {
     policy: Option<String>,
     public_socket: bool,
     credentials_wait: Option<u64>,
+    ssh_agent: bool,
     log_filter: Option<String>,
     limits: Option<String>,
     keep_notify: bool,
@@ -131,6 +132,13 @@ impl Setup {
     /// `wait_unsealed_secs` for the vault to open.
     pub fn credentials(mut self, wait_unsealed_secs: u64) -> Self {
         self.credentials_wait = Some(wait_unsealed_secs);
+        self
+    }
+
+    /// Serve the ssh-agent socket ([`Keywardd::ssh_agent_socket`]), beside the API socket and
+    /// as reachable as it.
+    pub fn ssh_agent(mut self) -> Self {
+        self.ssh_agent = true;
         self
     }
 
@@ -208,6 +216,14 @@ impl Setup {
                 config,
                 "[credentials]\nsocket = \"{}\"\nmode = \"{}\"\nwait_unsealed_secs = {wait}\n",
                 run_dir.join("credentials.sock").display(),
+                if self.public_socket { "0666" } else { "0600" },
+            );
+        }
+        if self.ssh_agent {
+            let _ = write!(
+                config,
+                "[ssh_agent]\nsocket = \"{}\"\nmode = \"{}\"\n",
+                run_dir.join("ssh-agent.sock").display(),
                 if self.public_socket { "0666" } else { "0600" },
             );
         }
@@ -296,6 +312,11 @@ impl Keywardd {
     /// The credential socket (with [`Setup::credentials`]).
     pub fn credentials_socket(&self) -> PathBuf {
         self.socket.with_file_name("credentials.sock")
+    }
+
+    /// The ssh-agent socket (with [`Setup::ssh_agent`]): `SSH_AUTH_SOCK`.
+    pub fn ssh_agent_socket(&self) -> PathBuf {
+        self.socket.with_file_name("ssh-agent.sock")
     }
 
     /// The temp dir holding everything.
