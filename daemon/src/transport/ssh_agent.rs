@@ -251,3 +251,108 @@ impl<H: Handler> Agent<H> {
         self.handler.handle(self.caller.clone(), request).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guards every wait so a broken server fails a test instead of hanging it.
+    const GUARD: Duration = Duration::from_secs(20);
+
+    /// A service with no keys.
+    struct Empty;
+
+    impl Handler for Empty {
+        async fn handle(&self, caller: Caller, request: Request) -> Result<Reply, ApiError> {
+            assert_eq!(caller.via, Via::SshAgent);
+            match request {
+                Request::ListKeys(_) => Ok(Reply::ListKeys(api::KeysReply { keys: Vec::new() })),
+                _ => Err(ApiError::Busy),
+            }
+        }
+    }
+
+    async fn exchange(stream: &mut UnixStream, body: &[u8]) -> Option<Vec<u8>> {
+        let len = u32::try_from(body.len()).unwrap().to_be_bytes();
+        stream.write_all(&[&len[..], body].concat()).await.ok()?;
+        let read = async {
+            let mut header = [0u8; 4];
+            stream.read_exact(&mut header).await.ok()?;
+            let mut reply = vec![0u8; u32::from_be_bytes(header) as usize];
+            stream.read_exact(&mut reply).await.ok()?;
+            Some(reply)
+        };
+        tokio::time::timeout(GUARD, read).await.unwrap()
+    }
+
+    async fn closed(stream: &mut UnixStream) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(GUARD, stream.read(&mut byte))
+                .await
+                .unwrap(),
+            Ok(0) | Err(_)
+        )
+    }
+
+    /// The agent on a fresh socket with `limits`; stop it with the sender.
+    fn start(
+        limits: SshAgentLimits,
+    ) -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ssh-agent.sock");
+        let listener = socket::bind(&path, 0o600).unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, Arc::new(Empty), limits, stopped));
+        (dir, path, stop, task)
+    }
+
+    #[tokio::test]
+    async fn a_connection_beyond_the_bound_is_closed_at_once() {
+        // Idle time far beyond the guard: a close within the guard is the bound's doing.
+        let (_dir, path, stop, task) = start(SshAgentLimits {
+            max_connections: 1,
+            idle_timeout: Duration::from_secs(600),
+        });
+        let mut first = UnixStream::connect(&path).await.unwrap();
+        assert_eq!(
+            exchange(&mut first, &[ssh::REQUEST_IDENTITIES])
+                .await
+                .unwrap(),
+            [ssh::IDENTITIES_ANSWER, 0, 0, 0, 0]
+        );
+        let mut second = UnixStream::connect(&path).await.unwrap();
+        assert!(closed(&mut second).await, "over the bound: closed");
+        // The first is still served.
+        assert_eq!(
+            exchange(&mut first, &[ssh::SIGN_REQUEST]).await.unwrap(),
+            [ssh::FAILURE],
+            "a malformed request: FAILURE, and the connection stays"
+        );
+        assert_eq!(
+            exchange(&mut first, &[ssh::REQUEST_IDENTITIES])
+                .await
+                .unwrap()[0],
+            ssh::IDENTITIES_ANSWER
+        );
+        stop.send(true).unwrap();
+        tokio::time::timeout(GUARD, task).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed() {
+        let (_dir, path, stop, task) = start(SshAgentLimits {
+            max_connections: 4,
+            idle_timeout: Duration::from_millis(200),
+        });
+        let mut idle = UnixStream::connect(&path).await.unwrap();
+        assert!(closed(&mut idle).await, "idle: closed");
+        stop.send(true).unwrap();
+        tokio::time::timeout(GUARD, task).await.unwrap().unwrap();
+    }
+}
