@@ -83,6 +83,20 @@ impl std::fmt::Debug for SignRequest {
     }
 }
 
+impl SignRequest {
+    /// The message as a client sends it after the length field: type byte and fields.
+    ///
+    /// # Errors
+    /// [`SshError::Malformed`] for a field longer than `u32` can say.
+    pub fn encode(&self) -> Result<Vec<u8>, SshError> {
+        let mut message = vec![SIGN_REQUEST];
+        self.key_blob.encode(&mut message)?;
+        self.data.encode(&mut message)?;
+        self.flags.encode(&mut message)?;
+        Ok(message)
+    }
+}
+
 /// Decode one agent message (its length field already removed).
 ///
 /// # Errors
@@ -159,7 +173,8 @@ pub fn sign_response(signature: &Signature) -> Result<Vec<u8>, SshError> {
     Ok(framed(&body))
 }
 
-fn framed(body: &[u8]) -> Vec<u8> {
+/// `body` behind its 4-byte length field: one message on the wire.
+pub fn framed(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 4);
     // Bodies here are a few KiB at most.
     out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
@@ -265,18 +280,17 @@ mod tests {
     #[test]
     fn the_two_served_messages_decode_and_others_stay_unread() {
         assert_eq!(parse_request(&[11]).unwrap(), AgentRequest::Identities);
-        let mut msg = vec![SIGN_REQUEST];
-        b"blob".to_vec().encode(&mut msg).unwrap();
-        b"data".to_vec().encode(&mut msg).unwrap();
-        4u32.encode(&mut msg).unwrap();
+        let sign = SignRequest {
+            key_blob: b"blob".to_vec(),
+            data: b"data".to_vec(),
+            flags: 4,
+        };
+        let msg = sign.encode().unwrap();
         assert_eq!(
-            parse_request(&msg).unwrap(),
-            AgentRequest::Sign(SignRequest {
-                key_blob: b"blob".to_vec(),
-                data: b"data".to_vec(),
-                flags: 4
-            })
+            msg, b"\x0d\0\0\0\x04blob\0\0\0\x04data\0\0\0\x04",
+            "type byte, two strings, flags"
         );
+        assert_eq!(parse_request(&msg).unwrap(), AgentRequest::Sign(sign));
         // ADD_IDENTITY with garbage: not parsed, just named.
         assert_eq!(
             parse_request(&[17, 0xff, 0xff]).unwrap(),

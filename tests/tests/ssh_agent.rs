@@ -15,6 +15,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use keyward::api::KeyAlgorithm;
+use keyward::ssh::SignRequest;
 use keyward_tests::keywardd::{Keywardd, Setup};
 use keyward_tests::softhsm::SoftHsm;
 use keyward_tests::sshd::Sshd;
@@ -292,9 +293,7 @@ fn git_signs_a_commit_with_a_token_key_and_verifies_it() {
 
 /// One framed agent message and its framed reply's body (`None`: the agent closed).
 fn exchange(stream: &mut UnixStream, body: &[u8]) -> Option<Vec<u8>> {
-    let mut msg = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
-    msg.extend_from_slice(body);
-    stream.write_all(&msg).ok()?;
+    stream.write_all(&keyward::ssh::framed(body)).ok()?;
     read_reply(stream)
 }
 
@@ -315,19 +314,14 @@ fn connect(d: &Keywardd) -> UnixStream {
     stream
 }
 
-/// An SSH string: length and bytes.
-fn string(bytes: &[u8]) -> Vec<u8> {
-    let mut out = u32::try_from(bytes.len()).unwrap().to_be_bytes().to_vec();
-    out.extend_from_slice(bytes);
-    out
-}
-
 fn sign_request(blob: &[u8], data: &[u8]) -> Vec<u8> {
-    let mut msg = vec![13];
-    msg.extend(string(blob));
-    msg.extend(string(data));
-    msg.extend([0, 0, 0, 0]);
-    msg
+    SignRequest {
+        key_blob: blob.to_vec(),
+        data: data.to_vec(),
+        flags: 0,
+    }
+    .encode()
+    .unwrap()
 }
 
 /// The public key blob of an OpenSSH line.

@@ -273,8 +273,7 @@ mod tests {
     }
 
     async fn exchange(stream: &mut UnixStream, body: &[u8]) -> Option<Vec<u8>> {
-        let len = u32::try_from(body.len()).unwrap().to_be_bytes();
-        stream.write_all(&[&len[..], body].concat()).await.ok()?;
+        stream.write_all(&ssh::framed(body)).await.ok()?;
         let read = async {
             let mut header = [0u8; 4];
             stream.read_exact(&mut header).await.ok()?;
