@@ -81,6 +81,8 @@ enum Phase {
     Startup,
     /// 1k vs 100k secrets.
     Scale,
+    /// Transit Encrypt/Decrypt vs GetSecret over Varlink.
+    Transit,
 }
 
 /// One part of a run: measures against the world and adds to the report.
@@ -160,7 +162,7 @@ fn run(args: &Args) -> Result<bool> {
         settings.rekeys
     ));
     let wanted = |p: Phase| args.only.is_empty() || args.only.contains(&p);
-    let phases: [(Phase, PhaseFn); 8] = [
+    let phases: [(Phase, PhaseFn); 9] = [
         (Phase::GetSecret, phases::get_secret),
         (Phase::Sign, phases::sign_softhsm),
         (Phase::Tpm, phases::sign_tpm),
@@ -168,6 +170,7 @@ fn run(args: &Args) -> Result<bool> {
         (Phase::Credentials, phases::credential_fetches),
         (Phase::Put, phases::put_secret),
         (Phase::Startup, phases::startup),
+        (Phase::Transit, phases::transit),
         (Phase::Scale, phases::scale),
     ];
     for (phase, f) in phases {

@@ -452,3 +452,74 @@ pub fn scale(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
     );
     Ok(())
 }
+
+/// Encrypt and Decrypt with a transit key over Varlink vs GetSecret on the same connections
+/// (the same transport and one AEAD open of a stored value), with the vault's AEAD alone, in
+/// this process, as a note.
+pub fn transit(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
+    use keyward::api::{methods, DecryptParams, EncryptParams, SecretValue};
+    let encrypt = |c: &mut Client| -> Result<String> {
+        let reply = c.request::<methods::Encrypt>(&EncryptParams {
+            name: "bench-transit".try_into()?,
+            plaintext: SecretValue::new(SECRET.to_vec()),
+            associated_data: None,
+        })?;
+        Ok(reply.ciphertext)
+    };
+    let ciphertext = encrypt(&mut w.kw.clients(1)?[0])?;
+    let get = |c: &mut Client| -> Result<()> {
+        c.get_secret("bench/secret", None)?;
+        Ok(())
+    };
+    let decrypt = |c: &mut Client| -> Result<()> {
+        let reply = c.request::<methods::Decrypt>(&DecryptParams {
+            name: "bench-transit".try_into()?,
+            ciphertext: ciphertext.clone(),
+            associated_data: None,
+        })?;
+        ensure!(
+            reply.plaintext.expose() == SECRET,
+            "Decrypt returned another value"
+        );
+        Ok(())
+    };
+    for (label, op) in [
+        (
+            "Encrypt",
+            &(|c: &mut Client| encrypt(c).map(drop)) as &(dyn Fn(&mut Client) -> Result<()> + Sync),
+        ),
+        ("Decrypt", &decrypt),
+    ] {
+        let mut base = w.kw.clients(1)?;
+        let mut kw = w.kw.clients(1)?;
+        let c = compare(
+            s.plan,
+            |d| run_clients(&mut base, d, get),
+            |d| run_clients(&mut kw, d, op),
+        )?;
+        let (b, k) = (c.base.stats(), c.keyward.stats());
+        let path = format!("transit {label} of 32 B over Varlink, 1 client");
+        r.row(
+            &path,
+            "throughput",
+            "GetSecret over Varlink",
+            Unit::PerSec,
+            (b.rate, k.rate),
+            &c.pairs,
+            Goal::AtLeast(0.7),
+        );
+        r.latency(&path, "GetSecret", b, k);
+    }
+    // The AEAD itself (XChaCha20-Poly1305 seal of 32 B), for scale.
+    let key = keywardd::vault::crypto::Key32::random();
+    let (mut n, start) = (0u64, Instant::now());
+    while start.elapsed() < s.plan.slice {
+        keywardd::vault::crypto::seal(&key, b"aad", SECRET)?;
+        n += 1;
+    }
+    r.note(format!(
+        "the vault's AEAD alone (XChaCha20-Poly1305 seal of 32 B, one thread, no IPC): {:.0}/s",
+        n as f64 / start.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}

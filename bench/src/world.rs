@@ -102,6 +102,9 @@ impl Daemon {
         let tpm = Swtpm::start();
         let token = SoftHsm::new(label);
         let mut policy = ROOT_ADMIN_POLICY.to_owned();
+        policy.push_str(
+            "\n[[rule]]\nwho = { uid = 0 }\nallow = [\"encrypt\", \"decrypt\"]\ntransit = [\"*\"]\n",
+        );
         policy.push_str(&format!(
             "\n[[credential]]\nunit = \"{UNIT}\"\nid = \"{CREDENTIAL_ID}\"\nsecret = \"bench/credential\"\n"
         ));
@@ -135,6 +138,9 @@ impl Daemon {
         c.create_key("p256-tpm", "tpm", KeyAlgorithm::EcdsaP256)?;
         c.put_secret("bench/secret", SECRET)?;
         c.put_secret("bench/credential", CREDENTIAL)?;
+        c.request::<keyward::api::methods::CreateTransitKey>(&keyward::api::TransitKeyParams {
+            name: "bench-transit".try_into()?,
+        })?;
         Ok(Daemon {
             keywardd,
             share,

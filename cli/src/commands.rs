@@ -18,7 +18,7 @@ use super::input::{self, NoEcho, Shares, ZeroizingReader};
 use super::output;
 use super::{
     Cli, CliError, Command, Enroll, InitArgs, KeyCommand, KeyslotCommand, RekeyArgs, SecretCommand,
-    UnsealArgs,
+    TransitCommand, UnsealArgs,
 };
 
 /// How long a call may go without progress before the CLI gives up (key generation and
@@ -129,6 +129,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Secret(cmd) => secret(c, &out, cmd),
         Command::Key(cmd) => key(c, &out, cmd),
+        Command::Transit(cmd) => transit(c, &out, cmd),
     }
 }
 
@@ -654,25 +655,114 @@ fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
     }
 }
 
+fn transit(c: &mut Client, out: &Out, cmd: TransitCommand) -> Result<(), CliError> {
+    use keyward::api::{methods, Bytes, DecryptParams, EncryptParams, TransitKeyParams};
+    let associated = |text: Option<String>| text.map(|t| Bytes(t.into_bytes()));
+    match cmd {
+        TransitCommand::Create { name } => {
+            let version = c
+                .request::<methods::CreateTransitKey>(&TransitKeyParams { name: name.clone() })?
+                .version;
+            out.emit(&json!({ "name": name, "version": version }), || {
+                format!("transit key {name} created (version {version})\n")
+            })
+        }
+        TransitCommand::Rotate { name } => {
+            let version = c
+                .request::<methods::RotateTransitKey>(&TransitKeyParams { name: name.clone() })?
+                .version;
+            out.emit(&json!({ "name": name, "version": version }), || {
+                format!("transit key {name} now encrypts with version {version}\n")
+            })
+        }
+        TransitCommand::Encrypt {
+            name,
+            file,
+            associated_data,
+        } => {
+            let plaintext = input::file_or_stdin(
+                file.as_deref(),
+                MAX_SECRET_LEN,
+                "the data to encrypt",
+                "pipe it in (`keyward transit encrypt NAME < FILE`) or use --file FILE",
+            )?;
+            let reply = c.request::<methods::Encrypt>(&EncryptParams {
+                name: name.clone(),
+                plaintext: SecretValue::from(plaintext),
+                associated_data: associated(associated_data),
+            })?;
+            out.emit(
+                &json!({ "name": name, "ciphertext": reply.ciphertext }),
+                || format!("{}\n", reply.ciphertext),
+            )
+        }
+        TransitCommand::Decrypt {
+            name,
+            ciphertext,
+            associated_data,
+            output,
+        } => {
+            let reply = c.request::<methods::Decrypt>(&DecryptParams {
+                name: name.clone(),
+                ciphertext,
+                associated_data: associated(associated_data),
+            })?;
+            if let Some(path) = &output {
+                input::write_private(path, reply.plaintext.expose())?;
+            }
+            if out.json {
+                #[derive(Serialize)]
+                struct Doc<'a> {
+                    name: &'a str,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    plaintext: Option<&'a SecretValue>,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    output: Option<&'a Path>,
+                }
+                let doc = Doc {
+                    name: &name,
+                    plaintext: output.is_none().then_some(&reply.plaintext),
+                    output: output.as_deref(),
+                };
+                out.emit(&doc, String::new)
+            } else if output.is_none() {
+                write_stdout(reply.plaintext.expose())
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use keyward::api::ApiError;
 
-    fn shares(text: &str) -> Shares<&[u8]> {
-        Shares::new(text.as_bytes(), "test", false)
+    /// Share `i` of a 2-of-n test set.
+    fn share(i: u8) -> String {
+        keyward::recovery_share::render(&[0x5E, 0x70, 0x1D, 0x00], 2, i, &[i; 32]).to_string()
     }
 
-    /// A daemon stand-in that opens after `k` shares, and refuses a share named "bad".
+    /// A share that reads, of a set the daemon stand-in does not know.
+    fn stranger() -> String {
+        keyward::recovery_share::render(&[0xFF; 4], 2, 1, &[7; 32]).to_string()
+    }
+
+    fn shares(text: &str) -> Shares<io::Cursor<Vec<u8>>> {
+        Shares::new(io::Cursor::new(text.as_bytes().to_vec()), "test", false)
+    }
+
+    /// A daemon stand-in that opens after `k` shares, and refuses the [`stranger`].
     fn daemon(
         k: u8,
         seen: &mut Vec<String>,
     ) -> impl FnMut(SecretString) -> Result<UnsealReply, ClientError> + '_ {
         move |share| {
-            if share.expose() == "bad" {
+            if share.expose() == stranger() {
                 return Err(ClientError::Api(ApiError::InvalidArgument {
                     parameter: "recovery_share".into(),
-                    reason: "checksum mismatch".into(),
+                    reason: "this share belongs to no recovery keyslot of this vault".into(),
                 }));
             }
             seen.push(share.expose().to_owned());
@@ -689,23 +779,30 @@ mod tests {
         let mut seen = Vec::new();
         let mut progress = Vec::new();
         let reply = unseal_with_shares(
-            shares("s1\n\ns2\ns3\n"),
+            shares(&format!("{}\n\n{}\n{}\n", share(1), share(2), share(3))),
             daemon(2, &mut seen),
             &mut progress,
         )
         .unwrap();
         assert!(!reply.sealed);
-        assert_eq!(seen, ["s1", "s2"], "the third share is never read or sent");
+        assert_eq!(
+            seen,
+            [share(1), share(2)],
+            "the third share is never read or sent"
+        );
         let progress = String::from_utf8(progress).unwrap();
         assert_eq!(progress, "share 1 accepted; 1 more needed\n");
-        assert!(!progress.contains("s1"));
     }
 
     #[test]
     fn too_few_shares_leave_it_sealed_with_exit_code_4() {
         let mut seen = Vec::new();
-        let e =
-            unseal_with_shares(shares("s1\n"), daemon(3, &mut seen), &mut Vec::new()).unwrap_err();
+        let e = unseal_with_shares(
+            shares(&format!("{}\n", share(1))),
+            daemon(3, &mut seen),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
         assert!(
             matches!(e, CliError::StillSealed { needed: Some(2) }),
             "{e:?}"
@@ -720,10 +817,29 @@ mod tests {
         let e =
             unseal_with_shares(shares("\n"), daemon(2, &mut seen), &mut Vec::new()).unwrap_err();
         assert_eq!(e.exit_code(), 2);
-        let e = unseal_with_shares(shares("bad\ns2\n"), daemon(2, &mut seen), &mut Vec::new())
-            .unwrap_err();
+        let e = unseal_with_shares(
+            shares(&format!("{}\n{}\n", stranger(), share(2))),
+            daemon(2, &mut seen),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
         assert_eq!(e.exit_code(), 1);
-        assert!(e.to_string().contains("checksum"), "{e}");
+        assert!(e.to_string().contains("no recovery keyslot"), "{e}");
         assert!(seen.is_empty(), "nothing after the refused share was sent");
+    }
+
+    #[test]
+    fn a_mistyped_share_is_not_sent_and_stops_the_loop() {
+        let mut seen = Vec::new();
+        let typo = share(2).replacen("-5E701D00-2-2-", "-5E701D00-2-3-", 1);
+        let e = unseal_with_shares(
+            shares(&format!("{}\n{typo}\n{}\n", share(1), share(3))),
+            daemon(3, &mut seen),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert_eq!(e.exit_code(), 2, "{e}");
+        assert!(e.to_string().contains("share 2 not sent"), "{e}");
+        assert_eq!(seen, [share(1)], "only the share before it was sent");
     }
 }

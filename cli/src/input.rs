@@ -2,7 +2,10 @@
 //! shares — from files or stdin, never from argv.
 //!
 //! Everything that may be secret lands in zeroizing buffers that are bounded and grown by
-//! copying (no reallocation leaves a copy behind), and no error message quotes the input.
+//! copying (no reallocation leaves a copy behind), and no error message quotes the input. A
+//! recovery share is checked here with the daemon's own reader
+//! ([`keyward::recovery_share::parse`]) before anything sends it: a typo is named at once,
+//! for the reason keywardd would give, and never reaches the daemon.
 
 use std::fs::File;
 use std::io::{self, BufRead, IsTerminal as _, Read, Write};
@@ -221,7 +224,9 @@ impl<R: Read> BufRead for ZeroizingReader<R> {
 }
 
 /// Recovery shares, one per line, read lazily (so an interactive unseal stops asking once
-/// the vault opens). Blank lines and `#` comments are skipped.
+/// the vault opens). Blank lines and `#` comments are skipped. Each share must read as one
+/// (its check group catches a typo); one that does not is an error in its place, so that the
+/// caller stops before sending it.
 pub struct Shares<R> {
     reader: R,
     /// Prompt on stderr before each share (an interactive terminal).
@@ -281,10 +286,13 @@ impl<R: BufRead> Iterator for Shares<R> {
             }
             self.count += 1;
             let share = Zeroizing::new(text.to_vec());
-            return Some(secret_text(
-                share,
-                &format!("recovery share {}", self.count),
-            ));
+            let what = format!("recovery share {}", self.count);
+            return Some(secret_text(share, &what).and_then(|share| {
+                match keyward::recovery_share::parse(share.expose()) {
+                    Ok(_) => Ok(share),
+                    Err(e) => Err(CliError::Usage(format!("{what} not sent: {e}"))),
+                }
+            }));
         }
     }
 }
@@ -362,6 +370,13 @@ pub fn write_public(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
 mod tests {
     use super::*;
 
+    use keyward::recovery_share;
+
+    /// Share `i` of a 2-of-n test set.
+    fn share(i: u8) -> String {
+        recovery_share::render(&[0x5E, 0x70, 0x1D, 0x00], 2, i, &[i; 32]).to_string()
+    }
+
     fn shares(input: &str) -> Vec<String> {
         Shares::new(input.as_bytes(), "test", false)
             .map(|s| s.unwrap().expose().to_owned())
@@ -370,9 +385,12 @@ mod tests {
 
     #[test]
     fn shares_are_read_one_per_line_skipping_blanks_and_comments() {
+        let (one, two, three) = (share(1), share(2), share(3));
+        let lower = three.to_lowercase();
         assert_eq!(
-            shares("  aaa-1 \n\n# a comment\r\nbbb-2\r\nccc-3"),
-            ["aaa-1", "bbb-2", "ccc-3"]
+            shares(&format!("  {one} \n\n# a comment\r\n{two}\r\n{lower}")),
+            [one.as_str(), two.as_str(), lower.as_str()],
+            "each share as typed (the daemon reads it as forgivingly)"
         );
         assert!(shares("").is_empty());
         assert!(shares("\n \n").is_empty());
@@ -380,13 +398,50 @@ mod tests {
 
     #[test]
     fn shares_are_read_lazily() {
-        let mut input = "one\ntwo\nthree\n".as_bytes();
+        let rest = format!("{}\n{}\n", share(2), share(3));
+        let text = format!("{}\n{rest}", share(1));
+        let mut input = text.as_bytes();
         let mut it = Shares::new(&mut input, "test", false);
-        assert_eq!(it.next().unwrap().unwrap().expose(), "one");
+        assert_eq!(it.next().unwrap().unwrap().expose(), share(1));
         drop(it);
         assert_eq!(
-            input, b"two\nthree\n",
+            input,
+            rest.as_bytes(),
             "nothing read beyond the first share"
+        );
+    }
+
+    /// A share that does not read is refused where it stands, with the reason keywardd gives
+    /// (the shared reader's), as bad input; it never quotes the share.
+    #[test]
+    fn a_mistyped_share_is_refused_in_its_place_with_the_daemons_reason() {
+        let good = share(1);
+        let mut typo = share(2);
+        let last = typo.pop().unwrap();
+        typo.push(if last == 'A' { 'B' } else { 'A' });
+        let text = format!("{good}\n{typo}\n{}\nnot a share\n", share(3));
+        let mut it = Shares::new(text.as_bytes(), "test", false);
+        assert_eq!(it.next().unwrap().unwrap().expose(), good);
+        let e = it.next().unwrap().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "recovery share 2 not sent: {}",
+                recovery_share::parse(&typo).unwrap_err()
+            )
+        );
+        assert_eq!(
+            e.to_string(),
+            "recovery share 2 not sent: share has a typo: its checksum does not match"
+        );
+        assert_eq!(e.exit_code(), 2);
+        assert!(!e.to_string().contains(&typo[20..30]), "{e}");
+        assert_eq!(it.next().unwrap().unwrap().expose(), share(3));
+        let e = it.next().unwrap().unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("recovery share 4 not sent: not a recovery share: "),
+            "{e}"
         );
     }
 

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{ArgGroup, Args, Parser, Subcommand};
-use keyward::api::{ApiError, KeyAlgorithm, KeyName, SecretName};
+use keyward::api::{ApiError, KeyAlgorithm, KeyName, SecretName, TransitKeyName};
 use keyward::{ClientError, DEFAULT_SOCKET};
 
 const EXIT_CODES: &str = "\
@@ -95,6 +95,10 @@ pub enum Command {
     /// Create signing keys inside a device, sign, fetch public keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Encryption as a service: transit keys that never leave keywardd (the same keys the
+    /// OpenBao-compatible transit socket serves).
+    #[command(subcommand)]
+    Transit(TransitCommand),
     /// Verify or follow an audit log file (offline: works on a copy, no daemon needed).
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -332,6 +336,44 @@ pub enum KeyCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum TransitCommand {
+    /// Create a transit key (version 1); needs admin.
+    Create {
+        /// The key's name (one segment: no '/').
+        name: TransitKeyName,
+    },
+    /// Add a new version of a transit key for encryption; older versions still decrypt.
+    Rotate {
+        /// The key's name.
+        name: TransitKeyName,
+    },
+    /// Encrypt data from stdin (to EOF) or --file; prints vault:v<N>:<base64>.
+    Encrypt {
+        /// The key's name.
+        name: TransitKeyName,
+        /// Encrypt this file's contents instead of stdin.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Bind this text to the ciphertext: decrypting needs the same text.
+        #[arg(long, value_name = "TEXT")]
+        associated_data: Option<String>,
+    },
+    /// Decrypt a ciphertext of `transit encrypt`; writes the plaintext to stdout or --output.
+    Decrypt {
+        /// The key's name.
+        name: TransitKeyName,
+        /// The ciphertext (vault:v<N>:<base64>).
+        ciphertext: String,
+        /// The text given to `transit encrypt --associated-data`.
+        #[arg(long, value_name = "TEXT")]
+        associated_data: Option<String>,
+        /// Write the plaintext to this file (created with mode 0600).
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Check the hash chain, the sequence and every checkpoint signature; name the first bad
     /// record. With an anchor (`audit.anchor` beside `audit.log`, or --anchor) or --expect-seq,
@@ -397,7 +439,7 @@ pub struct PolicyCheckArgs {
     /// The caller's systemd system unit, e.g. postgresql.service.
     #[arg(long, value_name = "UNIT")]
     pub unit: Option<String>,
-    /// What the caller asks to do: read, write, sign, keys or admin.
+    /// What the caller asks to do: read, write, sign, keys, admin, encrypt or decrypt.
     #[arg(long, value_name = "ACTION", requires = "caller")]
     pub action: Option<keyward_policy::Action>,
     /// The secret it is done to (read, write).
@@ -406,6 +448,9 @@ pub struct PolicyCheckArgs {
     /// The key it is done to (sign, keys).
     #[arg(long, value_name = "NAME", requires = "action")]
     pub key: Option<String>,
+    /// The transit key it is done to (encrypt, decrypt).
+    #[arg(long, value_name = "NAME", requires = "action")]
+    pub transit: Option<String>,
     /// The user keywardd runs as: the file must be owned by root or by it
     /// [default: keyward, when that user exists, else root only].
     #[arg(long, value_name = "NAME")]

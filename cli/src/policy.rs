@@ -136,20 +136,31 @@ fn caller(args: &PolicyCheckArgs) -> Result<Caller, CliError> {
     })
 }
 
-/// The resource an action applies to, from `--secret`/`--key`.
+/// The resource an action applies to, from `--secret`/`--key`/`--transit`.
 fn resource<'a>(action: Action, args: &'a PolicyCheckArgs) -> Result<Resource<'a>, CliError> {
-    match (action, args.secret.as_deref(), args.key.as_deref()) {
-        (Action::Admin, None, None) => Ok(Resource::Vault),
-        (Action::Admin, _, _) => Err(CliError::Usage(
-            "admin applies to the vault: give neither --secret nor --key".into(),
+    let named = (
+        args.secret.as_deref(),
+        args.key.as_deref(),
+        args.transit.as_deref(),
+    );
+    match (action, named) {
+        (Action::Admin, (None, None, None)) => Ok(Resource::Vault),
+        (Action::Admin, _) => Err(CliError::Usage(
+            "admin applies to the vault: give none of --secret, --key, --transit".into(),
         )),
-        (Action::Read | Action::Write, Some(name), None) => Ok(Resource::Secret(name)),
-        (Action::Sign | Action::Keys, None, Some(name)) => Ok(Resource::Key(name)),
-        (Action::Read | Action::Write, _, _) => Err(CliError::Usage(format!(
+        (Action::Read | Action::Write, (Some(name), None, None)) => Ok(Resource::Secret(name)),
+        (Action::Sign | Action::Keys, (None, Some(name), None)) => Ok(Resource::Key(name)),
+        (Action::Encrypt | Action::Decrypt, (None, None, Some(name))) => {
+            Ok(Resource::Transit(name))
+        }
+        (Action::Read | Action::Write, _) => Err(CliError::Usage(format!(
             "{action} applies to a secret: give --secret NAME"
         ))),
-        (Action::Sign | Action::Keys, _, _) => Err(CliError::Usage(format!(
+        (Action::Sign | Action::Keys, _) => Err(CliError::Usage(format!(
             "{action} applies to a key: give --key NAME"
+        ))),
+        (Action::Encrypt | Action::Decrypt, _) => Err(CliError::Usage(format!(
+            "{action} applies to a transit key: give --transit NAME"
         ))),
     }
 }
@@ -158,6 +169,7 @@ fn request_text(action: Action, resource: Resource<'_>) -> String {
     match resource {
         Resource::Secret(name) => format!("{action} secret {name:?}"),
         Resource::Key(name) => format!("{action} key {name:?}"),
+        Resource::Transit(name) => format!("{action} transit key {name:?}"),
         Resource::Vault => format!("{action} the vault"),
     }
 }

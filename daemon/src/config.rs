@@ -22,8 +22,9 @@ use serde::Deserialize;
 use crate::audit::AuditOptions;
 use crate::device::{ActorOptions, DeviceSpec, Pkcs11Spec};
 use crate::transport::credentials::CredentialLimits;
-use crate::transport::dbus::Bus;
+use crate::transport::dbus::{Bus, DbusLimits};
 use crate::transport::ssh_agent::SshAgentLimits;
+use crate::transport::transit::TransitLimits;
 use crate::transport::varlink::VarlinkLimits;
 
 /// Default path of the config file.
@@ -158,6 +159,37 @@ impl SshAgentSettings {
     }
 }
 
+/// The D-Bus service: which bus, and its bounds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DbusSettings {
+    /// The bus it joins.
+    pub bus: Bus,
+    /// How many calls it serves at once, how long the stop waits for them.
+    pub limits: DbusLimits,
+}
+
+/// The OpenBao-compatible transit socket: where, and its bounds.
+#[derive(Clone, Debug)]
+pub struct TransitSettings {
+    /// The socket.
+    pub socket: SocketSettings,
+    /// Its mount path and bounds.
+    pub limits: TransitLimits,
+}
+
+impl TransitSettings {
+    /// The mount and bounds of a `[transit]` table that sets none: also those of a transit
+    /// socket systemd passes in when the file has no such table.
+    pub fn default_limits() -> TransitLimits {
+        TransitLimits {
+            mount: default_transit_mount(),
+            max_body: default_transit_max_body(),
+            max_connections: default_transit_connections(),
+            header_timeout: Duration::from_secs(default_transit_header_timeout()),
+        }
+    }
+}
+
 /// The audit log's NV counter: a configured `tpm2` device and the index on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TpmCounter {
@@ -176,10 +208,12 @@ pub struct Config {
     pub api: SocketSettings,
     /// systemd's `LoadCredential=` socket, when configured.
     pub credentials: Option<CredentialSettings>,
-    /// The bus the D-Bus service joins, when configured.
-    pub dbus: Option<Bus>,
+    /// The D-Bus service, when configured.
+    pub dbus: Option<DbusSettings>,
     /// The ssh-agent socket, when configured.
     pub ssh_agent: Option<SshAgentSettings>,
+    /// The OpenBao-compatible transit socket, when configured.
+    pub transit: Option<TransitSettings>,
     /// The policy file. Without one, everything but `Status` is denied.
     pub policy: Option<PathBuf>,
     /// Device names to try, in order, for the unattended unseal at start (every one is a
@@ -255,10 +289,14 @@ fn positive(key: &str, n: u64) -> Result<u64, Invalid> {
     Ok(n)
 }
 
-/// A count of things held at once, at least 1.
+/// A count of things held at once, at least 1 (and no more than a semaphore can count).
 fn count(key: &str, n: usize) -> Result<usize, Invalid> {
     if n == 0 {
         return Err(Invalid::new(key, "must be at least 1"));
+    }
+    let most = tokio::sync::Semaphore::MAX_PERMITS;
+    if n > most {
+        return Err(Invalid::new(key, format!("must be at most {most}")));
     }
     Ok(n)
 }
@@ -319,21 +357,45 @@ impl File {
             }),
             None => None,
         };
+        let transit = match self.transit {
+            Some(t) => Some(TransitSettings {
+                socket: SocketSettings {
+                    mode: mode("transit.mode", &t.mode)?,
+                    path: t.socket,
+                },
+                limits: TransitLimits {
+                    mount: check_mount(&t.mount)?,
+                    max_body: count("transit.max_body_bytes", t.max_body_bytes)?,
+                    max_connections: count("transit.max_connections", t.max_connections)?,
+                    header_timeout: Duration::from_secs(positive(
+                        "transit.header_timeout_secs",
+                        t.header_timeout_secs,
+                    )?),
+                },
+            }),
+            None => None,
+        };
         let dbus = match self.dbus {
             None => None,
-            Some(FileDbus {
-                address: Some(address),
-                ..
-            }) => Some(Bus::Address(address)),
-            Some(FileDbus { bus, .. }) => Some(match bus.as_str() {
-                "system" => Bus::System,
-                "session" => Bus::Session,
-                _ => {
-                    return Err(Invalid::new(
-                        "dbus.bus",
-                        format!("{bus:?}: use \"system\" or \"session\", or set dbus.address"),
-                    ))
-                }
+            Some(d) => Some(DbusSettings {
+                bus: match (d.address, d.bus.as_str()) {
+                    (Some(address), _) => Bus::Address(address),
+                    (None, "system") => Bus::System,
+                    (None, "session") => Bus::Session,
+                    (None, bus) => {
+                        return Err(Invalid::new(
+                            "dbus.bus",
+                            format!("{bus:?}: use \"system\" or \"session\", or set dbus.address"),
+                        ))
+                    }
+                },
+                limits: DbusLimits {
+                    max_calls_in_flight: count("dbus.max_calls_in_flight", d.max_calls_in_flight)?,
+                    drain_timeout: Duration::from_secs(positive(
+                        "dbus.drain_timeout_secs",
+                        d.drain_timeout_secs,
+                    )?),
+                },
             }),
         };
         let mut devices = BTreeMap::new();
@@ -425,6 +487,7 @@ impl File {
             credentials,
             dbus,
             ssh_agent,
+            transit,
             policy: self.policy,
             unseal_order,
             devices,
@@ -479,6 +542,9 @@ struct File {
     /// Off unless configured.
     #[serde(default)]
     ssh_agent: Option<FileSshAgent>,
+    /// Off unless configured.
+    #[serde(default)]
+    transit: Option<FileTransit>,
     #[serde(default)]
     policy: Option<PathBuf>,
     /// Default: every configured device, in name order. Recovery slots are never tried
@@ -614,6 +680,68 @@ fn default_ssh_agent_idle() -> u64 {
     60
 }
 
+/// The OpenBao-compatible transit socket (`seal "transit" { address = "unix://…" }`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTransit {
+    #[serde(default = "default_transit_socket")]
+    socket: PathBuf,
+    /// "0660": the OpenBao service's group connects.
+    #[serde(default = "default_mode")]
+    mode: String,
+    /// OpenBao's `mount_path`.
+    #[serde(default = "default_transit_mount")]
+    mount: String,
+    #[serde(default = "default_transit_max_body")]
+    max_body_bytes: usize,
+    #[serde(default = "default_transit_connections")]
+    max_connections: usize,
+    #[serde(default = "default_transit_header_timeout")]
+    header_timeout_secs: u64,
+}
+
+fn default_transit_socket() -> PathBuf {
+    PathBuf::from("/run/keyward/transit.sock")
+}
+
+fn default_transit_mount() -> String {
+    "transit".into()
+}
+
+fn default_transit_max_body() -> usize {
+    api::MAX_FRAME_LEN
+}
+
+fn default_transit_connections() -> usize {
+    64
+}
+
+fn default_transit_header_timeout() -> u64 {
+    30
+}
+
+/// A mount path: `/`-separated segments of `A-Z a-z 0-9 . _ -` (a leading or trailing `/`, as
+/// OpenBao's `mount_path = "transit/"`, is dropped).
+fn check_mount(mount: &str) -> Result<String, Invalid> {
+    let trimmed = mount.trim_matches('/');
+    let ok = !trimmed.is_empty()
+        && trimmed.split('/').all(|s| {
+            !s.is_empty()
+                && s != "."
+                && s != ".."
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        });
+    if ok {
+        Ok(trimmed.to_owned())
+    } else {
+        Err(Invalid::new(
+            "transit.mount",
+            format!("{mount:?} is not a mount path like \"transit\""),
+        ))
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileDbus {
@@ -623,10 +751,24 @@ struct FileDbus {
     /// An explicit bus address (`unix:path=…`), e.g. a private bus in tests.
     #[serde(default)]
     address: Option<String>,
+    /// Calls served at once, all callers together; beyond it: `Busy`.
+    #[serde(default = "default_dbus_calls")]
+    max_calls_in_flight: usize,
+    /// How long the stop waits for calls in flight to be answered.
+    #[serde(default = "default_dbus_drain")]
+    drain_timeout_secs: u64,
 }
 
 fn default_bus() -> String {
     "system".into()
+}
+
+fn default_dbus_calls() -> usize {
+    256
+}
+
+fn default_dbus_drain() -> u64 {
+    30
 }
 
 /// Bounds on client-controlled resources.
@@ -786,6 +928,9 @@ mod tests {
             [credentials]
             max_connections = 8
             write_timeout_secs = 3
+            [dbus]
+            max_calls_in_flight = 4
+            drain_timeout_secs = 5
             [devices.tpm]
             kind = "tpm2"
             tcti = "swtpm:host=127.0.0.1,port=2321"
@@ -817,6 +962,9 @@ mod tests {
         assert_eq!(credentials.limits.max_connections, 8);
         assert_eq!(credentials.limits.write_timeout, Duration::from_secs(3));
         assert_eq!(credentials.limits.wait_unsealed, Duration::from_secs(60));
+        let dbus = c.dbus.unwrap().limits;
+        assert_eq!(dbus.max_calls_in_flight, 4);
+        assert_eq!(dbus.drain_timeout, Duration::from_secs(5));
         assert_eq!(
             c.tpm_counter,
             Some(TpmCounter {
@@ -840,7 +988,10 @@ mod tests {
         let credentials = c.credentials.unwrap();
         assert_eq!(credentials.limits.max_connections, 1024);
         assert_eq!(credentials.limits.write_timeout, Duration::from_secs(10));
-        assert_eq!(c.dbus, Some(Bus::System));
+        let dbus = c.dbus.unwrap();
+        assert_eq!(dbus.bus, Bus::System);
+        assert_eq!(dbus.limits.max_calls_in_flight, 256);
+        assert_eq!(dbus.limits.drain_timeout, Duration::from_secs(30));
         assert_eq!(c.confirm_within, Duration::from_secs(3600));
         assert_eq!(c.device_watch, Duration::from_secs(15));
         assert_eq!(c.actor.timeout, Duration::from_secs(30));
@@ -848,7 +999,8 @@ mod tests {
         assert_eq!(
             parse("[dbus]\nbus = \"bogus\"\naddress = \"unix:path=/x\"")
                 .unwrap()
-                .dbus,
+                .dbus
+                .map(|d| d.bus),
             Some(Bus::Address("unix:path=/x".into()))
         );
     }
@@ -863,6 +1015,9 @@ mod tests {
         assert_eq!(credentials.limits.max_connections, defaults.max_connections);
         assert_eq!(credentials.limits.write_timeout, defaults.write_timeout);
         assert_eq!(credentials.limits.wait_unsealed, defaults.wait_unsealed);
+        let dbus = c.dbus.unwrap();
+        assert_eq!(dbus.bus, Bus::System);
+        assert_eq!(dbus.limits, parse("[dbus]").unwrap().dbus.unwrap().limits);
     }
 
     #[test]
@@ -903,10 +1058,18 @@ mod tests {
             ("credentials", "write_timeout_secs"),
             ("ssh_agent", "max_connections"),
             ("ssh_agent", "idle_timeout_secs"),
+            ("dbus", "max_calls_in_flight"),
+            ("dbus", "drain_timeout_secs"),
         ] {
             let e = parse(&format!("[{table}]\n{key} = 0")).unwrap_err();
             assert_eq!(e, format!("{table}.{key} must be at least 1"));
         }
+        let too_many = tokio::sync::Semaphore::MAX_PERMITS + 1;
+        let e = parse(&format!("[dbus]\nmax_calls_in_flight = {too_many}")).unwrap_err();
+        assert!(
+            e.starts_with("dbus.max_calls_in_flight must be at most"),
+            "{e}"
+        );
         assert!(parse("[limits]\nmax_connections = 8")
             .unwrap_err()
             .starts_with("limits.root_reserve (16) must be below"));
@@ -921,6 +1084,7 @@ mod tests {
             "state_dri = \"/x\"",
             "[api]\nmod = \"0600\"",
             "[credentials]\nmax_conections = 8",
+            "[dbus]\nmax_call_in_flight = 8",
             "[limits]\nmax_conections = 8",
             "[devices.tpm]\nkind = \"tpm2\"\npin = \"1234\"",
             "[audit]\ntpm_countr = \"tpm\"",
@@ -961,6 +1125,31 @@ mod tests {
             parse(&format!("{}[audit]\ntpm_counter = \"a\"", hsm("a"))).unwrap_err(),
             "audit.tpm_counter \"a\" is not a configured tpm2 device"
         );
+    }
+
+    #[test]
+    fn transit_socket_is_off_unless_configured_and_checked() {
+        assert!(parse("").unwrap().transit.is_none());
+        let t = parse("[transit]\nmount = \"/kw/transit/\"")
+            .unwrap()
+            .transit
+            .unwrap();
+        assert_eq!(t.socket.path, Path::new("/run/keyward/transit.sock"));
+        assert_eq!(t.socket.mode.to_string(), "0660");
+        assert_eq!(t.limits.mount, "kw/transit");
+        assert_eq!(t.limits.max_body, api::MAX_FRAME_LEN);
+        for bad in ["\"\"", "\"a//b\"", "\"../x\"", "\"a b\""] {
+            assert!(
+                parse(&format!("[transit]\nmount = {bad}"))
+                    .unwrap_err()
+                    .starts_with("transit.mount"),
+                "{bad}"
+            );
+        }
+        assert!(parse("[transit]\nmax_connections = 0")
+            .unwrap_err()
+            .starts_with("transit.max_connections"));
+        assert!(parse("[transit]\ntoken = \"x\"").is_err());
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub enum Param {
     RecoveryShare,
     /// Recovery shares (`ConfirmRecovery`).
     RecoveryShares,
+    /// A transit ciphertext (`Decrypt`).
+    Ciphertext,
     /// The combination of parameters.
     Parameters,
 }
@@ -63,6 +65,7 @@ impl Param {
             Self::Pin => "pin",
             Self::RecoveryShare => "recovery_share",
             Self::RecoveryShares => "recovery_shares",
+            Self::Ciphertext => "ciphertext",
             Self::Parameters => "parameters",
         }
     }
@@ -85,6 +88,8 @@ pub enum Thing {
     Keyslot,
     /// An object on a device.
     DeviceObject,
+    /// A transit key (or one version of it, `name@version`).
+    TransitKey,
 }
 
 impl Thing {
@@ -95,6 +100,7 @@ impl Thing {
             Self::Key => "key",
             Self::Keyslot => "keyslot",
             Self::DeviceObject => "device object",
+            Self::TransitKey => "transit key",
         }
     }
 }

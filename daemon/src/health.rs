@@ -8,10 +8,13 @@
 //! part never drops another.
 //!
 //! [`watchdog`] sends `WATCHDOG=1` at half the interval systemd asked for, and only while the
-//! store and the audit log still answer; when either does not, it stops pinging (so systemd
-//! restarts the daemon), says why once in the log and on `STATUS=`. Its probes can block (a
-//! locked database, a stuck audit write), so they run on the store's writer thread and on a
-//! blocking thread, each bounded, and never more than one of each at a time.
+//! store and the audit log still answer — the log's writer and flusher, and the thread its
+//! vault hooks run on, which the vault waits for under its lock at every seal, unseal and
+//! rekey; when one does not, it stops pinging (so systemd restarts the daemon), says why once
+//! in the log and on `STATUS=`. Its probes can block (a locked database, a stuck audit write,
+//! a hook waiting for a hung TPM counter), so they run on the store's writer thread, on a
+//! blocking thread and on the hook thread itself, each bounded, and never more than one of
+//! each at a time.
 //!
 //! Must not: write audit records (a probe is not a request, and one per ping would flood the
 //! log), restart or reopen anything itself (the device actors reopen their devices; systemd
@@ -164,8 +167,9 @@ impl Probe {
     }
 }
 
-/// Ping systemd's watchdog every `interval / 2` while the store and the audit log answer
-/// (each within `interval / 4`), until `stop` turns true. `interval` is `WATCHDOG_USEC`.
+/// Ping systemd's watchdog every `interval / 2` while the store, the audit log and its hook
+/// thread answer (each within `interval / 4`), until `stop` turns true. `interval` is
+/// `WATCHDOG_USEC`.
 pub async fn watchdog(
     interval: Duration,
     store: Store,
@@ -178,6 +182,7 @@ pub async fn watchdog(
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut store_probe = Probe::new("the store");
     let mut audit_probe = Probe::new("the audit log");
+    let mut hooks_probe = Probe::new("the audit log's hook thread");
     let mut failing: Option<String> = None;
     tracing::info!(?interval, "systemd watchdog on");
     loop {
@@ -185,7 +190,7 @@ pub async fn watchdog(
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let (s, a) = tokio::join!(
+        let (s, a, h) = tokio::join!(
             store_probe.check(within, || {
                 let store = store.clone();
                 async move { store.probe().await.map_err(|e| e.to_string()) }
@@ -199,8 +204,12 @@ pub async fn watchdog(
                     }
                 }
             }),
+            hooks_probe.check(within, || {
+                let answered = audit.probe_hooks();
+                async move { answered.await.map_err(|e| e.to_string()) }
+            }),
         );
-        match s.and(a) {
+        match s.and(a).and(h) {
             Ok(()) => {
                 sys::notify(&[NotifyState::Watchdog]);
                 if failing.take().is_some() {

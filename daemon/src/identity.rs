@@ -18,6 +18,7 @@ use std::fmt;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::OnceLock;
 
+use keyward_policy::Identity;
 use nix::sys::socket::{getsockopt, sockopt};
 use tracing::{debug, info};
 
@@ -32,6 +33,8 @@ pub enum Via {
     Credentials,
     /// The ssh-agent socket.
     SshAgent,
+    /// The OpenBao-compatible transit socket.
+    Transit,
     /// The daemon itself (unattended unseal at start).
     Daemon,
 }
@@ -39,40 +42,22 @@ pub enum Via {
 /// A caller as the kernel identified it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
-    /// Effective uid.
-    pub uid: u32,
-    /// Effective primary gid.
-    pub gid: u32,
-    /// Supplementary groups (from `/proc/PID/status`), when known.
-    pub groups: Vec<u32>,
+    /// What the access policy looks at: the effective uid and primary gid, the supplementary
+    /// groups (from `/proc/PID/status`, when known) and the systemd (system) unit
+    /// (`foo.service`, `user@1000.service`, from `/proc/PID/cgroup`).
+    pub who: Identity,
     /// Process id at connect time, when known.
     pub pid: Option<i32>,
-    /// The caller's systemd (system) unit (`foo.service`, `user@1000.service`), from
-    /// `/proc/PID/cgroup`.
-    pub unit: Option<String>,
     /// How the request arrived.
     pub via: Via,
 }
 
 impl Caller {
-    /// What the access policy looks at.
-    pub fn subject(&self) -> keyward_policy::Subject<'_> {
-        keyward_policy::Subject {
-            uid: self.uid,
-            gid: self.gid,
-            groups: &self.groups,
-            unit: self.unit.as_deref(),
-        }
-    }
-
-    /// The daemon acting for itself.
+    /// The daemon acting for itself (uid 0, gid 0).
     pub fn daemon() -> Self {
         Self {
-            uid: 0,
-            gid: 0,
-            groups: Vec::new(),
+            who: Identity::default(),
             pid: None,
-            unit: None,
             via: Via::Daemon,
         }
     }
@@ -80,11 +65,11 @@ impl Caller {
 
 impl fmt::Display for Caller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "uid={} gid={}", self.uid, self.gid)?;
+        write!(f, "uid={} gid={}", self.who.uid, self.who.gid)?;
         if let Some(pid) = self.pid {
             write!(f, " pid={pid}")?;
         }
-        if let Some(unit) = &self.unit {
+        if let Some(unit) = &self.who.unit {
             write!(f, " unit={unit}")?;
         }
         Ok(())
@@ -220,11 +205,13 @@ impl Peer {
         let process = self.process();
         let (groups, unit) = process.map_or((Vec::new(), None), |p| (p.groups, p.unit));
         Caller {
-            uid: self.uid,
-            gid: self.gid,
-            groups,
+            who: Identity {
+                uid: self.uid,
+                gid: self.gid,
+                groups,
+                unit,
+            },
             pid: self.pid,
-            unit,
             via,
         }
     }
@@ -559,7 +546,7 @@ mod tests {
         let p = peer.process().expect("own /proc entry");
         assert_eq!(p.gid, nix::unistd::getegid().as_raw());
         let caller = peer.caller(Via::Varlink);
-        assert_eq!(caller.uid, peer.uid);
+        assert_eq!(caller.who.uid, peer.uid);
         assert!(caller.to_string().contains("pid="));
     }
 
@@ -569,8 +556,8 @@ mod tests {
         peer.uid = peer.uid.wrapping_add(1);
         assert_eq!(peer.process(), None);
         let caller = peer.caller(Via::Dbus);
-        assert!(caller.groups.is_empty() && caller.unit.is_none());
-        assert_eq!(caller.uid, peer.uid, "the kernel's uid stays");
+        assert!(caller.who.groups.is_empty() && caller.who.unit.is_none());
+        assert_eq!(caller.who.uid, peer.uid, "the kernel's uid stays");
     }
 
     #[test]

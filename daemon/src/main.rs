@@ -121,7 +121,7 @@ async fn serve(config: &Config, config_path: &Path) -> Result<(), StartError> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => match daemon.reload_policy(config_path) {
+            _ = hup.recv() => match daemon.reload_policy(config_path).await {
                 Ok(()) => tracing::info!("policy reloaded"),
                 Err(e) => tracing::error!("policy reload rejected, keeping the old policy: {e}"),
             },

@@ -56,13 +56,22 @@ fn needs<'a>(request: &Request, target: &'a str) -> Option<(Action, Resource<'a>
         Access::WriteSecret => (Action::Write, Resource::Secret(target)),
         Access::ManageKey => (Action::Keys, Resource::Key(target)),
         Access::UseKey => (Action::Sign, Resource::Key(target)),
+        Access::Encrypt => (Action::Encrypt, Resource::Transit(transit_name(target))),
+        Access::Decrypt => (Action::Decrypt, Resource::Transit(transit_name(target))),
     })
+}
+
+/// The transit key a `transit/<key>` target names (the policy's `transit` list holds key
+/// names; the audit log's target says which kind of thing it is).
+fn transit_name(target: &str) -> &str {
+    target.strip_prefix("transit/").unwrap_or(target)
 }
 
 fn resource_name(resource: &Resource<'_>) -> String {
     match resource {
         Resource::Secret(n) => format!("secret {n}"),
         Resource::Key(n) => format!("key {n}"),
+        Resource::Transit(n) => format!("transit/{n}"),
         Resource::Vault => "vault".into(),
     }
 }
@@ -105,7 +114,7 @@ impl Service {
 
     fn allowed(policy: &Policy, caller: &Caller, action: Action, resource: Resource<'_>) -> bool {
         matches!(
-            decide(policy, caller.subject(), action, resource),
+            decide(policy, caller.who.subject(), action, resource),
             Decision::Allow { .. }
         )
     }
@@ -121,7 +130,7 @@ impl Service {
         let Some((action, resource)) = needs(request, target) else {
             return Ok(None);
         };
-        match decide(policy, caller.subject(), action, resource) {
+        match decide(policy, caller.who.subject(), action, resource) {
             // A policy file is far too small to hold 2^32 rules.
             Decision::Allow { rule } => Ok(Some(u32::try_from(rule).unwrap_or(u32::MAX))),
             Decision::Deny => Err(ApiError::PermissionDenied {
@@ -240,6 +249,24 @@ impl Service {
             Request::DeleteKey(p) => {
                 v.delete_key(p.name).await?;
                 Reply::DeleteKey(api::Done {})
+            }
+            Request::CreateTransitKey(p) => Reply::CreateTransitKey(api::VersionReply {
+                version: v.create_transit_key(p.name).await?.into(),
+            }),
+            Request::RotateTransitKey(p) => Reply::RotateTransitKey(api::VersionReply {
+                version: v.rotate_transit_key(p.name).await?.into(),
+            }),
+            Request::Encrypt(p) => {
+                let associated = p.associated_data.as_ref().map(|a| a.0.as_slice());
+                Reply::Encrypt(api::EncryptReply {
+                    ciphertext: v.transit_encrypt(p.name, &p.plaintext, associated).await?,
+                })
+            }
+            Request::Decrypt(p) => {
+                let associated = p.associated_data.as_ref().map(|a| a.0.as_slice());
+                Reply::Decrypt(api::DecryptReply {
+                    plaintext: v.transit_decrypt(p.name, &p.ciphertext, associated).await?,
+                })
             }
         })
     }
@@ -377,7 +404,7 @@ impl Handler for Service {
         id: String,
         wait: std::time::Duration,
     ) -> Result<api::SecretValue, ApiError> {
-        let unit = caller.unit.clone().unwrap_or_default();
+        let unit = caller.who.unit.clone().unwrap_or_default();
         // The map is the grant: a unit gets exactly the secrets mapped to its credential ids.
         let secret = credential_secret(&self.policy(), &unit, &id).cloned();
         let result = match &secret {

@@ -24,14 +24,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::audit::AuditLog;
-use crate::config::{Config, ConfigError, CredentialSettings, SocketSettings};
+use crate::config::{Config, ConfigError, CredentialSettings, SocketSettings, TransitSettings};
 use crate::device::{self, DeviceHandle, DeviceSpec};
 use crate::health::{self, StatusLine};
 use crate::service::Service;
 use crate::store::Store;
 use crate::sys;
 use crate::transport::dbus::{self, DbusError};
-use crate::transport::{credentials, socket, ssh_agent, varlink};
+use crate::transport::{credentials, socket, ssh_agent, transit, varlink};
 use crate::vault::Vault;
 
 /// How long the stop waits for the device threads to close their devices.
@@ -112,7 +112,7 @@ pub enum StartError {
     /// An activated socket can't be served.
     #[error("activated {what} socket: {source}")]
     ActivatedSocket {
-        /// `api`, `credentials` or `ssh-agent`.
+        /// `api`, `credentials`, `transit` or `ssh-agent`.
         what: &'static str,
         /// Why tokio refused it.
         source: std::io::Error,
@@ -259,6 +259,7 @@ struct Listeners {
     api: UnixListener,
     credentials: Option<UnixListener>,
     ssh_agent: Option<UnixListener>,
+    transit: Option<UnixListener>,
     activated: bool,
 }
 
@@ -278,11 +279,12 @@ fn pick_listeners(
         UnixListener::from_std(l).map_err(|source| StartError::ActivatedSocket { what, source })
     };
     let api = activated.remove("api").or_else(|| {
-        let only = (activated.len() == 1
-            && !activated.contains_key("credentials")
-            && !activated.contains_key("ssh-agent"))
-        .then(|| activated.keys().next().cloned())
-        .flatten()?;
+        let named = ["credentials", "transit", "ssh-agent"]
+            .iter()
+            .any(|n| activated.contains_key(*n));
+        let only = (activated.len() == 1 && !named)
+            .then(|| activated.keys().next().cloned())
+            .flatten()?;
         activated.remove(&only)
     });
     let api = match api {
@@ -298,7 +300,20 @@ fn pick_listeners(
     let ssh_agent = match (activated.remove("ssh-agent"), &config.ssh_agent) {
         (Some(l), _) => Some(tokio_listener(l, "ssh-agent")?),
         (None, Some(a)) if !socket_activated => Some(bind(&a.socket)?),
-        (None, _) => None,
+        (None, Some(_)) => {
+            tracing::warn!("[ssh_agent] is configured, but systemd passed no socket named \"ssh-agent\": the ssh-agent socket is not served");
+            None
+        }
+        (None, None) => None,
+    };
+    let transit = match (activated.remove("transit"), &config.transit) {
+        (Some(l), _) => Some(tokio_listener(l, "transit")?),
+        (None, Some(t)) if !socket_activated => Some(bind(&t.socket)?),
+        (None, Some(_)) => {
+            tracing::warn!("[transit] is configured, but systemd passed no socket named \"transit\" (keywardd-transit.socket): the transit socket is not served");
+            None
+        }
+        (None, None) => None,
     };
     for name in activated.keys() {
         tracing::warn!(name = %name, "ignoring an activated socket with an unknown FileDescriptorName");
@@ -307,12 +322,13 @@ fn pick_listeners(
         api,
         credentials,
         ssh_agent,
+        transit,
         activated: socket_activated,
     })
 }
 
 fn bind(settings: &SocketSettings) -> Result<UnixListener, StartError> {
-    socket::bind(&settings.path, settings.mode.bits()).map_err(|source| StartError::Bind {
+    socket::bind(&settings.path, settings.mode).map_err(|source| StartError::Bind {
         path: settings.path.clone(),
         source,
     })
@@ -322,7 +338,7 @@ fn bind(settings: &SocketSettings) -> Result<UnixListener, StartError> {
 /// ordered after us does not race the unseal. Bounded: a hung device must not hold start-up
 /// forever (its calls time out the same way). Key operations a crash cut short are settled once
 /// the devices are up, before requests.
-async fn unseal_and_settle(service: &Service, audit: &AuditLog, config: &Config) {
+async fn unseal_and_settle(service: &Service, audit: &Arc<AuditLog>, config: &Config) {
     let wait = config.actor.timeout;
     for device in service.vault().devices().values() {
         if tokio::time::timeout(wait, device.ready()).await.is_err() {
@@ -334,7 +350,7 @@ async fn unseal_and_settle(service: &Service, audit: &AuditLog, config: &Config)
     }
     service.vault().unseal_unattended().await;
     for line in service.vault().settle_key_intents().await {
-        if let Err(e) = audit.event("key-sweep", &line) {
+        if let Err(e) = audit.event("key-sweep", &line).await {
             tracing::error!("audit log: {e}");
         }
     }
@@ -365,6 +381,7 @@ pub struct Daemon {
     dbus: Option<JoinHandle<Result<(), DbusError>>>,
     credentials: Option<JoinHandle<()>>,
     ssh_agent: Option<JoinHandle<()>>,
+    transit: Option<JoinHandle<()>>,
     device_watch: JoinHandle<()>,
     watchdog_stop: watch::Sender<bool>,
     watchdog: Option<JoinHandle<()>>,
@@ -404,8 +421,8 @@ pub async fn start(config: &Config) -> Result<Daemon, StartError> {
     // D-Bus: the name is owned before READY=1, so a client ordered after us finds it. A bus that
     // refuses us (name taken, policy not installed) fails the start: it was configured.
     let dbus = match &config.dbus {
-        Some(bus) => {
-            let dbus = dbus::start(bus, service.clone()).await?;
+        Some(settings) => {
+            let dbus = dbus::start(&settings.bus, settings.limits, service.clone()).await?;
             Some(tokio::spawn(dbus.run(stopped.clone())))
         }
         None => None,
@@ -437,6 +454,14 @@ pub async fn start(config: &Config) -> Result<Daemon, StartError> {
             stopped.clone(),
         ))
     });
+    let transit = listeners.transit.map(|l| {
+        // An activated transit socket without a [transit] table gets the defaults.
+        let limits = config
+            .transit
+            .as_ref()
+            .map_or_else(TransitSettings::default_limits, |t| t.limits.clone());
+        tokio::spawn(transit::serve(l, service.clone(), limits, stopped.clone()))
+    });
 
     let line = vault_line(&service).await?;
     // From READY=1 on, systemd counts the watchdog interval. The pings go on while requests
@@ -467,6 +492,7 @@ pub async fn start(config: &Config) -> Result<Daemon, StartError> {
         dbus,
         credentials,
         ssh_agent,
+        transit,
         device_watch,
         watchdog_stop,
         watchdog,
@@ -479,7 +505,7 @@ impl Daemon {
     ///
     /// # Errors
     /// The config or policy that was rejected (the old policy stays in force).
-    pub fn reload_policy(&self, config_path: &Path) -> Result<(), StartError> {
+    pub async fn reload_policy(&self, config_path: &Path) -> Result<(), StartError> {
         let loaded = Config::load(config_path)
             .map_err(StartError::from)
             .and_then(|c| load_policy(c.policy.as_deref()));
@@ -488,7 +514,7 @@ impl Daemon {
             Err(_) => "rejected: the old policy stays",
         };
         let reloaded = loaded.map(|policy| self.service.set_policy(policy));
-        if let Err(e) = self.audit.event("policy-reload", detail) {
+        if let Err(e) = self.audit.event("policy-reload", detail).await {
             tracing::error!("audit log: {e}");
         }
         reloaded
@@ -511,6 +537,9 @@ impl Daemon {
         }
         if let Some(a) = self.ssh_agent {
             let _ = a.await;
+        }
+        if let Some(t) = self.transit {
+            let _ = t.await;
         }
         let _ = self.device_watch.await;
         let _ = self.watchdog_stop.send(true);
@@ -537,5 +566,54 @@ impl Daemon {
             }
         }
         tracing::info!("stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listening socket as systemd passes it (keywardd sets passed sockets non-blocking).
+    fn listener(dir: &Path, name: &str) -> StdListener {
+        let l = StdListener::bind(dir.join(name)).unwrap();
+        l.set_nonblocking(true).unwrap();
+        l
+    }
+
+    /// Under socket activation the transit socket is systemd's (`FileDescriptorName=transit`):
+    /// served, never bound from the config, and never mistaken for the API socket.
+    #[tokio::test]
+    async fn an_activated_transit_socket_is_served_and_never_taken_for_the_api() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keywardd.toml");
+        let (api, bound) = (dir.path().join("api.sock"), dir.path().join("transit.sock"));
+        std::fs::write(
+            &path,
+            format!(
+                "[api]\nsocket = {api:?}\n[transit]\nsocket = {bound:?}\n",
+                api = api.display().to_string(),
+                bound = bound.display().to_string()
+            ),
+        )
+        .unwrap();
+        let config = Config::load(&path).unwrap();
+        let activated = HashMap::from([
+            ("api".to_owned(), listener(dir.path(), "a")),
+            ("transit".to_owned(), listener(dir.path(), "t")),
+        ]);
+        let picked = pick_listeners(activated, &config).unwrap_or_else(|e| panic!("{e}"));
+        assert!(picked.transit.is_some());
+        assert!(
+            !bound.exists() && !api.exists(),
+            "nothing bound under activation"
+        );
+        let lone = HashMap::from([("transit".to_owned(), listener(dir.path(), "t2"))]);
+        assert!(matches!(
+            pick_listeners(lone, &config),
+            Err(StartError::NoApiSocket)
+        ));
+        // Not activated: the configured paths are bound.
+        let picked = pick_listeners(HashMap::new(), &config).unwrap_or_else(|e| panic!("{e}"));
+        assert!(picked.transit.is_some() && bound.exists() && api.exists());
     }
 }

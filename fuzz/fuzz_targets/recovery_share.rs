@@ -1,21 +1,23 @@
-//! The recovery share reader and the recovery keyslot blob reader, on any bytes.
+//! The recovery share reader (the contract crate's, which the daemon and the CLI both use) and
+//! the daemon's recovery keyslot blob reader, on any bytes.
 //!
 //! Checks, beyond "no panic": an accepted share's canonical text reads back to the same
 //! share; an error never quotes the input; a blob that loads stores and loads again the same.
 #![no_main]
 
-use keywardd::vault::recovery::{parse_share, RecoverySlotData};
+use keyward_proto::recovery_share::parse;
+use keywardd::vault::recovery::RecoverySlotData;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        match parse_share(text) {
+        match parse(text) {
             Ok(share) => {
                 let canonical = share.to_text();
-                let back = parse_share(&canonical).expect("the canonical text parses");
+                let back = parse(&canonical).expect("the canonical text parses");
                 assert_eq!(
-                    (back.set_id, back.threshold, back.index),
-                    (share.set_id, share.threshold, share.index)
+                    (back.set_id, back.threshold, back.index, back.expose_data()),
+                    (share.set_id, share.threshold, share.index, share.expose_data())
                 );
                 assert_eq!(*back.to_text(), *canonical);
             }

@@ -12,6 +12,9 @@
 //! private blobs under a primary key re-created from a fixed template).
 //!
 //! There is never a silent software fallback: an absent or broken device is an error.
+//!
+//! Its one dependency inside Keyward is the contract's vocabulary (`keyward-proto`'s
+//! [`KeyAlgorithm`] and [`DeviceKind`]), so an algorithm has one name from the CLI to the device.
 
 pub mod error;
 pub mod pkcs11;

@@ -37,13 +37,26 @@ pub enum Action {
     Sign,
     /// `CreateKey`, `DeleteKey`, `ListKeys`: matched against `keys`.
     Keys,
-    /// Vault operations (init, enroll, keyslots, rekey, rotate, seal, unseal) on [`Resource::Vault`].
+    /// Vault operations (init, enroll, keyslots, rekey, rotate, seal, unseal, creating and
+    /// rotating transit keys) on [`Resource::Vault`].
     Admin,
+    /// `Encrypt` under a transit key: matched against `transit`.
+    Encrypt,
+    /// `Decrypt` with a transit key: matched against `transit`.
+    Decrypt,
 }
 
 impl Action {
     /// Every action, in the order the policy file documents them.
-    pub const ALL: [Action; 5] = [Self::Read, Self::Write, Self::Sign, Self::Keys, Self::Admin];
+    pub const ALL: [Action; 7] = [
+        Self::Read,
+        Self::Write,
+        Self::Sign,
+        Self::Keys,
+        Self::Admin,
+        Self::Encrypt,
+        Self::Decrypt,
+    ];
 
     /// The name used in the policy file.
     pub fn as_str(self) -> &'static str {
@@ -53,6 +66,8 @@ impl Action {
             Self::Sign => "sign",
             Self::Keys => "keys",
             Self::Admin => "admin",
+            Self::Encrypt => "encrypt",
+            Self::Decrypt => "decrypt",
         }
     }
 
@@ -63,6 +78,8 @@ impl Action {
             Self::Sign => 4,
             Self::Keys => 8,
             Self::Admin => 16,
+            Self::Encrypt => 32,
+            Self::Decrypt => 64,
         }
     }
 }
@@ -75,7 +92,7 @@ impl fmt::Display for Action {
 
 /// A name that is not an [`Action`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown action {0:?}: expected one of read, write, sign, keys, admin")]
+#[error("unknown action {0:?}: expected one of read, write, sign, keys, admin, encrypt, decrypt")]
 pub struct UnknownAction(pub String);
 
 impl FromStr for Action {
@@ -98,6 +115,8 @@ pub enum Resource<'a> {
     Key(&'a str),
     /// The vault itself (for [`Action::Admin`]).
     Vault,
+    /// A transit key by name (for [`Action::Encrypt`] and [`Action::Decrypt`]).
+    Transit(&'a str),
 }
 
 /// Who asks: what the kernel vouches for about the calling process. Borrowed, so that the
@@ -290,6 +309,7 @@ struct Rule {
     allow: u8,
     secrets: Vec<Glob>,
     keys: Vec<Glob>,
+    transit: Vec<Glob>,
 }
 
 impl Rule {
@@ -306,6 +326,9 @@ impl Rule {
             }
             (Action::Sign | Action::Keys, Resource::Key(name)) => {
                 self.keys.iter().any(|g| g.matches(name))
+            }
+            (Action::Encrypt | Action::Decrypt, Resource::Transit(name)) => {
+                self.transit.iter().any(|g| g.matches(name))
             }
             (Action::Admin, Resource::Vault) => true,
             _ => false,
@@ -341,6 +364,9 @@ impl Rule {
         }
         if !self.keys.is_empty() {
             line.push_str(&format!(" keys {:?}", self.keys));
+        }
+        if !self.transit.is_empty() {
+            line.push_str(&format!(" transit keys {:?}", self.transit));
         }
         line
     }
@@ -387,9 +413,18 @@ impl Rule {
                     list(&self.keys)
                 )
             }
+            (Action::Encrypt | Action::Decrypt, Resource::Transit(name)) => {
+                format!(
+                    "transit key {name:?} matches none of its transit keys [{}]",
+                    list(&self.transit)
+                )
+            }
             (Action::Admin, _) => "admin applies to the vault, not to a secret or key".to_owned(),
             (Action::Read | Action::Write, _) => format!("{action} applies to a secret"),
             (Action::Sign | Action::Keys, _) => format!("{action} applies to a key"),
+            (Action::Encrypt | Action::Decrypt, _) => {
+                format!("{action} applies to a transit key")
+            }
         })
     }
 }
@@ -429,6 +464,9 @@ struct RuleSpec {
     secrets: Option<Vec<String>>,
     #[serde(default)]
     keys: Option<Vec<String>>,
+    /// Transit key names (globs), for `encrypt` and `decrypt`.
+    #[serde(default)]
+    transit: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -712,6 +750,7 @@ fn check_rule(n: usize, spec: RuleSpec, names: &dyn Resolver) -> Result<Rule, St
     }
     let secrets = check_globs(n, "secrets", spec.secrets)?;
     let keys = check_globs(n, "keys", spec.keys)?;
+    let transit = check_globs(n, "transit", spec.transit)?;
     for action in Action::ALL {
         if allow & action.bit() == 0 {
             continue;
@@ -719,6 +758,9 @@ fn check_rule(n: usize, spec: RuleSpec, names: &dyn Resolver) -> Result<Rule, St
         let (missing, field, example) = match action {
             Action::Read | Action::Write => (secrets.is_empty(), "secrets", "secrets = [\"db/*\"]"),
             Action::Sign | Action::Keys => (keys.is_empty(), "keys", "keys = [\"release-*\"]"),
+            Action::Encrypt | Action::Decrypt => {
+                (transit.is_empty(), "transit", "transit = [\"bao-unseal\"]")
+            }
             Action::Admin => (false, "", ""),
         };
         if missing {
@@ -738,6 +780,7 @@ fn check_rule(n: usize, spec: RuleSpec, names: &dyn Resolver) -> Result<Rule, St
         allow,
         secrets,
         keys,
+        transit,
     })
 }
 
@@ -746,6 +789,7 @@ fn check_rule(n: usize, spec: RuleSpec, names: &dyn Resolver) -> Result<Rule, St
 ///
 /// [`Action::Read`]/[`Action::Write`] need a [`Resource::Secret`] matching the rule's `secrets`,
 /// [`Action::Sign`]/[`Action::Keys`] a [`Resource::Key`] matching its `keys`, and
+/// [`Action::Encrypt`]/[`Action::Decrypt`] a [`Resource::Transit`] matching its `transit`, and
 /// [`Action::Admin`] [`Resource::Vault`]; any other pairing is denied.
 pub fn decide(
     policy: &Policy,
@@ -822,8 +866,8 @@ pub fn credential_secret<'p>(policy: &'p Policy, unit: &str, id: &str) -> Option
         .map(|m| &m.secret)
 }
 
-/// An owned [`Subject`], for callers built by hand (`keyward policy check`, tests) rather than
-/// read from the kernel per request.
+/// An owned [`Subject`]: what the daemon keeps of a caller the kernel identified, and what
+/// `keyward policy check` and tests build by hand.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Identity {
     /// Effective uid.
@@ -1034,11 +1078,71 @@ mod tests {
         let root = caller(0, 0, &[], None);
         for p in [Policy::deny_all(), parse("").unwrap()] {
             for action in Action::ALL {
-                for r in [Resource::Secret("a"), Resource::Key("a"), Resource::Vault] {
+                for r in [
+                    Resource::Secret("a"),
+                    Resource::Key("a"),
+                    Resource::Transit("a"),
+                    Resource::Vault,
+                ] {
                     assert_eq!(decide(&p, root.subject(), action, r), Decision::Deny);
                 }
             }
         }
+    }
+
+    /// Transit keys are a resource of their own: `encrypt`/`decrypt` on `transit` globs, and
+    /// nothing else reaches them (nor do those actions reach secrets or signing keys).
+    #[test]
+    fn transit_keys_are_their_own_resource() {
+        let p = parse(
+            r#"
+            [[rule]]
+            who = { uid = 998 }
+            allow = ["encrypt"]
+            transit = ["bao-*"]
+            [[rule]]
+            who = { uid = 999 }
+            allow = ["encrypt", "decrypt", "read", "sign"]
+            transit = ["bao-unseal"]
+            secrets = ["*"]
+            keys = ["*"]
+            "#,
+        )
+        .unwrap();
+        let bao = caller(998, 998, &[], None);
+        let app = caller(999, 999, &[], None);
+        let allowed = |c: &Identity, a, r| decide(&p, c.subject(), a, r) != Decision::Deny;
+        assert!(allowed(&bao, Action::Encrypt, Resource::Transit("bao-1")));
+        assert!(!allowed(&bao, Action::Decrypt, Resource::Transit("bao-1")));
+        assert!(!allowed(&bao, Action::Encrypt, Resource::Transit("app")));
+        assert!(allowed(
+            &app,
+            Action::Decrypt,
+            Resource::Transit("bao-unseal")
+        ));
+        assert!(!allowed(&app, Action::Decrypt, Resource::Transit("bao-1")));
+        // `secrets = ["*"]` and `keys = ["*"]` say nothing about transit keys, and `transit`
+        // nothing about secrets or keys.
+        assert!(!allowed(
+            &app,
+            Action::Read,
+            Resource::Transit("bao-unseal")
+        ));
+        assert!(!allowed(
+            &app,
+            Action::Sign,
+            Resource::Transit("bao-unseal")
+        ));
+        assert!(!allowed(&bao, Action::Encrypt, Resource::Secret("bao-1")));
+        assert!(!allowed(&bao, Action::Encrypt, Resource::Key("bao-1")));
+        let e = p.explain(bao.subject(), Action::Encrypt, Resource::Transit("app"));
+        assert_eq!(
+            e.passed_over[0].1,
+            "transit key \"app\" matches none of its transit keys [\"bao-*\"]"
+        );
+        // A rule that grants encrypt must say which transit keys.
+        let e = parse("[[rule]]\nwho = { uid = 1 }\nallow = [\"decrypt\"]\n").unwrap_err();
+        assert!(e.to_string().contains("no `transit` list"), "{e}");
     }
 
     #[test]
@@ -1341,6 +1445,7 @@ mod proptests {
         allow: Vec<Action>,
         secrets: Vec<String>,
         keys: Vec<String>,
+        transit: Vec<String>,
     }
 
     impl GenRule {
@@ -1372,6 +1477,9 @@ mod proptests {
             if !self.keys.is_empty() {
                 text.push_str(&format!("keys = {:?}\n", self.keys));
             }
+            if !self.transit.is_empty() {
+                text.push_str(&format!("transit = {:?}\n", self.transit));
+            }
             text
         }
 
@@ -1397,6 +1505,9 @@ mod proptests {
             let what = match (action, resource) {
                 (Action::Read | Action::Write, Resource::Secret(s)) => covers(&self.secrets, s),
                 (Action::Sign | Action::Keys, Resource::Key(k)) => covers(&self.keys, k),
+                (Action::Encrypt | Action::Decrypt, Resource::Transit(k)) => {
+                    covers(&self.transit, k)
+                }
                 (Action::Admin, Resource::Vault) => true,
                 _ => false,
             };
@@ -1421,30 +1532,37 @@ mod proptests {
             });
         (
             who,
-            proptest::sample::subsequence(Action::ALL.to_vec(), 1..=5),
+            proptest::sample::subsequence(Action::ALL.to_vec(), 1..=Action::ALL.len()),
+            vec(glob(), 0..3),
             vec(glob(), 0..3),
             vec(glob(), 0..3),
         )
             .prop_filter_map(
                 "secrets and keys where the actions need them",
-                |((uid, user, gid, group, unit), allow, secrets, keys)| {
+                |((uid, user, gid, group, unit), allow, secrets, keys, transit)| {
                     let needs_secrets = allow
                         .iter()
                         .any(|a| matches!(a, Action::Read | Action::Write));
                     let needs_keys = allow
                         .iter()
                         .any(|a| matches!(a, Action::Sign | Action::Keys));
-                    ((!needs_secrets || !secrets.is_empty()) && (!needs_keys || !keys.is_empty()))
-                        .then_some(GenRule {
-                            uid,
-                            user,
-                            gid,
-                            group,
-                            unit,
-                            allow,
-                            secrets,
-                            keys,
-                        })
+                    let needs_transit = allow
+                        .iter()
+                        .any(|a| matches!(a, Action::Encrypt | Action::Decrypt));
+                    ((!needs_secrets || !secrets.is_empty())
+                        && (!needs_keys || !keys.is_empty())
+                        && (!needs_transit || !transit.is_empty()))
+                    .then_some(GenRule {
+                        uid,
+                        user,
+                        gid,
+                        group,
+                        unit,
+                        allow,
+                        secrets,
+                        keys,
+                        transit,
+                    })
                 },
             )
     }
@@ -1472,7 +1590,7 @@ mod proptests {
     fn query() -> impl Strategy<Value = (Action, u8, String)> {
         (
             proptest::sample::select(Action::ALL.to_vec()),
-            0u8..3,
+            0u8..4,
             "[ab/é]{0,6}",
         )
     }
@@ -1481,6 +1599,7 @@ mod proptests {
         match kind {
             0 => Resource::Secret(name),
             1 => Resource::Key(name),
+            2 => Resource::Transit(name),
             _ => Resource::Vault,
         }
     }
@@ -1599,6 +1718,7 @@ mod proptests {
                     let _ = decide(&policy, root, action, Resource::Secret("a"));
                     let _ = decide(&policy, root, action, Resource::Key("a"));
                     let _ = decide(&policy, root, action, Resource::Vault);
+                    let _ = decide(&policy, root, action, Resource::Transit("a"));
                 }
             }
         }

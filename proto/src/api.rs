@@ -18,7 +18,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::Zeroizing;
 
 pub use crate::kinds::{DeviceKind, KeyAlgorithm, KeyslotKind};
-pub use crate::names::{KeyName, SecretName};
+pub use crate::names::{KeyName, SecretName, TransitKeyName};
 
 /// The interface name.
 pub const INTERFACE: &str = "org.keyward.Custodian";
@@ -140,6 +140,22 @@ method PublicKey(name: string) -> (public_key: string)
 method Sign(name: string, data: string, prehashed: ?bool) -> (signature: string)
 
 method DeleteKey(name: string) -> ()
+
+# Create a transit key: a data key made and kept by the vault (sealed under its master key),
+# for Encrypt and Decrypt; it never leaves the daemon. Its first version is 1.
+method CreateTransitKey(name: string) -> (version: int)
+
+# A new version of a transit key: Encrypt uses it from now on, every older version still
+# decrypts.
+method RotateTransitKey(name: string) -> (version: int)
+
+# Encrypt plaintext (base64) under the newest version of a transit key. The ciphertext is
+# vault:v<version>:<base64>, as OpenBao's transit engine writes it. associated_data (base64),
+# when given, is bound to the ciphertext and must be given again to decrypt it.
+method Encrypt(name: string, plaintext: string, associated_data: ?string) -> (ciphertext: string)
+
+# Decrypt a ciphertext of Encrypt, with the version of the key it names.
+method Decrypt(name: string, ciphertext: string, associated_data: ?string) -> (plaintext: string)
 
 error NotInitialized ()
 error AlreadyInitialized ()
@@ -548,6 +564,13 @@ pub struct KeyNameParams {
     pub name: KeyName,
 }
 
+/// A call that names one transit key.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransitKeyParams {
+    pub name: TransitKeyName,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VersionsReply {
     pub versions: Vec<SecretVersion>,
@@ -585,6 +608,39 @@ pub struct SignReply {
     pub signature: Bytes,
 }
 
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptParams {
+    /// The transit key.
+    pub name: TransitKeyName,
+    pub plaintext: SecretValue,
+    /// Bound to the ciphertext (not encrypted): the same bytes must come with `Decrypt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub associated_data: Option<Bytes>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EncryptReply {
+    /// `vault:v<version>:<base64>`.
+    pub ciphertext: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecryptParams {
+    /// The transit key.
+    pub name: TransitKeyName,
+    /// `vault:v<version>:<base64>`, from `Encrypt`.
+    pub ciphertext: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub associated_data: Option<Bytes>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DecryptReply {
+    pub plaintext: SecretValue,
+}
+
 /// Who may call a method, as the daemon's policy sees it. The resource a call names is its
 /// audit target ([`Request::target`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -603,6 +659,10 @@ pub enum Access {
     ManageKey,
     /// Uses the named key.
     UseKey,
+    /// Encrypts under the named transit key.
+    Encrypt,
+    /// Decrypts with the named transit key.
+    Decrypt,
 }
 
 /// How a method is audited, which follows from what it changes.
@@ -761,6 +821,31 @@ macro_rules! keyward_methods {
             DeleteKey($crate::api::KeyNameParams) -> $crate::api::Done {
                 access: ManageKey, audit: Change,
                 target: |p| p.name.to_string(), detail: |_| None,
+            }
+            /// Create a transit key.
+            CreateTransitKey($crate::api::TransitKeyParams) -> $crate::api::VersionReply {
+                access: Admin, audit: AdminChange,
+                target: |p| format!("transit/{}", p.name), detail: |_| None,
+            }
+            /// A new version of a transit key.
+            RotateTransitKey($crate::api::TransitKeyParams) -> $crate::api::VersionReply {
+                access: Admin, audit: AdminChange,
+                target: |p| format!("transit/{}", p.name), detail: |_| None,
+            }
+            /// Encrypt under a transit key.
+            Encrypt($crate::api::EncryptParams) -> $crate::api::EncryptReply {
+                access: Encrypt, audit: Read,
+                target: |p| format!("transit/{}", p.name),
+                detail: |p| p.associated_data.as_ref().map(|_| "associated data".into()),
+            }
+            /// Decrypt with a transit key.
+            Decrypt($crate::api::DecryptParams) -> $crate::api::DecryptReply {
+                access: Decrypt, audit: Read,
+                target: |p| format!("transit/{}", p.name),
+                detail: |p| p.ciphertext.split(':').nth(1)
+                    .and_then(|v| v.strip_prefix('v'))
+                    .filter(|n| (1..=10).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_digit()))
+                    .map(|n| format!("key version {n}")),
             }
         }
     };

@@ -15,10 +15,14 @@ pub const MAX_SECRET_NAME: usize = 255;
 /// Longest key name, in bytes.
 pub const MAX_KEY_NAME: usize = 128;
 
-/// Why `name` is not a name of at most `max` bytes, if it isn't.
-fn refuse(name: &str, max: usize) -> Option<String> {
+/// Why `name` is not a name of at most `max` bytes (of one segment, if `one_segment`), if it
+/// isn't.
+fn refuse(name: &str, max: usize, one_segment: bool) -> Option<String> {
     if name.is_empty() || name.len() > max {
         return Some(format!("a name is 1 to {max} bytes, not {}", name.len()));
+    }
+    if one_segment && name.contains('/') {
+        return Some("this name is one segment: no '/'".into());
     }
     for segment in name.split('/') {
         if segment.is_empty() {
@@ -40,7 +44,7 @@ fn refuse(name: &str, max: usize) -> Option<String> {
 }
 
 macro_rules! name_type {
-    ($(#[$doc:meta])* $t:ident, $max:expr) => {
+    ($(#[$doc:meta])* $t:ident, $max:expr, $one_segment:expr) => {
         $(#[$doc])*
         #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
         pub struct $t(String);
@@ -55,7 +59,7 @@ macro_rules! name_type {
         impl TryFrom<String> for $t {
             type Error = Invalid;
             fn try_from(name: String) -> Result<Self, Invalid> {
-                match refuse(&name, $max) {
+                match refuse(&name, $max, $one_segment) {
                     Some(reason) => Err(Invalid::new("name", reason)),
                     None => Ok(Self(name)),
                 }
@@ -89,12 +93,21 @@ macro_rules! name_type {
 name_type!(
     /// The name of a secret (`db/password`): at most [`MAX_SECRET_NAME`] bytes.
     SecretName,
-    MAX_SECRET_NAME
+    MAX_SECRET_NAME,
+    false
 );
 name_type!(
     /// The name of a signing key: at most [`MAX_KEY_NAME`] bytes.
     KeyName,
-    MAX_KEY_NAME
+    MAX_KEY_NAME,
+    false
+);
+name_type!(
+    /// The name of a transit key: a key name of one segment, so that it is one segment of the
+    /// transit socket's URL path (`/v1/<mount>/encrypt/<name>`), as OpenBao's key names are.
+    TransitKeyName,
+    MAX_KEY_NAME,
+    true
 );
 
 #[cfg(test)]
@@ -133,6 +146,9 @@ mod tests {
         }
         assert!(KeyName::try_from("k".repeat(128)).is_ok());
         assert!(KeyName::try_from("k".repeat(129)).is_err());
+        assert!(TransitKeyName::try_from("bao-unseal").is_ok());
+        assert!(TransitKeyName::try_from("a/b").is_err());
+        assert!(TransitKeyName::try_from("").is_err());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use crate::softhsm::SoftHsm;
-use crate::swtpm::Swtpm;
+use crate::swtpm::{Gate, Swtpm};
 
 /// How long start-up may take before the fixture gives up (a debug build on a loaded 2-core
 /// machine, devices included).
@@ -65,6 +65,7 @@ pub struct Setup {
     public_socket: bool,
     credentials_wait: Option<u64>,
     ssh_agent: bool,
+    transit: bool,
     log_filter: Option<String>,
     limits: Option<String>,
     keep_notify: bool,
@@ -81,11 +82,19 @@ impl Setup {
     }
 
     /// Add the TPM `swtpm` as device `name`.
-    pub fn tpm(mut self, name: &str, swtpm: &Swtpm) -> Self {
+    pub fn tpm(self, name: &str, swtpm: &Swtpm) -> Self {
+        self.tpm_at(name, &swtpm.tcti())
+    }
+
+    /// Add the TPM behind `gate` as device `name`: its commands can be held on their way in.
+    pub fn gated_tpm(self, name: &str, gate: &Gate) -> Self {
+        self.tpm_at(name, &gate.tcti())
+    }
+
+    fn tpm_at(mut self, name: &str, tcti: &str) -> Self {
         let _ = write!(
             self.devices,
-            "\n[devices.{name}]\nkind = \"tpm2\"\ntcti = \"{}\"\n",
-            swtpm.tcti()
+            "\n[devices.{name}]\nkind = \"tpm2\"\ntcti = \"{tcti}\"\n"
         );
         self
     }
@@ -105,8 +114,14 @@ impl Setup {
 
     /// Serve D-Bus on the bus at `address` (a [`crate::dbus::PrivateBus`]): a `[dbus]` table,
     /// appended after the device tables.
-    pub fn dbus_address(mut self, address: &str) -> Self {
-        let _ = write!(self.devices, "\n[dbus]\naddress = {address:?}\n");
+    pub fn dbus_address(self, address: &str) -> Self {
+        self.dbus_table(address, "")
+    }
+
+    /// [`Setup::dbus_address`] with more keys of the `[dbus]` table (`max_calls_in_flight = 1`
+    /// lines).
+    pub fn dbus_table(mut self, address: &str, keys: &str) -> Self {
+        let _ = write!(self.devices, "\n[dbus]\naddress = {address:?}\n{keys}\n");
         self
     }
 
@@ -139,6 +154,13 @@ impl Setup {
     /// as reachable as it.
     pub fn ssh_agent(mut self) -> Self {
         self.ssh_agent = true;
+        self
+    }
+
+    /// Serve the OpenBao-compatible transit socket (`Keywardd::transit_socket`, mount
+    /// `transit`).
+    pub fn transit(mut self) -> Self {
+        self.transit = true;
         self
     }
 
@@ -227,6 +249,14 @@ impl Setup {
                 if self.public_socket { "0666" } else { "0600" },
             );
         }
+        if self.transit {
+            let _ = write!(
+                config,
+                "[transit]\nsocket = \"{}\"\nmode = \"{}\"\n",
+                run_dir.join("transit.sock").display(),
+                if self.public_socket { "0666" } else { "0600" },
+            );
+        }
         if let Some(policy) = &self.policy {
             std::fs::write(&policy_path, policy).expect("policy");
             std::fs::set_permissions(&policy_path, std::fs::Permissions::from_mode(0o600))
@@ -253,6 +283,51 @@ impl Setup {
             keep_notify: self.keep_notify,
             watchdog_usec: self.watchdog_usec,
             notify: None,
+        }
+    }
+}
+
+/// Wait until the file at `path` holds, past byte `from`, a line that `pred` accepts (given
+/// without colour codes, see [`plain`]), and return that line. Each write to the file wakes
+/// the wait (inotify); nothing is re-read on a timer. The file must exist when the wait starts.
+///
+/// # Panics
+/// When no such line comes within `within`, naming `what` and showing what was written meanwhile.
+pub fn wait_file_line(
+    path: &Path,
+    what: &str,
+    from: usize,
+    within: Duration,
+    pred: &mut dyn FnMut(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + within;
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC).expect("inotify");
+    // Watched before the first read, so that no write in between goes unnoticed.
+    inotify
+        .add_watch(path, AddWatchFlags::IN_MODIFY)
+        .unwrap_or_else(|e| panic!("watch {}: {e}", path.display()));
+    let mut checked = from;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        // Only whole lines, each looked at once.
+        let new = text.get(checked..).unwrap_or_default();
+        let whole = new.rfind('\n').map_or(0, |i| i + 1);
+        if let Some(line) = new[..whole].lines().map(plain).find(|l| pred(l)) {
+            return line;
+        }
+        checked += whole;
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "no line for {what} in {} within {within:?}; written since the mark:\n{}",
+            path.display(),
+            text.get(from..).unwrap_or_default()
+        );
+        let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        if poll(&mut fds, timeout).is_ok_and(|n| n > 0) {
+            // Drain the events: the file is read again from `checked` either way.
+            let _ = inotify.read_events();
         }
     }
 }
@@ -319,6 +394,11 @@ impl Keywardd {
         self.socket.with_file_name("ssh-agent.sock")
     }
 
+    /// The transit socket (with [`Setup::transit`]).
+    pub fn transit_socket(&self) -> PathBuf {
+        self.socket.with_file_name("transit.sock")
+    }
+
     /// The temp dir holding everything.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -352,38 +432,13 @@ impl Keywardd {
         within: Duration,
         mut pred: impl FnMut(&str) -> bool,
     ) -> String {
-        let deadline = Instant::now() + within;
-        let inotify = Inotify::init(InitFlags::IN_CLOEXEC).expect("inotify");
-        // Watched before the first read, so that no write in between goes unnoticed.
-        inotify
-            .add_watch(
-                &self.dir.path().join("keywardd.log"),
-                AddWatchFlags::IN_MODIFY,
-            )
-            .expect("watch the daemon's log");
-        let mut checked = from;
-        loop {
-            let text = self.log();
-            // Only whole lines, each looked at once.
-            let new = text.get(checked..).unwrap_or_default();
-            let whole = new.rfind('\n').map_or(0, |i| i + 1);
-            if let Some(line) = new[..whole].lines().map(plain).find(|l| pred(l)) {
-                return line;
-            }
-            checked += whole;
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "no log line for {what} within {within:?}; logged since the mark:\n{}",
-                text.get(from..).unwrap_or_default()
-            );
-            let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
-            let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
-            if poll(&mut fds, timeout).is_ok_and(|n| n > 0) {
-                // Drain the events: the file is read again from `checked` either way.
-                let _ = inotify.read_events();
-            }
-        }
+        wait_file_line(
+            &self.dir.path().join("keywardd.log"),
+            what,
+            from,
+            within,
+            &mut pred,
+        )
     }
 
     /// The policy file (rewrite it and [`Keywardd::reload`] to change the policy).

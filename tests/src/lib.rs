@@ -1,11 +1,13 @@
 //! Test fixtures that run **real** devices: a SoftHSM token in its own temp dir
 //! ([`softhsm::SoftHsm`]), an swtpm process on its own port pair ([`swtpm::Swtpm`]), a private
-//! `dbus-daemon` ([`dbus::PrivateBus`]), an OpenSSH server ([`sshd::Sshd`]), and helpers that check results with independent tools
+//! `dbus-daemon` ([`dbus::PrivateBus`]), a real OpenBao server ([`bao::Bao`]), an OpenSSH server
+//! ([`sshd::Sshd`]), and helpers that check results with independent tools
 //! ([`openssl`]). Nothing here mocks a device.
 //!
 //! Fixtures panic on setup failure: a test that cannot build its world has nothing to assert.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod bao;
 pub mod cgroup;
 pub mod credentials;
 pub mod dbus;

@@ -360,6 +360,9 @@ pub const CC_SIGN: u32 = 0x0000_015D;
 /// TPM2_CC_Unseal: the command code a [`Gate`] can hold.
 pub const CC_UNSEAL: u32 = 0x0000_015E;
 
+/// TPM2_CC_NV_Increment: the command code a [`Gate`] can hold.
+pub const CC_NV_INCREMENT: u32 = 0x0000_0134;
+
 /// A TCP relay in front of an swtpm that can stop one chosen TPM command on its way in: point
 /// a TCTI at [`Gate::tcti`], [`Gate::hold`] a command code, wait until a client sent that
 /// command ([`Gate::wait_held`]), then do something to the TPM (kill it, say) while the command

@@ -2,6 +2,8 @@
 //! through the real `keyward` CLI.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use keyward::api::{ApiError, SecretString, UnsealParams};
+use keyward::{audit, Client, ClientError};
 use keyward_tests::keywardd::{Keywardd, Setup};
 use keyward_tests::softhsm::SoftHsm;
 use keyward_tests::swtpm::Swtpm;
@@ -144,24 +146,95 @@ fn recovery_shares_unseal_when_both_devices_are_gone_and_fewer_do_not() {
     assert_eq!(get(&w.daemon, "k"), b"v");
 }
 
+/// `share` with one data character changed: a typo its checksum catches.
+fn one_typo(share: &str) -> String {
+    let mut typo = share.as_bytes().to_vec();
+    let i = typo.len() - 7;
+    typo[i] = if typo[i] == b'A' { b'B' } else { b'A' };
+    String::from_utf8(typo).unwrap()
+}
+
+/// How many requests of `op` the audit log holds outcomes for.
+fn audited(d: &Keywardd, op: &str) -> usize {
+    let log = std::fs::read(d.dir().join("state").join(audit::LOG_FILE)).unwrap();
+    audit::lines(&log)
+        .iter()
+        .filter_map(|l| audit::parse(l.bytes).ok())
+        .filter(|r| {
+            matches!(&r.body, audit::Body::Request(q) if q.op == op && q.result != audit::STARTED)
+        })
+        .count()
+}
+
+/// A mistyped share never leaves the CLI: `unseal` and `confirm-recovery` name the typo with
+/// the reason keywardd itself gives, exit with the usage code, and send nothing (no request on
+/// the audit log). Sent straight to the API, the same share is refused for that reason and is
+/// on record, so the log would have shown a share the CLI had sent.
 #[test]
-fn a_mistyped_share_is_caught_by_its_checksum() {
+fn a_mistyped_share_is_refused_by_the_cli_before_it_is_sent() {
     let w = world();
     let shares = init(&w.daemon);
     w.daemon.run(&["seal"], b"");
-    let mut typo = shares[0].clone().into_bytes();
-    let i = typo.len() - 7;
-    typo[i] = if typo[i] == b'A' { b'B' } else { b'A' };
+    let typo = one_typo(&shares[0]);
+    let unseals = audited(&w.daemon, "Unseal");
+
     let out = w
         .daemon
-        .run(&["unseal"], &[typo.as_slice(), b"\n"].concat());
-    assert_ne!(out.code, 0);
+        .run(&["unseal"], format!("{typo}\n{}\n", shares[1]).as_bytes());
+    assert_eq!(out.code, 2, "a typo is bad input: {}", out.stderr);
     assert!(
-        out.stderr.to_lowercase().contains("checksum"),
+        out.stderr
+            .contains("recovery share 1 not sent: share has a typo: its checksum does not match"),
         "{}",
         out.stderr
     );
-    assert!(!out.stderr.contains(&shares[0]), "a share is never echoed");
+    assert!(
+        !out.stderr.contains(&typo[20..40]),
+        "a share is never echoed"
+    );
+    assert_eq!(audited(&w.daemon, "Unseal"), unseals, "nothing was sent");
+    assert_eq!(status(&w.daemon)["sealed"], true);
+
+    // keywardd's own verdict on it: the reason the CLI gave.
+    let mut c = Client::connect(w.daemon.socket()).unwrap();
+    let refused = c
+        .unseal(UnsealParams {
+            recovery_share: Some(SecretString::new(typo.as_str())),
+            pin: None,
+        })
+        .unwrap_err();
+    let ClientError::Api(ApiError::InvalidArgument { parameter, reason }) = refused else {
+        panic!("{refused:?}");
+    };
+    assert_eq!(parameter, "recovery_share");
+    assert_eq!(reason, "share has a typo: its checksum does not match");
+    assert_eq!(
+        audited(&w.daemon, "Unseal"),
+        unseals + 1,
+        "a sent share is on record"
+    );
+
+    // Unsealed, a rekey's confirmation checks its shares the same way, before sending any.
+    let two = format!("{}\n{}\n", shares[0], shares[1]);
+    assert_eq!(w.daemon.run(&["unseal"], two.as_bytes()).code, 0);
+    let file = w.daemon.dir().join("confirm");
+    std::fs::write(&file, format!("{}\n{typo}\n", shares[1])).unwrap();
+    let confirms = audited(&w.daemon, "ConfirmRecovery");
+    let out = w
+        .daemon
+        .run(&["confirm-recovery", file.to_str().unwrap()], b"");
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("recovery share 2 not sent: share has a typo: its checksum does not match"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        audited(&w.daemon, "ConfirmRecovery"),
+        confirms,
+        "nothing was sent"
+    );
 }
 
 #[test]

@@ -6,10 +6,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use keyward_tests::dbus::PrivateBus;
 use keyward_tests::keywardd::{bin, run_cli, Keywardd, Output, Setup, ROOT_ADMIN_POLICY};
 use keyward_tests::softhsm::SoftHsm;
+use keyward_tests::swtpm::{Gate, Swtpm, CC_SIGN};
 use serde_json::Value;
 
 const NAME: &str = "org.keyward.Custodian1";
@@ -481,15 +483,7 @@ fn the_name_is_released_at_stop_and_a_second_daemon_cannot_take_it() {
     let mut w = world();
     // A second daemon on the same bus: refused with a clear reason, exit code 1.
     let second = Setup::new().dbus_address(w.bus.address()).prepare();
-    let out = run_cli(
-        Command::new("timeout")
-            .arg("60")
-            .arg(bin("keywardd"))
-            .arg("--config")
-            .arg(second.config_path())
-            .env_remove("NOTIFY_SOCKET"),
-        b"",
-    );
+    let out = run_daemon(&second);
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(
         out.stderr.contains("owned by another process"),
@@ -523,7 +517,20 @@ fn a_bus_that_does_not_let_us_own_the_name_fails_the_start() {
     // Only the shipped policy: the name belongs to user keyward, and tests run as root.
     let bus = PrivateBus::start_shipped_policy_only();
     let d = Setup::new().dbus_address(bus.address()).prepare();
-    let out = run_cli(
+    let out = run_daemon(&d);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("does not let this user own org.keyward.Custodian1"),
+        "{}",
+        out.stderr
+    );
+    assert!(!bus.has_owner(NAME));
+}
+
+/// `keywardd --config` of `d` run to its exit (bounded), not as a service.
+fn run_daemon(d: &Keywardd) -> Output {
+    run_cli(
         Command::new("timeout")
             .arg("60")
             .arg(bin("keywardd"))
@@ -531,11 +538,69 @@ fn a_bus_that_does_not_let_us_own_the_name_fails_the_start() {
             .arg(d.config_path())
             .env_remove("NOTIFY_SOCKET"),
         b"",
+    )
+}
+
+/// `[dbus] max_calls_in_flight` bounds the calls served at once, all callers together: with a
+/// bound of 1 and a `Sign` waiting in the TPM (its command held on the way in), the next call
+/// is refused with `Busy` at once, not queued; once the `Sign` is answered, calls are served.
+#[test]
+fn a_call_beyond_the_configured_bound_is_refused_busy() {
+    let tpm = Swtpm::start();
+    let gate = Gate::start(&tpm);
+    let token = SoftHsm::new("keyward-dbus-bound");
+    let bus = PrivateBus::start();
+    let daemon = Setup::new()
+        .gated_tpm("tpm", &gate)
+        .token("hsm", &token)
+        .unseal_order(&["hsm"])
+        .dbus_table(bus.address(), "max_calls_in_flight = 1")
+        .start();
+    daemon.json(&["init", "--pkcs11", "hsm"]);
+    let public = ok(
+        &bus,
+        Who::Root,
+        "CreateKey",
+        &["sss", "tpm-k", "tpm", "ecdsa-p256"],
     );
-    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(!bytes(&public[0]).is_empty());
+
+    gate.hold(CC_SIGN);
+    let mut sign = vec!["sayb".to_owned(), "tpm-k".to_owned()];
+    sign.extend(ay(b"held in the TPM"));
+    sign.push("false".to_owned());
+    let sign: Vec<&str> = sign.iter().map(String::as_str).collect();
+    std::thread::scope(|s| {
+        let signing = s.spawn(|| ok(&bus, Who::Root, "Sign", &sign));
+        assert!(
+            gate.wait_held(Instant::now() + Duration::from_secs(60)),
+            "the Sign never reached the TPM"
+        );
+        let refused = Instant::now();
+        fails(&bus, Who::Root, "Status", &[], "Busy");
+        assert!(
+            refused.elapsed() < Duration::from_secs(10),
+            "Busy came late"
+        );
+        gate.release();
+        let signature = signing.join().unwrap();
+        assert!(!bytes(&signature[0]).is_empty());
+    });
+    assert_eq!(status(&bus, Who::Root)["sealed"], false);
+}
+
+/// A bound of 0 would refuse every call: the daemon does not start, and says which setting.
+#[test]
+fn a_zero_bound_on_calls_in_flight_fails_the_start() {
+    let bus = PrivateBus::start();
+    let d = Setup::new()
+        .dbus_table(bus.address(), "max_calls_in_flight = 0")
+        .prepare();
+    let out = run_daemon(&d);
+    assert_ne!(out.code, 0, "{}", out.stderr);
     assert!(
         out.stderr
-            .contains("does not let this user own org.keyward.Custodian1"),
+            .contains("dbus.max_calls_in_flight must be at least 1"),
         "{}",
         out.stderr
     );

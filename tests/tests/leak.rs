@@ -184,6 +184,14 @@ fn no_secret_reaches_a_log_an_error_or_a_file_in_clear() {
     let bogus = d.run(&["--json", "unseal"], bogus_share.as_bytes());
     assert_ne!(bogus.code, 0, "a bogus share does not unseal");
     errors.push(("bogus share".into(), bogus.stderr + &bogus.stdout));
+    // The CLI refuses that share before sending it; sent straight to the sealed daemon, it is
+    // refused there too.
+    let frame = format!(
+        r#"{{"method":"org.keyward.Custodian.Unseal","parameters":{{"recovery_share":"{VALUE}-not-a-share"}}}}"#
+    );
+    let reply = raw_call(d.socket(), &frame);
+    assert!(reply.contains("InvalidArgument"), "{reply}");
+    errors.push(("bogus share sent to the API".into(), reply));
     let opened = d.run(&["--json", "unseal", "--pin-file", pin_path], b"");
     assert_eq!(opened.code, 0, "the right PIN unseals: {}", opened.stderr);
 

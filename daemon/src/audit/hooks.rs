@@ -8,7 +8,9 @@
 //! is called, and the vault awaits its completion: the worker keeps serving while the disk
 //! works, and the vault still goes on only once the checkpoint is durable. One thread, one
 //! queue: the hooks run in the order the vault's lock gave them, even if a caller stops
-//! waiting.
+//! waiting. Because the vault waits for this thread under its lock, a thread that stops
+//! answering stops every seal, unseal and rekey: the watchdog asks it to answer
+//! ([`AuditLog::probe_hooks`]).
 //!
 //! Must not: call into the vault (it calls here under its own lock), or do their disk work on
 //! the calling thread.
@@ -65,6 +67,18 @@ impl AuditLog {
             // Dropped unanswered: the job panicked.
             result.await.map_err(|_| AuditError::HooksStopped)
         }
+    }
+}
+
+impl AuditLog {
+    /// Whether the hook thread answers: a job that does nothing is queued behind the hooks
+    /// already queued, and the future resolves once it has run. Nothing is written. It waits
+    /// as long as the thread is busy: await it with a bound.
+    ///
+    /// # Errors
+    /// [`AuditError::HooksStopped`]: the thread has ended.
+    pub fn probe_hooks(&self) -> impl Future<Output = Result<(), AuditError>> + Send + 'static {
+        self.off_worker(|_| ())
     }
 }
 
@@ -234,6 +248,30 @@ mod tests {
         let r = verify(dir.path(), &old.verifying_key());
         assert_eq!(r.keys.len(), 2);
         verify(dir.path(), &new.verifying_key());
+    }
+
+    /// The probe answers through the hook thread, so a hook stuck there holds it; it writes
+    /// nothing.
+    #[tokio::test]
+    async fn the_hook_probe_answers_only_when_the_hook_thread_is_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        let len = || std::fs::metadata(log.path()).unwrap().len();
+        let before = len();
+        log.probe_hooks().await.unwrap();
+
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let stuck = log.off_worker(move |_| {
+            let _ = held.recv();
+        });
+        let mut probe = std::pin::pin!(log.probe_hooks());
+        let waited = tokio::time::timeout(Duration::from_millis(200), &mut probe).await;
+        assert!(waited.is_err(), "answered while a hook held the thread");
+        release.send(()).unwrap();
+        stuck.await.unwrap();
+        probe.await.unwrap();
+        assert_eq!(len(), before, "a probe wrote a record");
+        log.shutdown();
     }
 
     /// The vault awaits these hooks on a runtime worker while it holds its lock: their

@@ -249,14 +249,15 @@ impl Entry {
 /// The caller as the log shows it.
 pub fn caller_record(c: &Caller) -> CallerRecord {
     CallerRecord {
-        uid: c.uid,
-        gid: c.gid,
+        uid: c.who.uid,
+        gid: c.who.gid,
         pid: c.pid,
-        unit: c.unit.clone(),
+        unit: c.who.unit.clone(),
         via: match c.via {
             Via::Varlink => "varlink",
             Via::Dbus => "dbus",
             Via::Credentials => "credentials",
+            Via::Transit => "transit",
             Via::SshAgent => "ssh-agent",
             Via::Daemon => "daemon",
         }
@@ -415,16 +416,21 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Append a daemon event (`policy-reload`, ...), synced.
+    /// Append a daemon event (`policy-reload`, ...), synced: from async code, so the write
+    /// and its `fdatasync` run on a blocking thread, as [`AuditLog::request_async`]'s do.
     ///
     /// # Errors
     /// It could not be written or synced.
-    pub fn event(&self, event: &str, detail: &str) -> Result<(), AuditError> {
+    pub async fn event(self: &Arc<Self>, event: &str, detail: &str) -> Result<(), AuditError> {
         let body = Body::Event(EventRecord {
             event: event.to_owned(),
             detail: capped(detail),
         });
-        self.append(body, Durability::Synced, None).map(|_| ())
+        let log = Arc::clone(self);
+        tokio::task::spawn_blocking(move || log.append(body, Durability::Synced, None))
+            .await
+            .map_err(|e| AuditError::Write(io::Error::other(e.to_string())))?
+            .map(|_| ())
     }
 
     /// At stop: a `stop` event and a last checkpoint, synced; then the flusher ends.
@@ -460,6 +466,43 @@ impl AuditLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Start-up and the policy reload write their events from async code: the `fdatasync`
+    /// must not run on the runtime's worker. A current-thread runtime has one worker; the test
+    /// holds the log's sync lock, as a slow `fdatasync` would, and a task spawned while the
+    /// event is in flight must still run.
+    #[test]
+    fn an_event_waits_for_the_disk_off_the_runtime_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        let (ran, probe) = std::sync::mpsc::channel();
+        let slow_disk = lock(&log.sync_lock);
+        let runtime = {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let probe = tokio::spawn(async move { ran.send(()).unwrap() });
+                    let written = log.event("key-sweep", "a line").await;
+                    probe.await.unwrap();
+                    written
+                })
+            })
+        };
+        let progressed = probe.recv_timeout(Duration::from_secs(10));
+        drop(slow_disk);
+        let written = runtime.join().unwrap();
+        assert!(
+            progressed.is_ok(),
+            "the runtime's worker was blocked while the event waited for the disk"
+        );
+        written.unwrap();
+        log.shutdown();
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        assert!(text.contains("\"key-sweep\""), "{text}");
+    }
 
     #[test]
     fn the_probe_writes_nothing_and_waits_for_a_stuck_writer() {

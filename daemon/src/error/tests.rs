@@ -3,6 +3,7 @@ use std::path::PathBuf;
 
 use hsm_shim::DeviceError as D;
 use keyward_proto::api::ApiError;
+use keyward_proto::recovery_share;
 use serde_json::json;
 
 use super::*;
@@ -340,7 +341,7 @@ fn no_error_shows_the_secret_it_was_about() {
     let mut errors = Vec::new();
     for given in [&typo, &cut, &junk] {
         // As `Unseal` and `ConfirmRecovery` report a share that does not parse.
-        let e = recovery::parse_share(given).unwrap_err();
+        let e = recovery_share::parse(given).unwrap_err();
         errors.push(invalid(Param::RecoveryShare, e.to_string()));
         errors.push(invalid(Param::RecoveryShares, format!("share 1: {e}")));
     }

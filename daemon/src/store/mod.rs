@@ -7,8 +7,12 @@
 //! nothing here can leak a secret.
 //!
 //! Writes go to ONE connection on its own OS thread, through a bounded queue: each
-//! [`Store::write`] is one `BEGIN IMMEDIATE` transaction that is committed (and, with
-//! `synchronous=FULL` in WAL mode, fsynced) before the caller hears `Ok`. Reads use a small pool
+//! [`Store::write`] is committed (and, with `synchronous=FULL` in WAL mode, fsynced) before the
+//! caller hears `Ok`. The writes queued when the thread looks form one group: one
+//! `BEGIN IMMEDIATE` transaction in which each write runs inside its own savepoint, and one
+//! commit (one fsync) for all of them. A write that fails or panics is rolled back to its
+//! savepoint alone; a failed commit fails every write of the group, none of which is kept.
+//! Under concurrent writers this is group commit; a lone writer gets a group of one. Reads use a small pool
 //! of read-only connections on tokio's blocking threads, so a read never queues behind a write
 //! (WAL lets readers and the writer run at once); each read sees one consistent snapshot.
 
@@ -29,7 +33,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Read-only connections kept open for [`Store::read`]: reads beyond this many wait.
 const READERS: usize = 4;
-/// Writes queued for the writer thread before [`Store::write`] waits for room.
+/// Writes queued for the writer thread before [`Store::write`] waits for room; also the largest
+/// group committed at once.
 const WRITE_QUEUE: usize = 64;
 /// How long a statement waits for a lock held by another connection (or process).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -105,8 +110,17 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// A write job for the writer thread: runs its transaction and answers its caller itself.
-type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+/// A write job for the writer thread: runs its closure in the group's transaction (`None`: the
+/// group could not start, run nothing) and says whether its changes are to be kept.
+type Job = Box<dyn FnOnce(Option<&Transaction<'_>>) -> Ran + Send>;
+
+/// What a job did, and how to answer its caller once the group's commit is known.
+struct Ran {
+    /// The closure returned `Ok`: release its savepoint rather than roll it back.
+    keep: bool,
+    /// Called with the group's outcome: `Ok` once committed.
+    answer: Box<dyn FnOnce(Result<(), StoreError>) + Send>,
+}
 
 /// The database. Cheap to clone (an `Arc` inside); `Send + Sync`. The writer thread stops when
 /// the last clone is dropped, after finishing the writes already queued.
@@ -174,8 +188,9 @@ impl Store {
         &self.inner.path
     }
 
-    /// Run `f` in one `BEGIN IMMEDIATE` transaction on the writer thread and commit it. `Ok`
-    /// means committed durably; if `f` returns `Err` (or panics) nothing it did is kept.
+    /// Run `f` on the writer thread, in the next group's transaction inside a savepoint of its
+    /// own, and commit it. `Ok` means committed durably; if `f` returns `Err` (or panics)
+    /// nothing it did is kept, and the other writes of its group are not affected.
     ///
     /// Once queued, a write runs to its end even if the caller stops waiting for it.
     ///
@@ -204,9 +219,27 @@ impl Store {
         E: From<StoreError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let job: Job = Box::new(move |conn: &mut Connection| {
-            // The caller may have stopped waiting; the outcome stands all the same.
-            let _ = reply.send(run_write(conn, f));
+        let job: Job = Box::new(move |tx: Option<&Transaction<'_>>| {
+            let result = tx.map(|tx| {
+                std::panic::catch_unwind(AssertUnwindSafe(|| f(tx))).unwrap_or_else(|_| {
+                    tracing::error!("a database write panicked; rolled back");
+                    Err(StoreError::Panicked.into())
+                })
+            });
+            Ran {
+                keep: matches!(result, Some(Ok(_))),
+                answer: Box::new(move |group: Result<(), StoreError>| {
+                    let outcome = match (result, group) {
+                        (Some(Err(e)), _) => Err(e),
+                        (_, Err(e)) => Err(E::from(e)),
+                        (Some(Ok(value)), Ok(())) => Ok(value),
+                        // A group that did not start reports why; never `Ok` without a run.
+                        (None, Ok(())) => Err(E::from(StoreError::Closed)),
+                    };
+                    // The caller may have stopped waiting; the outcome stands all the same.
+                    let _ = reply.send(outcome);
+                }),
+            }
         });
         self.inner
             .writer
@@ -386,10 +419,17 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
 }
 
 fn writer_loop(mut conn: Connection, mut jobs: mpsc::Receiver<Job>) {
-    while let Some(job) = jobs.blocking_recv() {
-        job(&mut conn);
+    while let Some(first) = jobs.blocking_recv() {
+        let mut group = vec![first];
+        while group.len() < WRITE_QUEUE {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        run_group(&mut conn, group);
         // A failed COMMIT or ROLLBACK can leave a transaction open: never let it leak into the
-        // next job.
+        // next group.
         if !conn.is_autocommit() {
             if let Err(e) = conn.execute_batch("ROLLBACK") {
                 tracing::error!(error = %StoreError::from(e), "cannot roll back a failed write");
@@ -402,30 +442,69 @@ fn writer_loop(mut conn: Connection, mut jobs: mpsc::Receiver<Job>) {
     }
 }
 
-fn run_write<T, E: From<StoreError>>(
-    conn: &mut Connection,
-    f: impl FnOnce(&Transaction<'_>) -> Result<T, E>,
-) -> Result<T, E> {
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(StoreError::from)?;
-    match std::panic::catch_unwind(AssertUnwindSafe(|| f(&tx))) {
-        Ok(Ok(value)) => {
-            tx.commit().map_err(StoreError::from)?;
-            Ok(value)
-        }
-        Ok(Err(e)) => {
-            if let Err(rollback) = tx.rollback() {
-                tracing::error!(error = %StoreError::from(rollback), "cannot roll back a failed write");
+/// One transaction for the whole group, a savepoint per job, one commit; then every caller is
+/// answered. Only after the commit: an `Ok` is never sent for a write that is not durable.
+fn run_group(conn: &mut Connection, group: Vec<Job>) {
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            for job in group {
+                (job(None).answer)(Err(StoreError::from(again(&e))));
             }
-            Err(e)
+            return;
         }
-        Err(_) => {
-            // Dropping the transaction rolls it back.
-            drop(tx);
-            tracing::error!("a database write panicked; rolled back");
-            Err(StoreError::Panicked.into())
+    };
+    let mut answers = Vec::with_capacity(group.len());
+    // A savepoint statement that failed: the transaction is in doubt, so nothing is kept.
+    let mut broken: Option<rusqlite::Error> = None;
+    for job in group {
+        if broken.is_some() {
+            answers.push(job(None).answer);
+            continue;
         }
+        if let Err(e) = tx.execute_batch("SAVEPOINT job") {
+            broken = Some(e);
+            answers.push(job(None).answer);
+            continue;
+        }
+        let ran = job(Some(&tx));
+        let end = if ran.keep {
+            "RELEASE job"
+        } else {
+            "ROLLBACK TO job; RELEASE job"
+        };
+        if let Err(e) = tx.execute_batch(end) {
+            broken = Some(e);
+        }
+        answers.push(ran.answer);
+    }
+    let outcome = match broken {
+        // Dropping the transaction rolls it back.
+        Some(e) => Err(e),
+        None => tx.commit(),
+    };
+    for answer in answers {
+        answer(
+            outcome
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| StoreError::from(again(e))),
+        );
+    }
+}
+
+/// The same SQLite failure again, for each caller of a group that failed: a failed `BEGIN`,
+/// `COMMIT` or savepoint statement is a [`rusqlite::Error::SqliteFailure`], which is copied
+/// exactly; anything else is reported as a generic SQLite error with its text.
+fn again(e: &rusqlite::Error) -> rusqlite::Error {
+    match e {
+        rusqlite::Error::SqliteFailure(code, message) => {
+            rusqlite::Error::SqliteFailure(*code, message.clone())
+        }
+        other => rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(other.to_string()),
+        ),
     }
 }
 

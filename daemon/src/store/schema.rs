@@ -101,8 +101,25 @@ CREATE TABLE key_intents (
 ) STRICT;
 ";
 
+/// Schema v4: transit keys, the data keys behind `Encrypt`/`Decrypt` and the OpenBao-compatible
+/// transit socket.
+///
+/// Each version of a key is a random data key sealed under a keyring term (like a secret
+/// version), so a rekey leaves these rows alone and a rotation of the keyring leaves them
+/// readable. Versions are never deleted: a ciphertext names the version that decrypts it.
+const V4: &str = "
+CREATE TABLE transit_keys (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL CHECK (version >= 1),
+    term INTEGER NOT NULL CHECK (term >= 1),
+    sealed BLOB NOT NULL,
+    created TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+) STRICT;
+";
+
 /// The migrations, in order. The schema version this build writes is their count.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// The schema version this build knows.
 pub fn current_version() -> i64 {

@@ -836,6 +836,101 @@ pub fn delete_key_intent(tx: &Transaction<'_>, name: &str) -> Result<bool, Store
     Ok(tx.execute("DELETE FROM key_intents WHERE name = ?1", [name])? > 0)
 }
 
+// ---------------------------------------------------------------------------------------------
+// transit keys
+
+/// One version of a transit key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TransitKeyRow {
+    pub name: String,
+    /// From 1, one more per rotation.
+    pub version: u32,
+    /// The keyring term whose key sealed it.
+    pub term: u32,
+    /// The data key: nonce, ciphertext and tag; the AAD binds vault, name, version and term.
+    pub sealed: Vec<u8>,
+    pub created: String,
+}
+
+impl fmt::Debug for TransitKeyRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TransitKeyRow")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("term", &self.term)
+            .field("sealed", &Len(self.sealed.len()))
+            .field("created", &self.created)
+            .finish()
+    }
+}
+
+/// The newest version of transit key `name`, or `None` when there is no such key.
+///
+/// # Errors
+/// A SQLite failure.
+pub fn latest_transit_version(conn: &Connection, name: &str) -> Result<Option<u32>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT max(version) FROM transit_keys WHERE name = ?1")?
+        .query_row([name], |row| row.get(0))?)
+}
+
+/// Store one version of a transit key.
+///
+/// # Errors
+/// [`StoreError::Conflict`] when that version exists; a SQLite failure.
+pub fn insert_transit_key(tx: &Transaction<'_>, row: &TransitKeyRow) -> Result<(), StoreError> {
+    let inserted = tx.execute(
+        "INSERT INTO transit_keys (name, version, term, sealed, created)
+         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+        params![row.name, row.version, row.term, row.sealed, row.created],
+    )?;
+    if inserted == 0 {
+        return Err(StoreError::Conflict(format!(
+            "transit key version {} exists",
+            row.version
+        )));
+    }
+    Ok(())
+}
+
+/// A version of a transit key (`None`: the newest), or `None` when there is no such version.
+///
+/// # Errors
+/// A SQLite failure.
+pub fn get_transit_key(
+    conn: &Connection,
+    name: &str,
+    version: Option<u32>,
+) -> Result<Option<TransitKeyRow>, StoreError> {
+    let from_row = |row: &Row<'_>| {
+        Ok(TransitKeyRow {
+            name: row.get(0)?,
+            version: row.get(1)?,
+            term: row.get(2)?,
+            sealed: row.get(3)?,
+            created: row.get(4)?,
+        })
+    };
+    // Cached statements: every Encrypt and Decrypt reads one row.
+    let row = match version {
+        None => conn
+            .prepare_cached(
+                "SELECT name, version, term, sealed, created FROM transit_keys \
+                 WHERE name = ?1 ORDER BY version DESC LIMIT 1",
+            )?
+            .query_row([name], from_row)
+            .optional()?,
+        Some(version) => conn
+            .prepare_cached(
+                "SELECT name, version, term, sealed, created FROM transit_keys \
+                 WHERE name = ?1 AND version = ?2",
+            )?
+            .query_row(params![name, version], from_row)
+            .optional()?,
+    };
+    Ok(row)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -470,8 +470,8 @@ async fn key_intents_are_one_per_name_and_checked() {
         .unwrap());
 }
 
-/// A database as the previous build (schema v2) left it, with a vault and a key in it, takes the
-/// v3 step and keeps everything.
+/// A database as an earlier build (schema v2) left it, with a vault and a key in it, takes the
+/// v3 step (and every later one) and keeps everything.
 #[tokio::test]
 async fn migrates_v2_to_v3_keeping_the_data() {
     let (_dir, path) = temp();
@@ -497,7 +497,7 @@ async fn migrates_v2_to_v3_keeping_the_data() {
         .read(|c| Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?))
         .await
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, schema::current_version());
     let old = store
         .read(|c| tables::get_key(c, "old"))
         .await
@@ -721,4 +721,134 @@ async fn the_probe_writes_nothing_and_waits_while_another_process_holds_the_writ
     );
     other.execute_batch("COMMIT").unwrap();
     probe.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_queued_together_commit_together_and_fail_alone() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    put(&store, "warm", b"x").await;
+    let wal = path.with_extension("db-wal");
+    let wal_len = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    let page: u64 = store
+        .read(|c| Ok(c.query_row("PRAGMA page_size", [], |r| r.get(0))?))
+        .await
+        .unwrap();
+    let before = wal_len();
+
+    // A write that holds the writer thread until told to finish: the writes queued meanwhile
+    // are the next group.
+    let (running, is_running) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let plug = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .write(move |_| {
+                    let _ = running.send(());
+                    let _ = released.recv();
+                    Ok(())
+                })
+                .await
+        }
+    });
+    tokio::task::spawn_blocking(move || is_running.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut calls = Vec::new();
+    for i in 0..20 {
+        let store = store.clone();
+        calls.push(tokio::spawn(async move {
+            store
+                .write(move |tx| {
+                    tables::insert_key(tx, &key(&format!("k{i}")))?;
+                    match i {
+                        7 => Err(StoreError::Conflict("this one fails".into())),
+                        13 => {
+                            let v: Vec<u8> = Vec::new();
+                            Ok(v[3])
+                        }
+                        _ => Ok(0),
+                    }
+                })
+                .await
+        }));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while store.inner.writer.capacity() > super::WRITE_QUEUE - 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writes never queued"
+        );
+        tokio::task::yield_now().await;
+    }
+    release.send(()).unwrap();
+    plug.await.unwrap().unwrap();
+
+    for (i, call) in calls.into_iter().enumerate() {
+        let result = call.await.unwrap();
+        let kept = store
+            .read(move |c| tables::get_key(c, &format!("k{i}")))
+            .await
+            .unwrap()
+            .is_some();
+        match i {
+            7 => assert!(matches!(result, Err(StoreError::Conflict(_))) && !kept),
+            13 => assert!(matches!(result, Err(StoreError::Panicked)) && !kept),
+            _ => assert!(result.is_ok() && kept, "write {i}: {result:?}"),
+        }
+    }
+    // Eighteen commits of their own would have written at least eighteen WAL frames; the
+    // group wrote the few pages it touched, once or twice.
+    let frames = (wal_len() - before) / (page + 24);
+    assert!(frames <= 8, "{frames} WAL frames for one group");
+}
+
+/// Transit key versions: stored per (name, version), the newest found, a version never
+/// written twice.
+#[tokio::test]
+async fn transit_key_versions() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let row = |version| tables::TransitKeyRow {
+        name: "bao".into(),
+        version,
+        term: 1,
+        sealed: vec![version as u8; 56],
+        created: tables::now_rfc3339(),
+    };
+    assert_eq!(
+        store
+            .read(|c| tables::latest_transit_version(c, "bao"))
+            .await
+            .unwrap(),
+        None
+    );
+    for v in [1, 2] {
+        store
+            .write(move |tx| tables::insert_transit_key(tx, &row(v)))
+            .await
+            .unwrap();
+    }
+    let e = store
+        .write(move |tx| tables::insert_transit_key(tx, &row(2)))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+    let (latest, newest, first, missing) = store
+        .read(|c| {
+            Ok((
+                tables::latest_transit_version(c, "bao")?,
+                tables::get_transit_key(c, "bao", None)?,
+                tables::get_transit_key(c, "bao", Some(1))?,
+                tables::get_transit_key(c, "bao", Some(3))?,
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!(latest, Some(2));
+    assert_eq!(newest.unwrap().sealed, vec![2; 56]);
+    assert_eq!(first.unwrap().sealed, vec![1; 56]);
+    assert!(missing.is_none());
 }

@@ -115,7 +115,7 @@ async fn serve_one<H: Handler>(
     // The unit is the one systemd named in its address (its own cgroup is PID 1's), believed
     // because the peer is root; the rest of the identity is read like any caller's.
     let mut caller = peer.caller(Via::Credentials);
-    caller.unit = Some(request.unit.clone());
+    caller.who.unit = Some(request.unit.clone());
     match handler
         .credential(caller, request.id.clone(), limits.wait_unsealed)
         .await

@@ -41,6 +41,7 @@ use zeroize::Zeroizing;
 
 use super::Handler;
 use crate::identity::{Caller, Peer, Via};
+use keyward_policy::Identity;
 
 /// The well-known bus name the daemon owns.
 pub const BUS_NAME: &str = "org.keyward.Custodian1";
@@ -54,12 +55,17 @@ pub const INTERFACE: &str = "org.keyward.Custodian1";
 /// Every error this interface returns is named `<ERROR_PREFIX>.<Reason>`.
 pub const ERROR_PREFIX: &str = "org.keyward.Custodian1.Error";
 
-/// Calls served at once. Further calls are refused with `Busy` instead of queueing without
-/// bound (the bus daemon's own limits bound each client; this bounds all of them together).
-pub const MAX_CALLS_IN_FLIGHT: usize = 256;
-
-/// How long shutdown waits for calls in flight to be answered.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bounds of the D-Bus service (`[dbus]` in the config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DbusLimits {
+    /// Calls served at once (at least 1). Further calls are refused with `Busy` instead of
+    /// queueing without bound (the bus daemon's own limits bound each client; this bounds all
+    /// of them together).
+    pub max_calls_in_flight: usize,
+    /// How long shutdown waits for calls in flight to be answered: a hung call must not hold
+    /// the daemon's exit forever.
+    pub drain_timeout: Duration,
+}
 
 /// Which bus the service joins.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,10 +128,12 @@ pub enum DbusError {
 pub struct DbusService {
     conn: Connection,
     bus: String,
+    drain_timeout: Duration,
 }
 
 /// Connect to the configured bus (`address` if set, else the system or session bus), export
-/// [`INTERFACE`] at [`OBJECT_PATH`], and own [`BUS_NAME`]. Once this returns, the name is owned
+/// [`INTERFACE`] at [`OBJECT_PATH`] (serving at most `limits.max_calls_in_flight` calls at
+/// once), and own [`BUS_NAME`]. Once this returns, the name is owned
 /// and calls are answered (the runtime serves them; [`DbusService::run`] only waits for the
 /// shutdown). Call it before telling systemd `READY=1`, so that a client ordered after the
 /// daemon finds the name.
@@ -134,7 +142,11 @@ pub struct DbusService {
 /// The bus can't be reached or refuses to authenticate us ([`DbusError::Connect`]); another
 /// connection owns the name ([`DbusError::NameTaken`]); the bus policy doesn't let us own it
 /// ([`DbusError::NameNotPermitted`]); anything else the bus refuses ([`DbusError::Bus`]).
-pub async fn start<H: Handler>(bus: &Bus, handler: Arc<H>) -> Result<DbusService, DbusError> {
+pub async fn start<H: Handler>(
+    bus: &Bus,
+    limits: DbusLimits,
+    handler: Arc<H>,
+) -> Result<DbusService, DbusError> {
     let (builder, bus) = match bus {
         Bus::Address(address) => (
             zbus::connection::Builder::address(address.as_str()),
@@ -149,7 +161,7 @@ pub async fn start<H: Handler>(bus: &Bus, handler: Arc<H>) -> Result<DbusService
     })?;
     let custodian = Custodian {
         handler,
-        calls: Semaphore::new(MAX_CALLS_IN_FLIGHT),
+        calls: Semaphore::new(limits.max_calls_in_flight),
     };
     let bus_error = |source| DbusError::Bus {
         bus: bus.clone(),
@@ -177,20 +189,11 @@ pub async fn start<H: Handler>(bus: &Bus, handler: Arc<H>) -> Result<DbusService
         Err(source) => return Err(bus_error(source)),
     }
     info!(bus = %bus, name = BUS_NAME, path = OBJECT_PATH, "dbus: serving");
-    Ok(DbusService { conn, bus })
-}
-
-/// [`start`], then [`DbusService::run`]: for a caller that needs no readiness point between
-/// owning the name and serving.
-///
-/// # Errors
-/// Those of [`start`] and [`DbusService::run`].
-pub async fn serve<H: Handler>(
-    bus: &Bus,
-    handler: Arc<H>,
-    shutdown: watch::Receiver<bool>,
-) -> Result<(), DbusError> {
-    start(bus, handler).await?.run(shutdown).await
+    Ok(DbusService {
+        conn,
+        bus,
+        drain_timeout: limits.drain_timeout,
+    })
 }
 
 impl DbusService {
@@ -234,11 +237,12 @@ impl DbusService {
         // Every call in flight holds a clone of the connection until its reply has been sent;
         // once ours is the last one, every call has been answered. Bounded: a hung call must
         // not hold the daemon's exit forever.
-        if tokio::time::timeout(DRAIN_TIMEOUT, self.conn.graceful_shutdown())
+        let drain = self.drain_timeout;
+        if tokio::time::timeout(drain, self.conn.graceful_shutdown())
             .await
             .is_err()
         {
-            warn!("dbus: calls still in flight after {DRAIN_TIMEOUT:?}; leaving them");
+            warn!("dbus: calls still in flight after {drain:?}; leaving them");
         } else {
             debug!("dbus: drained");
         }
@@ -417,12 +421,14 @@ impl<H: Handler> Custodian<H> {
         .unwrap_or(u32::MAX);
         let (proc_groups, unit) = process.map_or((Vec::new(), None), |p| (p.groups, p.unit));
         Ok(Caller {
-            uid,
-            gid,
-            // What the bus saw when the sender connected beats /proc read now.
-            groups: bus_groups.unwrap_or(proc_groups),
+            who: Identity {
+                uid,
+                gid,
+                // What the bus saw when the sender connected beats /proc read now.
+                groups: bus_groups.unwrap_or(proc_groups),
+                unit,
+            },
             pid: peer.pid,
-            unit,
             via: Via::Dbus,
         })
     }

@@ -6,6 +6,7 @@ pub mod credentials;
 pub mod dbus;
 pub mod socket;
 pub mod ssh_agent;
+pub mod transit;
 pub mod varlink;
 
 use std::future::Future;
@@ -38,7 +39,7 @@ pub trait Handler: Send + Sync + 'static {
         async move {
             Err(ApiError::PermissionDenied {
                 action: "credential".into(),
-                resource: format!("{}/{id}", caller.unit.unwrap_or_default()),
+                resource: format!("{}/{id}", caller.who.unit.unwrap_or_default()),
             })
         }
     }

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use crate::config::SocketMode;
 use crate::identity::Peer;
 
 /// How long to pause after a failed `accept` (out of descriptors or memory, typically).
@@ -34,7 +35,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The directory can't be created; `path` exists and is not a socket (it is never removed);
 /// another process is listening on `path` (`AddrInUse`); binding or `chmod` fails; or there is
 /// no Tokio runtime.
-pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
+pub fn bind(path: &Path, mode: SocketMode) -> io::Result<UnixListener> {
     if let Some(parent) = path.parent() {
         if !parent.as_os_str().is_empty() && !parent.exists() {
             std::fs::DirBuilder::new()
@@ -74,7 +75,7 @@ pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
         ));
     }
     let listener = std::os::unix::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode.bits()))?;
     listener.set_nonblocking(true)?;
     UnixListener::from_std(listener)
 }
@@ -158,22 +159,24 @@ mod tests {
     async fn bind_prepares_the_directory_and_replaces_only_a_stale_socket() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/keyward/api.sock");
-        let listener = bind(&path, 0o660).unwrap();
+        let (rw_group, owner_only): (SocketMode, SocketMode) =
+            ("0660".parse().unwrap(), "0600".parse().unwrap());
+        let listener = bind(&path, rw_group).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode(&path), 0o660);
         assert_eq!(mode(path.parent().unwrap()) & 0o027, 0, "no world access");
         // In use: refused.
-        let e = bind(&path, 0o600).unwrap_err();
+        let e = bind(&path, owner_only).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
         // Stale: replaced.
         drop(listener);
-        let _listener = bind(&path, 0o600).unwrap();
+        let _listener = bind(&path, owner_only).unwrap();
         assert_eq!(mode(&path), 0o600);
         // Not a socket: left alone.
         let file = dir.path().join("file");
         std::fs::write(&file, b"keep").unwrap();
         assert_eq!(
-            bind(&file, 0o600).unwrap_err().kind(),
+            bind(&file, owner_only).unwrap_err().kind(),
             io::ErrorKind::AlreadyExists
         );
         assert_eq!(std::fs::read(&file).unwrap(), b"keep");

@@ -305,7 +305,7 @@ mod tests {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ssh-agent.sock");
-        let listener = socket::bind(&path, 0o600).unwrap();
+        let listener = socket::bind(&path, "0600".parse().unwrap()).unwrap();
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(serve(listener, Arc::new(Empty), limits, stopped));
         (dir, path, stop, task)

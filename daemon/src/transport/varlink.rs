@@ -623,7 +623,7 @@ mod tests {
     fn start(limits: VarlinkLimits) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/api.sock");
-        let listener = socket::bind(&path, 0o600).unwrap();
+        let listener = socket::bind(&path, "0600".parse().unwrap()).unwrap();
         let stub = Arc::new(Stub::default());
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(serve(listener, Arc::clone(&stub), limits, stopped));
@@ -1087,11 +1087,12 @@ mod proptests {
 
     fn caller() -> Caller {
         Caller {
-            uid: 1000,
-            gid: 1000,
-            groups: Vec::new(),
+            who: keyward_policy::Identity {
+                uid: 1000,
+                gid: 1000,
+                ..Default::default()
+            },
             pid: None,
-            unit: None,
             via: Via::Varlink,
         }
     }

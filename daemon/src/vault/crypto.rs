@@ -148,6 +148,8 @@ pub fn open(key: &Key32, aad: &[u8], blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, 
 const SECRET_DOMAIN: &[u8] = b"keyward/secret/v1\0";
 const KEYRING_DOMAIN: &[u8] = b"keyward/keyring/v1\0";
 const RECOVERY_DOMAIN: &[u8] = b"keyward/recovery/v1\0";
+const TRANSIT_KEY_DOMAIN: &[u8] = b"keyward/transit-key/v1\0";
+const TRANSIT_DOMAIN: &[u8] = b"keyward/transit/v1\0";
 
 /// Append a variable-length field as `length (u64 BE) || bytes`.
 fn put_var(out: &mut Vec<u8>, field: &[u8]) {
@@ -178,6 +180,27 @@ pub fn recovery_aad(vault_id: &[u8; 16], set_id: &[u8]) -> Vec<u8> {
     let mut aad = RECOVERY_DOMAIN.to_vec();
     aad.extend_from_slice(vault_id);
     put_var(&mut aad, set_id);
+    aad
+}
+
+/// The AAD of one sealed transit key version:
+/// `domain || vault_id || len(name) || name || version || term`.
+pub fn transit_key_aad(vault_id: &[u8; 16], name: &str, version: u32, term: u32) -> Vec<u8> {
+    let mut aad = TRANSIT_KEY_DOMAIN.to_vec();
+    aad.extend_from_slice(vault_id);
+    put_var(&mut aad, name.as_bytes());
+    aad.extend_from_slice(&version.to_be_bytes());
+    aad.extend_from_slice(&term.to_be_bytes());
+    aad
+}
+
+/// The AAD of a transit ciphertext: `domain || len(name) || name || version || len(ad) || ad`,
+/// where `ad` is the caller's associated data (empty when none was given).
+pub fn transit_aad(name: &str, version: u32, associated: &[u8]) -> Vec<u8> {
+    let mut aad = TRANSIT_DOMAIN.to_vec();
+    put_var(&mut aad, name.as_bytes());
+    aad.extend_from_slice(&version.to_be_bytes());
+    put_var(&mut aad, associated);
     aad
 }
 
@@ -213,6 +236,8 @@ mod tests {
             secret_aad(&VAULT, "db", 1, 2),
             keyring_aad(&VAULT),
             recovery_aad(&VAULT, b"db"),
+            transit_key_aad(&VAULT, "db", 1, 1),
+            transit_aad("db", 1, b""),
         ] {
             assert_eq!(
                 open(&key, &other, &blob).unwrap_err(),

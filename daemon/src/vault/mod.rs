@@ -19,12 +19,14 @@ mod pending;
 mod retry;
 mod secrets;
 mod slots;
+pub mod transit;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use chacha20poly1305::aead::rand_core::RngCore as _;
 use keyward_proto::api::{self, SecretString, SlotSpec};
+use keyward_proto::recovery_share::Share;
 use tokio::sync::RwLock;
 
 use crate::device::DeviceHandle;
@@ -32,7 +34,6 @@ use crate::error::{invalid, Error, Param};
 use crate::store::{self, Store};
 use crypto::Key32;
 use keyring::Keyring;
-use recovery::ParsedShare;
 
 pub use pending::rfc3339;
 
@@ -44,7 +45,7 @@ enum State {
     /// shares given so far wait in `shares`, by recovery set.
     Sealed {
         reason: String,
-        shares: HashMap<[u8; 4], Vec<ParsedShare>>,
+        shares: HashMap<[u8; 4], Vec<Share>>,
     },
     /// The VMK and the keyring are in memory.
     Unsealed(Box<Open>),

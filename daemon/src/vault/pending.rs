@@ -22,10 +22,11 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keyward_proto::api::{self, KeyslotKind, SecretString};
+use keyward_proto::recovery_share::{self, Share};
 use serde::{Deserialize, Serialize};
 
 use super::crypto::Key32;
-use super::recovery::{self, ParsedShare, RecoverySlotData};
+use super::recovery::{self, RecoverySlotData};
 use super::{Open, Vault};
 use crate::error::{corrupt, invalid, Error, Param};
 use crate::store::{self, tables::KeyslotRow, tables::PendingRekey};
@@ -75,7 +76,7 @@ fn set_of(blob: &[u8]) -> Result<RecoverySlotData, Error> {
 fn open_set(
     data: &RecoverySlotData,
     vault_id: &[u8; 16],
-    given: &[ParsedShare],
+    given: &[Share],
     what: &str,
 ) -> Result<Key32, Error> {
     let k = usize::from(data.set.threshold);
@@ -190,9 +191,9 @@ impl Vault {
         &self,
         shares: Vec<SecretString>,
     ) -> Result<(Vec<api::Keyslot>, bool), Error> {
-        let mut sets: HashMap<[u8; 4], Vec<ParsedShare>> = HashMap::new();
+        let mut sets: HashMap<[u8; 4], Vec<Share>> = HashMap::new();
         for (i, share) in shares.iter().enumerate() {
-            let parsed = recovery::parse_share(share.expose())
+            let parsed = recovery_share::parse(share.expose())
                 .map_err(|e| bad(format!("share {}: {e}", i + 1)))?;
             let set = sets.entry(parsed.set_id).or_default();
             if !set.iter().any(|p| p.index == parsed.index) {
@@ -252,10 +253,7 @@ impl Vault {
             let Some((row, data)) = slot else {
                 return Err(bad(format!(
                     "shares of set {} belong to no recovery keyslot or pending rekey of this vault",
-                    given
-                        .first()
-                        .map(ParsedShare::set_id_text)
-                        .unwrap_or_default()
+                    given.first().map(Share::set_id_text).unwrap_or_default()
                 )));
             };
             let what = format!("keyslot {}", row.id);

@@ -4,6 +4,7 @@
 
 use hsm_shim::{DeviceKind, Pin, SealPolicy, SealedBlob, SecretBytes};
 use keyward_proto::api::{self, KeyslotKind, SecretString, SlotSpec};
+use keyward_proto::recovery_share;
 
 use super::crypto::Key32;
 use super::keyring::Keyring;
@@ -116,7 +117,7 @@ impl Vault {
                 let parsed = texts
                     .iter()
                     .take(usize::from(k))
-                    .map(|t| recovery::parse_share(t))
+                    .map(|t| recovery_share::parse(t))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| Error::SelfTest {
                         reason: format!("recovery share self-test: {e}"),
@@ -325,7 +326,7 @@ impl Vault {
         rows: &[KeyslotRow],
         share: SecretString,
     ) -> Result<(bool, Option<u8>), Error> {
-        let parsed = recovery::parse_share(share.expose())
+        let parsed = recovery_share::parse(share.expose())
             .map_err(|e| invalid(Param::RecoveryShare, e.to_string()))?;
         let slot = rows
             .iter()
