@@ -580,40 +580,47 @@ mod tests {
         l
     }
 
-    /// Under socket activation the transit socket is systemd's (`FileDescriptorName=transit`):
-    /// served, never bound from the config, and never mistaken for the API socket.
+    /// Under socket activation the transit and ssh-agent sockets are systemd's
+    /// (`FileDescriptorName=transit`, `ssh-agent`): served, never bound from the config, and
+    /// never mistaken for the API socket.
     #[tokio::test]
-    async fn an_activated_transit_socket_is_served_and_never_taken_for_the_api() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keywardd.toml");
-        let (api, bound) = (dir.path().join("api.sock"), dir.path().join("transit.sock"));
-        std::fs::write(
-            &path,
-            format!(
-                "[api]\nsocket = {api:?}\n[transit]\nsocket = {bound:?}\n",
-                api = api.display().to_string(),
-                bound = bound.display().to_string()
-            ),
-        )
-        .unwrap();
-        let config = Config::load(&path).unwrap();
-        let activated = HashMap::from([
-            ("api".to_owned(), listener(dir.path(), "a")),
-            ("transit".to_owned(), listener(dir.path(), "t")),
-        ]);
-        let picked = pick_listeners(activated, &config).unwrap_or_else(|e| panic!("{e}"));
-        assert!(picked.transit.is_some());
-        assert!(
-            !bound.exists() && !api.exists(),
-            "nothing bound under activation"
-        );
-        let lone = HashMap::from([("transit".to_owned(), listener(dir.path(), "t2"))]);
-        assert!(matches!(
-            pick_listeners(lone, &config),
-            Err(StartError::NoApiSocket)
-        ));
-        // Not activated: the configured paths are bound.
-        let picked = pick_listeners(HashMap::new(), &config).unwrap_or_else(|e| panic!("{e}"));
-        assert!(picked.transit.is_some() && bound.exists() && api.exists());
+    async fn activated_transit_and_ssh_agent_sockets_are_served_and_never_taken_for_the_api() {
+        let picked_one = |l: &Listeners, name: &str| match name {
+            "transit" => l.transit.is_some(),
+            _ => l.ssh_agent.is_some(),
+        };
+        for (name, table) in [("transit", "transit"), ("ssh-agent", "ssh_agent")] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("keywardd.toml");
+            let (api, bound) = (dir.path().join("api.sock"), dir.path().join("named.sock"));
+            std::fs::write(
+                &path,
+                format!(
+                    "[api]\nsocket = {api:?}\n[{table}]\nsocket = {bound:?}\n",
+                    api = api.display().to_string(),
+                    bound = bound.display().to_string()
+                ),
+            )
+            .unwrap();
+            let config = Config::load(&path).unwrap();
+            let activated = HashMap::from([
+                ("api".to_owned(), listener(dir.path(), "a")),
+                (name.to_owned(), listener(dir.path(), "t")),
+            ]);
+            let picked = pick_listeners(activated, &config).unwrap_or_else(|e| panic!("{e}"));
+            assert!(picked_one(&picked, name), "{name}");
+            assert!(
+                !bound.exists() && !api.exists(),
+                "nothing bound under activation"
+            );
+            let lone = HashMap::from([(name.to_owned(), listener(dir.path(), "t2"))]);
+            assert!(matches!(
+                pick_listeners(lone, &config),
+                Err(StartError::NoApiSocket)
+            ));
+            // Not activated: the configured paths are bound.
+            let picked = pick_listeners(HashMap::new(), &config).unwrap_or_else(|e| panic!("{e}"));
+            assert!(picked_one(&picked, name) && bound.exists() && api.exists());
+        }
     }
 }
