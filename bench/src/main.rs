@@ -71,6 +71,8 @@ enum Phase {
     Sign,
     /// Sign in swtpm vs a tss-esapi sign loop.
     Tpm,
+    /// Ed25519 SIGN_REQUEST on the ssh-agent socket vs a cryptoki C_Sign loop.
+    SshAgent,
     /// 500 concurrent credential fetches vs accept + write.
     Credentials,
     /// Durable PutSecret vs single-row SQLite commits.
@@ -160,10 +162,11 @@ fn run(args: &Args) -> Result<bool> {
         settings.rekeys
     ));
     let wanted = |p: Phase| args.only.is_empty() || args.only.contains(&p);
-    let phases: [(Phase, PhaseFn); 8] = [
+    let phases: [(Phase, PhaseFn); 9] = [
         (Phase::GetSecret, phases::get_secret),
         (Phase::Sign, phases::sign_softhsm),
         (Phase::Tpm, phases::sign_tpm),
+        (Phase::SshAgent, phases::sign_ssh_agent),
         (Phase::Credentials, phases::credential_fetches),
         (Phase::Put, phases::put_secret),
         (Phase::Startup, phases::startup),

@@ -147,6 +147,72 @@ pub fn sign_tpm(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// One ssh-agent connection that signs [`SIGN_DATA`] with one key, as ssh and git do.
+struct AgentSigner {
+    stream: std::os::unix::net::UnixStream,
+    request: Vec<u8>,
+}
+
+impl AgentSigner {
+    fn sign(&mut self) -> Result<()> {
+        use std::io::{Read as _, Write as _};
+        self.stream.write_all(&self.request)?;
+        let mut header = [0u8; 4];
+        self.stream.read_exact(&mut header)?;
+        let mut reply = vec![0u8; u32::from_be_bytes(header) as usize];
+        self.stream.read_exact(&mut reply)?;
+        ensure!(
+            reply.first() == Some(&keyward::ssh::SIGN_RESPONSE),
+            "the agent answered {:?}, not a signature",
+            reply.first()
+        );
+        Ok(())
+    }
+}
+
+/// Ed25519 in SoftHSM through the ssh-agent socket (SIGN_REQUEST on a kept connection: policy,
+/// audit, the SSH signature form) vs `C_Sign` on a session of this process.
+pub fn sign_ssh_agent(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
+    let key = "ed25519-hsm";
+    let der = w.kw.clients(1)?.remove(0).public_key(key)?;
+    let public = keyward::ssh::public_key(keyward::api::KeyAlgorithm::Ed25519, &der)?;
+    let request = keyward::ssh::SignRequest {
+        key_blob: keyward::ssh::key_blob(&public)?,
+        data: SIGN_DATA.to_vec(),
+        flags: 0,
+    };
+    let request = keyward::ssh::framed(&request.encode()?);
+    let mut base = vec![w.raw.signer(Alg::Ed25519)?];
+    let mut agent = vec![AgentSigner {
+        stream: std::os::unix::net::UnixStream::connect(w.kw.keywardd.ssh_agent_socket())?,
+        request,
+    }];
+    let c = compare(
+        s.plan,
+        |d| {
+            run_clients(&mut base, d, |x: &mut RawSigner| {
+                x.sign(SIGN_DATA).map(drop)
+            })
+        },
+        |d| run_clients(&mut agent, d, AgentSigner::sign),
+    )?;
+    let pairs = c.pairs;
+    let (b, k) = (c.base.stats(), c.keyward.stats());
+    let path = "ssh-agent SIGN_REQUEST, Ed25519 in SoftHSM, 1 client";
+    let raw_name = "cryptoki C_Sign, 1 session";
+    r.row(
+        path,
+        "throughput",
+        raw_name,
+        Unit::PerSec,
+        (b.rate, k.rate),
+        &pairs,
+        Goal::AtLeast(0.9),
+    );
+    r.latency(path, "C_Sign", b, k);
+    Ok(())
+}
+
 /// Bursts of concurrent systemd-style fetches from the daemon's credential socket vs a server
 /// that only accepts and writes.
 pub fn credential_fetches(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {

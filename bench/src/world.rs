@@ -114,6 +114,7 @@ impl Daemon {
             .unseal_order(&["tpm"])
             .policy(&policy)
             .credentials(30)
+            .ssh_agent()
             .log_filter("warn")
             .start();
         let mut c = Client::connect(keywardd.socket())?;

@@ -538,6 +538,20 @@ fn secret(c: &mut Client, out: &Out, cmd: SecretCommand) -> Result<(), CliError>
     }
 }
 
+/// The OpenSSH line of key `name` whose SubjectPublicKeyInfo is `public`; its algorithm comes
+/// from the key list (an RSA key's SPKI does not say which padding the key is for).
+fn ssh_line(c: &mut Client, name: &str, public: &[u8]) -> Result<String, CliError> {
+    let algorithm = c
+        .list_keys()?
+        .into_iter()
+        .find(|k| k.name == name)
+        .map(|k| k.algorithm)
+        .ok_or_else(|| CliError::Usage(format!("key {name} is not in the key list")))?;
+    let line = keyward::ssh::public_key_line(algorithm, public, name)
+        .map_err(|e| CliError::Usage(format!("key {name}: {e}")))?;
+    Ok(line + "\n")
+}
+
 fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
     use base64::engine::general_purpose::STANDARD as B64;
     use base64::Engine as _;
@@ -559,10 +573,22 @@ fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
             let keys = c.list_keys()?;
             out.emit(&json!({ "keys": keys }), || output::keys(&keys))
         }
-        KeyCommand::Public { name, der, output } => {
+        KeyCommand::Public {
+            name,
+            der,
+            ssh,
+            output,
+        } => {
             let public = c.public_key(&name)?;
             let pem = keyward::text::public_key_pem(&public);
-            let bytes = if der {
+            let ssh = if ssh {
+                Some(ssh_line(c, &name, &public)?)
+            } else {
+                None
+            };
+            let bytes = if let Some(line) = &ssh {
+                line.clone().into_bytes()
+            } else if der {
                 public.clone()
             } else {
                 pem.clone().into_bytes()
@@ -572,7 +598,8 @@ fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
             }
             if out.json {
                 out.emit(
-                    &json!({ "name": name, "public_key": B64.encode(&public), "pem": pem }),
+                    &json!({ "name": name, "public_key": B64.encode(&public), "pem": pem,
+                             "ssh": ssh.as_deref().map(str::trim_end) }),
                     String::new,
                 )
             } else if output.is_none() {

@@ -298,13 +298,17 @@ pub enum KeyCommand {
     },
     /// List keys.
     List,
-    /// Print a public key: PEM, or DER with --der.
+    /// Print a public key: PEM, DER with --der, or an OpenSSH line with --ssh.
     Public {
         /// The key's name.
         name: KeyName,
         /// Raw DER SubjectPublicKeyInfo instead of PEM.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "ssh")]
         der: bool,
+        /// An OpenSSH public key line (`ssh-ed25519 AAAA… NAME`), for `authorized_keys` or
+        /// git's `user.signingkey`.
+        #[arg(long)]
+        ssh: bool,
         /// Write it to this file.
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
@@ -692,6 +696,17 @@ mod tests {
             })
         ));
         assert!(parse(&["audit", "verify"]).is_err(), "the path is needed");
+        assert!(matches!(
+            parse(&["key", "public", "git/sign", "--ssh"])
+                .unwrap()
+                .command,
+            Command::Key(KeyCommand::Public {
+                ssh: true,
+                der: false,
+                ..
+            })
+        ));
+        assert!(parse(&["key", "public", "k", "--ssh", "--der"]).is_err());
         // No way to put a value on the command line.
         assert!(parse(&["secret", "put", "db", "hunter2"]).is_err());
     }

@@ -23,6 +23,7 @@ use crate::audit::AuditOptions;
 use crate::device::{ActorOptions, DeviceSpec, Pkcs11Spec};
 use crate::transport::credentials::CredentialLimits;
 use crate::transport::dbus::{Bus, DbusLimits};
+use crate::transport::ssh_agent::SshAgentLimits;
 use crate::transport::transit::TransitLimits;
 use crate::transport::varlink::VarlinkLimits;
 
@@ -138,6 +139,26 @@ impl CredentialSettings {
     }
 }
 
+/// The ssh-agent socket: where, and its bounds.
+#[derive(Clone, Debug)]
+pub struct SshAgentSettings {
+    /// The socket (`SSH_AUTH_SOCK`).
+    pub socket: SocketSettings,
+    /// Connections at once, idle time.
+    pub limits: SshAgentLimits,
+}
+
+impl SshAgentSettings {
+    /// The limits of an `[ssh_agent]` table that sets none: also those of an ssh-agent socket
+    /// systemd passes in when the file has no such table.
+    pub fn default_limits() -> SshAgentLimits {
+        SshAgentLimits {
+            max_connections: default_ssh_agent_connections(),
+            idle_timeout: Duration::from_secs(default_ssh_agent_idle()),
+        }
+    }
+}
+
 /// The D-Bus service: which bus, and its bounds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DbusSettings {
@@ -189,6 +210,8 @@ pub struct Config {
     pub credentials: Option<CredentialSettings>,
     /// The D-Bus service, when configured.
     pub dbus: Option<DbusSettings>,
+    /// The ssh-agent socket, when configured.
+    pub ssh_agent: Option<SshAgentSettings>,
     /// The OpenBao-compatible transit socket, when configured.
     pub transit: Option<TransitSettings>,
     /// The policy file. Without one, everything but `Status` is denied.
@@ -313,6 +336,22 @@ impl File {
                     write_timeout: Duration::from_secs(positive(
                         "credentials.write_timeout_secs",
                         c.write_timeout_secs,
+                    )?),
+                },
+            }),
+            None => None,
+        };
+        let ssh_agent = match self.ssh_agent {
+            Some(a) => Some(SshAgentSettings {
+                socket: SocketSettings {
+                    mode: mode("ssh_agent.mode", &a.mode)?,
+                    path: a.socket,
+                },
+                limits: SshAgentLimits {
+                    max_connections: count("ssh_agent.max_connections", a.max_connections)?,
+                    idle_timeout: Duration::from_secs(positive(
+                        "ssh_agent.idle_timeout_secs",
+                        a.idle_timeout_secs,
                     )?),
                 },
             }),
@@ -447,6 +486,7 @@ impl File {
             api,
             credentials,
             dbus,
+            ssh_agent,
             transit,
             policy: self.policy,
             unseal_order,
@@ -499,6 +539,9 @@ struct File {
     /// Off unless configured.
     #[serde(default)]
     dbus: Option<FileDbus>,
+    /// Off unless configured.
+    #[serde(default)]
+    ssh_agent: Option<FileSshAgent>,
     /// Off unless configured.
     #[serde(default)]
     transit: Option<FileTransit>,
@@ -606,6 +649,35 @@ fn default_credentials_connections() -> usize {
 
 fn default_credentials_write_timeout() -> u64 {
     10
+}
+
+/// The ssh-agent socket. Anyone who can connect sees only the keys the policy lets them sign
+/// with; the mode decides who may connect at all.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSshAgent {
+    #[serde(default = "default_ssh_agent_socket")]
+    socket: PathBuf,
+    /// Octal, as a string ("0660").
+    #[serde(default = "default_mode")]
+    mode: String,
+    #[serde(default = "default_ssh_agent_connections")]
+    max_connections: usize,
+    /// ssh keeps its connection while it authenticates, which may wait on a person.
+    #[serde(default = "default_ssh_agent_idle")]
+    idle_timeout_secs: u64,
+}
+
+fn default_ssh_agent_socket() -> PathBuf {
+    PathBuf::from("/run/keyward/ssh-agent.sock")
+}
+
+fn default_ssh_agent_connections() -> usize {
+    128
+}
+
+fn default_ssh_agent_idle() -> u64 {
+    60
 }
 
 /// The OpenBao-compatible transit socket (`seal "transit" { address = "unix://…" }`).
@@ -904,8 +976,14 @@ mod tests {
 
     #[test]
     fn defaults_are_the_documented_ones() {
-        let c = parse("[credentials]\n[dbus]").unwrap();
+        let c = parse("[credentials]\n[dbus]\n[ssh_agent]").unwrap();
         assert_eq!(c.api.mode.bits(), 0o660);
+        let agent = c.ssh_agent.unwrap();
+        assert_eq!(agent.socket.path, Path::new("/run/keyward/ssh-agent.sock"));
+        assert_eq!(agent.socket.mode.bits(), 0o660);
+        assert_eq!(agent.limits.max_connections, 128);
+        assert_eq!(agent.limits.idle_timeout, Duration::from_secs(60));
+        assert!(parse("").unwrap().ssh_agent.is_none());
         assert_eq!(c.api.path, Path::new("/run/keyward/api.sock"));
         let credentials = c.credentials.unwrap();
         assert_eq!(credentials.limits.max_connections, 1024);
@@ -959,6 +1037,8 @@ mod tests {
         assert_eq!(e, "api.mode \"0o8\" is not an octal mode like \"0660\"");
         let e = parse("[credentials]\nmode = \"rw\"").unwrap_err();
         assert!(e.starts_with("credentials.mode \"rw\""), "{e}");
+        let e = parse("[ssh_agent]\nmode = \"rw\"").unwrap_err();
+        assert!(e.starts_with("ssh_agent.mode \"rw\""), "{e}");
         let e = parse("[credentials]\nmode = \"4755\"").unwrap_err();
         assert!(
             e.contains("credentials.mode") && e.contains("beyond 0777"),
@@ -976,6 +1056,8 @@ mod tests {
             ("limits", "device_watch_secs"),
             ("credentials", "max_connections"),
             ("credentials", "write_timeout_secs"),
+            ("ssh_agent", "max_connections"),
+            ("ssh_agent", "idle_timeout_secs"),
             ("dbus", "max_calls_in_flight"),
             ("dbus", "drain_timeout_secs"),
         ] {

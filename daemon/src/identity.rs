@@ -31,6 +31,8 @@ pub enum Via {
     Dbus,
     /// systemd's `LoadCredential=` socket.
     Credentials,
+    /// The ssh-agent socket.
+    SshAgent,
     /// The OpenBao-compatible transit socket.
     Transit,
     /// The daemon itself (unattended unseal at start).

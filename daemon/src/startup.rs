@@ -31,7 +31,7 @@ use crate::service::Service;
 use crate::store::Store;
 use crate::sys;
 use crate::transport::dbus::{self, DbusError};
-use crate::transport::{credentials, socket, transit, varlink};
+use crate::transport::{credentials, socket, ssh_agent, transit, varlink};
 use crate::vault::Vault;
 
 /// How long the stop waits for the device threads to close their devices.
@@ -112,7 +112,7 @@ pub enum StartError {
     /// An activated socket can't be served.
     #[error("activated {what} socket: {source}")]
     ActivatedSocket {
-        /// `api`, `credentials` or `transit`.
+        /// `api`, `credentials`, `transit` or `ssh-agent`.
         what: &'static str,
         /// Why tokio refused it.
         source: std::io::Error,
@@ -258,6 +258,7 @@ async fn open_vault(
 struct Listeners {
     api: UnixListener,
     credentials: Option<UnixListener>,
+    ssh_agent: Option<UnixListener>,
     transit: Option<UnixListener>,
     activated: bool,
 }
@@ -278,7 +279,9 @@ fn pick_listeners(
         UnixListener::from_std(l).map_err(|source| StartError::ActivatedSocket { what, source })
     };
     let api = activated.remove("api").or_else(|| {
-        let named = activated.contains_key("credentials") || activated.contains_key("transit");
+        let named = ["credentials", "transit", "ssh-agent"]
+            .iter()
+            .any(|n| activated.contains_key(*n));
         let only = (activated.len() == 1 && !named)
             .then(|| activated.keys().next().cloned())
             .flatten()?;
@@ -293,6 +296,15 @@ fn pick_listeners(
         (Some(l), _) => Some(tokio_listener(l, "credentials")?),
         (None, Some(c)) if !socket_activated => Some(bind(&c.socket)?),
         (None, _) => None,
+    };
+    let ssh_agent = match (activated.remove("ssh-agent"), &config.ssh_agent) {
+        (Some(l), _) => Some(tokio_listener(l, "ssh-agent")?),
+        (None, Some(a)) if !socket_activated => Some(bind(&a.socket)?),
+        (None, Some(_)) => {
+            tracing::warn!("[ssh_agent] is configured, but systemd passed no socket named \"ssh-agent\": the ssh-agent socket is not served");
+            None
+        }
+        (None, None) => None,
     };
     let transit = match (activated.remove("transit"), &config.transit) {
         (Some(l), _) => Some(tokio_listener(l, "transit")?),
@@ -309,6 +321,7 @@ fn pick_listeners(
     Ok(Listeners {
         api,
         credentials,
+        ssh_agent,
         transit,
         activated: socket_activated,
     })
@@ -367,6 +380,7 @@ pub struct Daemon {
     varlink: JoinHandle<()>,
     dbus: Option<JoinHandle<Result<(), DbusError>>>,
     credentials: Option<JoinHandle<()>>,
+    ssh_agent: Option<JoinHandle<()>>,
     transit: Option<JoinHandle<()>>,
     device_watch: JoinHandle<()>,
     watchdog_stop: watch::Sender<bool>,
@@ -426,6 +440,20 @@ pub async fn start(config: &Config) -> Result<Daemon, StartError> {
             stopped.clone(),
         ))
     });
+    let ssh_agent = listeners.ssh_agent.map(|l| {
+        let limits = config
+            .ssh_agent
+            .as_ref()
+            .map_or_else(crate::config::SshAgentSettings::default_limits, |a| {
+                a.limits
+            });
+        tokio::spawn(ssh_agent::serve(
+            l,
+            service.clone(),
+            limits,
+            stopped.clone(),
+        ))
+    });
     let transit = listeners.transit.map(|l| {
         // An activated transit socket without a [transit] table gets the defaults.
         let limits = config
@@ -463,6 +491,7 @@ pub async fn start(config: &Config) -> Result<Daemon, StartError> {
         varlink,
         dbus,
         credentials,
+        ssh_agent,
         transit,
         device_watch,
         watchdog_stop,
@@ -506,6 +535,9 @@ impl Daemon {
         if let Some(c) = self.credentials {
             let _ = c.await;
         }
+        if let Some(a) = self.ssh_agent {
+            let _ = a.await;
+        }
         if let Some(t) = self.transit {
             let _ = t.await;
         }
@@ -548,40 +580,47 @@ mod tests {
         l
     }
 
-    /// Under socket activation the transit socket is systemd's (`FileDescriptorName=transit`):
-    /// served, never bound from the config, and never mistaken for the API socket.
+    /// Under socket activation the transit and ssh-agent sockets are systemd's
+    /// (`FileDescriptorName=transit`, `ssh-agent`): served, never bound from the config, and
+    /// never mistaken for the API socket.
     #[tokio::test]
-    async fn an_activated_transit_socket_is_served_and_never_taken_for_the_api() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keywardd.toml");
-        let (api, bound) = (dir.path().join("api.sock"), dir.path().join("transit.sock"));
-        std::fs::write(
-            &path,
-            format!(
-                "[api]\nsocket = {api:?}\n[transit]\nsocket = {bound:?}\n",
-                api = api.display().to_string(),
-                bound = bound.display().to_string()
-            ),
-        )
-        .unwrap();
-        let config = Config::load(&path).unwrap();
-        let activated = HashMap::from([
-            ("api".to_owned(), listener(dir.path(), "a")),
-            ("transit".to_owned(), listener(dir.path(), "t")),
-        ]);
-        let picked = pick_listeners(activated, &config).unwrap_or_else(|e| panic!("{e}"));
-        assert!(picked.transit.is_some());
-        assert!(
-            !bound.exists() && !api.exists(),
-            "nothing bound under activation"
-        );
-        let lone = HashMap::from([("transit".to_owned(), listener(dir.path(), "t2"))]);
-        assert!(matches!(
-            pick_listeners(lone, &config),
-            Err(StartError::NoApiSocket)
-        ));
-        // Not activated: the configured paths are bound.
-        let picked = pick_listeners(HashMap::new(), &config).unwrap_or_else(|e| panic!("{e}"));
-        assert!(picked.transit.is_some() && bound.exists() && api.exists());
+    async fn activated_transit_and_ssh_agent_sockets_are_served_and_never_taken_for_the_api() {
+        let picked_one = |l: &Listeners, name: &str| match name {
+            "transit" => l.transit.is_some(),
+            _ => l.ssh_agent.is_some(),
+        };
+        for (name, table) in [("transit", "transit"), ("ssh-agent", "ssh_agent")] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("keywardd.toml");
+            let (api, bound) = (dir.path().join("api.sock"), dir.path().join("named.sock"));
+            std::fs::write(
+                &path,
+                format!(
+                    "[api]\nsocket = {api:?}\n[{table}]\nsocket = {bound:?}\n",
+                    api = api.display().to_string(),
+                    bound = bound.display().to_string()
+                ),
+            )
+            .unwrap();
+            let config = Config::load(&path).unwrap();
+            let activated = HashMap::from([
+                ("api".to_owned(), listener(dir.path(), "a")),
+                (name.to_owned(), listener(dir.path(), "t")),
+            ]);
+            let picked = pick_listeners(activated, &config).unwrap_or_else(|e| panic!("{e}"));
+            assert!(picked_one(&picked, name), "{name}");
+            assert!(
+                !bound.exists() && !api.exists(),
+                "nothing bound under activation"
+            );
+            let lone = HashMap::from([(name.to_owned(), listener(dir.path(), "t2"))]);
+            assert!(matches!(
+                pick_listeners(lone, &config),
+                Err(StartError::NoApiSocket)
+            ));
+            // Not activated: the configured paths are bound.
+            let picked = pick_listeners(HashMap::new(), &config).unwrap_or_else(|e| panic!("{e}"));
+            assert!(picked_one(&picked, name) && bound.exists() && api.exists());
+        }
     }
 }

@@ -64,6 +64,7 @@ pub struct Setup {
     policy: Option<String>,
     public_socket: bool,
     credentials_wait: Option<u64>,
+    ssh_agent: bool,
     transit: bool,
     log_filter: Option<String>,
     limits: Option<String>,
@@ -149,6 +150,13 @@ impl Setup {
         self
     }
 
+    /// Serve the ssh-agent socket ([`Keywardd::ssh_agent_socket`]), beside the API socket and
+    /// as reachable as it.
+    pub fn ssh_agent(mut self) -> Self {
+        self.ssh_agent = true;
+        self
+    }
+
     /// Serve the OpenBao-compatible transit socket (`Keywardd::transit_socket`, mount
     /// `transit`).
     pub fn transit(mut self) -> Self {
@@ -230,6 +238,14 @@ impl Setup {
                 config,
                 "[credentials]\nsocket = \"{}\"\nmode = \"{}\"\nwait_unsealed_secs = {wait}\n",
                 run_dir.join("credentials.sock").display(),
+                if self.public_socket { "0666" } else { "0600" },
+            );
+        }
+        if self.ssh_agent {
+            let _ = write!(
+                config,
+                "[ssh_agent]\nsocket = \"{}\"\nmode = \"{}\"\n",
+                run_dir.join("ssh-agent.sock").display(),
                 if self.public_socket { "0666" } else { "0600" },
             );
         }
@@ -371,6 +387,11 @@ impl Keywardd {
     /// The credential socket (with [`Setup::credentials`]).
     pub fn credentials_socket(&self) -> PathBuf {
         self.socket.with_file_name("credentials.sock")
+    }
+
+    /// The ssh-agent socket (with [`Setup::ssh_agent`]): `SSH_AUTH_SOCK`.
+    pub fn ssh_agent_socket(&self) -> PathBuf {
+        self.socket.with_file_name("ssh-agent.sock")
     }
 
     /// The transit socket (with [`Setup::transit`]).

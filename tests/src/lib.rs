@@ -1,6 +1,7 @@
 //! Test fixtures that run **real** devices: a SoftHSM token in its own temp dir
 //! ([`softhsm::SoftHsm`]), an swtpm process on its own port pair ([`swtpm::Swtpm`]), a private
-//! `dbus-daemon` ([`dbus::PrivateBus`]), a real OpenBao server ([`bao::Bao`]), and helpers that check results with independent tools
+//! `dbus-daemon` ([`dbus::PrivateBus`]), a real OpenBao server ([`bao::Bao`]), an OpenSSH server
+//! ([`sshd::Sshd`]), and helpers that check results with independent tools
 //! ([`openssl`]). Nothing here mocks a device.
 //!
 //! Fixtures panic on setup failure: a test that cannot build its world has nothing to assert.
@@ -13,6 +14,7 @@ pub mod dbus;
 pub mod keywardd;
 pub mod openssl;
 pub mod softhsm;
+pub mod sshd;
 pub mod swtpm;
 
 use std::path::Path;

@@ -258,6 +258,7 @@ pub fn caller_record(c: &Caller) -> CallerRecord {
             Via::Dbus => "dbus",
             Via::Credentials => "credentials",
             Via::Transit => "transit",
+            Via::SshAgent => "ssh-agent",
             Via::Daemon => "daemon",
         }
         .to_owned(),

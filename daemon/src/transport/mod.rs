@@ -5,6 +5,7 @@
 pub mod credentials;
 pub mod dbus;
 pub mod socket;
+pub mod ssh_agent;
 pub mod transit;
 pub mod varlink;
 
