@@ -9,6 +9,7 @@
 //! Input: byte 0 picks the frame bound, byte 1 the read sizes, the rest is the stream.
 #![no_main]
 
+use keyward_policy::Identity;
 use keywardd::identity::{Caller, Via};
 use keyward_proto::wire::{FrameBuf, Next};
 use keywardd::transport::varlink::{encode_result, parse_frame, Call};
@@ -24,11 +25,12 @@ fuzz_target!(|data: &[u8]| {
     let max_frame = BOUNDS[usize::from(*bound) % BOUNDS.len()];
     let read_sizes = [1, 2, 3, 7, 64, 4096, 1 << 20];
     let caller = Caller {
-        uid: 1000,
-        gid: 1000,
-        groups: Vec::new(),
+        who: Identity {
+            uid: 1000,
+            gid: 1000,
+            ..Identity::default()
+        },
         pid: None,
-        unit: None,
         via: Via::Varlink,
     };
 
