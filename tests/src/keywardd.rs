@@ -659,6 +659,16 @@ impl Keywardd {
         assert!(status.success());
     }
 
+    /// The request records of the audit log, as JSON, oldest first.
+    pub fn audit_requests(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir().join("state/audit.log"))
+            .unwrap_or_else(|e| panic!("read the audit log: {e}"));
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r["kind"] == "request")
+            .collect()
+    }
+
     /// A `keyward` command aimed at this daemon.
     pub fn cli(&self) -> Command {
         let mut c = Command::new(bin("keyward"));

@@ -31,18 +31,9 @@ secrets = ["db/*"]
     )
 }
 
-/// The request records of the audit log, as JSON, oldest first.
-fn audit_requests(d: &Keywardd) -> Vec<Value> {
-    let text = std::fs::read_to_string(d.dir().join("state/audit.log")).unwrap();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|r| r["kind"] == "request")
-        .collect()
-}
-
 /// The outcome record of the last `op` call by [`UID`] (not its `started` record).
 fn last_outcome(d: &Keywardd, op: &str) -> Value {
-    audit_requests(d)
+    d.audit_requests()
         .into_iter()
         .rev()
         .find(|r| r["op"] == op && r["caller"]["uid"] == UID && r["result"] != "started")

@@ -20,7 +20,6 @@ use keyward_tests::keywardd::{Keywardd, Setup};
 use keyward_tests::softhsm::SoftHsm;
 use keyward_tests::sshd::Sshd;
 use keyward_tests::swtpm::Swtpm;
-use serde_json::Value;
 
 /// The uid and gid of `nobody`.
 const NOBODY: u32 = 65534;
@@ -104,19 +103,9 @@ fn sorted_lines(text: &str) -> Vec<String> {
     lines
 }
 
-/// The request records of the audit log, oldest first.
-fn audit_requests(d: &Keywardd) -> Vec<Value> {
-    std::fs::read_to_string(d.dir().join("state/audit.log"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|r| r["kind"] == "request")
-        .collect()
-}
-
 /// The successful `Sign` records that came through the ssh-agent socket, by key.
 fn agent_signatures(d: &Keywardd, key: &str) -> usize {
-    audit_requests(d)
+    d.audit_requests()
         .iter()
         .filter(|r| {
             r["op"] == "Sign"
@@ -393,7 +382,7 @@ fn refusals_and_bad_messages_get_failure_and_the_agent_keeps_serving() {
 
     // Audited: the signature (ok) and the refused look-ups of `hidden`; never the data.
     assert_eq!(agent_signatures(&d, "tok-ed"), 1);
-    let records = audit_requests(&d);
+    let records = d.audit_requests();
     assert!(records.iter().any(|r| r["op"] == "PublicKey"
         && r["target"] == "hidden"
         && r["caller"]["via"] == "ssh-agent"
