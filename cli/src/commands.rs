@@ -7,15 +7,15 @@ use std::time::Duration;
 
 use clap::CommandFactory as _;
 use keyward::api::{
-    ConfirmRecoveryReply, KeyslotKind, SecretString, SecretValue, SlotSpec, UnsealParams,
-    UnsealReply, MAX_SECRET_LEN,
+    ConfirmRecoveryReply, KeyAlgorithm, KeyslotKind, SecretString, SecretValue, SlotSpec,
+    UnsealParams, UnsealReply, MAX_SECRET_LEN,
 };
 use keyward::{Client, ClientError};
 use serde::Serialize;
 use serde_json::json;
 
 use super::input::{self, NoEcho, Shares, ZeroizingReader};
-use super::output;
+use super::{csr, output};
 use super::{
     Cli, CliError, Command, Enroll, InitArgs, KeyCommand, KeyslotCommand, RekeyArgs, SecretCommand,
     TransitCommand, UnsealArgs,
@@ -541,15 +541,20 @@ fn secret(c: &mut Client, out: &Out, cmd: SecretCommand) -> Result<(), CliError>
 /// The OpenSSH line of key `name` whose SubjectPublicKeyInfo is `public`; its algorithm comes
 /// from the key list (an RSA key's SPKI does not say which padding the key is for).
 fn ssh_line(c: &mut Client, name: &str, public: &[u8]) -> Result<String, CliError> {
-    let algorithm = c
-        .list_keys()?
-        .into_iter()
-        .find(|k| k.name == name)
-        .map(|k| k.algorithm)
-        .ok_or_else(|| CliError::Usage(format!("key {name} is not in the key list")))?;
+    let algorithm = key_algorithm(c, name)?;
     let line = keyward::ssh::public_key_line(algorithm, public, name)
         .map_err(|e| CliError::Usage(format!("key {name}: {e}")))?;
     Ok(line + "\n")
+}
+
+/// Key `name`'s algorithm, from the key list: its SPKI alone does not say (an RSA key's does
+/// not name its padding).
+fn key_algorithm(c: &mut Client, name: &str) -> Result<KeyAlgorithm, CliError> {
+    c.list_keys()?
+        .into_iter()
+        .find(|k| k.name == name)
+        .map(|k| k.algorithm)
+        .ok_or_else(|| CliError::Usage(format!("key {name} is not in the key list")))
 }
 
 fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
@@ -645,6 +650,21 @@ fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
             } else {
                 Ok(())
             }
+        }
+        KeyCommand::Csr { name, subject, dns } => {
+            // PublicKey first: it needs the same `sign` right as Sign, so a caller without it
+            // gets the daemon's PermissionDenied (the key list would just leave the key out).
+            let public = c.public_key(&name)?;
+            let algorithm = key_algorithm(c, &name)?;
+            let usage = |e: csr::CsrError| CliError::Usage(format!("key {name}: {e}"));
+            let subject_text = subject.to_string();
+            let unsigned = csr::Unsigned::new(algorithm, subject, &public, &dns).map_err(usage)?;
+            let signature = c.sign(&name, &unsigned.to_be_signed().map_err(usage)?, false)?;
+            let pem = unsigned.finish(&signature).map_err(usage)?;
+            out.emit(
+                &json!({ "name": name, "subject": subject_text, "csr": pem }),
+                || pem.clone(),
+            )
         }
         KeyCommand::Delete { name } => {
             c.delete_key(&name)?;

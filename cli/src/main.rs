@@ -7,6 +7,7 @@
 
 mod audit;
 mod commands;
+mod csr;
 pub mod input;
 pub mod output;
 mod policy;
@@ -327,6 +328,18 @@ pub enum KeyCommand {
         /// Write the signature to this file.
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
+    },
+    /// Print a PKCS#10 certificate signing request (PEM) for a key, signed inside its device
+    /// (the daemon's `sign` policy and audit apply). Ed25519 and ECDSA P-256 keys.
+    Csr {
+        /// The key's name.
+        name: KeyName,
+        /// The subject, RFC 4514 (most specific first): "CN=host.example,O=Example".
+        #[arg(long, value_name = "DN", value_parser = csr::parse_subject)]
+        subject: x509_cert::name::Name,
+        /// A DNS name for the subjectAltName extension request (repeatable).
+        #[arg(long, value_name = "NAME", value_parser = csr::parse_dns_name)]
+        dns: Vec<der::asn1::Ia5String>,
     },
     /// Delete a key (destroyed in its device).
     Delete {
