@@ -617,6 +617,7 @@ fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
             name,
             file,
             prehashed,
+            hash,
             output,
         } => {
             let what = if prehashed {
@@ -636,7 +637,7 @@ fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
                 )),
                 e => e,
             })?;
-            let signature = c.sign(&name, &data, prehashed)?;
+            let signature = c.sign_with(&name, &data, prehashed, hash)?;
             if let Some(path) = &output {
                 input::write_public(path, &signature)?;
             }

@@ -18,7 +18,7 @@ use std::process::ExitCode;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{ArgGroup, Args, Parser, Subcommand};
-use keyward::api::{ApiError, KeyAlgorithm, KeyName, SecretName, TransitKeyName};
+use keyward::api::{ApiError, KeyAlgorithm, KeyName, SecretName, SignHash, TransitKeyName};
 use keyward::{ClientError, DEFAULT_SOCKET};
 
 const EXIT_CODES: &str = "\
@@ -284,6 +284,12 @@ fn algorithm() -> impl TypedValueParser<Value = KeyAlgorithm> {
         .try_map(|s| s.parse::<KeyAlgorithm>())
 }
 
+/// `--hash`: the contract's names, offered to completions.
+fn sign_hash() -> impl TypedValueParser<Value = SignHash> {
+    PossibleValuesParser::new(SignHash::ALL.map(SignHash::as_str))
+        .try_map(|s| s.parse::<SignHash>())
+}
+
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
     /// Generate a key pair inside a device; prints the public key (PEM).
@@ -315,22 +321,25 @@ pub enum KeyCommand {
         output: Option<PathBuf>,
     },
     /// Sign data from stdin (to EOF) or --file; writes the raw signature (Ed25519: 64 bytes,
-    /// ECDSA: DER, RSA-PSS: raw).
+    /// ECDSA: DER, RSA: raw).
     Sign {
         /// The key's name.
         name: KeyName,
         /// Sign this file's contents instead of stdin.
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
-        /// The input is a SHA-256 digest (32 bytes), not the message.
+        /// The input is a digest (32 bytes for SHA-256, 64 for SHA-512), not the message.
         #[arg(long)]
         prehashed: bool,
+        /// The hash to sign over: sha256, or sha512 for rsa-pkcs1-3072 keys.
+        #[arg(long, value_name = "HASH", value_parser = sign_hash())]
+        hash: Option<SignHash>,
         /// Write the signature to this file.
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
     },
     /// Print a PKCS#10 certificate signing request (PEM) for a key, signed inside its device
-    /// (the daemon's `sign` policy and audit apply). Ed25519 and ECDSA P-256 keys.
+    /// (the daemon's `sign` policy and audit apply). Ed25519, ECDSA P-256 and RSA PKCS#1 keys.
     Csr {
         /// The key's name.
         name: KeyName,
