@@ -113,6 +113,14 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Write the manual pages (keyward(1) and one per subcommand) into DIR, for packaging.
+    /// Hidden: the pages come from these very definitions, so they can't drift from the binary.
+    #[command(hide = true)]
+    Manpages {
+        /// The directory to write into (created if missing).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 /// `K/N`: K of N recovery shares open the vault.
@@ -698,6 +706,10 @@ mod tests {
         ));
         assert!(parse(&["unseal", "--share-file", "a", "--pin-file", "b"]).is_err());
         assert!(parse(&["completions", "zsh"]).is_ok());
+        assert!(matches!(
+            parse(&["manpages", "/tmp/man"]).unwrap().command,
+            Command::Manpages { .. }
+        ));
         assert!(matches!(
             parse(&["audit", "verify", "/x/audit.log", "--public-key", "k.pem"])
                 .unwrap()
