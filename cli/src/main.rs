@@ -165,6 +165,13 @@ pub struct InitArgs {
     /// File holding a PIN the TPM slots will need on top of their PCR policy.
     #[arg(long, value_name = "FILE", requires = "tpm2")]
     pub tpm2_pin_file: Option<PathBuf>,
+    /// Also bind the TPM slots to PCR policies signed by this RSA public key (PEM), as
+    /// `systemd-measure sign` makes them: they then survive updates that ship a signature.
+    #[arg(long, value_name = "FILE.pem", requires = "tpm2")]
+    pub pcr_public_key: Option<PathBuf>,
+    /// The PCRs (sha256 bank) the signed policies cover [default: 11].
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = pcr_parser(), requires = "pcr_public_key")]
+    pub pcr_public_key_pcrs: Option<Vec<u8>>,
     /// Enroll a PKCS#11 token keyslot on this configured device (repeatable).
     #[arg(long, value_name = "DEVICE")]
     pub pkcs11: Vec<String>,
@@ -196,6 +203,13 @@ pub enum Enroll {
         /// File holding a PIN the slot will need on top of its PCR policy.
         #[arg(long, value_name = "FILE")]
         pin_file: Option<PathBuf>,
+        /// Also bind the slot to PCR policies signed by this RSA public key (PEM), as
+        /// `systemd-measure sign` makes them: it then survives updates that ship a signature.
+        #[arg(long, value_name = "FILE.pem")]
+        pcr_public_key: Option<PathBuf>,
+        /// The PCRs (sha256 bank) the signed policies cover [default: 11].
+        #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = pcr_parser(), requires = "pcr_public_key")]
+        pcr_public_key_pcrs: Option<Vec<u8>>,
     },
     /// A PKCS#11 token keyslot.
     Pkcs11 {

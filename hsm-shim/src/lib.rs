@@ -135,7 +135,26 @@ pub enum SealedBlob {
         pcrs: Vec<u8>,
         /// Whether the policy also needs the PIN (`PolicyAuthValue`).
         pin: bool,
+        /// A signed PCR policy the object is also bound to (`PolicyAuthorize`). Absent in
+        /// blobs sealed before signed policies existed, which load as they always did; a
+        /// daemon that predates the field ignores it and can only fail the unseal (the TPM
+        /// enforces the policy), never open the slot some other way.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signed: Option<SignedPcrs>,
     },
+}
+
+/// A signed PCR policy, in the scheme of systemd's `systemd-measure sign`: the secret opens
+/// for whatever values of `pcrs` the holder of the private key has signed (`PolicyAuthorize`
+/// on the key), so an update that changes those PCRs ships a new signature instead of
+/// needing a re-enrollment. PCR 11 (what systemd-stub measures a unified kernel into) is the
+/// usual one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedPcrs {
+    /// The RSA public key that signs the policies, as DER `SubjectPublicKeyInfo`.
+    pub public_key: Vec<u8>,
+    /// PCR indices (sha256 bank) the signed policies cover, sorted.
+    pub pcrs: Vec<u8>,
 }
 
 /// What a sealed secret is bound to, beyond the device itself.
@@ -147,6 +166,9 @@ pub struct SealPolicy {
     /// TPM only: a PIN that is needed on top of the PCR policy. A PKCS#11 token is protected by
     /// its login PIN instead and rejects `Some`.
     pub pin: Option<Pin>,
+    /// TPM only: a signed PCR policy the secret is bound to as well (a slot may have literal
+    /// and signed PCRs). A PKCS#11 token rejects `Some`.
+    pub signed: Option<SignedPcrs>,
 }
 
 /// What [`Signer::sign`] signs.
@@ -235,6 +257,20 @@ pub trait Sealer {
         context: &[u8],
         pin: Option<&Pin>,
     ) -> Result<SecretBytes>;
+
+    /// [`Sealer::unseal`], also saying what let the secret out beyond the blob itself (which
+    /// signed PCR policy matched), for the admin's status. Never secret.
+    ///
+    /// # Errors
+    /// As [`Sealer::unseal`].
+    fn unseal_noting(
+        &mut self,
+        blob: &SealedBlob,
+        context: &[u8],
+        pin: Option<&Pin>,
+    ) -> Result<(SecretBytes, Option<String>)> {
+        self.unseal(blob, context, pin).map(|s| (s, None))
+    }
 }
 
 /// Create keys in the device and sign with them there.
