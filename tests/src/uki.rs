@@ -13,6 +13,11 @@ use crate::swtpm::Swtpm;
 /// Debian 12 ships it in the `systemd` package.
 pub const MEASURE: &str = "/usr/lib/systemd/systemd-measure";
 
+/// The boot phase words systemd measures into PCR 11 on the way to a running system
+/// (`enter-initrd`, `leave-initrd`, `sysinit`, `ready`): the last of the phases that
+/// `systemd-measure sign` signs by default.
+pub const PHASES: [&str; 4] = ["enter-initrd", "leave-initrd", "sysinit", "ready"];
+
 /// A unified kernel image, as far as PCR 11 sees it: its `.linux` and `.osrel` sections.
 #[derive(Debug)]
 pub struct Uki {
@@ -33,21 +38,25 @@ impl Uki {
         Uki { linux, osrel }
     }
 
-    /// What systemd-stub extends PCR 11 with up to the first boot phase, in order: each
-    /// section's name (with its NUL) and then its contents, then the phase word `enter-initrd`.
+    /// What PCR 11 is extended with from power-on to a running system, in order: by
+    /// systemd-stub each section's name (with its NUL) and then its contents, by systemd the
+    /// boot phase words (`systemd-pcrphase`).
     fn measurements(&self) -> Vec<[u8; 32]> {
         let mut m = Vec::new();
         for (section, file) in [(".linux", &self.linux), (".osrel", &self.osrel)] {
             m.push(Sha256::digest(format!("{section}\0").as_bytes()).into());
             m.push(Sha256::digest(std::fs::read(file).unwrap()).into());
         }
-        m.push(Sha256::digest(b"enter-initrd").into());
+        for phase in PHASES {
+            m.push(Sha256::digest(phase.as_bytes()).into());
+        }
         m
     }
 
-    /// `systemd-measure sign` of this image's first boot phase (sha256 bank) with `key`
-    /// (private, public PEM), the JSON written to `out` and returned. systemd 252 computes the
-    /// policy digest in a TPM trial session, on `swtpm` (nothing else may be talking to it).
+    /// `systemd-measure sign` of this image (sha256 bank, systemd's default boot phases, one
+    /// entry each) with `key` (private, public PEM), the JSON written to `out` and returned.
+    /// systemd 252 computes the policy digests in a TPM trial session, on `swtpm` (nothing else
+    /// may be talking to it).
     ///
     /// # Panics
     /// When `systemd-measure` is missing or fails.
@@ -60,7 +69,7 @@ impl Uki {
             .arg("sign")
             .arg(format!("--linux={}", self.linux.display()))
             .arg(format!("--osrel={}", self.osrel.display()))
-            .args(["--bank=sha256", "--phase=enter-initrd"])
+            .arg("--bank=sha256")
             .arg(format!("--private-key={}", key.0.display()))
             .arg(format!("--public-key={}", key.1.display()))
             .arg(format!("--tpm2-device={}", swtpm.tcti())));
@@ -68,8 +77,9 @@ impl Uki {
         serde_json::from_str(&json).unwrap()
     }
 
-    /// Boot this image: reset the TPM (PCRs back to zero, like a reboot) and extend PCR 11 as
-    /// systemd-stub would. Nothing else may be talking to `swtpm`.
+    /// Boot this image to a running system: reset the TPM (PCRs back to zero, like a reboot)
+    /// and extend PCR 11 as systemd-stub and systemd would. Nothing else may be talking to
+    /// `swtpm`.
     ///
     /// # Panics
     /// When swtpm does not come back or `tpm2_pcrextend` fails.

@@ -8,14 +8,17 @@
 
 use keyward_tests::keywardd::{Keywardd, Setup};
 use keyward_tests::swtpm::Swtpm;
-use keyward_tests::uki::{keypair, Uki};
+use keyward_tests::uki::{keypair, Uki, PHASES};
 
 /// The secret the vault holds through every boot.
 const SECRET: &[u8] = b"db-password-0451";
 
-/// The one sha256 entry of a signature: (`pol`, `pkfp`).
+/// The sha256 entry of a signature for the running system (the last of its four boot phases,
+/// `enter-initrd:leave-initrd:sysinit:ready`): (`pol`, `pkfp`).
 fn entry(signature: &serde_json::Value) -> (String, String) {
-    let e = &signature["sha256"][0];
+    let entries = signature["sha256"].as_array().unwrap();
+    assert_eq!(entries.len(), PHASES.len(), "one entry per boot phase: {signature}");
+    let e = entries.last().unwrap();
     assert_eq!(e["pcrs"], serde_json::json!([11]), "{signature}");
     (
         e["pol"].as_str().unwrap().to_owned(),
