@@ -17,7 +17,11 @@ const SECRET: &[u8] = b"db-password-0451";
 /// `enter-initrd:leave-initrd:sysinit:ready`): (`pol`, `pkfp`).
 fn entry(signature: &serde_json::Value) -> (String, String) {
     let entries = signature["sha256"].as_array().unwrap();
-    assert_eq!(entries.len(), PHASES.len(), "one entry per boot phase: {signature}");
+    assert_eq!(
+        entries.len(),
+        PHASES.len(),
+        "one entry per boot phase: {signature}"
+    );
     let e = entries.last().unwrap();
     assert_eq!(e["pcrs"], serde_json::json!([11]), "{signature}");
     (
