@@ -350,3 +350,38 @@ pub(crate) fn check_secret_len(secret: &SecretBytes) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TPM blob as stored before signed PCR policies existed.
+    const OLD_TPM_BLOB: &str =
+        r#"{"format":"tpm2-sealed/v1","public":[1,2],"private":[3],"pcrs":[7],"pin":false}"#;
+
+    #[test]
+    fn tpm_blobs_sealed_before_signed_policies_load_and_stay_the_same() {
+        let blob: SealedBlob = serde_json::from_str(OLD_TPM_BLOB).unwrap();
+        assert!(matches!(
+            &blob,
+            SealedBlob::Tpm2 { pcrs, signed: None, .. } if pcrs == &[7]
+        ));
+        assert_eq!(serde_json::to_string(&blob).unwrap(), OLD_TPM_BLOB);
+        let signed = SealedBlob::Tpm2 {
+            public: vec![1],
+            private: vec![2],
+            pcrs: vec![],
+            pin: false,
+            signed: Some(SignedPcrs {
+                public_key: vec![9],
+                pcrs: vec![11],
+            }),
+        };
+        let text = serde_json::to_string(&signed).unwrap();
+        assert!(
+            text.contains(r#""signed":{"public_key":[9],"pcrs":[11]}"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<SealedBlob>(&text).unwrap(), signed);
+    }
+}

@@ -3,9 +3,13 @@
 //! extends swtpm's PCR 11 the way systemd-stub does at boot, and the real keywardd unseals
 //! unattended through the signature; survives an update (new values, a new signature, no
 //! re-enrollment); and stays sealed, saying why, when the values are not signed, the signature
-//! file is missing, or the signatures are another key's. Recovery shares still open it.
+//! file is missing, or the signatures are another key's. Recovery shares still open it, and a
+//! rekey keeps the slot's signed policy. At the device layer, the signed part combines with
+//! the literal PCRs and a PIN.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use hsm_shim::tpm::{TpmConfig, TpmDevice};
+use hsm_shim::{DeviceError, Pin, SealPolicy, SealedBlob, Sealer as _, SecretBytes};
 use keyward_tests::keywardd::{Keywardd, Setup};
 use keyward_tests::swtpm::Swtpm;
 use keyward_tests::uki::{keypair, Uki, PHASES};
@@ -228,5 +232,104 @@ fn a_missing_signature_file_or_another_keys_signature_keeps_it_sealed_and_says_w
     d.start();
     let s = status(&d);
     assert_eq!(s["sealed"], false, "{s}");
+    assert!(
+        s["unsealed_by"]
+            .as_str()
+            .unwrap()
+            .contains("signed PCR policy"),
+        "{s}"
+    );
     assert_eq!(secret(&d), SECRET);
+
+    // A rekey re-seals the slot with its signed policy (not just its literal PCR 7, which
+    // would open too, and silently lose the binding to the vendor's key).
+    let out = d.json(&["rekey"]);
+    let share = out["recovery_shares"][0].as_str().unwrap().to_owned();
+    let out = d.run(
+        &["--json", "confirm-recovery"],
+        format!("{share}\n").as_bytes(),
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("\"rekeyed\": true"), "{}", out.stdout);
+    let slots = d.json(&["keyslot", "list"]);
+    let tpm = slots["keyslots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kind"] == "tpm2")
+        .unwrap_or_else(|| panic!("{slots}"));
+    assert_eq!(tpm["signed_pcrs"], serde_json::json!([11]), "{slots}");
+    d.stop();
+    std::fs::copy(dir.path().join("stranger.json"), &signature).unwrap();
+    d.start();
+    assert_sealed_because(&d, "signed by another key");
+    d.stop();
+    std::fs::copy(dir.path().join("vendor.json"), &signature).unwrap();
+    d.start();
+    assert_eq!(secret(&d), SECRET);
+}
+
+/// The device layer alone: the signed part of a policy runs first and the literal PCRs and the
+/// PIN still hold after it: the right signature with a changed PCR 7 or a wrong PIN does not
+/// open the object; a PCR can't be literal and signed at once.
+#[test]
+fn a_signed_policy_combines_with_literal_pcrs_and_a_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut swtpm = Swtpm::start();
+    let vendor = keypair(dir.path(), "vendor");
+    let uki = Uki::new(dir.path(), "6.1.0-1");
+    let signature = dir.path().join("tpm2-pcr-signature.json");
+    let (pol, _) = entry(&uki.sign(&swtpm, &vendor, &signature));
+    uki.boot(&mut swtpm);
+    let open = |swtpm: &Swtpm| {
+        TpmDevice::open(TpmConfig {
+            pcr_signature: Some(signature.clone()),
+            ..TpmConfig::new(swtpm.tcti().parse().unwrap())
+        })
+        .unwrap()
+    };
+    let pem = std::fs::read_to_string(&vendor.1).unwrap();
+    let pin = Pin::new("4711").unwrap();
+    let secret = SecretBytes::new(SECRET.to_vec());
+    let policy = SealPolicy {
+        pcrs: None,
+        pin: Some(Pin::new("4711").unwrap()),
+        signed: Some(hsm_shim::tpm::signed_pcrs(&pem, None).unwrap()),
+    };
+    let mut tpm = open(&swtpm);
+    let blob = tpm.seal(&secret, b"ctx", &policy).unwrap();
+    let SealedBlob::Tpm2 { pcrs, signed, .. } = &blob else {
+        panic!("{blob:?}")
+    };
+    assert_eq!(pcrs, &[7], "the device's literal PCRs stay");
+    assert_eq!(signed.as_ref().unwrap().pcrs, [11]);
+
+    let (back, note) = tpm.unseal_noting(&blob, b"ctx", Some(&pin)).unwrap();
+    assert_eq!(back.expose(), SECRET);
+    let note = note.unwrap();
+    assert!(note.contains(&pol[..12]), "{note}");
+    let wrong = tpm
+        .unseal(&blob, b"ctx", Some(&Pin::new("0000").unwrap()))
+        .unwrap_err();
+    assert!(
+        matches!(wrong, DeviceError::PinIncorrect { .. }),
+        "{wrong:?}"
+    );
+
+    let both = SealPolicy {
+        pcrs: Some(vec![7, 11]),
+        pin: None,
+        signed: Some(hsm_shim::tpm::signed_pcrs(&pem, None).unwrap()),
+    };
+    let err = tpm.seal(&secret, b"ctx", &both).unwrap_err();
+    assert!(
+        matches!(&err, DeviceError::InvalidArgument(why) if why.contains("both a literal and a signed")),
+        "{err:?}"
+    );
+    drop(tpm);
+
+    // PCR 11 still as signed, PCR 7 changed: the literal part refuses.
+    swtpm.extend_pcr(7);
+    let err = open(&swtpm).unseal(&blob, b"ctx", Some(&pin)).unwrap_err();
+    assert!(matches!(err, DeviceError::PolicyMismatch), "{err:?}");
 }
