@@ -792,4 +792,38 @@ mod tests {
         assert!(help.contains("5  keywardd is running but busy"));
         assert!(help.contains("6  keywardd's state directory is on a full file system"));
     }
+
+    #[test]
+    fn signed_pcr_flags_need_the_public_key() {
+        assert!(matches!(
+            parse(&[
+                "enroll",
+                "tpm2",
+                "--device",
+                "tpm",
+                "--pcr-public-key",
+                "k.pem",
+                "--pcr-public-key-pcrs",
+                "11,12",
+            ])
+            .unwrap()
+            .command,
+            Command::Enroll(Enroll::Tpm2 {
+                pcr_public_key: Some(_),
+                pcr_public_key_pcrs: Some(ref p),
+                ..
+            }) if p == &[11, 12]
+        ));
+        let only_pcrs = [
+            "enroll",
+            "tpm2",
+            "--device",
+            "tpm",
+            "--pcr-public-key-pcrs",
+            "11",
+        ];
+        assert!(parse(&only_pcrs).is_err(), "signed PCRs without the key");
+        assert!(parse(&["init", "--recovery", "1/1", "--pcr-public-key", "k.pem"]).is_err());
+        assert!(parse(&["init", "--tpm2", "tpm", "--pcr-public-key", "k.pem"]).is_ok());
+    }
 }
