@@ -277,12 +277,19 @@ fn init(c: &mut Client, out: &Out, args: &InitArgs) -> Result<(), CliError> {
         .as_deref()
         .map(input::read_pin_file)
         .transpose()?;
+    let pcr_public_key = args
+        .pcr_public_key
+        .as_deref()
+        .map(input::read_public_key_pem)
+        .transpose()?;
     let mut slots = Vec::new();
     for device in &args.tpm2 {
         slots.push(SlotSpec {
             device: Some(device.clone()),
             pcrs: args.pcrs.clone(),
             pin: pin.as_ref().map(|p| SecretString::new(p.expose())),
+            pcr_public_key: pcr_public_key.clone(),
+            signed_pcrs: args.pcr_public_key_pcrs.clone(),
             ..SlotSpec::new(KeyslotKind::Tpm2)
         });
     }
@@ -330,11 +337,18 @@ fn enroll(c: &mut Client, out: &Out, what: Enroll) -> Result<(), CliError> {
             device,
             pcrs,
             pin_file,
+            pcr_public_key,
+            pcr_public_key_pcrs,
         } => (
             SlotSpec {
                 device: Some(device),
                 pcrs,
                 pin: pin_file.as_deref().map(input::read_pin_file).transpose()?,
+                pcr_public_key: pcr_public_key
+                    .as_deref()
+                    .map(input::read_public_key_pem)
+                    .transpose()?,
+                signed_pcrs: pcr_public_key_pcrs,
                 ..SlotSpec::new(KeyslotKind::Tpm2)
             },
             None,

@@ -173,6 +173,13 @@ pub struct InitArgs {
     /// File holding a PIN the TPM slots will need on top of their PCR policy.
     #[arg(long, value_name = "FILE", requires = "tpm2")]
     pub tpm2_pin_file: Option<PathBuf>,
+    /// Also bind the TPM slots to PCR policies signed by this RSA public key (PEM), as
+    /// `systemd-measure sign` makes them: they then survive updates that ship a signature.
+    #[arg(long, value_name = "FILE.pem", requires = "tpm2")]
+    pub pcr_public_key: Option<PathBuf>,
+    /// The PCRs (sha256 bank) the signed policies cover [default: 11].
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = pcr_parser(), requires = "pcr_public_key")]
+    pub pcr_public_key_pcrs: Option<Vec<u8>>,
     /// Enroll a PKCS#11 token keyslot on this configured device (repeatable).
     #[arg(long, value_name = "DEVICE")]
     pub pkcs11: Vec<String>,
@@ -204,6 +211,13 @@ pub enum Enroll {
         /// File holding a PIN the slot will need on top of its PCR policy.
         #[arg(long, value_name = "FILE")]
         pin_file: Option<PathBuf>,
+        /// Also bind the slot to PCR policies signed by this RSA public key (PEM), as
+        /// `systemd-measure sign` makes them: it then survives updates that ship a signature.
+        #[arg(long, value_name = "FILE.pem")]
+        pcr_public_key: Option<PathBuf>,
+        /// The PCRs (sha256 bank) the signed policies cover [default: 11].
+        #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = pcr_parser(), requires = "pcr_public_key")]
+        pcr_public_key_pcrs: Option<Vec<u8>>,
     },
     /// A PKCS#11 token keyslot.
     Pkcs11 {
@@ -798,5 +812,39 @@ mod tests {
         assert!(help.contains("Exit codes:") && help.contains("4  the vault is sealed"));
         assert!(help.contains("5  keywardd is running but busy"));
         assert!(help.contains("6  keywardd's state directory is on a full file system"));
+    }
+
+    #[test]
+    fn signed_pcr_flags_need_the_public_key() {
+        assert!(matches!(
+            parse(&[
+                "enroll",
+                "tpm2",
+                "--device",
+                "tpm",
+                "--pcr-public-key",
+                "k.pem",
+                "--pcr-public-key-pcrs",
+                "11,12",
+            ])
+            .unwrap()
+            .command,
+            Command::Enroll(Enroll::Tpm2 {
+                pcr_public_key: Some(_),
+                pcr_public_key_pcrs: Some(ref p),
+                ..
+            }) if p == &[11, 12]
+        ));
+        let only_pcrs = [
+            "enroll",
+            "tpm2",
+            "--device",
+            "tpm",
+            "--pcr-public-key-pcrs",
+            "11",
+        ];
+        assert!(parse(&only_pcrs).is_err(), "signed PCRs without the key");
+        assert!(parse(&["init", "--recovery", "1/1", "--pcr-public-key", "k.pem"]).is_err());
+        assert!(parse(&["init", "--tpm2", "tpm", "--pcr-public-key", "k.pem"]).is_ok());
     }
 }

@@ -259,7 +259,7 @@ fn device_to_api(device: String, cause: CallError) -> ApiError {
         CallError::Device(d) => match d {
             D::PinIncorrect { retries_left } => ApiError::PinIncorrect { retries_left },
             D::PinLocked => ApiError::PinLocked { device },
-            D::PolicyMismatch => ApiError::PolicyMismatch { device },
+            D::PolicyMismatch | D::PolicyUnsigned(_) => ApiError::PolicyMismatch { device },
             D::NotFound(what) => ApiError::NotFound {
                 kind: Thing::DeviceObject.as_str().into(),
                 name: what,

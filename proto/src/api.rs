@@ -46,17 +46,23 @@ type Keyslot (
   threshold: ?int,
   shares: ?int,
   created: string,
-  unconfirmed_until: ?string
+  unconfirmed_until: ?string,
+  signed_pcrs: ?[]int,
+  pcr_public_key: ?string
 )
 
-# What to enroll: kind is tpm2, pkcs11 or recovery.
+# What to enroll: kind is tpm2, pkcs11 or recovery. A tpm2 slot may also be bound to PCR
+# policies signed by pcr_public_key (PEM, RSA; systemd-measure's format) over signed_pcrs
+# (default [11]).
 type SlotSpec (
   kind: string,
   device: ?string,
   pcrs: ?[]int,
   pin: ?string,
   threshold: ?int,
-  shares: ?int
+  shares: ?int,
+  pcr_public_key: ?string,
+  signed_pcrs: ?[]int
 )
 
 type DeviceStatus (name: string, kind: string, available: bool, detail: string)
@@ -294,6 +300,13 @@ pub struct Keyslot {
     /// a way in, and after this time (RFC 3339 UTC) it is dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unconfirmed_until: Option<String>,
+    /// tpm2: the PCRs (sha256 bank) bound through signed policies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_pcrs: Option<Vec<u8>>,
+    /// tpm2: the fingerprint (hex SHA-256 of the PKCS#1 DER, systemd's `pkfp`) of the key that
+    /// signs those policies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcr_public_key: Option<String>,
 }
 
 /// What to enroll.
@@ -316,6 +329,12 @@ pub struct SlotSpec {
     /// recovery: shares made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shares: Option<u8>,
+    /// tpm2: the PEM public key (RSA) whose signed PCR policies open the slot too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcr_public_key: Option<String>,
+    /// tpm2: the PCRs those signed policies cover (default `[11]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_pcrs: Option<Vec<u8>>,
 }
 
 impl SlotSpec {
@@ -328,6 +347,8 @@ impl SlotSpec {
             pin: None,
             threshold: None,
             shares: None,
+            pcr_public_key: None,
+            signed_pcrs: None,
         }
     }
 }
@@ -1467,6 +1488,8 @@ mod proptests {
                             pin: None,
                             threshold,
                             shares: threshold,
+                            pcr_public_key: None,
+                            signed_pcrs: None,
                         }
                     });
                     (
