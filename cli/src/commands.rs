@@ -130,6 +130,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Secret(cmd) => secret(c, &out, cmd),
         Command::Key(cmd) => key(c, &out, cmd),
         Command::Transit(cmd) => transit(c, &out, cmd),
+        Command::Backup { file } => super::backup::backup(c, &out, &file),
     }
 }
 

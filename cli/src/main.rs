@@ -6,6 +6,7 @@
 //! to stderr.
 
 mod audit;
+mod backup;
 mod commands;
 mod csr;
 pub mod input;
@@ -112,6 +113,14 @@ pub enum Command {
         /// The shell.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+    /// Write a backup of the vault to FILE (mode 0600, replaced atomically): a consistent
+    /// snapshot that keywardd takes while it keeps serving, holding only sealed blobs and
+    /// ciphertext, with the audit log's head. Needs admin. Restore it with
+    /// `keywardd --restore FILE` into an empty state directory.
+    Backup {
+        /// Where to write it.
+        file: PathBuf,
     },
 }
 

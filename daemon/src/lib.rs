@@ -14,6 +14,7 @@
 //! alone answers with its record declared lost); acknowledge a write before it is durable.
 
 pub mod audit;
+pub mod backup;
 pub mod config;
 pub mod device;
 pub mod error;
