@@ -122,6 +122,17 @@ pub enum Command {
         /// Where to write it.
         file: PathBuf,
     },
+    /// Check what an admin gets wrong: config, state directory and PIN file modes, SoftHSM
+    /// config, TPM reachable and its PCR banks, token URI matching exactly one token, D-Bus
+    /// policy, sockets (reachable, and by whom), RLIMIT_MEMLOCK, the clock. Prints ok, warn
+    /// or fail with the fix for each; exits 1 on any fail. Runs `keywardd --doctor` (the
+    /// daemon's own config and device code), found beside `keyward` or on PATH; run it as
+    /// root or as keywardd's user.
+    Doctor {
+        /// keywardd's configuration file.
+        #[arg(long, value_name = "PATH", default_value = "/etc/keyward/keywardd.toml")]
+        config: PathBuf,
+    },
 }
 
 /// `K/N`: K of N recovery shares open the vault.

@@ -17,6 +17,7 @@ pub mod audit;
 pub mod backup;
 pub mod config;
 pub mod device;
+pub mod doctor;
 pub mod error;
 pub mod health;
 pub mod identity;

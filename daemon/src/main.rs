@@ -12,19 +12,24 @@ use keywardd::sys;
 use sd_notify::NotifyState;
 use tokio::signal::unix::{signal, SignalKind};
 
-const USAGE: &str = "Usage: keywardd [--config PATH] [--restore FILE]";
+const USAGE: &str = "Usage: keywardd [--config PATH] [--restore FILE | --doctor [--json]]";
 
 const HELP: &str = "\
 The Keyward daemon: a vault master key sealed to a TPM or PKCS#11 token, secrets encrypted
 under it, signing inside the devices.
 
-Usage: keywardd [--config PATH] [--restore FILE]
+Usage: keywardd [--config PATH] [--restore FILE | --doctor [--json]]
 
 Options:
   --config PATH    The configuration file [default: /etc/keyward/keywardd.toml]
   --restore FILE   Restore the backup FILE (from `keyward backup`) as the config's state
                    directory, which must be empty or absent, then exit. Run it before the
                    daemon starts, as its user (or as root into the empty directory)
+  --doctor         Check the config, the state directory, PIN files, SoftHSM config,
+                   devices, D-Bus policy, sockets, RLIMIT_MEMLOCK and the clock; print
+                   ok/warn/fail with the fix for each; exit 1 on any fail (`keyward
+                   doctor` runs this)
+  --json           With --doctor: one JSON document
   -h, --help     Print this help
   -V, --version  Print the version
 ";
@@ -36,6 +41,8 @@ enum Command {
     Run { config: PathBuf },
     /// Restore a backup as the config's state directory, offline, and exit.
     Restore { config: PathBuf, file: PathBuf },
+    /// Run the checks of `--doctor` on this config and exit.
+    Doctor { config: PathBuf, json: bool },
     /// Print the version.
     Version,
     /// Print the help.
@@ -48,6 +55,8 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Command, lexop
     use lexopt::prelude::*;
     let mut config: Option<PathBuf> = None;
     let mut restore: Option<PathBuf> = None;
+    let mut doctor = false;
+    let mut json = false;
     let mut answer: Option<Command> = None;
     let mut parser = lexopt::Parser::from_args(args);
     while let Some(arg) = parser.next()? {
@@ -64,6 +73,8 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Command, lexop
                     return Err("--restore is given more than once".into());
                 }
             }
+            Long("doctor") => doctor = true,
+            Long("json") => json = true,
             Long("help") | Short('h') => {
                 answer.get_or_insert(Command::Help);
             }
@@ -74,10 +85,16 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Command, lexop
         }
     }
     let config = config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
-    Ok(answer.unwrap_or(match restore {
-        Some(file) => Command::Restore { config, file },
-        None => Command::Run { config },
-    }))
+    if let Some(answer) = answer {
+        return Ok(answer);
+    }
+    Ok(match (restore, doctor) {
+        (Some(_), true) => return Err("--restore and --doctor don't go together".into()),
+        (_, false) if json => return Err("--json goes with --doctor".into()),
+        (Some(file), false) => Command::Restore { config, file },
+        (None, true) => Command::Doctor { config, json },
+        (None, false) => Command::Run { config },
+    })
 }
 
 fn main() -> ExitCode {
@@ -89,6 +106,7 @@ fn main() -> ExitCode {
     let config_path = match parse_args(std::env::args_os().skip(1)) {
         Ok(Command::Run { config }) => config,
         Ok(Command::Restore { config, file }) => return restore(&config, &file),
+        Ok(Command::Doctor { config, json }) => return doctor(&config, json),
         Ok(Command::Version) => {
             println!("keywardd {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
@@ -146,6 +164,24 @@ fn restore(config_path: &Path, file: &Path) -> ExitCode {
             eprintln!("keywardd: restore refused: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `--doctor`: the checks, printed; exit 1 if any failed.
+fn doctor(config_path: &Path, json: bool) -> ExitCode {
+    use keywardd::doctor::{self, Level};
+    let findings = doctor::run(config_path);
+    let failed = findings.iter().any(|f| f.level == Level::Fail);
+    if json {
+        let doc = serde_json::json!({ "ok": !failed, "checks": findings });
+        println!("{doc:#}");
+    } else {
+        print!("{}", doctor::text(&findings));
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
@@ -222,6 +258,21 @@ mod tests {
         );
         let e = parse(&["--restore", "/a", "--restore", "/b"]).unwrap_err();
         assert!(e.contains("more than once"), "{e}");
+    }
+
+    #[test]
+    fn doctor_takes_json_and_nothing_else_does() {
+        assert_eq!(
+            parse(&["--doctor", "--json"]),
+            Ok(Command::Doctor {
+                config: PathBuf::from(DEFAULT_CONFIG),
+                json: true,
+            })
+        );
+        assert!(parse(&["--json"]).unwrap_err().contains("--doctor"));
+        assert!(parse(&["--doctor", "--restore", "/b"])
+            .unwrap_err()
+            .contains("together"));
     }
 
     #[test]
