@@ -130,7 +130,11 @@ pub enum Command {
     /// root or as keywardd's user.
     Doctor {
         /// keywardd's configuration file.
-        #[arg(long, value_name = "PATH", default_value = "/etc/keyward/keywardd.toml")]
+        #[arg(
+            long,
+            value_name = "PATH",
+            default_value = "/etc/keyward/keywardd.toml"
+        )]
         config: PathBuf,
     },
 }

@@ -102,8 +102,10 @@ pub fn run(config_path: &Path) -> Vec<Finding> {
     let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => {
-            return vec![found("config", Level::Fail, e.to_string())
-                .fix(format!("correct {} (keywardd refuses to start on it)", config_path.display()))]
+            return vec![found("config", Level::Fail, e.to_string()).fix(format!(
+                "correct {} (keywardd refuses to start on it)",
+                config_path.display()
+            ))]
         }
     };
     let mut all = vec![found(
@@ -126,7 +128,9 @@ pub fn run(config_path: &Path) -> Vec<Finding> {
         all.push(finding);
     }
     all.push(memlock(daemon_pid));
-    all.push(clock(&config.state_dir.join(keyward_proto::audit::LOG_FILE)));
+    all.push(clock(
+        &config.state_dir.join(keyward_proto::audit::LOG_FILE),
+    ));
     all
 }
 
@@ -234,7 +238,9 @@ fn state_dir(config: &Config) -> Vec<Finding> {
 fn pin_files(config: &Config) -> Vec<Finding> {
     let mut out = Vec::new();
     for (name, spec) in &config.devices {
-        let DeviceSpec::Pkcs11(p) = spec else { continue };
+        let DeviceSpec::Pkcs11(p) = spec else {
+            continue;
+        };
         let check = format!("pin_file.{name}");
         let Some(path) = &p.pin_file else {
             out.push(
@@ -300,8 +306,12 @@ fn softhsm(config: &Config) -> Option<Finding> {
         Ok(t) => t,
         Err(e) => {
             return Some(
-                found("softhsm_conf", Level::Fail, format!("{}: {e}", path.display()))
-                    .fix("make it readable by keywardd's user"),
+                found(
+                    "softhsm_conf",
+                    Level::Fail,
+                    format!("{}: {e}", path.display()),
+                )
+                .fix("make it readable by keywardd's user"),
             )
         }
     };
@@ -354,8 +364,12 @@ fn devices(config: &Config, softhsm_ok: bool) -> Vec<Finding> {
         match spec {
             DeviceSpec::Tpm2(tpm) => out.push(tpm_check(check, tpm.clone())),
             DeviceSpec::Pkcs11(_) if !softhsm_ok => out.push(
-                found(check, Level::Fail, "not checked: the SoftHSM config is wrong (above)")
-                    .fix("fix softhsm_conf first"),
+                found(
+                    check,
+                    Level::Fail,
+                    "not checked: the SoftHSM config is wrong (above)",
+                )
+                .fix("fix softhsm_conf first"),
             ),
             DeviceSpec::Pkcs11(p) => {
                 let (module, token) = (p.module.clone(), p.token.clone());
@@ -404,7 +418,10 @@ fn tpm_check(check: String, tpm: TpmConfig) -> Finding {
             Err(e) => return (Level::Fail, e.to_string()),
         };
         match device.pcr_banks() {
-            Err(e) => (Level::Fail, format!("reachable, but its PCR banks can't be read: {e}")),
+            Err(e) => (
+                Level::Fail,
+                format!("reachable, but its PCR banks can't be read: {e}"),
+            ),
             Ok(banks) => {
                 let list = banks
                     .iter()
@@ -419,7 +436,9 @@ fn tpm_check(check: String, tpm: TpmConfig) -> Finding {
                     ),
                     _ => (
                         Level::Fail,
-                        format!("reachable, but the sha256 bank lacks PCRs {pcrs:?} (banks: {list})"),
+                        format!(
+                            "reachable, but the sha256 bank lacks PCRs {pcrs:?} (banks: {list})"
+                        ),
                     ),
                 }
             }
@@ -497,16 +516,24 @@ fn socket_check(name: &str, socket: &SocketSettings) -> (Finding, Option<i32>) {
         Ok(m) => m,
         Err(_) => {
             return (
-                found(check, Level::Warn, format!("{} is not there: keywardd is not running", path.display()))
-                    .fix("start keywardd (systemctl start keywardd.service or its socket units)"),
+                found(
+                    check,
+                    Level::Warn,
+                    format!("{} is not there: keywardd is not running", path.display()),
+                )
+                .fix("start keywardd (systemctl start keywardd.service or its socket units)"),
                 None,
             )
         }
     };
     if !meta.file_type().is_socket() {
         return (
-            found(check, Level::Fail, format!("{} is not a socket", path.display()))
-                .fix("remove it; keywardd creates the socket"),
+            found(
+                check,
+                Level::Fail,
+                format!("{} is not a socket", path.display()),
+            )
+            .fix("remove it; keywardd creates the socket"),
             None,
         );
     }
@@ -544,7 +571,10 @@ fn socket_check(name: &str, socket: &SocketSettings) -> (Finding, Option<i32>) {
         found(
             check,
             Level::Ok,
-            format!("{} answers; mode {mode:04o}: {who} can connect", path.display()),
+            format!(
+                "{} answers; mode {mode:04o}: {who} can connect",
+                path.display()
+            ),
         )
     };
     (finding, pid)
@@ -558,7 +588,11 @@ fn memlock(daemon_pid: Option<i32>) -> Finding {
         let line = text.lines().find(|l| l.starts_with("Max locked memory"))?;
         let soft = line.split_whitespace().nth(3)?;
         Some((
-            if soft == "unlimited" { None } else { soft.parse::<u64>().ok() },
+            if soft == "unlimited" {
+                None
+            } else {
+                soft.parse::<u64>().ok()
+            },
             format!("the running keywardd (pid {pid})"),
         ))
     }) {
@@ -569,7 +603,11 @@ fn memlock(daemon_pid: Option<i32>) -> Finding {
                 "this process (a keywardd started from here inherits it)".to_owned(),
             ),
             Err(e) => {
-                return found("rlimit_memlock", Level::Warn, format!("cannot read RLIMIT_MEMLOCK: {e}"))
+                return found(
+                    "rlimit_memlock",
+                    Level::Warn,
+                    format!("cannot read RLIMIT_MEMLOCK: {e}"),
+                )
             }
         },
     };
@@ -596,7 +634,8 @@ fn memlock(daemon_pid: Option<i32>) -> Finding {
 fn last_record_time(path: &Path) -> Option<String> {
     let mut file = std::fs::File::open(path).ok()?;
     let len = file.metadata().ok()?.len();
-    file.seek(SeekFrom::Start(len.saturating_sub(64 * 1024))).ok()?;
+    file.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)))
+        .ok()?;
     let mut tail = Vec::new();
     file.read_to_end(&mut tail).ok()?;
     tail.split(|&b| b == b'\n').rev().find_map(|line| {
@@ -609,7 +648,8 @@ fn last_record_time(path: &Path) -> Option<String> {
 /// backwards for `keyward audit verify` to read them as a history).
 fn clock(audit_log: &Path) -> Finding {
     let now = keyward_proto::audit::rfc3339_millis(SystemTime::now());
-    let fix = "set the clock (timedatectl set-ntp true, or chronyc makestep) before starting keywardd";
+    let fix =
+        "set the clock (timedatectl set-ntp true, or chronyc makestep) before starting keywardd";
     if now.as_str() < CLOCK_FLOOR {
         return found(
             "clock",
@@ -664,7 +704,10 @@ mod tests {
     fn who_can_connect_follows_the_mode() {
         assert_eq!(who_can_connect(0o600, 0, 0), "user root");
         assert_eq!(who_can_connect(0o660, 0, 0), "user root, group root");
-        assert_eq!(who_can_connect(0o666, 0, 0), "user root, group root, every user");
+        assert_eq!(
+            who_can_connect(0o666, 0, 0),
+            "user root, group root, every user"
+        );
     }
 
     #[test]
@@ -673,7 +716,11 @@ mod tests {
         let log = dir.path().join("audit.log");
         std::fs::write(&log, "{\"seq\":0,\"time\":\"2999-01-01T00:00:00.000Z\"}\n").unwrap();
         assert_eq!(clock(&log).level, Level::Fail);
-        std::fs::write(&log, "{\"seq\":0,\"time\":\"2025-06-01T00:00:00.000Z\"}\n{\"torn").unwrap();
+        std::fs::write(
+            &log,
+            "{\"seq\":0,\"time\":\"2025-06-01T00:00:00.000Z\"}\n{\"torn",
+        )
+        .unwrap();
         assert_eq!(clock(&log).level, Level::Ok);
         assert_eq!(clock(&dir.path().join("none")).level, Level::Ok);
     }

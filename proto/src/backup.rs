@@ -209,7 +209,10 @@ mod tests {
             Err(BackupFormatError::Length { .. })
         ));
 
-        assert_eq!(check(b"SQLite format 3\0"), Err(BackupFormatError::NotABackup));
+        assert_eq!(
+            check(b"SQLite format 3\0"),
+            Err(BackupFormatError::NotABackup)
+        );
         let mut bad = MAGIC.to_vec();
         bad.extend_from_slice(b"{\"keyward_version\":1}\n");
         assert!(matches!(check(&bad), Err(BackupFormatError::Manifest(_))));

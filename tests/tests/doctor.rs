@@ -83,7 +83,10 @@ fn a_sound_setup_passes() {
     private_state(&d);
     let (code, findings) = doctor(&d);
     assert_eq!(code, 0, "{findings:#?}");
-    assert!(findings.iter().all(|f| f["level"] != "fail"), "{findings:#?}");
+    assert!(
+        findings.iter().all(|f| f["level"] != "fail"),
+        "{findings:#?}"
+    );
     let tpm_check = check(&findings, "device.tpm");
     assert_eq!(tpm_check["level"], "ok", "{tpm_check:#}");
     assert!(
@@ -135,7 +138,11 @@ fn modes_an_unreachable_tpm_the_dbus_policy_and_the_clock_are_reported() {
     .iter()
     .any(|p| Path::new(p).is_file());
     let dbus = check(&findings, "dbus_policy");
-    assert_eq!(dbus["level"], if installed { "ok" } else { "fail" }, "{dbus:#}");
+    assert_eq!(
+        dbus["level"],
+        if installed { "ok" } else { "fail" },
+        "{dbus:#}"
+    );
     // The rest is sound.
     assert_eq!(check(&findings, "device.hsm")["level"], "ok");
 }

@@ -309,8 +309,8 @@ impl Store {
 }
 
 impl Store {
-    /// Copy the whole database, as of one moment, into the new database file `dest` (it may
-    /// exist empty), with SQLite's online backup API; returns the copy's schema version.
+    /// Copy the whole database, as of one moment, into a new database file at `dest` (created,
+    /// or an empty file the caller made), with SQLite's online backup API; returns the copy's schema version.
     ///
     /// The copy is ONE backup step of all pages, on a read-only connection of its own, on a
     /// blocking thread. In WAL mode a reader never blocks the writer, so the writer thread
@@ -330,7 +330,9 @@ impl Store {
             let source = open_reader(&path)?;
             let mut copy = Connection::open_with_flags(
                 &dest,
-                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | OpenFlags::SQLITE_OPEN_CREATE
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )?;
             copy.busy_timeout(BUSY_TIMEOUT)?;
             {
