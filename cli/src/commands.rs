@@ -761,6 +761,29 @@ fn transit(c: &mut Client, out: &Out, cmd: TransitCommand) -> Result<(), CliErro
     }
 }
 
+/// `keyward doctor`: the checks are keywardd's (its config parser, device code and policy
+/// loader), so run `keywardd --doctor` in this process's place: its output and exit code are
+/// the command's. keywardd is looked for beside this binary first (an install or a build
+/// tree), then on PATH.
+fn doctor(config: &Path, json: bool) -> Result<(), CliError> {
+    use std::os::unix::process::CommandExt as _;
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("keywardd")))
+        .filter(|p| p.is_file());
+    let program = beside.unwrap_or_else(|| "keywardd".into());
+    let mut cmd = std::process::Command::new(&program);
+    cmd.arg("--doctor").arg("--config").arg(config);
+    if json {
+        cmd.arg("--json");
+    }
+    let e = cmd.exec();
+    Err(CliError::Local(format!(
+        "cannot run {} --doctor: {e}",
+        program.display()
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -869,27 +892,4 @@ mod tests {
         assert!(e.to_string().contains("share 2 not sent"), "{e}");
         assert_eq!(seen, [share(1)], "only the share before it was sent");
     }
-}
-
-/// `keyward doctor`: the checks are keywardd's (its config parser, device code and policy
-/// loader), so run `keywardd --doctor` in this process's place: its output and exit code are
-/// the command's. keywardd is looked for beside this binary first (an install or a build
-/// tree), then on PATH.
-fn doctor(config: &Path, json: bool) -> Result<(), CliError> {
-    use std::os::unix::process::CommandExt as _;
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join("keywardd")))
-        .filter(|p| p.is_file());
-    let program = beside.unwrap_or_else(|| "keywardd".into());
-    let mut cmd = std::process::Command::new(&program);
-    cmd.arg("--doctor").arg("--config").arg(config);
-    if json {
-        cmd.arg("--json");
-    }
-    let e = cmd.exec();
-    Err(CliError::Local(format!(
-        "cannot run {} --doctor: {e}",
-        program.display()
-    )))
 }

@@ -13,9 +13,12 @@
 //! ciphertext, nothing that opens without a keyslot, plus the audit log's head. The audit log
 //! itself lives beside the database, not in it, and stays behind: it is this host's history.
 //!
-//! **Restore is offline.** `keywardd --restore FILE` runs before the daemon starts, as the
-//! daemon's user (or as root into the empty directory systemd or tmpfiles made, whose owner
-//! the files then get), reading the state directory from the same config. It is the daemon's
+//! **Restore is offline.** `keywardd --restore FILE` runs before the daemon starts, reading the
+//! state directory from the same config: as root (into an existing empty directory the files
+//! get its owner; an absent one is root's until systemd's `StateDirectory=` hands it to the
+//! service user), or as the daemon's user where it may write the state directory's parent
+//! (the temporary directory is made beside the state directory, so that the final rename
+//! stays on one file system). It is the daemon's
 //! binary because only the daemon knows the schema it can open. It refuses a state directory
 //! that holds anything at all (an entry of any name, hidden ones included): a restore never
 //! merges into or replaces a vault. It checks the file's checksum and opens the database

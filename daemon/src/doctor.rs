@@ -250,6 +250,13 @@ fn pin_files(config: &Config) -> Vec<Finding> {
             continue;
         };
         out.push(match std::fs::metadata(path) {
+            // A systemd credential exists only while the service runs.
+            Err(_) if path.starts_with("/run/credentials/") => found(
+                &check,
+                Level::Warn,
+                format!("{} is a systemd credential: it exists only while keywardd.service runs", path.display()),
+            )
+            .fix("check LoadCredentialEncrypted= in keywardd.service names it; run `keyward doctor` while the service runs to check its mode"),
             Err(e) => found(&check, Level::Fail, format!("{}: {e}", path.display()))
                 .fix("create it, or with systemd: LoadCredentialEncrypted= in the unit and pin_file = \"/run/credentials/keywardd.service/NAME\""),
             Ok(m) if !m.is_file() => found(

@@ -23,8 +23,9 @@ Usage: keywardd [--config PATH] [--restore FILE | --doctor [--json]]
 Options:
   --config PATH    The configuration file [default: /etc/keyward/keywardd.toml]
   --restore FILE   Restore the backup FILE (from `keyward backup`) as the config's state
-                   directory, which must be empty or absent, then exit. Run it before the
-                   daemon starts, as its user (or as root into the empty directory)
+                   directory, which must be empty or absent, then exit. Run it as root
+                   before the daemon starts (files in an existing empty directory get
+                   its owner)
   --doctor         Check the config, the state directory, PIN files, SoftHSM config,
                    devices, D-Bus policy, sockets, RLIMIT_MEMLOCK and the clock; print
                    ok/warn/fail with the fix for each; exit 1 on any fail (`keyward
