@@ -45,6 +45,9 @@ use sha2::{Digest as _, Sha256};
 use crate::audit::{AuditError, AuditLog, AuditOptions};
 use crate::store::{self, schema, Store, StoreError};
 
+/// The name of a snapshot file while it is made (in the state directory).
+const SNAPSHOT_PREFIX: &str = ".backup-";
+
 /// The backup the daemon holds for `BackupChunk`.
 struct Held {
     id: String,
@@ -91,8 +94,26 @@ fn store_error(e: StoreError) -> ApiError {
 }
 
 impl Backups {
-    /// Backups whose snapshots are made in `dir`.
+    /// Backups whose snapshots are made in `dir`. A snapshot file left there by a daemon that
+    /// stopped in the middle of a `Backup` (its name exists only while the copy is made) is
+    /// removed now.
     pub fn new(dir: &Path) -> Self {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(SNAPSHOT_PREFIX)
+            {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => {
+                        tracing::info!(path = %entry.path().display(), "removed a backup snapshot left by an earlier run")
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %entry.path().display(), "cannot remove a backup snapshot left by an earlier run: {e}")
+                    }
+                }
+            }
+        }
         Self {
             dir: dir.to_owned(),
             held: Mutex::new(None),
@@ -122,7 +143,7 @@ impl Backups {
         // Only one snapshot on disk at a time: the old one goes before the new one is made.
         self.held().take();
         let temp = tempfile::Builder::new()
-            .prefix(".backup-")
+            .prefix(SNAPSHOT_PREFIX)
             .tempfile_in(&self.dir)
             .map_err(internal("cannot create the snapshot file"))?;
         // The head before the copy: every change recorded up to it is in the snapshot.

@@ -89,6 +89,12 @@ fn a_backup_restores_on_another_tpm_with_the_shares_then_binds_to_it() {
         record_hash(&a.dir().join("state/audit.log"), head.seq),
         "the manifest's audit head is not the source log's record"
     );
+    // The daemon's snapshot file was never left under a name in the state directory.
+    let names: Vec<String> = std::fs::read_dir(a.dir().join("state"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.starts_with(".backup-")), "{names:?}");
     // Taking it was audited, as an admin call.
     assert!(a
         .audit_requests()
