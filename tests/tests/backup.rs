@@ -94,7 +94,10 @@ fn a_backup_restores_on_another_tpm_with_the_shares_then_binds_to_it() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(!names.iter().any(|n| n.starts_with(".backup-")), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.starts_with(".backup-")),
+        "{names:?}"
+    );
     // Taking it was audited, as an admin call.
     assert!(a
         .audit_requests()

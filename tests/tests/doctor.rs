@@ -230,3 +230,28 @@ fn a_running_daemons_socket_says_who_can_connect_and_a_stale_one_fails() {
     assert_eq!(code, 1);
     assert_fails(&findings, "socket.api", "stale");
 }
+
+#[test]
+fn a_tpm_without_the_sha256_bank_fails_and_names_its_banks() {
+    let mut tpm = Swtpm::start();
+    // Like a TPM shipped with only its sha1 bank allocated: the allocation takes effect at
+    // the next start of the TPM.
+    let out = run_cli(
+        Command::new("tpm2_pcrallocate")
+            .args(["-T", &tpm.tcti()])
+            .arg("sha1:all+sha256:none+sha384:none+sha512:none"),
+        b"",
+    );
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    tpm.restart();
+    let d = Setup::new().tpm("tpm", &tpm).prepare();
+    private_state(&d);
+    let (code, findings) = doctor(&d);
+    assert_eq!(code, 1, "{findings:#?}");
+    assert_fails(&findings, "device.tpm", "the sha256 bank lacks PCRs [7]");
+    let detail = check(&findings, "device.tpm")["detail"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(detail.contains("sha1 (24 PCRs)"), "{detail}");
+}
