@@ -220,4 +220,20 @@ mod tests {
         long.extend(std::iter::repeat_n(b' ', MAX_MANIFEST_LEN + 10));
         assert!(matches!(check(&long), Err(BackupFormatError::Manifest(_))));
     }
+
+    proptest::proptest! {
+        /// A backup file is read from wherever the admin kept it: any bytes after the magic
+        /// line are refused with an error or read, never a panic.
+        #[test]
+        fn any_bytes_after_the_magic_are_read_or_refused(tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let mut file = MAGIC.to_vec();
+            file.extend_from_slice(&tail);
+            if let Ok((m, start)) = decode_header(&file) {
+                proptest::prop_assert!(start <= file.len());
+                let mut c = Checker::new(&m);
+                c.update(&file[start..]);
+                let _ = c.finish();
+            }
+        }
+    }
 }
