@@ -13,6 +13,7 @@ use keyward::audit::line_hash;
 use keyward::backup::{decode_header, MAGIC};
 use keyward::text::hex;
 use keyward_tests::keywardd::{bin, run_cli, Keywardd, Output, Setup};
+use keyward_tests::softhsm::SoftHsm;
 use keyward_tests::swtpm::Swtpm;
 use serde_json::Value;
 
@@ -165,6 +166,29 @@ fn a_backup_restores_on_another_tpm_with_the_shares_then_binds_to_it() {
     let got = b.run(&["secret", "get", "api/token"], b"");
     assert_eq!(got.code, 0, "{}", got.stderr);
     assert_eq!(got.stdout_bytes, b"t0ken");
+}
+
+#[test]
+fn a_backup_restored_beside_the_same_token_opens_unattended() {
+    // The token moves with the vault (a USB token, or the same HSM reached from a new host).
+    let token = SoftHsm::new("keyward-backup");
+    let mut a = Setup::new().token("hsm", &token).start();
+    let out = a.json(&["init", "--pkcs11", "hsm"]);
+    assert!(out["keyslots"].is_array(), "{out}");
+    assert_eq!(a.run(&["secret", "put", "db/password"], SECRET).code, 0);
+    let file = a.dir().join("vault.backup");
+    backup(&a, &file);
+    a.stop();
+
+    let mut b = Setup::new().token("hsm", &token).prepare();
+    let out = restore(b.config_path(), &file);
+    assert_eq!(out.code, 0, "restore failed: {}", out.stderr);
+    b.start();
+    let status = b.json(&["status"]);
+    assert_eq!(status["sealed"], false, "{status}");
+    let got = b.run(&["secret", "get", "db/password"], b"");
+    assert_eq!(got.code, 0, "{}", got.stderr);
+    assert_eq!(got.stdout_bytes, SECRET);
 }
 
 /// Everything under `dir`, with contents, for before/after comparisons.
