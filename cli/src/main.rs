@@ -19,7 +19,7 @@ use std::process::ExitCode;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{ArgGroup, Args, Parser, Subcommand};
-use keyward::api::{ApiError, KeyAlgorithm, KeyName, SecretName, TransitKeyName};
+use keyward::api::{ApiError, KeyAlgorithm, KeyName, SecretName, SignHash, TransitKeyName};
 use keyward::{ClientError, DEFAULT_SOCKET};
 
 const EXIT_CODES: &str = "\
@@ -114,6 +114,14 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Write the manual pages (keyward(1) and one per subcommand) into DIR, for packaging.
+    /// Hidden: the pages come from these very definitions, so they can't drift from the binary.
+    #[command(hide = true)]
+    Manpages {
+        /// The directory to write into (created if missing).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Write a backup of the vault to FILE (mode 0600, replaced atomically): a consistent
     /// snapshot that keywardd takes while it keeps serving, holding only sealed blobs and
     /// ciphertext, with the audit log's head. Needs admin. Restore it with
@@ -126,8 +134,8 @@ pub enum Command {
     /// config, TPM reachable and its PCR banks, token URI matching exactly one token, D-Bus
     /// policy, sockets (reachable, and by whom), RLIMIT_MEMLOCK, the clock. Prints ok, warn
     /// or fail with the fix for each; exits 1 on any fail. Runs `keywardd --doctor` (the
-    /// daemon's own config and device code), found beside `keyward` or on PATH; run it as
-    /// root or as keywardd's user.
+    /// daemon's own config and device code), found beside `keyward`, in /usr/sbin or on PATH;
+    /// run it as root or as keywardd's user.
     Doctor {
         /// keywardd's configuration file.
         #[arg(
@@ -308,6 +316,12 @@ fn algorithm() -> impl TypedValueParser<Value = KeyAlgorithm> {
         .try_map(|s| s.parse::<KeyAlgorithm>())
 }
 
+/// `--hash`: the contract's names, offered to completions.
+fn sign_hash() -> impl TypedValueParser<Value = SignHash> {
+    PossibleValuesParser::new(SignHash::ALL.map(SignHash::as_str))
+        .try_map(|s| s.parse::<SignHash>())
+}
+
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
     /// Generate a key pair inside a device; prints the public key (PEM).
@@ -339,22 +353,25 @@ pub enum KeyCommand {
         output: Option<PathBuf>,
     },
     /// Sign data from stdin (to EOF) or --file; writes the raw signature (Ed25519: 64 bytes,
-    /// ECDSA: DER, RSA-PSS: raw).
+    /// ECDSA: DER, RSA: raw).
     Sign {
         /// The key's name.
         name: KeyName,
         /// Sign this file's contents instead of stdin.
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
-        /// The input is a SHA-256 digest (32 bytes), not the message.
+        /// The input is a digest (32 bytes for SHA-256, 64 for SHA-512), not the message.
         #[arg(long)]
         prehashed: bool,
+        /// The hash to sign over: sha256, or sha512 for rsa-pkcs1-3072 keys.
+        #[arg(long, value_name = "HASH", value_parser = sign_hash())]
+        hash: Option<SignHash>,
         /// Write the signature to this file.
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
     },
     /// Print a PKCS#10 certificate signing request (PEM) for a key, signed inside its device
-    /// (the daemon's `sign` policy and audit apply). Ed25519 and ECDSA P-256 keys.
+    /// (the daemon's `sign` policy and audit apply). Ed25519, ECDSA P-256 and RSA PKCS#1 keys.
     Csr {
         /// The key's name.
         name: KeyName,
@@ -713,6 +730,10 @@ mod tests {
         ));
         assert!(parse(&["unseal", "--share-file", "a", "--pin-file", "b"]).is_err());
         assert!(parse(&["completions", "zsh"]).is_ok());
+        assert!(matches!(
+            parse(&["manpages", "/tmp/man"]).unwrap().command,
+            Command::Manpages { .. }
+        ));
         assert!(matches!(
             parse(&["audit", "verify", "/x/audit.log", "--public-key", "k.pem"])
                 .unwrap()

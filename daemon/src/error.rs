@@ -32,6 +32,8 @@ pub enum Param {
     Algorithm,
     /// The data to sign.
     Data,
+    /// The hash a signature is made over.
+    Hash,
     /// The list of keyslots for `Init`.
     Slots,
     /// One keyslot's spec.
@@ -59,6 +61,7 @@ impl Param {
             Self::Device => "device",
             Self::Algorithm => "algorithm",
             Self::Data => "data",
+            Self::Hash => "hash",
             Self::Slots => "slots",
             Self::Slot => "slot",
             Self::Kind => "kind",

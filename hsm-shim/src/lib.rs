@@ -156,6 +156,9 @@ pub enum SignInput<'a> {
     Message(&'a [u8]),
     /// A SHA-256 digest the caller computed. Ed25519 signs messages only and rejects this.
     Sha256Digest(&'a [u8; 32]),
+    /// A SHA-512 digest the caller computed: RSA PKCS#1 v1.5 keys only (SSH's `rsa-sha2-512`);
+    /// every other algorithm rejects it.
+    Sha512Digest(&'a [u8; 64]),
 }
 
 /// How a device protects a key, read back from the device itself.

@@ -17,7 +17,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::Zeroizing;
 
-pub use crate::kinds::{DeviceKind, KeyAlgorithm, KeyslotKind};
+pub use crate::kinds::{DeviceKind, KeyAlgorithm, KeyslotKind, SignHash};
 pub use crate::names::{KeyName, SecretName, TransitKeyName};
 
 /// The interface name.
@@ -135,9 +135,10 @@ method ListKeys() -> (keys: []KeyInfo)
 
 method PublicKey(name: string) -> (public_key: string)
 
-# Sign data inside the device. With prehashed, data is a SHA-256 digest.
-# Ed25519: raw 64 bytes; ECDSA: DER; RSA-PSS: raw.
-method Sign(name: string, data: string, prehashed: ?bool) -> (signature: string)
+# Sign data inside the device. hash is sha256 (the default) or, for rsa-pkcs1 keys, sha512;
+# with prehashed, data is a digest of that hash.
+# Ed25519: raw 64 bytes; ECDSA: DER; RSA (PSS and PKCS#1 v1.5): raw.
+method Sign(name: string, data: string, prehashed: ?bool, hash: ?string) -> (signature: string)
 
 method DeleteKey(name: string) -> ()
 
@@ -609,6 +610,8 @@ pub struct SignParams {
     pub data: Bytes,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prehashed: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<SignHash>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -849,7 +852,15 @@ macro_rules! keyward_methods {
             Sign($crate::api::SignParams) -> $crate::api::SignReply {
                 access: UseKey, audit: Read,
                 target: |p| p.name.to_string(),
-                detail: |p| p.prehashed.filter(|&h| h).map(|_| "prehashed".into()),
+                detail: |p| {
+                    let prehashed = p.prehashed == Some(true);
+                    match (prehashed, p.hash) {
+                        (false, None) => None,
+                        (true, None) => Some("prehashed".into()),
+                        (false, Some(h)) => Some(h.to_string()),
+                        (true, Some(h)) => Some(format!("prehashed {h}")),
+                    }
+                },
             }
             /// Destroy a key.
             DeleteKey($crate::api::KeyNameParams) -> $crate::api::Done {
@@ -1456,14 +1467,25 @@ mod proptests {
                         format!("{name:?} {device:?} {algorithm:?}"),
                     )
                 }),
-            (name::<KeyName>(), bytes(), of(any::<bool>())).prop_map(|(name, data, prehashed)| {
-                let params = json!(SignParams {
-                    name: name.clone(),
-                    data: Bytes(data.clone()),
-                    prehashed
-                });
-                ("Sign", params, format!("{name:?} {data:?} {prehashed:?}"))
-            }),
+            (
+                name::<KeyName>(),
+                bytes(),
+                of(any::<bool>()),
+                of(proptest::sample::select(SignHash::ALL.to_vec()))
+            )
+                .prop_map(|(name, data, prehashed, hash)| {
+                    let params = json!(SignParams {
+                        name: name.clone(),
+                        data: Bytes(data.clone()),
+                        prehashed,
+                        hash,
+                    });
+                    (
+                        "Sign",
+                        params,
+                        format!("{name:?} {data:?} {prehashed:?} {hash:?}"),
+                    )
+                }),
             (of(text()), of(text())).prop_map(|(share, pin)| {
                 let params = json!(UnsealParams {
                     recovery_share: share.clone().map(SecretString::new),
@@ -1509,7 +1531,9 @@ mod proptests {
             Request::ListSecrets(p) => format!("{:?}", p.prefix),
             Request::DeleteSecret(p) => format!("{:?}", p.name),
             Request::CreateKey(p) => format!("{:?} {:?} {:?}", p.name, p.device, p.algorithm),
-            Request::Sign(p) => format!("{:?} {:?} {:?}", p.name, p.data.0, p.prehashed),
+            Request::Sign(p) => {
+                format!("{:?} {:?} {:?} {:?}", p.name, p.data.0, p.prehashed, p.hash)
+            }
             Request::Unseal(p) => format!(
                 "{:?} {:?}",
                 p.recovery_share.as_ref().map(SecretString::expose),
