@@ -122,20 +122,24 @@ pub enum Command {
         #[arg(value_name = "DIR")]
         dir: PathBuf,
     },
-    /// Write a backup of the vault to FILE (mode 0600, replaced atomically): a consistent
-    /// snapshot that keywardd takes while it keeps serving, holding only sealed blobs and
-    /// ciphertext, with the audit log's head. Needs admin. Restore it with
-    /// `keywardd --restore FILE` into an empty state directory.
+    /// Write a backup of the vault to FILE.
+    ///
+    /// A consistent snapshot that keywardd takes while it keeps serving, holding only sealed
+    /// blobs and ciphertext, with the audit log's head; FILE gets mode 0600 and is replaced
+    /// atomically. Needs admin. Restore it with `keywardd --restore FILE` into an empty state
+    /// directory.
     Backup {
         /// Where to write it.
         file: PathBuf,
     },
-    /// Check what an admin gets wrong: config, state directory and PIN file modes, SoftHSM
-    /// config, TPM reachable and its PCR banks, token URI matching exactly one token, D-Bus
-    /// policy, sockets (reachable, and by whom), RLIMIT_MEMLOCK, the clock. Prints ok, warn
-    /// or fail with the fix for each; exits 1 on any fail. Runs `keywardd --doctor` (the
-    /// daemon's own config and device code), found beside `keyward`, in /usr/sbin or on PATH;
-    /// run it as root or as keywardd's user.
+    /// Check the setup for what admins get wrong, with the fix for each finding.
+    ///
+    /// Config and policy, state directory and PIN file modes, SoftHSM config, TPM reachable
+    /// and its PCR banks, token URI matching exactly one token, D-Bus policy, sockets
+    /// (reachable, and by whom), RLIMIT_MEMLOCK, the clock. Prints ok, warn or fail for each;
+    /// exits 1 on any fail. Runs `keywardd --doctor` (the daemon's own config and device
+    /// code), found beside `keyward`, in /usr/sbin or on PATH; run it as root or as
+    /// keywardd's user.
     Doctor {
         /// keywardd's configuration file.
         #[arg(
