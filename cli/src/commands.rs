@@ -98,13 +98,17 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     if let Command::Policy(cmd) = cli.command {
         return super::policy::run(cmd, cli.json);
     }
+    if let Command::Doctor { config } = &cli.command {
+        return doctor(config, cli.json);
+    }
     let mut client = connect(&cli.socket)?;
     let c = &mut client;
     match cli.command {
         Command::Completions { .. }
         | Command::Manpages { .. }
         | Command::Audit(_)
-        | Command::Policy(_) => Ok(()),
+        | Command::Policy(_)
+        | Command::Doctor { .. } => Ok(()),
         Command::Status => {
             let status = c.status()?;
             out.emit(&status, || output::status(&status))
@@ -144,6 +148,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Secret(cmd) => secret(c, &out, cmd),
         Command::Key(cmd) => key(c, &out, cmd),
         Command::Transit(cmd) => transit(c, &out, cmd),
+        Command::Backup { file } => super::backup::backup(c, &out, &file),
     }
 }
 
@@ -781,6 +786,32 @@ fn transit(c: &mut Client, out: &Out, cmd: TransitCommand) -> Result<(), CliErro
             }
         }
     }
+}
+
+/// `keyward doctor`: the checks are keywardd's (its config parser, device code and policy
+/// loader), so run `keywardd --doctor` in this process's place: its output and exit code are
+/// the command's. keywardd is looked for beside this binary (a build tree, a hand install),
+/// then where the package puts it (`/usr/sbin`, often not on a user's PATH), then on PATH.
+fn doctor(config: &Path, json: bool) -> Result<(), CliError> {
+    use std::os::unix::process::CommandExt as _;
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("keywardd")));
+    let program = beside
+        .into_iter()
+        .chain([std::path::PathBuf::from("/usr/sbin/keywardd")])
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| "keywardd".into());
+    let mut cmd = std::process::Command::new(&program);
+    cmd.arg("--doctor").arg("--config").arg(config);
+    if json {
+        cmd.arg("--json");
+    }
+    let e = cmd.exec();
+    Err(CliError::Local(format!(
+        "cannot run {} --doctor: {e}",
+        program.display()
+    )))
 }
 
 #[cfg(test)]

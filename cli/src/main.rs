@@ -6,6 +6,7 @@
 //! to stderr.
 
 mod audit;
+mod backup;
 mod commands;
 mod csr;
 pub mod input;
@@ -120,6 +121,33 @@ pub enum Command {
         /// The directory to write into (created if missing).
         #[arg(value_name = "DIR")]
         dir: PathBuf,
+    },
+    /// Write a backup of the vault to FILE.
+    ///
+    /// A consistent snapshot that keywardd takes while it keeps serving, holding only sealed
+    /// blobs and ciphertext, with the audit log's head; FILE gets mode 0600 and is replaced
+    /// atomically. Needs admin. Restore it with `keywardd --restore FILE` into an empty state
+    /// directory.
+    Backup {
+        /// Where to write it.
+        file: PathBuf,
+    },
+    /// Check the setup for what admins get wrong, with the fix for each finding.
+    ///
+    /// Config and policy, state directory and PIN file modes, SoftHSM config, TPM reachable
+    /// and its PCR banks, token URI matching exactly one token, D-Bus policy, sockets
+    /// (reachable, and by whom), RLIMIT_MEMLOCK, the clock. Prints ok, warn or fail for each;
+    /// exits 1 on any fail. Runs `keywardd --doctor` (the daemon's own config and device
+    /// code), found beside `keyward`, in /usr/sbin or on PATH; run it as root or as
+    /// keywardd's user.
+    Doctor {
+        /// keywardd's configuration file.
+        #[arg(
+            long,
+            value_name = "PATH",
+            default_value = "/etc/keyward/keywardd.toml"
+        )]
+        config: PathBuf,
     },
 }
 

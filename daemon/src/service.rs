@@ -20,6 +20,7 @@ use keyward_proto::api::{self, Access, ApiError, Audit, Reply, Request, SecretNa
 use keyward_proto::audit::{OK, STARTED};
 
 use crate::audit::{AuditLog, Durability, Entry};
+use crate::backup::Backups;
 use crate::identity::Caller;
 use crate::transport::Handler;
 use crate::vault::Vault;
@@ -34,6 +35,8 @@ pub struct Service {
     vault: Vault,
     policy: RwLock<Arc<Policy>>,
     audit: Arc<AuditLog>,
+    /// The backup being handed out (`Backup`, `BackupChunk`).
+    backups: Backups,
 }
 
 impl std::fmt::Debug for Service {
@@ -82,6 +85,7 @@ impl Service {
         Self {
             vault,
             policy: RwLock::new(Arc::new(policy)),
+            backups: Backups::new(audit.dir()),
             audit,
         }
     }
@@ -268,6 +272,10 @@ impl Service {
                     plaintext: v.transit_decrypt(p.name, &p.ciphertext, associated).await?,
                 })
             }
+            Request::Backup(_) => Reply::Backup(self.backups.make(v.store(), &self.audit).await?),
+            Request::BackupChunk(p) => Reply::BackupChunk(api::BackupChunkReply {
+                data: api::Bytes(self.backups.chunk(&p.id, p.offset).await?),
+            }),
         })
     }
 }

@@ -164,6 +164,14 @@ method Encrypt(name: string, plaintext: string, associated_data: ?string) -> (ci
 # Decrypt a ciphertext of Encrypt, with the version of the key it names.
 method Decrypt(name: string, ciphertext: string, associated_data: ?string) -> (plaintext: string)
 
+# A consistent copy of the database, taken now while writes go on, as a backup file (a header
+# with the audit log's head, then the database: sealed blobs and ciphertext only). The daemon
+# keeps the one newest file until BackupChunk has read it to its end. sha256 covers the file.
+method Backup() -> (id: string, size: int, sha256: string)
+
+# Up to 1 MiB (before base64) of the backup file id, from offset.
+method BackupChunk(id: string, offset: int) -> (data: string)
+
 error NotInitialized ()
 error AlreadyInitialized ()
 error Sealed (reason: string)
@@ -665,6 +673,32 @@ pub struct DecryptReply {
     pub plaintext: SecretValue,
 }
 
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BackupReply {
+    /// Names this backup for [`BackupChunkParams`].
+    pub id: String,
+    /// The file's length in bytes.
+    pub size: u64,
+    /// The SHA-256 of the whole file (lower-case hex), for the copy to be checked against.
+    pub sha256: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupChunkParams {
+    pub id: String,
+    pub offset: u64,
+}
+
+/// A piece of a backup file: sealed blobs and ciphertext, so plain [`Bytes`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BackupChunkReply {
+    pub data: Bytes,
+}
+
+/// The most [`BackupChunkReply::data`] holds: its base64 fits a frame with room to spare.
+pub const BACKUP_CHUNK_LEN: usize = 1024 * 1024;
+
 /// Who may call a method, as the daemon's policy sees it. The resource a call names is its
 /// audit target ([`Request::target`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -878,6 +912,17 @@ macro_rules! keyward_methods {
                     .and_then(|v| v.strip_prefix('v'))
                     .filter(|n| (1..=10).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_digit()))
                     .map(|n| format!("key version {n}")),
+            }
+            /// A backup file of the database.
+            Backup($crate::api::Empty) -> $crate::api::BackupReply {
+                access: Admin, audit: AdminRead,
+                target: |_| "vault".into(), detail: |_| None,
+            }
+            /// A piece of a backup file.
+            BackupChunk($crate::api::BackupChunkParams) -> $crate::api::BackupChunkReply {
+                access: Admin, audit: Read,
+                target: |p| format!("backup {}", p.id.chars().take(64).collect::<String>()),
+                detail: |p| Some(format!("offset {}", p.offset)),
             }
         }
     };

@@ -11,6 +11,7 @@
 //! session slots (swtpm: 3 each), so the device is `&mut self` throughout, holds at most the SRK,
 //! one cached signing key and, during a call, one more object and one session.
 
+mod banks;
 mod counter;
 mod error;
 mod seal;
@@ -32,6 +33,7 @@ use tss_esapi::structures::{CapabilityData, Private, Public};
 use tss_esapi::traits::UnMarshall;
 use tss_esapi::Context;
 
+pub use banks::PcrBank;
 pub use signed::{fingerprint, signed_pcrs, DEFAULT_SIGNATURE_FILES, DEFAULT_SIGNED_PCRS};
 pub use tcti::{Tcti, DEFAULT_DEVICE};
 
