@@ -22,6 +22,7 @@ use keyward_proto::audit::{OK, STARTED};
 use crate::audit::{AuditLog, Durability, Entry};
 use crate::identity::Caller;
 use crate::transport::Handler;
+use crate::upstream::{self, Upstream};
 use crate::vault::Vault;
 use keyward_policy::{credential_secret, decide, Action, Decision, Policy, Resource};
 
@@ -34,6 +35,8 @@ pub struct Service {
     vault: Vault,
     policy: RwLock<Arc<Policy>>,
     audit: Arc<AuditLog>,
+    /// The OpenBao upstream sync, when configured (set once, at start).
+    upstream: std::sync::OnceLock<Arc<Upstream>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -83,6 +86,7 @@ impl Service {
             vault,
             policy: RwLock::new(Arc::new(policy)),
             audit,
+            upstream: std::sync::OnceLock::new(),
         }
     }
 
@@ -94,6 +98,11 @@ impl Service {
     /// The vault (for start-up work like the unattended unseal).
     pub fn vault(&self) -> &Vault {
         &self.vault
+    }
+
+    /// Serve `UpstreamStatus` and `UpstreamSync` from `upstream` (once, at start).
+    pub fn set_upstream(&self, upstream: Arc<Upstream>) {
+        let _ = self.upstream.set(upstream);
     }
 
     /// Swap in a new policy (SIGHUP).
@@ -268,6 +277,22 @@ impl Service {
                     plaintext: v.transit_decrypt(p.name, &p.ciphertext, associated).await?,
                 })
             }
+            Request::UpstreamStatus(_) => Reply::UpstreamStatus(match self.upstream.get() {
+                Some(u) => u.status(self).await?,
+                None => upstream::not_configured(),
+            }),
+            Request::UpstreamSync(_) => Reply::UpstreamSync(match self.upstream.get() {
+                Some(u) => {
+                    u.sync_now().await;
+                    u.status(self).await?
+                }
+                None => {
+                    return Err(ApiError::InvalidArgument {
+                        parameter: "upstream".into(),
+                        reason: "no [upstream] is configured in keywardd.toml".into(),
+                    })
+                }
+            }),
         })
     }
 }
