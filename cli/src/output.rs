@@ -197,6 +197,51 @@ pub fn keys(keys: &[KeyInfo]) -> String {
     table("", &["NAME", "DEVICE", "ALGORITHM", "CREATED"], &rows)
 }
 
+/// The upstream sync's status: where, how it went, and each mapped secret.
+pub fn upstream(s: &UpstreamStatusReply) -> String {
+    if !s.configured {
+        return "no upstream: add an [upstream] table to keywardd.toml\n".into();
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "upstream:      {} (role {})",
+        s.address.as_deref().unwrap_or("-"),
+        s.role.as_deref().unwrap_or("-")
+    );
+    let _ = writeln!(out, "last attempt:  {}", or_dash(s.last_attempt.clone()));
+    let _ = writeln!(out, "last success:  {}", or_dash(s.last_success.clone()));
+    if let Some(e) = &s.last_error {
+        let _ = writeln!(out, "last error:    {e}");
+    }
+    let _ = writeln!(
+        out,
+        "token ttl:     {}",
+        s.token_ttl
+            .map_or_else(|| "no token".into(), |t| format!("{t}s"))
+    );
+    let rows: Vec<Vec<String>> = s
+        .mappings
+        .iter()
+        .map(|m| {
+            vec![
+                m.remote.clone(),
+                m.secret.clone(),
+                or_dash(m.remote_version.map(|v| v.to_string())),
+                or_dash(m.local_version.map(|v| v.to_string())),
+                or_dash(m.synced.clone()),
+                or_dash(m.note.clone()),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        "",
+        &["REMOTE", "SECRET", "REMOTE-V", "LOCAL-V", "SYNCED", "NOTE"],
+        &rows,
+    ));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,49 +310,4 @@ mod tests {
         assert!(text.contains("share 1: a-1\n") && text.contains("share 2: b-2\n"));
         assert!(text.contains("apart"));
     }
-}
-
-/// The upstream sync's status: where, how it went, and each mapped secret.
-pub fn upstream(s: &UpstreamStatusReply) -> String {
-    if !s.configured {
-        return "no upstream: add an [upstream] table to keywardd.toml\n".into();
-    }
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "upstream:      {} (role {})",
-        s.address.as_deref().unwrap_or("-"),
-        s.role.as_deref().unwrap_or("-")
-    );
-    let _ = writeln!(out, "last attempt:  {}", or_dash(s.last_attempt.clone()));
-    let _ = writeln!(out, "last success:  {}", or_dash(s.last_success.clone()));
-    if let Some(e) = &s.last_error {
-        let _ = writeln!(out, "last error:    {e}");
-    }
-    let _ = writeln!(
-        out,
-        "token ttl:     {}",
-        s.token_ttl
-            .map_or_else(|| "no token".into(), |t| format!("{t}s"))
-    );
-    let rows: Vec<Vec<String>> = s
-        .mappings
-        .iter()
-        .map(|m| {
-            vec![
-                m.remote.clone(),
-                m.secret.clone(),
-                or_dash(m.remote_version.map(|v| v.to_string())),
-                or_dash(m.local_version.map(|v| v.to_string())),
-                or_dash(m.synced.clone()),
-                or_dash(m.note.clone()),
-            ]
-        })
-        .collect();
-    out.push_str(&table(
-        "",
-        &["REMOTE", "SECRET", "REMOTE-V", "LOCAL-V", "SYNCED", "NOTE"],
-        &rows,
-    ));
-    out
 }

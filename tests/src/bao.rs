@@ -225,7 +225,7 @@ impl Bao {
         bao
     }
 
-    /// Give the unseal key and wait until the node is active.
+    /// Give the unseal key and wait until the node is active and set up.
     fn unseal(&self) {
         let mark = self.log_mark();
         let key = self.unseal_key.clone().expect("an initialised server");
@@ -235,7 +235,16 @@ impl Bao {
             "bao operator unseal: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        self.wait_log("bao unsealed", mark, START_TIMEOUT, |l| {
+        // A Raft node comes up as a standby first (its own "post-unseal setup complete"),
+        // wins the election, then sets up again as the active node.
+        self.wait_log("bao active", mark, START_TIMEOUT, |l| {
+            l.contains("starting raft active node")
+        });
+        let active = self
+            .log()
+            .rfind("starting raft active node")
+            .unwrap_or(mark);
+        self.wait_log("bao unsealed", active, START_TIMEOUT, |l| {
             l.contains("post-unseal setup complete")
         });
     }

@@ -14,6 +14,7 @@ use keyward_tests::bao::{Bao, Pki};
 use keyward_tests::credentials::fetch;
 use keyward_tests::keywardd::{Keywardd, Output, Setup, ROOT_ADMIN_POLICY};
 use keyward_tests::softhsm::SoftHsm;
+use keyward_tests::swtpm::Swtpm;
 use serde_json::Value;
 
 /// The policy OpenBao gives the machine: read the app's secrets, list their folders.
@@ -22,10 +23,24 @@ path "secret/data/app/*" { capabilities = ["read"] }
 path "secret/metadata/app/*" { capabilities = ["read", "list"] }
 "#;
 
+/// Where the machine's key and the vault's keyslot are.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum On {
+    Token,
+    Tpm,
+}
+
+/// The device a world runs on, kept alive with it.
+#[allow(dead_code)]
+enum Device {
+    Token(SoftHsm),
+    Tpm(Swtpm),
+}
+
 struct World {
     pki: Pki,
     bao: Bao,
-    _token: SoftHsm,
+    _device: Device,
     daemon: Keywardd,
     /// Where the machine's certificate and its request are (public files only).
     certs: tempfile::TempDir,
@@ -77,11 +92,15 @@ field = "value"
 }
 
 /// OpenBao on HTTPS with KV v2 at `secret/`, `auth/cert` with the role `host` that trusts the
-/// test CA, and three app secrets; keywardd on a token, initialised, with the key `host-id`
-/// (ECDSA P-256, made in the token) and its certificate; then `[upstream]` added and the
-/// daemon restarted (the unattended unseal from the token's PIN, the first sync before
-/// READY=1).
+/// test CA, and three app secrets; keywardd on a token (or a TPM), initialised, with the key
+/// `host-id` (ECDSA P-256, made in the device) and its certificate; then `[upstream]` added and
+/// the daemon restarted (the unattended unseal from the token's PIN or the TPM, the first sync
+/// before READY=1).
 fn world() -> World {
+    world_on(On::Token)
+}
+
+fn world_on(on: On) -> World {
     let pki = Pki::new("Keyward test CA");
     let bao = Bao::start_tls("node-1", &pki);
     let ca = pki.ca().display().to_string();
@@ -113,15 +132,26 @@ fn world() -> World {
     bao.ok(&["kv", "put", "secret/app/tls/cert", "value=CERT-1"]);
     bao.ok(&["kv", "put", "secret/app/tls/key", "value=KEY-1"]);
 
-    let token = SoftHsm::new("keyward-upstream");
-    let mut daemon = Setup::new()
-        .token("hsm", &token)
+    let (device, setup, name) = match on {
+        On::Token => {
+            let token = SoftHsm::new("keyward-upstream");
+            let setup = Setup::new().token("hsm", &token);
+            (Device::Token(token), setup, "hsm")
+        }
+        On::Tpm => {
+            let tpm = Swtpm::start();
+            let setup = Setup::new().tpm("tpm", &tpm);
+            (Device::Tpm(tpm), setup, "tpm")
+        }
+    };
+    let mut daemon = setup
         .policy(&format!(
             "{ROOT_ADMIN_POLICY}\n[[credential]]\nunit = \"app.service\"\nid = \"db\"\nsecret = \"db-pass\"\n"
         ))
         .credentials(30)
         .start();
-    ok(&daemon.run(&["init", "--pkcs11", "hsm"], b""), "init");
+    let init = if on == On::Tpm { "--tpm2" } else { "--pkcs11" };
+    ok(&daemon.run(&["init", init, name], b""), "init");
     ok(
         &daemon.run(
             &[
@@ -129,7 +159,7 @@ fn world() -> World {
                 "create",
                 "host-id",
                 "--device",
-                "hsm",
+                name,
                 "--algorithm",
                 "ecdsa-p256",
             ],
@@ -150,7 +180,7 @@ fn world() -> World {
     World {
         pki,
         bao,
-        _token: token,
+        _device: device,
         daemon,
         certs,
     }
@@ -446,6 +476,47 @@ fn a_role_or_certificate_the_upstream_refuses_is_a_clear_login_error() {
         out.stderr
     );
     assert_eq!(get(&w.daemon, "db-pass"), "s3cret-1");
+}
+
+/// The same with the machine's key in a TPM (swtpm): the handshake is signed by the TPM, and
+/// after a restart the vault unseals from the TPM and syncs again.
+#[test]
+fn the_machine_key_can_be_in_a_tpm() {
+    let mut w = world_on(On::Tpm);
+    assert_eq!(get(&w.daemon, "db-pass"), "s3cret-1");
+    assert!(events(&w.daemon, "upstream-login")
+        .iter()
+        .any(|l| l.starts_with("ok: role host with key host-id")));
+    w.bao
+        .ok(&["kv", "put", "secret/app/db", "password=s3cret-2"]);
+    w.daemon.restart();
+    assert_eq!(
+        get(&w.daemon, "db-pass"),
+        "s3cret-2",
+        "synced before READY=1"
+    );
+}
+
+/// A token the upstream revoked is replaced by a new login at the next sync, which then goes
+/// through: the same path as a token that expired early.
+#[test]
+fn a_revoked_token_is_replaced_by_a_new_login() {
+    let w = world();
+    let d = &w.daemon;
+    let logins = || {
+        events(d, "upstream-login")
+            .iter()
+            .filter(|l| l.starts_with("ok:"))
+            .count()
+    };
+    assert_eq!(logins(), 1);
+    w.bao.ok(&["token", "revoke", "-mode=path", "auth/cert/"]);
+    w.bao
+        .ok(&["kv", "put", "secret/app/db", "password=s3cret-3"]);
+    let s = d.json(&["upstream", "sync"]);
+    assert!(s["last_error"].is_null(), "{s}");
+    assert_eq!(logins(), 2, "{:?}", events(d, "upstream-login"));
+    assert_eq!(get(d, "db-pass"), "s3cret-3");
 }
 
 /// How long a sync of N new secrets takes, against the same reads by curl (one process per
