@@ -293,6 +293,16 @@ cluster_addr = "{scheme}://127.0.0.1:{cluster}"
         bao
     }
 
+    /// The root token, once [`Bao::start_tls`] initialised the server.
+    pub fn root_token(&self) -> Option<&str> {
+        self.root_token.as_deref()
+    }
+
+    /// The CA of the server's certificate, when it serves HTTPS.
+    pub fn ca(&self) -> Option<&Path> {
+        self.ca.as_deref()
+    }
+
     /// The server's address (`http://127.0.0.1:PORT`, or `https://` when it serves TLS).
     pub fn addr(&self) -> String {
         let scheme = if self.ca.is_some() { "https" } else { "http" };
