@@ -395,6 +395,30 @@ fn a_changed_remote_value_becomes_a_new_local_version() {
         .any(|c| c == "secret db-pass version 2 from secret/app/db version 2"));
 }
 
+/// With `on_remote_delete = "remove"`, a secret deleted upstream is deleted here too (and the
+/// audit log says so); the others stay.
+#[test]
+fn a_deletion_upstream_is_followed_when_the_config_says_remove() {
+    let mut w = world();
+    let cert = w.certs.path().join("host.pem");
+    let table = upstream_table(&w.bao, &w.pki, &cert, "host").replace(
+        "mount = \"secret\"\n",
+        "mount = \"secret\"\non_remote_delete = \"remove\"\n",
+    );
+    replace_upstream(&mut w.daemon, &table);
+    let d = &w.daemon;
+    w.bao.ok(&["kv", "delete", "secret/app/tls/key"]);
+    let s = d.json(&["upstream", "sync"]);
+    assert!(s["last_error"].is_null(), "{s}");
+    let out = d.run(&["secret", "get", "tls/key"], b"");
+    assert_ne!(out.code, 0, "removed: {}", out.stdout);
+    assert!(out.stderr.contains("not found"), "{}", out.stderr);
+    assert_eq!(get(d, "tls/cert"), "CERT-1");
+    assert!(events(d, "upstream-deleted")
+        .iter()
+        .any(|e| e == "secret tls/key: deleted upstream (version 1): removed here"));
+}
+
 /// With OpenBao down, a restarted keywardd unseals from the token unattended and serves the
 /// last synced values (`secret get`, the credential socket); the status says why the sync
 /// failed; no local secret is removed.

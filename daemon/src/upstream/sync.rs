@@ -157,53 +157,60 @@ impl Reader<'_> {
         field: Option<&str>,
     ) -> Result<Option<Remote>, UpstreamError> {
         let answer = self.get(&format!("/v1/{}/data/{path}", self.mount)).await?;
-        if answer.status != StatusCode::NOT_FOUND && !answer.status.is_success() {
-            return Err(UpstreamError::Refused {
-                what: "a read",
-                why: answer.errors(),
-            });
-        }
-        // A deleted or destroyed latest version is a 404 that still carries its metadata.
-        let read: KvRead<'_> = match serde_json::from_slice(&answer.body) {
-            Ok(read) => read,
-            Err(_) if answer.status == StatusCode::NOT_FOUND => return Ok(None),
-            Err(e) => return Err(UpstreamError::Response(format!("reading {path}: {e}"))),
-        };
-        let Some(KvData {
-            data,
-            metadata: Some(meta),
-        }) = read.data
-        else {
-            return Ok(None);
-        };
-        let data = data.filter(|d| d.get() != "null");
-        if meta.destroyed || !meta.deletion_time.is_empty() || data.is_none() {
-            return Ok(Some(Remote::Deleted {
-                version: meta.version,
-            }));
-        }
-        let Some(data) = data else {
-            return Ok(None);
-        };
-        let value = match field {
-            None => SecretValue::new(data.get().as_bytes().to_vec()),
-            Some(field) => {
-                let fields: HashMap<String, &RawValue> = serde_json::from_str(data.get())
-                    .map_err(|e| UpstreamError::Response(format!("reading {path}: {e}")))?;
-                let raw = fields.get(field).ok_or_else(|| {
-                    UpstreamError::Response(format!("{path} has no field {field:?}"))
-                })?;
-                let text: Zeroizing<String> = serde_json::from_str(raw.get()).map_err(|_| {
-                    UpstreamError::Response(format!("field {field:?} of {path} is not a string"))
-                })?;
-                SecretValue::new(text.as_bytes().to_vec())
-            }
-        };
-        Ok(Some(Remote::Value {
-            version: meta.version,
-            value,
-        }))
+        parse_read(&answer, path, field)
     }
+}
+
+/// What a KV v2 read answered: the value (its `field`, or the whole data object as JSON), a
+/// deleted or destroyed latest version, or nothing at that path.
+fn parse_read(
+    answer: &Answer,
+    path: &str,
+    field: Option<&str>,
+) -> Result<Option<Remote>, UpstreamError> {
+    if answer.status != StatusCode::NOT_FOUND && !answer.status.is_success() {
+        return Err(UpstreamError::Refused {
+            what: "a read",
+            why: answer.errors(),
+        });
+    }
+    // A deleted or destroyed latest version is a 404 that still carries its metadata.
+    let read: KvRead<'_> = match serde_json::from_slice(&answer.body) {
+        Ok(read) => read,
+        Err(_) if answer.status == StatusCode::NOT_FOUND => return Ok(None),
+        Err(e) => return Err(UpstreamError::Response(format!("reading {path}: {e}"))),
+    };
+    let Some(KvData {
+        data,
+        metadata: Some(meta),
+    }) = read.data
+    else {
+        return Ok(None);
+    };
+    let data = data.filter(|d| d.get() != "null");
+    let Some(data) = data.filter(|_| !meta.destroyed && meta.deletion_time.is_empty()) else {
+        return Ok(Some(Remote::Deleted {
+            version: meta.version,
+        }));
+    };
+    let value = match field {
+        None => SecretValue::new(data.get().as_bytes().to_vec()),
+        Some(field) => {
+            let fields: HashMap<String, &RawValue> = serde_json::from_str(data.get())
+                .map_err(|e| UpstreamError::Response(format!("reading {path}: {e}")))?;
+            let raw = fields
+                .get(field)
+                .ok_or_else(|| UpstreamError::Response(format!("{path} has no field {field:?}")))?;
+            let text: Zeroizing<String> = serde_json::from_str(raw.get()).map_err(|_| {
+                UpstreamError::Response(format!("field {field:?} of {path} is not a string"))
+            })?;
+            SecretValue::new(text.as_bytes().to_vec())
+        }
+    };
+    Ok(Some(Remote::Value {
+        version: meta.version,
+        value,
+    }))
 }
 
 /// The `(remote path, local name)` pairs of one mapping.
@@ -345,4 +352,74 @@ pub async fn run(
         }
     }
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, body: &str) -> Answer {
+        Answer {
+            status: StatusCode::from_u16(status).unwrap(),
+            body: Zeroizing::new(body.as_bytes().to_vec()),
+        }
+    }
+
+    fn value(r: Result<Option<Remote>, UpstreamError>) -> (u64, Vec<u8>) {
+        match r {
+            Ok(Some(Remote::Value { version, value })) => (version, value.expose().to_vec()),
+            Ok(Some(Remote::Deleted { version })) => panic!("deleted at {version}"),
+            Ok(None) => panic!("nothing"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    const LIVE: &str = r#"{"data":{"data":{"password":"p\"w","n":3},"metadata":{"version":4,"deletion_time":"","destroyed":false}}}"#;
+
+    #[test]
+    fn a_field_or_the_whole_object_is_the_value() {
+        assert_eq!(
+            value(parse_read(&answer(200, LIVE), "app/db", Some("password"))),
+            (4, b"p\"w".to_vec())
+        );
+        assert_eq!(
+            value(parse_read(&answer(200, LIVE), "app/db", None)),
+            (4, br#"{"password":"p\"w","n":3}"#.to_vec())
+        );
+    }
+
+    #[test]
+    fn a_missing_or_non_string_field_is_an_error_that_names_no_value() {
+        for (field, says) in [("user", "has no field"), ("n", "is not a string")] {
+            let Err(e) = parse_read(&answer(200, LIVE), "app/db", Some(field)) else {
+                panic!("{field}: no error");
+            };
+            let e = e.to_string();
+            assert!(e.contains(says) && !e.contains("p\\\"w"), "{e}");
+        }
+    }
+
+    #[test]
+    fn deleted_destroyed_and_absent_are_told_apart() {
+        let deleted = r#"{"data":{"data":null,"metadata":{"version":2,"deletion_time":"2026-12-04T18:33:13Z","destroyed":false}}}"#;
+        let destroyed = r#"{"data":{"data":null,"metadata":{"version":5,"deletion_time":"","destroyed":true}}}"#;
+        for (body, version) in [(deleted, 2), (destroyed, 5)] {
+            assert!(matches!(
+                parse_read(&answer(404, body), "app/db", None),
+                Ok(Some(Remote::Deleted { version: v })) if v == version
+            ));
+        }
+        assert!(matches!(
+            parse_read(&answer(404, r#"{"errors":[]}"#), "app/db", None),
+            Ok(None)
+        ));
+        assert!(matches!(
+            parse_read(
+                &answer(403, r#"{"errors":["permission denied"]}"#),
+                "app/db",
+                None
+            ),
+            Err(UpstreamError::Refused { .. })
+        ));
+    }
 }
