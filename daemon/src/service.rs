@@ -30,6 +30,9 @@ use keyward_policy::{credential_secret, decide, Action, Decision, Policy, Resour
 /// room for its WAL frames, the audit log for its records.
 const LOW_SPACE: u64 = 1 << 20;
 
+/// Change announcements held for a listener that is behind; past that it misses the oldest.
+const CHANGES_QUEUE: usize = 256;
+
 /// The service layer.
 pub struct Service {
     vault: Vault,
@@ -37,6 +40,8 @@ pub struct Service {
     audit: Arc<AuditLog>,
     /// The OpenBao upstream sync, when configured (set once, at start).
     upstream: std::sync::OnceLock<Arc<Upstream>>,
+    /// Which secret changed, for whoever listens (the D-Bus `SecretChanged` signal).
+    changes: tokio::sync::broadcast::Sender<(String, u64)>,
 }
 
 impl std::fmt::Debug for Service {
@@ -87,6 +92,7 @@ impl Service {
             policy: RwLock::new(Arc::new(policy)),
             audit,
             upstream: std::sync::OnceLock::new(),
+            changes: tokio::sync::broadcast::channel(CHANGES_QUEUE).0,
         }
     }
 
@@ -98,6 +104,12 @@ impl Service {
     /// The vault (for start-up work like the unattended unseal).
     pub fn vault(&self) -> &Vault {
         &self.vault
+    }
+
+    /// Announce that secret `name` changed: its new `version`, or 0 when it was deleted.
+    /// Nobody listening is fine.
+    pub fn announce_change(&self, name: &str, version: u64) {
+        let _ = self.changes.send((name.to_owned(), version));
     }
 
     /// Serve `UpstreamStatus` and `UpstreamSync` from `upstream` (once, at start).
@@ -209,9 +221,12 @@ impl Service {
                     shares_needed,
                 })
             }
-            Request::PutSecret(p) => Reply::PutSecret(api::VersionReply {
-                version: v.put_secret(p.name, p.value).await?,
-            }),
+            Request::PutSecret(p) => {
+                let name = p.name.to_string();
+                let version = v.put_secret(p.name, p.value).await?;
+                self.announce_change(&name, version);
+                Reply::PutSecret(api::VersionReply { version })
+            }
             Request::GetSecret(p) => {
                 let (value, version) = v.get_secret(p.name, p.version).await?;
                 Reply::GetSecret(api::GetSecretReply { value, version })
@@ -228,7 +243,9 @@ impl Service {
                 versions: v.secret_versions(p.name).await?,
             }),
             Request::DeleteSecret(p) => {
+                let name = p.name.to_string();
                 v.delete_secret(p.name).await?;
+                self.announce_change(&name, 0);
                 Reply::DeleteSecret(api::Done {})
             }
             Request::CreateKey(p) => Reply::CreateKey(api::PublicKeyReply {
@@ -421,6 +438,10 @@ impl Handler for Service {
             }
         }
         result
+    }
+
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<(String, u64)>> {
+        Some(self.changes.subscribe())
     }
 
     async fn credential(

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use keyward_tests::bao::{Bao, Pki};
 use keyward_tests::credentials::fetch;
+use keyward_tests::dbus::PrivateBus;
 use keyward_tests::keywardd::{Keywardd, Output, Setup, ROOT_ADMIN_POLICY};
 use keyward_tests::softhsm::SoftHsm;
 use keyward_tests::swtpm::Swtpm;
@@ -101,6 +102,10 @@ fn world() -> World {
 }
 
 fn world_on(on: On) -> World {
+    world_with(on, None)
+}
+
+fn world_with(on: On, bus: Option<&PrivateBus>) -> World {
     let pki = Pki::new("Keyward test CA");
     let bao = Bao::start_tls("node-1", &pki);
     let ca = pki.ca().display().to_string();
@@ -143,6 +148,10 @@ fn world_on(on: On) -> World {
             let setup = Setup::new().tpm("tpm", &tpm);
             (Device::Tpm(tpm), setup, "tpm")
         }
+    };
+    let setup = match bus {
+        Some(bus) => setup.dbus_address(bus.address()),
+        None => setup,
     };
     let mut daemon = setup
         .policy(&format!(
@@ -393,6 +402,58 @@ fn a_changed_remote_value_becomes_a_new_local_version() {
     assert!(events(d, "upstream-change")
         .iter()
         .any(|c| c == "secret db-pass version 2 from secret/app/db version 2"));
+}
+
+/// A secret the sync changed is announced on D-Bus: `SecretChanged(name, version)` from the
+/// daemon's object, seen by `dbus-monitor` on the bus.
+#[test]
+fn a_synced_change_is_announced_on_dbus() {
+    use std::io::BufRead as _;
+    use std::time::Duration;
+    let bus = PrivateBus::start();
+    let w = world_with(On::Token, Some(&bus));
+    let mut monitor = std::process::Command::new("dbus-monitor")
+        .args(["--address", bus.address()])
+        .arg("type='signal',interface='org.keyward.Custodian1'")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = monitor.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // dbus-monitor says something once it is connected and listening.
+    let within = Duration::from_secs(30);
+    rx.recv_timeout(within).expect("dbus-monitor listening");
+    w.bao
+        .ok(&["kv", "put", "secret/app/db", "password=s3cret-2"]);
+    let s = w.daemon.json(&["upstream", "sync"]);
+    assert!(s["last_error"].is_null(), "{s}");
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    let announced = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = rx.recv_timeout(left) else {
+            break false;
+        };
+        seen.push(line);
+        let n = seen.len();
+        if n >= 3
+            && seen[n - 3].contains("member=SecretChanged")
+            && seen[n - 2].trim() == "string \"db-pass\""
+            && seen[n - 1].trim() == "uint64 2"
+        {
+            break true;
+        }
+    };
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    assert!(announced, "no SecretChanged(db-pass, 2): {seen:#?}");
 }
 
 /// With `on_remote_delete = "remove"`, a secret deleted upstream is deleted here too (and the

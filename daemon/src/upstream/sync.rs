@@ -306,6 +306,7 @@ pub async fn run(
                         .await
                     {
                         Ok(local_version) => {
+                            service.announce_change(&local, local_version);
                             outcome
                                 .changed
                                 .push((local, local_version, remote, version))
@@ -336,7 +337,10 @@ pub async fn run(
                             note
                         }
                         OnRemoteDelete::Remove => match vault.delete_secret(name).await {
-                            Ok(()) => format!("deleted upstream (version {version}): removed here"),
+                            Ok(()) => {
+                                service.announce_change(&local, 0);
+                                format!("deleted upstream (version {version}): removed here")
+                            }
                             Err(crate::error::Error::NotFound { .. }) => {
                                 format!("deleted upstream (version {version}): not here either")
                             }
