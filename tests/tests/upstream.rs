@@ -456,6 +456,43 @@ fn a_synced_change_is_announced_on_dbus() {
     assert!(announced, "no SecretChanged(db-pass, 2): {seen:#?}");
 }
 
+/// A mapping whose path the upstream's policy does not let the machine read is a problem of
+/// that mapping: the status and the audit log name it, the other mappings are synced.
+#[test]
+fn a_path_the_policy_forbids_is_a_problem_of_its_mapping_only() {
+    let mut w = world();
+    w.bao
+        .ok(&["kv", "put", "secret/other/x", "value=not-yours"]);
+    w.bao
+        .ok(&["kv", "put", "secret/app/db", "password=s3cret-2"]);
+    let cert = w.certs.path().join("host.pem");
+    let table = format!(
+        "{}\n[[upstream.map]]\nremote = \"other/x\"\nsecret = \"x\"\nfield = \"value\"\n",
+        upstream_table(&w.bao, &w.pki, &cert, "host")
+    );
+    replace_upstream(&mut w.daemon, &table);
+    let d = &w.daemon;
+    assert_eq!(get(d, "db-pass"), "s3cret-2");
+    let s = status(d);
+    let error = s["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("partial: 1 changed")
+            && error.contains("other/x: the upstream refused a read: 403"),
+        "{s}"
+    );
+    assert_eq!(mapping(&s, "x")["note"], "nothing synced yet");
+    // Again with the token of the first sync: the same answer, nothing removed.
+    let out = d.run(&["upstream", "sync"], b"");
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("other/x: the upstream refused a read"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(get(d, "db-pass"), "s3cret-2");
+    assert!(d.run(&["secret", "get", "x"], b"").code != 0);
+}
+
 /// With `on_remote_delete = "remove"`, a secret deleted upstream is deleted here too (and the
 /// audit log says so); the others stay.
 #[test]

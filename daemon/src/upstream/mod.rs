@@ -359,6 +359,7 @@ impl Session {
                 conn: &mut conn,
                 token: &token,
                 mount: &settings.mount,
+                fresh_token: fresh_login,
             };
             match sync::run(&mut reader, settings, service).await {
                 // A token the upstream no longer takes (revoked, expired early): once more

@@ -4,9 +4,9 @@
 //!
 //! What the upstream deleted or destroyed follows `on_remote_delete` (keep the last good value
 //! and say so, or remove it). A failure never removes a local secret: a mapping that can't be
-//! read or written is a [`Problem`], the others go on. This module must not log or audit a
-//! value (the audit events name secrets, paths and versions only) or keep a body beyond the
-//! call that read it.
+//! read or written is a problem of its own (in [`Outcome::problems`]), the others go on. This
+//! module must not log or audit a value (the audit events name secrets, paths and versions
+//! only) or keep a body beyond the call that read it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -86,6 +86,9 @@ pub struct Reader<'a> {
     pub conn: &'a mut Connection,
     pub token: &'a str,
     pub mount: &'a str,
+    /// The token is from a login of this sync: a refusal now is the upstream's policy on that
+    /// path (OpenBao answers 403 to both), a problem of the mapping rather than of the token.
+    pub fresh_token: bool,
 }
 
 impl std::fmt::Debug for Reader<'_> {
@@ -97,6 +100,15 @@ impl std::fmt::Debug for Reader<'_> {
 }
 
 impl Reader<'_> {
+    /// `e` ends the sync: the connection failed, or the token may be what was refused.
+    fn fatal(&self, e: &UpstreamError) -> bool {
+        match e {
+            UpstreamError::Http(_) | UpstreamError::Timeout(_) => true,
+            UpstreamError::Refused { .. } => !self.fresh_token,
+            _ => false,
+        }
+    }
+
     async fn get(&mut self, path: &str) -> Result<Answer, UpstreamError> {
         let answer = self
             .conn
@@ -232,9 +244,9 @@ async fn targets(
         .collect())
 }
 
-/// Bring every mapping in step. An error is returned only when the upstream refused the
-/// token (the caller logs in again and retries); everything else is a [`Problem`] of the
-/// mapping.
+/// Bring every mapping in step. An error is returned only when the connection failed or the
+/// upstream refused a token that was not fresh (the caller logs in again and retries);
+/// everything else is a problem of the mapping, in [`Outcome::problems`].
 ///
 /// # Errors
 /// [`UpstreamError::Refused`] for a refused token, a failed connection.
@@ -255,11 +267,7 @@ pub async fn run(
     for mapping in &settings.mappings {
         let pairs = match targets(reader, mapping).await {
             Ok(pairs) => pairs,
-            Err(
-                e @ (UpstreamError::Refused { .. }
-                | UpstreamError::Http(_)
-                | UpstreamError::Timeout(_)),
-            ) => return Err(e),
+            Err(e) if reader.fatal(&e) => return Err(e),
             Err(e) => {
                 outcome.problems.push(format!("{}: {e}", mapping.remote));
                 continue;
@@ -277,11 +285,7 @@ pub async fn run(
             };
             let found = match reader.read(&remote, mapping.field.as_deref()).await {
                 Ok(found) => found,
-                Err(
-                    e @ (UpstreamError::Refused { .. }
-                    | UpstreamError::Http(_)
-                    | UpstreamError::Timeout(_)),
-                ) => return Err(e),
+                Err(e) if reader.fatal(&e) => return Err(e),
                 Err(e) => {
                     outcome.problems.push(format!("{remote}: {e}"));
                     continue;
