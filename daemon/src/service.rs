@@ -268,7 +268,7 @@ impl Service {
             }),
             Request::Sign(p) => Reply::Sign(api::SignReply {
                 signature: api::Bytes(
-                    v.sign(p.name, p.data.0, p.prehashed.unwrap_or(false))
+                    v.sign(p.name, p.data.0, p.prehashed.unwrap_or(false), p.hash)
                         .await?,
                 ),
             }),

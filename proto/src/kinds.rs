@@ -62,8 +62,32 @@ wire_enum!(
         EcdsaP256 = "ecdsa-p256",
         /// RSA-3072 with PSS padding, SHA-256, MGF1-SHA-256, 32-byte salt; signature is raw.
         RsaPss3072 = "rsa-pss-3072",
+        /// RSA-3072 with PKCS#1 v1.5 padding (SHA-256, or SHA-512 when asked); signature is
+        /// raw. The RSA that SSH speaks (`rsa-sha2-256`/`rsa-sha2-512`): SSH has no PSS.
+        RsaPkcs1_3072 = "rsa-pkcs1-3072",
     }
 );
+
+wire_enum!(
+    /// The hash a signature is made over. SHA-256 for every algorithm; SHA-512 only for
+    /// RSA PKCS#1 v1.5 keys, which SSH asks for as `rsa-sha2-512`.
+    SignHash, "hash", "hash" {
+        /// SHA-256.
+        Sha256 = "sha256",
+        /// SHA-512.
+        Sha512 = "sha512",
+    }
+);
+
+impl SignHash {
+    /// The digest length in bytes.
+    pub fn digest_len(self) -> usize {
+        match self {
+            Self::Sha256 => 32,
+            Self::Sha512 => 64,
+        }
+    }
+}
 
 wire_enum!(
     /// Which kind of device a backend drives.
@@ -120,7 +144,7 @@ mod tests {
         assert_eq!(e.parameter, "algorithm");
         assert_eq!(
             e.reason,
-            r#"unknown algorithm "dsa": expected one of ed25519, ecdsa-p256, rsa-pss-3072"#
+            r#"unknown algorithm "dsa": expected one of ed25519, ecdsa-p256, rsa-pss-3072, rsa-pkcs1-3072"#
         );
         assert!(serde_json::from_str::<DeviceKind>(r#""tpm""#).is_err());
     }

@@ -53,14 +53,14 @@ pub const MAX_RESPONSE: usize = 4 * 1024 * 1024;
 pub struct DeviceKey {
     service: Arc<Service>,
     key: KeyName,
-    algorithm: KeyAlgorithm,
+    ed25519: bool,
 }
 
 impl std::fmt::Debug for DeviceKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceKey")
             .field("key", &self.key)
-            .field("algorithm", &self.algorithm)
+            .field("ed25519", &self.ed25519)
             .finish_non_exhaustive()
     }
 }
@@ -82,23 +82,28 @@ impl DeviceKey {
                 "the vault has no key {key}: create it with `keyward key create {key} --device DEVICE --algorithm ecdsa-p256`"
             )));
         };
-        if info.algorithm == KeyAlgorithm::RsaPss3072 {
-            return Err(UpstreamError::Identity(format!(
-                "key {key} is {}: the machine identity is an ecdsa-p256 or ed25519 key",
-                info.algorithm
-            )));
-        }
+        let ed25519 = match info.algorithm {
+            KeyAlgorithm::Ed25519 => true,
+            KeyAlgorithm::EcdsaP256 => false,
+            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 => {
+                return Err(UpstreamError::Identity(format!(
+                    "key {key} is {}: the machine identity is an ecdsa-p256 or ed25519 key",
+                    info.algorithm
+                )))
+            }
+        };
         Ok(Self {
             service,
             key,
-            algorithm: info.algorithm,
+            ed25519,
         })
     }
 
     fn scheme(&self) -> SignatureScheme {
-        match self.algorithm {
-            KeyAlgorithm::Ed25519 => SignatureScheme::ED25519,
-            _ => SignatureScheme::ECDSA_NISTP256_SHA256,
+        if self.ed25519 {
+            SignatureScheme::ED25519
+        } else {
+            SignatureScheme::ECDSA_NISTP256_SHA256
         }
     }
 }
@@ -111,9 +116,10 @@ impl SigningKey for DeviceKey {
     }
 
     fn algorithm(&self) -> SignatureAlgorithm {
-        match self.algorithm {
-            KeyAlgorithm::Ed25519 => SignatureAlgorithm::ED25519,
-            _ => SignatureAlgorithm::ECDSA,
+        if self.ed25519 {
+            SignatureAlgorithm::ED25519
+        } else {
+            SignatureAlgorithm::ECDSA
         }
     }
 }
@@ -122,9 +128,10 @@ impl Signer for DeviceKey {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
         // ECDSA_NISTP256_SHA256 is an X9.62 DER signature over SHA-256(message), which is what
         // the vault's prehashed `sign` returns for a P-256 key; Ed25519 signs the message.
-        let (data, prehashed) = match self.algorithm {
-            KeyAlgorithm::Ed25519 => (message.to_vec(), false),
-            _ => (Sha256::digest(message).to_vec(), true),
+        let (data, prehashed) = if self.ed25519 {
+            (message.to_vec(), false)
+        } else {
+            (Sha256::digest(message).to_vec(), true)
         };
         let handle = tokio::runtime::Handle::try_current()
             .ok()
@@ -137,7 +144,7 @@ impl Signer for DeviceKey {
         let service = Arc::clone(&self.service);
         let key = self.key.clone();
         tokio::task::block_in_place(move || {
-            handle.block_on(async move { service.vault().sign(key, data, prehashed).await })
+            handle.block_on(async move { service.vault().sign(key, data, prehashed, None).await })
         })
         .map_err(|e| rustls::Error::General(format!("the device did not sign: {e}")))
     }

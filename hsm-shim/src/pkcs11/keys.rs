@@ -63,7 +63,7 @@ impl Pkcs11Device {
                 public.push(Attribute::EcParams(P256_PARAMS.to_vec()));
                 Mechanism::EccKeyPairGen
             }
-            KeyAlgorithm::RsaPss3072 => {
+            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 => {
                 public.push(Attribute::ModulusBits(3072u64.into()));
                 public.push(Attribute::PublicExponent(vec![1, 0, 1]));
                 Mechanism::RsaPkcsKeyPairGen
@@ -87,7 +87,9 @@ impl Pkcs11Device {
         let (id, algorithm) = self.key_id(handle)?;
         let object = self.find(ObjectClass::PUBLIC_KEY, id)?;
         let wanted: &[AttributeType] = match algorithm {
-            KeyAlgorithm::RsaPss3072 => &[AttributeType::Modulus, AttributeType::PublicExponent],
+            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 => {
+                &[AttributeType::Modulus, AttributeType::PublicExponent]
+            }
             KeyAlgorithm::Ed25519 | KeyAlgorithm::EcdsaP256 => &[AttributeType::EcPoint],
         };
         let attrs = self
@@ -108,7 +110,7 @@ impl Pkcs11Device {
             detail: format!("public key has no {what}"),
         };
         match algorithm {
-            KeyAlgorithm::RsaPss3072 => pubkey::rsa_spki(
+            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 => pubkey::rsa_spki(
                 &modulus.ok_or_else(|| missing("CKA_MODULUS"))?,
                 &exponent.ok_or_else(|| missing("CKA_PUBLIC_EXPONENT"))?,
             ),

@@ -148,6 +148,11 @@ impl Signer for TpmDevice {
         let digest: [u8; 32] = match input {
             SignInput::Message(m) => Sha256::digest(m).into(),
             SignInput::Sha256Digest(d) => *d,
+            SignInput::Sha512Digest(_) => {
+                return Err(DeviceError::Unsupported(
+                    "ECDSA P-256 keys sign SHA-256 digests; SHA-512 is for rsa-pkcs1 keys".into(),
+                ))
+            }
         };
         let digest = Digest::try_from(digest.as_slice()).map_err(|e| map(Op::Sign, e))?;
         let ticket = null_ticket()?;
