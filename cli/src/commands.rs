@@ -18,7 +18,7 @@ use super::input::{self, NoEcho, Shares, ZeroizingReader};
 use super::{csr, output};
 use super::{
     Cli, CliError, Command, Enroll, InitArgs, KeyCommand, KeyslotCommand, RekeyArgs, SecretCommand,
-    TransitCommand, UnsealArgs,
+    TransitCommand, UnsealArgs, UpstreamCommand,
 };
 
 /// How long a call may go without progress before the CLI gives up (key generation and
@@ -164,6 +164,20 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Key(cmd) => key(c, &out, cmd),
         Command::Transit(cmd) => transit(c, &out, cmd),
         Command::Backup { file } => super::backup::backup(c, &out, &file),
+        Command::Upstream(cmd) => upstream(c, &out, &cmd),
+    }
+}
+
+fn upstream(c: &mut Client, out: &Out, cmd: &UpstreamCommand) -> Result<(), CliError> {
+    use keyward::api::{methods, Empty};
+    let status = match cmd {
+        UpstreamCommand::Status => c.request::<methods::UpstreamStatus>(&Empty {})?,
+        UpstreamCommand::Sync => c.request::<methods::UpstreamSync>(&Empty {})?,
+    };
+    out.emit(&status, || output::upstream(&status))?;
+    match (cmd, &status.last_error) {
+        (UpstreamCommand::Sync, Some(e)) => Err(CliError::Local(format!("the sync {e}"))),
+        _ => Ok(()),
     }
 }
 

@@ -164,6 +164,17 @@ pub enum Command {
         )]
         config: PathBuf,
     },
+    /// The OpenBao upstream sync ([upstream] in keywardd.toml): its status, or a sync now.
+    #[command(subcommand)]
+    Upstream(UpstreamCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UpstreamCommand {
+    /// Last success, last error, the token's time left and each mapped secret's versions.
+    Status,
+    /// Sync now and show the status after it; exits 1 when the sync failed.
+    Sync,
 }
 
 /// `K/N`: K of N recovery shares open the vault.

@@ -6,7 +6,9 @@
 
 use std::fmt::Write as _;
 
-use keyward::api::{DeviceStatus, KeyInfo, Keyslot, SecretString, SecretVersion, StatusReply};
+use keyward::api::{
+    DeviceStatus, KeyInfo, Keyslot, SecretString, SecretVersion, StatusReply, UpstreamStatusReply,
+};
 
 /// Columns padded to their widest cell, two spaces apart, indented by `indent`.
 pub fn table(indent: &str, header: &[&str], rows: &[Vec<String>]) -> String {
@@ -207,6 +209,51 @@ pub fn keys(keys: &[KeyInfo]) -> String {
         })
         .collect();
     table("", &["NAME", "DEVICE", "ALGORITHM", "CREATED"], &rows)
+}
+
+/// The upstream sync's status: where, how it went, and each mapped secret.
+pub fn upstream(s: &UpstreamStatusReply) -> String {
+    if !s.configured {
+        return "no upstream: add an [upstream] table to keywardd.toml\n".into();
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "upstream:      {} (role {})",
+        s.address.as_deref().unwrap_or("-"),
+        s.role.as_deref().unwrap_or("-")
+    );
+    let _ = writeln!(out, "last attempt:  {}", or_dash(s.last_attempt.clone()));
+    let _ = writeln!(out, "last success:  {}", or_dash(s.last_success.clone()));
+    if let Some(e) = &s.last_error {
+        let _ = writeln!(out, "last error:    {e}");
+    }
+    let _ = writeln!(
+        out,
+        "token ttl:     {}",
+        s.token_ttl
+            .map_or_else(|| "no token".into(), |t| format!("{t}s"))
+    );
+    let rows: Vec<Vec<String>> = s
+        .mappings
+        .iter()
+        .map(|m| {
+            vec![
+                m.remote.clone(),
+                m.secret.clone(),
+                or_dash(m.remote_version.map(|v| v.to_string())),
+                or_dash(m.local_version.map(|v| v.to_string())),
+                or_dash(m.synced.clone()),
+                or_dash(m.note.clone()),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        "",
+        &["REMOTE", "SECRET", "REMOTE-V", "LOCAL-V", "SYNCED", "NOTE"],
+        &rows,
+    ));
+    out
 }
 
 #[cfg(test)]

@@ -199,6 +199,66 @@ pub struct TpmCounter {
     pub index: u32,
 }
 
+/// What the upstream sync does when the upstream deleted or destroyed a secret it brought.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRemoteDelete {
+    /// Keep the last good value here, note it in the status and warn in the audit log.
+    Keep,
+    /// Delete the local secret too.
+    Remove,
+}
+
+/// One `[[upstream.map]]`: a KV v2 path (a prefix when it ends with `/`) and the local secret
+/// (a local prefix for a prefix) it fills.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamMapping {
+    /// The KV v2 path under the mount, `/`-separated; a prefix ends with `/`.
+    pub remote: String,
+    /// The local secret name; for a prefix, what the remote path's rest is appended to.
+    pub secret: String,
+    /// The KV field whose string value is the secret; without one, the whole KV data object as
+    /// JSON.
+    pub field: Option<String>,
+}
+
+impl UpstreamMapping {
+    /// The mapping names every secret under a path.
+    pub fn is_prefix(&self) -> bool {
+        self.remote.ends_with('/')
+    }
+}
+
+/// The OpenBao upstream sync: where, as whom (a device key and its certificate), what, how often.
+#[derive(Clone, Debug)]
+pub struct UpstreamSettings {
+    /// `https://host[:port]`, as given.
+    pub address: String,
+    /// The host (a DNS name or an IP address: what the server's certificate must name).
+    pub host: String,
+    pub port: u16,
+    /// The CA certificates (PEM) the server's certificate must chain to.
+    pub ca_file: PathBuf,
+    /// The machine's certificate (PEM, public), issued for the device key `key`; a chain may
+    /// follow it.
+    pub cert_file: PathBuf,
+    /// The vault's device key (`keyward key create`) that proves the machine's identity.
+    pub key: api::KeyName,
+    /// The `auth/cert` role to log in as.
+    pub role: String,
+    /// The KV v2 mount.
+    pub mount: String,
+    pub mappings: Vec<UpstreamMapping>,
+    pub interval: Duration,
+    /// Up to this much is added to each interval, at random, so a fleet does not sync in step.
+    pub jitter: Duration,
+    /// How long the start waits for a first sync before `READY=1`.
+    pub initial_sync_timeout: Duration,
+    /// Bound on connecting, the TLS handshake and each request.
+    pub request_timeout: Duration,
+    pub on_remote_delete: OnRemoteDelete,
+}
+
 /// The whole configuration, checked.
 #[derive(Debug)]
 pub struct Config {
@@ -214,6 +274,8 @@ pub struct Config {
     pub ssh_agent: Option<SshAgentSettings>,
     /// The OpenBao-compatible transit socket, when configured.
     pub transit: Option<TransitSettings>,
+    /// The OpenBao upstream sync, when configured.
+    pub upstream: Option<UpstreamSettings>,
     /// The policy file. Without one, everything but `Status` is denied.
     pub policy: Option<PathBuf>,
     /// Device names to try, in order, for the unattended unseal at start (every one is a
@@ -364,7 +426,7 @@ impl File {
                     path: t.socket,
                 },
                 limits: TransitLimits {
-                    mount: check_mount(&t.mount)?,
+                    mount: check_mount("transit.mount", &t.mount)?,
                     max_body: count("transit.max_body_bytes", t.max_body_bytes)?,
                     max_connections: count("transit.max_connections", t.max_connections)?,
                     header_timeout: Duration::from_secs(positive(
@@ -375,6 +437,7 @@ impl File {
             }),
             None => None,
         };
+        let upstream = self.upstream.map(FileUpstream::check).transpose()?;
         let dbus = match self.dbus {
             None => None,
             Some(d) => Some(DbusSettings {
@@ -496,6 +559,7 @@ impl File {
             dbus,
             ssh_agent,
             transit,
+            upstream,
             policy: self.policy,
             unseal_order,
             devices,
@@ -553,6 +617,9 @@ struct File {
     /// Off unless configured.
     #[serde(default)]
     transit: Option<FileTransit>,
+    /// Off unless configured.
+    #[serde(default)]
+    upstream: Option<FileUpstream>,
     #[serde(default)]
     policy: Option<PathBuf>,
     /// Default: every configured device, in name order. Recovery slots are never tried
@@ -730,7 +797,7 @@ fn default_transit_header_timeout() -> u64 {
 
 /// A mount path: `/`-separated segments of `A-Z a-z 0-9 . _ -` (a leading or trailing `/`, as
 /// OpenBao's `mount_path = "transit/"`, is dropped).
-fn check_mount(mount: &str) -> Result<String, Invalid> {
+fn check_mount(key: &str, mount: &str) -> Result<String, Invalid> {
     let trimmed = mount.trim_matches('/');
     let ok = !trimmed.is_empty()
         && trimmed.split('/').all(|s| {
@@ -744,9 +811,178 @@ fn check_mount(mount: &str) -> Result<String, Invalid> {
         Ok(trimmed.to_owned())
     } else {
         Err(Invalid::new(
-            "transit.mount",
+            key,
             format!("{mount:?} is not a mount path like \"transit\""),
         ))
+    }
+}
+
+/// The OpenBao upstream sync (`[upstream]` and its `[[upstream.map]]`s).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUpstream {
+    address: String,
+    ca_file: PathBuf,
+    cert_file: PathBuf,
+    key: String,
+    role: String,
+    #[serde(default = "default_upstream_mount")]
+    mount: String,
+    #[serde(default)]
+    map: Vec<FileUpstreamMap>,
+    #[serde(default = "default_upstream_interval")]
+    interval_secs: u64,
+    #[serde(default = "default_upstream_jitter")]
+    jitter_secs: u64,
+    #[serde(default = "default_upstream_initial_sync")]
+    initial_sync_timeout_secs: u64,
+    #[serde(default = "default_upstream_request_timeout")]
+    request_timeout_secs: u64,
+    #[serde(default = "default_on_remote_delete")]
+    on_remote_delete: OnRemoteDelete,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUpstreamMap {
+    remote: String,
+    secret: String,
+    #[serde(default)]
+    field: Option<String>,
+}
+
+fn default_upstream_mount() -> String {
+    "secret".into()
+}
+
+fn default_upstream_interval() -> u64 {
+    300
+}
+
+fn default_upstream_jitter() -> u64 {
+    30
+}
+
+fn default_upstream_initial_sync() -> u64 {
+    10
+}
+
+fn default_upstream_request_timeout() -> u64 {
+    10
+}
+
+fn default_on_remote_delete() -> OnRemoteDelete {
+    OnRemoteDelete::Keep
+}
+
+/// A KV v2 path: `/`-separated segments of what a secret name allows, a prefix with a
+/// trailing `/`; nothing that would change the URL it goes into.
+fn check_kv_path(key: &str, path: &str) -> Result<(), Invalid> {
+    let ok = !path.is_empty()
+        && !path.starts_with('/')
+        && path.trim_end_matches('/').split('/').all(|s| {
+            !s.is_empty()
+                && s != "."
+                && s != ".."
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-@+=".contains(&b))
+        })
+        && !path.ends_with("//");
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid::new(
+            key,
+            format!("{path:?} is not a KV path like \"app/db\" (or a prefix like \"app/\")"),
+        ))
+    }
+}
+
+impl FileUpstream {
+    fn check(self) -> Result<UpstreamSettings, Invalid> {
+        let uri: hyper::Uri = self.address.parse().map_err(|e| {
+            Invalid::new(
+                "upstream.address",
+                format!("{:?} is not a URL: {e}", self.address),
+            )
+        })?;
+        if uri.scheme_str() != Some("https") {
+            return Err(Invalid::new(
+                "upstream.address",
+                "must be an https:// URL: the machine proves who it is by TLS",
+            ));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(Invalid::new(
+                "upstream.address",
+                "is the server's https://host:port, without a path",
+            ));
+        }
+        let host = uri
+            .host()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| Invalid::new("upstream.address", "names no host"))?;
+        let key = api::KeyName::try_from(self.key.clone())
+            .map_err(|e| Invalid::new("upstream.key", e.to_string()))?;
+        if self.role.is_empty()
+            || !self
+                .role
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(Invalid::new(
+                "upstream.role",
+                "is an auth/cert role name: A-Z a-z 0-9 . _ -",
+            ));
+        }
+        let mut mappings = Vec::with_capacity(self.map.len());
+        for (i, m) in self.map.into_iter().enumerate() {
+            let at = |what: &str| format!("upstream.map[{i}].{what}");
+            check_kv_path(&at("remote"), &m.remote)?;
+            let prefix = m.remote.ends_with('/');
+            if prefix != m.secret.ends_with('/') {
+                return Err(Invalid::new(
+                    at("secret"),
+                    "a prefix maps to a prefix: both end with '/', or neither",
+                ));
+            }
+            let name = if prefix {
+                // Any name under it must be a name: check the prefix with one segment added.
+                format!("{}x", m.secret)
+            } else {
+                m.secret.clone()
+            };
+            api::SecretName::try_from(name)
+                .map_err(|e| Invalid::new(at("secret"), e.to_string()))?;
+            if m.field.as_deref().is_some_and(str::is_empty) {
+                return Err(Invalid::new(at("field"), "is empty"));
+            }
+            mappings.push(UpstreamMapping {
+                remote: m.remote,
+                secret: m.secret,
+                field: m.field,
+            });
+        }
+        Ok(UpstreamSettings {
+            port: uri.port_u16().unwrap_or(443),
+            host,
+            address: self.address,
+            ca_file: self.ca_file,
+            cert_file: self.cert_file,
+            key,
+            role: self.role,
+            mount: check_mount("upstream.mount", &self.mount)?,
+            mappings,
+            interval: Duration::from_secs(positive("upstream.interval_secs", self.interval_secs)?),
+            jitter: Duration::from_secs(self.jitter_secs),
+            initial_sync_timeout: Duration::from_secs(self.initial_sync_timeout_secs),
+            request_timeout: Duration::from_secs(positive(
+                "upstream.request_timeout_secs",
+                self.request_timeout_secs,
+            )?),
+            on_remote_delete: self.on_remote_delete,
+        })
     }
 }
 
@@ -1163,6 +1399,56 @@ mod tests {
             .unwrap_err()
             .starts_with("transit.max_connections"));
         assert!(parse("[transit]\ntoken = \"x\"").is_err());
+    }
+
+    #[test]
+    fn upstream_is_off_unless_configured_and_checked() {
+        assert!(parse("").unwrap().upstream.is_none());
+        let base = "[upstream]\naddress = \"https://127.0.0.1:8200\"\nca_file = \"/ca.pem\"\n\
+                    cert_file = \"/host.pem\"\nkey = \"host-id\"\nrole = \"web\"\n";
+        let u = parse(&format!(
+            "{base}[[upstream.map]]\nremote = \"app/db\"\nsecret = \"db-pass\"\nfield = \"password\"\n\
+             [[upstream.map]]\nremote = \"app/tls/\"\nsecret = \"tls/\"\n"
+        ))
+        .unwrap()
+        .upstream
+        .unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.mount.as_str()),
+            ("127.0.0.1", 8200, "secret")
+        );
+        assert_eq!(u.on_remote_delete, OnRemoteDelete::Keep);
+        assert_eq!(u.interval, Duration::from_secs(300));
+        assert!(!u.mappings[0].is_prefix() && u.mappings[1].is_prefix());
+        for (bad, key) in [
+            ("address = \"http://127.0.0.1:8200\"", "upstream.address"),
+            ("address = \"https://h/v1/x\"", "upstream.address"),
+            ("role = \"a b\"", "upstream.role"),
+            ("key = \"a b\"", "upstream.key"),
+            ("mount = \"../x\"", "upstream.mount"),
+            ("interval_secs = 0", "upstream.interval_secs"),
+        ] {
+            let name = bad.split(' ').next().unwrap();
+            let text: String = base
+                .lines()
+                .filter(|l| !l.starts_with(&format!("{name} ")))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let e = parse(&format!("{text}{bad}\n")).unwrap_err();
+            assert!(e.starts_with(key), "{bad}: {e}");
+        }
+        for (remote, secret, key) in [
+            ("app/../x", "x", "upstream.map[0].remote"),
+            ("/app", "x", "upstream.map[0].remote"),
+            ("app/", "x", "upstream.map[0].secret"),
+            ("app", "x y", "upstream.map[0].secret"),
+        ] {
+            let e = parse(&format!(
+                "{base}[[upstream.map]]\nremote = \"{remote}\"\nsecret = \"{secret}\"\n"
+            ))
+            .unwrap_err();
+            assert!(e.starts_with(key), "{remote} -> {secret}: {e}");
+        }
     }
 
     #[test]

@@ -27,4 +27,5 @@ pub mod startup;
 pub mod store;
 pub mod sys;
 pub mod transport;
+pub mod upstream;
 pub mod vault;

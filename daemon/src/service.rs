@@ -23,12 +23,16 @@ use crate::audit::{AuditLog, Durability, Entry};
 use crate::backup::Backups;
 use crate::identity::Caller;
 use crate::transport::Handler;
+use crate::upstream::{self, Upstream};
 use crate::vault::Vault;
 use keyward_policy::{credential_secret, decide, Action, Decision, Policy, Resource};
 
 /// Free space below which `Status` calls the state directory's file system full: SQLite needs
 /// room for its WAL frames, the audit log for its records.
 const LOW_SPACE: u64 = 1 << 20;
+
+/// Change announcements held for a listener that is behind; past that it misses the oldest.
+const CHANGES_QUEUE: usize = 256;
 
 /// The service layer.
 pub struct Service {
@@ -37,6 +41,10 @@ pub struct Service {
     audit: Arc<AuditLog>,
     /// The backup being handed out (`Backup`, `BackupChunk`).
     backups: Backups,
+    /// The OpenBao upstream sync, when configured (set once, at start).
+    upstream: std::sync::OnceLock<Arc<Upstream>>,
+    /// Which secret changed, for whoever listens (the D-Bus `SecretChanged` signal).
+    changes: tokio::sync::broadcast::Sender<(String, u64)>,
 }
 
 impl std::fmt::Debug for Service {
@@ -87,6 +95,8 @@ impl Service {
             policy: RwLock::new(Arc::new(policy)),
             backups: Backups::new(audit.dir()),
             audit,
+            upstream: std::sync::OnceLock::new(),
+            changes: tokio::sync::broadcast::channel(CHANGES_QUEUE).0,
         }
     }
 
@@ -98,6 +108,17 @@ impl Service {
     /// The vault (for start-up work like the unattended unseal).
     pub fn vault(&self) -> &Vault {
         &self.vault
+    }
+
+    /// Announce that secret `name` changed: its new `version`, or 0 when it was deleted.
+    /// Nobody listening is fine.
+    pub fn announce_change(&self, name: &str, version: u64) {
+        let _ = self.changes.send((name.to_owned(), version));
+    }
+
+    /// Serve `UpstreamStatus` and `UpstreamSync` from `upstream` (once, at start).
+    pub fn set_upstream(&self, upstream: Arc<Upstream>) {
+        let _ = self.upstream.set(upstream);
     }
 
     /// Swap in a new policy (SIGHUP).
@@ -204,9 +225,12 @@ impl Service {
                     shares_needed,
                 })
             }
-            Request::PutSecret(p) => Reply::PutSecret(api::VersionReply {
-                version: v.put_secret(p.name, p.value).await?,
-            }),
+            Request::PutSecret(p) => {
+                let name = p.name.to_string();
+                let version = v.put_secret(p.name, p.value).await?;
+                self.announce_change(&name, version);
+                Reply::PutSecret(api::VersionReply { version })
+            }
             Request::GetSecret(p) => {
                 let (value, version) = v.get_secret(p.name, p.version).await?;
                 Reply::GetSecret(api::GetSecretReply { value, version })
@@ -223,7 +247,9 @@ impl Service {
                 versions: v.secret_versions(p.name).await?,
             }),
             Request::DeleteSecret(p) => {
+                let name = p.name.to_string();
                 v.delete_secret(p.name).await?;
+                self.announce_change(&name, 0);
                 Reply::DeleteSecret(api::Done {})
             }
             Request::CreateKey(p) => Reply::CreateKey(api::PublicKeyReply {
@@ -275,6 +301,22 @@ impl Service {
             Request::Backup(_) => Reply::Backup(self.backups.make(v.store(), &self.audit).await?),
             Request::BackupChunk(p) => Reply::BackupChunk(api::BackupChunkReply {
                 data: api::Bytes(self.backups.chunk(&p.id, p.offset).await?),
+            }),
+            Request::UpstreamStatus(_) => Reply::UpstreamStatus(match self.upstream.get() {
+                Some(u) => u.status(self).await?,
+                None => upstream::not_configured(),
+            }),
+            Request::UpstreamSync(_) => Reply::UpstreamSync(match self.upstream.get() {
+                Some(u) => {
+                    u.sync_now().await;
+                    u.status(self).await?
+                }
+                None => {
+                    return Err(ApiError::InvalidArgument {
+                        parameter: "upstream".into(),
+                        reason: "no [upstream] is configured in keywardd.toml".into(),
+                    })
+                }
             }),
         })
     }
@@ -404,6 +446,10 @@ impl Handler for Service {
             }
         }
         result
+    }
+
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<(String, u64)>> {
+        Some(self.changes.subscribe())
     }
 
     async fn credential(

@@ -32,6 +32,7 @@ use crate::store::Store;
 use crate::sys;
 use crate::transport::dbus::{self, DbusError};
 use crate::transport::{credentials, socket, ssh_agent, transit, varlink};
+use crate::upstream;
 use crate::vault::Vault;
 
 /// How long the stop waits for the device threads to close their devices.
@@ -356,6 +357,31 @@ async fn unseal_and_settle(service: &Service, audit: &Arc<AuditLog>, config: &Co
     }
 }
 
+/// Start the OpenBao upstream sync and wait, at most `initial_sync_timeout`, for its first sync,
+/// so that units ordered after us get fresh values when the cluster is reachable; when it is
+/// not, they get the last synced ones (the sync goes on in the background either way).
+async fn start_upstream(
+    service: &Arc<Service>,
+    settings: &crate::config::UpstreamSettings,
+    stopped: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let (handle, task) = upstream::new(settings.clone());
+    service.set_upstream(Arc::clone(&handle));
+    let join = tokio::spawn(upstream::run(
+        Arc::clone(&handle),
+        Arc::clone(service),
+        task,
+        stopped,
+    ));
+    if !handle.wait_finished(1, settings.initial_sync_timeout).await {
+        tracing::warn!(
+            "the first upstream sync did not finish within {:?}: going on with the values synced before",
+            settings.initial_sync_timeout
+        );
+    }
+    join
+}
+
 /// The first status line: sealed and why, or who unsealed.
 async fn vault_line(service: &Service) -> Result<String, StartError> {
     let status = service
@@ -382,6 +408,7 @@ pub struct Daemon {
     credentials: Option<JoinHandle<()>>,
     ssh_agent: Option<JoinHandle<()>>,
     transit: Option<JoinHandle<()>>,
+    upstream: Option<JoinHandle<()>>,
     device_watch: JoinHandle<()>,
     watchdog_stop: watch::Sender<bool>,
     watchdog: Option<JoinHandle<()>>,
@@ -463,6 +490,11 @@ pub async fn start(config: &Config) -> Result<Daemon, StartError> {
         tokio::spawn(transit::serve(l, service.clone(), limits, stopped.clone()))
     });
 
+    let upstream = match &config.upstream {
+        Some(settings) => Some(start_upstream(&service, settings, stopped.clone()).await),
+        None => None,
+    };
+
     let line = vault_line(&service).await?;
     // From READY=1 on, systemd counts the watchdog interval. The pings go on while requests
     // drain (a drain may take as long as a device call), so they stop on their own signal.
@@ -493,6 +525,7 @@ pub async fn start(config: &Config) -> Result<Daemon, StartError> {
         credentials,
         ssh_agent,
         transit,
+        upstream,
         device_watch,
         watchdog_stop,
         watchdog,
@@ -540,6 +573,9 @@ impl Daemon {
         }
         if let Some(t) = self.transit {
             let _ = t.await;
+        }
+        if let Some(u) = self.upstream {
+            let _ = u.await;
         }
         let _ = self.device_watch.await;
         let _ = self.watchdog_stop.send(true);

@@ -171,6 +171,41 @@ method Backup() -> (id: string, size: int, sha256: string)
 
 # Up to 1 MiB (before base64) of the backup file id, from offset.
 method BackupChunk(id: string, offset: int) -> (data: string)
+# One secret kept in step with the OpenBao upstream: the KV v2 path, the local secret, the
+# upstream version last written and the local version holding it.
+type UpstreamMapping (
+  remote: string,
+  secret: string,
+  remote_version: ?int,
+  local_version: ?int,
+  synced: ?string,
+  note: ?string
+)
+
+# Where the OpenBao upstream sync ([upstream] in the config) stands: the last sync's start,
+# the last one that ended well, the last error, the seconds the token has left.
+method UpstreamStatus() -> (
+  configured: bool,
+  address: ?string,
+  role: ?string,
+  last_attempt: ?string,
+  last_success: ?string,
+  last_error: ?string,
+  token_ttl: ?int,
+  mappings: []UpstreamMapping
+)
+
+# Sync from the OpenBao upstream now; the reply is UpstreamStatus's, after the sync.
+method UpstreamSync() -> (
+  configured: bool,
+  address: ?string,
+  role: ?string,
+  last_attempt: ?string,
+  last_success: ?string,
+  last_error: ?string,
+  token_ttl: ?int,
+  mappings: []UpstreamMapping
+)
 
 error NotInitialized ()
 error AlreadyInitialized ()
@@ -699,6 +734,51 @@ pub struct BackupChunkReply {
 /// The most [`BackupChunkReply::data`] holds: its base64 fits a frame with room to spare.
 pub const BACKUP_CHUNK_LEN: usize = 1024 * 1024;
 
+/// One secret kept in step with the OpenBao upstream (or a mapping that has brought none yet).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamMapping {
+    /// The KV v2 path on the upstream (a mapping's prefix ends with `/`).
+    pub remote: String,
+    /// The local secret (a prefix mapping's local prefix, until it brought a secret).
+    pub secret: String,
+    /// The upstream version last written here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_version: Option<u64>,
+    /// The local version that holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_version: Option<u64>,
+    /// When it was written (RFC 3339 UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced: Option<String>,
+    /// What the last sync found that is not a new value (the upstream deleted it, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Where the OpenBao upstream sync stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamStatusReply {
+    /// An `[upstream]` table is configured.
+    pub configured: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// The last sync's start (RFC 3339 UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempt: Option<String>,
+    /// The last sync that ended well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success: Option<String>,
+    /// Why the last sync failed, while it is the latest word.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Seconds the upstream token has left, while the daemon holds one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ttl: Option<u64>,
+    pub mappings: Vec<UpstreamMapping>,
+}
+
 /// Who may call a method, as the daemon's policy sees it. The resource a call names is its
 /// audit target ([`Request::target`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -923,6 +1003,16 @@ macro_rules! keyward_methods {
                 access: Admin, audit: Read,
                 target: |p| format!("backup {}", p.id.chars().take(64).collect::<String>()),
                 detail: |p| Some(format!("offset {}", p.offset)),
+            }
+            /// Where the OpenBao upstream sync stands.
+            UpstreamStatus($crate::api::Empty) -> $crate::api::UpstreamStatusReply {
+                access: Admin, audit: AdminRead,
+                target: |_| "upstream".into(), detail: |_| None,
+            }
+            /// Sync from the OpenBao upstream now, and say how it went.
+            UpstreamSync($crate::api::Empty) -> $crate::api::UpstreamStatusReply {
+                access: Admin, audit: AdminChange,
+                target: |_| "upstream".into(), detail: |_| None,
             }
         }
     };

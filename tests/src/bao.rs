@@ -5,6 +5,10 @@
 //!
 //! The `bao` CLI ([`Bao::cli`]) is the same binary, aimed at this server with `BAO_ADDR` and no
 //! token from the environment. Nothing here talks to anything but 127.0.0.1 and Unix sockets.
+//!
+//! [`Bao::start_tls`] serves HTTPS instead, with a server certificate for 127.0.0.1 from a test
+//! CA ([`Pki`]: made with the `openssl` command line), and initialises and unseals the server
+//! (one Shamir share) so that the CLI acts with the root token from then on.
 
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -59,18 +63,197 @@ fn free_port_pair() -> u16 {
     panic!("no free port pair on 127.0.0.1");
 }
 
+/// A test certificate authority in a temp dir, made and used with the `openssl` command line:
+/// ECDSA P-256 keys, certificates valid for two days.
+#[derive(Debug)]
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+/// Run `openssl ARGS` in `dir`; panics with its words when it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Pki {
+    /// A new CA (`ca.pem`, its key `ca.key`) named `name`.
+    pub fn new(name: &str) -> Pki {
+        let dir = tempfile::Builder::new()
+            .prefix("pki-")
+            .tempdir()
+            .expect("tempdir");
+        openssl(
+            dir.path(),
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={name}"),
+            ],
+        );
+        Pki { dir }
+    }
+
+    /// The CA certificate (PEM).
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// Issue a certificate for the request `csr` (PEM) into `out`, with the extensions in
+    /// `extensions` (an `openssl x509 -extfile` body).
+    pub fn sign(&self, csr: &Path, out: &Path, extensions: &str) {
+        let ext = self.dir.path().join("ext.cnf");
+        std::fs::write(&ext, extensions).expect("write extensions");
+        openssl(
+            self.dir.path(),
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr.display().to_string(),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &out.display().to_string(),
+                "-extfile",
+                &ext.display().to_string(),
+            ],
+        );
+    }
+
+    /// A server key and certificate for 127.0.0.1: `(certificate, key)`, files in this dir.
+    pub fn server_cert(&self) -> (PathBuf, PathBuf) {
+        let d = self.dir.path();
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        );
+        self.sign(
+            &d.join("server.csr"),
+            &d.join("server.pem"),
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        );
+        (d.join("server.pem"), d.join("server.key"))
+    }
+}
+
 /// A `bao server` with Raft storage in a temp dir.
 #[derive(Debug)]
 pub struct Bao {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
+    /// The CA of the server's certificate, when it serves HTTPS.
+    ca: Option<PathBuf>,
+    /// The root token, once [`Bao::start_tls`] initialised the server.
+    root_token: Option<String>,
+    /// The unseal key, likewise.
+    unseal_key: Option<String>,
 }
 
 impl Bao {
     /// Write the config (Raft storage, node id `node`, a plain-HTTP listener on 127.0.0.1, and
     /// `seal`, a whole `seal "…" { … }` stanza or nothing) and start the server.
     pub fn start(node: &str, seal: &str) -> Bao {
+        Self::start_with(node, seal, None)
+    }
+
+    /// A server on HTTPS with a certificate from `pki` for 127.0.0.1, initialised (one unseal
+    /// key) and unsealed; the CLI uses the root token from then on.
+    pub fn start_tls(node: &str, pki: &Pki) -> Bao {
+        let (cert, key) = pki.server_cert();
+        let listener = format!(
+            "tls_cert_file = \"{}\"\n  tls_key_file = \"{}\"",
+            cert.display(),
+            key.display()
+        );
+        let mut bao = Self::start_with(node, "", Some((pki.ca(), listener)));
+        let out = bao.run(&[
+            "operator",
+            "init",
+            "-key-shares=1",
+            "-key-threshold=1",
+            "-format=json",
+        ]);
+        assert!(
+            out.status.success(),
+            "bao operator init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let init: serde_json::Value = serde_json::from_slice(&out.stdout).expect("init json");
+        bao.root_token = init["root_token"].as_str().map(str::to_owned);
+        bao.unseal_key = init["unseal_keys_b64"][0].as_str().map(str::to_owned);
+        bao.unseal();
+        bao
+    }
+
+    /// Give the unseal key and wait until the node is active and set up.
+    fn unseal(&self) {
+        let mark = self.log_mark();
+        let key = self.unseal_key.clone().expect("an initialised server");
+        let out = self.run(&["operator", "unseal", &key]);
+        assert!(
+            out.status.success(),
+            "bao operator unseal: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // A Raft node comes up as a standby first (its own "post-unseal setup complete"),
+        // wins the election, then sets up again as the active node.
+        self.wait_log("bao active", mark, START_TIMEOUT, |l| {
+            l.contains("starting raft active node")
+        });
+        let active = self
+            .log()
+            .rfind("starting raft active node")
+            .unwrap_or(mark);
+        self.wait_log("bao unsealed", active, START_TIMEOUT, |l| {
+            l.contains("post-unseal setup complete")
+        });
+    }
+
+    fn start_with(node: &str, seal: &str, tls: Option<(PathBuf, String)>) -> Bao {
+        let (ca, listener_tls, scheme) = match tls {
+            Some((ca, listener)) => (Some(ca), listener, "https"),
+            None => (None, "tls_disable = \"true\"".to_owned(), "http"),
+        };
         let dir = tempfile::Builder::new()
             .prefix("bao-")
             .tempdir()
@@ -88,10 +271,10 @@ impl Bao {
 listener "tcp" {{
   address = "127.0.0.1:{port}"
   cluster_address = "127.0.0.1:{cluster}"
-  tls_disable = "true"
+  {listener_tls}
 }}
-api_addr = "http://127.0.0.1:{port}"
-cluster_addr = "http://127.0.0.1:{cluster}"
+api_addr = "{scheme}://127.0.0.1:{port}"
+cluster_addr = "{scheme}://127.0.0.1:{cluster}"
 {seal}
 "#,
             data = data.display(),
@@ -102,14 +285,28 @@ cluster_addr = "http://127.0.0.1:{cluster}"
             dir,
             port,
             child: None,
+            ca,
+            root_token: None,
+            unseal_key: None,
         };
         bao.restart_process();
         bao
     }
 
-    /// The server's address (`http://127.0.0.1:PORT`).
+    /// The root token, once [`Bao::start_tls`] initialised the server.
+    pub fn root_token(&self) -> Option<&str> {
+        self.root_token.as_deref()
+    }
+
+    /// The CA of the server's certificate, when it serves HTTPS.
+    pub fn ca(&self) -> Option<&Path> {
+        self.ca.as_deref()
+    }
+
+    /// The server's address (`http://127.0.0.1:PORT`, or `https://` when it serves TLS).
     pub fn addr(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     fn log_path(&self) -> PathBuf {
@@ -180,7 +377,11 @@ cluster_addr = "http://127.0.0.1:{cluster}"
     /// Start again on the same state (after [`Bao::stop`]): `true` once it says it started,
     /// `false` when it gave up at start (the log says why).
     pub fn start_again(&mut self) -> bool {
-        self.restart_process()
+        let started = self.restart_process();
+        if started && self.unseal_key.is_some() {
+            self.unseal();
+        }
+        started
     }
 
     /// SIGTERM and wait for the exit.
@@ -218,6 +419,12 @@ cluster_addr = "http://127.0.0.1:{cluster}"
         ] {
             c.env_remove(var);
         }
+        if let Some(ca) = &self.ca {
+            c.env("BAO_CACERT", ca);
+        }
+        if let Some(token) = &self.root_token {
+            c.env("BAO_TOKEN", token);
+        }
         // HOME: the CLI keeps its token helper's file there.
         c.env("BAO_ADDR", self.addr()).env("HOME", self.dir.path())
     }
@@ -232,6 +439,17 @@ cluster_addr = "http://127.0.0.1:{cluster}"
     /// Run `bao ARGS`.
     pub fn run(&self, args: &[&str]) -> Output {
         self.cli().args(args).output().expect("run bao")
+    }
+
+    /// Run `bao ARGS` and return its stdout; panics with its stderr when it fails.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "bao {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// `bao status -format=json` as JSON (it exits 2 when sealed, which is an answer too).

@@ -677,6 +677,21 @@ impl Keywardd {
             .collect()
     }
 
+    /// The daemon's event records (`start`, `upstream-sync`, ...) of the audit log, as
+    /// `(event, detail)`, oldest first.
+    pub fn audit_events(&self) -> Vec<(String, String)> {
+        let text = std::fs::read_to_string(self.dir().join("state/audit.log"))
+            .unwrap_or_else(|e| panic!("read the audit log: {e}"));
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r["kind"] == "event")
+            .map(|r| {
+                let field = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+                (field("event"), field("detail"))
+            })
+            .collect()
+    }
+
     /// A `keyward` command aimed at this daemon.
     pub fn cli(&self) -> Command {
         let mut c = Command::new(bin("keyward"));

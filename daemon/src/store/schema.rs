@@ -118,8 +118,24 @@ CREATE TABLE transit_keys (
 ) STRICT;
 ";
 
+/// Schema v5: what the OpenBao upstream sync wrote, per local secret.
+///
+/// A row is written in the transaction that stores the secret version it names, so the local
+/// version and the upstream version it came from can't disagree after a crash. `note` keeps
+/// what the last sync saw that was not a new value (the upstream deleted the secret).
+const V5: &str = "
+CREATE TABLE upstream_versions (
+    secret TEXT PRIMARY KEY,
+    remote TEXT NOT NULL,
+    remote_version INTEGER NOT NULL CHECK (remote_version >= 1),
+    local_version INTEGER NOT NULL CHECK (local_version >= 1),
+    synced TEXT NOT NULL,
+    note TEXT
+) STRICT, WITHOUT ROWID;
+";
+
 /// The migrations, in order. The schema version this build writes is their count.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// The schema version this build knows.
 pub fn current_version() -> i64 {

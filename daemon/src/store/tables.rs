@@ -931,6 +931,87 @@ pub fn get_transit_key(
     Ok(row)
 }
 
+// the OpenBao upstream sync
+
+/// A local secret as the upstream sync last wrote it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamRow {
+    pub secret: String,
+    /// The KV v2 path it came from.
+    pub remote: String,
+    pub remote_version: u64,
+    pub local_version: u64,
+    pub synced: String,
+    pub note: Option<String>,
+}
+
+/// Record (or replace) what the upstream sync wrote to `row.secret`.
+///
+/// # Errors
+/// A SQLite failure.
+pub fn put_upstream_version(tx: &Transaction<'_>, row: &UpstreamRow) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO upstream_versions (secret, remote, remote_version, local_version, synced, note)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (secret) DO UPDATE SET remote = ?2, remote_version = ?3,
+             local_version = ?4, synced = ?5, note = ?6",
+        params![
+            row.secret,
+            row.remote,
+            row.remote_version,
+            row.local_version,
+            row.synced,
+            row.note
+        ],
+    )?;
+    Ok(())
+}
+
+/// Set (or clear) the note on `secret`'s row; `false` when there is no row.
+///
+/// # Errors
+/// A SQLite failure.
+pub fn note_upstream_version(
+    tx: &Transaction<'_>,
+    secret: &str,
+    note: Option<&str>,
+) -> Result<bool, StoreError> {
+    Ok(tx.execute(
+        "UPDATE upstream_versions SET note = ?2 WHERE secret = ?1",
+        params![secret, note],
+    )? > 0)
+}
+
+/// Forget what the upstream sync wrote to `secret`.
+///
+/// # Errors
+/// A SQLite failure.
+pub fn delete_upstream_version(tx: &Transaction<'_>, secret: &str) -> Result<bool, StoreError> {
+    Ok(tx.execute("DELETE FROM upstream_versions WHERE secret = ?1", [secret])? > 0)
+}
+
+/// Every row, by secret name.
+///
+/// # Errors
+/// A SQLite failure.
+pub fn list_upstream_versions(conn: &Connection) -> Result<Vec<UpstreamRow>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT secret, remote, remote_version, local_version, synced, note
+         FROM upstream_versions ORDER BY secret",
+    )?;
+    let rows = stmt.query_map([], |row| {
+        Ok(UpstreamRow {
+            secret: row.get(0)?,
+            remote: row.get(1)?,
+            remote_version: row.get(2)?,
+            local_version: row.get(3)?,
+            synced: row.get(4)?,
+            note: row.get(5)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -14,6 +14,10 @@
 //! `s` (its Varlink parameters as JSON) → `s` (its Varlink reply as JSON), so that a method
 //! added to the table reaches D-Bus without an edit here.
 //!
+//! When a secret changes (a `PutSecret`, a `DeleteSecret`, the upstream sync), the object
+//! sends the signal `SecretChanged(s name, t version)` (version 0: deleted), so an operator can
+//! restart the units that use it; the signal carries the name, never a value.
+//!
 //! It never logs, prints or keeps a copy of argument or reply contents (secret values, PINs,
 //! recovery shares). Secret values are moved into zeroizing buffers the moment they leave the
 //! message, and returned values are serialized straight from the service's zeroizing buffer.
@@ -129,6 +133,8 @@ pub struct DbusService {
     conn: Connection,
     bus: String,
     drain_timeout: Duration,
+    /// The handler's change announcements, sent on as `SecretChanged` signals.
+    changes: Option<tokio::sync::broadcast::Receiver<(String, u64)>>,
 }
 
 /// Connect to the configured bus (`address` if set, else the system or session bus), export
@@ -159,6 +165,7 @@ pub async fn start<H: Handler>(
         bus: bus.clone(),
         source,
     })?;
+    let changes = handler.changes();
     let custodian = Custodian {
         handler,
         calls: Semaphore::new(limits.max_calls_in_flight),
@@ -193,6 +200,7 @@ pub async fn start<H: Handler>(
         conn,
         bus,
         drain_timeout: limits.drain_timeout,
+        changes,
     })
 }
 
@@ -208,12 +216,17 @@ impl DbusService {
     /// # Errors
     /// [`DbusError::Disconnected`] if the bus connection is lost before the shutdown (the
     /// service is gone then; the other transports go on).
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), DbusError> {
-        tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => {}
-            () = self.conn.closed() => {
-                warn!(bus = %self.bus, "dbus: the bus closed the connection; D-Bus service stopped");
-                return Err(DbusError::Disconnected { bus: self.bus });
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), DbusError> {
+        let mut changes = self.changes.take();
+        loop {
+            tokio::select! {
+                // The guard `wait_for` returns is not `Send`: dropped inside the block.
+                () = async { drop(shutdown.wait_for(|stop| *stop).await) } => break,
+                () = self.conn.closed() => {
+                    warn!(bus = %self.bus, "dbus: the bus closed the connection; D-Bus service stopped");
+                    return Err(DbusError::Disconnected { bus: self.bus });
+                }
+                change = next_change(&mut changes) => self.announce(change).await,
             }
         }
         // New callers stop finding us by name...
@@ -247,6 +260,51 @@ impl DbusService {
             debug!("dbus: drained");
         }
         Ok(())
+    }
+}
+
+/// The next change announcement, `None` when some were missed (the receiver lagged); pending
+/// forever when there are none to hear.
+async fn next_change(
+    changes: &mut Option<tokio::sync::broadcast::Receiver<(String, u64)>>,
+) -> Option<(String, u64)> {
+    use tokio::sync::broadcast::error::RecvError;
+    let Some(rx) = changes.as_mut() else {
+        return std::future::pending().await;
+    };
+    match rx.recv().await {
+        Ok(change) => Some(change),
+        Err(RecvError::Lagged(missed)) => {
+            warn!(missed, "dbus: change announcements missed");
+            None
+        }
+        Err(RecvError::Closed) => {
+            *changes = None;
+            None
+        }
+    }
+}
+
+impl DbusService {
+    /// `SecretChanged(name, version)` on the object, to anyone who listens (version 0: the
+    /// secret was deleted). Names only: never a value.
+    async fn announce(&self, change: Option<(String, u64)>) {
+        let Some((name, version)) = change else {
+            return;
+        };
+        if let Err(e) = self
+            .conn
+            .emit_signal(
+                None::<BusName<'_>>,
+                OBJECT_PATH,
+                INTERFACE,
+                "SecretChanged",
+                &(name.as_str(), version),
+            )
+            .await
+        {
+            warn!(error = %e, "dbus: SecretChanged not sent");
+        }
     }
 }
 

@@ -25,6 +25,12 @@ pub trait Handler: Send + Sync + 'static {
         request: Request,
     ) -> impl Future<Output = Result<Reply, ApiError>> + Send;
 
+    /// Changes of secrets as they happen, `(name, version)` (version 0: deleted), for the
+    /// transports that announce them. The default announces nothing.
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<(String, u64)>> {
+        None
+    }
+
     /// The value of systemd credential `id` for `caller` (whose `unit` the transport has
     /// established), as the policy's credential map says. May wait, bounded by `wait`, for the
     /// vault to be unsealed: units start while the daemon is still unsealing at boot.

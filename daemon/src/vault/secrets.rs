@@ -15,6 +15,58 @@ impl Vault {
     /// # Errors
     /// `Sealed`, `TooLarge`, store failures.
     pub async fn put_secret(&self, name: SecretName, value: SecretValue) -> Result<u64, Error> {
+        self.put_version(name, value, None).await
+    }
+
+    /// A new version of `name` from the OpenBao upstream: the secret version and the record of
+    /// the upstream path and version it holds are one transaction, so neither is ever on disk
+    /// without the other.
+    ///
+    /// # Errors
+    /// As [`Vault::put_secret`].
+    pub async fn put_synced_secret(
+        &self,
+        name: SecretName,
+        value: SecretValue,
+        remote: String,
+        remote_version: u64,
+    ) -> Result<u64, Error> {
+        self.put_version(name, value, Some((remote, remote_version)))
+            .await
+    }
+
+    /// What the upstream sync wrote, by secret.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn synced_secrets(&self) -> Result<Vec<store::tables::UpstreamRow>, Error> {
+        Ok(self
+            .store
+            .read(store::tables::list_upstream_versions)
+            .await?)
+    }
+
+    /// Set or clear the note on a synced secret's record (nothing when there is none).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn note_synced_secret(
+        &self,
+        name: String,
+        note: Option<String>,
+    ) -> Result<(), Error> {
+        self.store
+            .write(move |tx| store::tables::note_upstream_version(tx, &name, note.as_deref()))
+            .await?;
+        Ok(())
+    }
+
+    async fn put_version(
+        &self,
+        name: SecretName,
+        value: SecretValue,
+        upstream: Option<(String, u64)>,
+    ) -> Result<u64, Error> {
         let name = String::from(name);
         if value.expose().len() > api::MAX_SECRET_LEN {
             return Err(Error::TooLarge {
@@ -36,6 +88,20 @@ impl Vault {
                 let aad = crypto::secret_aad(&vault_id, &name, version, term);
                 let ciphertext =
                     crypto::seal(&key, &aad, value.expose()).map_err(Error::Encrypt)?;
+                let created = store::tables::now_rfc3339();
+                if let Some((remote, remote_version)) = upstream {
+                    store::tables::put_upstream_version(
+                        tx,
+                        &store::tables::UpstreamRow {
+                            secret: name.clone(),
+                            remote,
+                            remote_version,
+                            local_version: version,
+                            synced: created.clone(),
+                            note: None,
+                        },
+                    )?;
+                }
                 store::tables::insert_secret(
                     tx,
                     &SecretRow {
@@ -43,7 +109,7 @@ impl Vault {
                         version,
                         term,
                         ciphertext,
-                        created: store::tables::now_rfc3339(),
+                        created,
                     },
                 )?;
                 Ok::<_, Error>(version)
@@ -131,7 +197,8 @@ impl Vault {
             .collect())
     }
 
-    /// `DeleteSecret`: every version, securely deleted from the database file.
+    /// `DeleteSecret`: every version, securely deleted from the database file, and the upstream
+    /// sync's record of it.
     ///
     /// # Errors
     /// `Sealed`, `NotFound`, store failures.
@@ -141,7 +208,12 @@ impl Vault {
         let target = name.clone();
         let deleted = self
             .store
-            .write(move |tx| store::tables::delete_secret(tx, &target))
+            .write(move |tx| {
+                // A synced secret deleted here is forgotten by the sync too: the next change
+                // upstream brings it back.
+                store::tables::delete_upstream_version(tx, &target)?;
+                store::tables::delete_secret(tx, &target)
+            })
             .await?;
         if deleted {
             Ok(())
