@@ -87,6 +87,21 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     if let Command::Policy(cmd) = cli.command {
         return super::policy::run(cmd, cli.json);
     }
+    if let Command::Key(KeyCommand::VerifyAttestation {
+        file,
+        nonce,
+        signer,
+        public_key,
+    }) = &cli.command
+    {
+        return super::attest::verify(
+            &out,
+            file,
+            nonce.as_ref().map(|n| n.0.as_slice()),
+            signer.as_deref(),
+            public_key.as_deref(),
+        );
+    }
     let mut client = connect(&cli.socket)?;
     let c = &mut client;
     match cli.command {
@@ -672,6 +687,13 @@ fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
                 format!("key {name} deleted\n")
             })
         }
+        KeyCommand::Attest {
+            name,
+            nonce,
+            output,
+        } => super::attest::attest(c, out, name, nonce, output.as_deref()),
+        // Answered offline in `run`.
+        KeyCommand::VerifyAttestation { .. } => Ok(()),
     }
 }
 

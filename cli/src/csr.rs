@@ -90,7 +90,9 @@ fn signature_algorithm(algorithm: KeyAlgorithm) -> Result<AlgorithmIdentifierOwn
     let oid = match algorithm {
         KeyAlgorithm::Ed25519 => ID_ED_25519,
         KeyAlgorithm::EcdsaP256 => ECDSA_WITH_SHA_256,
-        KeyAlgorithm::RsaPss3072 => return Err(CsrError::Algorithm(algorithm)),
+        KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => {
+            return Err(CsrError::Algorithm(algorithm))
+        }
     };
     Ok(AlgorithmIdentifierOwned {
         oid,

@@ -268,6 +268,9 @@ impl Service {
                     plaintext: v.transit_decrypt(p.name, &p.ciphertext, associated).await?,
                 })
             }
+            Request::AttestKey(p) => Reply::AttestKey(api::AttestKeyReply {
+                attestation: v.attest_key(p.name, p.nonce.map(|n| n.0)).await?,
+            }),
         })
     }
 }

@@ -60,8 +60,12 @@ wire_enum!(
         Ed25519 = "ed25519",
         /// ECDSA over P-256 with SHA-256; signature is DER (X9.62 `Ecdsa-Sig-Value`).
         EcdsaP256 = "ecdsa-p256",
-        /// RSA-3072 with PSS padding, SHA-256, MGF1-SHA-256, 32-byte salt; signature is raw.
+        /// RSA-3072 with PSS padding, SHA-256, MGF1-SHA-256; signature is raw. Salt as for
+        /// `rsa-pss-2048`.
         RsaPss3072 = "rsa-pss-3072",
+        /// RSA-2048 with PSS padding, SHA-256, MGF1-SHA-256; signature is raw. The salt is 32
+        /// bytes from a PKCS#11 token; a TPM picks its own (verify with `rsa_pss_saltlen:auto`).
+        RsaPss2048 = "rsa-pss-2048",
     }
 );
 
@@ -120,7 +124,7 @@ mod tests {
         assert_eq!(e.parameter, "algorithm");
         assert_eq!(
             e.reason,
-            r#"unknown algorithm "dsa": expected one of ed25519, ecdsa-p256, rsa-pss-3072"#
+            r#"unknown algorithm "dsa": expected one of ed25519, ecdsa-p256, rsa-pss-3072, rsa-pss-2048"#
         );
         assert!(serde_json::from_str::<DeviceKind>(r#""tpm""#).is_err());
     }

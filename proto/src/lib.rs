@@ -14,6 +14,7 @@
 //! device layer and the fuzz targets can all build on it and nothing else.
 
 pub mod api;
+pub mod attestation;
 pub mod audit;
 mod invalid;
 pub mod kinds;

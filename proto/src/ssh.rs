@@ -187,7 +187,7 @@ pub fn framed(body: &[u8]) -> Vec<u8> {
 pub fn usable(algorithm: KeyAlgorithm) -> bool {
     match algorithm {
         KeyAlgorithm::Ed25519 | KeyAlgorithm::EcdsaP256 => true,
-        KeyAlgorithm::RsaPss3072 => false,
+        KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => false,
     }
 }
 
@@ -213,9 +213,9 @@ pub fn public_key(algorithm: KeyAlgorithm, spki: &[u8]) -> Result<KeyData, SshEr
             let key = EcdsaPublicKey::from_sec1_bytes(point.as_bytes()).map_err(|e| bad(&e))?;
             Ok(KeyData::Ecdsa(key))
         }
-        KeyAlgorithm::RsaPss3072 => Err(SshError::UnsupportedKey(format!(
-            "{algorithm} keys can't serve SSH: SSH has no RSA-PSS"
-        ))),
+        KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => Err(SshError::UnsupportedKey(
+            format!("{algorithm} keys can't serve SSH: SSH has no RSA-PSS"),
+        )),
     }
 }
 
@@ -261,7 +261,7 @@ pub fn signature(algorithm: KeyAlgorithm, device: &[u8]) -> Result<Signature, Ss
             )
             .map_err(|e| bad(&e))
         }
-        KeyAlgorithm::RsaPss3072 => Err(SshError::Signature(format!(
+        KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => Err(SshError::Signature(format!(
             "{algorithm} signatures have no SSH form"
         ))),
     }

@@ -37,11 +37,12 @@ pub fn verify(
                 .arg(&sig)
                 .arg(&msg);
         }
-        KeyAlgorithm::RsaPss3072 => {
+        KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => {
             cmd.args(["dgst", "-sha256", "-sigopt", "rsa_padding_mode:pss"])
                 .args([
                     "-sigopt",
-                    "rsa_pss_saltlen:32",
+                    // A TPM picks its own salt length (libtpms: the largest that fits).
+                    "rsa_pss_saltlen:auto",
                     "-sigopt",
                     "rsa_mgf1_md:sha256",
                 ])

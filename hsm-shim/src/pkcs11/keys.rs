@@ -3,8 +3,10 @@
 //! on the token as sensitive and non-extractable. Nothing here touches an object it did not
 //! name exactly: other applications may share the token.
 
-use cryptoki::mechanism::Mechanism;
+use cryptoki::context::Pkcs11;
+use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+use cryptoki::slot::Slot;
 
 use super::{map_error, Pkcs11Device};
 use crate::{
@@ -15,6 +17,37 @@ use crate::{
 const ED25519_PARAMS: [u8; 5] = [0x06, 0x03, 0x2b, 0x65, 0x70];
 /// DER of the P-256 curve OID 1.2.840.10045.3.1.7 (`CKA_EC_PARAMS`).
 const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// The algorithms the token in `slot` can generate and sign with, from its mechanism list:
+/// what `keyward status` shows. A token that won't list its mechanisms shows none.
+pub(super) fn algorithms(ctx: &Pkcs11, slot: Slot) -> Vec<KeyAlgorithm> {
+    let mechanisms = match ctx.get_mechanism_list(slot) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::debug!(error = ?e, "C_GetMechanismList failed");
+            return Vec::new();
+        }
+    };
+    let has = |m: &[MechanismType]| m.iter().all(|m| mechanisms.contains(m));
+    let mut out = Vec::new();
+    if has(&[
+        MechanismType::ECC_EDWARDS_KEY_PAIR_GEN,
+        MechanismType::EDDSA,
+    ]) {
+        out.push(KeyAlgorithm::Ed25519);
+    }
+    if has(&[MechanismType::ECC_KEY_PAIR_GEN, MechanismType::ECDSA]) {
+        out.push(KeyAlgorithm::EcdsaP256);
+    }
+    if has(&[
+        MechanismType::RSA_PKCS_KEY_PAIR_GEN,
+        MechanismType::SHA256_RSA_PKCS_PSS,
+    ]) {
+        out.push(KeyAlgorithm::RsaPss3072);
+        out.push(KeyAlgorithm::RsaPss2048);
+    }
+    out
+}
 
 impl Pkcs11Device {
     pub(super) fn key_id<'h>(&self, handle: &'h KeyHandle) -> Result<(&'h [u8], KeyAlgorithm)> {
@@ -63,8 +96,13 @@ impl Pkcs11Device {
                 public.push(Attribute::EcParams(P256_PARAMS.to_vec()));
                 Mechanism::EccKeyPairGen
             }
-            KeyAlgorithm::RsaPss3072 => {
-                public.push(Attribute::ModulusBits(3072u64.into()));
+            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => {
+                let bits: u64 = if spec.algorithm == KeyAlgorithm::RsaPss2048 {
+                    2048
+                } else {
+                    3072
+                };
+                public.push(Attribute::ModulusBits(bits.into()));
                 public.push(Attribute::PublicExponent(vec![1, 0, 1]));
                 Mechanism::RsaPkcsKeyPairGen
             }
@@ -87,7 +125,9 @@ impl Pkcs11Device {
         let (id, algorithm) = self.key_id(handle)?;
         let object = self.find(ObjectClass::PUBLIC_KEY, id)?;
         let wanted: &[AttributeType] = match algorithm {
-            KeyAlgorithm::RsaPss3072 => &[AttributeType::Modulus, AttributeType::PublicExponent],
+            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => {
+                &[AttributeType::Modulus, AttributeType::PublicExponent]
+            }
             KeyAlgorithm::Ed25519 | KeyAlgorithm::EcdsaP256 => &[AttributeType::EcPoint],
         };
         let attrs = self
@@ -108,7 +148,7 @@ impl Pkcs11Device {
             detail: format!("public key has no {what}"),
         };
         match algorithm {
-            KeyAlgorithm::RsaPss3072 => pubkey::rsa_spki(
+            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => pubkey::rsa_spki(
                 &modulus.ok_or_else(|| missing("CKA_MODULUS"))?,
                 &exponent.ok_or_else(|| missing("CKA_PUBLIC_EXPONENT"))?,
             ),
@@ -134,6 +174,8 @@ impl Pkcs11Device {
                     AttributeType::Extractable,
                     AttributeType::Sensitive,
                     AttributeType::Local,
+                    AttributeType::NeverExtractable,
+                    AttributeType::AlwaysSensitive,
                 ],
             )
             .map_err(|e| map_error("C_GetAttributeValue", e))?;
@@ -142,12 +184,16 @@ impl Pkcs11Device {
             extractable: true,
             sensitive: false,
             generated_on_device: false,
+            never_extractable: false,
+            always_sensitive: false,
         };
         for a in attrs {
             match a {
                 Attribute::Extractable(v) => p.extractable = v,
                 Attribute::Sensitive(v) => p.sensitive = v,
                 Attribute::Local(v) => p.generated_on_device = v,
+                Attribute::NeverExtractable(v) => p.never_extractable = v,
+                Attribute::AlwaysSensitive(v) => p.always_sensitive = v,
                 _ => {}
             }
         }

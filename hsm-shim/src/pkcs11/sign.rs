@@ -54,10 +54,10 @@ impl Signer for Pkcs11Device {
             (KeyAlgorithm::EcdsaP256, SignInput::Sha256Digest(d)) => {
                 (Mechanism::Ecdsa, d.as_slice())
             }
-            (KeyAlgorithm::RsaPss3072, SignInput::Message(m)) => {
+            (KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048, SignInput::Message(m)) => {
                 (Mechanism::Sha256RsaPkcsPss(pss()), m)
             }
-            (KeyAlgorithm::RsaPss3072, SignInput::Sha256Digest(d)) => {
+            (KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048, SignInput::Sha256Digest(d)) => {
                 (Mechanism::RsaPkcsPss(pss()), d.as_slice())
             }
         };
@@ -72,7 +72,9 @@ impl Signer for Pkcs11Device {
         };
         match algorithm {
             KeyAlgorithm::EcdsaP256 => pubkey::ecdsa_p256_raw_to_der(&signature),
-            KeyAlgorithm::Ed25519 | KeyAlgorithm::RsaPss3072 => Ok(signature),
+            KeyAlgorithm::Ed25519 | KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => {
+                Ok(signature)
+            }
         }
     }
 
