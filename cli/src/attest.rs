@@ -5,7 +5,7 @@
 //! not make (an unpinned signer, no nonce given).
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use keyward::api::{methods, AttestKeyParams, Bytes, KeyName};
 use keyward::attestation::{self, Attestation, Format, Verified};
@@ -132,7 +132,7 @@ fn read_key(given: &str, option: &str) -> Result<Vec<u8>, CliError> {
 /// `keyward key verify-attestation FILE [--nonce HEX] [--signer KEY|FILE] [--public-key KEY|FILE]`.
 pub fn verify(
     out: &Out,
-    file: &PathBuf,
+    file: &Path,
     nonce: Option<&[u8]>,
     signer: Option<&str>,
     public_key: Option<&str>,
@@ -150,7 +150,7 @@ pub fn verify(
         .transpose()?;
     let verified = attestation::verify(&doc, nonce, signer.as_deref(), public_key.as_deref())
         .map_err(|failure| CliError::AttestationInvalid {
-            path: file.clone(),
+            path: file.to_path_buf(),
             failure,
         })?;
     out.emit(&json!({ "ok": true, "verified": verified }), || {

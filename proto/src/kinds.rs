@@ -64,7 +64,9 @@ wire_enum!(
         /// `rsa-pss-2048`.
         RsaPss3072 = "rsa-pss-3072",
         /// RSA-2048 with PSS padding, SHA-256, MGF1-SHA-256; signature is raw. The salt is 32
-        /// bytes from a PKCS#11 token; a TPM picks its own (verify with `rsa_pss_saltlen:auto`).
+        /// bytes from a PKCS#11 token and from swtpm (libtpms); TPM firmware that follows
+        /// older TCG specs uses the largest salt that fits, so verify with
+        /// `rsa_pss_saltlen:auto` where the TPM is not known.
         RsaPss2048 = "rsa-pss-2048",
     }
 );

@@ -41,8 +41,8 @@ pub fn verify(
             cmd.args(["dgst", "-sha256", "-sigopt", "rsa_padding_mode:pss"])
                 .args([
                     "-sigopt",
-                    // A TPM picks its own salt length (libtpms: the largest that fits).
-                    "rsa_pss_saltlen:auto",
+                    // 32 bytes from tokens and from TPMs alike (libtpms: the digest's size).
+                    "rsa_pss_saltlen:32",
                     "-sigopt",
                     "rsa_mgf1_md:sha256",
                 ])

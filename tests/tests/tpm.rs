@@ -421,18 +421,19 @@ fn ed25519_generate_is_unsupported() {
             KeyAlgorithm::RsaPss2048
         ]
     );
-    for algorithm in [KeyAlgorithm::Ed25519] {
-        let err = tpm
-            .generate(&KeySpec {
-                label: "x".into(),
-                algorithm,
-                id: None,
-            })
-            .unwrap_err();
-        match err {
-            DeviceError::Unsupported(m) => assert!(m.contains(algorithm.as_str()), "{m}"),
-            other => panic!("{algorithm}: {other:?}"),
+    let err = tpm
+        .generate(&KeySpec {
+            label: "x".into(),
+            algorithm: KeyAlgorithm::Ed25519,
+            id: None,
+        })
+        .unwrap_err();
+    match err {
+        // It says what it does make.
+        DeviceError::Unsupported(m) => {
+            assert!(m.contains("ed25519") && m.contains("rsa-pss-2048"), "{m}")
         }
+        other => panic!("{other:?}"),
     }
     let pkcs11 = KeyHandle::Pkcs11 {
         algorithm: KeyAlgorithm::EcdsaP256,
