@@ -219,6 +219,61 @@ fn a_tpm_attestation_verifies_and_tampering_or_a_wrong_nonce_is_rejected() {
         .any(|r| r["op"] == "AttestKey" && r["target"] == "tpm-ec" && r["result"] == "ok"));
 }
 
+/// A TPM that holds its endorsement key certificate in NV (as one from a maker does): the
+/// attestation carries it, OpenSSL reads it as an X.509 certificate, `attest -o` prints it,
+/// and the document still verifies.
+#[test]
+fn the_ek_certificate_comes_with_the_attestation_where_the_tpm_has_one() {
+    let tpm = Swtpm::start_with_ek_certificate();
+    let token = SoftHsm::new("keyward-attest-ek");
+    let daemon = Setup::new().tpm("tpm", &tpm).token("hsm", &token).start();
+    daemon.json(&["init", "--pkcs11", "hsm"]);
+    let w = World {
+        _tpm: tpm,
+        _token: token,
+        daemon,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    create(&w.daemon, "tpm-ec", "tpm", "ecdsa-p256");
+    let (path, doc) = attest(&w, "tpm-ec");
+    assert_eq!(doc.ek_certificates.len(), 1, "{doc:?}");
+    let cert = w.dir.path().join("ek.der");
+    std::fs::write(&cert, &doc.ek_certificates[0].0).unwrap();
+    let out = Command::new("openssl")
+        .args(["x509", "-inform", "DER", "-noout", "-text", "-in"])
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl x509: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("rsaEncryption"),
+        "{out:?}"
+    );
+    assert_eq!(verify(&w.daemon, &path, &["--nonce", NONCE]).0, 0);
+    let out = w.daemon.run(
+        &[
+            "key",
+            "attest",
+            "tpm-ec",
+            "-o",
+            w.dir.path().join("again.json").to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("EK certificate:\n-----BEGIN CERTIFICATE-----"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("-----BEGIN PUBLIC KEY-----"),
+        "{}",
+        out.stdout
+    );
+}
+
 fn hex(s: &str) -> Vec<u8> {
     (0..s.len())
         .step_by(2)

@@ -18,17 +18,15 @@ const ED25519_PARAMS: [u8; 5] = [0x06, 0x03, 0x2b, 0x65, 0x70];
 /// DER of the P-256 curve OID 1.2.840.10045.3.1.7 (`CKA_EC_PARAMS`).
 const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
-/// The algorithms the token in `slot` can generate and sign with, from its mechanism list:
-/// what `keyward status` shows. A token that won't list its mechanisms shows none.
+/// The algorithms the token in `slot` can generate and sign with, asked mechanism by
+/// mechanism (`C_GetMechanismInfo`; reading the whole list would have cryptoki log an error
+/// for every vendor mechanism it has no name for): what `keyward status` shows.
 pub(super) fn algorithms(ctx: &Pkcs11, slot: Slot) -> Vec<KeyAlgorithm> {
-    let mechanisms = match ctx.get_mechanism_list(slot) {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::debug!(error = ?e, "C_GetMechanismList failed");
-            return Vec::new();
-        }
+    let has = |wanted: &[MechanismType]| {
+        wanted
+            .iter()
+            .all(|&m| ctx.get_mechanism_info(slot, m).is_ok())
     };
-    let has = |m: &[MechanismType]| m.iter().all(|m| mechanisms.contains(m));
     let mut out = Vec::new();
     if has(&[
         MechanismType::ECC_EDWARDS_KEY_PAIR_GEN,

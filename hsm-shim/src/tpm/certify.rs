@@ -13,12 +13,13 @@
 
 use tss_esapi::abstraction::ek::retrieve_ek_pubcert;
 use tss_esapi::abstraction::AsymmetricAlgorithmSelection;
+use tss_esapi::constants::CapabilityType;
 use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::AuthSession;
-use tss_esapi::structures::{Data, HashScheme, Signature, SignatureScheme};
+use tss_esapi::structures::{CapabilityData, Data, HashScheme, Signature, SignatureScheme};
 use tss_esapi::traits::Marshall;
 
 use super::error::{map, Op};
@@ -94,15 +95,36 @@ impl TpmDevice {
         })
     }
 
-    /// The EK certificates in the TPM's NV (RSA 2048 and ECC P-256 indices); a TPM without
-    /// them (swtpm unless set up with `--create-ek-cert`) has none, which is not an error.
+    /// The EK certificates in the TPM's NV (RSA 2048 and ECC P-256 indices of the TCG EK
+    /// Credential Profile); a TPM without them (swtpm unless set up with `--create-ek-cert`)
+    /// has none, which is not an error. The NV handles are listed first so that a missing
+    /// index is not tried (ESAPI would print errors for it on stderr).
     fn ek_certificates(&mut self) -> Vec<Vec<u8>> {
+        let present: Vec<u32> = match self.ctx.execute_without_session(|c| {
+            c.get_capability(CapabilityType::Handles, EK_CERT_NV_FIRST, EK_CERT_NV_SPAN)
+        }) {
+            Ok((CapabilityData::Handles(list), _)) => {
+                list.into_inner().into_iter().map(u32::from).collect()
+            }
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                tracing::debug!(error = %e, "listing the TPM's NV indices failed");
+                Vec::new()
+            }
+        };
         [
-            AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
-            AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+            (
+                RSA_2048_EK_CERT,
+                AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+            ),
+            (
+                ECC_P256_EK_CERT,
+                AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+            ),
         ]
         .into_iter()
-        .filter_map(|alg| match retrieve_ek_pubcert(&mut self.ctx, alg) {
+        .filter(|(index, _)| present.contains(index))
+        .filter_map(|(_, alg)| match retrieve_ek_pubcert(&mut self.ctx, alg) {
             Ok(cert) if !cert.is_empty() => Some(cert),
             Ok(_) => None,
             Err(e) => {
@@ -113,3 +135,10 @@ impl TpmDevice {
         .collect()
     }
 }
+
+/// NV indices of the RSA 2048 and ECC P-256 EK certificates (TCG EK Credential Profile 2.3).
+const RSA_2048_EK_CERT: u32 = 0x01c0_0002;
+const ECC_P256_EK_CERT: u32 = 0x01c0_000a;
+/// The range listed to find them.
+const EK_CERT_NV_FIRST: u32 = 0x01c0_0000;
+const EK_CERT_NV_SPAN: u32 = 16;
