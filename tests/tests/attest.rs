@@ -274,6 +274,51 @@ fn the_ek_certificate_comes_with_the_attestation_where_the_tpm_has_one() {
     );
 }
 
+/// Attesting is a use of the key: a caller with only `keys` on it (create, delete) is refused
+/// with `PermissionDenied`, and the refusal is on the audit log; one with `sign` gets the
+/// document. A nonce longer than 64 bytes is refused before the device is asked.
+#[test]
+fn attesting_needs_the_sign_right_and_a_bounded_nonce() {
+    const NOBODY: u32 = 65534;
+    let tpm = Swtpm::start();
+    let token = SoftHsm::new("keyward-attest-policy");
+    let d = Setup::new()
+        .tpm("tpm", &tpm)
+        .token("hsm", &token)
+        .public_socket()
+        .policy(&format!(
+            "{}\n[[rule]]\nwho = {{ uid = {NOBODY} }}\nallow = [\"keys\"]\nkeys = [\"managed\"]\n\
+             [[rule]]\nwho = {{ uid = {NOBODY} }}\nallow = [\"sign\"]\nkeys = [\"used\"]\n",
+            keyward_tests::keywardd::ROOT_ADMIN_POLICY
+        ))
+        .start();
+    d.json(&["init", "--pkcs11", "hsm"]);
+    create(&d, "managed", "tpm", "ecdsa-p256");
+    create(&d, "used", "tpm", "ecdsa-p256");
+    let as_nobody = |name: &str| {
+        let mut cmd = keyward_tests::as_uid(NOBODY, keyward_tests::keywardd::bin("keyward"));
+        cmd.arg("--socket")
+            .arg(d.socket())
+            .args(["--json", "key", "attest", name]);
+        keyward_tests::keywardd::run_cli(&mut cmd, b"")
+    };
+    let out = as_nobody("managed");
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("PermissionDenied"), "{}", out.stdout);
+    assert!(d.audit_requests().iter().any(|r| r["op"] == "AttestKey"
+        && r["target"] == "managed"
+        && r["result"] == "PermissionDenied"));
+    let out = as_nobody("used");
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let doc: Attestation = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(doc.nonce.0.len(), 32, "a random nonce when none is given");
+
+    let long = "ab".repeat(65);
+    let out = d.run(&["key", "attest", "used", "--nonce", &long], b"");
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("1 to 64 bytes"), "{}", out.stderr);
+}
+
 fn hex(s: &str) -> Vec<u8> {
     (0..s.len())
         .step_by(2)
