@@ -83,6 +83,8 @@ enum Phase {
     Scale,
     /// Transit Encrypt/Decrypt vs GetSecret over Varlink.
     Transit,
+    /// Start-up to READY=1 unsealed by a signed PCR 11 policy vs by literal PCRs.
+    SignedPcr,
 }
 
 /// One part of a run: measures against the world and adds to the report.
@@ -162,7 +164,7 @@ fn run(args: &Args) -> Result<bool> {
         settings.rekeys
     ));
     let wanted = |p: Phase| args.only.is_empty() || args.only.contains(&p);
-    let phases: [(Phase, PhaseFn); 9] = [
+    let phases: [(Phase, PhaseFn); 10] = [
         (Phase::GetSecret, phases::get_secret),
         (Phase::Sign, phases::sign_softhsm),
         (Phase::Tpm, phases::sign_tpm),
@@ -172,6 +174,7 @@ fn run(args: &Args) -> Result<bool> {
         (Phase::Startup, phases::startup),
         (Phase::Transit, phases::transit),
         (Phase::Scale, phases::scale),
+        (Phase::SignedPcr, phases::signed_startup),
     ];
     for (phase, f) in phases {
         if wanted(phase) {

@@ -14,7 +14,8 @@ use crate::raw;
 use crate::raw::pkcs11::{Alg, RawSigner};
 use crate::report::{Goal, Report, Unit};
 use crate::world::{
-    clients_label, connect, Daemon, World, CREDENTIAL, CREDENTIAL_ID, SECRET, SIGN_DATA, UNIT,
+    clients_label, connect, Daemon, SlotDaemon, World, CREDENTIAL, CREDENTIAL_ID, SECRET,
+    SIGN_DATA, UNIT,
 };
 use crate::Settings;
 
@@ -342,6 +343,41 @@ pub fn startup(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
         "raw unseal",
         sample(&raw_times).stats(),
         sample(&kw_times).stats(),
+    );
+    Ok(())
+}
+
+/// Spawn → `READY=1` of two daemons alike but for their one tpm2 keyslot: bound to literal PCR
+/// 7, or also to a PCR 11 policy signed with `systemd-measure sign` (its unseal adds reading
+/// the signature file, LoadExternal, VerifySignature and PolicyAuthorize), alternating.
+pub fn signed_startup(_w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
+    let mut literal = SlotDaemon::start(false)?;
+    let mut signed = SlotDaemon::start(true)?;
+    literal.timed_restart()?;
+    signed.timed_restart()?;
+    let (mut literal_times, mut signed_times) = (Vec::new(), Vec::new());
+    for _ in 0..s.restarts {
+        literal_times.push(literal.timed_restart()?);
+        signed_times.push(signed.timed_restart()?);
+    }
+    let pairs: Vec<f64> = literal_times
+        .iter()
+        .zip(&signed_times)
+        .map(|(l, s)| s.as_secs_f64() / l.as_secs_f64())
+        .collect();
+    r.row(
+        "keywardd start → READY=1, unsealed by a signed PCR 11 policy",
+        &format!("median of {}", s.restarts),
+        "keywardd unsealed by literal PCR 7",
+        Unit::Secs,
+        (median(&literal_times), median(&signed_times)),
+        &pairs,
+        Goal::AtMost(1.5),
+    );
+    r.latency_sides(
+        "keywardd start → READY=1",
+        ("literal PCRs", sample(&literal_times).stats()),
+        ("signed PCR policy", sample(&signed_times).stats()),
     );
     Ok(())
 }

@@ -11,6 +11,7 @@ use keyward::Client;
 use keyward_tests::keywardd::{Keywardd, Setup, ROOT_ADMIN_POLICY};
 use keyward_tests::softhsm::SoftHsm;
 use keyward_tests::swtpm::Swtpm;
+use keyward_tests::uki;
 use keywardd::identity::status_field;
 use tokio::runtime::Runtime;
 
@@ -188,25 +189,7 @@ impl Daemon {
     /// Stop the daemon, start it again and time spawn → `READY=1`; check it came up unsealed.
     pub fn timed_restart(&mut self) -> Result<Duration> {
         self.track_rss()?;
-        self.keywardd.stop();
-        let t = Instant::now();
-        self.keywardd.start();
-        let took = t.elapsed();
-        self.check_unsealed()?;
-        Ok(took)
-    }
-
-    /// One Status round trip (the vault must be open), then wait until the daemon catches
-    /// SIGTERM: keywardd sends `READY=1` a moment before it installs its handler, and a stop in
-    /// between would kill it instead of draining it (which the fixture reports as a failure).
-    fn check_unsealed(&self) -> Result<()> {
-        let status = Client::connect(self.keywardd.socket())?.status()?;
-        ensure!(
-            !status.sealed,
-            "keywardd came up sealed: {:?}",
-            status.reason
-        );
-        wait_catches_sigterm(self.keywardd.pid())
+        timed_restart(&mut self.keywardd)
     }
 
     /// The daemon's peak RSS so far in this process's life (`VmHWM`), remembered across
@@ -215,6 +198,88 @@ impl Daemon {
         let (hwm, _) = rss(self.keywardd.pid())?;
         self.peak_rss = self.peak_rss.max(hwm);
         Ok(hwm)
+    }
+}
+
+/// Stop `keywardd`, start it again and time spawn → `READY=1`; check it came up unsealed.
+fn timed_restart(keywardd: &mut Keywardd) -> Result<Duration> {
+    keywardd.stop();
+    let t = Instant::now();
+    keywardd.start();
+    let took = t.elapsed();
+    check_unsealed(keywardd)?;
+    Ok(took)
+}
+
+/// One Status round trip (the vault must be open), then wait until the daemon catches
+/// SIGTERM: keywardd sends `READY=1` a moment before it installs its handler, and a stop in
+/// between would kill it instead of draining it (which the fixture reports as a failure).
+fn check_unsealed(keywardd: &Keywardd) -> Result<()> {
+    let status = Client::connect(keywardd.socket())?.status()?;
+    ensure!(
+        !status.sealed,
+        "keywardd came up sealed: {:?}",
+        status.reason
+    );
+    wait_catches_sigterm(keywardd.pid())
+}
+
+/// A `keywardd` on an swtpm of its own whose vault has a single tpm2 keyslot: bound to PCR 7
+/// (the device default), and with `signed` also to PCR 11 policies signed by a vendor key
+/// with `systemd-measure sign` (the image booted into the swtpm, its signature configured).
+/// Two of them differ only in the slot's policy, for the start-up comparison.
+pub struct SlotDaemon {
+    keywardd: Keywardd,
+    _tpm: Swtpm,
+    _files: tempfile::TempDir,
+}
+
+impl SlotDaemon {
+    /// Start the swtpm and the daemon, and make the vault.
+    pub fn start(signed: bool) -> Result<SlotDaemon> {
+        let files = tempfile::Builder::new()
+            .prefix("keyward-bench-slot-")
+            .tempdir()?;
+        let mut tpm = Swtpm::start();
+        let mut spec = SlotSpec {
+            device: Some("tpm".into()),
+            ..SlotSpec::new(KeyslotKind::Tpm2)
+        };
+        let setup = if signed {
+            let key = uki::keypair(files.path(), "vendor");
+            let image = uki::Uki::new(files.path(), "6.1.0-1");
+            let signature = files.path().join("tpm2-pcr-signature.json");
+            image.sign(&tpm, &key, &signature);
+            image.boot(&mut tpm);
+            spec.pcr_public_key = Some(std::fs::read_to_string(&key.1)?);
+            Setup::new().tpm_with(
+                "tpm",
+                &tpm,
+                &format!("pcr_signature = {:?}", signature.display().to_string()),
+            )
+        } else {
+            Setup::new().tpm("tpm", &tpm)
+        };
+        let keywardd = setup.unseal_order(&["tpm"]).log_filter("warn").start();
+        let init = Client::connect(keywardd.socket())?.init(vec![spec])?;
+        ensure!(
+            init.keyslots
+                .first()
+                .and_then(|k| k.signed_pcrs.as_ref())
+                .is_some()
+                == signed,
+            "the keyslot's signed PCRs are not as asked"
+        );
+        Ok(SlotDaemon {
+            keywardd,
+            _tpm: tpm,
+            _files: files,
+        })
+    }
+
+    /// Stop the daemon, start it again and time spawn → `READY=1`; check it came up unsealed.
+    pub fn timed_restart(&mut self) -> Result<Duration> {
+        timed_restart(&mut self.keywardd)
     }
 }
 

@@ -66,6 +66,14 @@ fn write_stdout(bytes: &[u8]) -> Result<(), CliError> {
         .map_err(|e| CliError::Local(format!("cannot write to stdout: {e}")))
 }
 
+/// `keyward manpages DIR`: keyward.1 and keyward-SUBCOMMAND….1 for every visible subcommand,
+/// rendered by clap_mangen from the same definitions `--help` prints.
+fn manpages(dir: &Path) -> Result<(), CliError> {
+    let local = |e: io::Error| CliError::Local(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(local)?;
+    clap_mangen::generate_to(Cli::command(), dir).map_err(local)
+}
+
 fn connect(socket: &Path) -> Result<Client, CliError> {
     let mut client = Client::connect(socket)?;
     client.set_timeout(Some(CALL_TIMEOUT))?;
@@ -79,6 +87,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         let mut command = Cli::command();
         clap_complete::generate(shell, &mut command, "keyward", &mut io::stdout());
         return Ok(());
+    }
+    if let Command::Manpages { dir } = cli.command {
+        return manpages(&dir);
     }
     // Offline: the log is a file; no daemon is asked.
     if let Command::Audit(cmd) = cli.command {
@@ -102,10 +113,17 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             public_key.as_deref(),
         );
     }
+    if let Command::Doctor { config } = &cli.command {
+        return doctor(config, cli.json);
+    }
     let mut client = connect(&cli.socket)?;
     let c = &mut client;
     match cli.command {
-        Command::Completions { .. } | Command::Audit(_) | Command::Policy(_) => Ok(()),
+        Command::Completions { .. }
+        | Command::Manpages { .. }
+        | Command::Audit(_)
+        | Command::Policy(_)
+        | Command::Doctor { .. } => Ok(()),
         Command::Status => {
             let status = c.status()?;
             out.emit(&status, || output::status(&status))
@@ -145,6 +163,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Secret(cmd) => secret(c, &out, cmd),
         Command::Key(cmd) => key(c, &out, cmd),
         Command::Transit(cmd) => transit(c, &out, cmd),
+        Command::Backup { file } => super::backup::backup(c, &out, &file),
     }
 }
 
@@ -278,12 +297,19 @@ fn init(c: &mut Client, out: &Out, args: &InitArgs) -> Result<(), CliError> {
         .as_deref()
         .map(input::read_pin_file)
         .transpose()?;
+    let pcr_public_key = args
+        .pcr_public_key
+        .as_deref()
+        .map(input::read_public_key_pem)
+        .transpose()?;
     let mut slots = Vec::new();
     for device in &args.tpm2 {
         slots.push(SlotSpec {
             device: Some(device.clone()),
             pcrs: args.pcrs.clone(),
             pin: pin.as_ref().map(|p| SecretString::new(p.expose())),
+            pcr_public_key: pcr_public_key.clone(),
+            signed_pcrs: args.pcr_public_key_pcrs.clone(),
             ..SlotSpec::new(KeyslotKind::Tpm2)
         });
     }
@@ -331,11 +357,18 @@ fn enroll(c: &mut Client, out: &Out, what: Enroll) -> Result<(), CliError> {
             device,
             pcrs,
             pin_file,
+            pcr_public_key,
+            pcr_public_key_pcrs,
         } => (
             SlotSpec {
                 device: Some(device),
                 pcrs,
                 pin: pin_file.as_deref().map(input::read_pin_file).transpose()?,
+                pcr_public_key: pcr_public_key
+                    .as_deref()
+                    .map(input::read_public_key_pem)
+                    .transpose()?,
+                signed_pcrs: pcr_public_key_pcrs,
                 ..SlotSpec::new(KeyslotKind::Tpm2)
             },
             None,
@@ -632,6 +665,7 @@ fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
             name,
             file,
             prehashed,
+            hash,
             output,
         } => {
             let what = if prehashed {
@@ -651,7 +685,7 @@ fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
                 )),
                 e => e,
             })?;
-            let signature = c.sign(&name, &data, prehashed)?;
+            let signature = c.sign_with(&name, &data, prehashed, hash)?;
             if let Some(path) = &output {
                 input::write_public(path, &signature)?;
             }
@@ -776,6 +810,32 @@ fn transit(c: &mut Client, out: &Out, cmd: TransitCommand) -> Result<(), CliErro
     }
 }
 
+/// `keyward doctor`: the checks are keywardd's (its config parser, device code and policy
+/// loader), so run `keywardd --doctor` in this process's place: its output and exit code are
+/// the command's. keywardd is looked for beside this binary (a build tree, a hand install),
+/// then where the package puts it (`/usr/sbin`, often not on a user's PATH), then on PATH.
+fn doctor(config: &Path, json: bool) -> Result<(), CliError> {
+    use std::os::unix::process::CommandExt as _;
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("keywardd")));
+    let program = beside
+        .into_iter()
+        .chain([std::path::PathBuf::from("/usr/sbin/keywardd")])
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| "keywardd".into());
+    let mut cmd = std::process::Command::new(&program);
+    cmd.arg("--doctor").arg("--config").arg(config);
+    if json {
+        cmd.arg("--json");
+    }
+    let e = cmd.exec();
+    Err(CliError::Local(format!(
+        "cannot run {} --doctor: {e}",
+        program.display()
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -883,5 +943,38 @@ mod tests {
         assert_eq!(e.exit_code(), 2, "{e}");
         assert!(e.to_string().contains("share 2 not sent"), "{e}");
         assert_eq!(seen, [share(1)], "only the share before it was sent");
+    }
+
+    #[test]
+    fn manpages_cover_every_visible_subcommand_and_not_themselves() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("man1");
+        manpages(&out).unwrap();
+        let page = std::fs::read_to_string(out.join("keyward-secret-put.1")).unwrap();
+        assert!(page.starts_with(".ie \\n(.g .ds Aq"), "roff: {page:.80}");
+        assert!(page.contains("KEYWARD_SOCKET"), "the env var is documented");
+        let main = std::fs::read_to_string(out.join("keyward.1")).unwrap();
+        assert!(main.contains("Exit codes:"), "after_help is in keyward(1)");
+        // One page per subcommand at every level, and none for the hidden generator itself.
+        let mut expected = vec!["keyward.1".to_owned()];
+        for sub in Cli::command()
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set())
+        {
+            expected.push(format!("keyward-{}.1", sub.get_name()));
+            for leaf in sub.get_subcommands() {
+                expected.push(format!("keyward-{}-{}.1", sub.get_name(), leaf.get_name()));
+            }
+        }
+        let mut written: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        expected.sort();
+        written.sort();
+        assert_eq!(written, expected);
+        assert!(!written.iter().any(|n| n.contains("manpages")));
+        let help = Cli::command().render_help().to_string();
+        assert!(!help.contains("manpages"), "hidden from --help");
     }
 }

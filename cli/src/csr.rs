@@ -8,8 +8,10 @@
 
 use std::str::FromStr as _;
 
+use der::asn1::Any;
 use der::asn1::{BitString, Ia5String, OctetString};
-use der::oid::db::{rfc5912::ECDSA_WITH_SHA_256, rfc8410::ID_ED_25519};
+use der::oid::db::rfc5912::{ECDSA_WITH_SHA_256, SHA_256_WITH_RSA_ENCRYPTION};
+use der::oid::db::rfc8410::ID_ED_25519;
 use der::oid::AssociatedOid as _;
 use der::{Decode as _, Encode as _, EncodePem as _};
 use keyward::api::KeyAlgorithm;
@@ -85,19 +87,18 @@ fn split_unescaped(text: &str) -> Vec<&str> {
 }
 
 /// The signatureAlgorithm for what the device's `Sign` returns with `algorithm`: Ed25519 is
-/// pure EdDSA (raw 64 bytes); ECDSA P-256 hashes the message with SHA-256 (DER signature).
+/// pure EdDSA (raw 64 bytes); ECDSA P-256 hashes the message with SHA-256 (DER signature);
+/// RSA PKCS#1 v1.5 too (raw signature; its identifier carries NULL parameters, RFC 4055 §5).
 fn signature_algorithm(algorithm: KeyAlgorithm) -> Result<AlgorithmIdentifierOwned, CsrError> {
-    let oid = match algorithm {
-        KeyAlgorithm::Ed25519 => ID_ED_25519,
-        KeyAlgorithm::EcdsaP256 => ECDSA_WITH_SHA_256,
+    let (oid, parameters) = match algorithm {
+        KeyAlgorithm::Ed25519 => (ID_ED_25519, None),
+        KeyAlgorithm::EcdsaP256 => (ECDSA_WITH_SHA_256, None),
+        KeyAlgorithm::RsaPkcs1_3072 => (SHA_256_WITH_RSA_ENCRYPTION, Some(Any::null())),
         KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => {
             return Err(CsrError::Algorithm(algorithm))
         }
     };
-    Ok(AlgorithmIdentifierOwned {
-        oid,
-        parameters: None,
-    })
+    Ok(AlgorithmIdentifierOwned { oid, parameters })
 }
 
 /// A request under way: the CertificationRequestInfo and the algorithm its signature will use.

@@ -122,6 +122,17 @@ pub fn read_pin_file(path: &Path) -> Result<SecretString, CliError> {
     secret_text(bytes, &format!("the PIN in {}", path.display()))
 }
 
+/// A PEM public key file, sent as its text: the daemon parses it (and never reads a path a
+/// client names).
+///
+/// # Errors
+/// The file can't be read, is larger than 16 KiB, or is not text.
+pub fn read_public_key_pem(path: &Path) -> Result<String, CliError> {
+    let bytes = read_file(path, 16 * 1024, "the public key file")?;
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| CliError::Usage(format!("{} is not a PEM text file", path.display())))
+}
+
 /// One line of `reader` (without its newline), or `None` at end of input.
 ///
 /// # Errors

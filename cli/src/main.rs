@@ -7,6 +7,7 @@
 
 mod attest;
 mod audit;
+mod backup;
 mod commands;
 mod csr;
 pub mod input;
@@ -19,7 +20,7 @@ use std::process::ExitCode;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{ArgGroup, Args, Parser, Subcommand};
-use keyward::api::{ApiError, KeyAlgorithm, KeyName, SecretName, TransitKeyName};
+use keyward::api::{ApiError, KeyAlgorithm, KeyName, SecretName, SignHash, TransitKeyName};
 use keyward::{ClientError, DEFAULT_SOCKET};
 
 const EXIT_CODES: &str = "\
@@ -114,6 +115,41 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Write the manual pages (keyward(1) and one per subcommand) into DIR, for packaging.
+    /// Hidden: the pages come from these very definitions, so they can't drift from the binary.
+    #[command(hide = true)]
+    Manpages {
+        /// The directory to write into (created if missing).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Write a backup of the vault to FILE.
+    ///
+    /// A consistent snapshot that keywardd takes while it keeps serving, holding only sealed
+    /// blobs and ciphertext, with the audit log's head; FILE gets mode 0600 and is replaced
+    /// atomically. Needs admin. Restore it with `keywardd --restore FILE` into an empty state
+    /// directory.
+    Backup {
+        /// Where to write it.
+        file: PathBuf,
+    },
+    /// Check the setup for what admins get wrong, with the fix for each finding.
+    ///
+    /// Config and policy, state directory and PIN file modes, SoftHSM config, TPM reachable
+    /// and its PCR banks, token URI matching exactly one token, D-Bus policy, sockets
+    /// (reachable, and by whom), RLIMIT_MEMLOCK, the clock. Prints ok, warn or fail for each;
+    /// exits 1 on any fail. Runs `keywardd --doctor` (the daemon's own config and device
+    /// code), found beside `keyward`, in /usr/sbin or on PATH; run it as root or as
+    /// keywardd's user.
+    Doctor {
+        /// keywardd's configuration file.
+        #[arg(
+            long,
+            value_name = "PATH",
+            default_value = "/etc/keyward/keywardd.toml"
+        )]
+        config: PathBuf,
+    },
 }
 
 /// `K/N`: K of N recovery shares open the vault.
@@ -166,6 +202,13 @@ pub struct InitArgs {
     /// File holding a PIN the TPM slots will need on top of their PCR policy.
     #[arg(long, value_name = "FILE", requires = "tpm2")]
     pub tpm2_pin_file: Option<PathBuf>,
+    /// Also bind the TPM slots to PCR policies signed by this RSA public key (PEM), as
+    /// `systemd-measure sign` makes them: they then survive updates that ship a signature.
+    #[arg(long, value_name = "FILE.pem", requires = "tpm2")]
+    pub pcr_public_key: Option<PathBuf>,
+    /// The PCRs (sha256 bank) the signed policies cover [default: 11].
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = pcr_parser(), requires = "pcr_public_key")]
+    pub pcr_public_key_pcrs: Option<Vec<u8>>,
     /// Enroll a PKCS#11 token keyslot on this configured device (repeatable).
     #[arg(long, value_name = "DEVICE")]
     pub pkcs11: Vec<String>,
@@ -197,6 +240,13 @@ pub enum Enroll {
         /// File holding a PIN the slot will need on top of its PCR policy.
         #[arg(long, value_name = "FILE")]
         pin_file: Option<PathBuf>,
+        /// Also bind the slot to PCR policies signed by this RSA public key (PEM), as
+        /// `systemd-measure sign` makes them: it then survives updates that ship a signature.
+        #[arg(long, value_name = "FILE.pem")]
+        pcr_public_key: Option<PathBuf>,
+        /// The PCRs (sha256 bank) the signed policies cover [default: 11].
+        #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = pcr_parser(), requires = "pcr_public_key")]
+        pcr_public_key_pcrs: Option<Vec<u8>>,
     },
     /// A PKCS#11 token keyslot.
     Pkcs11 {
@@ -285,6 +335,12 @@ fn algorithm() -> impl TypedValueParser<Value = KeyAlgorithm> {
         .try_map(|s| s.parse::<KeyAlgorithm>())
 }
 
+/// `--hash`: the contract's names, offered to completions.
+fn sign_hash() -> impl TypedValueParser<Value = SignHash> {
+    PossibleValuesParser::new(SignHash::ALL.map(SignHash::as_str))
+        .try_map(|s| s.parse::<SignHash>())
+}
+
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
     /// Generate a key pair inside a device; prints the public key (PEM).
@@ -316,22 +372,25 @@ pub enum KeyCommand {
         output: Option<PathBuf>,
     },
     /// Sign data from stdin (to EOF) or --file; writes the raw signature (Ed25519: 64 bytes,
-    /// ECDSA: DER, RSA-PSS: raw).
+    /// ECDSA: DER, RSA: raw).
     Sign {
         /// The key's name.
         name: KeyName,
         /// Sign this file's contents instead of stdin.
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
-        /// The input is a SHA-256 digest (32 bytes), not the message.
+        /// The input is a digest (32 bytes for SHA-256, 64 for SHA-512), not the message.
         #[arg(long)]
         prehashed: bool,
+        /// The hash to sign over: sha256, or sha512 for rsa-pkcs1-3072 keys.
+        #[arg(long, value_name = "HASH", value_parser = sign_hash())]
+        hash: Option<SignHash>,
         /// Write the signature to this file.
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
     },
     /// Print a PKCS#10 certificate signing request (PEM) for a key, signed inside its device
-    /// (the daemon's `sign` policy and audit apply). Ed25519 and ECDSA P-256 keys.
+    /// (the daemon's `sign` policy and audit apply). Ed25519, ECDSA P-256 and RSA PKCS#1 keys.
     Csr {
         /// The key's name.
         name: KeyName,
@@ -733,6 +792,10 @@ mod tests {
         assert!(parse(&["unseal", "--share-file", "a", "--pin-file", "b"]).is_err());
         assert!(parse(&["completions", "zsh"]).is_ok());
         assert!(matches!(
+            parse(&["manpages", "/tmp/man"]).unwrap().command,
+            Command::Manpages { .. }
+        ));
+        assert!(matches!(
             parse(&["audit", "verify", "/x/audit.log", "--public-key", "k.pem"])
                 .unwrap()
                 .command,
@@ -820,5 +883,39 @@ mod tests {
         assert!(help.contains("Exit codes:") && help.contains("4  the vault is sealed"));
         assert!(help.contains("5  keywardd is running but busy"));
         assert!(help.contains("6  keywardd's state directory is on a full file system"));
+    }
+
+    #[test]
+    fn signed_pcr_flags_need_the_public_key() {
+        assert!(matches!(
+            parse(&[
+                "enroll",
+                "tpm2",
+                "--device",
+                "tpm",
+                "--pcr-public-key",
+                "k.pem",
+                "--pcr-public-key-pcrs",
+                "11,12",
+            ])
+            .unwrap()
+            .command,
+            Command::Enroll(Enroll::Tpm2 {
+                pcr_public_key: Some(_),
+                pcr_public_key_pcrs: Some(ref p),
+                ..
+            }) if p == &[11, 12]
+        ));
+        let only_pcrs = [
+            "enroll",
+            "tpm2",
+            "--device",
+            "tpm",
+            "--pcr-public-key-pcrs",
+            "11",
+        ];
+        assert!(parse(&only_pcrs).is_err(), "signed PCRs without the key");
+        assert!(parse(&["init", "--recovery", "1/1", "--pcr-public-key", "k.pem"]).is_err());
+        assert!(parse(&["init", "--tpm2", "tpm", "--pcr-public-key", "k.pem"]).is_ok());
     }
 }

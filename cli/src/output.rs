@@ -44,6 +44,20 @@ fn pcr_list(pcrs: &[u8]) -> String {
     pcrs.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
 }
 
+/// A keyslot's literal PCRs, and its signed ones with the key's fingerprint (as systemd
+/// prints `pkfp`, shortened).
+fn slot_pcrs(s: &Keyslot) -> Option<String> {
+    let literal = s.pcrs.as_deref().filter(|p| !p.is_empty()).map(pcr_list);
+    let signed = s.signed_pcrs.as_deref().map(|p| {
+        let key = s.pcr_public_key.as_deref().unwrap_or("?");
+        format!("{} signed by {}", pcr_list(p), key.get(..12).unwrap_or(key))
+    });
+    match (literal, signed) {
+        (Some(l), Some(s)) => Some(format!("{l} + {s}")),
+        (l, s) => l.or(s),
+    }
+}
+
 /// The keyslots as a table.
 pub fn keyslots(indent: &str, slots: &[Keyslot]) -> String {
     let rows: Vec<Vec<String>> = slots
@@ -53,7 +67,7 @@ pub fn keyslots(indent: &str, slots: &[Keyslot]) -> String {
                 s.id.to_string(),
                 s.kind.to_string(),
                 or_dash(s.device.clone()),
-                or_dash(s.pcrs.as_deref().map(pcr_list)),
+                or_dash(slot_pcrs(s)),
                 if s.pin { "yes" } else { "no" }.into(),
                 or_dash(match (s.threshold, s.shares, &s.unconfirmed_until) {
                     (Some(k), Some(n), None) => Some(format!("{k} of {n}")),
@@ -242,6 +256,8 @@ mod tests {
                 shares: None,
                 created: "2025-01-01T00:00:00Z".into(),
                 unconfirmed_until: None,
+                signed_pcrs: None,
+                pcr_public_key: None,
             }],
             devices: vec![DeviceStatus {
                 name: "tpm".into(),

@@ -24,7 +24,7 @@ use keyward_proto::api::{
     Empty, EnrollParams, EnrollReply, GetSecretParams, GetSecretReply, InitParams, InitReply,
     KeyAlgorithm, KeyInfo, KeyNameParams, Keyslot, ListSecretsParams, Method, PutSecretParams,
     RekeyParams, RekeyReply, RemoveKeyslotParams, SecretNameParams, SecretString, SecretValue,
-    SecretVersion, SignParams, SlotSpec, StatusReply, UnsealParams, UnsealReply,
+    SecretVersion, SignHash, SignParams, SlotSpec, StatusReply, UnsealParams, UnsealReply,
 };
 use keyward_proto::wire::{FrameBuf, Next};
 
@@ -485,8 +485,8 @@ impl Client {
             .map(|r| r.public_key.0)
     }
 
-    /// `Sign(name, data, prehashed)`: the signature (Ed25519 raw, ECDSA DER, RSA-PSS raw).
-    /// With `prehashed`, `data` is a SHA-256 digest.
+    /// `Sign(name, data, prehashed)`: the signature (Ed25519 raw, ECDSA DER, RSA raw), over
+    /// SHA-256. With `prehashed`, `data` is a SHA-256 digest.
     ///
     /// # Errors
     /// As [`Client::call`].
@@ -496,10 +496,26 @@ impl Client {
         data: &[u8],
         prehashed: bool,
     ) -> Result<Vec<u8>, ClientError> {
+        self.sign_with(name, data, prehashed, None)
+    }
+
+    /// `Sign(name, data, prehashed, hash)`: as [`Client::sign`], over `hash` (SHA-512 is for
+    /// rsa-pkcs1 keys); with `prehashed`, `data` is a digest of that hash.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn sign_with(
+        &mut self,
+        name: &str,
+        data: &[u8],
+        prehashed: bool,
+        hash: Option<SignHash>,
+    ) -> Result<Vec<u8>, ClientError> {
         let params = SignParams {
             name: checked(name)?,
             data: Bytes(data.to_vec()),
             prehashed: prehashed.then_some(true),
+            hash,
         };
         self.request::<methods::Sign>(&params)
             .map(|r| r.signature.0)

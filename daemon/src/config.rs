@@ -403,7 +403,15 @@ impl File {
         for (name, device) in self.devices {
             check_device_name(&name)?;
             let spec = match device {
-                FileDevice::Tpm2 { tcti, pcrs } => DeviceSpec::Tpm2(TpmConfig { tcti, pcrs }),
+                FileDevice::Tpm2 {
+                    tcti,
+                    pcrs,
+                    pcr_signature,
+                } => DeviceSpec::Tpm2(TpmConfig {
+                    tcti,
+                    pcrs,
+                    pcr_signature,
+                }),
                 FileDevice::Pkcs11 {
                     module,
                     token,
@@ -846,6 +854,11 @@ enum FileDevice {
         /// Default PCRs of the sha256 bank for new tpm2 keyslots.
         #[serde(default = "default_pcrs")]
         pcrs: Vec<u8>,
+        /// The signature file of signed PCR policies (`systemd-measure sign` JSON) [default:
+        /// systemd's, `/run/systemd/tpm2-pcr-signature.json` then
+        /// `/usr/lib/systemd/tpm2-pcr-signature.json`].
+        #[serde(default)]
+        pcr_signature: Option<PathBuf>,
     },
     Pkcs11 {
         module: PathBuf,

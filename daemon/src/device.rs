@@ -757,7 +757,9 @@ mod tests {
         fn sign(&mut self, _: &KeyHandle, input: SignInput<'_>) -> hsm_shim::Result<Vec<u8>> {
             match input {
                 SignInput::Message(m) => Ok(m.iter().rev().copied().collect()),
-                SignInput::Sha256Digest(_) => Err(DeviceError::Unsupported("digest".into())),
+                SignInput::Sha256Digest(_) | SignInput::Sha512Digest(_) => {
+                    Err(DeviceError::Unsupported("digest".into()))
+                }
             }
         }
         fn protection(&mut self, _: &KeyHandle) -> hsm_shim::Result<KeyProtection> {

@@ -32,6 +32,8 @@ pub enum Param {
     Algorithm,
     /// The data to sign.
     Data,
+    /// The hash a signature is made over.
+    Hash,
     /// The list of keyslots for `Init`.
     Slots,
     /// One keyslot's spec.
@@ -61,6 +63,7 @@ impl Param {
             Self::Device => "device",
             Self::Algorithm => "algorithm",
             Self::Data => "data",
+            Self::Hash => "hash",
             Self::Slots => "slots",
             Self::Slot => "slot",
             Self::Kind => "kind",
@@ -259,7 +262,7 @@ fn device_to_api(device: String, cause: CallError) -> ApiError {
         CallError::Device(d) => match d {
             D::PinIncorrect { retries_left } => ApiError::PinIncorrect { retries_left },
             D::PinLocked => ApiError::PinLocked { device },
-            D::PolicyMismatch => ApiError::PolicyMismatch { device },
+            D::PolicyMismatch | D::PolicyUnsigned(_) => ApiError::PolicyMismatch { device },
             D::NotFound(what) => ApiError::NotFound {
                 kind: Thing::DeviceObject.as_str().into(),
                 name: what,

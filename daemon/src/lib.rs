@@ -14,8 +14,10 @@
 //! alone answers with its record declared lost); acknowledge a write before it is durable.
 
 pub mod audit;
+pub mod backup;
 pub mod config;
 pub mod device;
+pub mod doctor;
 pub mod error;
 pub mod health;
 pub mod identity;

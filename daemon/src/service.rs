@@ -20,6 +20,7 @@ use keyward_proto::api::{self, Access, ApiError, Audit, Reply, Request, SecretNa
 use keyward_proto::audit::{OK, STARTED};
 
 use crate::audit::{AuditLog, Durability, Entry};
+use crate::backup::Backups;
 use crate::identity::Caller;
 use crate::transport::Handler;
 use crate::vault::Vault;
@@ -34,6 +35,8 @@ pub struct Service {
     vault: Vault,
     policy: RwLock<Arc<Policy>>,
     audit: Arc<AuditLog>,
+    /// The backup being handed out (`Backup`, `BackupChunk`).
+    backups: Backups,
 }
 
 impl std::fmt::Debug for Service {
@@ -82,6 +85,7 @@ impl Service {
         Self {
             vault,
             policy: RwLock::new(Arc::new(policy)),
+            backups: Backups::new(audit.dir()),
             audit,
         }
     }
@@ -242,7 +246,7 @@ impl Service {
             }),
             Request::Sign(p) => Reply::Sign(api::SignReply {
                 signature: api::Bytes(
-                    v.sign(p.name, p.data.0, p.prehashed.unwrap_or(false))
+                    v.sign(p.name, p.data.0, p.prehashed.unwrap_or(false), p.hash)
                         .await?,
                 ),
             }),
@@ -270,6 +274,10 @@ impl Service {
             }
             Request::AttestKey(p) => Reply::AttestKey(api::AttestKeyReply {
                 attestation: v.attest_key(p.name, p.nonce.map(|n| n.0)).await?,
+            }),
+            Request::Backup(_) => Reply::Backup(self.backups.make(v.store(), &self.audit).await?),
+            Request::BackupChunk(p) => Reply::BackupChunk(api::BackupChunkReply {
+                data: api::Bytes(self.backups.chunk(&p.id, p.offset).await?),
             }),
         })
     }

@@ -149,7 +149,7 @@ pub fn prepare_process(config: &Config) -> Result<(), StartError> {
 /// SoftHSM reads `SOFTHSM2_CONF` from the environment at `C_Initialize`; set it from the config.
 /// An inherited `SOFTHSM2_CONF` is dropped when the config names none: the daemon runs only on
 /// a SoftHSM config its own config names.
-fn export_softhsm_conf(config: &Config) -> Result<(), StartError> {
+pub(crate) fn export_softhsm_conf(config: &Config) -> Result<(), StartError> {
     if let Some(path) = &config.softhsm_conf {
         if !path.is_file() {
             return Err(StartError::SoftHsmConfMissing { path: path.clone() });

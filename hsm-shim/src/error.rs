@@ -20,6 +20,11 @@ pub enum DeviceError {
     /// The device's policy is not met: for a TPM, the PCR values differ from those sealed to.
     #[error("device policy not satisfied: the PCR values changed since the secret was sealed")]
     PolicyMismatch,
+    /// A signed PCR policy is part of the seal and none applies now: no signature file, no
+    /// signed entry for the current PCR values, or signatures by another key. On the wire
+    /// this is `PolicyMismatch` too; the text says which.
+    #[error("no signed PCR policy applies: {0}")]
+    PolicyUnsigned(String),
     /// An object the caller named is not on the device.
     #[error("not found on the device: {0}")]
     NotFound(String),
@@ -66,7 +71,7 @@ impl DeviceError {
         match self {
             Self::PinIncorrect { .. } => "PinIncorrect",
             Self::PinLocked => "PinLocked",
-            Self::PolicyMismatch => "PolicyMismatch",
+            Self::PolicyMismatch | Self::PolicyUnsigned(_) => "PolicyMismatch",
             Self::NotFound(_) => "NotFound",
             Self::Unsupported(_) => "Unsupported",
             Self::DeviceGone(_) => "DeviceUnavailable",

@@ -138,7 +138,26 @@ pub enum SealedBlob {
         pcrs: Vec<u8>,
         /// Whether the policy also needs the PIN (`PolicyAuthValue`).
         pin: bool,
+        /// A signed PCR policy the object is also bound to (`PolicyAuthorize`). Absent in
+        /// blobs sealed before signed policies existed, which load as they always did; a
+        /// daemon that predates the field ignores it and can only fail the unseal (the TPM
+        /// enforces the policy), never open the slot some other way.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signed: Option<SignedPcrs>,
     },
+}
+
+/// A signed PCR policy, in the scheme of systemd's `systemd-measure sign`: the secret opens
+/// for whatever values of `pcrs` the holder of the private key has signed (`PolicyAuthorize`
+/// on the key), so an update that changes those PCRs ships a new signature instead of
+/// needing a re-enrollment. PCR 11 (what systemd-stub measures a unified kernel into) is the
+/// usual one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedPcrs {
+    /// The RSA public key that signs the policies, as DER `SubjectPublicKeyInfo`.
+    pub public_key: Vec<u8>,
+    /// PCR indices (sha256 bank) the signed policies cover, sorted.
+    pub pcrs: Vec<u8>,
 }
 
 /// What a sealed secret is bound to, beyond the device itself.
@@ -150,6 +169,9 @@ pub struct SealPolicy {
     /// TPM only: a PIN that is needed on top of the PCR policy. A PKCS#11 token is protected by
     /// its login PIN instead and rejects `Some`.
     pub pin: Option<Pin>,
+    /// TPM only: a signed PCR policy the secret is bound to as well (a slot may have literal
+    /// and signed PCRs). A PKCS#11 token rejects `Some`.
+    pub signed: Option<SignedPcrs>,
 }
 
 /// What [`Signer::sign`] signs.
@@ -159,6 +181,9 @@ pub enum SignInput<'a> {
     Message(&'a [u8]),
     /// A SHA-256 digest the caller computed. Ed25519 signs messages only and rejects this.
     Sha256Digest(&'a [u8; 32]),
+    /// A SHA-512 digest the caller computed: RSA PKCS#1 v1.5 keys only (SSH's `rsa-sha2-512`);
+    /// every other algorithm rejects it.
+    Sha512Digest(&'a [u8; 64]),
 }
 
 /// How a device protects a key, read back from the device itself.
@@ -261,6 +286,20 @@ pub trait Sealer {
         context: &[u8],
         pin: Option<&Pin>,
     ) -> Result<SecretBytes>;
+
+    /// [`Sealer::unseal`], also saying what let the secret out beyond the blob itself (which
+    /// signed PCR policy matched), for the admin's status. Never secret.
+    ///
+    /// # Errors
+    /// As [`Sealer::unseal`].
+    fn unseal_noting(
+        &mut self,
+        blob: &SealedBlob,
+        context: &[u8],
+        pin: Option<&Pin>,
+    ) -> Result<(SecretBytes, Option<String>)> {
+        self.unseal(blob, context, pin).map(|s| (s, None))
+    }
 }
 
 /// Create keys in the device and sign with them there.
@@ -351,4 +390,39 @@ pub(crate) fn check_secret_len(secret: &SecretBytes) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TPM blob as stored before signed PCR policies existed.
+    const OLD_TPM_BLOB: &str =
+        r#"{"format":"tpm2-sealed/v1","public":[1,2],"private":[3],"pcrs":[7],"pin":false}"#;
+
+    #[test]
+    fn tpm_blobs_sealed_before_signed_policies_load_and_stay_the_same() {
+        let blob: SealedBlob = serde_json::from_str(OLD_TPM_BLOB).unwrap();
+        assert!(matches!(
+            &blob,
+            SealedBlob::Tpm2 { pcrs, signed: None, .. } if pcrs == &[7]
+        ));
+        assert_eq!(serde_json::to_string(&blob).unwrap(), OLD_TPM_BLOB);
+        let signed = SealedBlob::Tpm2 {
+            public: vec![1],
+            private: vec![2],
+            pcrs: vec![],
+            pin: false,
+            signed: Some(SignedPcrs {
+                public_key: vec![9],
+                pcrs: vec![11],
+            }),
+        };
+        let text = serde_json::to_string(&signed).unwrap();
+        assert!(
+            text.contains(r#""signed":{"public_key":[9],"pcrs":[11]}"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<SealedBlob>(&text).unwrap(), signed);
+    }
 }

@@ -17,7 +17,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::Zeroizing;
 
-pub use crate::kinds::{DeviceKind, KeyAlgorithm, KeyslotKind};
+pub use crate::kinds::{DeviceKind, KeyAlgorithm, KeyslotKind, SignHash};
 pub use crate::names::{KeyName, SecretName, TransitKeyName};
 
 /// The interface name.
@@ -46,17 +46,23 @@ type Keyslot (
   threshold: ?int,
   shares: ?int,
   created: string,
-  unconfirmed_until: ?string
+  unconfirmed_until: ?string,
+  signed_pcrs: ?[]int,
+  pcr_public_key: ?string
 )
 
-# What to enroll: kind is tpm2, pkcs11 or recovery.
+# What to enroll: kind is tpm2, pkcs11 or recovery. A tpm2 slot may also be bound to PCR
+# policies signed by pcr_public_key (PEM, RSA; systemd-measure's format) over signed_pcrs
+# (default [11]).
 type SlotSpec (
   kind: string,
   device: ?string,
   pcrs: ?[]int,
   pin: ?string,
   threshold: ?int,
-  shares: ?int
+  shares: ?int,
+  pcr_public_key: ?string,
+  signed_pcrs: ?[]int
 )
 
 # algorithms: what CreateKey can make on the device (probed when it opened; empty while down).
@@ -166,9 +172,10 @@ method ListKeys() -> (keys: []KeyInfo)
 
 method PublicKey(name: string) -> (public_key: string)
 
-# Sign data inside the device. With prehashed, data is a SHA-256 digest.
-# Ed25519: raw 64 bytes; ECDSA: DER; RSA-PSS: raw.
-method Sign(name: string, data: string, prehashed: ?bool) -> (signature: string)
+# Sign data inside the device. hash is sha256 (the default) or, for rsa-pkcs1 keys, sha512;
+# with prehashed, data is a digest of that hash.
+# Ed25519: raw 64 bytes; ECDSA: DER; RSA (PSS and PKCS#1 v1.5): raw.
+method Sign(name: string, data: string, prehashed: ?bool, hash: ?string) -> (signature: string)
 
 method DeleteKey(name: string) -> ()
 
@@ -187,6 +194,14 @@ method Encrypt(name: string, plaintext: string, associated_data: ?string) -> (ci
 
 # Decrypt a ciphertext of Encrypt, with the version of the key it names.
 method Decrypt(name: string, ciphertext: string, associated_data: ?string) -> (plaintext: string)
+
+# A consistent copy of the database, taken now while writes go on, as a backup file (a header
+# with the audit log's head, then the database: sealed blobs and ciphertext only). The daemon
+# keeps the one newest file until BackupChunk has read it to its end. sha256 covers the file.
+method Backup() -> (id: string, size: int, sha256: string)
+
+# Up to 1 MiB (before base64) of the backup file id, from offset.
+method BackupChunk(id: string, offset: int) -> (data: string)
 
 # Attest a key: the TPM certifies its key (TPM2_Certify); for a PKCS#11 key, its attributes
 # signed by the audit key. nonce (base64, 1 to 64 bytes) is bound into the signature; without
@@ -329,6 +344,13 @@ pub struct Keyslot {
     /// a way in, and after this time (RFC 3339 UTC) it is dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unconfirmed_until: Option<String>,
+    /// tpm2: the PCRs (sha256 bank) bound through signed policies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_pcrs: Option<Vec<u8>>,
+    /// tpm2: the fingerprint (hex SHA-256 of the PKCS#1 DER, systemd's `pkfp`) of the key that
+    /// signs those policies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcr_public_key: Option<String>,
 }
 
 /// What to enroll.
@@ -351,6 +373,12 @@ pub struct SlotSpec {
     /// recovery: shares made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shares: Option<u8>,
+    /// tpm2: the PEM public key (RSA) whose signed PCR policies open the slot too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcr_public_key: Option<String>,
+    /// tpm2: the PCRs those signed policies cover (default `[11]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_pcrs: Option<Vec<u8>>,
 }
 
 impl SlotSpec {
@@ -363,6 +391,8 @@ impl SlotSpec {
             pin: None,
             threshold: None,
             shares: None,
+            pcr_public_key: None,
+            signed_pcrs: None,
         }
     }
 }
@@ -640,6 +670,8 @@ pub struct SignParams {
     pub data: Bytes,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prehashed: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<SignHash>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -679,6 +711,32 @@ pub struct DecryptParams {
 pub struct DecryptReply {
     pub plaintext: SecretValue,
 }
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BackupReply {
+    /// Names this backup for [`BackupChunkParams`].
+    pub id: String,
+    /// The file's length in bytes.
+    pub size: u64,
+    /// The SHA-256 of the whole file (lower-case hex), for the copy to be checked against.
+    pub sha256: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupChunkParams {
+    pub id: String,
+    pub offset: u64,
+}
+
+/// A piece of a backup file: sealed blobs and ciphertext, so plain [`Bytes`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BackupChunkReply {
+    pub data: Bytes,
+}
+
+/// The most [`BackupChunkReply::data`] holds: its base64 fits a frame with room to spare.
+pub const BACKUP_CHUNK_LEN: usize = 1024 * 1024;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -868,7 +926,15 @@ macro_rules! keyward_methods {
             Sign($crate::api::SignParams) -> $crate::api::SignReply {
                 access: UseKey, audit: Read,
                 target: |p| p.name.to_string(),
-                detail: |p| p.prehashed.filter(|&h| h).map(|_| "prehashed".into()),
+                detail: |p| {
+                    let prehashed = p.prehashed == Some(true);
+                    match (prehashed, p.hash) {
+                        (false, None) => None,
+                        (true, None) => Some("prehashed".into()),
+                        (false, Some(h)) => Some(h.to_string()),
+                        (true, Some(h)) => Some(format!("prehashed {h}")),
+                    }
+                },
             }
             /// Destroy a key.
             DeleteKey($crate::api::KeyNameParams) -> $crate::api::Done {
@@ -899,6 +965,17 @@ macro_rules! keyward_methods {
                     .and_then(|v| v.strip_prefix('v'))
                     .filter(|n| (1..=10).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_digit()))
                     .map(|n| format!("key version {n}")),
+            }
+            /// A backup file of the database.
+            Backup($crate::api::Empty) -> $crate::api::BackupReply {
+                access: Admin, audit: AdminRead,
+                target: |_| "vault".into(), detail: |_| None,
+            }
+            /// A piece of a backup file.
+            BackupChunk($crate::api::BackupChunkParams) -> $crate::api::BackupChunkReply {
+                access: Admin, audit: Read,
+                target: |p| format!("backup {}", p.id.chars().take(64).collect::<String>()),
+                detail: |p| Some(format!("offset {}", p.offset)),
             }
             /// Attest a key: who made it and where it lives, signed. Anyone who may use the
             /// key may attest it: the document reveals only its public key and how it is kept.
@@ -1470,14 +1547,25 @@ mod proptests {
                         format!("{name:?} {device:?} {algorithm:?}"),
                     )
                 }),
-            (name::<KeyName>(), bytes(), of(any::<bool>())).prop_map(|(name, data, prehashed)| {
-                let params = json!(SignParams {
-                    name: name.clone(),
-                    data: Bytes(data.clone()),
-                    prehashed
-                });
-                ("Sign", params, format!("{name:?} {data:?} {prehashed:?}"))
-            }),
+            (
+                name::<KeyName>(),
+                bytes(),
+                of(any::<bool>()),
+                of(proptest::sample::select(SignHash::ALL.to_vec()))
+            )
+                .prop_map(|(name, data, prehashed, hash)| {
+                    let params = json!(SignParams {
+                        name: name.clone(),
+                        data: Bytes(data.clone()),
+                        prehashed,
+                        hash,
+                    });
+                    (
+                        "Sign",
+                        params,
+                        format!("{name:?} {data:?} {prehashed:?} {hash:?}"),
+                    )
+                }),
             (of(text()), of(text())).prop_map(|(share, pin)| {
                 let params = json!(UnsealParams {
                     recovery_share: share.clone().map(SecretString::new),
@@ -1504,6 +1592,8 @@ mod proptests {
                             pin: None,
                             threshold,
                             shares: threshold,
+                            pcr_public_key: None,
+                            signed_pcrs: None,
                         }
                     });
                     (
@@ -1523,7 +1613,9 @@ mod proptests {
             Request::ListSecrets(p) => format!("{:?}", p.prefix),
             Request::DeleteSecret(p) => format!("{:?}", p.name),
             Request::CreateKey(p) => format!("{:?} {:?} {:?}", p.name, p.device, p.algorithm),
-            Request::Sign(p) => format!("{:?} {:?} {:?}", p.name, p.data.0, p.prehashed),
+            Request::Sign(p) => {
+                format!("{:?} {:?} {:?} {:?}", p.name, p.data.0, p.prehashed, p.hash)
+            }
             Request::Unseal(p) => format!(
                 "{:?} {:?}",
                 p.recovery_share.as_ref().map(SecretString::expose),

@@ -63,6 +63,9 @@ wire_enum!(
         /// RSA-3072 with PSS padding, SHA-256, MGF1-SHA-256; signature is raw. Salt as for
         /// `rsa-pss-2048`.
         RsaPss3072 = "rsa-pss-3072",
+        /// RSA-3072 with PKCS#1 v1.5 padding (SHA-256, or SHA-512 when asked); signature is
+        /// raw. The RSA that SSH speaks (`rsa-sha2-256`/`rsa-sha2-512`): SSH has no PSS.
+        RsaPkcs1_3072 = "rsa-pkcs1-3072",
         /// RSA-2048 with PSS padding, SHA-256, MGF1-SHA-256; signature is raw. The salt is 32
         /// bytes from a PKCS#11 token and from swtpm (libtpms); TPM firmware that follows
         /// older TCG specs uses the largest salt that fits, so verify with
@@ -70,6 +73,27 @@ wire_enum!(
         RsaPss2048 = "rsa-pss-2048",
     }
 );
+
+wire_enum!(
+    /// The hash a signature is made over. SHA-256 for every algorithm; SHA-512 only for
+    /// RSA PKCS#1 v1.5 keys, which SSH asks for as `rsa-sha2-512`.
+    SignHash, "hash", "hash" {
+        /// SHA-256.
+        Sha256 = "sha256",
+        /// SHA-512.
+        Sha512 = "sha512",
+    }
+);
+
+impl SignHash {
+    /// The digest length in bytes.
+    pub fn digest_len(self) -> usize {
+        match self {
+            Self::Sha256 => 32,
+            Self::Sha512 => 64,
+        }
+    }
+}
 
 wire_enum!(
     /// Which kind of device a backend drives.
@@ -126,7 +150,7 @@ mod tests {
         assert_eq!(e.parameter, "algorithm");
         assert_eq!(
             e.reason,
-            r#"unknown algorithm "dsa": expected one of ed25519, ecdsa-p256, rsa-pss-3072, rsa-pss-2048"#
+            r#"unknown algorithm "dsa": expected one of ed25519, ecdsa-p256, rsa-pss-3072, rsa-pkcs1-3072, rsa-pss-2048"#
         );
         assert!(serde_json::from_str::<DeviceKind>(r#""tpm""#).is_err());
     }

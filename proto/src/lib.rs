@@ -7,7 +7,8 @@
 //! a recovery share, printed by the daemon and read back by it and by the CLI
 //! ([`recovery_share`]), and the checked values a request carries: names ([`names`]) and closed
 //! vocabularies ([`kinds`]), refused with an [`Invalid`] that says which parameter and why, and
-//! the SSH forms of keys and signatures with the ssh-agent messages ([`ssh`]). It must stay
+//! the SSH forms of keys and signatures with the ssh-agent messages ([`ssh`]), and the header
+//! and checksum of a backup file ([`backup`]). It must stay
 //! pure: no sockets, no files opened on its own account, no threads, no cryptography beyond
 //! the audit verifier's (and reading public keys and signatures into their SSH form), no
 //! command-line or daemon dependencies, so that the daemon, the client library, the CLI, the
@@ -16,6 +17,7 @@
 pub mod api;
 pub mod attestation;
 pub mod audit;
+pub mod backup;
 mod invalid;
 pub mod kinds;
 pub mod names;

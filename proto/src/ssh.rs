@@ -1,7 +1,8 @@
 //! The OpenSSH side of Keyward keys: the ssh-agent protocol messages keywardd serves
 //! (RFC 9987: `REQUEST_IDENTITIES` and `SIGN_REQUEST`, `FAILURE` for everything else), and the
 //! translation of a device's public keys and signatures into SSH's forms (`ssh-ed25519`,
-//! `ecdsa-sha2-nistp256`; an OpenSSH public key line for `authorized_keys`).
+//! `ecdsa-sha2-nistp256`, `rsa-sha2-256`/`rsa-sha2-512`; an OpenSSH public key line for
+//! `authorized_keys`).
 //!
 //! Encoding and decoding are `ssh-encoding`'s and `ssh-key`'s; this module only says which
 //! fields a message has. It reads nothing but the two messages it serves: any other message
@@ -9,14 +10,21 @@
 //! `ADD_IDENTITY` are never parsed). Must not: do I/O, or offer an RSA-PSS key to SSH (SSH has
 //! no RSA-PSS; a PSS signature would not verify).
 
+use der::asn1::UintRef;
+use der::Sequence;
 use ssh_encoding::{Decode, Encode, Reader};
-use ssh_key::public::{EcdsaPublicKey, Ed25519PublicKey};
-use ssh_key::{Algorithm, EcdsaCurve, Mpint};
+use ssh_key::public::{EcdsaPublicKey, Ed25519PublicKey, RsaPublicKey};
+use ssh_key::{Algorithm, EcdsaCurve, HashAlg, Mpint};
 
 pub use ssh_key::public::KeyData;
 pub use ssh_key::Signature;
 
-use crate::kinds::KeyAlgorithm;
+use crate::kinds::{KeyAlgorithm, SignHash};
+
+/// `SSH_AGENT_RSA_SHA2_256`: sign with `rsa-sha2-256`.
+pub const RSA_SHA2_256: u32 = 0x02;
+/// `SSH_AGENT_RSA_SHA2_512`: sign with `rsa-sha2-512`.
+pub const RSA_SHA2_512: u32 = 0x04;
 
 /// Largest agent message accepted, length field excluded: OpenSSH's own bound
 /// (`AGENT_MAX_LEN`, 256 KiB).
@@ -48,6 +56,10 @@ pub enum SshError {
     /// A device signature that isn't what its algorithm says.
     #[error("the device's signature has no SSH form: {0}")]
     Signature(String),
+    /// An RSA sign request without `rsa-sha2-256`/`rsa-sha2-512` flags: plain `ssh-rsa` is
+    /// SHA-1, which Keyward does not sign with.
+    #[error("ssh-rsa (SHA-1) signatures are refused: ask for rsa-sha2-256 or rsa-sha2-512")]
+    Sha1,
 }
 
 /// A decoded agent message.
@@ -186,9 +198,39 @@ pub fn framed(body: &[u8]) -> Vec<u8> {
 /// PKCS#1 v1.5.
 pub fn usable(algorithm: KeyAlgorithm) -> bool {
     match algorithm {
-        KeyAlgorithm::Ed25519 | KeyAlgorithm::EcdsaP256 => true,
+        KeyAlgorithm::Ed25519 | KeyAlgorithm::EcdsaP256 | KeyAlgorithm::RsaPkcs1_3072 => true,
         KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => false,
     }
+}
+
+/// The hash a `SIGN_REQUEST` with `flags` wants from a key of `algorithm`: `None` for the
+/// algorithms whose SSH signature fixes it (Ed25519, ECDSA P-256), and for RSA the one the
+/// flags name.
+///
+/// # Errors
+/// [`SshError::Sha1`]: an RSA request naming neither SHA-2 hash (`ssh-rsa`, SHA-1).
+pub fn sign_hash(algorithm: KeyAlgorithm, flags: u32) -> Result<Option<SignHash>, SshError> {
+    if algorithm != KeyAlgorithm::RsaPkcs1_3072 {
+        return Ok(None);
+    }
+    if flags & RSA_SHA2_512 != 0 {
+        Ok(Some(SignHash::Sha512))
+    } else if flags & RSA_SHA2_256 != 0 {
+        Ok(Some(SignHash::Sha256))
+    } else {
+        Err(SshError::Sha1)
+    }
+}
+
+/// `rsaEncryption` (RFC 8017 appendix A.1), the algorithm of an RSA SubjectPublicKeyInfo.
+const RSA_ENCRYPTION: der::asn1::ObjectIdentifier =
+    der::asn1::ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
+
+/// PKCS#1 `RSAPublicKey`, the body of an RSA SubjectPublicKeyInfo.
+#[derive(Sequence)]
+struct Pkcs1PublicKey<'a> {
+    modulus: UintRef<'a>,
+    public_exponent: UintRef<'a>,
 }
 
 /// The SSH public key of a key of `algorithm` whose DER SubjectPublicKeyInfo is `spki` (as
@@ -213,6 +255,22 @@ pub fn public_key(algorithm: KeyAlgorithm, spki: &[u8]) -> Result<KeyData, SshEr
             let key = EcdsaPublicKey::from_sec1_bytes(point.as_bytes()).map_err(|e| bad(&e))?;
             Ok(KeyData::Ecdsa(key))
         }
+        KeyAlgorithm::RsaPkcs1_3072 => {
+            let spki = spki::SubjectPublicKeyInfoRef::try_from(spki).map_err(|e| bad(&e))?;
+            if spki.algorithm.oid != RSA_ENCRYPTION {
+                return Err(bad(&format!("algorithm {}", spki.algorithm.oid)));
+            }
+            let bits = spki
+                .subject_public_key
+                .as_bytes()
+                .ok_or_else(|| bad(&"unused bits"))?;
+            let key: Pkcs1PublicKey<'_> = der::Decode::from_der(bits).map_err(|e| bad(&e))?;
+            let mpint = |v: UintRef<'_>| Mpint::from_positive_bytes(v.as_bytes());
+            Ok(KeyData::Rsa(RsaPublicKey {
+                e: mpint(key.public_exponent).map_err(|e| bad(&e))?,
+                n: mpint(key.modulus).map_err(|e| bad(&e))?,
+            }))
+        }
         KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => Err(SshError::UnsupportedKey(
             format!("{algorithm} keys can't serve SSH: SSH has no RSA-PSS"),
         )),
@@ -233,12 +291,16 @@ pub fn public_key_line(
         .map_err(|e| SshError::UnsupportedKey(e.to_string()))
 }
 
-/// The SSH signature of a key of `algorithm`, from the signature the device made (in the form
-/// `Sign` returns: Ed25519 raw, ECDSA DER).
+/// The SSH signature of a key of `algorithm`, from the signature the device made over `hash`
+/// (as [`sign_hash`] chose it) in the form `Sign` returns: Ed25519 raw, ECDSA DER, RSA raw.
 ///
 /// # Errors
 /// [`SshError::Signature`]: `device` is not a signature of that algorithm.
-pub fn signature(algorithm: KeyAlgorithm, device: &[u8]) -> Result<Signature, SshError> {
+pub fn signature(
+    algorithm: KeyAlgorithm,
+    hash: Option<SignHash>,
+    device: &[u8],
+) -> Result<Signature, SshError> {
     let bad = |e: &dyn std::fmt::Display| SshError::Signature(e.to_string());
     match algorithm {
         KeyAlgorithm::Ed25519 => Signature::new(Algorithm::Ed25519, device).map_err(|e| bad(&e)),
@@ -260,6 +322,14 @@ pub fn signature(algorithm: KeyAlgorithm, device: &[u8]) -> Result<Signature, Ss
                 blob,
             )
             .map_err(|e| bad(&e))
+        }
+        KeyAlgorithm::RsaPkcs1_3072 => {
+            let hash = match hash {
+                Some(SignHash::Sha512) => HashAlg::Sha512,
+                Some(SignHash::Sha256) => HashAlg::Sha256,
+                None => return Err(SshError::Sha1),
+            };
+            Signature::new(Algorithm::Rsa { hash: Some(hash) }, device).map_err(|e| bad(&e))
         }
         KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => Err(SshError::Signature(format!(
             "{algorithm} signatures have no SSH form"
@@ -342,7 +412,7 @@ mod tests {
         let spki = ed.verifying_key().to_public_key_der().unwrap();
         let line = public_key_line(KeyAlgorithm::Ed25519, spki.as_bytes(), "git/sign").unwrap();
         assert!(line.starts_with("ssh-ed25519 AAAA") && line.ends_with(" git/sign"));
-        let sig = signature(KeyAlgorithm::Ed25519, &ed.sign(b"m").to_bytes()).unwrap();
+        let sig = signature(KeyAlgorithm::Ed25519, None, &ed.sign(b"m").to_bytes()).unwrap();
         assert_eq!(sig.algorithm(), Algorithm::Ed25519);
 
         let ec = p256::ecdsa::SigningKey::from_slice(&[3; 32]).unwrap();
@@ -358,7 +428,7 @@ mod tests {
             }
         );
         let der: p256::ecdsa::DerSignature = ec.sign(b"m");
-        let sig = signature(KeyAlgorithm::EcdsaP256, der.as_bytes()).unwrap();
+        let sig = signature(KeyAlgorithm::EcdsaP256, None, der.as_bytes()).unwrap();
         // The blob is two mpints that give back r and s.
         let mut r = sig.as_bytes();
         let (sr, ss) = (
@@ -374,9 +444,55 @@ mod tests {
         // Wrong key for the algorithm, PSS, and junk are refused.
         assert!(public_key(KeyAlgorithm::Ed25519, spki.as_bytes()).is_err());
         assert!(public_key(KeyAlgorithm::RsaPss3072, spki.as_bytes()).is_err());
-        assert!(signature(KeyAlgorithm::EcdsaP256, b"junk").is_err());
-        assert!(signature(KeyAlgorithm::Ed25519, &[0; 63]).is_err());
+        assert!(signature(KeyAlgorithm::EcdsaP256, None, b"junk").is_err());
+        assert!(signature(KeyAlgorithm::Ed25519, None, &[0; 63]).is_err());
         assert!(!usable(KeyAlgorithm::RsaPss3072));
+    }
+
+    #[test]
+    fn rsa_keys_serve_ssh_with_sha2_only() {
+        use der::Encode as _;
+        let modulus = [0xc5u8; 384];
+        let body = Pkcs1PublicKey {
+            modulus: UintRef::new(&modulus).unwrap(),
+            public_exponent: UintRef::new(&[1, 0, 1]).unwrap(),
+        }
+        .to_der()
+        .unwrap();
+        let spki = spki::SubjectPublicKeyInfoOwned {
+            algorithm: spki::AlgorithmIdentifierOwned {
+                oid: RSA_ENCRYPTION,
+                parameters: Some(der::asn1::AnyRef::NULL.into()),
+            },
+            subject_public_key: der::asn1::BitString::from_bytes(&body).unwrap(),
+        }
+        .to_der()
+        .unwrap();
+        let KeyData::Rsa(key) = public_key(KeyAlgorithm::RsaPkcs1_3072, &spki).unwrap() else {
+            panic!("not an RSA key");
+        };
+        assert_eq!(key.n.as_positive_bytes().unwrap(), modulus);
+        assert_eq!(key.e.as_positive_bytes().unwrap(), [1, 0, 1]);
+        assert!(usable(KeyAlgorithm::RsaPkcs1_3072));
+
+        let rsa = KeyAlgorithm::RsaPkcs1_3072;
+        assert_eq!(
+            sign_hash(rsa, RSA_SHA2_512).unwrap(),
+            Some(SignHash::Sha512)
+        );
+        assert_eq!(
+            sign_hash(rsa, RSA_SHA2_256).unwrap(),
+            Some(SignHash::Sha256)
+        );
+        assert_eq!(
+            sign_hash(rsa, RSA_SHA2_256 | RSA_SHA2_512).unwrap(),
+            Some(SignHash::Sha512)
+        );
+        assert!(matches!(sign_hash(rsa, 0), Err(SshError::Sha1)));
+        assert_eq!(sign_hash(KeyAlgorithm::Ed25519, 0).unwrap(), None);
+        let sig = signature(rsa, Some(SignHash::Sha512), &[7; 384]).unwrap();
+        assert_eq!(sig.algorithm().as_str(), "rsa-sha2-512");
+        assert!(signature(rsa, None, &[7; 384]).is_err());
     }
 
     /// Leading zero bytes dropped, for comparing big-endian integers.

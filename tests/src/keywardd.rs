@@ -86,6 +86,14 @@ impl Setup {
         self.tpm_at(name, &swtpm.tcti())
     }
 
+    /// Add the TPM `swtpm` as device `name` with more keys of its table (`pcr_signature =
+    /// "…"` lines).
+    pub fn tpm_with(self, name: &str, swtpm: &Swtpm, keys: &str) -> Self {
+        let mut s = self.tpm_at(name, &swtpm.tcti());
+        let _ = writeln!(s.devices, "{keys}");
+        s
+    }
+
     /// Add the TPM behind `gate` as device `name`: its commands can be held on their way in.
     pub fn gated_tpm(self, name: &str, gate: &Gate) -> Self {
         self.tpm_at(name, &gate.tcti())

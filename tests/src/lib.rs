@@ -2,7 +2,8 @@
 //! ([`softhsm::SoftHsm`]), an swtpm process on its own port pair ([`swtpm::Swtpm`]), a private
 //! `dbus-daemon` ([`dbus::PrivateBus`]), a real OpenBao server ([`bao::Bao`]), an OpenSSH server
 //! ([`sshd::Sshd`]), and helpers that check results with independent tools
-//! ([`openssl`]). Nothing here mocks a device.
+//! ([`openssl`]), and unified kernel images signed by `systemd-measure` ([`uki`]). Nothing
+//! here mocks a device.
 //!
 //! Fixtures panic on setup failure: a test that cannot build its world has nothing to assert.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -16,6 +17,7 @@ pub mod openssl;
 pub mod softhsm;
 pub mod sshd;
 pub mod swtpm;
+pub mod uki;
 
 use std::path::Path;
 use std::process::Command;

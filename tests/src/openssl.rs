@@ -1,9 +1,10 @@
 //! Verify signatures with the `openssl` command line: an implementation we did not write, reading
-//! the encodings (SPKI PEM, DER ECDSA, raw Ed25519, raw RSA-PSS) that users' tools will read.
+//! the encodings (SPKI PEM, DER ECDSA, raw Ed25519, raw RSA-PSS and PKCS#1 v1.5) that users' tools will read.
 
 use std::process::Command;
 
 use hsm_shim::{KeyAlgorithm, PublicKeyDer};
+use keyward::api::SignHash;
 
 /// Verify `signature` over `message` with the `openssl` CLI. Returns `Err` with openssl's output
 /// when it rejects the signature.
@@ -13,6 +14,18 @@ pub fn verify(
     message: &[u8],
     signature: &[u8],
 ) -> anyhow::Result<()> {
+    verify_over(public_key, algorithm, SignHash::Sha256, message, signature)
+}
+
+/// As [`verify`], for a signature made over `hash` of the message (SHA-512: RSA PKCS#1 v1.5).
+pub fn verify_over(
+    public_key: &PublicKeyDer,
+    algorithm: KeyAlgorithm,
+    hash: SignHash,
+    message: &[u8],
+    signature: &[u8],
+) -> anyhow::Result<()> {
+    let digest = format!("-{hash}");
     let dir = tempfile::tempdir()?;
     let key = dir.path().join("pub.pem");
     let msg = dir.path().join("msg");
@@ -30,15 +43,15 @@ pub fn verify(
                 .arg("-sigfile")
                 .arg(&sig);
         }
-        KeyAlgorithm::EcdsaP256 => {
-            cmd.args(["dgst", "-sha256", "-verify"])
+        KeyAlgorithm::EcdsaP256 | KeyAlgorithm::RsaPkcs1_3072 => {
+            cmd.args(["dgst", &digest, "-verify"])
                 .arg(&key)
                 .arg("-signature")
                 .arg(&sig)
                 .arg(&msg);
         }
         KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => {
-            cmd.args(["dgst", "-sha256", "-sigopt", "rsa_padding_mode:pss"])
+            cmd.args(["dgst", &digest, "-sigopt", "rsa_padding_mode:pss"])
                 .args([
                     "-sigopt",
                     // 32 bytes from tokens and from TPMs alike (libtpms: the digest's size).

@@ -566,7 +566,13 @@ fn status_lists_what_each_device_creates_and_tpm_rsa_pss_keys_sign_and_attest() 
     );
     assert_eq!(
         algorithms("hsm"),
-        ["ed25519", "ecdsa-p256", "rsa-pss-3072", "rsa-pss-2048"],
+        [
+            "ed25519",
+            "ecdsa-p256",
+            "rsa-pss-3072",
+            "rsa-pkcs1-3072",
+            "rsa-pss-2048"
+        ],
         "{status}"
     );
     let text = d.run(&["status"], b"").stdout;

@@ -7,10 +7,11 @@ use hsm_shim::tpm::{TpmConfig, TpmDevice};
 use hsm_shim::{
     Backend, DeviceError, KeyAlgorithm, KeySpec, SealPolicy, SealedBlob, SecretBytes, SignInput,
 };
+use keyward::api::SignHash;
 use keyward_tests::openssl;
 use keyward_tests::softhsm::SoftHsm;
 use keyward_tests::swtpm::Swtpm;
-use sha2::{Digest, Sha256};
+use sha2::{Digest, Sha256, Sha512};
 
 /// A real device that tests can open, close and open again.
 trait Harness {
@@ -152,6 +153,22 @@ fn signatures_verify_with_openssl(h: &dyn Harness) {
             Ok(sig) => openssl::verify(&public, algorithm, message, &sig).unwrap(),
             Err(DeviceError::Unsupported(_)) => assert_eq!(algorithm, KeyAlgorithm::Ed25519),
             Err(e) => panic!("{algorithm} prehashed: {e:?}"),
+        }
+        // SHA-512 (SSH's rsa-sha2-512) for RSA PKCS#1 v1.5 keys, refused by every other.
+        let digest: [u8; 64] = Sha512::digest(message).into();
+        match dev.sign(&key, SignInput::Sha512Digest(&digest)) {
+            Ok(sig) => {
+                assert_eq!(algorithm, KeyAlgorithm::RsaPkcs1_3072);
+                openssl::verify_over(&public, algorithm, SignHash::Sha512, message, &sig).unwrap();
+                assert!(
+                    openssl::verify(&public, algorithm, message, &sig).is_err(),
+                    "a SHA-512 signature must not verify as a SHA-256 one"
+                );
+            }
+            Err(DeviceError::Unsupported(_)) => {
+                assert_ne!(algorithm, KeyAlgorithm::RsaPkcs1_3072)
+            }
+            Err(e) => panic!("{algorithm} SHA-512: {e:?}"),
         }
     }
 }

@@ -39,6 +39,7 @@ fn world() -> World {
         ("csr-ed", "hsm", "ed25519"),
         ("csr-tpm", "tpm", "ecdsa-p256"),
         ("csr-rsa", "hsm", "rsa-pss-3072"),
+        ("csr-rsa1", "hsm", "rsa-pkcs1-3072"),
     ] {
         daemon.json(&[
             "key",
@@ -110,7 +111,7 @@ fn requests_for_token_and_tpm_keys_verify_with_openssl() {
     let w = world();
     let d = &w.daemon;
     let dir = tempfile::tempdir().unwrap();
-    for name in ["csr-ed", "csr-tpm"] {
+    for name in ["csr-ed", "csr-tpm", "csr-rsa1"] {
         let subject = format!("CN={name}.example,O=Example\\, Inc.");
         let dns = format!("{name}.example");
         let signed_before = signatures(d, name);

@@ -331,6 +331,7 @@ fn keys_are_made_in_the_devices_and_signatures_verify_with_openssl() {
         ("hsm-ed", "hsm", "ed25519"),
         ("hsm-p256", "hsm", "ecdsa-p256"),
         ("hsm-rsa", "hsm", "rsa-pss-3072"),
+        ("hsm-rsa1", "hsm", "rsa-pkcs1-3072"),
         ("tpm-p256", "tpm", "ecdsa-p256"),
     ] {
         let out = w.daemon.run(
@@ -361,13 +362,41 @@ fn keys_are_made_in_the_devices_and_signatures_verify_with_openssl() {
         assert!(keyward_tests::openssl::verify(&public, alg, b"other", &out.stdout_bytes).is_err());
     }
     let keys = w.daemon.json(&["key", "list"]);
-    assert_eq!(keys["keys"].as_array().unwrap().len(), 4, "{keys}");
+    assert_eq!(keys["keys"].as_array().unwrap().len(), 5, "{keys}");
     // Prehashed: the digest's length is checked.
     let out = w
         .daemon
         .run(&["key", "sign", "hsm-p256", "--prehashed"], &[0u8; 31]);
     assert_ne!(out.code, 0);
     assert!(out.stderr.contains("32"), "{}", out.stderr);
+    // SHA-512 (SSH's rsa-sha2-512): RSA PKCS#1 v1.5 keys only, over the message or its digest.
+    let der = w
+        .daemon
+        .run(&["key", "public", "hsm-rsa1", "--der"], b"")
+        .stdout_bytes;
+    let public = hsm_shim::PublicKeyDer(der);
+    let sha512 = keyward::api::SignHash::Sha512;
+    let out = w.daemon.run(
+        &["key", "sign", "hsm-rsa1", "--hash", "sha512"],
+        b"long hash",
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let rsa1 = hsm_shim::KeyAlgorithm::RsaPkcs1_3072;
+    keyward_tests::openssl::verify_over(&public, rsa1, sha512, b"long hash", &out.stdout_bytes)
+        .unwrap();
+    let digest = <sha2::Sha512 as sha2::Digest>::digest(b"long hash");
+    let out = w.daemon.run(
+        &["key", "sign", "hsm-rsa1", "--hash", "sha512", "--prehashed"],
+        &digest,
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    keyward_tests::openssl::verify_over(&public, rsa1, sha512, b"long hash", &out.stdout_bytes)
+        .unwrap();
+    let out = w
+        .daemon
+        .run(&["key", "sign", "hsm-p256", "--hash", "sha512"], b"x");
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("invalid hash"), "{}", out.stderr);
     // Delete destroys it.
     assert_eq!(w.daemon.run(&["key", "delete", "hsm-ed"], b"").code, 0);
     let gone = w.daemon.run(&["key", "sign", "hsm-ed"], b"x");

@@ -204,6 +204,7 @@ fn per_secret_pins_and_pcrs_are_unsupported() {
     let pcr = SealPolicy {
         pcrs: Some(vec![7]),
         pin: None,
+        signed: None,
     };
     assert!(matches!(
         dev.seal(&secret, b"c", &pcr),
@@ -212,6 +213,7 @@ fn per_secret_pins_and_pcrs_are_unsupported() {
     let pin = SealPolicy {
         pcrs: None,
         pin: Some(Pin::new("1234").unwrap()),
+        signed: None,
     };
     assert!(matches!(
         dev.seal(&secret, b"c", &pin),

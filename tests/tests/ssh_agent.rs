@@ -166,19 +166,29 @@ fn ssh_add_lists_exactly_the_keys_the_caller_may_sign_with() {
 }
 
 #[test]
-fn ssh_logs_in_to_a_real_sshd_with_a_token_ed25519_key_and_a_tpm_ecdsa_key() {
+fn ssh_logs_in_to_a_real_sshd_with_token_ed25519_and_rsa_keys_and_a_tpm_ecdsa_key() {
     let tpm = Swtpm::start();
     let (_token, d) = daemon(
         Some(&tpm),
         &[
             ("tok-ed", "hsm", "ed25519"),
+            ("tok-rsa", "hsm", "rsa-pkcs1-3072"),
             ("tpm-ec", "tpm", "ecdsa-p256"),
         ],
     );
-    let (ed, ec) = (ssh_line(&d, "tok-ed"), ssh_line(&d, "tpm-ec"));
-    let sshd = Sshd::start(&format!("{ed}{ec}"));
+    let (ed, rsa, ec) = (
+        ssh_line(&d, "tok-ed"),
+        ssh_line(&d, "tok-rsa"),
+        ssh_line(&d, "tpm-ec"),
+    );
+    assert!(rsa.starts_with("ssh-rsa "), "{rsa}");
+    let sshd = Sshd::start(&format!("{ed}{rsa}{ec}"));
     let keys = tempfile::tempdir().unwrap();
-    for (name, line, fingerprint_type) in [("tok-ed", &ed, "ED25519"), ("tpm-ec", &ec, "ECDSA")] {
+    for (name, line, fingerprint_type) in [
+        ("tok-ed", &ed, "ED25519"),
+        ("tok-rsa", &rsa, "RSA"),
+        ("tpm-ec", &ec, "ECDSA"),
+    ] {
         let identity = public_file(keys.path(), name, line);
         let out = sshd
             .ssh(
@@ -206,6 +216,17 @@ fn ssh_logs_in_to_a_real_sshd_with_a_token_ed25519_key_and_a_tpm_ecdsa_key() {
         );
         assert!(agent_signatures(&d, name) >= 1, "the signature is audited");
     }
+    // OpenSSH asks for rsa-sha2-512 first; the agent signs over SHA-512, never SHA-1.
+    let rsa_hashes: Vec<String> = d
+        .audit_requests()
+        .iter()
+        .filter(|r| r["op"] == "Sign" && r["target"] == "tok-rsa" && r["result"] == "ok")
+        .map(|r| r["detail"].to_string())
+        .collect();
+    assert!(
+        rsa_hashes.iter().any(|h| h.contains("sha512")),
+        "{rsa_hashes:?}"
+    );
 }
 
 #[test]

@@ -19,6 +19,7 @@ fn open(swtpm: &Swtpm) -> TpmDevice {
     TpmDevice::open(TpmConfig {
         tcti: swtpm.tcti().parse().unwrap(),
         pcrs: vec![7],
+        pcr_signature: None,
     })
     .unwrap()
 }
@@ -130,6 +131,7 @@ fn only_the_chosen_pcrs_matter() {
     let policy = SealPolicy {
         pcrs: Some(vec![16, 0]),
         pin: None,
+        signed: None,
     };
     let blob = open(&swtpm).seal(&secret(), CONTEXT, &policy).unwrap();
     let SealedBlob::Tpm2 { pcrs, .. } = &blob else {
@@ -147,6 +149,7 @@ fn only_the_chosen_pcrs_matter() {
         let policy = SealPolicy {
             pcrs: Some(bad.clone()),
             pin: None,
+            signed: None,
         };
         let err = tpm.seal(&secret(), CONTEXT, &policy).unwrap_err();
         assert!(
@@ -163,6 +166,7 @@ fn pin_right_unseals_wrong_is_pin_incorrect_missing_is_rejected() {
     let policy = SealPolicy {
         pcrs: None,
         pin: Some(Pin::new("4711-correct").unwrap()),
+        signed: None,
     };
     let blob = tpm.seal(&secret(), CONTEXT, &policy).unwrap();
     let SealedBlob::Tpm2 { pin, .. } = &blob else {
@@ -201,6 +205,7 @@ fn pin_right_unseals_wrong_is_pin_incorrect_missing_is_rejected() {
         &SealPolicy {
             pcrs: None,
             pin: Some(long),
+            signed: None,
         },
     );
     assert!(
@@ -216,6 +221,7 @@ fn wrong_pins_until_lockout_give_pin_locked() {
     let policy = SealPolicy {
         pcrs: None,
         pin: Some(Pin::new("right").unwrap()),
+        signed: None,
     };
     let blob = tpm.seal(&secret(), CONTEXT, &policy).unwrap();
     let wrong = Pin::new("wrong").unwrap();
@@ -266,6 +272,7 @@ fn tampered_blobs_are_invalid_blob() {
         private,
         pcrs,
         pin,
+        ..
     } = blob.clone()
     else {
         panic!()
@@ -301,6 +308,7 @@ fn tampered_blobs_are_invalid_blob() {
             private,
             pcrs: pcrs.clone(),
             pin,
+            signed: None,
         };
         let err = tpm.unseal(&bad, CONTEXT, None).unwrap_err();
         assert!(
@@ -486,6 +494,7 @@ fn nothing_listening_is_device_gone() {
     let err = TpmDevice::open(TpmConfig {
         tcti,
         pcrs: vec![7],
+        pcr_signature: None,
     })
     .unwrap_err();
     assert!(matches!(err, DeviceError::DeviceGone(_)), "{err:?}");
@@ -525,6 +534,7 @@ fn secrets_never_cross_the_wire_in_clear() {
     let mut tpm = TpmDevice::open(TpmConfig {
         tcti: tap.tcti().parse().unwrap(),
         pcrs: vec![7],
+        pcr_signature: None,
     })
     .unwrap();
     let marker = b"KEYWARD-VMK-MARKER-0123456789abc";
@@ -533,6 +543,7 @@ fn secrets_never_cross_the_wire_in_clear() {
     let policy = SealPolicy {
         pcrs: None,
         pin: Some(Pin::new(pin_text).unwrap()),
+        signed: None,
     };
     let blob = tpm.seal(&secret, CONTEXT, &policy).unwrap();
     let pin = Pin::new(pin_text).unwrap();

@@ -422,15 +422,32 @@ impl AuditLog {
     /// # Errors
     /// It could not be written or synced.
     pub async fn event(self: &Arc<Self>, event: &str, detail: &str) -> Result<(), AuditError> {
+        let (event, detail) = (event.to_owned(), detail.to_owned());
+        let log = Arc::clone(self);
+        tokio::task::spawn_blocking(move || log.event_now(&event, &detail))
+            .await
+            .map_err(|e| AuditError::Write(io::Error::other(e.to_string())))?
+    }
+
+    /// [`AuditLog::event`] on this thread, which waits for the disk: for code that runs
+    /// outside the runtime (the restore).
+    ///
+    /// # Errors
+    /// It could not be written or synced.
+    pub fn event_now(&self, event: &str, detail: &str) -> Result<(), AuditError> {
         let body = Body::Event(EventRecord {
             event: event.to_owned(),
             detail: capped(detail),
         });
-        let log = Arc::clone(self);
-        tokio::task::spawn_blocking(move || log.append(body, Durability::Synced, None))
-            .await
-            .map_err(|e| AuditError::Write(io::Error::other(e.to_string())))?
-            .map(|_| ())
+        self.append(body, Durability::Synced, None).map(|_| ())
+    }
+
+    /// The chain's head: the last record's seq and the SHA-256 of its line; `None` while the
+    /// log has no record. A change is committed before its outcome record is written, so
+    /// every change recorded up to the head is in a snapshot taken after reading it.
+    pub fn head(&self) -> Option<(u64, [u8; 32])> {
+        let w = lock(&self.writer);
+        w.seq.checked_sub(1).map(|last| (last, w.prev))
     }
 
     /// At stop: a `stop` event and a last checkpoint, synced; then the flusher ends.

@@ -309,6 +309,54 @@ impl Store {
 }
 
 impl Store {
+    /// Copy the whole database, as of one moment, into a new database file at `dest` (created,
+    /// or an empty file the caller made), with SQLite's online backup API; returns the copy's schema version.
+    ///
+    /// The copy is ONE backup step of all pages, on a read-only connection of its own, on a
+    /// blocking thread. In WAL mode a reader never blocks the writer, so the writer thread
+    /// goes on committing while this runs, and the one step reads inside one read
+    /// transaction: a consistent snapshot. Copying in steps of a few pages instead would end
+    /// the read transaction between steps, and every commit by the writer (another
+    /// connection) would restart the copy from the first page: under a steady write load it
+    /// might never finish. What one step costs is that the WAL can't be checkpointed past
+    /// the snapshot while it is copied (it grows by the writes of those milliseconds).
+    ///
+    /// # Errors
+    /// [`StoreError::Busy`] if the source stayed locked past the busy timeout; what SQLite
+    /// says about `dest` (a full disk: [`StoreError::DiskFull`]).
+    pub async fn snapshot(&self, dest: PathBuf) -> Result<i64, StoreError> {
+        let path = self.inner.path.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let source = open_reader(&path)?;
+            let mut copy = Connection::open_with_flags(
+                &dest,
+                OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | OpenFlags::SQLITE_OPEN_CREATE
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            copy.busy_timeout(BUSY_TIMEOUT)?;
+            {
+                let backup = rusqlite::backup::Backup::new(&source, &mut copy)?;
+                match backup.step(-1)? {
+                    rusqlite::backup::StepResult::Done => {}
+                    // -1 copies every page or fails; anything else is a lock held too long.
+                    _ => return Err(StoreError::Busy),
+                }
+            }
+            let version: i64 = copy.pragma_query_value(None, "user_version", |row| row.get(0))?;
+            copy.close().map_err(|(_, e)| StoreError::from(e))?;
+            Ok(version)
+        })
+        .await;
+        match joined {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => Err(StoreError::Panicked),
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+}
+
+impl Store {
     /// Run `f` right here, on the caller's thread, on a pooled read-only connection, without a
     /// transaction (so `f` should be one statement, which is its own consistent snapshot).
     ///

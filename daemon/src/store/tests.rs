@@ -852,3 +852,49 @@ async fn transit_key_versions() {
     assert_eq!(first.unwrap().sealed, vec![1; 56]);
     assert!(missing.is_none());
 }
+
+/// A snapshot taken while another task keeps committing is one moment of the database: the
+/// rows it holds are exactly the first N written (rows go in one per commit, in order), and
+/// the writer is never stopped by it (every write of the loop completes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_one_moment_while_writes_go_on() {
+    let (dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    store
+        .write(|tx| Ok(tx.execute_batch("CREATE TABLE t (n INTEGER NOT NULL)")?))
+        .await
+        .unwrap();
+    const WRITES: i64 = 400;
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for n in 0..WRITES {
+                store
+                    .write(move |tx| Ok(tx.execute("INSERT INTO t VALUES (?1)", [n])?))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut counts = Vec::new();
+    for i in 0..8 {
+        let copy = dir.path().join(format!("snapshot-{i}.db"));
+        let version = store.snapshot(copy.clone()).await.unwrap();
+        assert_eq!(version, schema::current_version());
+        let conn = rusqlite::Connection::open(&copy).unwrap();
+        let (count, max): (i64, Option<i64>) = conn
+            .query_row("SELECT count(*), max(n) FROM t", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(max.map_or(0, |m| m + 1), count, "a torn snapshot");
+        counts.push(count);
+    }
+    writer.await.unwrap();
+    assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{counts:?}");
+    let total: i64 = store
+        .read(|c| Ok(c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))?))
+        .await
+        .unwrap();
+    assert_eq!(total, WRITES);
+}

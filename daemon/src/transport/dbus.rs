@@ -711,7 +711,7 @@ impl<H: Handler> Custodian<H> {
     }
 
     /// Sign data inside the device; with prehashed, data is a SHA-256 digest. Ed25519: raw 64
-    /// bytes; ECDSA: DER; RSA-PSS: raw.
+    /// bytes; ECDSA: DER; RSA (PSS, PKCS#1 v1.5): raw.
     #[zbus(out_args("signature"))]
     async fn sign(
         &self,
@@ -725,6 +725,9 @@ impl<H: Handler> Custodian<H> {
             name: checked(name)?,
             data: api::Bytes(data),
             prehashed: Some(prehashed),
+            // SHA-256: the method's D-Bus signature stays as it was; SHA-512 (for SSH's
+            // rsa-sha2-512) is on the Varlink socket and the ssh-agent.
+            hash: None,
         });
         let reply = self.call(conn, &hdr, request).await?;
         let Reply::Sign(r) = reply else {

@@ -175,18 +175,21 @@ impl<H: Handler> Agent<H> {
             .find(|k| k.blob == request.key_blob)
             .cloned()
             .ok_or("sign request for a key this caller may not use (or none of ours)")?;
+        let hash = ssh::sign_hash(key.algorithm, request.flags)
+            .map_err(|e| format!("key {}: {e}", key.name.as_str()))?;
         let reply = self
             .call(Request::Sign(api::SignParams {
                 name: key.name.clone(),
                 data: api::Bytes(request.data),
                 prehashed: None,
+                hash,
             }))
             .await
             .map_err(|e| format!("Sign {}: {e}", key.name.as_str()))?;
         let Reply::Sign(reply) = reply else {
             return Err("Sign answered with another reply".into());
         };
-        let signature = ssh::signature(key.algorithm, &reply.signature.0)
+        let signature = ssh::signature(key.algorithm, hash, &reply.signature.0)
             .map_err(|e| format!("key {}: {e}", key.name.as_str()))?;
         ssh::sign_response(&signature).map_err(|e| e.to_string())
     }

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use chacha20poly1305::aead::{rand_core::RngCore as _, OsRng};
 use hsm_shim::{KeyAlgorithm, KeyHandle, KeySpec, SignInput};
-use keyward_proto::api::{self, KeyName};
+use keyward_proto::api::{self, KeyName, SignHash};
+use sha2::{Digest as _, Sha512};
 
 use super::Vault;
 use crate::error::{corrupt, invalid, Error, Param, Thing};
@@ -260,32 +261,58 @@ impl Vault {
         Ok(self.key_ref(&name).await?.public_key.clone())
     }
 
-    /// `Sign` inside the key's device.
+    /// `Sign` inside the key's device, over `hash` (SHA-256 unless asked; SHA-512 only for
+    /// RSA PKCS#1 v1.5 keys, which is what SSH's `rsa-sha2-512` needs). With `prehashed`,
+    /// `data` is that hash's digest.
     ///
     /// # Errors
-    /// `Sealed`, `NotFound`, a digest of the wrong length, device failures.
+    /// `Sealed`, `NotFound`, a hash the key's algorithm doesn't sign with, a digest of the
+    /// wrong length, device failures.
     pub async fn sign(
         &self,
         name: KeyName,
         data: Vec<u8>,
         prehashed: bool,
+        hash: Option<SignHash>,
     ) -> Result<Vec<u8>, Error> {
         let key = self.key_ref(&name).await?;
-        if prehashed && data.len() != 32 {
+        let algorithm = key.handle.algorithm();
+        let hash = hash.unwrap_or(SignHash::Sha256);
+        if hash == SignHash::Sha512 && algorithm != KeyAlgorithm::RsaPkcs1_3072 {
             return Err(invalid(
-                Param::Data,
-                format!(
-                    "a prehashed input is a 32-byte SHA-256 digest, not {} bytes",
-                    data.len()
-                ),
+                Param::Hash,
+                format!("{algorithm} keys sign over sha256; sha512 is for rsa-pkcs1-3072 keys"),
             ));
         }
+        let wrong_length = || {
+            invalid(
+                Param::Data,
+                format!(
+                    "a prehashed input is a {}-byte {hash} digest, not {} bytes",
+                    hash.digest_len(),
+                    data.len()
+                ),
+            )
+        };
+        if prehashed && data.len() != hash.digest_len() {
+            return Err(wrong_length());
+        }
+        // No device here takes a message with a hash of the caller's choice: for SHA-512 the
+        // host hashes.
+        let sha512: Option<[u8; 64]> = match (hash, prehashed) {
+            (SignHash::Sha256, _) => None,
+            (SignHash::Sha512, false) => Some(Sha512::digest(&data).into()),
+            (SignHash::Sha512, true) => {
+                Some(<[u8; 64]>::try_from(data.as_slice()).map_err(|_| wrong_length())?)
+            }
+        };
         let handle = key.handle.clone();
         self.device(&key.device)?
             .call(move |d| {
-                let input = match <&[u8; 32]>::try_from(data.as_slice()) {
-                    Ok(digest) if prehashed => SignInput::Sha256Digest(digest),
-                    _ => SignInput::Message(&data),
+                let input = match (&sha512, <&[u8; 32]>::try_from(data.as_slice())) {
+                    (Some(digest), _) => SignInput::Sha512Digest(digest),
+                    (None, Ok(digest)) if prehashed => SignInput::Sha256Digest(digest),
+                    (None, _) => SignInput::Message(&data),
                 };
                 d.sign(&handle, input)
             })

@@ -100,6 +100,12 @@ fn seal_context(vault_id: &[u8; 16]) -> Vec<u8> {
 }
 
 impl Vault {
+    /// The store the vault keeps its state in (for a backup's snapshot: everything in it is
+    /// sealed or ciphertext already).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// A vault over `store`, sealed if the store holds one, else uninitialised.
     ///
     /// # Errors

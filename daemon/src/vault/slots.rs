@@ -1,8 +1,11 @@
 //! Keyslots: making one (seal the VMK, then prove the slot opens before it is stored), opening
 //! the vault through one (unattended at start, or with a PIN or recovery shares from an admin),
 //! and the admin verbs over them: enroll, remove, rekey, rotate.
+//!
+//! A tpm2 slot's signed PCR policy (key and PCRs) lives only in its sealed blob; the API view
+//! and a rekey read it from there.
 
-use hsm_shim::{DeviceKind, Pin, SealPolicy, SealedBlob, SecretBytes};
+use hsm_shim::{DeviceError, DeviceKind, Pin, SealPolicy, SealedBlob, SecretBytes, SignedPcrs};
 use keyward_proto::api::{self, KeyslotKind, SecretString, SlotSpec};
 use keyward_proto::recovery_share;
 
@@ -10,11 +13,13 @@ use super::crypto::Key32;
 use super::keyring::Keyring;
 use super::recovery::{self, RecoverySlotData};
 use super::{pending, seal_context, State, Vault};
+use crate::device::CallError;
 use crate::error::{corrupt, invalid, Error, Param, Thing};
 use crate::store::{self, tables::KeyslotRow, tables::NewKeyslot};
 
 /// The API view of a stored keyslot.
 pub(super) fn to_api(row: &KeyslotRow) -> api::Keyslot {
+    let signed = signed_of(row);
     api::Keyslot {
         id: row.id,
         kind: row.kind,
@@ -25,6 +30,38 @@ pub(super) fn to_api(row: &KeyslotRow) -> api::Keyslot {
         shares: row.shares,
         created: row.created.clone(),
         unconfirmed_until: row.unconfirmed_until.map(super::pending::rfc3339),
+        signed_pcrs: signed.as_ref().map(|s| s.pcrs.clone()),
+        pcr_public_key: signed.and_then(|s| {
+            hsm_shim::tpm::fingerprint(&s.public_key)
+                .ok()
+                .map(|fp| keyward_proto::text::hex(&fp))
+        }),
+    }
+}
+
+/// The signed PCR policy a tpm2 keyslot's blob is bound to, if any. The blob is the only
+/// record of it (the keyslot table has no column for it), so it is read from there.
+fn signed_of(row: &KeyslotRow) -> Option<SignedPcrs> {
+    if row.kind != KeyslotKind::Tpm2 {
+        return None;
+    }
+    match serde_json::from_slice(&row.blob).ok()? {
+        SealedBlob::Tpm2 { signed, .. } => signed,
+        _ => None,
+    }
+}
+
+/// The signed PCR policy a spec asks for.
+fn signed_policy(spec: &SlotSpec) -> Result<Option<SignedPcrs>, Error> {
+    match (&spec.pcr_public_key, &spec.signed_pcrs) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(invalid(
+            Param::Slot,
+            "signed PCRs need the public key that signs their policies",
+        )),
+        (Some(pem), pcrs) => hsm_shim::tpm::signed_pcrs(pem, pcrs.as_deref())
+            .map(Some)
+            .map_err(|e| invalid(Param::Slot, e.to_string())),
     }
 }
 
@@ -55,7 +92,10 @@ impl Vault {
                         format!("{name:?} is a {} device, not {}", device.kind(), spec.kind),
                     ));
                 }
-                if kind == DeviceKind::Pkcs11 && (spec.pcrs.is_some() || spec.pin.is_some()) {
+                let signed = signed_policy(spec)?;
+                if kind == DeviceKind::Pkcs11
+                    && (spec.pcrs.is_some() || spec.pin.is_some() || signed.is_some())
+                {
                     return Err(invalid(Param::Slot, "a pkcs11 slot has no PCRs or PIN of its own: the token's login PIN guards it"));
                 }
                 if spec.threshold.is_some() || spec.shares.is_some() {
@@ -67,10 +107,25 @@ impl Vault {
                 let policy = SealPolicy {
                     pcrs: spec.pcrs.clone(),
                     pin: pin_of(spec.pin.as_ref())?,
+                    signed,
                 };
                 let test_pin = pin_of(spec.pin.as_ref())?;
                 let blob = self.device_seal(name, vault_id, vmk, policy).await?;
-                let back = self.device_unseal(name, vault_id, &blob, test_pin).await?;
+                let (back, _) = self
+                    .device_unseal(name, vault_id, &blob, test_pin)
+                    .await
+                    .map_err(|e| match e {
+                        // The admin's to fix (a signature file for the current values), and
+                        // the reason says how: keep it rather than a bare PolicyMismatch.
+                        Error::Device {
+                            cause: CallError::Device(DeviceError::PolicyUnsigned(why)),
+                            ..
+                        } => invalid(
+                            Param::Slot,
+                            format!("the new keyslot does not open now: {why}"),
+                        ),
+                        e => e,
+                    })?;
                 if back.expose() != vmk.expose() {
                     return Err(Error::SelfTest {
                         reason: format!("device {name:?} returned another key in the test unseal"),
@@ -96,7 +151,12 @@ impl Vault {
                 ))
             }
             None => {
-                if spec.device.is_some() || spec.pcrs.is_some() || spec.pin.is_some() {
+                if spec.device.is_some()
+                    || spec.pcrs.is_some()
+                    || spec.pin.is_some()
+                    || spec.pcr_public_key.is_some()
+                    || spec.signed_pcrs.is_some()
+                {
                     return Err(invalid(
                         Param::Slot,
                         "a recovery slot takes only threshold and shares",
@@ -176,26 +236,28 @@ impl Vault {
         vault_id: &[u8; 16],
         blob: &SealedBlob,
         pin: Option<Pin>,
-    ) -> Result<Key32, Error> {
+    ) -> Result<(Key32, Option<String>), Error> {
         let blob = blob.clone();
         let context = seal_context(vault_id);
-        let secret = self
+        let (secret, note) = self
             .device(name)?
-            .call(move |d| d.unseal(&blob, &context, pin.as_ref()))
+            .call(move |d| d.unseal_noting(&blob, &context, pin.as_ref()))
             .await
             .map_err(|e| Error::device(name, e))?;
-        Key32::from_bytes(secret.expose()).map_err(|_| Error::Internal {
+        let key = Key32::from_bytes(secret.expose()).map_err(|_| Error::Internal {
             reason: format!("device {name:?} unsealed a key of the wrong size"),
-        })
+        })?;
+        Ok((key, note))
     }
 
-    /// Unseal through one device keyslot.
+    /// Unseal through one device keyslot; also returns what let it open beyond the blob (the
+    /// signed PCR policy that matched), for the status.
     async fn unseal_slot(
         &self,
         vault_id: &[u8; 16],
         row: &KeyslotRow,
         pin: Option<Pin>,
-    ) -> Result<Key32, Error> {
+    ) -> Result<(Key32, Option<String>), Error> {
         let device = row
             .device
             .as_deref()
@@ -261,8 +323,13 @@ impl Vault {
                     continue;
                 }
                 match self.unseal_slot(&vault_id, row, None).await {
-                    Ok(vmk) => {
-                        let by = format!("keyslot {} ({} on {device})", row.id, row.kind);
+                    Ok((vmk, note)) => {
+                        let by = format!(
+                            "keyslot {} ({} on {device}{})",
+                            row.id,
+                            row.kind,
+                            note.map(|n| format!(", {n}")).unwrap_or_default()
+                        );
                         match self.open_with(vmk, by).await {
                             Ok(()) => return,
                             Err(e) => why.push(format!("keyslot {}: {e}", row.id)),
@@ -385,10 +452,14 @@ impl Vault {
         // TPM slots bound to a PIN first; a wrong PIN ends the attempt (each try burns the
         // TPM's lockout counter).
         if let Some(row) = rows.iter().find(|r| r.kind == KeyslotKind::Tpm2 && r.pin) {
-            let vmk = self.unseal_slot(vault_id, row, pin_of(Some(&pin))?).await?;
+            let (vmk, note) = self.unseal_slot(vault_id, row, pin_of(Some(&pin))?).await?;
             let device = row.device.clone().unwrap_or_default();
+            let note = note.map(|n| format!(", {n}")).unwrap_or_default();
             return self
-                .open_with(vmk, format!("keyslot {} (tpm2 on {device}, PIN)", row.id))
+                .open_with(
+                    vmk,
+                    format!("keyslot {} (tpm2 on {device}, PIN{note})", row.id),
+                )
                 .await;
         }
         // Then tokens that could not log in on their own: log in with this PIN once.
@@ -404,7 +475,7 @@ impl Vault {
             };
             let p = pin_of(Some(&pin))?.ok_or_else(|| invalid(Param::Pin, "empty"))?;
             handle.login(p).await.map_err(|e| Error::device(name, e))?;
-            let vmk = self.unseal_slot(vault_id, row, None).await?;
+            let (vmk, _) = self.unseal_slot(vault_id, row, None).await?;
             return self
                 .open_with(vmk, format!("keyslot {} (pkcs11 on {name})", row.id))
                 .await;
@@ -541,6 +612,7 @@ impl Vault {
         let mut blobs = Vec::with_capacity(rows.len());
         let mut shares = Vec::new();
         for row in &rows {
+            let signed = signed_of(row);
             let spec = SlotSpec {
                 kind: row.kind,
                 device: row.device.clone(),
@@ -552,6 +624,10 @@ impl Vault {
                 },
                 threshold: row.threshold,
                 shares: row.shares,
+                pcr_public_key: signed
+                    .as_ref()
+                    .map(|s| keyward_proto::text::public_key_pem(&s.public_key)),
+                signed_pcrs: signed.map(|s| s.pcrs),
             };
             let (slot, mut s) = self.make_slot(&vault_id, &vmk, &spec).await?;
             blobs.push((row.id, slot.blob));

@@ -27,24 +27,26 @@ pub(super) fn algorithms(ctx: &Pkcs11, slot: Slot) -> Vec<KeyAlgorithm> {
             .iter()
             .all(|&m| ctx.get_mechanism_info(slot, m).is_ok())
     };
-    let mut out = Vec::new();
-    if has(&[
-        MechanismType::ECC_EDWARDS_KEY_PAIR_GEN,
-        MechanismType::EDDSA,
-    ]) {
-        out.push(KeyAlgorithm::Ed25519);
-    }
-    if has(&[MechanismType::ECC_KEY_PAIR_GEN, MechanismType::ECDSA]) {
-        out.push(KeyAlgorithm::EcdsaP256);
-    }
-    if has(&[
-        MechanismType::RSA_PKCS_KEY_PAIR_GEN,
-        MechanismType::SHA256_RSA_PKCS_PSS,
-    ]) {
-        out.push(KeyAlgorithm::RsaPss3072);
-        out.push(KeyAlgorithm::RsaPss2048);
-    }
-    out
+    KeyAlgorithm::ALL
+        .into_iter()
+        .filter(|algorithm| match algorithm {
+            KeyAlgorithm::Ed25519 => has(&[
+                MechanismType::ECC_EDWARDS_KEY_PAIR_GEN,
+                MechanismType::EDDSA,
+            ]),
+            KeyAlgorithm::EcdsaP256 => {
+                has(&[MechanismType::ECC_KEY_PAIR_GEN, MechanismType::ECDSA])
+            }
+            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => has(&[
+                MechanismType::RSA_PKCS_KEY_PAIR_GEN,
+                MechanismType::SHA256_RSA_PKCS_PSS,
+            ]),
+            KeyAlgorithm::RsaPkcs1_3072 => has(&[
+                MechanismType::RSA_PKCS_KEY_PAIR_GEN,
+                MechanismType::SHA256_RSA_PKCS,
+            ]),
+        })
+        .collect()
 }
 
 impl Pkcs11Device {
@@ -94,7 +96,7 @@ impl Pkcs11Device {
                 public.push(Attribute::EcParams(P256_PARAMS.to_vec()));
                 Mechanism::EccKeyPairGen
             }
-            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => {
+            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 | KeyAlgorithm::RsaPss2048 => {
                 let bits: u64 = if spec.algorithm == KeyAlgorithm::RsaPss2048 {
                     2048
                 } else {
@@ -123,7 +125,7 @@ impl Pkcs11Device {
         let (id, algorithm) = self.key_id(handle)?;
         let object = self.find(ObjectClass::PUBLIC_KEY, id)?;
         let wanted: &[AttributeType] = match algorithm {
-            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => {
+            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 | KeyAlgorithm::RsaPss2048 => {
                 &[AttributeType::Modulus, AttributeType::PublicExponent]
             }
             KeyAlgorithm::Ed25519 | KeyAlgorithm::EcdsaP256 => &[AttributeType::EcPoint],
@@ -146,10 +148,12 @@ impl Pkcs11Device {
             detail: format!("public key has no {what}"),
         };
         match algorithm {
-            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => pubkey::rsa_spki(
-                &modulus.ok_or_else(|| missing("CKA_MODULUS"))?,
-                &exponent.ok_or_else(|| missing("CKA_PUBLIC_EXPONENT"))?,
-            ),
+            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 | KeyAlgorithm::RsaPss2048 => {
+                pubkey::rsa_spki(
+                    &modulus.ok_or_else(|| missing("CKA_MODULUS"))?,
+                    &exponent.ok_or_else(|| missing("CKA_PUBLIC_EXPONENT"))?,
+                )
+            }
             KeyAlgorithm::Ed25519 => {
                 let point = point.ok_or_else(|| missing("CKA_EC_POINT"))?;
                 pubkey::ed25519_spki(unwrap_octet_string(&point, 32))

@@ -153,7 +153,7 @@ impl Sealer for Pkcs11Device {
         policy: &SealPolicy,
     ) -> Result<SealedBlob> {
         check_secret_len(secret)?;
-        if policy.pcrs.is_some() {
+        if policy.pcrs.is_some() || policy.signed.is_some() {
             return Err(DeviceError::Unsupported("PCR policies need a TPM".into()));
         }
         if policy.pin.is_some() {

@@ -11,15 +11,19 @@
 //! session slots (swtpm: 3 each), so the device is `&mut self` throughout, holds at most the SRK,
 //! one cached signing key and, during a call, one more object and one session.
 
+mod banks;
 mod certify;
 mod counter;
 mod error;
 mod seal;
 mod session;
 mod sign;
+mod signed;
 mod tcti;
 /// The object templates (public so a benchmark's raw baseline creates the very same objects).
 pub mod template;
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use tss_esapi::constants::{CapabilityType, PropertyTag};
@@ -30,6 +34,8 @@ use tss_esapi::structures::{CapabilityData, Private, Public, PublicParameters};
 use tss_esapi::traits::UnMarshall;
 use tss_esapi::Context;
 
+pub use banks::PcrBank;
+pub use signed::{fingerprint, signed_pcrs, DEFAULT_SIGNATURE_FILES, DEFAULT_SIGNED_PCRS};
 pub use tcti::{Tcti, DEFAULT_DEVICE};
 
 use error::{map, Op};
@@ -48,6 +54,10 @@ pub struct TpmConfig {
     /// the Secure Boot policy: stable across kernel updates, changed by a different boot chain).
     #[serde(default = "default_pcrs")]
     pub pcrs: Vec<u8>,
+    /// The signature file of signed PCR policies (`systemd-measure sign` JSON) that unseals
+    /// read. `None` looks where systemd does: [`DEFAULT_SIGNATURE_FILES`], first found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcr_signature: Option<PathBuf>,
 }
 
 fn default_pcrs() -> Vec<u8> {
@@ -60,16 +70,14 @@ impl TpmConfig {
         Self {
             tcti,
             pcrs: default_pcrs(),
+            pcr_signature: None,
         }
     }
 }
 
 impl Default for TpmConfig {
     fn default() -> Self {
-        Self {
-            tcti: Tcti::default(),
-            pcrs: default_pcrs(),
-        }
+        Self::new(Tcti::default())
     }
 }
 
@@ -88,6 +96,8 @@ pub struct TpmDevice {
     srk: TpmKey,
     /// Canonical (sorted, checked) default PCR list.
     pcrs: Vec<u8>,
+    /// Where signed PCR policies' signatures are read, in order.
+    signature_files: Vec<PathBuf>,
     info: DeviceInfo,
     cached_key: Option<CachedKey>,
 }
@@ -119,10 +129,15 @@ impl TpmDevice {
         let mut info = read_info(&mut ctx, &config.tcti)?;
         info.algorithms = algorithms(&mut ctx);
         tracing::debug!(tcti = %config.tcti, manufacturer = %info.manufacturer, "TPM opened");
+        let signature_files = match config.pcr_signature {
+            Some(file) => vec![file],
+            None => DEFAULT_SIGNATURE_FILES.iter().map(PathBuf::from).collect(),
+        };
         Ok(TpmDevice {
             ctx,
             srk,
             pcrs,
+            signature_files,
             info,
             cached_key: None,
         })
@@ -336,6 +351,7 @@ mod tests {
         let config = TpmConfig {
             tcti: "swtpm:host=127.0.0.1,port=1".parse().unwrap(),
             pcrs: vec![24],
+            pcr_signature: None,
         };
         assert!(matches!(
             TpmDevice::open(config),

@@ -1,5 +1,6 @@
-//! [`Sealer`] for the TPM: a sealed-data object under the SRK whose authPolicy is PolicyPCR
-//! (sha256 bank) and, with a PIN, PolicyAuthValue.
+//! [`Sealer`] for the TPM: a sealed-data object under the SRK whose authPolicy is, in order,
+//! PolicyAuthorize on a signed PCR policy's key (optional, `signed.rs`), PolicyPCR over the
+//! literal PCRs (sha256 bank) and, with a PIN, PolicyAuthValue.
 //!
 //! The sealed data is `context_digest(context) || secret`, so a blob unsealed for another purpose
 //! is refused on the host after the TPM released it. Both commands that carry the secret (Create
@@ -8,16 +9,16 @@
 use tss_esapi::constants::SessionType;
 use tss_esapi::handles::ObjectHandle;
 use tss_esapi::interface_types::session_handles::AuthSession;
-use tss_esapi::structures::{Auth, SensitiveData};
+use tss_esapi::structures::{Auth, PcrSelectionList, SensitiveData};
 use tss_esapi::traits::Marshall;
 use zeroize::Zeroizing;
 
 use super::error::{map, with_retries, Op};
 use super::session::{self, flush_quietly, ParamEncryption};
-use super::{template, unmarshal_public, TpmDevice};
+use super::{signed, template, unmarshal_public, TpmDevice};
 use crate::{
     check_secret_len, context_digest, DeviceError, Pin, Result, SealPolicy, SealedBlob, Sealer,
-    SecretBytes,
+    SecretBytes, SignedPcrs,
 };
 
 /// A TPM authValue is at most the size of the object's name digest (SHA-256: 32 bytes).
@@ -42,11 +43,26 @@ impl Sealer for TpmDevice {
         policy: &SealPolicy,
     ) -> Result<SealedBlob> {
         check_secret_len(secret)?;
-        let pcrs = template::check_pcrs(policy.pcrs.as_deref().unwrap_or(&self.pcrs))
-            .map_err(DeviceError::InvalidArgument)?;
+        let pcrs = literal_pcrs(
+            policy.pcrs.as_deref().unwrap_or(&self.pcrs),
+            policy.signed.as_ref(),
+        )
+        .map_err(DeviceError::InvalidArgument)?;
         let auth = policy.pin.as_ref().map(pin_auth).transpose()?;
-        let selection = template::pcr_selection(&pcrs)?;
-        let digest = session::trial_policy_digest(&mut self.ctx, &selection, auth.is_some())?;
+        let selection = literal_selection(&pcrs)?;
+        let name = match &policy.signed {
+            Some(signed) => {
+                let key = signed::key(&signed.public_key).map_err(DeviceError::InvalidArgument)?;
+                Some(signed::name(&mut self.ctx, &key)?)
+            }
+            None => None,
+        };
+        let digest = session::trial_policy_digest(
+            &mut self.ctx,
+            name.as_ref(),
+            selection.as_ref(),
+            auth.is_some(),
+        )?;
         let public = template::sealed_object(digest, auth.is_some())?;
 
         // Exactly sized so the zeroizing buffer never reallocates and leaves a copy behind.
@@ -82,6 +98,7 @@ impl Sealer for TpmDevice {
             private: created.out_private.value().to_vec(),
             pcrs,
             pin: policy.pin.is_some(),
+            signed: policy.signed.clone(),
         })
     }
 
@@ -91,11 +108,22 @@ impl Sealer for TpmDevice {
         context: &[u8],
         pin: Option<&Pin>,
     ) -> Result<SecretBytes> {
+        self.unseal_noting(blob, context, pin)
+            .map(|(secret, _)| secret)
+    }
+
+    fn unseal_noting(
+        &mut self,
+        blob: &SealedBlob,
+        context: &[u8],
+        pin: Option<&Pin>,
+    ) -> Result<(SecretBytes, Option<String>)> {
         let SealedBlob::Tpm2 {
             public,
             private,
             pcrs,
             pin: needs_pin,
+            signed,
         } = blob
         else {
             return Err(DeviceError::InvalidBlob("not a TPM sealed blob".into()));
@@ -108,14 +136,19 @@ impl Sealer for TpmDevice {
             // A PIN offered to a slot that has none is not needed, and ignoring it costs nothing.
             (false, _) => None,
         };
-        let pcrs = template::check_pcrs(pcrs).map_err(DeviceError::InvalidBlob)?;
-        let selection = template::pcr_selection(&pcrs)?;
+        let pcrs = literal_pcrs(pcrs, signed.as_ref()).map_err(DeviceError::InvalidBlob)?;
+        let selection = literal_selection(&pcrs)?;
         let public = unmarshal_public(public)?;
+        if signed.is_some() {
+            // The external key takes an object slot while the sealed object is loaded (swtpm
+            // has three, the SRK holds one).
+            self.evict_cached_key();
+        }
         let object = self.load(public, private)?;
 
-        let result = self.unseal_loaded(object.into(), &selection, auth);
+        let result = self.unseal_loaded(object.into(), signed.as_ref(), selection.as_ref(), auth);
         flush_quietly(&mut self.ctx, object.into());
-        let data = result?;
+        let (data, note) = result?;
 
         let data = data.value();
         let expected = context_digest(context);
@@ -137,8 +170,34 @@ impl Sealer for TpmDevice {
         // Exactly sized, so the only copies are this one and tss-esapi's zeroizing buffer.
         let mut secret = Vec::with_capacity(rest.len());
         secret.extend_from_slice(rest);
-        Ok(SecretBytes::new(secret))
+        Ok((SecretBytes::new(secret), note))
     }
+}
+
+/// Check the literal PCR list of a seal: what [`template::check_pcrs`] accepts, or an empty list
+/// when a signed policy binds the object instead, and never a PCR that is in both (a literal
+/// binding to a signed PCR would break at the first update the signature is there to survive).
+fn literal_pcrs(pcrs: &[u8], signed: Option<&SignedPcrs>) -> std::result::Result<Vec<u8>, String> {
+    let Some(signed) = signed else {
+        return template::check_pcrs(pcrs);
+    };
+    if pcrs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let pcrs = template::check_pcrs(pcrs)?;
+    if let Some(both) = pcrs.iter().find(|p| signed.pcrs.contains(p)) {
+        return Err(format!(
+            "PCR {both} is both a literal and a signed PCR of this seal: bind it one way"
+        ));
+    }
+    Ok(pcrs)
+}
+
+fn literal_selection(pcrs: &[u8]) -> Result<Option<PcrSelectionList>> {
+    if pcrs.is_empty() {
+        return Ok(None);
+    }
+    template::pcr_selection(pcrs).map(Some)
 }
 
 impl TpmDevice {
@@ -147,9 +206,10 @@ impl TpmDevice {
     fn unseal_loaded(
         &mut self,
         object: ObjectHandle,
-        selection: &tss_esapi::structures::PcrSelectionList,
+        signed: Option<&SignedPcrs>,
+        selection: Option<&PcrSelectionList>,
         auth: Option<Auth>,
-    ) -> Result<SensitiveData> {
+    ) -> Result<(SensitiveData, Option<String>)> {
         let srk = self.srk;
         let policy = session::start_salted(
             &mut self.ctx,
@@ -161,7 +221,7 @@ impl TpmDevice {
                 response: true,
             },
         )?;
-        let result = self.run_unseal(policy, object, selection, auth);
+        let result = self.run_unseal(policy, object, signed, selection, auth);
         flush_quietly(&mut self.ctx, session::session_object(policy));
         result.map_err(|e| with_retries(&mut self.ctx, e))
     }
@@ -170,18 +230,30 @@ impl TpmDevice {
         &mut self,
         policy: AuthSession,
         object: ObjectHandle,
-        selection: &tss_esapi::structures::PcrSelectionList,
+        signed: Option<&SignedPcrs>,
+        selection: Option<&PcrSelectionList>,
         auth: Option<Auth>,
-    ) -> Result<SensitiveData> {
+    ) -> Result<(SensitiveData, Option<String>)> {
         let policy_session = session::policy_session(policy)?;
+        let note = match signed {
+            Some(signed) => Some(signed::authorize(
+                &mut self.ctx,
+                policy_session,
+                signed,
+                &self.signature_files,
+            )?),
+            None => None,
+        };
         session::apply_policy(&mut self.ctx, policy_session, selection, auth.is_some())?;
         if let Some(auth) = auth {
             self.ctx
                 .tr_set_auth(object, auth)
                 .map_err(|e| map(Op::SessionSetup, e))?;
         }
-        self.ctx
+        let data = self
+            .ctx
             .execute_with_session(Some(policy), |c| c.unseal(object))
-            .map_err(|e| map(Op::Unseal, e))
+            .map_err(|e| map(Op::Unseal, e))?;
+        Ok((data, note))
     }
 }

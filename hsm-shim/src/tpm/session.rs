@@ -1,6 +1,6 @@
 //! TPM sessions: salted sessions with parameter encryption for commands that carry a secret, the
-//! seal policy (run identically in a trial session at seal time and a real one at unseal time),
-//! and flushing that never masks the error that matters.
+//! seal policy (run identically in a trial session at seal time and a real one at unseal time;
+//! its signed part is in `signed.rs`), and flushing that never masks the error that matters.
 //!
 //! Salting with the SRK means the session key comes from a secret only the TPM can decrypt, so
 //! the AES-128-CFB parameter encryption protects the VMK and PIN from anyone on the bus or the
@@ -11,7 +11,7 @@ use tss_esapi::constants::SessionType;
 use tss_esapi::handles::{KeyHandle as TpmKey, ObjectHandle, SessionHandle};
 use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
-use tss_esapi::structures::{Digest, PcrSelectionList, SymmetricDefinition};
+use tss_esapi::structures::{Digest, Name, PcrSelectionList, SymmetricDefinition};
 use tss_esapi::Context;
 
 use super::error::{map, Op};
@@ -58,9 +58,10 @@ pub(super) fn start_salted(
     Ok(session)
 }
 
-/// The policy every Keyward sealed object carries: PolicyPCR over the sha256 bank, then
-/// PolicyAuthValue when a PIN is part of it. Running the same function in the trial session and
-/// the real one is what keeps the two digests in step.
+/// The policy every Keyward sealed object carries after its signed part (if any): PolicyPCR
+/// over the literal PCRs of the sha256 bank (if any), then PolicyAuthValue when a PIN is part
+/// of it. Running the same function in the trial session and the real one is what keeps the
+/// two digests in step.
 ///
 /// PolicyPCR is sent with an empty expected digest: in a trial session the TPM then digests the
 /// current PCR values into the policy, in a real session it uses the current values again, and
@@ -68,11 +69,13 @@ pub(super) fn start_salted(
 pub(super) fn apply_policy(
     ctx: &mut Context,
     session: PolicySession,
-    pcrs: &PcrSelectionList,
+    pcrs: Option<&PcrSelectionList>,
     with_pin: bool,
 ) -> Result<()> {
-    ctx.execute_without_session(|c| c.policy_pcr(session, Digest::default(), pcrs.clone()))
-        .map_err(|e| map(Op::Policy, e))?;
+    if let Some(pcrs) = pcrs {
+        ctx.execute_without_session(|c| c.policy_pcr(session, Digest::default(), pcrs.clone()))
+            .map_err(|e| map(Op::Policy, e))?;
+    }
     if with_pin {
         ctx.execute_without_session(|c| c.policy_auth_value(session))
             .map_err(|e| map(Op::Policy, e))?;
@@ -80,10 +83,13 @@ pub(super) fn apply_policy(
     Ok(())
 }
 
-/// The authPolicy digest for a new sealed object bound to the current values of `pcrs`.
+/// The authPolicy digest for a new sealed object bound to the current values of `pcrs`, and
+/// first, when `authorize` names a key, to whatever PCR policy that key signs
+/// (`PolicyAuthorize` resets the digest, so it must come first: that is also systemd's order).
 pub(super) fn trial_policy_digest(
     ctx: &mut Context,
-    pcrs: &PcrSelectionList,
+    authorize: Option<&Name>,
+    pcrs: Option<&PcrSelectionList>,
     with_pin: bool,
 ) -> Result<Digest> {
     // A trial session carries nothing secret and authorises nothing: no salt, no encryption.
@@ -101,6 +107,9 @@ pub(super) fn trial_policy_digest(
         .map_err(|e| map(Op::StartSession, e))?
         .ok_or_else(|| no_session(Op::StartSession))?;
     let result = policy_session(session).and_then(|policy| {
+        if let Some(name) = authorize {
+            super::signed::authorize_trial(ctx, policy, name)?;
+        }
         apply_policy(ctx, policy, pcrs, with_pin)?;
         ctx.execute_without_session(|c| c.policy_get_digest(policy))
             .map_err(|e| map(Op::Policy, e))

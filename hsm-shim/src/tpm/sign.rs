@@ -34,7 +34,7 @@ pub(super) fn rsa_bits(algorithm: KeyAlgorithm) -> Option<RsaKeyBits> {
     match algorithm {
         KeyAlgorithm::RsaPss2048 => Some(RsaKeyBits::Rsa2048),
         KeyAlgorithm::RsaPss3072 => Some(RsaKeyBits::Rsa3072),
-        KeyAlgorithm::Ed25519 | KeyAlgorithm::EcdsaP256 => None,
+        KeyAlgorithm::Ed25519 | KeyAlgorithm::EcdsaP256 | KeyAlgorithm::RsaPkcs1_3072 => None,
     }
 }
 
@@ -182,6 +182,12 @@ impl Signer for TpmDevice {
         let digest: [u8; 32] = match input {
             SignInput::Message(m) => Sha256::digest(m).into(),
             SignInput::Sha256Digest(d) => *d,
+            SignInput::Sha512Digest(_) => {
+                return Err(DeviceError::Unsupported(format!(
+                    "{} keys sign SHA-256 digests; SHA-512 is for rsa-pkcs1 keys",
+                    handle.algorithm()
+                )))
+            }
         };
         let digest = Digest::try_from(digest.as_slice()).map_err(|e| map(Op::Sign, e))?;
         let ticket = null_ticket()?;
