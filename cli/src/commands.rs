@@ -114,7 +114,21 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         );
     }
     if let Command::Doctor { config } = &cli.command {
-        return doctor(config, cli.json);
+        let json = cli.json.then_some("--json");
+        return exec_keywardd(
+            &["--doctor".as_ref(), "--config".as_ref(), config.as_os_str()]
+                .into_iter()
+                .chain(json.map(AsRef::as_ref))
+                .collect::<Vec<&std::ffi::OsStr>>(),
+        );
+    }
+    if let Command::Restore { file, config } = &cli.command {
+        return exec_keywardd(&[
+            "--restore".as_ref(),
+            file.as_os_str(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ]);
     }
     let mut client = connect(&cli.socket)?;
     let c = &mut client;
@@ -123,7 +137,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         | Command::Manpages { .. }
         | Command::Audit(_)
         | Command::Policy(_)
-        | Command::Doctor { .. } => Ok(()),
+        | Command::Doctor { .. }
+        | Command::Restore { .. } => Ok(()),
         Command::Status => {
             let status = c.status()?;
             out.emit(&status, || output::status(&status))
@@ -810,11 +825,12 @@ fn transit(c: &mut Client, out: &Out, cmd: TransitCommand) -> Result<(), CliErro
     }
 }
 
-/// `keyward doctor`: the checks are keywardd's (its config parser, device code and policy
-/// loader), so run `keywardd --doctor` in this process's place: its output and exit code are
-/// the command's. keywardd is looked for beside this binary (a build tree, a hand install),
-/// then where the package puts it (`/usr/sbin`, often not on a user's PATH), then on PATH.
-fn doctor(config: &Path, json: bool) -> Result<(), CliError> {
+/// `keyward doctor` and `keyward restore` are keywardd's work (its config parser, device code,
+/// policy loader and schema), so run `keywardd ARGS` in this process's place: its output and
+/// exit code are the command's. keywardd is looked for beside this binary (a build tree, a
+/// hand install), then where the package puts it (`/usr/sbin`, often not on a user's PATH),
+/// then on PATH.
+fn exec_keywardd(args: &[&std::ffi::OsStr]) -> Result<(), CliError> {
     use std::os::unix::process::CommandExt as _;
     let beside = std::env::current_exe()
         .ok()
@@ -824,14 +840,9 @@ fn doctor(config: &Path, json: bool) -> Result<(), CliError> {
         .chain([std::path::PathBuf::from("/usr/sbin/keywardd")])
         .find(|p| p.is_file())
         .unwrap_or_else(|| "keywardd".into());
-    let mut cmd = std::process::Command::new(&program);
-    cmd.arg("--doctor").arg("--config").arg(config);
-    if json {
-        cmd.arg("--json");
-    }
-    let e = cmd.exec();
+    let e = std::process::Command::new(&program).args(args).exec();
     Err(CliError::Local(format!(
-        "cannot run {} --doctor: {e}",
+        "cannot run {}: {e}",
         program.display()
     )))
 }

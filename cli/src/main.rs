@@ -127,7 +127,7 @@ pub enum Command {
     ///
     /// A consistent snapshot that keywardd takes while it keeps serving, holding only sealed
     /// blobs and ciphertext, with the audit log's head; FILE gets mode 0600 and is replaced
-    /// atomically. Needs admin. Restore it with `keywardd --restore FILE` into an empty state
+    /// atomically. Needs admin. Restore it with `keyward restore FILE` into an empty state
     /// directory.
     Backup {
         /// Where to write it.
@@ -143,6 +143,21 @@ pub enum Command {
     /// keywardd's user.
     Doctor {
         /// keywardd's configuration file.
+        #[arg(
+            long,
+            value_name = "PATH",
+            default_value = "/etc/keyward/keywardd.toml"
+        )]
+        config: PathBuf,
+    },
+    /// Restore a backup into keywardd's empty state directory (offline: keywardd not
+    /// running). Runs `keywardd --restore FILE` (the daemon's own config and schema checks),
+    /// found as for `doctor`; run it as root. The vault then opens with recovery shares or
+    /// the same token; `enroll tpm2` binds it to this machine's TPM.
+    Restore {
+        /// The backup file (`keyward backup FILE`).
+        file: PathBuf,
+        /// keywardd's configuration file (it names the state directory).
         #[arg(
             long,
             value_name = "PATH",

@@ -19,10 +19,11 @@ use serde_json::Value;
 
 const SECRET: &[u8] = b"correct horse battery staple, a value to look for";
 
+/// `keyward restore FILE --config C`, which runs `keywardd --restore` in its place.
 fn restore(config: &Path, file: &Path) -> Output {
     run_cli(
-        Command::new(bin("keywardd"))
-            .arg("--restore")
+        Command::new(bin("keyward"))
+            .arg("restore")
             .arg(file)
             .arg("--config")
             .arg(config),
