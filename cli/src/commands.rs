@@ -98,6 +98,21 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     if let Command::Policy(cmd) = cli.command {
         return super::policy::run(cmd, cli.json);
     }
+    if let Command::Key(KeyCommand::VerifyAttestation {
+        file,
+        nonce,
+        signer,
+        public_key,
+    }) = &cli.command
+    {
+        return super::attest::verify(
+            &out,
+            file,
+            nonce.as_ref().map(|n| n.0.as_slice()),
+            signer.as_deref(),
+            public_key.as_deref(),
+        );
+    }
     if let Command::Doctor { config } = &cli.command {
         let json = cli.json.then_some("--json");
         return exec_keywardd(
@@ -735,6 +750,13 @@ fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
                 format!("key {name} deleted\n")
             })
         }
+        KeyCommand::Attest {
+            name,
+            nonce,
+            output,
+        } => super::attest::attest(c, out, name, nonce, output.as_deref()),
+        // Answered offline in `run`.
+        KeyCommand::VerifyAttestation { .. } => Ok(()),
     }
 }
 

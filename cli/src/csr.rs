@@ -94,7 +94,9 @@ fn signature_algorithm(algorithm: KeyAlgorithm) -> Result<AlgorithmIdentifierOwn
         KeyAlgorithm::Ed25519 => (ID_ED_25519, None),
         KeyAlgorithm::EcdsaP256 => (ECDSA_WITH_SHA_256, None),
         KeyAlgorithm::RsaPkcs1_3072 => (SHA_256_WITH_RSA_ENCRYPTION, Some(Any::null())),
-        KeyAlgorithm::RsaPss3072 => return Err(CsrError::Algorithm(algorithm)),
+        KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => {
+            return Err(CsrError::Algorithm(algorithm))
+        }
     };
     Ok(AlgorithmIdentifierOwned { oid, parameters })
 }

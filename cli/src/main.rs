@@ -5,6 +5,7 @@
 //! recovery share on its command line (they come from files or stdin) and never prints one
 //! to stderr.
 
+mod attest;
 mod audit;
 mod backup;
 mod commands;
@@ -431,6 +432,37 @@ pub enum KeyCommand {
         /// The key's name.
         name: KeyName,
     },
+    /// Attest a key (JSON document): a TPM certifies its own key (TPM2_Certify by its
+    /// attestation key, whose public key and the TPM's EK certificates come along); for a
+    /// PKCS#11 key, the token's attributes signed by the vault's audit key, which is not a
+    /// hardware attestation (SoftHSM has none).
+    Attest {
+        /// The key's name.
+        name: KeyName,
+        /// A nonce to bind, hex, 1 to 64 bytes (the verifier's, for freshness) [default: 32
+        /// random bytes].
+        #[arg(long, value_name = "HEX", value_parser = attest::parse_nonce)]
+        nonce: Option<attest::Nonce>,
+        /// Write the document to this file (and print who signed it).
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Verify an attestation document offline (no daemon is asked). Exit 1 if it fails.
+    VerifyAttestation {
+        /// The document `keyward key attest` wrote.
+        file: PathBuf,
+        /// The nonce the attestation must carry (hex).
+        #[arg(long, value_name = "HEX", value_parser = attest::parse_nonce)]
+        nonce: Option<attest::Nonce>,
+        /// The signer you trust: the TPM's attestation key, or the audit key `keyward status`
+        /// shows (a PEM or DER file, or base64 DER).
+        #[arg(long, value_name = "KEY|FILE")]
+        signer: Option<String>,
+        /// The public key the attested key must have (a PEM or DER file, e.g. from `keyward
+        /// key public`, or base64 DER).
+        #[arg(long, value_name = "KEY|FILE")]
+        public_key: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -584,6 +616,12 @@ pub enum CliError {
         /// What each rule made of it (the `--json` document).
         explanation: serde_json::Value,
     },
+    /// `key verify-attestation` rejected the document.
+    #[error("attestation {}: {failure}", .path.display())]
+    AttestationInvalid {
+        path: PathBuf,
+        failure: keyward::attestation::AttestationError,
+    },
     /// `audit verify` found the log altered, damaged or unsigned.
     #[error("audit log {}: {failure}", .path.display())]
     AuditInvalid {
@@ -616,7 +654,8 @@ impl CliError {
             | Self::Local(_)
             | Self::PolicyInvalid(_)
             | Self::PolicyDenied { .. }
-            | Self::AuditInvalid { .. } => exit::REFUSED,
+            | Self::AuditInvalid { .. }
+            | Self::AttestationInvalid { .. } => exit::REFUSED,
             Self::Usage(_) => exit::USAGE,
         }
     }
@@ -642,6 +681,10 @@ impl CliError {
                 audit::failure_json(path, failure),
             ),
             Self::PolicyInvalid(_) => ("keyward.PolicyInvalid".into(), serde_json::json!({})),
+            Self::AttestationInvalid { failure, .. } => (
+                "keyward.AttestationInvalid".into(),
+                serde_json::json!({ "reason": failure.to_string() }),
+            ),
             Self::PolicyDenied { explanation, .. } => {
                 ("keyward.PolicyDenied".into(), explanation.clone())
             }

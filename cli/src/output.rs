@@ -97,11 +97,24 @@ fn devices(indent: &str, devices: &[DeviceStatus]) -> String {
                 d.name.clone(),
                 d.kind.to_string(),
                 if d.available { "yes" } else { "NO" }.into(),
+                if d.algorithms.is_empty() {
+                    "-".into()
+                } else {
+                    d.algorithms
+                        .iter()
+                        .map(|a| a.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
                 d.detail.clone(),
             ]
         })
         .collect();
-    table(indent, &["NAME", "KIND", "AVAILABLE", "DETAIL"], &rows)
+    table(
+        indent,
+        &["NAME", "KIND", "AVAILABLE", "CREATES", "DETAIL"],
+        &rows,
+    )
 }
 
 /// `keyward status` for people.
@@ -298,6 +311,7 @@ mod tests {
                 kind: keyward::api::DeviceKind::Tpm2,
                 available: true,
                 detail: "swtpm".into(),
+                algorithms: vec![keyward::api::KeyAlgorithm::EcdsaP256],
             }],
             shares_pending: Some(1),
             term: None,

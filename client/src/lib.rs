@@ -6,7 +6,7 @@
 //! This crate must not grow command-line concerns (those are the `keyward` binary's) nor
 //! anything the daemon needs.
 
-pub use keyward_proto::{api, audit, backup, recovery_share, ssh, text, wire};
+pub use keyward_proto::{api, attestation, audit, backup, recovery_share, ssh, text, wire};
 
 pub mod varlink;
 

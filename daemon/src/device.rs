@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use hsm_shim::pkcs11::{Pkcs11Config, Pkcs11Device, SealMode};
 use hsm_shim::tpm::{TpmConfig, TpmDevice};
 use hsm_shim::uri::Pkcs11Uri;
-use hsm_shim::{Backend, DeviceError, DeviceInfo, DeviceKind, Pin};
+use hsm_shim::{Backend, DeviceError, DeviceInfo, DeviceKind, KeyAlgorithm, Pin};
 use tokio::sync::{oneshot, watch};
 
 /// Opens a device. Called on the actor's thread: at start and on each reopen with `None` (the
@@ -88,6 +88,8 @@ pub struct DeviceState {
     pub available: bool,
     /// What the device says it is when open; why it is down otherwise.
     pub detail: String,
+    /// What the device can generate, as it said when it opened; empty while it is down.
+    pub algorithms: Vec<KeyAlgorithm>,
 }
 
 /// What the actor publishes; [`DeviceState`] plus what tests and [`DeviceHandle::ready`] need.
@@ -182,6 +184,7 @@ impl DeviceHandle {
             state: DeviceState {
                 available: false,
                 detail: "opening".into(),
+                algorithms: Vec::new(),
             },
             attempted: false,
             retrying: false,
@@ -217,6 +220,7 @@ impl DeviceHandle {
                     state: DeviceState {
                         available: false,
                         detail: format!("cannot start the device thread: {e}"),
+                        algorithms: Vec::new(),
                     },
                     attempted: true,
                     retrying: false,
@@ -559,7 +563,14 @@ impl Actor {
 
     fn publish(&self, available: bool, detail: String) {
         self.state.send_replace(Snapshot {
-            state: DeviceState { available, detail },
+            state: DeviceState {
+                available,
+                detail,
+                algorithms: match &self.backend {
+                    Some(backend) if available => backend.info().algorithms.clone(),
+                    _ => Vec::new(),
+                },
+            },
             attempted: true,
             retrying: self.next_open.is_some(),
             attempts: self.attempts,
@@ -803,6 +814,7 @@ mod tests {
                         model: "scripted".into(),
                         serial: format!("open-{n}"),
                         label: "test".into(),
+                        algorithms: vec![KeyAlgorithm::EcdsaP256],
                     },
                     dead: Arc::clone(&s.dead),
                 }))

@@ -50,6 +50,8 @@ pub enum Param {
     Ciphertext,
     /// The combination of parameters.
     Parameters,
+    /// An attestation nonce.
+    Nonce,
 }
 
 impl Param {
@@ -70,6 +72,7 @@ impl Param {
             Self::RecoveryShares => "recovery_shares",
             Self::Ciphertext => "ciphertext",
             Self::Parameters => "parameters",
+            Self::Nonce => "nonce",
         }
     }
 }

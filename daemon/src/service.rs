@@ -298,6 +298,9 @@ impl Service {
                     plaintext: v.transit_decrypt(p.name, &p.ciphertext, associated).await?,
                 })
             }
+            Request::AttestKey(p) => Reply::AttestKey(api::AttestKeyReply {
+                attestation: v.attest_key(p.name, p.nonce.map(|n| n.0)).await?,
+            }),
             Request::Backup(_) => Reply::Backup(self.backups.make(v.store(), &self.audit).await?),
             Request::BackupChunk(p) => Reply::BackupChunk(api::BackupChunkReply {
                 data: api::Bytes(self.backups.chunk(&p.id, p.offset).await?),

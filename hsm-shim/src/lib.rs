@@ -48,6 +48,9 @@ pub struct DeviceInfo {
     pub serial: String,
     /// Token label (PKCS#11) or the TCTI in use (TPM).
     pub label: String,
+    /// The algorithms [`Signer::generate`] can make here, as probed when the device opened.
+    #[serde(default)]
+    pub algorithms: Vec<KeyAlgorithm>,
 }
 
 /// What to create with [`Signer::generate`].
@@ -192,6 +195,29 @@ pub struct KeyProtection {
     pub sensitive: bool,
     /// Was the key generated inside the device (PKCS#11 `CKA_LOCAL`, TPM `sensitiveDataOrigin`)?
     pub generated_on_device: bool,
+    /// Has the key never been extractable (PKCS#11 `CKA_NEVER_EXTRACTABLE`; TPM: as
+    /// `!extractable`, since a TPM object's fixedTPM and fixedParent can't change)?
+    pub never_extractable: bool,
+    /// Has the key always been sensitive (PKCS#11 `CKA_ALWAYS_SENSITIVE`; TPM: always)?
+    pub always_sensitive: bool,
+}
+
+/// A TPM's `TPM2_Certify` of one of its keys: the TPM's own statement that it holds the key,
+/// signed by an attestation key. Checked offline by `keyward_proto::attestation`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Certification {
+    /// The signed `TPMS_ATTEST` bytes.
+    pub attest: Vec<u8>,
+    /// The attestation key's ECDSA P-256 signature over them (DER).
+    pub signature: Vec<u8>,
+    /// The certified key's `TPMT_PUBLIC`, as the TPM holds it.
+    pub key_public_area: Vec<u8>,
+    /// The attestation key's `TPMT_PUBLIC`.
+    pub signer_public_area: Vec<u8>,
+    /// The attestation key as DER SubjectPublicKeyInfo.
+    pub signer_public_key: PublicKeyDer,
+    /// The endorsement key certificates stored in the TPM's NV (DER X.509), where it has any.
+    pub ek_certificates: Vec<Vec<u8>>,
 }
 
 /// A public key as DER `SubjectPublicKeyInfo`, the form OpenSSL and every X.509 library read.
@@ -305,6 +331,18 @@ pub trait Signer {
     /// # Errors
     /// [`DeviceError::NotFound`] when the key is not on this device.
     fn protection(&mut self, handle: &KeyHandle) -> Result<KeyProtection>;
+
+    /// Have the device itself certify that it holds the key, binding `nonce` (at most 64
+    /// bytes). Only a TPM can (`TPM2_Certify`).
+    ///
+    /// # Errors
+    /// [`DeviceError::Unsupported`] on devices without key attestation; as [`Signer::sign`].
+    fn certify(&mut self, handle: &KeyHandle, nonce: &[u8]) -> Result<Certification> {
+        let _ = (handle, nonce);
+        Err(DeviceError::Unsupported(
+            "this device has no key attestation of its own".into(),
+        ))
+    }
 
     /// Destroy the key in the device, where the device holds it (a TPM key lives only in its
     /// blobs, so for a TPM this is a no-op and forgetting the handle destroys it).

@@ -1,15 +1,14 @@
 //! Public keys and signatures into the encodings OpenSSL reads: DER SubjectPublicKeyInfo, PEM,
 //! and DER ECDSA signatures. Pure byte work; nothing here touches a device.
 
-use der::asn1::{AnyRef, BitString, ObjectIdentifier, UintRef};
-use der::{Encode, Sequence};
+use der::asn1::{BitString, ObjectIdentifier};
+use der::Encode;
 use p256::pkcs8::EncodePublicKey;
 use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
 
 use crate::{DeviceError, PublicKeyDer, Result};
 
 const OID_ED25519: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.101.112");
-const OID_RSA_ENCRYPTION: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
 
 fn encoding(what: &str, e: impl std::fmt::Display) -> DeviceError {
     DeviceError::Backend {
@@ -47,30 +46,12 @@ pub(crate) fn p256_spki(sec1: &[u8]) -> Result<PublicKeyDer> {
     Ok(PublicKeyDer(der.as_bytes().to_vec()))
 }
 
-#[derive(Sequence)]
-struct RsaPublicKey<'a> {
-    modulus: UintRef<'a>,
-    public_exponent: UintRef<'a>,
-}
-
-/// SPKI for an RSA key from its big-endian modulus and public exponent.
+/// SPKI for an RSA key from its big-endian modulus and public exponent (the contract's one
+/// RSA encoding, which the attestation verifier compares against).
 pub(crate) fn rsa_spki(modulus: &[u8], exponent: &[u8]) -> Result<PublicKeyDer> {
-    let inner = RsaPublicKey {
-        modulus: UintRef::new(modulus).map_err(|e| encoding("RSA modulus", e))?,
-        public_exponent: UintRef::new(exponent).map_err(|e| encoding("RSA exponent", e))?,
-    }
-    .to_der()
-    .map_err(|e| encoding("RSAPublicKey", e))?;
-    let spki = SubjectPublicKeyInfoOwned {
-        algorithm: AlgorithmIdentifierOwned {
-            oid: OID_RSA_ENCRYPTION,
-            parameters: Some(AnyRef::NULL.into()),
-        },
-        subject_public_key: BitString::from_bytes(&inner).map_err(|e| encoding("RSA", e))?,
-    };
-    Ok(PublicKeyDer(
-        spki.to_der().map_err(|e| encoding("RSA SPKI", e))?,
-    ))
+    keyward_proto::attestation::rsa_spki(modulus, exponent)
+        .map(PublicKeyDer)
+        .map_err(|e| encoding("RSA SPKI", e))
 }
 
 /// An ECDSA P-256 signature from raw `r || s` (what PKCS#11 returns) to DER.
@@ -118,7 +99,7 @@ mod tests {
     fn rsa_spki_has_null_params() {
         let der = rsa_spki(&[0xc5; 384], &[1, 0, 1]).unwrap();
         let parsed = spki::SubjectPublicKeyInfoRef::try_from(der.0.as_slice()).unwrap();
-        assert_eq!(parsed.algorithm.oid, OID_RSA_ENCRYPTION);
+        assert_eq!(parsed.algorithm.oid.to_string(), "1.2.840.113549.1.1.1");
         assert!(parsed.algorithm.parameters.is_some());
     }
 

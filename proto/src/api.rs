@@ -65,11 +65,42 @@ type SlotSpec (
   signed_pcrs: ?[]int
 )
 
-type DeviceStatus (name: string, kind: string, available: bool, detail: string)
+# algorithms: what CreateKey can make on the device (probed when it opened; empty while down).
+type DeviceStatus (name: string, kind: string, available: bool, detail: string, algorithms: []string)
 
 type SecretVersion (version: int, term: int, created: string)
 
 type KeyInfo (name: string, device: string, algorithm: string, created: string)
+
+# What a PKCS#11 token reports about a private key (CKA_LOCAL, CKA_NEVER_EXTRACTABLE, ...).
+type Pkcs11Attributes (
+  local: bool,
+  never_extractable: bool,
+  always_sensitive: bool,
+  extractable: bool,
+  sensitive: bool
+)
+
+# A key attestation. format tpm2-certify/v1: attest is the TPMS_ATTEST the TPM signed with its
+# attestation key (signer_public_key, signer_public_area) over the key's TPMT_PUBLIC
+# (key_public_area) and the nonce. format pkcs11-attributes/v1: the token's attributes, signed
+# by the vault's audit key (Ed25519): not a hardware attestation.
+type Attestation (
+  format: string,
+  key: string,
+  device: string,
+  algorithm: string,
+  public_key: string,
+  nonce: string,
+  signer_public_key: string,
+  signature: string,
+  attest: ?string,
+  key_public_area: ?string,
+  signer_public_area: ?string,
+  ek_certificates: ?[]string,
+  attributes: ?Pkcs11Attributes,
+  note: string
+)
 
 # State of the vault and its devices. audit_public_key is the audit log's current signing key
 # (base64 DER SubjectPublicKeyInfo, Ed25519), once the vault has been unsealed.
@@ -206,6 +237,11 @@ method UpstreamSync() -> (
   token_ttl: ?int,
   mappings: []UpstreamMapping
 )
+
+# Attest a key: the TPM certifies its key (TPM2_Certify); for a PKCS#11 key, its attributes
+# signed by the audit key. nonce (base64, 1 to 64 bytes) is bound into the signature; without
+# one the daemon picks 32 random bytes.
+method AttestKey(name: string, nonce: ?string) -> (attestation: Attestation)
 
 error NotInitialized ()
 error AlreadyInitialized ()
@@ -425,6 +461,9 @@ pub struct DeviceStatus {
     pub available: bool,
     /// What the device says it is, or why it is unavailable.
     pub detail: String,
+    /// What `CreateKey` can make on it, as probed when it opened (empty while it is down).
+    #[serde(default)]
+    pub algorithms: Vec<KeyAlgorithm>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -779,6 +818,20 @@ pub struct UpstreamStatusReply {
     pub mappings: Vec<UpstreamMapping>,
 }
 
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestKeyParams {
+    pub name: KeyName,
+    /// Bound into the attestation (1 to [`crate::attestation::MAX_NONCE`] bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<Bytes>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AttestKeyReply {
+    pub attestation: crate::attestation::Attestation,
+}
+
 /// Who may call a method, as the daemon's policy sees it. The resource a call names is its
 /// audit target ([`Request::target`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1013,6 +1066,12 @@ macro_rules! keyward_methods {
             UpstreamSync($crate::api::Empty) -> $crate::api::UpstreamStatusReply {
                 access: Admin, audit: AdminChange,
                 target: |_| "upstream".into(), detail: |_| None,
+            }
+            /// Attest a key: who made it and where it lives, signed. Anyone who may use the
+            /// key may attest it: the document reveals only its public key and how it is kept.
+            AttestKey($crate::api::AttestKeyParams) -> $crate::api::AttestKeyReply {
+                access: UseKey, audit: Read,
+                target: |p| p.name.to_string(), detail: |_| None,
             }
         }
     };

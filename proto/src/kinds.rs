@@ -60,11 +60,17 @@ wire_enum!(
         Ed25519 = "ed25519",
         /// ECDSA over P-256 with SHA-256; signature is DER (X9.62 `Ecdsa-Sig-Value`).
         EcdsaP256 = "ecdsa-p256",
-        /// RSA-3072 with PSS padding, SHA-256, MGF1-SHA-256, 32-byte salt; signature is raw.
+        /// RSA-3072 with PSS padding, SHA-256, MGF1-SHA-256; signature is raw. Salt as for
+        /// `rsa-pss-2048`.
         RsaPss3072 = "rsa-pss-3072",
         /// RSA-3072 with PKCS#1 v1.5 padding (SHA-256, or SHA-512 when asked); signature is
         /// raw. The RSA that SSH speaks (`rsa-sha2-256`/`rsa-sha2-512`): SSH has no PSS.
         RsaPkcs1_3072 = "rsa-pkcs1-3072",
+        /// RSA-2048 with PSS padding, SHA-256, MGF1-SHA-256; signature is raw. The salt is 32
+        /// bytes from a PKCS#11 token and from swtpm (libtpms); TPM firmware that follows
+        /// older TCG specs uses the largest salt that fits, so verify with
+        /// `rsa_pss_saltlen:auto` where the TPM is not known.
+        RsaPss2048 = "rsa-pss-2048",
     }
 );
 
@@ -144,7 +150,7 @@ mod tests {
         assert_eq!(e.parameter, "algorithm");
         assert_eq!(
             e.reason,
-            r#"unknown algorithm "dsa": expected one of ed25519, ecdsa-p256, rsa-pss-3072, rsa-pkcs1-3072"#
+            r#"unknown algorithm "dsa": expected one of ed25519, ecdsa-p256, rsa-pss-3072, rsa-pkcs1-3072, rsa-pss-2048"#
         );
         assert!(serde_json::from_str::<DeviceKind>(r#""tpm""#).is_err());
     }

@@ -15,6 +15,7 @@
 //! device layer and the fuzz targets can all build on it and nothing else.
 
 pub mod api;
+pub mod attestation;
 pub mod audit;
 pub mod backup;
 mod invalid;

@@ -199,7 +199,7 @@ pub fn framed(body: &[u8]) -> Vec<u8> {
 pub fn usable(algorithm: KeyAlgorithm) -> bool {
     match algorithm {
         KeyAlgorithm::Ed25519 | KeyAlgorithm::EcdsaP256 | KeyAlgorithm::RsaPkcs1_3072 => true,
-        KeyAlgorithm::RsaPss3072 => false,
+        KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => false,
     }
 }
 
@@ -271,9 +271,9 @@ pub fn public_key(algorithm: KeyAlgorithm, spki: &[u8]) -> Result<KeyData, SshEr
                 n: mpint(key.modulus).map_err(|e| bad(&e))?,
             }))
         }
-        KeyAlgorithm::RsaPss3072 => Err(SshError::UnsupportedKey(format!(
-            "{algorithm} keys can't serve SSH: SSH has no RSA-PSS"
-        ))),
+        KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => Err(SshError::UnsupportedKey(
+            format!("{algorithm} keys can't serve SSH: SSH has no RSA-PSS"),
+        )),
     }
 }
 
@@ -331,7 +331,7 @@ pub fn signature(
             };
             Signature::new(Algorithm::Rsa { hash: Some(hash) }, device).map_err(|e| bad(&e))
         }
-        KeyAlgorithm::RsaPss3072 => Err(SshError::Signature(format!(
+        KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => Err(SshError::Signature(format!(
             "{algorithm} signatures have no SSH form"
         ))),
     }

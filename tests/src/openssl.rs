@@ -50,10 +50,11 @@ pub fn verify_over(
                 .arg(&sig)
                 .arg(&msg);
         }
-        KeyAlgorithm::RsaPss3072 => {
+        KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => {
             cmd.args(["dgst", &digest, "-sigopt", "rsa_padding_mode:pss"])
                 .args([
                     "-sigopt",
+                    // 32 bytes from tokens and from TPMs alike (libtpms: the digest's size).
                     "rsa_pss_saltlen:32",
                     "-sigopt",
                     "rsa_mgf1_md:sha256",

@@ -59,14 +59,38 @@ impl Swtpm {
     /// # Panics
     /// When swtpm is not installed or does not come up (with its log).
     pub fn start() -> Swtpm {
+        Self::start_in(Self::state_dir_new())
+    }
+
+    /// As [`Swtpm::start`], on a state that `swtpm_setup` manufactured with an RSA 2048
+    /// endorsement key and its certificate in NV (index 0x01c00002), signed by swtpm's local CA
+    /// (`swtpm-localca`), as a TPM from a maker comes.
+    ///
+    /// # Panics
+    /// When `swtpm_setup` fails (with its output).
+    pub fn start_with_ek_certificate() -> Swtpm {
+        let state = Self::state_dir_new();
+        let out = Command::new("swtpm_setup")
+            .args(["--tpm2", "--create-ek-cert", "--overwrite", "--tpmstate"])
+            .arg(state.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "swtpm_setup: {out:?}");
+        Self::start_in(state)
+    }
+
+    fn state_dir_new() -> tempfile::TempDir {
         assert!(
             have_program("swtpm"),
             "swtpm is not installed: apt-get install -y swtpm swtpm-tools tpm2-tools"
         );
-        let state = tempfile::Builder::new()
+        tempfile::Builder::new()
             .prefix("keyward-swtpm-")
             .tempdir()
-            .unwrap();
+            .unwrap()
+    }
+
+    fn start_in(state: tempfile::TempDir) -> Swtpm {
         for _ in 0..PORT_ATTEMPTS {
             let (cmd, ctrl) = bind_port_pair();
             let port = cmd.local_addr().unwrap().port();

@@ -39,7 +39,12 @@ impl Harness for Tpm {
         Box::new(TpmDevice::open(config).unwrap())
     }
     fn required(&self) -> &'static [KeyAlgorithm] {
-        &[KeyAlgorithm::EcdsaP256]
+        // swtpm (libtpms) has RSA 2048 and 3072 with RSASSA-PSS.
+        &[
+            KeyAlgorithm::EcdsaP256,
+            KeyAlgorithm::RsaPss3072,
+            KeyAlgorithm::RsaPss2048,
+        ]
     }
 }
 
@@ -200,6 +205,10 @@ fn keys_are_non_extractable(h: &dyn Harness) {
         assert!(!p.extractable, "{algorithm}: {p:?}");
         assert!(p.sensitive, "{algorithm}: {p:?}");
         assert!(p.generated_on_device, "{algorithm}: {p:?}");
+        assert!(
+            p.never_extractable && p.always_sensitive,
+            "{algorithm}: {p:?}"
+        );
     }
 }
 

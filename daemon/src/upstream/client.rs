@@ -85,7 +85,7 @@ impl DeviceKey {
         let ed25519 = match info.algorithm {
             KeyAlgorithm::Ed25519 => true,
             KeyAlgorithm::EcdsaP256 => false,
-            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 => {
+            KeyAlgorithm::RsaPss2048 | KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 => {
                 return Err(UpstreamError::Identity(format!(
                     "key {key} is {}: the machine identity is an ecdsa-p256 or ed25519 key",
                     info.algorithm

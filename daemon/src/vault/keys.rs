@@ -28,10 +28,10 @@ fn not_found(name: &str) -> Error {
 
 /// What signing needs of a key: its device, its decoded handle, its public key.
 #[derive(Debug)]
-struct KeyRef {
-    device: String,
-    handle: Arc<KeyHandle>,
-    public_key: Vec<u8>,
+pub(super) struct KeyRef {
+    pub(super) device: String,
+    pub(super) handle: Arc<KeyHandle>,
+    pub(super) public_key: Vec<u8>,
 }
 
 /// Keys by name, as the sign path needs them.
@@ -122,7 +122,7 @@ impl Vault {
     }
 
     /// The key `name`, from the cache or else the store.
-    async fn key_ref(&self, name: &str) -> Result<Arc<KeyRef>, Error> {
+    pub(super) async fn key_ref(&self, name: &str) -> Result<Arc<KeyRef>, Error> {
         self.with_open(|_| ()).await?;
         if let Some(key) = self.keys.get(name) {
             return Ok(key);

@@ -14,6 +14,7 @@ pub mod crypto;
 pub mod keyring;
 pub mod recovery;
 
+mod attest;
 mod keys;
 mod pending;
 mod retry;
@@ -199,6 +200,7 @@ impl Vault {
                     kind: d.kind(),
                     available: s.available,
                     detail: s.detail,
+                    algorithms: s.algorithms,
                 }
             })
             .collect();

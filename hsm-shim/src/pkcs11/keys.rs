@@ -3,8 +3,10 @@
 //! on the token as sensitive and non-extractable. Nothing here touches an object it did not
 //! name exactly: other applications may share the token.
 
-use cryptoki::mechanism::Mechanism;
+use cryptoki::context::Pkcs11;
+use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+use cryptoki::slot::Slot;
 
 use super::{map_error, Pkcs11Device};
 use crate::{
@@ -15,6 +17,37 @@ use crate::{
 const ED25519_PARAMS: [u8; 5] = [0x06, 0x03, 0x2b, 0x65, 0x70];
 /// DER of the P-256 curve OID 1.2.840.10045.3.1.7 (`CKA_EC_PARAMS`).
 const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// The algorithms the token in `slot` can generate and sign with, asked mechanism by
+/// mechanism (`C_GetMechanismInfo`; reading the whole list would have cryptoki log an error
+/// for every vendor mechanism it has no name for): what `keyward status` shows.
+pub(super) fn algorithms(ctx: &Pkcs11, slot: Slot) -> Vec<KeyAlgorithm> {
+    let has = |wanted: &[MechanismType]| {
+        wanted
+            .iter()
+            .all(|&m| ctx.get_mechanism_info(slot, m).is_ok())
+    };
+    KeyAlgorithm::ALL
+        .into_iter()
+        .filter(|algorithm| match algorithm {
+            KeyAlgorithm::Ed25519 => has(&[
+                MechanismType::ECC_EDWARDS_KEY_PAIR_GEN,
+                MechanismType::EDDSA,
+            ]),
+            KeyAlgorithm::EcdsaP256 => {
+                has(&[MechanismType::ECC_KEY_PAIR_GEN, MechanismType::ECDSA])
+            }
+            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048 => has(&[
+                MechanismType::RSA_PKCS_KEY_PAIR_GEN,
+                MechanismType::SHA256_RSA_PKCS_PSS,
+            ]),
+            KeyAlgorithm::RsaPkcs1_3072 => has(&[
+                MechanismType::RSA_PKCS_KEY_PAIR_GEN,
+                MechanismType::SHA256_RSA_PKCS,
+            ]),
+        })
+        .collect()
+}
 
 impl Pkcs11Device {
     pub(super) fn key_id<'h>(&self, handle: &'h KeyHandle) -> Result<(&'h [u8], KeyAlgorithm)> {
@@ -63,8 +96,13 @@ impl Pkcs11Device {
                 public.push(Attribute::EcParams(P256_PARAMS.to_vec()));
                 Mechanism::EccKeyPairGen
             }
-            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 => {
-                public.push(Attribute::ModulusBits(3072u64.into()));
+            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 | KeyAlgorithm::RsaPss2048 => {
+                let bits: u64 = if spec.algorithm == KeyAlgorithm::RsaPss2048 {
+                    2048
+                } else {
+                    3072
+                };
+                public.push(Attribute::ModulusBits(bits.into()));
                 public.push(Attribute::PublicExponent(vec![1, 0, 1]));
                 Mechanism::RsaPkcsKeyPairGen
             }
@@ -87,7 +125,7 @@ impl Pkcs11Device {
         let (id, algorithm) = self.key_id(handle)?;
         let object = self.find(ObjectClass::PUBLIC_KEY, id)?;
         let wanted: &[AttributeType] = match algorithm {
-            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 => {
+            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 | KeyAlgorithm::RsaPss2048 => {
                 &[AttributeType::Modulus, AttributeType::PublicExponent]
             }
             KeyAlgorithm::Ed25519 | KeyAlgorithm::EcdsaP256 => &[AttributeType::EcPoint],
@@ -110,10 +148,12 @@ impl Pkcs11Device {
             detail: format!("public key has no {what}"),
         };
         match algorithm {
-            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 => pubkey::rsa_spki(
-                &modulus.ok_or_else(|| missing("CKA_MODULUS"))?,
-                &exponent.ok_or_else(|| missing("CKA_PUBLIC_EXPONENT"))?,
-            ),
+            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 | KeyAlgorithm::RsaPss2048 => {
+                pubkey::rsa_spki(
+                    &modulus.ok_or_else(|| missing("CKA_MODULUS"))?,
+                    &exponent.ok_or_else(|| missing("CKA_PUBLIC_EXPONENT"))?,
+                )
+            }
             KeyAlgorithm::Ed25519 => {
                 let point = point.ok_or_else(|| missing("CKA_EC_POINT"))?;
                 pubkey::ed25519_spki(unwrap_octet_string(&point, 32))
@@ -136,6 +176,8 @@ impl Pkcs11Device {
                     AttributeType::Extractable,
                     AttributeType::Sensitive,
                     AttributeType::Local,
+                    AttributeType::NeverExtractable,
+                    AttributeType::AlwaysSensitive,
                 ],
             )
             .map_err(|e| map_error("C_GetAttributeValue", e))?;
@@ -144,12 +186,16 @@ impl Pkcs11Device {
             extractable: true,
             sensitive: false,
             generated_on_device: false,
+            never_extractable: false,
+            always_sensitive: false,
         };
         for a in attrs {
             match a {
                 Attribute::Extractable(v) => p.extractable = v,
                 Attribute::Sensitive(v) => p.sensitive = v,
                 Attribute::Local(v) => p.generated_on_device = v,
+                Attribute::NeverExtractable(v) => p.never_extractable = v,
+                Attribute::AlwaysSensitive(v) => p.always_sensitive = v,
                 _ => {}
             }
         }

@@ -331,6 +331,7 @@ fn find_token(ctx: &Pkcs11, uri: &Pkcs11Uri) -> Result<(Slot, DeviceInfo)> {
             model: t.model().trim_end().to_owned(),
             serial: t.serial_number().trim_end().to_owned(),
             label: t.label().trim_end().to_owned(),
+            algorithms: Vec::new(),
         };
         let fields = TokenFields {
             label: &info.label,
@@ -345,7 +346,11 @@ fn find_token(ctx: &Pkcs11, uri: &Pkcs11Uri) -> Result<(Slot, DeviceInfo)> {
         }
     }
     match matches.len() {
-        1 => Ok(matches.remove(0)),
+        1 => {
+            let (slot, mut info) = matches.remove(0);
+            info.algorithms = keys::algorithms(ctx, slot);
+            Ok((slot, info))
+        }
         0 => Err(DeviceError::Config(format!(
             "no token matches {uri}; tokens present: {}",
             if seen.is_empty() {

@@ -73,10 +73,10 @@ impl Signer for Pkcs11Device {
             (KeyAlgorithm::EcdsaP256, SignInput::Sha256Digest(d)) => {
                 (Mechanism::Ecdsa, d.as_slice())
             }
-            (KeyAlgorithm::RsaPss3072, SignInput::Message(m)) => {
+            (KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048, SignInput::Message(m)) => {
                 (Mechanism::Sha256RsaPkcsPss(pss()), m)
             }
-            (KeyAlgorithm::RsaPss3072, SignInput::Sha256Digest(d)) => {
+            (KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048, SignInput::Sha256Digest(d)) => {
                 (Mechanism::RsaPkcsPss(pss()), d.as_slice())
             }
             (KeyAlgorithm::RsaPkcs1_3072, SignInput::Message(m)) => (Mechanism::Sha256RsaPkcs, m),
@@ -89,7 +89,10 @@ impl Signer for Pkcs11Device {
                 (Mechanism::RsaPkcs, &info[..])
             }
             (
-                KeyAlgorithm::Ed25519 | KeyAlgorithm::EcdsaP256 | KeyAlgorithm::RsaPss3072,
+                KeyAlgorithm::Ed25519
+                | KeyAlgorithm::EcdsaP256
+                | KeyAlgorithm::RsaPss3072
+                | KeyAlgorithm::RsaPss2048,
                 SignInput::Sha512Digest(_),
             ) => {
                 return Err(DeviceError::Unsupported(format!(
@@ -108,9 +111,10 @@ impl Signer for Pkcs11Device {
         };
         match algorithm {
             KeyAlgorithm::EcdsaP256 => pubkey::ecdsa_p256_raw_to_der(&signature),
-            KeyAlgorithm::Ed25519 | KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 => {
-                Ok(signature)
-            }
+            KeyAlgorithm::Ed25519
+            | KeyAlgorithm::RsaPss3072
+            | KeyAlgorithm::RsaPkcs1_3072
+            | KeyAlgorithm::RsaPss2048 => Ok(signature),
         }
     }
 

@@ -45,6 +45,10 @@ pub(super) enum Op {
     Unmarshal,
     /// Defining, incrementing or reading an NV counter.
     Nv,
+    /// Re-creating the attestation key under the endorsement hierarchy.
+    AttestationKey,
+    /// Certifying a key with the attestation key.
+    Certify,
 }
 
 impl Op {
@@ -65,6 +69,8 @@ impl Op {
             Self::Ping => "Esys_ReadPublic(SRK)",
             Self::Unmarshal => "unmarshal stored blob",
             Self::Nv => "Esys_NV_*",
+            Self::AttestationKey => "Esys_CreatePrimary(AK)",
+            Self::Certify => "Esys_Certify",
         }
     }
 }
@@ -165,6 +171,11 @@ fn map_tpm_rc(op: Op, tpm_rc: u32, rc: u32) -> DeviceError {
             Op::CreatePrimary => DeviceError::Config(
                 "the TPM's owner hierarchy has an authorization value; Keyward needs an empty \
                  owner auth to re-create its storage root key"
+                    .into(),
+            ),
+            Op::AttestationKey => DeviceError::Unsupported(
+                "the TPM's endorsement hierarchy has an authorization value; Keyward needs an \
+                 empty endorsement auth to re-create its attestation key"
                     .into(),
             ),
             Op::Unseal => DeviceError::PinIncorrect { retries_left: None },

@@ -12,6 +12,7 @@
 //! one cached signing key and, during a call, one more object and one session.
 
 mod banks;
+mod certify;
 mod counter;
 mod error;
 mod seal;
@@ -29,7 +30,7 @@ use tss_esapi::constants::{CapabilityType, PropertyTag};
 use tss_esapi::handles::KeyHandle as TpmKey;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::AuthSession;
-use tss_esapi::structures::{CapabilityData, Private, Public};
+use tss_esapi::structures::{CapabilityData, Private, Public, PublicParameters};
 use tss_esapi::traits::UnMarshall;
 use tss_esapi::Context;
 
@@ -40,7 +41,7 @@ pub use tcti::{Tcti, DEFAULT_DEVICE};
 use error::{map, Op};
 use session::flush_quietly;
 
-use crate::{Device, DeviceError, DeviceInfo, DeviceKind, Result};
+use crate::{Device, DeviceError, DeviceInfo, DeviceKind, KeyAlgorithm, Result};
 
 /// How to open a TPM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,7 +126,8 @@ impl TpmDevice {
             })
             .map_err(|e| map(Op::CreatePrimary, e))?
             .key_handle;
-        let info = read_info(&mut ctx, &config.tcti)?;
+        let mut info = read_info(&mut ctx, &config.tcti)?;
+        info.algorithms = algorithms(&mut ctx);
         tracing::debug!(tcti = %config.tcti, manufacturer = %info.manufacturer, "TPM opened");
         let signature_files = match config.pcr_signature {
             Some(file) => vec![file],
@@ -272,7 +274,34 @@ fn read_info(ctx: &mut Context, tcti: &Tcti) -> Result<DeviceInfo> {
             fw2 & 0xffff
         ),
         label: tcti.to_string(),
+        algorithms: Vec::new(),
     })
+}
+
+/// The key algorithms this TPM can make, asked with `TPM2_TestParms` for each template's
+/// parameters (a TPM need not have RSA-3072, or RSA at all). A probe that fails leaves the
+/// algorithm out.
+fn algorithms(ctx: &mut Context) -> Vec<KeyAlgorithm> {
+    let mut out = Vec::new();
+    for algorithm in KeyAlgorithm::ALL {
+        let parameters = match (algorithm, sign::rsa_bits(algorithm)) {
+            (_, Some(bits)) => template::rsa_pss_parameters(bits).map(PublicParameters::Rsa),
+            (KeyAlgorithm::EcdsaP256, None) => {
+                template::ecdsa_p256_signing_key().and_then(|p| match p {
+                    Public::Ecc { parameters, .. } => Ok(PublicParameters::Ecc(parameters)),
+                    _ => Err(DeviceError::Unsupported("not an ECC template".into())),
+                })
+            }
+            // Ed25519: no TPM 2.0 has it (TPM_ECC_CURVE has no Edwards curve in 1.59).
+            _ => continue,
+        };
+        let Ok(parameters) = parameters else { continue };
+        match ctx.execute_without_session(|c| c.test_parms(parameters)) {
+            Ok(()) => out.push(algorithm),
+            Err(e) => tracing::debug!(%algorithm, error = %e, "TPM2_TestParms refused"),
+        }
+    }
+    out
 }
 
 /// A TPM property that packs four ASCII characters big-endian; NULs and non-printables dropped.

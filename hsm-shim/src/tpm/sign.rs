@@ -1,5 +1,6 @@
-//! [`Signer`] for the TPM: ECDSA P-256 keys generated inside the TPM under the SRK, stored by the
-//! caller as public + private blobs, signing with a password session.
+//! [`Signer`] for the TPM: ECDSA P-256 keys, and RSASSA-PSS 2048/3072 keys where the TPM has
+//! them (`TPM2_TestParms` at open), generated inside the TPM under the SRK, stored by the caller
+//! as public + private blobs, signing with a password session. Attestation is in `certify.rs`.
 //!
 //! Signing is the hot path, so it costs one TPM round trip when the same key signs again: the
 //! most recently used key stays loaded (a TPM has only a few transient slots, so only one) and a
@@ -12,6 +13,7 @@ use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
 use tss_esapi::handles::KeyHandle as TpmKey;
 use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
     Digest, HashScheme, HashcheckTicket, Public, Signature, SignatureScheme,
@@ -21,17 +23,26 @@ use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 
 use super::error::{map, Op};
 use super::{template, unmarshal_public, CachedKey, TpmDevice};
-use crate::pubkey::{ecdsa_p256_rs_to_der, p256_spki};
+use crate::pubkey::{ecdsa_p256_rs_to_der, p256_spki, rsa_spki};
 use crate::{
-    DeviceError, KeyAlgorithm, KeyHandle, KeyProtection, KeySpec, PublicKeyDer, Result, SignInput,
-    Signer,
+    Certification, DeviceError, KeyAlgorithm, KeyHandle, KeyProtection, KeySpec, PublicKeyDer,
+    Result, SignInput, Signer,
 };
 
+/// The TPM key size of an RSA algorithm; `None` for the others.
+pub(super) fn rsa_bits(algorithm: KeyAlgorithm) -> Option<RsaKeyBits> {
+    match algorithm {
+        KeyAlgorithm::RsaPss2048 => Some(RsaKeyBits::Rsa2048),
+        KeyAlgorithm::RsaPss3072 => Some(RsaKeyBits::Rsa3072),
+        KeyAlgorithm::Ed25519 | KeyAlgorithm::EcdsaP256 | KeyAlgorithm::RsaPkcs1_3072 => None,
+    }
+}
+
 /// The blobs of a TPM key handle, refusing other devices' handles and algorithms we don't make.
-fn tpm_blobs(handle: &KeyHandle) -> Result<(&[u8], &[u8])> {
+pub(super) fn tpm_blobs(handle: &KeyHandle) -> Result<(&[u8], &[u8])> {
     match handle {
         KeyHandle::Tpm2 {
-            algorithm: KeyAlgorithm::EcdsaP256,
+            algorithm: KeyAlgorithm::EcdsaP256 | KeyAlgorithm::RsaPss2048 | KeyAlgorithm::RsaPss3072,
             public,
             private,
         } => Ok((public, private)),
@@ -41,6 +52,24 @@ fn tpm_blobs(handle: &KeyHandle) -> Result<(&[u8], &[u8])> {
         KeyHandle::Pkcs11 { .. } => Err(DeviceError::NotFound(
             "a PKCS#11 key handle is not on the TPM".into(),
         )),
+    }
+}
+
+/// DER SPKI of a key's public area: P-256 or RSA.
+pub(super) fn spki_of(public: &Public) -> Result<PublicKeyDer> {
+    match public {
+        Public::Rsa {
+            parameters, unique, ..
+        } => {
+            let exponent = match parameters.exponent().value() {
+                0 => 65537u32,
+                e => e,
+            }
+            .to_be_bytes();
+            let start = exponent.iter().position(|&b| b != 0).unwrap_or(3);
+            rsa_spki(unique.value(), &exponent[start..])
+        }
+        _ => p256_spki(&p256_point(public)?),
     }
 }
 
@@ -82,7 +111,7 @@ fn null_ticket() -> Result<HashcheckTicket> {
 impl TpmDevice {
     /// The loaded TPM object for a key handle: the cached one, or load it (evicting the cached
     /// one first, since swtpm has three transient slots and the SRK holds one).
-    fn key_object(&mut self, public: &[u8], private: &[u8]) -> Result<TpmKey> {
+    pub(super) fn key_object(&mut self, public: &[u8], private: &[u8]) -> Result<TpmKey> {
         if let Some(cached) = &self.cached_key {
             if cached.public == public && cached.private == private {
                 return Ok(cached.handle);
@@ -100,7 +129,7 @@ impl TpmDevice {
     }
 
     /// The public area as the TPM holds it for a loaded key (not as the caller's blob says).
-    fn loaded_public(&mut self, handle: &KeyHandle) -> Result<Public> {
+    pub(super) fn loaded_public(&mut self, handle: &KeyHandle) -> Result<Public> {
         let (public, private) = tpm_blobs(handle)?;
         let object = self.key_object(public, private)?;
         let (area, _, _) = self
@@ -113,13 +142,18 @@ impl TpmDevice {
 
 impl Signer for TpmDevice {
     fn generate(&mut self, spec: &KeySpec) -> Result<KeyHandle> {
-        if spec.algorithm != KeyAlgorithm::EcdsaP256 {
+        if !self.info.algorithms.contains(&spec.algorithm) {
+            let offered: Vec<&str> = self.info.algorithms.iter().map(|a| a.as_str()).collect();
             return Err(DeviceError::Unsupported(format!(
-                "{} keys in a TPM (Keyward's TPM backend makes ecdsa-p256 keys)",
-                spec.algorithm
+                "{} keys in this TPM (it makes {})",
+                spec.algorithm,
+                offered.join(", ")
             )));
         }
-        let template = template::ecdsa_p256_signing_key()?;
+        let template = match rsa_bits(spec.algorithm) {
+            Some(bits) => template::rsa_pss_signing_key(bits)?,
+            None => template::ecdsa_p256_signing_key()?,
+        };
         let srk = self.srk;
         // The key is generated inside the TPM: no secret goes in, so a password session is enough.
         let created = self
@@ -129,7 +163,7 @@ impl Signer for TpmDevice {
             })
             .map_err(|e| map(Op::Create, e))?;
         Ok(KeyHandle::Tpm2 {
-            algorithm: KeyAlgorithm::EcdsaP256,
+            algorithm: spec.algorithm,
             public: created
                 .out_public
                 .marshall()
@@ -140,7 +174,7 @@ impl Signer for TpmDevice {
 
     fn public_key(&mut self, handle: &KeyHandle) -> Result<PublicKeyDer> {
         let area = self.loaded_public(handle)?;
-        p256_spki(&p256_point(&area)?)
+        spki_of(&area)
     }
 
     fn sign(&mut self, handle: &KeyHandle, input: SignInput<'_>) -> Result<Vec<u8>> {
@@ -149,16 +183,19 @@ impl Signer for TpmDevice {
             SignInput::Message(m) => Sha256::digest(m).into(),
             SignInput::Sha256Digest(d) => *d,
             SignInput::Sha512Digest(_) => {
-                return Err(DeviceError::Unsupported(
-                    "ECDSA P-256 keys sign SHA-256 digests; SHA-512 is for rsa-pkcs1 keys".into(),
-                ))
+                return Err(DeviceError::Unsupported(format!(
+                    "{} keys sign SHA-256 digests; SHA-512 is for rsa-pkcs1 keys",
+                    handle.algorithm()
+                )))
             }
         };
         let digest = Digest::try_from(digest.as_slice()).map_err(|e| map(Op::Sign, e))?;
         let ticket = null_ticket()?;
         let object = self.key_object(public, private)?;
-        let scheme = SignatureScheme::EcDsa {
-            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+        let hash_scheme = HashScheme::new(HashingAlgorithm::Sha256);
+        let scheme = match rsa_bits(handle.algorithm()) {
+            Some(_) => SignatureScheme::RsaPss { hash_scheme },
+            None => SignatureScheme::EcDsa { hash_scheme },
         };
         let signature = self
             .ctx
@@ -170,6 +207,8 @@ impl Signer for TpmDevice {
             Signature::EcDsa(sig) => {
                 ecdsa_p256_rs_to_der(sig.signature_r().value(), sig.signature_s().value())
             }
+            // RSASSA-PSS comes back raw, as OpenSSL and PKCS#11 tokens give it.
+            Signature::RsaPss(sig) => Ok(sig.signature().value().to_vec()),
             other => Err(DeviceError::Backend {
                 op: Op::Sign.name(),
                 detail: format!("the TPM returned a {:?} signature", other.algorithm()),
@@ -186,7 +225,14 @@ impl Signer for TpmDevice {
             // A TPM never reveals a private key in clear; `private` is encrypted under the SRK.
             sensitive: true,
             generated_on_device: attributes.sensitive_data_origin(),
+            // fixedTPM and fixedParent are fixed at creation: never changed since.
+            never_extractable: attributes.fixed_tpm() && attributes.fixed_parent(),
+            always_sensitive: true,
         })
+    }
+
+    fn certify(&mut self, handle: &KeyHandle, nonce: &[u8]) -> Result<Certification> {
+        self.certify_key(handle, nonce)
     }
 
     fn destroy(&mut self, handle: &KeyHandle) -> Result<()> {

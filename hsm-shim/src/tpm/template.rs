@@ -8,10 +8,12 @@
 use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::structures::{
     Digest, EccParameter, EccPoint, EccScheme, HashScheme, KeyedHashScheme, PcrSelectionList,
     PcrSelectionListBuilder, PcrSlot, Public, PublicBuilder, PublicEccParametersBuilder,
-    PublicKeyedHashParameters, SymmetricDefinitionObject,
+    PublicKeyRsa, PublicKeyedHashParameters, PublicRsaParameters, PublicRsaParametersBuilder,
+    RsaExponent, RsaScheme, SymmetricDefinitionObject,
 };
 
 use super::error::{map, Op};
@@ -112,6 +114,79 @@ pub fn ecdsa_p256_signing_key() -> Result<Public> {
         .map_err(|e| map(Op::Create, e))
 }
 
+/// An unrestricted RSASSA-PSS/SHA-256 signing key of `bits` (2048 or 3072), with the same
+/// protections as [`ecdsa_p256_signing_key`]. The exponent is the TPM's default, 65537.
+pub fn rsa_pss_signing_key(bits: RsaKeyBits) -> Result<Public> {
+    let attributes = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_sign_encrypt(true)
+        .build()
+        .map_err(|e| map(Op::Create, e))?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Rsa)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attributes)
+        .with_rsa_parameters(rsa_pss_parameters(bits)?)
+        .with_rsa_unique_identifier(PublicKeyRsa::default())
+        .build()
+        .map_err(|e| map(Op::Create, e))
+}
+
+/// The parameters of [`rsa_pss_signing_key`], also what `TPM2_TestParms` is asked about.
+pub(super) fn rsa_pss_parameters(bits: RsaKeyBits) -> Result<PublicRsaParameters> {
+    PublicRsaParametersBuilder::new_unrestricted_signing_key(
+        RsaScheme::RsaPss(HashScheme::new(HashingAlgorithm::Sha256)),
+        bits,
+        RsaExponent::default(),
+    )
+    .build()
+    .map_err(|e| map(Op::Create, e))
+}
+
+/// The attestation key (AK): ECC P-256, ECDSA-SHA256, **restricted** signing, under the
+/// endorsement hierarchy, with an all-zero `unique` like the SRK's. Restricted: the TPM signs
+/// with it only digests it computed itself of structures it made (`TPMS_ATTEST`, which start
+/// with `TPM_GENERATED_VALUE`), so nothing a caller hands in can pass for an attestation. The
+/// same template under the same endorsement seed yields the same key on every call, so the
+/// AK's public key identifies the TPM until its endorsement seed is changed (TPM2_Clear keeps
+/// it; TPM2_ChangeEPS does not).
+pub fn attestation_key() -> Result<Public> {
+    let attributes = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_no_da(true)
+        .with_restricted(true)
+        .with_sign_encrypt(true)
+        .build()
+        .map_err(|e| map(Op::CreatePrimary, e))?;
+    let zero = || EccParameter::try_from(vec![0u8; 32]);
+    let unique = EccPoint::new(
+        zero().map_err(|e| map(Op::CreatePrimary, e))?,
+        zero().map_err(|e| map(Op::CreatePrimary, e))?,
+    );
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attributes)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new_unrestricted_signing_key(
+                EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)),
+                EccCurve::NistP256,
+            )
+            .with_restricted(true)
+            .build()
+            .map_err(|e| map(Op::CreatePrimary, e))?,
+        )
+        .with_ecc_unique_identifier(unique)
+        .build()
+        .map_err(|e| map(Op::CreatePrimary, e))
+}
+
 /// Check a PCR list: non-empty, indices `0..=23`, no repeats. Returns it sorted (the canonical
 /// form stored in blobs; the TPM digests PCRs in index order whatever the list order).
 ///
@@ -171,5 +246,9 @@ mod tests {
             .unwrap()
             .object_attributes()
             .sign_encrypt());
+        let ak = attestation_key().unwrap().object_attributes();
+        assert!(ak.restricted() && ak.sign_encrypt() && ak.fixed_tpm() && !ak.decrypt());
+        let rsa = rsa_pss_signing_key(RsaKeyBits::Rsa2048).unwrap();
+        assert!(rsa.object_attributes().sensitive_data_origin());
     }
 }
