@@ -302,7 +302,10 @@ fn verify_tpm(doc: &Attestation) -> Result<(), AttestationError> {
     let fits = match (&key.key, doc.algorithm) {
         (PublicKey::EccP256 { .. }, KeyAlgorithm::EcdsaP256) => true,
         (PublicKey::Rsa { modulus, .. }, KeyAlgorithm::RsaPss2048) => modulus.len() == 256,
-        (PublicKey::Rsa { modulus, .. }, KeyAlgorithm::RsaPss3072) => modulus.len() == 384,
+        (
+            PublicKey::Rsa { modulus, .. },
+            KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072,
+        ) => modulus.len() == 384,
         _ => false,
     };
     if !fits {

@@ -561,7 +561,12 @@ fn status_lists_what_each_device_creates_and_tpm_rsa_pss_keys_sign_and_attest() 
     };
     assert_eq!(
         algorithms("tpm"),
-        ["ecdsa-p256", "rsa-pss-3072", "rsa-pss-2048"],
+        [
+            "ecdsa-p256",
+            "rsa-pss-3072",
+            "rsa-pkcs1-3072",
+            "rsa-pss-2048"
+        ],
         "{status}"
     );
     assert_eq!(
@@ -577,7 +582,7 @@ fn status_lists_what_each_device_creates_and_tpm_rsa_pss_keys_sign_and_attest() 
     );
     let text = d.run(&["status"], b"").stdout;
     assert!(
-        text.contains("ecdsa-p256,rsa-pss-3072,rsa-pss-2048"),
+        text.contains("ecdsa-p256,rsa-pss-3072,rsa-pkcs1-3072,rsa-pss-2048"),
         "{text}"
     );
 

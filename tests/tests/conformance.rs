@@ -39,11 +39,12 @@ impl Harness for Tpm {
         Box::new(TpmDevice::open(config).unwrap())
     }
     fn required(&self) -> &'static [KeyAlgorithm] {
-        // swtpm (libtpms) has RSA 2048 and 3072 with RSASSA-PSS.
+        // swtpm (libtpms) has RSA 2048 and 3072 with RSASSA-PSS and RSASSA (PKCS#1 v1.5).
         &[
             KeyAlgorithm::EcdsaP256,
             KeyAlgorithm::RsaPss3072,
             KeyAlgorithm::RsaPss2048,
+            KeyAlgorithm::RsaPkcs1_3072,
         ]
     }
 }

@@ -426,6 +426,7 @@ fn ed25519_generate_is_unsupported() {
         [
             KeyAlgorithm::EcdsaP256,
             KeyAlgorithm::RsaPss3072,
+            KeyAlgorithm::RsaPkcs1_3072,
             KeyAlgorithm::RsaPss2048
         ]
     );

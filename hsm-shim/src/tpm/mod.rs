@@ -284,14 +284,12 @@ fn read_info(ctx: &mut Context, tcti: &Tcti) -> Result<DeviceInfo> {
 fn algorithms(ctx: &mut Context) -> Vec<KeyAlgorithm> {
     let mut out = Vec::new();
     for algorithm in KeyAlgorithm::ALL {
-        let parameters = match (algorithm, sign::rsa_bits(algorithm)) {
-            (_, Some(bits)) => template::rsa_pss_parameters(bits).map(PublicParameters::Rsa),
-            (KeyAlgorithm::EcdsaP256, None) => {
-                template::ecdsa_p256_signing_key().and_then(|p| match p {
-                    Public::Ecc { parameters, .. } => Ok(PublicParameters::Ecc(parameters)),
-                    _ => Err(DeviceError::Unsupported("not an ECC template".into())),
-                })
-            }
+        let parameters = match algorithm {
+            a if sign::is_rsa(a) => template::rsa_parameters(a).map(PublicParameters::Rsa),
+            KeyAlgorithm::EcdsaP256 => template::ecdsa_p256_signing_key().and_then(|p| match p {
+                Public::Ecc { parameters, .. } => Ok(PublicParameters::Ecc(parameters)),
+                _ => Err(DeviceError::Unsupported("not an ECC template".into())),
+            }),
             // Ed25519: no TPM 2.0 has it (TPM_ECC_CURVE has no Edwards curve in 1.59).
             _ => continue,
         };

@@ -1,5 +1,5 @@
-//! [`Signer`] for the TPM: ECDSA P-256 keys, and RSASSA-PSS 2048/3072 keys where the TPM has
-//! them (`TPM2_TestParms` at open), generated inside the TPM under the SRK, stored by the caller
+//! [`Signer`] for the TPM: ECDSA P-256 keys, and RSASSA-PSS 2048/3072 and PKCS#1 v1.5 3072
+//! (SHA-256 or SHA-512) keys where the TPM has them (`TPM2_TestParms` at open), generated inside the TPM under the SRK, stored by the caller
 //! as public + private blobs, signing with a password session. Attestation is in `certify.rs`.
 //!
 //! Signing is the hot path, so it costs one TPM round trip when the same key signs again: the
@@ -13,7 +13,6 @@ use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
 use tss_esapi::handles::KeyHandle as TpmKey;
 use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::ecc::EccCurve;
-use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
     Digest, HashScheme, HashcheckTicket, Public, Signature, SignatureScheme,
@@ -29,12 +28,11 @@ use crate::{
     Result, SignInput, Signer,
 };
 
-/// The TPM key size of an RSA algorithm; `None` for the others.
-pub(super) fn rsa_bits(algorithm: KeyAlgorithm) -> Option<RsaKeyBits> {
+/// Whether the TPM makes keys of `algorithm` from [`template::rsa_signing_key`].
+pub(super) fn is_rsa(algorithm: KeyAlgorithm) -> bool {
     match algorithm {
-        KeyAlgorithm::RsaPss2048 => Some(RsaKeyBits::Rsa2048),
-        KeyAlgorithm::RsaPss3072 => Some(RsaKeyBits::Rsa3072),
-        KeyAlgorithm::Ed25519 | KeyAlgorithm::EcdsaP256 | KeyAlgorithm::RsaPkcs1_3072 => None,
+        KeyAlgorithm::RsaPss2048 | KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 => true,
+        KeyAlgorithm::Ed25519 | KeyAlgorithm::EcdsaP256 => false,
     }
 }
 
@@ -42,7 +40,11 @@ pub(super) fn rsa_bits(algorithm: KeyAlgorithm) -> Option<RsaKeyBits> {
 pub(super) fn tpm_blobs(handle: &KeyHandle) -> Result<(&[u8], &[u8])> {
     match handle {
         KeyHandle::Tpm2 {
-            algorithm: KeyAlgorithm::EcdsaP256 | KeyAlgorithm::RsaPss2048 | KeyAlgorithm::RsaPss3072,
+            algorithm:
+                KeyAlgorithm::EcdsaP256
+                | KeyAlgorithm::RsaPss2048
+                | KeyAlgorithm::RsaPss3072
+                | KeyAlgorithm::RsaPkcs1_3072,
             public,
             private,
         } => Ok((public, private)),
@@ -150,9 +152,10 @@ impl Signer for TpmDevice {
                 offered.join(", ")
             )));
         }
-        let template = match rsa_bits(spec.algorithm) {
-            Some(bits) => template::rsa_pss_signing_key(bits)?,
-            None => template::ecdsa_p256_signing_key()?,
+        let template = if is_rsa(spec.algorithm) {
+            template::rsa_signing_key(spec.algorithm)?
+        } else {
+            template::ecdsa_p256_signing_key()?
         };
         let srk = self.srk;
         // The key is generated inside the TPM: no secret goes in, so a password session is enough.
@@ -179,23 +182,36 @@ impl Signer for TpmDevice {
 
     fn sign(&mut self, handle: &KeyHandle, input: SignInput<'_>) -> Result<Vec<u8>> {
         let (public, private) = tpm_blobs(handle)?;
-        let digest: [u8; 32] = match input {
-            SignInput::Message(m) => Sha256::digest(m).into(),
-            SignInput::Sha256Digest(d) => *d,
+        let algorithm = handle.algorithm();
+        let sha256: [u8; 32];
+        let (hash, digest): (HashingAlgorithm, &[u8]) = match input {
+            SignInput::Message(m) => {
+                sha256 = Sha256::digest(m).into();
+                (HashingAlgorithm::Sha256, &sha256)
+            }
+            SignInput::Sha256Digest(d) => (HashingAlgorithm::Sha256, d),
+            SignInput::Sha512Digest(d) if algorithm == KeyAlgorithm::RsaPkcs1_3072 => {
+                (HashingAlgorithm::Sha512, d)
+            }
             SignInput::Sha512Digest(_) => {
                 return Err(DeviceError::Unsupported(format!(
-                    "{} keys sign SHA-256 digests; SHA-512 is for rsa-pkcs1 keys",
-                    handle.algorithm()
+                    "{algorithm} keys sign SHA-256 digests; SHA-512 is for rsa-pkcs1 keys"
                 )))
             }
         };
-        let digest = Digest::try_from(digest.as_slice()).map_err(|e| map(Op::Sign, e))?;
+        let digest = Digest::try_from(digest).map_err(|e| map(Op::Sign, e))?;
         let ticket = null_ticket()?;
         let object = self.key_object(public, private)?;
-        let hash_scheme = HashScheme::new(HashingAlgorithm::Sha256);
-        let scheme = match rsa_bits(handle.algorithm()) {
-            Some(_) => SignatureScheme::RsaPss { hash_scheme },
-            None => SignatureScheme::EcDsa { hash_scheme },
+        let hash_scheme = HashScheme::new(hash);
+        let scheme = match algorithm {
+            KeyAlgorithm::RsaPss2048 | KeyAlgorithm::RsaPss3072 => {
+                SignatureScheme::RsaPss { hash_scheme }
+            }
+            // The key has no scheme of its own: RSASSA with the hash asked for.
+            KeyAlgorithm::RsaPkcs1_3072 => SignatureScheme::RsaSsa { hash_scheme },
+            KeyAlgorithm::EcdsaP256 | KeyAlgorithm::Ed25519 => {
+                SignatureScheme::EcDsa { hash_scheme }
+            }
         };
         let signature = self
             .ctx
@@ -207,8 +223,8 @@ impl Signer for TpmDevice {
             Signature::EcDsa(sig) => {
                 ecdsa_p256_rs_to_der(sig.signature_r().value(), sig.signature_s().value())
             }
-            // RSASSA-PSS comes back raw, as OpenSSL and PKCS#11 tokens give it.
-            Signature::RsaPss(sig) => Ok(sig.signature().value().to_vec()),
+            // RSA signatures come back raw, as OpenSSL and PKCS#11 tokens give them.
+            Signature::RsaPss(sig) | Signature::RsaSsa(sig) => Ok(sig.signature().value().to_vec()),
             other => Err(DeviceError::Backend {
                 op: Op::Sign.name(),
                 detail: format!("the TPM returned a {:?} signature", other.algorithm()),

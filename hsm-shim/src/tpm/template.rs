@@ -17,7 +17,7 @@ use tss_esapi::structures::{
 };
 
 use super::error::{map, Op};
-use crate::Result;
+use crate::{DeviceError, KeyAlgorithm, Result};
 
 /// Highest PCR index of the sha256 bank a PC-client TPM has.
 pub(super) const MAX_PCR: u8 = 23;
@@ -114,9 +114,10 @@ pub fn ecdsa_p256_signing_key() -> Result<Public> {
         .map_err(|e| map(Op::Create, e))
 }
 
-/// An unrestricted RSASSA-PSS/SHA-256 signing key of `bits` (2048 or 3072), with the same
-/// protections as [`ecdsa_p256_signing_key`]. The exponent is the TPM's default, 65537.
-pub fn rsa_pss_signing_key(bits: RsaKeyBits) -> Result<Public> {
+/// An unrestricted RSA signing key of `algorithm` (RSASSA-PSS 2048/3072, or PKCS#1 v1.5
+/// 3072), with the same protections as [`ecdsa_p256_signing_key`]. The exponent is the TPM's
+/// default, 65537.
+pub fn rsa_signing_key(algorithm: KeyAlgorithm) -> Result<Public> {
     let attributes = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
@@ -129,21 +130,36 @@ pub fn rsa_pss_signing_key(bits: RsaKeyBits) -> Result<Public> {
         .with_public_algorithm(PublicAlgorithm::Rsa)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
         .with_object_attributes(attributes)
-        .with_rsa_parameters(rsa_pss_parameters(bits)?)
+        .with_rsa_parameters(rsa_parameters(algorithm)?)
         .with_rsa_unique_identifier(PublicKeyRsa::default())
         .build()
         .map_err(|e| map(Op::Create, e))
 }
 
-/// The parameters of [`rsa_pss_signing_key`], also what `TPM2_TestParms` is asked about.
-pub(super) fn rsa_pss_parameters(bits: RsaKeyBits) -> Result<PublicRsaParameters> {
-    PublicRsaParametersBuilder::new_unrestricted_signing_key(
-        RsaScheme::RsaPss(HashScheme::new(HashingAlgorithm::Sha256)),
-        bits,
-        RsaExponent::default(),
-    )
-    .build()
-    .map_err(|e| map(Op::Create, e))
+/// The parameters of [`rsa_signing_key`], also what `TPM2_TestParms` is asked about. A PSS key
+/// is fixed to RSASSA-PSS/SHA-256. A PKCS#1 v1.5 key has no scheme of its own (NULL), so that
+/// each `TPM2_Sign` names RSASSA with the hash the caller asked for: SSH wants SHA-512 as well
+/// as SHA-256, and a key fixed to one scheme refuses the other.
+pub(super) fn rsa_parameters(algorithm: KeyAlgorithm) -> Result<PublicRsaParameters> {
+    let (scheme, bits) = match algorithm {
+        KeyAlgorithm::RsaPss2048 => (
+            RsaScheme::RsaPss(HashScheme::new(HashingAlgorithm::Sha256)),
+            RsaKeyBits::Rsa2048,
+        ),
+        KeyAlgorithm::RsaPss3072 => (
+            RsaScheme::RsaPss(HashScheme::new(HashingAlgorithm::Sha256)),
+            RsaKeyBits::Rsa3072,
+        ),
+        KeyAlgorithm::RsaPkcs1_3072 => (RsaScheme::Null, RsaKeyBits::Rsa3072),
+        KeyAlgorithm::Ed25519 | KeyAlgorithm::EcdsaP256 => {
+            return Err(DeviceError::Unsupported(format!(
+                "{algorithm} is not an RSA algorithm"
+            )))
+        }
+    };
+    PublicRsaParametersBuilder::new_unrestricted_signing_key(scheme, bits, RsaExponent::default())
+        .build()
+        .map_err(|e| map(Op::Create, e))
 }
 
 /// The attestation key (AK): ECC P-256, ECDSA-SHA256, **restricted** signing, under the
@@ -248,7 +264,7 @@ mod tests {
             .sign_encrypt());
         let ak = attestation_key().unwrap().object_attributes();
         assert!(ak.restricted() && ak.sign_encrypt() && ak.fixed_tpm() && !ak.decrypt());
-        let rsa = rsa_pss_signing_key(RsaKeyBits::Rsa2048).unwrap();
+        let rsa = rsa_signing_key(KeyAlgorithm::RsaPss2048).unwrap();
         assert!(rsa.object_attributes().sensitive_data_origin());
     }
 }
