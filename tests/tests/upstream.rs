@@ -41,7 +41,7 @@ enum Device {
 struct World {
     pki: Pki,
     bao: Bao,
-    _device: Device,
+    device: Device,
     daemon: Keywardd,
     /// Where the machine's certificate and its request are (public files only).
     certs: tempfile::TempDir,
@@ -189,7 +189,7 @@ fn world_with(on: On, bus: Option<&PrivateBus>) -> World {
     World {
         pki,
         bao,
-        _device: device,
+        device,
         daemon,
         certs,
     }
@@ -617,6 +617,42 @@ fn the_machine_key_can_be_in_a_tpm() {
         "s3cret-2",
         "synced before READY=1"
     );
+}
+
+/// With the machine key's device gone, no TLS handshake can be signed: the sync fails and says
+/// so, nothing local is removed, and once the device is back (here: a restart, unsealed from it)
+/// the sync goes through again.
+#[test]
+fn without_the_keys_device_the_handshake_fails_and_nothing_is_removed() {
+    let mut w = world_on(On::Tpm);
+    let Device::Tpm(tpm) = &mut w.device else {
+        panic!("a TPM world")
+    };
+    tpm.stop();
+    w.bao
+        .ok(&["kv", "put", "secret/app/db", "password=s3cret-4"]);
+    let out = w.daemon.run(&["upstream", "sync"], b"");
+    assert_eq!(out.code, 1, "{out:?}");
+    let s = status(&w.daemon);
+    let error = s["last_error"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        error.contains("TLS handshake failed") && error.contains("device \"tpm\""),
+        "{s}"
+    );
+    assert_eq!(
+        get(&w.daemon, "db-pass"),
+        "s3cret-1",
+        "the local value stays"
+    );
+    assert!(events(&w.daemon, "upstream-sync")
+        .iter()
+        .any(|l| !l.starts_with("ok")));
+    let Device::Tpm(tpm) = &mut w.device else {
+        panic!("a TPM world")
+    };
+    tpm.restart();
+    w.daemon.restart();
+    assert_eq!(get(&w.daemon, "db-pass"), "s3cret-4");
 }
 
 /// A token the upstream revoked is replaced by a new login at the next sync, which then goes
