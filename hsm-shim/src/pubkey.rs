@@ -49,7 +49,7 @@ pub(crate) fn p256_spki(sec1: &[u8]) -> Result<PublicKeyDer> {
 /// SPKI for an RSA key from its big-endian modulus and public exponent (the contract's one
 /// RSA encoding, which the attestation verifier compares against).
 pub(crate) fn rsa_spki(modulus: &[u8], exponent: &[u8]) -> Result<PublicKeyDer> {
-    keyward_proto::attestation::rsa_spki(modulus, exponent)
+    keyward_proto::rsa::spki(modulus, exponent)
         .map(PublicKeyDer)
         .map_err(|e| encoding("RSA SPKI", e))
 }

@@ -583,41 +583,10 @@ impl TpmPublic {
             PublicKey::Rsa { modulus, exponent } => {
                 let e = exponent.to_be_bytes();
                 let start = e.iter().position(|&b| b != 0).unwrap_or(3);
-                rsa_spki(modulus, &e[start..]).map_err(|_| malformed("RSA key encoding"))
+                crate::rsa::spki(modulus, &e[start..]).map_err(|_| malformed("RSA key encoding"))
             }
         }
     }
-}
-
-#[derive(der::Sequence)]
-struct RsaPublicKey<'a> {
-    modulus: der::asn1::UintRef<'a>,
-    public_exponent: der::asn1::UintRef<'a>,
-}
-
-const OID_RSA_ENCRYPTION: der::asn1::ObjectIdentifier =
-    der::asn1::ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
-
-/// DER SubjectPublicKeyInfo (rsaEncryption, NULL parameters) of an RSA key from its big-endian
-/// modulus and public exponent: the one encoding of RSA public keys in the tree.
-///
-/// # Errors
-/// A DER encoding error (an empty modulus).
-pub fn rsa_spki(modulus: &[u8], exponent: &[u8]) -> Result<Vec<u8>, der::Error> {
-    use der::Encode as _;
-    let inner = RsaPublicKey {
-        modulus: der::asn1::UintRef::new(modulus)?,
-        public_exponent: der::asn1::UintRef::new(exponent)?,
-    }
-    .to_der()?;
-    spki::SubjectPublicKeyInfoOwned {
-        algorithm: spki::AlgorithmIdentifierOwned {
-            oid: OID_RSA_ENCRYPTION,
-            parameters: Some(der::asn1::AnyRef::NULL.into()),
-        },
-        subject_public_key: der::asn1::BitString::from_bytes(&inner)?,
-    }
-    .to_der()
 }
 
 #[cfg(test)]

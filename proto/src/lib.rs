@@ -22,6 +22,7 @@ mod invalid;
 pub mod kinds;
 pub mod names;
 pub mod recovery_share;
+pub mod rsa;
 pub mod ssh;
 pub mod text;
 pub mod wire;

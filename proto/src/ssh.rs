@@ -10,8 +10,8 @@
 //! `ADD_IDENTITY` are never parsed). Must not: do I/O, or offer an RSA-PSS key to SSH (SSH has
 //! no RSA-PSS; a PSS signature would not verify).
 
+use crate::rsa::{RsaPublicKey as Pkcs1PublicKey, RSA_ENCRYPTION};
 use der::asn1::UintRef;
-use der::Sequence;
 use ssh_encoding::{Decode, Encode, Reader};
 use ssh_key::public::{EcdsaPublicKey, Ed25519PublicKey, RsaPublicKey};
 use ssh_key::{Algorithm, EcdsaCurve, HashAlg, Mpint};
@@ -220,17 +220,6 @@ pub fn sign_hash(algorithm: KeyAlgorithm, flags: u32) -> Result<Option<SignHash>
     } else {
         Err(SshError::Sha1)
     }
-}
-
-/// `rsaEncryption` (RFC 8017 appendix A.1), the algorithm of an RSA SubjectPublicKeyInfo.
-const RSA_ENCRYPTION: der::asn1::ObjectIdentifier =
-    der::asn1::ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
-
-/// PKCS#1 `RSAPublicKey`, the body of an RSA SubjectPublicKeyInfo.
-#[derive(Sequence)]
-struct Pkcs1PublicKey<'a> {
-    modulus: UintRef<'a>,
-    public_exponent: UintRef<'a>,
 }
 
 /// The SSH public key of a key of `algorithm` whose DER SubjectPublicKeyInfo is `spki` (as

@@ -179,17 +179,20 @@ fn a_missing_signature_file_or_another_keys_signature_keeps_it_sealed_and_says_w
 
     // A key whose signatures are not there for the current values: the enrollment's test
     // unseal fails, and says why.
-    let out = d.run(
-        &[
-            "enroll",
-            "tpm2",
-            "--device",
-            "tpm",
-            "--pcr-public-key",
-            stranger.1.to_str().unwrap(),
-        ],
-        b"",
-    );
+    let enroll = |key: &std::path::Path| {
+        d.run(
+            &[
+                "enroll",
+                "tpm2",
+                "--device",
+                "tpm",
+                "--pcr-public-key",
+                key.to_str().unwrap(),
+            ],
+            b"",
+        )
+    };
+    let out = enroll(&stranger.1);
     assert_ne!(out.code, 0, "{}", out.stdout);
     assert!(
         out.stderr.contains("the new keyslot does not open now")
@@ -197,17 +200,7 @@ fn a_missing_signature_file_or_another_keys_signature_keeps_it_sealed_and_says_w
         "{}",
         out.stderr
     );
-    let out = d.run(
-        &[
-            "enroll",
-            "tpm2",
-            "--device",
-            "tpm",
-            "--pcr-public-key",
-            vendor.1.to_str().unwrap(),
-        ],
-        b"",
-    );
+    let out = enroll(&vendor.1);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let out = d.run(&["secret", "put", "app/db"], SECRET);
     assert_eq!(out.code, 0, "{}", out.stderr);

@@ -42,6 +42,7 @@ use super::error::{map, Op};
 use super::session::flush_quietly;
 use super::template;
 use crate::{DeviceError, Result, SignedPcrs};
+use keyward_proto::rsa::{RsaPublicKey, RSA_ENCRYPTION};
 
 /// Where systemd puts the signature of the running UKI's PCR 11 values, in the order systemd
 /// itself looks (`/run` from systemd-stub's `.pcrsig` section, then the one the OS ships).
@@ -57,16 +58,6 @@ pub const DEFAULT_SIGNED_PCRS: [u8; 1] = [11];
 /// A signature file larger than this is not one `systemd-measure` wrote (a few entries of a
 /// few hundred bytes each); refuse it before reading it all.
 const MAX_SIGNATURE_FILE: u64 = 1024 * 1024;
-
-/// `SEQUENCE { modulus INTEGER, publicExponent INTEGER }` (RFC 8017 A.1.1).
-#[derive(der::Sequence)]
-struct RsaPublicKey<'a> {
-    modulus: der::asn1::UintRef<'a>,
-    public_exponent: der::asn1::UintRef<'a>,
-}
-
-const RSA_ENCRYPTION: der::asn1::ObjectIdentifier =
-    der::asn1::ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
 
 /// The signing key as the TPM and the signature file know it.
 pub(super) struct Key {

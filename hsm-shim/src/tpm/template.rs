@@ -22,6 +22,13 @@ use crate::{DeviceError, KeyAlgorithm, Result};
 /// Highest PCR index of the sha256 bank a PC-client TPM has.
 pub(super) const MAX_PCR: u8 = 23;
 
+/// The all-zero `unique` (32+32 bytes) of a primary ECC key made from a fixed template: with
+/// it, the same template under the same seed gives the same key on every call.
+fn zero_unique() -> Result<EccPoint> {
+    let zero = || EccParameter::try_from(vec![0u8; 32]).map_err(|e| map(Op::CreatePrimary, e));
+    Ok(EccPoint::new(zero()?, zero()?))
+}
+
 /// The storage root key: ECC P-256, restricted decrypt, AES-128-CFB for its children, as in the
 /// TCG "TPM v2.0 Provisioning Guidance" SRK template (including `noDA` and an all-zero
 /// `unique` of 32+32 bytes). The same template under the same owner seed yields the same key,
@@ -37,11 +44,7 @@ pub fn srk() -> Result<Public> {
         .with_decrypt(true)
         .build()
         .map_err(|e| map(Op::CreatePrimary, e))?;
-    let zero = || EccParameter::try_from(vec![0u8; 32]);
-    let unique = EccPoint::new(
-        zero().map_err(|e| map(Op::CreatePrimary, e))?,
-        zero().map_err(|e| map(Op::CreatePrimary, e))?,
-    );
+    let unique = zero_unique()?;
     PublicBuilder::new()
         .with_public_algorithm(PublicAlgorithm::Ecc)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
@@ -180,11 +183,7 @@ pub fn attestation_key() -> Result<Public> {
         .with_sign_encrypt(true)
         .build()
         .map_err(|e| map(Op::CreatePrimary, e))?;
-    let zero = || EccParameter::try_from(vec![0u8; 32]);
-    let unique = EccPoint::new(
-        zero().map_err(|e| map(Op::CreatePrimary, e))?,
-        zero().map_err(|e| map(Op::CreatePrimary, e))?,
-    );
+    let unique = zero_unique()?;
     PublicBuilder::new()
         .with_public_algorithm(PublicAlgorithm::Ecc)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
