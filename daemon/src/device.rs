@@ -2,6 +2,17 @@
 //! ESAPI context, which must never be shared between threads); async callers talk to it through a
 //! bounded queue and get their answer on a oneshot channel, waiting at most a configured time.
 //!
+//! **Signing beside the actor.** A device that signs in parallel (a PKCS#11 token: each session
+//! is served on its own) hands the actor a shared signer when it opens
+//! ([`hsm_shim::Signer::shared_signer`]): a pool of sessions. [`DeviceHandle::sign`] signs on
+//! the calling thread, on a session of that pool, instead of queueing to the actor: no thread
+//! hand-off per signature, and as many signatures at once as the machine has cores, where the
+//! actor's one session made them wait in line. The actor still owns the device's life: it makes
+//! the pool when the device opens and drops it when the device goes; a signer that finds the
+//! device gone tells the actor (and waits until the actor has taken the device down), and the
+//! actor reopens it as for any call. A TPM is one serial device: it has no shared signer, and
+//! its signatures go through the actor's queue.
+//!
 //! This module owns opening a device, noticing that it vanished ([`DeviceError::DeviceGone`]),
 //! reopening it with exponential backoff, and refusing to ever retry a PIN that failed. It must
 //! not know what the operations mean (that is the vault's) and must never log, print or keep a
@@ -25,8 +36,11 @@ use std::time::{Duration, Instant};
 use hsm_shim::pkcs11::{Pkcs11Config, Pkcs11Device, SealMode};
 use hsm_shim::tpm::{TpmConfig, TpmDevice};
 use hsm_shim::uri::Pkcs11Uri;
-use hsm_shim::{Backend, DeviceError, DeviceInfo, DeviceKind, KeyAlgorithm, Pin};
-use tokio::sync::{oneshot, watch};
+use hsm_shim::{
+    Backend, DeviceError, DeviceInfo, DeviceKind, KeyAlgorithm, KeyHandle, Pin, SharedSigner,
+    SignData,
+};
+use tokio::sync::{oneshot, watch, Semaphore};
 
 /// Opens a device. Called on the actor's thread: at start and on each reopen with `None` (the
 /// opener finds the PIN itself, e.g. by reading the PIN file), and with `Some(pin)` once per
@@ -127,6 +141,33 @@ enum Job {
         pin: Pin,
         reply: oneshot::Sender<Result<(), CallError>>,
     },
+    /// A shared signer of the device's `opens`-th opening found the device gone.
+    Gone {
+        opens: u64,
+        why: String,
+        reply: oneshot::Sender<Result<(), CallError>>,
+    },
+}
+
+/// The device's shared signer while it is open, with the [`Snapshot::opens`] count of the
+/// opening that made it: written by the actor, read by every [`DeviceHandle::sign`].
+#[derive(Default)]
+struct SharedSlot(std::sync::RwLock<Option<(u64, Arc<dyn SharedSigner>)>>);
+
+impl SharedSlot {
+    fn get(&self) -> Option<(u64, Arc<dyn SharedSigner>)> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn set(&self, shared: Option<(u64, Arc<dyn SharedSigner>)>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = shared;
+    }
 }
 
 struct Inner {
@@ -135,6 +176,10 @@ struct Inner {
     jobs: SyncSender<Job>,
     state: watch::Receiver<Snapshot>,
     timeout: Duration,
+    shared: Arc<SharedSlot>,
+    /// Signatures on the shared signer at once: as many as the machine has cores, twice over
+    /// (one may wait on the device while another computes); more wait here, not on threads.
+    signing: Semaphore,
 }
 
 /// A device's actor. Cheap to clone; the thread stops (and closes the device) when the last
@@ -191,7 +236,9 @@ impl DeviceHandle {
             attempts: 0,
             opens: 0,
         });
+        let shared = Arc::new(SharedSlot::default());
         let actor = Actor {
+            shared: Arc::clone(&shared),
             name: name.clone(),
             kind,
             opener,
@@ -237,6 +284,10 @@ impl DeviceHandle {
                 jobs: jobs_tx,
                 state,
                 timeout: options.timeout,
+                shared,
+                signing: Semaphore::new(
+                    std::thread::available_parallelism().map_or(4, |n| n.get().max(2) * 2),
+                ),
             }),
         }
     }
@@ -268,7 +319,7 @@ impl DeviceHandle {
                     }));
                     Outcome::Done
                 }
-                Ok(backend) => match f(backend).map_err(|e| vanished_or(backend, e)) {
+                Ok(backend) => match f(backend).map_err(|e| vanished_or(e, || backend.ping())) {
                     Err(DeviceError::DeviceGone(why)) => Outcome::Gone {
                         why: why.clone(),
                         answer: Box::new(move || {
@@ -285,6 +336,75 @@ impl DeviceHandle {
         });
         self.submit(Job::Call(work))?;
         self.wait(answer).await
+    }
+
+    /// Sign with the device key `handle`: on the calling thread with the device's shared
+    /// signer when it has one (see the module doc), else on the device's thread as
+    /// [`DeviceHandle::call`] does.
+    ///
+    /// # Errors
+    /// As [`DeviceHandle::call`]. On the shared signer there is no queue to be full: callers
+    /// beyond the signer's parallelism wait (at most `options.timeout`) for their turn.
+    pub async fn sign(&self, handle: Arc<KeyHandle>, data: SignData) -> Result<Vec<u8>, CallError> {
+        let Some((opens, signer)) = self.inner.shared.get() else {
+            return self.call(move |d| d.sign(&handle, data.input())).await;
+        };
+        let _turn =
+            match tokio::time::timeout(self.inner.timeout, self.inner.signing.acquire()).await {
+                Ok(Ok(turn)) => turn,
+                Ok(Err(_closed)) => {
+                    return Err(CallError::Unavailable {
+                        device: self.inner.name.clone(),
+                        reason: "the device's signer is closed".into(),
+                    })
+                }
+                Err(_elapsed) => {
+                    return Err(CallError::Unavailable {
+                        device: self.inner.name.clone(),
+                        reason: format!(
+                            "timed out after {:?} waiting for a turn to sign",
+                            self.inner.timeout
+                        ),
+                    })
+                }
+            };
+        let signed = crate::blocking::here(|| {
+            catch_unwind(AssertUnwindSafe(|| {
+                signer
+                    .sign(&handle, data.input())
+                    .map_err(|e| vanished_or(e, || signer.ping()))
+            }))
+            .unwrap_or_else(|_panic| {
+                Err(DeviceError::DeviceGone(
+                    "a device operation failed unexpectedly (panicked)".into(),
+                ))
+            })
+        });
+        match signed {
+            Err(DeviceError::DeviceGone(why)) => {
+                self.lost(opens, why.clone()).await;
+                Err(CallError::Device(DeviceError::DeviceGone(why)))
+            }
+            result => result.map_err(CallError::Device),
+        }
+    }
+
+    /// A shared signer of the `opens`-th opening found the device gone: stop using it, and
+    /// have the actor take the device down and reopen it, waiting until it has (so that a
+    /// caller who heard `DeviceGone` already sees the device down in `status`).
+    async fn lost(&self, opens: u64, why: String) {
+        if self
+            .inner
+            .shared
+            .get()
+            .is_some_and(|(current, _)| current == opens)
+        {
+            self.inner.shared.set(None);
+        }
+        let (reply, answer) = oneshot::channel();
+        if self.submit(Job::Gone { opens, why, reply }).is_ok() {
+            let _ = self.wait(answer).await;
+        }
     }
 
     /// Try to open the device again right now with this PIN: once, never retried
@@ -376,6 +496,8 @@ impl DeviceHandle {
 
 /// The state that lives on the device's thread.
 struct Actor {
+    /// Where the device's shared signer is published while it is open.
+    shared: Arc<SharedSlot>,
     name: String,
     kind: DeviceKind,
     opener: Opener,
@@ -427,6 +549,7 @@ impl Actor {
         tracing::debug!(device = %self.name, "device thread stopping: no handles left");
         // Close the device here, on its own thread, before the thread ends: the stop waits for
         // this ([`DeviceHandle::closed`]).
+        self.shared.set(None);
         if self.backend.take().is_some() {
             tracing::info!(device = %self.name, "device closed");
         }
@@ -472,6 +595,12 @@ impl Actor {
                 };
                 let _ = reply.send(result);
             }
+            Job::Gone { opens, why, reply } => {
+                if self.opens == opens && self.backend.is_some() {
+                    self.gone(why);
+                }
+                let _ = reply.send(Ok(()));
+            }
         }
     }
 
@@ -487,10 +616,12 @@ impl Actor {
             })
         });
         match opened {
-            Ok(backend) => {
+            Ok(mut backend) => {
                 let detail = describe(backend.info());
+                let shared = backend.shared_signer();
                 self.backend = Some(backend);
                 self.opens += 1;
+                self.shared.set(shared.map(|signer| (self.opens, signer)));
                 self.backoff = self.backoff_min;
                 self.next_open = None;
                 self.down_reason.clear();
@@ -527,6 +658,7 @@ impl Actor {
 
     /// The device vanished under a call: drop it and reopen right away, then with backoff.
     fn gone(&mut self, reason: String) {
+        self.shared.set(None); // the pool's sessions close once no signer holds it
         self.backend = None; // closes the session / context
         self.backoff = self.backoff_min;
         if self.pin_failed {
@@ -585,14 +717,14 @@ impl Actor {
 /// healthy. Only the errors that could hide a vanished device are probed, with one `ping`; a
 /// failed probe turns the error into [`DeviceError::DeviceGone`], so the caller hears that the
 /// device is unavailable (not that its key is missing) and the actor reopens it.
-fn vanished_or(backend: &mut dyn Backend, e: DeviceError) -> DeviceError {
+fn vanished_or(e: DeviceError, ping: impl FnOnce() -> hsm_shim::Result<()>) -> DeviceError {
     if !matches!(
         e,
         DeviceError::NotFound(_) | DeviceError::InvalidBlob(_) | DeviceError::Backend { .. }
     ) {
         return e;
     }
-    match backend.ping() {
+    match ping() {
         Ok(()) => e,
         // Locked is what the admin must hear, and reopening would not unlock it.
         Err(DeviceError::PinLocked) => DeviceError::PinLocked,
@@ -711,6 +843,37 @@ mod tests {
         info: DeviceInfo,
         /// Set: the device stopped answering (its `ping` fails).
         dead: Arc<std::sync::atomic::AtomicBool>,
+        /// Hands out a shared signer, as a token does.
+        shared: bool,
+    }
+
+    /// A fake's shared signer: signs with the name of the thread it ran on, fails once the
+    /// device is dead.
+    struct FakeShared {
+        dead: Arc<std::sync::atomic::AtomicBool>,
+        serial: String,
+    }
+
+    impl SharedSigner for FakeShared {
+        fn sign(&self, _: &KeyHandle, _: SignInput<'_>) -> hsm_shim::Result<Vec<u8>> {
+            if self.dead.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(DeviceError::Backend {
+                    op: "C_Sign",
+                    detail: "CKR_GENERAL_ERROR".into(),
+                });
+            }
+            let thread = std::thread::current().name().unwrap_or("").to_owned();
+            Ok(format!("{thread} {}", self.serial).into_bytes())
+        }
+        fn ping(&self) -> hsm_shim::Result<()> {
+            if self.dead.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(DeviceError::Backend {
+                    op: "C_GetTokenInfo",
+                    detail: "no answer".into(),
+                });
+            }
+            Ok(())
+        }
     }
 
     impl hsm_shim::Device for Fake {
@@ -771,6 +934,14 @@ mod tests {
         fn destroy_generated(&mut self, _: &KeySpec) -> hsm_shim::Result<usize> {
             Ok(0)
         }
+        fn shared_signer(&mut self) -> Option<Arc<dyn SharedSigner>> {
+            self.shared.then(|| {
+                Arc::new(FakeShared {
+                    dead: Arc::clone(&self.dead),
+                    serial: self.info.serial.clone(),
+                }) as Arc<dyn SharedSigner>
+            })
+        }
     }
 
     /// What the opener will return, in order (then `Ok` forever), and what it was called with.
@@ -781,6 +952,8 @@ mod tests {
         pins: Vec<Option<String>>,
         /// Shared with every device opened: set to make them stop answering.
         dead: Arc<std::sync::atomic::AtomicBool>,
+        /// The devices opened hand out shared signers.
+        shared: bool,
     }
 
     #[derive(Clone, Default)]
@@ -792,7 +965,12 @@ mod tests {
                 results: results.into_iter().collect(),
                 pins: Vec::new(),
                 dead: Arc::default(),
+                shared: false,
             })))
+        }
+        fn with_shared_signers(self) -> Self {
+            self.0.lock().unwrap().shared = true;
+            self
         }
         fn push(&self, r: hsm_shim::Result<()>) {
             self.0.lock().unwrap().results.push_back(r);
@@ -817,6 +995,7 @@ mod tests {
                         algorithms: vec![KeyAlgorithm::EcdsaP256],
                     },
                     dead: Arc::clone(&s.dead),
+                    shared: s.shared,
                 }))
             })
         }
@@ -902,6 +1081,92 @@ mod tests {
         assert!(h.status().available);
         assert_eq!(script.calls(), [None]);
         assert!(format!("{h:?}").contains("hsm"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn signing_runs_beside_a_busy_device_thread_and_a_lost_device_reopens_with_a_new_signer()
+    {
+        let script = Script::default().with_shared_signers();
+        let h = DeviceHandle::spawn(
+            "hsm".into(),
+            DeviceKind::Pkcs11,
+            script.opener(),
+            options(4, LONG, Duration::from_millis(10)),
+        );
+        h.ready().await;
+        // Hold the device thread inside a long call.
+        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
+        let running = tokio::spawn({
+            let h = h.clone();
+            async move {
+                h.call(move |_| {
+                    let _ = started_tx.send(());
+                    let _ = gate_rx.recv();
+                    Ok(())
+                })
+                .await
+            }
+        });
+        started_rx.recv().await.unwrap();
+        // A signature does not wait for it: it runs on this task's thread, not the device's.
+        let sig = h
+            .sign(Arc::new(key()), SignData::Message(b"abc".to_vec()))
+            .await
+            .unwrap();
+        let sig = String::from_utf8(sig).unwrap();
+        assert!(!sig.starts_with("kw-dev-"), "{sig}");
+        assert!(sig.ends_with(" open-1"), "{sig}");
+        gate_tx.send(()).unwrap();
+        running.await.unwrap().unwrap();
+
+        // The device stops answering: the signer's error becomes DeviceGone, and by the time
+        // the caller hears it the device is down in the status.
+        script
+            .0
+            .lock()
+            .unwrap()
+            .dead
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let e = h
+            .sign(Arc::new(key()), SignData::Message(b"abc".to_vec()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, CallError::Device(DeviceError::DeviceGone(why)) if why.contains("CKR_GENERAL_ERROR")),
+            "{e:?}"
+        );
+        assert!(!h.status().available || h.opens() > 1, "{:?}", h.status());
+        // It comes back with a new shared signer, made by the new opening.
+        script
+            .0
+            .lock()
+            .unwrap()
+            .dead
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        wait_until(&h, "the reopen", |s| s.opens >= 2 && s.state.available).await;
+        let sig = h
+            .sign(Arc::new(key()), SignData::Message(b"abc".to_vec()))
+            .await
+            .unwrap();
+        let sig = String::from_utf8(sig).unwrap();
+        assert!(sig.ends_with(&format!(" open-{}", h.opens())), "{sig}");
+    }
+
+    #[tokio::test]
+    async fn a_device_without_a_shared_signer_signs_on_its_thread() {
+        let h = DeviceHandle::spawn(
+            "tpm".into(),
+            DeviceKind::Tpm2,
+            Script::default().opener(),
+            options(4, LONG, LONG),
+        );
+        h.ready().await;
+        let sig = h
+            .sign(Arc::new(key()), SignData::Message(b"abc".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(sig, b"cba");
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@
 
 pub mod audit;
 pub mod backup;
+pub mod blocking;
 pub mod config;
 pub mod device;
 pub mod doctor;

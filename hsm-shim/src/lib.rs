@@ -23,6 +23,8 @@ pub mod secret;
 pub mod tpm;
 pub mod uri;
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 /// The algorithms and device kinds are the contract's: one name for each, on the wire, in the
@@ -184,6 +186,28 @@ pub enum SignInput<'a> {
     /// A SHA-512 digest the caller computed: RSA PKCS#1 v1.5 keys only (SSH's `rsa-sha2-512`);
     /// every other algorithm rejects it.
     Sha512Digest(&'a [u8; 64]),
+}
+
+/// What to sign, owned: a [`SignInput`] that can travel to the thread that signs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SignData {
+    /// As [`SignInput::Message`].
+    Message(Vec<u8>),
+    /// As [`SignInput::Sha256Digest`].
+    Sha256Digest([u8; 32]),
+    /// As [`SignInput::Sha512Digest`].
+    Sha512Digest([u8; 64]),
+}
+
+impl SignData {
+    /// The input, borrowed.
+    pub fn input(&self) -> SignInput<'_> {
+        match self {
+            Self::Message(m) => SignInput::Message(m),
+            Self::Sha256Digest(d) => SignInput::Sha256Digest(d),
+            Self::Sha512Digest(d) => SignInput::Sha512Digest(d),
+        }
+    }
 }
 
 /// How a device protects a key, read back from the device itself.
@@ -362,6 +386,34 @@ pub trait Signer {
     /// [`DeviceError::InvalidArgument`] for a spec without an id, on a device that keeps
     /// objects; device errors.
     fn destroy_generated(&mut self, spec: &KeySpec) -> Result<usize>;
+
+    /// A signer that works beside this one, on sessions of its own, for devices that sign in
+    /// parallel: a PKCS#11 token serves each session independently, so several callers sign at
+    /// once, each on its own thread, rather than one after another on this object's thread. A
+    /// TPM is one serial device and has none.
+    ///
+    /// The shared signer is this device's: opened with it, valid while it is (its sessions
+    /// share this object's login), and to be dropped when this object is.
+    fn shared_signer(&mut self) -> Option<Arc<dyn SharedSigner>> {
+        None
+    }
+}
+
+/// Signing that many threads may call at once ([`Signer::shared_signer`]).
+pub trait SharedSigner: Send + Sync {
+    /// As [`Signer::sign`].
+    ///
+    /// # Errors
+    /// As [`Signer::sign`]; [`DeviceError::DeviceGone`] when the device went away.
+    fn sign(&self, handle: &KeyHandle, input: SignInput<'_>) -> Result<Vec<u8>>;
+
+    /// As [`Device::ping`]: after an error that could hide a vanished device, is it still
+    /// there?
+    ///
+    /// # Errors
+    /// [`DeviceError::DeviceGone`] when the device no longer answers,
+    /// [`DeviceError::PinLocked`] when its PIN got locked.
+    fn ping(&self) -> Result<()>;
 }
 
 /// Everything a configured device does, for callers that hold any backend.

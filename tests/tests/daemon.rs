@@ -7,6 +7,7 @@ use keyward::{audit, Client, ClientError};
 use keyward_tests::keywardd::{Keywardd, Setup};
 use keyward_tests::softhsm::SoftHsm;
 use keyward_tests::swtpm::Swtpm;
+use std::time::Duration;
 
 struct World {
     tpm: Swtpm,
@@ -547,4 +548,70 @@ fn the_cli_refuses_a_bad_name_or_algorithm_before_it_connects() {
     // A good name gets as far as the socket.
     let out = run(&["secret", "put", "db/password"]);
     assert_ne!(out.code, 2, "{}", out.stderr);
+}
+
+/// Signatures on a token run on sessions of their own, beside the device's thread: while the
+/// token generates an RSA key (a second or so of the device's thread), signatures with another
+/// key of the same token keep coming. Through the device's queue they would wait for the
+/// generation, and at most one or two would land before its request ends.
+#[test]
+fn token_signatures_do_not_wait_behind_a_key_generation_on_the_same_token() {
+    let w = world();
+    init(&w.daemon);
+    let out = w.daemon.run(
+        &[
+            "key",
+            "create",
+            "fast",
+            "--device",
+            "hsm",
+            "--algorithm",
+            "ecdsa-p256",
+        ],
+        b"",
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let mut best = 0;
+    // An RSA generation may be quick by luck; a few tries give one long enough to sign in.
+    for attempt in 0..6 {
+        let name = format!("slow-{attempt}");
+        let mark = w.daemon.log_mark();
+        let mut generating = w
+            .daemon
+            .cli()
+            .args([
+                "key",
+                "create",
+                &name,
+                "--device",
+                "hsm",
+                "--algorithm",
+                "rsa-pss-3072",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // From this line on the generation is on the device's queue.
+        w.daemon
+            .wait_log("the create intent", mark, Duration::from_secs(30), |l| {
+                l.contains("create intent recorded") && l.contains(&name)
+            });
+        let mut signed_meanwhile = 0;
+        while generating.try_wait().unwrap().is_none() {
+            let out = w
+                .daemon
+                .run(&["key", "sign", "fast"], b"while it generates");
+            assert_eq!(out.code, 0, "{}", out.stderr);
+            signed_meanwhile += 1;
+        }
+        assert!(generating.wait().unwrap().success());
+        best = best.max(signed_meanwhile);
+        if best >= 3 {
+            break;
+        }
+    }
+    assert!(
+        best >= 3,
+        "at most {best} signatures landed while a key was being generated on the token"
+    );
 }

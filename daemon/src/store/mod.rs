@@ -250,7 +250,8 @@ impl Store {
     }
 
     /// Run `f` on a read-only connection, inside one read transaction (one consistent
-    /// snapshot), on a blocking thread. Reads don't wait for writes.
+    /// snapshot), on the calling thread ([`crate::blocking::here`]: a read takes about what two
+    /// thread hand-offs would cost). Reads don't wait for writes.
     ///
     /// # Errors
     /// What `f` returns; [`StoreError::Panicked`] when `f` panicked; a reader connection that
@@ -259,29 +260,28 @@ impl Store {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let permit = Arc::clone(&self.inner.permits)
-            .acquire_owned()
+        let _permit = self
+            .inner
+            .permits
+            .acquire()
             .await
             .map_err(|_| StoreError::Closed)?;
-        let inner = Arc::clone(&self.inner);
-        let joined = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let mut conn = inner.take_reader()?;
-            let result = match conn.transaction() {
+        crate::blocking::here(|| {
+            let mut conn = self.inner.take_reader()?;
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| match conn.transaction() {
                 // Dropping the transaction ends the snapshot (a rollback: nothing was written).
                 Ok(snapshot) => f(&snapshot),
                 Err(e) => Err(e.into()),
-            };
-            // A reader whose closure panicked is dropped instead; the pool reopens one.
-            inner.put_reader(conn);
-            result
+            }));
+            match result {
+                Ok(result) => {
+                    self.inner.put_reader(conn);
+                    result
+                }
+                // A reader whose closure panicked is dropped; the pool reopens one.
+                Err(_panic) => Err(StoreError::Panicked),
+            }
         })
-        .await;
-        match joined {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => Err(StoreError::Panicked),
-            Err(_) => Err(StoreError::Closed),
-        }
     }
 }
 

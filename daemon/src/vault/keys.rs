@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
 use chacha20poly1305::aead::{rand_core::RngCore as _, OsRng};
-use hsm_shim::{KeyAlgorithm, KeyHandle, KeySpec, SignInput};
+use hsm_shim::{KeyAlgorithm, KeyHandle, KeySpec, SignData};
 use keyward_proto::api::{self, KeyName, SignHash};
 use sha2::{Digest as _, Sha512};
 
@@ -306,16 +306,13 @@ impl Vault {
                 Some(<[u8; 64]>::try_from(data.as_slice()).map_err(|_| wrong_length())?)
             }
         };
-        let handle = key.handle.clone();
+        let input = match (sha512, <[u8; 32]>::try_from(data.as_slice())) {
+            (Some(digest), _) => SignData::Sha512Digest(digest),
+            (None, Ok(digest)) if prehashed => SignData::Sha256Digest(digest),
+            (None, _) => SignData::Message(data),
+        };
         self.device(&key.device)?
-            .call(move |d| {
-                let input = match (&sha512, <&[u8; 32]>::try_from(data.as_slice())) {
-                    (Some(digest), _) => SignInput::Sha512Digest(digest),
-                    (None, Ok(digest)) if prehashed => SignInput::Sha256Digest(digest),
-                    (None, _) => SignInput::Message(&data),
-                };
-                d.sign(&handle, input)
-            })
+            .sign(Arc::clone(&key.handle), input)
             .await
             .map_err(|e| Error::device(&key.device, e))
     }

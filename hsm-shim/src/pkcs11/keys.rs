@@ -49,16 +49,17 @@ pub(super) fn algorithms(ctx: &Pkcs11, slot: Slot) -> Vec<KeyAlgorithm> {
         .collect()
 }
 
-impl Pkcs11Device {
-    pub(super) fn key_id<'h>(&self, handle: &'h KeyHandle) -> Result<(&'h [u8], KeyAlgorithm)> {
-        match handle {
-            KeyHandle::Pkcs11 { algorithm, id } => Ok((id, *algorithm)),
-            KeyHandle::Tpm2 { .. } => Err(DeviceError::InvalidBlob(
-                "a TPM key handle given to a PKCS#11 token".into(),
-            )),
-        }
+/// The `CKA_ID` and algorithm of a token key's handle.
+pub(super) fn key_id(handle: &KeyHandle) -> Result<(&[u8], KeyAlgorithm)> {
+    match handle {
+        KeyHandle::Pkcs11 { algorithm, id } => Ok((id, *algorithm)),
+        KeyHandle::Tpm2 { .. } => Err(DeviceError::InvalidBlob(
+            "a TPM key handle given to a PKCS#11 token".into(),
+        )),
     }
+}
 
+impl Pkcs11Device {
     /// Generate a key pair for `spec` on the token.
     pub(super) fn generate_pair(&mut self, spec: &KeySpec) -> Result<KeyHandle> {
         let id = match &spec.id {
@@ -122,7 +123,7 @@ impl Pkcs11Device {
     }
 
     pub(super) fn read_public(&mut self, handle: &KeyHandle) -> Result<PublicKeyDer> {
-        let (id, algorithm) = self.key_id(handle)?;
+        let (id, algorithm) = key_id(handle)?;
         let object = self.find(ObjectClass::PUBLIC_KEY, id)?;
         let wanted: &[AttributeType] = match algorithm {
             KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 | KeyAlgorithm::RsaPss2048 => {
@@ -166,7 +167,7 @@ impl Pkcs11Device {
     }
 
     pub(super) fn read_protection(&mut self, handle: &KeyHandle) -> Result<KeyProtection> {
-        let (id, _) = self.key_id(handle)?;
+        let (id, _) = key_id(handle)?;
         let object = self.find(ObjectClass::PRIVATE_KEY, id)?;
         let attrs = self
             .session
@@ -203,7 +204,7 @@ impl Pkcs11Device {
     }
 
     pub(super) fn destroy_pair(&mut self, handle: &KeyHandle) -> Result<()> {
-        let (id, _) = self.key_id(handle)?;
+        let (id, _) = key_id(handle)?;
         let id = id.to_vec();
         let objects = self
             .session
@@ -214,7 +215,7 @@ impl Pkcs11Device {
                 .destroy_object(object)
                 .map_err(|e| map_error("C_DestroyObject", e))?;
         }
-        self.handles.retain(|(_, cached), _| *cached != id);
+        self.handles.forget(&id);
         Ok(())
     }
 
@@ -237,7 +238,7 @@ impl Pkcs11Device {
                 .destroy_object(object)
                 .map_err(|e| map_error("C_DestroyObject", e))?;
         }
-        self.handles.retain(|(_, cached), _| cached != id);
+        self.handles.forget(id);
         Ok(objects.len())
     }
 }

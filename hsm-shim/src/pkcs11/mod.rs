@@ -6,7 +6,8 @@
 //!   and login, [`Device`];
 //! - `error.rs`: the one mapping from `CKR_*` codes to [`DeviceError`];
 //! - `seal.rs`: [`crate::Sealer`] with a token-resident AES-256 key (GCM) or RSA key pair (OAEP);
-//! - `keys.rs` and `sign.rs`: [`crate::Signer`].
+//! - `keys.rs` and `sign.rs`: [`crate::Signer`];
+//! - `pool.rs`: [`crate::SharedSigner`], sessions on which callers sign in parallel.
 //!
 //! Objects are found by `CKA_ID` (random, made by the token's RNG); handles are cached for the
 //! session's life because a `C_FindObjects*` round trip per signature would cost more than the
@@ -14,6 +15,7 @@
 
 mod error;
 mod keys;
+mod pool;
 mod seal;
 mod sign;
 
@@ -96,7 +98,7 @@ pub struct Pkcs11Device {
     session: Session,
     info: DeviceInfo,
     /// `(class, CKA_ID)` → handle, valid for this session.
-    handles: HashMap<(u64, Vec<u8>), ObjectHandle>,
+    handles: Handles,
     /// Counts this device among the module's users (see `restart_module`).
     _user: Arc<()>,
 }
@@ -253,7 +255,7 @@ impl Pkcs11Device {
             slot,
             session,
             info,
-            handles: HashMap::new(),
+            handles: Handles::default(),
             _user: user,
         })
     }
@@ -271,6 +273,18 @@ impl Pkcs11Device {
         Ok(())
     }
 
+    /// A new pool of sessions beside this device's own, for [`crate::Signer::shared_signer`]. It
+    /// keeps as many idle sessions as the machine has CPUs: more could not sign at once.
+    fn session_pool(&self) -> Arc<pool::SessionPool> {
+        let keep = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+        Arc::new(pool::SessionPool::new(
+            self.ctx.clone(),
+            self.slot,
+            keep,
+            Arc::clone(&self._user),
+        ))
+    }
+
     /// The configuration this device was opened with.
     pub fn config(&self) -> &Pkcs11Config {
         &self.config
@@ -285,18 +299,33 @@ impl Pkcs11Device {
 
     /// The object of `class` with `CKA_ID == id`, from the cache or the token.
     fn find(&mut self, class: cryptoki::object::ObjectClass, id: &[u8]) -> Result<ObjectHandle> {
+        self.handles.find(&self.session, class, id)
+    }
+}
+
+/// Object handles found by `(class, CKA_ID)`, valid for the session that found them.
+#[derive(Default)]
+struct Handles(HashMap<(u64, Vec<u8>), ObjectHandle>);
+
+impl Handles {
+    /// The object of `class` with `CKA_ID == id`, from the cache or else the token.
+    fn find(
+        &mut self,
+        session: &Session,
+        class: cryptoki::object::ObjectClass,
+        id: &[u8],
+    ) -> Result<ObjectHandle> {
         use cryptoki::object::Attribute;
         let key = (u64::from(class), id.to_vec());
-        if let Some(h) = self.handles.get(&key) {
+        if let Some(h) = self.0.get(&key) {
             return Ok(*h);
         }
-        let found = self
-            .session
+        let found = session
             .find_objects(&[Attribute::Class(class), Attribute::Id(id.to_vec())])
             .map_err(|e| map_error("C_FindObjects", e))?;
         match found.as_slice() {
             [h] => {
-                self.handles.insert(key, *h);
+                self.0.insert(key, *h);
                 Ok(*h)
             }
             [] => Err(DeviceError::NotFound(format!(
@@ -312,6 +341,16 @@ impl Pkcs11Device {
                 ),
             }),
         }
+    }
+
+    /// Forget every handle of `CKA_ID == id` (the object may be gone: a cached handle can go
+    /// stale when the object is destroyed elsewhere).
+    fn forget(&mut self, id: &[u8]) {
+        self.0.retain(|(_, cached), _| cached != id);
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
     }
 }
 

@@ -12,10 +12,14 @@ use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::ObjectClass;
 use sha2::{Digest, Sha256};
 
-use super::{map_error, Pkcs11Device};
+use std::sync::Arc;
+
+use cryptoki::session::Session;
+
+use super::{map_error, Handles, Pkcs11Device};
 use crate::{
     pubkey, DeviceError, KeyAlgorithm, KeyHandle, KeyProtection, KeySpec, PublicKeyDer, Result,
-    SignInput, Signer,
+    SharedSigner, SignInput, Signer,
 };
 
 /// The DER `DigestInfo` before a SHA-256 digest (RFC 8017 §9.2, note 1): `CKM_RSA_PKCS` signs
@@ -52,70 +56,7 @@ impl Signer for Pkcs11Device {
     }
 
     fn sign(&mut self, handle: &KeyHandle, input: SignInput<'_>) -> Result<Vec<u8>> {
-        let (id, algorithm) = self.key_id(handle)?;
-        let id = id.to_vec();
-        let digest: [u8; 32];
-        let info: Vec<u8>;
-        let (mechanism, data): (Mechanism<'_>, &[u8]) = match (algorithm, input) {
-            (KeyAlgorithm::Ed25519, SignInput::Message(m)) => (
-                Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
-                m,
-            ),
-            (KeyAlgorithm::Ed25519, SignInput::Sha256Digest(_)) => {
-                return Err(DeviceError::Unsupported(
-                    "Ed25519 signs messages, not digests (pure EdDSA)".into(),
-                ))
-            }
-            (KeyAlgorithm::EcdsaP256, SignInput::Message(m)) => {
-                digest = Sha256::digest(m).into();
-                (Mechanism::Ecdsa, &digest[..])
-            }
-            (KeyAlgorithm::EcdsaP256, SignInput::Sha256Digest(d)) => {
-                (Mechanism::Ecdsa, d.as_slice())
-            }
-            (KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048, SignInput::Message(m)) => {
-                (Mechanism::Sha256RsaPkcsPss(pss()), m)
-            }
-            (KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048, SignInput::Sha256Digest(d)) => {
-                (Mechanism::RsaPkcsPss(pss()), d.as_slice())
-            }
-            (KeyAlgorithm::RsaPkcs1_3072, SignInput::Message(m)) => (Mechanism::Sha256RsaPkcs, m),
-            (KeyAlgorithm::RsaPkcs1_3072, SignInput::Sha256Digest(d)) => {
-                info = digest_info(&SHA256_DIGEST_INFO, d);
-                (Mechanism::RsaPkcs, &info[..])
-            }
-            (KeyAlgorithm::RsaPkcs1_3072, SignInput::Sha512Digest(d)) => {
-                info = digest_info(&SHA512_DIGEST_INFO, d);
-                (Mechanism::RsaPkcs, &info[..])
-            }
-            (
-                KeyAlgorithm::Ed25519
-                | KeyAlgorithm::EcdsaP256
-                | KeyAlgorithm::RsaPss3072
-                | KeyAlgorithm::RsaPss2048,
-                SignInput::Sha512Digest(_),
-            ) => {
-                return Err(DeviceError::Unsupported(format!(
-                    "{algorithm} keys sign SHA-256 digests; SHA-512 is for rsa-pkcs1 keys"
-                )))
-            }
-        };
-        let key = self.find(ObjectClass::PRIVATE_KEY, &id)?;
-        let signature = match self.session.sign(&mechanism, key, data) {
-            Ok(s) => s,
-            Err(e) => {
-                // A cached handle can go stale (object destroyed elsewhere): forget it.
-                self.handles.retain(|(_, cached), _| *cached != id);
-                return Err(map_error("C_Sign", e));
-            }
-        };
-        match algorithm {
-            KeyAlgorithm::EcdsaP256 => pubkey::ecdsa_p256_raw_to_der(&signature),
-            KeyAlgorithm::Ed25519
-            | KeyAlgorithm::RsaPss3072
-            | KeyAlgorithm::RsaPkcs1_3072
-            | KeyAlgorithm::RsaPss2048 => Ok(signature),
-        }
+        sign_on(&self.session, &mut self.handles, handle, input)
     }
 
     fn protection(&mut self, handle: &KeyHandle) -> Result<KeyProtection> {
@@ -128,5 +69,81 @@ impl Signer for Pkcs11Device {
 
     fn destroy_generated(&mut self, spec: &KeySpec) -> Result<usize> {
         self.destroy_by_spec(spec)
+    }
+
+    fn shared_signer(&mut self) -> Option<Arc<dyn SharedSigner>> {
+        Some(self.session_pool())
+    }
+}
+
+/// Sign with the token key `handle` on `session`, finding the key through `handles` (that
+/// session's cache): the one signing path of the device's own session and of the pooled ones.
+pub(super) fn sign_on(
+    session: &Session,
+    handles: &mut Handles,
+    handle: &KeyHandle,
+    input: SignInput<'_>,
+) -> Result<Vec<u8>> {
+    let (id, algorithm) = super::keys::key_id(handle)?;
+    let id = id.to_vec();
+    let digest: [u8; 32];
+    let info: Vec<u8>;
+    let (mechanism, data): (Mechanism<'_>, &[u8]) = match (algorithm, input) {
+        (KeyAlgorithm::Ed25519, SignInput::Message(m)) => (
+            Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+            m,
+        ),
+        (KeyAlgorithm::Ed25519, SignInput::Sha256Digest(_)) => {
+            return Err(DeviceError::Unsupported(
+                "Ed25519 signs messages, not digests (pure EdDSA)".into(),
+            ))
+        }
+        (KeyAlgorithm::EcdsaP256, SignInput::Message(m)) => {
+            digest = Sha256::digest(m).into();
+            (Mechanism::Ecdsa, &digest[..])
+        }
+        (KeyAlgorithm::EcdsaP256, SignInput::Sha256Digest(d)) => (Mechanism::Ecdsa, d.as_slice()),
+        (KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048, SignInput::Message(m)) => {
+            (Mechanism::Sha256RsaPkcsPss(pss()), m)
+        }
+        (KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPss2048, SignInput::Sha256Digest(d)) => {
+            (Mechanism::RsaPkcsPss(pss()), d.as_slice())
+        }
+        (KeyAlgorithm::RsaPkcs1_3072, SignInput::Message(m)) => (Mechanism::Sha256RsaPkcs, m),
+        (KeyAlgorithm::RsaPkcs1_3072, SignInput::Sha256Digest(d)) => {
+            info = digest_info(&SHA256_DIGEST_INFO, d);
+            (Mechanism::RsaPkcs, &info[..])
+        }
+        (KeyAlgorithm::RsaPkcs1_3072, SignInput::Sha512Digest(d)) => {
+            info = digest_info(&SHA512_DIGEST_INFO, d);
+            (Mechanism::RsaPkcs, &info[..])
+        }
+        (
+            KeyAlgorithm::Ed25519
+            | KeyAlgorithm::EcdsaP256
+            | KeyAlgorithm::RsaPss3072
+            | KeyAlgorithm::RsaPss2048,
+            SignInput::Sha512Digest(_),
+        ) => {
+            return Err(DeviceError::Unsupported(format!(
+                "{algorithm} keys sign SHA-256 digests; SHA-512 is for rsa-pkcs1 keys"
+            )))
+        }
+    };
+    let key = handles.find(session, ObjectClass::PRIVATE_KEY, &id)?;
+    let signature = match session.sign(&mechanism, key, data) {
+        Ok(s) => s,
+        Err(e) => {
+            // A cached handle can go stale (object destroyed elsewhere): forget it.
+            handles.forget(&id);
+            return Err(map_error("C_Sign", e));
+        }
+    };
+    match algorithm {
+        KeyAlgorithm::EcdsaP256 => pubkey::ecdsa_p256_raw_to_der(&signature),
+        KeyAlgorithm::Ed25519
+        | KeyAlgorithm::RsaPss3072
+        | KeyAlgorithm::RsaPkcs1_3072
+        | KeyAlgorithm::RsaPss2048 => Ok(signature),
     }
 }
