@@ -35,7 +35,7 @@ pub const PARSEC_VERSION: &str = "1.5.0";
 
 /// Parsec, clevis and systemd-creds, each against the Keyward path that does the same job.
 pub fn peers(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
-    let peers: [(&str, fn(&mut World, &Settings, &mut Report) -> Result<()>); 3] = [
+    let peers: [(&str, crate::PhaseFn); 3] = [
         ("Parsec", parsec),
         ("clevis", clevis),
         ("systemd-creds", systemd_creds),

@@ -351,6 +351,13 @@ fn write_samples(dir: &Path, points: &[Point]) -> Result<()> {
 /// The TrueType font the plot's text is set in (Debian's fonts-dejavu-core).
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
+/// One line of the soak's plot.
+struct Series {
+    label: &'static str,
+    value: fn(&Point) -> f64,
+    colour: plotters::style::RGBColor,
+}
+
 /// Two stacked line charts over the soak's minutes: `VmRSS` (MiB) and open descriptors, each
 /// with the ±10% band around the first sample under load.
 fn plot(path: &Path, points: &[Point], minutes: f64, length: &str) -> Result<()> {
@@ -363,16 +370,27 @@ fn plot(path: &Path, points: &[Point], minutes: f64, length: &str) -> Result<()>
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let (top, bottom) = root.split_vertically(280);
     let x_end = (points.last().map_or(0.0, |p| p.t) / 60.0).max(minutes);
-    let series: [(&DrawingArea<_, _>, &str, fn(&Point) -> f64, RGBColor); 2] = [
-        (
-            &top,
-            "keywardd VmRSS (MiB)",
-            |p| p.rss as f64 / 1048576.0,
-            BLUE,
-        ),
-        (&bottom, "keywardd open fds", |p| p.fds as f64, RED),
+    let series = [
+        Series {
+            label: "keywardd VmRSS (MiB)",
+            value: |p| p.rss as f64 / 1048576.0,
+            colour: BLUE,
+        },
+        Series {
+            label: "keywardd open fds",
+            value: |p| p.fds as f64,
+            colour: RED,
+        },
     ];
-    for (area, label, value, colour) in series {
+    for (
+        area,
+        Series {
+            label,
+            value,
+            colour,
+        },
+    ) in [&top, &bottom].into_iter().zip(series)
+    {
         let reference = points.get(1).or(points.first()).map_or(0.0, value);
         let highest = points.iter().map(value).fold(reference * FLAT, f64::max);
         let mut chart = ChartBuilder::on(area)
