@@ -11,8 +11,13 @@
 //! one function per path, [`world`] the processes and the vault they run against, [`report`]
 //! the tables.
 //!
+//! [`soak`] loads the daemon with 256 clients at once and, with `--soak`, with 32 for minutes
+//! while its memory and descriptors are sampled; [`peers`], with `--peers`, measures Parsec,
+//! clevis and systemd-creds doing the same jobs.
+//!
 //! `--quick` runs every path briefly on small vaults: a smoke test that each path works, not a
-//! measurement. `scripts/bench` builds the release binaries and runs this.
+//! measurement (neither the peers nor the soak). `scripts/bench` builds the release binaries
+//! and runs this.
 
 mod fill;
 mod measure;
