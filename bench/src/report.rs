@@ -19,6 +19,9 @@ pub enum Goal {
     AtLeast(f64),
     /// Time- or size-like: lower is better.
     AtMost(f64),
+    /// No target: a figure for information (a peer's, or a load no target speaks of). Never a
+    /// miss.
+    Info,
 }
 
 impl Goal {
@@ -26,13 +29,15 @@ impl Goal {
         match self {
             Goal::AtLeast(x) => ratio >= x,
             Goal::AtMost(x) => ratio <= x,
+            Goal::Info => true,
         }
     }
 
-    fn text(self) -> String {
+    pub fn text(self) -> String {
         match self {
             Goal::AtLeast(x) => format!(">= {x}"),
             Goal::AtMost(x) => format!("<= {x}x"),
+            Goal::Info => "—".into(),
         }
     }
 }
@@ -47,6 +52,8 @@ pub enum Unit {
     Secs,
     /// Bytes, shown in MiB.
     Bytes,
+    /// A plain count (open file descriptors).
+    Count,
 }
 
 fn show(unit: Unit, v: f64) -> String {
@@ -54,6 +61,7 @@ fn show(unit: Unit, v: f64) -> String {
         Unit::PerSec => format!("{}/s", thousands(v.round() as u64)),
         Unit::Secs => secs(v),
         Unit::Bytes => format!("{:.1} MiB", v / (1024.0 * 1024.0)),
+        Unit::Count => thousands(v.round() as u64),
     }
 }
 
@@ -108,6 +116,15 @@ pub struct Row {
 }
 
 impl Row {
+    /// PASS, MISS, or `info` for a figure without a target.
+    fn verdict(&self) -> &'static str {
+        match (self.goal, self.pass) {
+            (Goal::Info, _) => "info",
+            (_, true) => "PASS",
+            (_, false) => "MISS",
+        }
+    }
+
     fn ratio_text(&self) -> String {
         match self.spread {
             Some((lo, hi)) => format!("{:.2} ({lo:.2}–{hi:.2})", self.ratio),
@@ -181,7 +198,7 @@ impl Report {
             show(unit, keyward),
             row.ratio_text(),
             goal.text(),
-            if row.pass { "PASS" } else { "MISS" }
+            row.verdict()
         );
         self.rows.push(row);
     }
@@ -208,9 +225,9 @@ impl Report {
         self.notes.push(line);
     }
 
-    /// Whether every figure met its target.
-    pub fn all_pass(&self) -> bool {
-        self.rows.iter().all(|r| r.pass)
+    /// The figures that missed their targets (`--strict` fails on any).
+    pub fn missed(&self) -> Vec<&Row> {
+        self.rows.iter().filter(|r| !r.pass).collect()
     }
 
     /// The Markdown tables.
@@ -236,8 +253,28 @@ impl Report {
                 show(r.unit, r.keyward),
                 r.ratio_text(),
                 r.goal.text(),
-                if r.pass { "PASS" } else { "**MISS**" }
+                if r.pass { r.verdict() } else { "**MISS**" }
             );
+        }
+        let missed = self.missed();
+        let targets = self
+            .rows
+            .iter()
+            .filter(|r| !matches!(r.goal, Goal::Info))
+            .count();
+        if targets == 0 {
+            let _ = writeln!(out, "\nNo figure here has a target.");
+        } else if missed.is_empty() {
+            let _ = writeln!(out, "\nAll {targets} figures with a target met it.");
+        } else {
+            let _ = writeln!(
+                out,
+                "\n{} of {targets} figures with a target missed it:",
+                missed.len()
+            );
+            for r in missed {
+                let _ = writeln!(out, "- {} ({}): {}", r.path, r.measure, r.ratio_text());
+            }
         }
         let _ = writeln!(
             out,
@@ -271,5 +308,61 @@ impl Report {
     pub fn write_json(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self)?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(rows: &[(&str, f64, Goal)]) -> Report {
+        let mut r = Report::default();
+        for (path, ratio, goal) in rows {
+            r.row(
+                path,
+                "throughput",
+                "base",
+                Unit::PerSec,
+                (1.0, *ratio),
+                &[],
+                *goal,
+            );
+        }
+        r
+    }
+
+    #[test]
+    fn a_figure_without_a_target_never_misses() {
+        let r = report(&[
+            ("peer", 0.01, Goal::Info),
+            ("fast", 0.95, Goal::AtLeast(0.9)),
+        ]);
+        assert!(r.missed().is_empty());
+        let text = r.markdown();
+        assert!(text.contains("| — | info |"), "{text}");
+        assert!(
+            text.contains("All 1 figures with a target met it."),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_report_names_each_missed_figure() {
+        let r = report(&[
+            ("slow", 0.5, Goal::AtLeast(0.9)),
+            ("fat", 1.3, Goal::AtMost(1.1)),
+            ("fine", 1.0, Goal::AtMost(1.1)),
+            ("peer", 9.0, Goal::Info),
+        ]);
+        let missed: Vec<&str> = r.missed().iter().map(|r| r.path.as_str()).collect();
+        assert_eq!(missed, ["slow", "fat"]);
+        let text = r.markdown();
+        assert!(
+            text.contains("2 of 3 figures with a target missed it:"),
+            "{text}"
+        );
+        assert!(text.contains("- slow (throughput): 0.50"), "{text}");
+        assert!(text.contains("- fat (throughput): 1.30"), "{text}");
+        assert!(text.contains("| **MISS** |"), "{text}");
     }
 }

@@ -29,6 +29,11 @@ pub const SIGN_DATA: &[u8] = b"a release manifest digest, say..";
 pub const UNIT: &str = "bench.service";
 /// The credential id (`LoadCredential=token:…`).
 pub const CREDENTIAL_ID: &str = "token";
+/// The `[limits]` of the benchmark's daemons: room for the 256-client phase (all of them
+/// root's, one uid, whose default share is 64 of 256 connections) and its 256 concurrent
+/// signers (the default device queue is 64).
+pub const LIMITS: &str =
+    "max_connections = 320\nmax_connections_per_uid = 300\nroot_reserve = 16\ndevice_queue = 512";
 
 /// Everything a run starts, kept alive until it ends.
 pub struct World {
@@ -116,6 +121,7 @@ impl Daemon {
             .policy(&policy)
             .credentials(30)
             .ssh_agent()
+            .limits(LIMITS)
             .log_filter("warn")
             .start();
         let mut c = Client::connect(keywardd.socket())?;

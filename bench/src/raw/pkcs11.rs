@@ -111,6 +111,11 @@ impl RawToken {
         Ok(token)
     }
 
+    /// The token's slot id and user PIN, for a peer (Parsec) that works on the same token.
+    pub fn slot_and_pin(&self) -> (u64, &str) {
+        (self.slot.id(), &self.pin)
+    }
+
     /// A new logged-in session (a second login in this process is already done: fine).
     fn session(&self) -> Result<Session> {
         let session = self
