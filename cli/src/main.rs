@@ -13,6 +13,7 @@ mod csr;
 pub mod input;
 pub mod output;
 mod policy;
+mod watch;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -168,6 +169,22 @@ pub enum Command {
     /// The OpenBao upstream sync ([upstream] in keywardd.toml): its status, or a sync now.
     #[command(subcommand)]
     Upstream(UpstreamCommand),
+    /// Watch secrets change: one line per change (`put NAME VERSION`, `delete NAME`; with
+    /// --json one JSON object per line), for the secrets this user may read, until stopped.
+    /// With --restart-unit, `systemctl try-restart UNIT...` runs after each change. If the
+    /// watch falls too far behind, the units are restarted once and the command exits 1.
+    Watch(WatchArgs),
+}
+
+/// `keyward watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Secrets to watch (default: all this user may read); NAME* watches a prefix.
+    #[arg(value_name = "NAME")]
+    pub names: Vec<String>,
+    /// A systemd unit to `systemctl try-restart` after each change (repeatable).
+    #[arg(long = "restart-unit", value_name = "UNIT", value_parser = watch::parse_unit)]
+    pub restart_units: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
