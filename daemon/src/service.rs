@@ -365,7 +365,10 @@ impl Scope {
         let mut scope = Self::default();
         for n in given {
             match n.strip_suffix('*') {
-                Some(prefix) if !prefix.contains('*') && prefix.len() < keyward_proto::names::MAX_SECRET_NAME => {
+                Some(prefix)
+                    if !prefix.contains('*')
+                        && prefix.len() < keyward_proto::names::MAX_SECRET_NAME =>
+                {
                     scope.prefixes.push(prefix.to_owned());
                 }
                 Some(_) => {
@@ -538,7 +541,12 @@ impl Handler for Service {
         let policy = Arc::clone(&self.policy);
         let visible = move |name: &str| {
             scope.covers(name)
-                && Self::allowed(&current(&policy), &caller, Action::Read, Resource::Secret(name))
+                && Self::allowed(
+                    &current(&policy),
+                    &caller,
+                    Action::Read,
+                    Resource::Secret(name),
+                )
         };
         Ok((first, Watch::new(changes, visible)))
     }

@@ -157,6 +157,26 @@ fn transit_keys_over_varlink_rotate_and_old_versions_still_decrypt() {
 }
 
 /// The same methods on D-Bus, as JSON members (as every method of the table is).
+/// A generated JSON member of the D-Bus interface called with `busctl`, which must succeed:
+/// its reply object.
+fn bus_json(bus: &PrivateBus, method: &str, params: &Value) -> Value {
+    let mut c = Command::new("busctl");
+    c.arg(format!("--address={}", bus.address())).args([
+        "--json=short",
+        "call",
+        "org.keyward.Custodian1",
+        "/org/keyward/Custodian1",
+        "org.keyward.Custodian1",
+        method,
+        "s",
+        &params.to_string(),
+    ]);
+    let out = run_cli(&mut c, b"");
+    assert_eq!(out.code, 0, "{method}: {}", out.stderr);
+    let reply: Value = serde_json::from_str(&out.stdout).unwrap();
+    serde_json::from_str(reply["data"][0].as_str().unwrap()).unwrap()
+}
+
 #[test]
 fn transit_methods_are_on_the_bus_too() {
     let swtpm = Swtpm::start();
@@ -167,23 +187,7 @@ fn transit_methods_are_on_the_bus_too() {
         .dbus_address(bus.address())
         .start();
     ok(&d.run(&["init", "--tpm2", "tpm"], b""), "init");
-    let call = |method: &str, params: Value| -> Value {
-        let mut c = Command::new("busctl");
-        c.arg(format!("--address={}", bus.address())).args([
-            "--json=short",
-            "call",
-            "org.keyward.Custodian1",
-            "/org/keyward/Custodian1",
-            "org.keyward.Custodian1",
-            method,
-            "s",
-            &params.to_string(),
-        ]);
-        let out = run_cli(&mut c, b"");
-        assert_eq!(out.code, 0, "{method}: {}", out.stderr);
-        let reply: Value = serde_json::from_str(&out.stdout).unwrap();
-        serde_json::from_str(reply["data"][0].as_str().unwrap()).unwrap()
-    };
+    let call = |method: &str, params: Value| bus_json(&bus, method, &params);
     let created = call("CreateTransitKey", serde_json::json!({ "name": "app-bus" }));
     assert_eq!(created["version"], 1);
     let plaintext = B64.encode(b"over the bus");
@@ -566,23 +570,7 @@ fn over_dbus_other_associated_data_does_not_decrypt() {
     ok(&d.run(&["init", "--tpm2", "tpm"], b""), "init");
     ok(&d.run(&["transit", "create", "app-ad"], b""), "create");
     // busctl for the replies; dbus-send for a failure, whose error name busctl does not print.
-    let reply = |method: &str, params: &Value| -> Value {
-        let mut c = Command::new("busctl");
-        c.arg(format!("--address={}", bus.address())).args([
-            "--json=short",
-            "call",
-            "org.keyward.Custodian1",
-            "/org/keyward/Custodian1",
-            "org.keyward.Custodian1",
-            method,
-            "s",
-            &params.to_string(),
-        ]);
-        let out = run_cli(&mut c, b"");
-        assert_eq!(out.code, 0, "{method}: {}", out.stderr);
-        let reply: Value = serde_json::from_str(&out.stdout).unwrap();
-        serde_json::from_str(reply["data"][0].as_str().unwrap()).unwrap()
-    };
+    let reply = |method: &str, params: &Value| bus_json(&bus, method, params);
     let fails = |method: &str, params: &Value| -> Output {
         let mut c = Command::new("dbus-send");
         c.arg(format!("--bus={}", bus.address())).args([

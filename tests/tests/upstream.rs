@@ -757,7 +757,8 @@ fn a_forbidden_path_costs_no_new_login_but_a_revoked_token_does() {
     let out = d.run(&["upstream", "sync"], b"");
     assert_eq!(out.code, 1);
     assert!(
-        out.stderr.contains("other/x: the upstream refused a read: 403"),
+        out.stderr
+            .contains("other/x: the upstream refused a read: 403"),
         "{}",
         out.stderr
     );

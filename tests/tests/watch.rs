@@ -200,17 +200,10 @@ fn keyward_watch_prints_each_change_and_restarts_the_units() {
     let script = fake.path().join("systemctl");
     std::fs::write(
         &script,
-        format!(
-            "#!/bin/sh\necho \"$@\" >> '{}'\n",
-            record.display()
-        ),
+        format!("#!/bin/sh\necho \"$@\" >> '{}'\n", record.display()),
     )
     .unwrap();
-    std::fs::set_permissions(
-        &script,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let path = format!(
         "{}:{}",
         fake.path().display(),
@@ -351,9 +344,15 @@ fn a_watcher_that_never_reads_blocks_no_one_and_is_told_what_it_missed() {
             break r;
         }
     };
-    assert_eq!(last["error"], "org.keyward.Custodian.WatchOverflow", "{last}");
+    assert_eq!(
+        last["error"], "org.keyward.Custodian.WatchOverflow",
+        "{last}"
+    );
     let missed = last["parameters"]["missed"].as_u64().unwrap();
-    assert!(missed > 0 && changes + missed as usize <= PUTS, "{changes} + {missed}");
+    assert!(
+        missed > 0 && changes + missed as usize <= PUTS,
+        "{changes} + {missed}"
+    );
     println!("the watcher got {changes} changes, then WatchOverflow (missed {missed})");
     // The call is over; the connection serves again.
     let r = watcher.call(&json!({ "method": custodian("ListSecrets"),
@@ -370,7 +369,10 @@ fn the_client_library_streams() {
     let e = plain
         .request::<methods::WatchSecrets>(&WatchSecretsParams::default())
         .unwrap_err();
-    assert!(matches!(e, ClientError::Api(ApiError::ExpectedMore)), "{e:?}");
+    assert!(
+        matches!(e, ClientError::Api(ApiError::ExpectedMore)),
+        "{e:?}"
+    );
 
     let mut c = Client::connect(d.socket()).unwrap();
     c.set_timeout(Some(GUARD)).unwrap();

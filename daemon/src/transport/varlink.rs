@@ -335,10 +335,8 @@ async fn run_connection<H: Handler>(
                             Err(e) => Some(encode_error(&e)),
                             Ok((first, watch)) => {
                                 let first = encode_reply(&first, true, limits.max_frame);
-                                match stream_replies(
-                                    stream, first, watch, caller, limits, shutdown,
-                                )
-                                .await
+                                match stream_replies(stream, first, watch, caller, limits, shutdown)
+                                    .await
                                 {
                                     Ok(last) => Some(last),
                                     Err(closed) => return closed,
@@ -410,7 +408,12 @@ async fn stream_replies(
 ) -> Result<Zeroizing<Vec<u8>>, Closed> {
     let mut reply = first;
     loop {
-        match timeout_at(Instant::now() + limits.idle_timeout, stream.write_all(&reply)).await {
+        match timeout_at(
+            Instant::now() + limits.idle_timeout,
+            stream.write_all(&reply),
+        )
+        .await
+        {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(Closed::Io),
             Err(_) => {
@@ -687,6 +690,8 @@ mod tests {
         calls: Mutex<Vec<String>>,
         started: Mutex<Option<mpsc::UnboundedSender<()>>>,
         release: Notify,
+        /// Where watches listen, once a test set it; until then a watch is refused.
+        changes: Mutex<Option<tokio::sync::broadcast::Sender<(String, u64)>>>,
     }
 
     impl Handler for Stub {
@@ -715,6 +720,35 @@ mod tests {
                 // Every other reply here is `{}`.
                 _ => Ok(Reply::DeleteKey(Done {})),
             }
+        }
+
+        async fn watch(
+            &self,
+            caller: Caller,
+            request: Request,
+        ) -> Result<(Reply, Watch), ApiError> {
+            let Some(changes) = self
+                .changes
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map(|tx| tx.subscribe())
+            else {
+                return Err(ApiError::MethodNotFound {
+                    method: request.method().into(),
+                });
+            };
+            self.calls.lock().unwrap().push(request.method().to_owned());
+            assert_eq!(caller.via, Via::Varlink);
+            let first = Reply::WatchSecrets(keyward_proto::api::SecretChange {
+                change: keyward_proto::api::ChangeKind::Watching,
+                name: None,
+                version: None,
+            });
+            Ok((
+                first,
+                Watch::new(changes, |name| !name.starts_with("hidden/")),
+            ))
         }
     }
 
@@ -1203,6 +1237,74 @@ mod tests {
         assert!(
             UnixStream::connect(&server.path).await.is_err(),
             "no longer accepting"
+        );
+    }
+
+    /// A stream: `continues` on every reply, nothing the watch hides, the final
+    /// `WatchOverflow` once the watcher fell behind (the queue holds 4 here; the test sends 10
+    /// before the server runs again), after which the connection serves calls; a message sent
+    /// while a stream runs closes the connection; shutdown ends every stream.
+    #[tokio::test]
+    async fn streams_carry_continues_end_with_overflow_and_end_at_shutdown() {
+        let server = start(limits());
+        let (tx, _) = tokio::sync::broadcast::channel(4);
+        *server.stub.changes.lock().unwrap() = Some(tx.clone());
+        let watch = r#"{"method":"org.keyward.Custodian.WatchSecrets","more":true}"#;
+        let mut a = Conn::open(&server).await;
+        assert_eq!(
+            a.call(watch).await,
+            json!({ "parameters": { "change": "watching" }, "continues": true })
+        );
+        tx.send(("hidden/x".into(), 1)).unwrap();
+        tx.send(("db".into(), 2)).unwrap();
+        tx.send(("db".into(), 0)).unwrap();
+        assert_eq!(
+            a.recv().await.unwrap(),
+            json!({ "parameters": { "change": "put", "name": "db", "version": 2 },
+                    "continues": true })
+        );
+        assert_eq!(
+            a.recv().await.unwrap(),
+            json!({ "parameters": { "change": "delete", "name": "db" }, "continues": true })
+        );
+        for i in 0..10 {
+            tx.send((format!("n{i}"), 1)).unwrap();
+        }
+        assert_eq!(
+            a.recv().await.unwrap(),
+            json!({ "error": "org.keyward.Custodian.WatchOverflow",
+                    "parameters": { "missed": 6 } })
+        );
+        let r = a
+            .call(&custodian("ListSecrets", json!({ "prefix": "p" })))
+            .await;
+        assert_eq!(r, json!({ "parameters": { "names": ["p"] } }));
+
+        let mut b = Conn::open(&server).await;
+        assert_eq!(b.call(watch).await["continues"], true);
+        b.send(&custodian("Status", json!({}))).await;
+        assert!(
+            b.recv().await.is_none(),
+            "closed: a stream's client only listens"
+        );
+
+        let mut c = Conn::open(&server).await;
+        assert_eq!(c.call(watch).await["continues"], true);
+        server.stop.send(true).unwrap();
+        assert!(c.recv().await.is_none(), "streams end at shutdown");
+        assert!(a.recv().await.is_none());
+        tokio::time::timeout(GUARD, server.task)
+            .await
+            .expect("serve returns with streams running")
+            .unwrap();
+        assert_eq!(
+            *server.stub.calls.lock().unwrap(),
+            [
+                "WatchSecrets",
+                "ListSecrets",
+                "WatchSecrets",
+                "WatchSecrets"
+            ]
         );
     }
 }
