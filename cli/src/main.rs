@@ -169,10 +169,13 @@ pub enum Command {
     /// The OpenBao upstream sync ([upstream] in keywardd.toml): its status, or a sync now.
     #[command(subcommand)]
     Upstream(UpstreamCommand),
-    /// Watch secrets change: one line per change (`put NAME VERSION`, `delete NAME`; with
-    /// --json one JSON object per line), for the secrets this user may read, until stopped.
-    /// With --restart-unit, `systemctl try-restart UNIT...` runs after each change. If the
-    /// watch falls too far behind, the units are restarted once and the command exits 1.
+    /// Watch secrets change, one line per change, until stopped.
+    ///
+    /// Each change of a secret this user may read is a line `put NAME VERSION` or
+    /// `delete NAME` (with --json, one JSON object per line); no value is ever shown. With
+    /// --restart-unit, `systemctl try-restart UNIT...` runs after each change. If the watch
+    /// falls too far behind (the daemon holds 256 changes for it), the units are restarted
+    /// once, since what changed is unknown, and the command exits 1.
     Watch(WatchArgs),
 }
 
