@@ -130,6 +130,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             config.as_os_str(),
         ]);
     }
+    if let Command::Watch(args) = &cli.command {
+        return super::watch::run(&cli.socket, &out, args);
+    }
     let mut client = connect(&cli.socket)?;
     let c = &mut client;
     match cli.command {
@@ -138,7 +141,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         | Command::Audit(_)
         | Command::Policy(_)
         | Command::Doctor { .. }
-        | Command::Restore { .. } => Ok(()),
+        | Command::Restore { .. }
+        | Command::Watch(_) => Ok(()),
         Command::Status => {
             let status = c.status()?;
             out.emit(&status, || output::status(&status))

@@ -13,6 +13,7 @@ mod csr;
 pub mod input;
 pub mod output;
 mod policy;
+mod watch;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -168,6 +169,25 @@ pub enum Command {
     /// The OpenBao upstream sync ([upstream] in keywardd.toml): its status, or a sync now.
     #[command(subcommand)]
     Upstream(UpstreamCommand),
+    /// Watch secrets change, one line per change, until stopped.
+    ///
+    /// Each change of a secret this user may read is a line `put NAME VERSION` or
+    /// `delete NAME` (with --json, one JSON object per line); no value is ever shown. With
+    /// --restart-unit, `systemctl try-restart UNIT...` runs after each change. If the watch
+    /// falls too far behind (the daemon holds 256 changes for it), the units are restarted
+    /// once, since what changed is unknown, and the command exits 1.
+    Watch(WatchArgs),
+}
+
+/// `keyward watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Secrets to watch (default: all this user may read); NAME* watches a prefix.
+    #[arg(value_name = "NAME")]
+    pub names: Vec<String>,
+    /// A systemd unit to `systemctl try-restart` after each change (repeatable).
+    #[arg(long = "restart-unit", value_name = "UNIT", value_parser = watch::parse_unit)]
+    pub restart_units: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]

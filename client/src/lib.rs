@@ -10,4 +10,4 @@ pub use keyward_proto::{api, attestation, audit, backup, recovery_share, ssh, te
 
 pub mod varlink;
 
-pub use varlink::{Client, ClientError, DEFAULT_SOCKET, SOCKET_ENV};
+pub use varlink::{Client, ClientError, Replies, DEFAULT_SOCKET, SOCKET_ENV};

@@ -101,6 +101,9 @@ pub struct Client {
 struct CallMessage<'a, P: Serialize> {
     method: &'a str,
     parameters: &'a P,
+    /// The call takes a series of replies (a streaming method).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    more: bool,
 }
 
 /// A reply. `parameters` stays raw JSON text so secret values go straight into their
@@ -111,6 +114,9 @@ struct ReplyMessage<'a> {
     parameters: Option<&'a RawValue>,
     #[serde(default)]
     error: Option<String>,
+    /// More replies to the call follow (a streaming call).
+    #[serde(default)]
+    continues: bool,
 }
 
 impl Client {
@@ -191,7 +197,7 @@ impl Client {
         method: &str,
         params: &P,
     ) -> Result<R, ClientError> {
-        if let Err(e) = self.send(method, params) {
+        if let Err(e) = self.send(method, params, false) {
             // The daemon may have answered and closed before it read the call (`Busy`, when
             // all the connections this user may have are taken): then its answer, still in
             // the receive buffer, says more than the broken pipe does.
@@ -230,13 +236,48 @@ impl Client {
         self.call(&format!("{}.{}", api::INTERFACE, M::NAME), params)
     }
 
-    fn send<P: Serialize>(&mut self, method: &str, params: &P) -> Result<(), ClientError> {
+    /// Call a streaming method of the table (`M::STREAMS`, such as `WatchSecrets`) with
+    /// `more`: its replies come one by one from the [`Replies`] iterator, until the daemon
+    /// ends the call. The connection carries nothing else meanwhile; drop the [`Replies`] and the
+    /// [`Client`] to stop (the daemon sees the connection close). Set a timeout of `None`
+    /// ([`Client::set_timeout`]) to wait for replies however long they take.
+    ///
+    /// # Errors
+    /// As [`Client::call`], for the sending of the call; each reply may fail as well.
+    pub fn stream<M: Method>(&mut self, params: &M::Params) -> Result<Replies<'_, M>, ClientError> {
+        let method = format!("{}.{}", api::INTERFACE, M::NAME);
+        if let Err(e) = self.send(&method, params, true) {
+            // As in `call`: an answer already sent (`Busy`) says more than the broken pipe.
+            if matches!(e, ClientError::Io(_)) {
+                if let Ok(frame) = self.receive() {
+                    return Err(decode_message::<serde::de::IgnoredAny>(&frame, &method)
+                        .err()
+                        .unwrap_or(e));
+                }
+            }
+            return Err(e);
+        }
+        Ok(Replies {
+            client: self,
+            method,
+            done: false,
+            _method: std::marker::PhantomData,
+        })
+    }
+
+    fn send<P: Serialize>(
+        &mut self,
+        method: &str,
+        params: &P,
+        more: bool,
+    ) -> Result<(), ClientError> {
         if self.closed_while_idle() {
             self.reconnect()?;
         }
         let message = CallMessage {
             method,
             parameters: params,
+            more,
         };
         let frame = keyward_proto::wire::encode_frame(&message, api::MAX_FRAME_LEN)
             .map_err(|e| {
@@ -577,7 +618,53 @@ fn describe(method: &str, e: &serde_json::Error) -> String {
 }
 
 /// Decode one reply frame: the error it carries, or its parameters as `R`.
+/// The replies of a streaming call ([`Client::stream`]).
+#[derive(Debug)]
+pub struct Replies<'a, M: Method> {
+    client: &'a mut Client,
+    method: String,
+    /// The last reply (one without `continues`, or an error) has been handed out.
+    done: bool,
+    _method: std::marker::PhantomData<M>,
+}
+
+/// Each reply (waiting for it), until the call has ended. An error ends the call:
+/// [`ClientError::Api`] when the daemon ends it with an error (`WatchOverflow`, for a watcher
+/// that fell behind), [`ClientError::Io`] when the connection is lost (the daemon stopped),
+/// [`ClientError::Protocol`] for a reply this client does not understand.
+impl<M: Method> Iterator for Replies<'_, M> {
+    type Item = Result<M::Reply, ClientError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let decoded = self
+            .client
+            .receive()
+            .and_then(|frame| decode_message::<M::Reply>(&frame, &self.method));
+        Some(match decoded {
+            Ok((reply, continues)) => {
+                self.done = !continues;
+                Ok(reply)
+            }
+            Err(e) => {
+                self.done = true;
+                Err(e)
+            }
+        })
+    }
+}
+
 fn decode_reply<R: DeserializeOwned>(frame: &[u8], method: &str) -> Result<R, ClientError> {
+    decode_message(frame, method).map(|(reply, _)| reply)
+}
+
+/// A reply's parameters as `R`, and whether more replies to the call follow.
+fn decode_message<R: DeserializeOwned>(
+    frame: &[u8],
+    method: &str,
+) -> Result<(R, bool), ClientError> {
     let text = std::str::from_utf8(frame)
         .map_err(|_| ClientError::Protocol(format!("reply to {method}: not UTF-8")))?;
     let reply: ReplyMessage<'_> =
@@ -590,7 +677,9 @@ fn decode_reply<R: DeserializeOwned>(frame: &[u8], method: &str) -> Result<R, Cl
         return Err(ClientError::Api(ApiError::from_wire(&name, &parameters)));
     }
     let raw = reply.parameters.map_or("{}", RawValue::get);
-    serde_json::from_str(raw).map_err(|e| ClientError::Protocol(describe(method, &e)))
+    serde_json::from_str(raw)
+        .map(|r| (r, reply.continues))
+        .map_err(|e| ClientError::Protocol(describe(method, &e)))
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use keyward_proto::audit::{OK, STARTED};
 use crate::audit::{AuditLog, Durability, Entry};
 use crate::backup::Backups;
 use crate::identity::Caller;
-use crate::transport::Handler;
+use crate::transport::{Handler, Watch};
 use crate::upstream::{self, Upstream};
 use crate::vault::Vault;
 use keyward_policy::{credential_secret, decide, Action, Decision, Policy, Resource};
@@ -37,7 +37,8 @@ const CHANGES_QUEUE: usize = 256;
 /// The service layer.
 pub struct Service {
     vault: Vault,
-    policy: RwLock<Arc<Policy>>,
+    /// Shared with the running watches, which ask it at each change.
+    policy: Arc<RwLock<Arc<Policy>>>,
     audit: Arc<AuditLog>,
     /// The backup being handed out (`Backup`, `BackupChunk`).
     backups: Backups,
@@ -92,7 +93,7 @@ impl Service {
     pub fn new(vault: Vault, policy: Policy, audit: Arc<AuditLog>) -> Self {
         Self {
             vault,
-            policy: RwLock::new(Arc::new(policy)),
+            policy: Arc::new(RwLock::new(Arc::new(policy))),
             backups: Backups::new(audit.dir()),
             audit,
             upstream: std::sync::OnceLock::new(),
@@ -131,10 +132,7 @@ impl Service {
     }
 
     fn policy(&self) -> Arc<Policy> {
-        self.policy
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        current(&self.policy)
     }
 
     fn allowed(policy: &Policy, caller: &Caller, action: Action, resource: Resource<'_>) -> bool {
@@ -305,6 +303,15 @@ impl Service {
             Request::BackupChunk(p) => Reply::BackupChunk(api::BackupChunkReply {
                 data: api::Bytes(self.backups.chunk(&p.id, p.offset).await?),
             }),
+            // The watch's first reply; the changes come through `Handler::watch`.
+            Request::WatchSecrets(p) => {
+                Scope::new(p.names.as_deref())?;
+                Reply::WatchSecrets(api::SecretChange {
+                    change: api::ChangeKind::Watching,
+                    name: None,
+                    version: None,
+                })
+            }
             Request::UpstreamStatus(_) => Reply::UpstreamStatus(match self.upstream.get() {
                 Some(u) => u.status(self).await?,
                 None => upstream::not_configured(),
@@ -322,6 +329,66 @@ impl Service {
                 }
             }),
         })
+    }
+}
+
+/// The policy in force (the lock only guards a pointer swap: a poisoned one still holds a
+/// whole policy).
+fn current(policy: &RwLock<Arc<Policy>>) -> Arc<Policy> {
+    policy
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
+}
+
+/// Most names a `WatchSecrets` call may list.
+const MAX_WATCHED_NAMES: usize = 256;
+
+/// The names a watch is limited to: exact names, and prefixes (given as `prefix*`).
+#[derive(Debug, Default)]
+struct Scope {
+    names: Vec<SecretName>,
+    prefixes: Vec<String>,
+}
+
+impl Scope {
+    /// The `names` parameter of `WatchSecrets`, checked.
+    fn new(given: Option<&[String]>) -> Result<Self, ApiError> {
+        let given = given.unwrap_or_default();
+        let invalid = |reason: String| ApiError::InvalidArgument {
+            parameter: "names".into(),
+            reason,
+        };
+        if given.len() > MAX_WATCHED_NAMES {
+            return Err(invalid(format!("more than {MAX_WATCHED_NAMES} names")));
+        }
+        let mut scope = Self::default();
+        for n in given {
+            match n.strip_suffix('*') {
+                Some(prefix)
+                    if !prefix.contains('*')
+                        && prefix.len() < keyward_proto::names::MAX_SECRET_NAME =>
+                {
+                    scope.prefixes.push(prefix.to_owned());
+                }
+                Some(_) => {
+                    return Err(invalid(
+                        "a prefix is a name's start followed by one *, at the end".into(),
+                    ))
+                }
+                None => scope
+                    .names
+                    .push(SecretName::try_from(n.as_str()).map_err(ApiError::from)?),
+            }
+        }
+        Ok(scope)
+    }
+
+    /// A change of `name` is watched.
+    fn covers(&self, name: &str) -> bool {
+        (self.names.is_empty() && self.prefixes.is_empty())
+            || self.names.iter().any(|n| n.as_str() == name)
+            || self.prefixes.iter().any(|p| name.starts_with(p.as_str()))
     }
 }
 
@@ -453,6 +520,35 @@ impl Handler for Service {
 
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<(String, u64)>> {
         Some(self.changes.subscribe())
+    }
+
+    async fn watch(&self, caller: Caller, request: Request) -> Result<(Reply, Watch), ApiError> {
+        let scope = match &request {
+            Request::WatchSecrets(p) => Scope::new(p.names.as_deref()).unwrap_or_default(),
+            // Transports only start a watch for a streaming method.
+            other => {
+                return Err(ApiError::InvalidArgument {
+                    parameter: "more".into(),
+                    reason: format!("{} does not stream", other.method()),
+                })
+            }
+        };
+        // Listening before the call is answered: nothing after the first reply is missed.
+        let changes = self.changes.subscribe();
+        // Checked, run and audited (once, as a read) like any call; a bad `names` is refused
+        // there, on record.
+        let first = self.handle(caller.clone(), request).await?;
+        let policy = Arc::clone(&self.policy);
+        let visible = move |name: &str| {
+            scope.covers(name)
+                && Self::allowed(
+                    &current(&policy),
+                    &caller,
+                    Action::Read,
+                    Resource::Secret(name),
+                )
+        };
+        Ok((first, Watch::new(changes, visible)))
     }
 
     async fn credential(

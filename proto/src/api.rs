@@ -243,6 +243,14 @@ method UpstreamSync() -> (
 # one the daemon picks 32 random bytes.
 method AttestKey(name: string, nonce: ?string) -> (attestation: Attestation)
 
+# Changes of secrets as they happen: call it with more (it streams; without more the answer
+# is org.varlink.service.ExpectedMore). The first reply, change "watching", says the watch is
+# in place; then one reply per change: "put" (name, its new version) or "delete" (name). Only
+# secrets the caller may read, and of those, if names is given, only these names (a name
+# ending in * is a prefix). Never a value. A caller more than 256 changes behind gets
+# WatchOverflow, which ends the call: what it missed is unknown, so read again what it needs.
+method WatchSecrets(names: ?[]string) -> (change: string, name: ?string, version: ?int)
+
 error NotInitialized ()
 error AlreadyInitialized ()
 error Sealed (reason: string)
@@ -267,6 +275,9 @@ error RekeyPending (until: string)
 # The file system of the daemon's state directory is full: what (the database, the audit log)
 # could not be written. The call was refused, or (for a change already made) not acknowledged.
 error StorageFull (what: string)
+# A WatchSecrets caller fell behind by more changes than the daemon holds for it: missed of
+# them were dropped, and the call ends.
+error WatchOverflow (missed: int)
 "#;
 
 /// A secret value: base64 on the wire, zeroizing bytes in memory, redacted in `Debug`.
@@ -832,6 +843,50 @@ pub struct AttestKeyReply {
     pub attestation: crate::attestation::Attestation,
 }
 
+/// Which secrets `WatchSecrets` watches.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchSecretsParams {
+    /// Secret names; one ending in `*` is a prefix. `None` (or empty): every secret the caller
+    /// may read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<Vec<String>>,
+}
+
+/// What happened to a secret, in a `WatchSecrets` reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    /// The first reply: the watch is in place, nothing changed yet.
+    Watching,
+    /// A new version was stored (by a client or the upstream sync).
+    Put,
+    /// The secret was deleted, every version.
+    Delete,
+}
+
+impl fmt::Display for ChangeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Watching => "watching",
+            Self::Put => "put",
+            Self::Delete => "delete",
+        })
+    }
+}
+
+/// One reply of `WatchSecrets`: a change of a secret (its name, never its value).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretChange {
+    pub change: ChangeKind,
+    /// The secret (absent in the first, `watching`, reply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Its new version (a `put` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
+
 /// Who may call a method, as the daemon's policy sees it. The resource a call names is its
 /// audit target ([`Request::target`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -885,7 +940,10 @@ pub trait Method {
     const NAME: &'static str;
     /// What the call carries.
     type Params: Serialize + serde::de::DeserializeOwned;
-    /// What it returns.
+    /// It answers with a series of replies, the last one without `continues` (Varlink
+    /// `more`); a call of it without `more` is refused with `ExpectedMore`.
+    const STREAMS: bool;
+    /// What it returns (each reply, for a streaming method).
     type Reply: Serialize + serde::de::DeserializeOwned;
 }
 
@@ -1073,6 +1131,17 @@ macro_rules! keyward_methods {
                 access: UseKey, audit: Read,
                 target: |p| p.name.to_string(), detail: |_| None,
             }
+            /// Changes of secrets as they happen (a streaming call: Varlink `more`). Audited
+            /// once, as a read, when the watch starts; each change is shown only to a caller
+            /// the policy lets read that secret, when it happens.
+            WatchSecrets($crate::api::WatchSecretsParams) -> $crate::api::SecretChange {
+                access: Filtered, audit: Read,
+                target: |p| match &p.names {
+                    Some(names) if !names.is_empty() => names.join(","),
+                    _ => "*".into(),
+                },
+                detail: |_| None, streams: true,
+            }
         }
     };
 }
@@ -1083,7 +1152,7 @@ macro_rules! declare {
         $(#[$doc:meta])*
         $name:ident($params:ty) -> $reply:ty {
             access: $access:ident, audit: $audit:ident,
-            target: $target:expr, detail: $detail:expr $(,)?
+            target: $target:expr, detail: $detail:expr $(, streams: $streams:literal)? $(,)?
         }
     )*) => {
         /// Every call of the interface, with its parameters. Transports build one of these and
@@ -1116,6 +1185,7 @@ macro_rules! declare {
 
                 impl super::Method for $name {
                     const NAME: &'static str = stringify!($name);
+                    const STREAMS: bool = false $(|| $streams)?;
                     type Params = $params;
                     type Reply = $reply;
                 }
@@ -1124,6 +1194,13 @@ macro_rules! declare {
 
         /// The short names of every method, in the table's order.
         pub const METHODS: &[&str] = &[$(stringify!($name)),*];
+
+        /// Whether the method of this short name streams its replies (the table's
+        /// `streams: true`; [`Method::STREAMS`]).
+        pub fn method_streams(method: &str) -> bool {
+            const STREAMS: &[(&str, bool)] = &[$((stringify!($name), false $(|| $streams)?)),*];
+            STREAMS.iter().any(|&(m, streams)| streams && m == method)
+        }
 
         impl Request {
             /// The method's short name (`GetSecret`), for logs, audit and policy.
@@ -1166,6 +1243,14 @@ macro_rules! declare {
             pub fn access(&self) -> Access {
                 match self {
                     $( Self::$name(_) => Access::$access, )*
+                }
+            }
+
+            /// It streams: answered by a series of replies (Varlink `more`), the table's
+            /// `streams: true`.
+            pub fn streams(&self) -> bool {
+                match self {
+                    $( Self::$name(_) => false $(|| $streams)?, )*
                 }
             }
 
@@ -1272,6 +1357,9 @@ pub enum ApiError {
     /// The disk, not a bug: the admin frees space and the daemon serves again.
     #[error("the file system of keywardd's state directory is full: the {what} could not be written, so the request was refused (or, if already carried out, not acknowledged); free space there and retry (`keyward status` shows it)")]
     StorageFull { what: String },
+    /// A watcher that did not keep up: the daemon holds a bounded number of changes for it.
+    #[error("this watch fell {missed} change(s) behind and was ended: read again what you need and watch anew")]
+    WatchOverflow { missed: u64 },
     /// `org.varlink.service.MethodNotFound`.
     #[serde(rename = "org.varlink.service.MethodNotFound")]
     #[error("no such method {method:?}")]
@@ -1284,6 +1372,10 @@ pub enum ApiError {
     #[serde(rename = "org.varlink.service.InvalidParameter")]
     #[error("invalid parameter {parameter:?}")]
     InvalidParameter { parameter: String },
+    /// `org.varlink.service.ExpectedMore`: a streaming method called without `more`.
+    #[serde(rename = "org.varlink.service.ExpectedMore")]
+    #[error("this method streams its replies: call it with more")]
+    ExpectedMore,
     /// An error name this client does not know (a newer daemon), or a known name whose
     /// parameters don't fit.
     #[error("{name}: {parameters}")]

@@ -157,6 +157,26 @@ fn transit_keys_over_varlink_rotate_and_old_versions_still_decrypt() {
 }
 
 /// The same methods on D-Bus, as JSON members (as every method of the table is).
+/// A generated JSON member of the D-Bus interface called with `busctl`, which must succeed:
+/// its reply object.
+fn bus_json(bus: &PrivateBus, method: &str, params: &Value) -> Value {
+    let mut c = Command::new("busctl");
+    c.arg(format!("--address={}", bus.address())).args([
+        "--json=short",
+        "call",
+        "org.keyward.Custodian1",
+        "/org/keyward/Custodian1",
+        "org.keyward.Custodian1",
+        method,
+        "s",
+        &params.to_string(),
+    ]);
+    let out = run_cli(&mut c, b"");
+    assert_eq!(out.code, 0, "{method}: {}", out.stderr);
+    let reply: Value = serde_json::from_str(&out.stdout).unwrap();
+    serde_json::from_str(reply["data"][0].as_str().unwrap()).unwrap()
+}
+
 #[test]
 fn transit_methods_are_on_the_bus_too() {
     let swtpm = Swtpm::start();
@@ -167,23 +187,7 @@ fn transit_methods_are_on_the_bus_too() {
         .dbus_address(bus.address())
         .start();
     ok(&d.run(&["init", "--tpm2", "tpm"], b""), "init");
-    let call = |method: &str, params: Value| -> Value {
-        let mut c = Command::new("busctl");
-        c.arg(format!("--address={}", bus.address())).args([
-            "--json=short",
-            "call",
-            "org.keyward.Custodian1",
-            "/org/keyward/Custodian1",
-            "org.keyward.Custodian1",
-            method,
-            "s",
-            &params.to_string(),
-        ]);
-        let out = run_cli(&mut c, b"");
-        assert_eq!(out.code, 0, "{method}: {}", out.stderr);
-        let reply: Value = serde_json::from_str(&out.stdout).unwrap();
-        serde_json::from_str(reply["data"][0].as_str().unwrap()).unwrap()
-    };
+    let call = |method: &str, params: Value| bus_json(&bus, method, &params);
     let created = call("CreateTransitKey", serde_json::json!({ "name": "app-bus" }));
     assert_eq!(created["version"], 1);
     let plaintext = B64.encode(b"over the bus");
@@ -548,4 +552,64 @@ fn a_raft_cluster_unseals_through_one_keywardd_and_another_keywardd_cannot_join(
         "timing: 3-node cluster formed in {formed:?}, whole test {:?}",
         started.elapsed()
     );
+}
+
+/// Over D-Bus (the generated JSON members), associated data binds as over Varlink: `Encrypt`
+/// with it round-trips through `Decrypt` with the same, and `Decrypt` with other associated
+/// data, or none, fails with `org.keyward.Custodian1.Error.InvalidArgument` saying why, and
+/// returns nothing.
+#[test]
+fn over_dbus_other_associated_data_does_not_decrypt() {
+    let swtpm = Swtpm::start();
+    let bus = PrivateBus::start();
+    let d = Setup::new()
+        .tpm("tpm", &swtpm)
+        .policy(POLICY)
+        .dbus_address(bus.address())
+        .start();
+    ok(&d.run(&["init", "--tpm2", "tpm"], b""), "init");
+    ok(&d.run(&["transit", "create", "app-ad"], b""), "create");
+    // busctl for the replies; dbus-send for a failure, whose error name busctl does not print.
+    let reply = |method: &str, params: &Value| bus_json(&bus, method, params);
+    let fails = |method: &str, params: &Value| -> Output {
+        let mut c = Command::new("dbus-send");
+        c.arg(format!("--bus={}", bus.address())).args([
+            "--print-reply",
+            "--dest=org.keyward.Custodian1",
+            "/org/keyward/Custodian1",
+            &format!("org.keyward.Custodian1.{method}"),
+            &format!("string:{params}"),
+        ]);
+        run_cli(&mut c, b"")
+    };
+    let plaintext = B64.encode(b"bound to row 7");
+    let sealed = reply(
+        "Encrypt",
+        &serde_json::json!({ "name": "app-ad", "plaintext": plaintext,
+                             "associated_data": B64.encode(b"row 7") }),
+    );
+    let ciphertext = sealed["ciphertext"].as_str().unwrap();
+    let opened = reply(
+        "Decrypt",
+        &serde_json::json!({ "name": "app-ad", "ciphertext": ciphertext,
+                             "associated_data": B64.encode(b"row 7") }),
+    );
+    assert_eq!(opened["plaintext"], plaintext.as_str());
+    for other in [Some(B64.encode(b"row 8")), None] {
+        let mut params = serde_json::json!({ "name": "app-ad", "ciphertext": ciphertext });
+        if let Some(ad) = &other {
+            params["associated_data"] = Value::from(ad.as_str());
+        }
+        let out = fails("Decrypt", &params);
+        assert_ne!(out.code, 0, "{other:?} decrypted: {}", out.stdout);
+        assert!(
+            out.stderr
+                .contains("org.keyward.Custodian1.Error.InvalidArgument")
+                && out.stderr.contains("does not decrypt")
+                && out.stderr.contains("other associated data"),
+            "{other:?}: {}",
+            out.stderr
+        );
+        assert!(!out.stdout.contains("plaintext"), "{}", out.stdout);
+    }
 }

@@ -727,3 +727,54 @@ fn measure_a_sync_of_many_secrets() {
         t.elapsed()
     );
 }
+
+/// OpenBao answers 403 to a dead token and to a path its policy refuses alike: keywardd asks
+/// `auth/token/lookup-self` and logs in again only for a dead token. A sync that meets a
+/// forbidden path with the token of an earlier sync costs no new login (and the path is still
+/// its mapping's problem, the others synced); a revoked token still brings exactly one.
+#[test]
+fn a_forbidden_path_costs_no_new_login_but_a_revoked_token_does() {
+    let mut w = world();
+    w.bao
+        .ok(&["kv", "put", "secret/other/x", "value=not-yours"]);
+    let cert = w.certs.path().join("host.pem");
+    let table = format!(
+        "{}\n[[upstream.map]]\nremote = \"other/x\"\nsecret = \"x\"\nfield = \"value\"\n",
+        upstream_table(&w.bao, &w.pki, &cert, "host")
+    );
+    replace_upstream(&mut w.daemon, &table);
+    let d = &w.daemon;
+    let logins = || {
+        events(d, "upstream-login")
+            .iter()
+            .filter(|l| l.starts_with("ok:"))
+            .count()
+    };
+    let before = logins();
+    // With the token of the sync at start (not fresh): the refusal is the path's.
+    w.bao
+        .ok(&["kv", "put", "secret/app/db", "password=s3cret-5"]);
+    let out = d.run(&["upstream", "sync"], b"");
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr
+            .contains("other/x: the upstream refused a read: 403"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(get(d, "db-pass"), "s3cret-5");
+    assert_eq!(
+        logins(),
+        before,
+        "a forbidden path cost a login: {:?}",
+        events(d, "upstream-login")
+    );
+    // A dead token is still told apart: one new login, and the sync goes on.
+    w.bao.ok(&["token", "revoke", "-mode=path", "auth/cert/"]);
+    w.bao
+        .ok(&["kv", "put", "secret/app/db", "password=s3cret-6"]);
+    let out = d.run(&["upstream", "sync"], b"");
+    assert_eq!(out.code, 1, "the forbidden path is still a problem");
+    assert_eq!(logins(), before + 1, "{:?}", events(d, "upstream-login"));
+    assert_eq!(get(d, "db-pass"), "s3cret-6");
+}

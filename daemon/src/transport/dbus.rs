@@ -16,7 +16,8 @@
 //!
 //! When a secret changes (a `PutSecret`, a `DeleteSecret`, the upstream sync), the object
 //! sends the signal `SecretChanged(s name, t version)` (version 0: deleted), so an operator can
-//! restart the units that use it; the signal carries the name, never a value.
+//! restart the units that use it; the signal carries the name, never a value. (It is the
+//! D-Bus form of the streaming `WatchSecrets`, which therefore has no member here.)
 //!
 //! It never logs, prints or keeps a copy of argument or reply contents (secret values, PINs,
 //! recovery shares). Secret values are moved into zeroizing buffers the moment they leave the
@@ -601,6 +602,10 @@ macro_rules! custodian_interface {
         custodian_interface!(@json [$($done)*] $($more)*);
     };
     (@json [$($done:ident)*] Rotate $($more:ident)*) => {
+        custodian_interface!(@json [$($done)*] $($more)*);
+    };
+    // A streaming method has no member: D-Bus has the `SecretChanged` signal for it.
+    (@json [$($done:ident)*] WatchSecrets $($more:ident)*) => {
         custodian_interface!(@json [$($done)*] $($more)*);
     };
     (@json [$($done:ident)*] $name:ident $($more:ident)*) => {

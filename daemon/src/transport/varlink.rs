@@ -9,6 +9,20 @@
 //! contents (they hold secret values and PINs). Every buffer that held a frame is zeroized
 //! before it is freed, and grown only by copying into a new zeroizing buffer, never by a
 //! reallocation that would leave a copy behind.
+//!
+//! Streaming (`more`, varlink.org's Method Call): a method the table marks `streams`
+//! (`WatchSecrets`) needs `more: true` and is refused with `org.varlink.service.ExpectedMore`
+//! without it; its replies carry `"continues": true` until the last one. Any other method
+//! called with `more` is answered once, without `continues`, as the protocol lets a server do.
+//! While a stream runs the connection is busy, as the protocol says: it is not closed for
+//! being idle (the daemon is the one that talks), a client that wants no more closes it, and
+//! a client that sends anything meanwhile has its connection closed. A stream's replies wait
+//! in one bounded queue shared by all watchers (the service's change announcements): a
+//! watcher that does not keep up makes no writer and no other client wait; it is sent the
+//! final error `WatchOverflow` (how many changes it missed), which ends its call, and its
+//! connection serves calls again. A reply it does not take within the idle timeout closes its
+//! connection, as for any reply. A watch holds its connection's slot like any connection, so
+//! the per-uid share and root's reserve bound watchers as they bound everyone.
 
 use std::io::Write as _;
 
@@ -27,7 +41,7 @@ use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
 use super::socket::{self, shutdown_requested};
-use super::Handler;
+use super::{Handler, Watch, Watched};
 use crate::identity::{Caller, Peer, Via};
 
 /// The interface every Varlink service implements, answered by this transport itself.
@@ -251,6 +265,8 @@ enum Closed {
     Shutdown,
     TooLarge,
     Io,
+    /// The client sent a message while a stream of replies to it was running.
+    SentDuringStream,
 }
 
 /// One client connection: its requests in order, one at a time.
@@ -306,7 +322,32 @@ async fn run_connection<H: Handler>(
                 Next::Frame(range) => parse_frame(frames.frame(range), caller),
             };
             let reply = match call {
-                Call::Handler { request, oneway } => {
+                Call::Handler {
+                    request,
+                    oneway,
+                    more,
+                } if request.streams() => {
+                    if !more || oneway {
+                        // A stream nobody reads is not started.
+                        (!oneway).then(|| encode_error(&ApiError::ExpectedMore))
+                    } else {
+                        match handler.watch(caller.clone(), request).await {
+                            Err(e) => Some(encode_error(&e)),
+                            Ok((first, watch)) => {
+                                let first = encode_reply(&first, true, limits.max_frame);
+                                match stream_replies(stream, first, watch, caller, limits, shutdown)
+                                    .await
+                                {
+                                    Ok(last) => Some(last),
+                                    Err(closed) => return closed,
+                                }
+                            }
+                        }
+                    }
+                }
+                Call::Handler {
+                    request, oneway, ..
+                } => {
                     let method = request.method();
                     let result = handler.handle(caller.clone(), request).await;
                     if let Err(e) = &result {
@@ -353,6 +394,61 @@ async fn run_connection<H: Handler>(
     }
 }
 
+/// Send `first`, then every change `watch` yields, each with `continues`, until the stream
+/// ends: `Ok` with the final reply to send (the watcher fell behind: `WatchOverflow`), or
+/// `Err` when the connection is to be closed (the client left or sent something, a reply
+/// was not taken within the idle timeout, shutdown).
+async fn stream_replies(
+    stream: &mut UnixStream,
+    first: Zeroizing<Vec<u8>>,
+    mut changes: Watch,
+    caller: &Caller,
+    limits: VarlinkLimits,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Zeroizing<Vec<u8>>, Closed> {
+    let mut reply = first;
+    loop {
+        match timeout_at(
+            Instant::now() + limits.idle_timeout,
+            stream.write_all(&reply),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(Closed::Io),
+            Err(_) => {
+                info!(caller = %caller, "varlink: watcher does not take its replies; connection closed");
+                return Err(Closed::Idle);
+            }
+        }
+        // The client only listens now: a byte from it is the end (EOF) or out of turn.
+        let mut byte = [0u8; 1];
+        let next = tokio::select! {
+            biased;
+            () = shutdown_requested(shutdown) => return Err(Closed::Shutdown),
+            read = stream.read(&mut byte) => {
+                return Err(match read {
+                    Ok(0) => Closed::Eof,
+                    Ok(_) => {
+                        info!(caller = %caller, "varlink: message sent while a stream runs; connection closed");
+                        Closed::SentDuringStream
+                    }
+                    Err(_) => Closed::Io,
+                });
+            }
+            next = changes.next() => next,
+        };
+        reply = match next {
+            Watched::Change(change) => encode_reply(&change, true, limits.max_frame),
+            Watched::Missed(missed) => {
+                info!(caller = %caller, missed, "varlink: watcher fell behind; its watch is ended");
+                return Ok(encode_error(&ApiError::WatchOverflow { missed }));
+            }
+            Watched::Closed => return Err(Closed::Shutdown),
+        };
+    }
+}
+
 /// What one frame asks for: the result of [`parse_frame`].
 #[derive(Debug)]
 pub enum Call {
@@ -362,6 +458,9 @@ pub enum Call {
         request: Request,
         /// The client wants no reply.
         oneway: bool,
+        /// The client takes a series of replies (`more`): needed by a streaming method,
+        /// ignored by any other (answered once).
+        more: bool,
     },
     /// Answered by the transport: introspection, or a protocol error.
     Answer {
@@ -435,13 +534,15 @@ pub fn parse_frame(frame: &[u8], caller: &Caller) -> Call {
             return answer(Err(invalid("method")), oneway);
         }
     };
-    for (raw, name) in [(envelope.more, "more"), (envelope.upgrade, "upgrade")] {
-        match flag(raw, name) {
-            Ok(false) => {}
-            Ok(true) | Err(_) => {
-                info!(caller = %caller, method, flag = name, "varlink: unsupported flag");
-                return answer(Err(invalid(name)), oneway);
-            }
+    let more = match flag(envelope.more, "more") {
+        Ok(more) => more,
+        Err(e) => return answer(Err(e), oneway),
+    };
+    match flag(envelope.upgrade, "upgrade") {
+        Ok(false) => {}
+        Ok(true) | Err(_) => {
+            info!(caller = %caller, method, flag = "upgrade", "varlink: unsupported flag");
+            return answer(Err(invalid("upgrade")), oneway);
         }
     }
     let Some((interface, member)) = method.rsplit_once('.') else {
@@ -451,7 +552,11 @@ pub fn parse_frame(frame: &[u8], caller: &Caller) -> Call {
     let params = envelope.parameters.map(RawValue::get);
     match interface {
         api::INTERFACE => match Request::parse(member, params) {
-            Ok(request) => Call::Handler { request, oneway },
+            Ok(request) => Call::Handler {
+                request,
+                oneway,
+                more,
+            },
             Err(e) => {
                 info!(caller = %caller, method, error = %e.name(), "varlink: request refused");
                 answer(Err(e), oneway)
@@ -507,6 +612,9 @@ fn service_call(member: &str, params: Option<&str>) -> Result<serde_json::Value,
 #[derive(Serialize)]
 struct OkMessage<'a, T: Serialize> {
     parameters: &'a T,
+    /// More replies to this call follow.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    continues: bool,
 }
 
 #[derive(Serialize)]
@@ -543,15 +651,25 @@ fn encode_error(e: &ApiError) -> Zeroizing<Vec<u8>> {
 /// its NUL, in a zeroizing buffer. A reply longer than `max` bytes becomes a `TooLarge` error.
 pub fn encode_result<T: Serialize>(result: &Result<T, ApiError>, max: usize) -> Zeroizing<Vec<u8>> {
     match result {
-        Ok(reply) => encode_bounded(&OkMessage { parameters: reply }, max).unwrap_or_else(|| {
-            warn!(limit = max, "varlink: reply larger than the frame limit");
-            encode_error(&ApiError::TooLarge {
-                parameter: "reply".into(),
-                limit: max as u64,
-            })
-        }),
+        Ok(reply) => encode_reply(reply, false, max),
         Err(e) => encode_error(e),
     }
+}
+
+/// The frame of one successful reply, with `"continues": true` if more replies to the call
+/// follow. A reply longer than `max` bytes becomes a `TooLarge` error (which ends the call).
+fn encode_reply<T: Serialize>(reply: &T, continues: bool, max: usize) -> Zeroizing<Vec<u8>> {
+    let message = OkMessage {
+        parameters: reply,
+        continues,
+    };
+    encode_bounded(&message, max).unwrap_or_else(|| {
+        warn!(limit = max, "varlink: reply larger than the frame limit");
+        encode_error(&ApiError::TooLarge {
+            parameter: "reply".into(),
+            limit: max as u64,
+        })
+    })
 }
 
 #[cfg(test)]
@@ -572,6 +690,8 @@ mod tests {
         calls: Mutex<Vec<String>>,
         started: Mutex<Option<mpsc::UnboundedSender<()>>>,
         release: Notify,
+        /// Where watches listen, once a test set it; until then a watch is refused.
+        changes: Mutex<Option<tokio::sync::broadcast::Sender<(String, u64)>>>,
     }
 
     impl Handler for Stub {
@@ -600,6 +720,35 @@ mod tests {
                 // Every other reply here is `{}`.
                 _ => Ok(Reply::DeleteKey(Done {})),
             }
+        }
+
+        async fn watch(
+            &self,
+            caller: Caller,
+            request: Request,
+        ) -> Result<(Reply, Watch), ApiError> {
+            let Some(changes) = self
+                .changes
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map(|tx| tx.subscribe())
+            else {
+                return Err(ApiError::MethodNotFound {
+                    method: request.method().into(),
+                });
+            };
+            self.calls.lock().unwrap().push(request.method().to_owned());
+            assert_eq!(caller.via, Via::Varlink);
+            let first = Reply::WatchSecrets(keyward_proto::api::SecretChange {
+                change: keyward_proto::api::ChangeKind::Watching,
+                name: None,
+                version: None,
+            });
+            Ok((
+                first,
+                Watch::new(changes, |name| !name.starts_with("hidden/")),
+            ))
         }
     }
 
@@ -736,15 +885,30 @@ mod tests {
             .call(&custodian("PutSecret", json!({ "name": "a" })))
             .await;
         assert_eq!(r["parameters"]["parameter"], "value");
-        // `more` and `upgrade` are not supported; `more: false` is fine.
+        // `upgrade` is not supported; a method that does not stream, called with `more`, is
+        // answered once, without `continues` (varlink.org: the server's `more` is optional);
+        // one that streams needs `more`.
         let r = c
             .call(r#"{"method":"org.keyward.Custodian.Status","more":true}"#)
             .await;
+        assert_eq!(r, json!({ "parameters": {} }));
+        let r = c
+            .call(r#"{"method":"org.keyward.Custodian.Status","more":"yes"}"#)
+            .await;
+        assert_eq!(r["parameters"]["parameter"], "more");
+        let r = c
+            .call(r#"{"method":"org.keyward.Custodian.WatchSecrets"}"#)
+            .await;
         assert_eq!(
             r,
-            json!({ "error": "org.varlink.service.InvalidParameter",
-                    "parameters": { "parameter": "more" } })
+            json!({ "error": "org.varlink.service.ExpectedMore", "parameters": {} })
         );
+        // The stand-in starts no watch: the call is refused, once.
+        let r = c
+            .call(r#"{"method":"org.keyward.Custodian.WatchSecrets","more":true}"#)
+            .await;
+        assert_eq!(r["error"], "org.varlink.service.MethodNotFound");
+        assert!(r.get("continues").is_none());
         let r = c
             .call(r#"{"method":"org.keyward.Custodian.Status","upgrade":true}"#)
             .await;
@@ -755,7 +919,7 @@ mod tests {
         assert_eq!(r, json!({ "parameters": {} }));
         assert_eq!(
             *server.stub.calls.lock().unwrap(),
-            ["PutSecret", "GetSecret", "Rotate", "Status"]
+            ["PutSecret", "GetSecret", "Rotate", "Status", "Status"]
         );
         finish(server).await;
     }
@@ -1075,6 +1239,74 @@ mod tests {
             "no longer accepting"
         );
     }
+
+    /// A stream: `continues` on every reply, nothing the watch hides, the final
+    /// `WatchOverflow` once the watcher fell behind (the queue holds 4 here; the test sends 10
+    /// before the server runs again), after which the connection serves calls; a message sent
+    /// while a stream runs closes the connection; shutdown ends every stream.
+    #[tokio::test]
+    async fn streams_carry_continues_end_with_overflow_and_end_at_shutdown() {
+        let server = start(limits());
+        let (tx, _) = tokio::sync::broadcast::channel(4);
+        *server.stub.changes.lock().unwrap() = Some(tx.clone());
+        let watch = r#"{"method":"org.keyward.Custodian.WatchSecrets","more":true}"#;
+        let mut a = Conn::open(&server).await;
+        assert_eq!(
+            a.call(watch).await,
+            json!({ "parameters": { "change": "watching" }, "continues": true })
+        );
+        tx.send(("hidden/x".into(), 1)).unwrap();
+        tx.send(("db".into(), 2)).unwrap();
+        tx.send(("db".into(), 0)).unwrap();
+        assert_eq!(
+            a.recv().await.unwrap(),
+            json!({ "parameters": { "change": "put", "name": "db", "version": 2 },
+                    "continues": true })
+        );
+        assert_eq!(
+            a.recv().await.unwrap(),
+            json!({ "parameters": { "change": "delete", "name": "db" }, "continues": true })
+        );
+        for i in 0..10 {
+            tx.send((format!("n{i}"), 1)).unwrap();
+        }
+        assert_eq!(
+            a.recv().await.unwrap(),
+            json!({ "error": "org.keyward.Custodian.WatchOverflow",
+                    "parameters": { "missed": 6 } })
+        );
+        let r = a
+            .call(&custodian("ListSecrets", json!({ "prefix": "p" })))
+            .await;
+        assert_eq!(r, json!({ "parameters": { "names": ["p"] } }));
+
+        let mut b = Conn::open(&server).await;
+        assert_eq!(b.call(watch).await["continues"], true);
+        b.send(&custodian("Status", json!({}))).await;
+        assert!(
+            b.recv().await.is_none(),
+            "closed: a stream's client only listens"
+        );
+
+        let mut c = Conn::open(&server).await;
+        assert_eq!(c.call(watch).await["continues"], true);
+        server.stop.send(true).unwrap();
+        assert!(c.recv().await.is_none(), "streams end at shutdown");
+        assert!(a.recv().await.is_none());
+        tokio::time::timeout(GUARD, server.task)
+            .await
+            .expect("serve returns with streams running")
+            .unwrap();
+        assert_eq!(
+            *server.stub.calls.lock().unwrap(),
+            [
+                "WatchSecrets",
+                "ListSecrets",
+                "WatchSecrets",
+                "WatchSecrets"
+            ]
+        );
+    }
 }
 
 /// Generated streams: frames encoded by the client's encoder come out of [`FrameBuf`] whole and
@@ -1184,7 +1416,7 @@ mod proptests {
             prop_assert_eq!(frames.len(), calls.len());
             for (frame, (name, value, oneway)) in frames.iter().zip(&calls) {
                 match parse_frame(frame, &caller()) {
-                    Call::Handler { request: Request::PutSecret(p), oneway: o } => {
+                    Call::Handler { request: Request::PutSecret(p), oneway: o, .. } => {
                         prop_assert_eq!(p.name.as_str(), name.as_str());
                         prop_assert_eq!(p.value.expose(), &value[..]);
                         prop_assert_eq!(o, *oneway);

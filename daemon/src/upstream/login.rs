@@ -123,6 +123,28 @@ pub async fn renew(conn: &mut Connection, token: &Token) -> Result<Token, Upstre
     Token::from_answer(&answer, "the token renewal")
 }
 
+/// `GET /v1/auth/token/lookup-self`: whether the upstream still takes `token`. OpenBao answers
+/// 403 both to a dead token and to a live one its policy does not let at a path; this tells
+/// the two apart (any token may look itself up).
+///
+/// # Errors
+/// The exchange failed, or the upstream answered something other than a yes or a refusal.
+pub async fn token_alive(conn: &mut Connection, token: &str) -> Result<bool, UpstreamError> {
+    let answer = conn
+        .call(Method::GET, "/v1/auth/token/lookup-self", Some(token), None)
+        .await?;
+    if answer.status.is_success() {
+        Ok(true)
+    } else if token_refused(answer.status) {
+        Ok(false)
+    } else {
+        Err(UpstreamError::Response(format!(
+            "the token lookup: {}",
+            answer.errors()
+        )))
+    }
+}
+
 /// The upstream said the token is not (or no longer) good: a new login may help.
 pub fn token_refused(status: StatusCode) -> bool {
     status == StatusCode::FORBIDDEN || status == StatusCode::UNAUTHORIZED

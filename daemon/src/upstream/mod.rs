@@ -360,6 +360,7 @@ impl Session {
                 token: &token,
                 mount: &settings.mount,
                 fresh_token: fresh_login,
+                token_alive: false,
             };
             match sync::run(&mut reader, settings, service).await {
                 // A token the upstream no longer takes (revoked, expired early): once more

@@ -89,6 +89,9 @@ pub struct Reader<'a> {
     /// The token is from a login of this sync: a refusal now is the upstream's policy on that
     /// path (OpenBao answers 403 to both), a problem of the mapping rather than of the token.
     pub fresh_token: bool,
+    /// The upstream said, in this sync, that it still takes the token (`lookup-self`): a
+    /// refusal is then its policy too. Starts `false`.
+    pub token_alive: bool,
 }
 
 impl std::fmt::Debug for Reader<'_> {
@@ -104,7 +107,7 @@ impl Reader<'_> {
     fn fatal(&self, e: &UpstreamError) -> bool {
         match e {
             UpstreamError::Http(_) | UpstreamError::Timeout(_) => true,
-            UpstreamError::Refused { .. } => !self.fresh_token,
+            UpstreamError::Refused { .. } => !self.fresh_token && !self.token_alive,
             _ => false,
         }
     }
@@ -115,6 +118,20 @@ impl Reader<'_> {
             .call(Method::GET, path, Some(self.token), None)
             .await?;
         if super::login::token_refused(answer.status) {
+            // A token the upstream still takes was refused by its policy: a problem of this
+            // path only, and no reason for a new login. Asked once per sync (and not for a
+            // token just given): a token that dies during the sync fails the next one.
+            if !self.fresh_token && !self.token_alive {
+                self.token_alive = match super::login::token_alive(self.conn, self.token).await {
+                    Ok(alive) => alive,
+                    Err(e @ (UpstreamError::Http(_) | UpstreamError::Timeout(_))) => return Err(e),
+                    // An answer that says neither: as before, a new login will tell.
+                    Err(e) => {
+                        tracing::info!("upstream: {e}");
+                        false
+                    }
+                };
+            }
             return Err(UpstreamError::Refused {
                 what: "a read",
                 why: answer.errors(),
