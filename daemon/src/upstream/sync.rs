@@ -103,7 +103,9 @@ impl Reader<'_> {
     /// `e` ends the sync: the connection failed, or the token may be what was refused.
     fn fatal(&self, e: &UpstreamError) -> bool {
         match e {
-            UpstreamError::Http(_) | UpstreamError::Timeout(_) => true,
+            UpstreamError::Http(_) | UpstreamError::Timeout(_) | UpstreamError::Unavailable(_) => {
+                true
+            }
             UpstreamError::Refused { .. } => !self.fresh_token,
             _ => false,
         }
@@ -291,19 +293,29 @@ pub async fn run(
                     continue;
                 }
             };
-            let same_source = |version: u64| {
-                known
-                    .get(&local)
-                    .is_some_and(|(r, v, _)| *r == remote && *v == version)
-            };
+            let synced = known
+                .get(&local)
+                .filter(|(r, _, _)| *r == remote)
+                .map(|(_, v, _)| *v);
             match found {
                 None => outcome.problems.push(format!(
                     "{remote}: not found upstream; {local} left as it is"
                 )),
                 Some(Remote::Value { version, value }) => {
-                    if same_source(version) {
-                        outcome.unchanged += 1;
-                        continue;
+                    match synced {
+                        Some(s) if s == version => {
+                            outcome.unchanged += 1;
+                            continue;
+                        }
+                        // A node that lags behind the one this was synced from (a standby
+                        // serving reads from its replica): never step back.
+                        Some(s) if s > version => {
+                            outcome.problems.push(format!(
+                                "{remote}: the node answered version {version}, older than version {s} synced here; {local} left as it is"
+                            ));
+                            continue;
+                        }
+                        _ => {}
                     }
                     match vault
                         .put_synced_secret(name, value, remote.clone(), version)
@@ -311,6 +323,17 @@ pub async fn run(
                     {
                         Ok(local_version) => {
                             service.announce_change(&local, local_version);
+                            // Audited as it happens, so a sync that fails later leaves no
+                            // change unrecorded.
+                            super::audit_event(
+                                service,
+                                "upstream-change",
+                                &format!(
+                                    "secret {local} version {local_version} from {}/{remote} version {version}",
+                                    settings.mount
+                                ),
+                            )
+                            .await;
                             outcome
                                 .changed
                                 .push((local, local_version, remote, version))
@@ -354,6 +377,13 @@ pub async fn run(
                             }
                         },
                     };
+                    tracing::warn!(secret = %local, "upstream: {done}");
+                    super::audit_event(
+                        service,
+                        "upstream-deleted",
+                        &format!("secret {local}: {done}"),
+                    )
+                    .await;
                     outcome.deleted.push((local, done));
                 }
             }
