@@ -1447,7 +1447,11 @@ mod tests {
         .upstream
         .unwrap();
         assert_eq!(
-            (u.servers[0].host.as_str(), u.servers[0].port, u.mount.as_str()),
+            (
+                u.servers[0].host.as_str(),
+                u.servers[0].port,
+                u.mount.as_str()
+            ),
             ("127.0.0.1", 8200, "secret")
         );
         let nodes = parse(&base.replace(

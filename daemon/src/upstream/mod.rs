@@ -429,7 +429,8 @@ async fn connect(
             Err(e) => return Err(e),
         }
     }
-    Err(failed.unwrap_or_else(|| UpstreamError::Identity("upstream.address names no server".into())))
+    Err(failed
+        .unwrap_or_else(|| UpstreamError::Identity("upstream.address names no server".into())))
 }
 
 /// Write one upstream event to the audit log (names and versions only, never a value).
