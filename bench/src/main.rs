@@ -15,6 +15,7 @@
 //! measurement. `scripts/bench` builds the release binaries and runs this.
 
 mod fill;
+mod fleet;
 mod measure;
 mod phases;
 mod raw;
@@ -85,6 +86,10 @@ enum Phase {
     Transit,
     /// Start-up to READY=1 unsealed by a signed PCR 11 policy vs by literal PCRs.
     SignedPcr,
+    /// Sync of 1,000 secrets from OpenBao vs the same reads by a plain HTTPS client.
+    UpstreamSync,
+    /// Transit Encrypt/Decrypt over Varlink vs the vault's AEAD in process.
+    TransitAead,
 }
 
 /// One part of a run: measures against the world and adds to the report.
@@ -164,7 +169,7 @@ fn run(args: &Args) -> Result<bool> {
         settings.rekeys
     ));
     let wanted = |p: Phase| args.only.is_empty() || args.only.contains(&p);
-    let phases: [(Phase, PhaseFn); 10] = [
+    let phases: [(Phase, PhaseFn); 12] = [
         (Phase::GetSecret, phases::get_secret),
         (Phase::Sign, phases::sign_softhsm),
         (Phase::Tpm, phases::sign_tpm),
@@ -175,6 +180,8 @@ fn run(args: &Args) -> Result<bool> {
         (Phase::Transit, phases::transit),
         (Phase::Scale, phases::scale),
         (Phase::SignedPcr, phases::signed_startup),
+        (Phase::UpstreamSync, fleet::upstream_sync),
+        (Phase::TransitAead, fleet::transit_aead),
     ];
     for (phase, f) in phases {
         if wanted(phase) {
