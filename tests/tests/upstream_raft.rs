@@ -208,7 +208,7 @@ field = "value"
     // What the failed sync wrote stays, and nothing is older than acknowledged.
     let partial = assert_not_older(&d, &acked);
     let written = partial.values().filter(|&&(r, _)| r == 2).count();
-    assert!(written >= 1 && written < N, "{written} of {N} at round 2");
+    assert!((1..N).contains(&written), "{written} of {N} at round 2");
     let changes = d
         .audit_events()
         .into_iter()
