@@ -227,6 +227,27 @@ fn parse_read(
     }))
 }
 
+/// A remote version next to the one synced here from the same path.
+#[derive(Debug, PartialEq, Eq)]
+enum Versus {
+    /// Nothing synced yet, or the upstream moved on: write it.
+    Newer,
+    /// Already here.
+    Same,
+    /// Older than what was synced (the version given): a node that lags behind the one it
+    /// was synced from (a standby serving reads from its replica). Never written: a value
+    /// never steps back.
+    Older(u64),
+}
+
+fn versus(synced: Option<u64>, version: u64) -> Versus {
+    match synced {
+        Some(s) if s == version => Versus::Same,
+        Some(s) if s > version => Versus::Older(s),
+        _ => Versus::Newer,
+    }
+}
+
 /// The `(remote path, local name)` pairs of one mapping.
 async fn targets(
     reader: &mut Reader<'_>,
@@ -302,20 +323,18 @@ pub async fn run(
                     "{remote}: not found upstream; {local} left as it is"
                 )),
                 Some(Remote::Value { version, value }) => {
-                    match synced {
-                        Some(s) if s == version => {
+                    match versus(synced, version) {
+                        Versus::Same => {
                             outcome.unchanged += 1;
                             continue;
                         }
-                        // A node that lags behind the one this was synced from (a standby
-                        // serving reads from its replica): never step back.
-                        Some(s) if s > version => {
+                        Versus::Older(s) => {
                             outcome.problems.push(format!(
                                 "{remote}: the node answered version {version}, older than version {s} synced here; {local} left as it is"
                             ));
                             continue;
                         }
-                        _ => {}
+                        Versus::Newer => {}
                     }
                     match vault
                         .put_synced_secret(name, value, remote.clone(), version)
@@ -435,6 +454,14 @@ mod tests {
             let e = e.to_string();
             assert!(e.contains(says) && !e.contains("p\\\"w"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_version_older_than_the_one_synced_is_never_written() {
+        assert_eq!(versus(None, 1), Versus::Newer);
+        assert_eq!(versus(Some(2), 3), Versus::Newer);
+        assert_eq!(versus(Some(3), 3), Versus::Same);
+        assert_eq!(versus(Some(3), 2), Versus::Older(3));
     }
 
     #[test]
