@@ -256,6 +256,14 @@ impl Session {
         let clock = Instant::now();
         upstream.state().last_attempt = Some(started);
         let result = self.attempt(upstream, service).await;
+        if let Err(e) = &result {
+            // The node went away or failed mid-sync: this sync fails (what it wrote stays, each
+            // write audited), and the next starts at the next node.
+            if e.node_failed() {
+                let mut state = upstream.state();
+                state.server = (state.server + 1) % upstream.settings.servers.len().max(1);
+            }
+        }
         let elapsed = clock.elapsed().as_millis();
         let line = match &result {
             Ok(outcome) => {
@@ -352,13 +360,6 @@ impl Session {
                 Err(UpstreamError::Refused { .. }) if !fresh_login => {
                     self.token = Some(self.login(&mut conn, upstream, service).await?);
                     fresh_login = true;
-                }
-                // The node went away mid-sync: this sync fails (what it wrote stays, each write
-                // audited), and the next starts at the next node.
-                Err(e) if e.node_failed() => {
-                    let mut state = upstream.state();
-                    state.server = (state.server + 1) % settings.servers.len().max(1);
-                    return Err(e);
                 }
                 other => return other,
             }
