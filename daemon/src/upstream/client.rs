@@ -31,7 +31,7 @@ use tokio_rustls::TlsConnector;
 use zeroize::Zeroizing;
 
 use super::UpstreamError;
-use crate::config::UpstreamSettings;
+use crate::config::{UpstreamServer, UpstreamSettings};
 use crate::service::Service;
 
 /// Largest response body read, in bytes: a KV secret is at most 1 MiB, as JSON a little more.
@@ -184,11 +184,15 @@ fn read_pem_certs(
 }
 
 impl Client {
-    /// A client for `settings`, proving the machine's identity with `key`.
+    /// A client of `server` for `settings`, proving the machine's identity with `key`.
     ///
     /// # Errors
     /// The CA or certificate file can't be read or holds no certificate.
-    pub fn new(settings: &UpstreamSettings, key: DeviceKey) -> Result<Self, UpstreamError> {
+    pub fn new(
+        settings: &UpstreamSettings,
+        server: &UpstreamServer,
+        key: DeviceKey,
+    ) -> Result<Self, UpstreamError> {
         let mut roots = rustls::RootCertStore::empty();
         for ca in read_pem_certs("upstream.ca_file", &settings.ca_file)? {
             roots
@@ -206,18 +210,18 @@ impl Client {
         .map_err(|e| UpstreamError::Identity(format!("TLS: {e}")))?
         .with_root_certificates(roots)
         .with_client_cert_resolver(resolver);
-        let server = ServerName::try_from(settings.host.clone())
+        let name = ServerName::try_from(server.host.clone())
             .map_err(|e| UpstreamError::Identity(format!("upstream.address: {e}")))?;
-        let authority = if settings.host.contains(':') {
-            format!("[{}]:{}", settings.host, settings.port)
+        let authority = if server.host.contains(':') {
+            format!("[{}]:{}", server.host, server.port)
         } else {
-            format!("{}:{}", settings.host, settings.port)
+            format!("{}:{}", server.host, server.port)
         };
         Ok(Self {
             config: Arc::new(config),
-            server,
-            host: settings.host.clone(),
-            port: settings.port,
+            server: name,
+            host: server.host.clone(),
+            port: server.port,
             authority: HeaderValue::from_str(&authority)
                 .map_err(|e| UpstreamError::Identity(format!("upstream.address: {e}")))?,
             timeout: settings.request_timeout,
@@ -358,10 +362,15 @@ impl Connection {
                 .await
                 .map_err(|e| UpstreamError::Http(format!("reading the response: {e}")))?
                 .to_bytes();
-            Ok(Answer {
+            let answer = Answer {
                 status,
                 body: Zeroizing::new(body.to_vec()),
-            })
+            };
+            // Sealed, standing by with no active node, or failing: this node, not the request.
+            if status.is_server_error() {
+                return Err(UpstreamError::Unavailable(answer.errors()));
+            }
+            Ok(answer)
         };
         tokio::time::timeout(self.timeout, exchange)
             .await

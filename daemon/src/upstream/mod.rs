@@ -49,6 +49,9 @@ pub enum UpstreamError {
     /// The HTTP exchange failed.
     #[error("HTTP: {0}")]
     Http(String),
+    /// The node answered with a server error (sealed, no active node): another node may serve.
+    #[error("the node is unavailable: {0}")]
+    Unavailable(String),
     /// The upstream answered with an error.
     #[error("the upstream refused {what}: {why}")]
     Refused {
@@ -74,6 +77,8 @@ struct State {
     token_expires: Option<Instant>,
     /// Syncs finished (well or not), for those who wait on the first one.
     finished: u64,
+    /// The index in `servers` of the node the next sync tries first: the last that answered.
+    server: usize,
 }
 
 /// The service's handle on the sync task.
@@ -149,7 +154,11 @@ impl Upstream {
         let state = self.state();
         Ok(UpstreamStatusReply {
             configured: true,
-            address: Some(self.settings.address.clone()),
+            address: self
+                .settings
+                .servers
+                .get(state.server)
+                .map(|s| s.address.clone()),
             role: Some(self.settings.role.clone()),
             last_attempt: state.last_attempt.map(rfc3339),
             last_success: state.last_success.map(rfc3339),
@@ -247,32 +256,17 @@ impl Session {
         let clock = Instant::now();
         upstream.state().last_attempt = Some(started);
         let result = self.attempt(upstream, service).await;
-        let audit = service.audit();
-        let event = |name: &'static str, detail: String| {
-            let audit = Arc::clone(audit);
-            async move {
-                if let Err(e) = audit.event(name, &detail).await {
-                    tracing::error!("audit log: {e}");
-                }
+        if let Err(e) = &result {
+            // The node went away or failed mid-sync: this sync fails (what it wrote stays, each
+            // write audited), and the next starts at the next node.
+            if e.node_failed() {
+                let mut state = upstream.state();
+                state.server = (state.server + 1) % upstream.settings.servers.len().max(1);
             }
-        };
+        }
         let elapsed = clock.elapsed().as_millis();
         let line = match &result {
             Ok(outcome) => {
-                for (secret, local, remote, version) in &outcome.changed {
-                    event(
-                        "upstream-change",
-                        format!(
-                            "secret {secret} version {local} from {}/{remote} version {version}",
-                            upstream.settings.mount
-                        ),
-                    )
-                    .await;
-                }
-                for (secret, done) in &outcome.deleted {
-                    tracing::warn!(secret = %secret, "upstream: {done}");
-                    event("upstream-deleted", format!("secret {secret}: {done}")).await;
-                }
                 let mut line = format!(
                     "ok: {} changed, {} unchanged, {} deleted upstream in {elapsed} ms",
                     outcome.changed.len(),
@@ -298,7 +292,7 @@ impl Session {
         } else {
             tracing::warn!("upstream sync {line}");
         }
-        event("upstream-sync", line.clone()).await;
+        audit_event(service, "upstream-sync", &line).await;
         let finished = {
             let mut state = upstream.state();
             if ok {
@@ -326,8 +320,7 @@ impl Session {
     ) -> Result<sync::Outcome, UpstreamError> {
         let settings = &upstream.settings;
         let key = client::DeviceKey::new(Arc::clone(service), settings.key.clone()).await?;
-        let client = client::Client::new(settings, key)?;
-        let mut conn = client.connect().await?;
+        let mut conn = connect(upstream, key).await?;
         let mut fresh_login = false;
         if self
             .token
@@ -395,9 +388,56 @@ impl Session {
                 upstream.settings.key
             ),
         };
-        if let Err(e) = service.audit().event("upstream-login", &detail).await {
-            tracing::error!("audit log: {e}");
-        }
+        audit_event(service, "upstream-login", &detail).await;
         result
+    }
+}
+
+impl UpstreamError {
+    /// The node failed rather than the request: it can't be reached, broke the connection, or
+    /// answered a server error (sealed, no leader). Another node of the cluster may serve.
+    fn node_failed(&self) -> bool {
+        matches!(
+            self,
+            Self::Connect(_) | Self::Timeout(_) | Self::Http(_) | Self::Unavailable(_)
+        )
+    }
+}
+
+/// Connect to the cluster: the node that answered last, else each next one in turn (every
+/// node once). A node that fails is logged and skipped; the last failure is the error.
+async fn connect(
+    upstream: &Upstream,
+    key: client::DeviceKey,
+) -> Result<client::Connection, UpstreamError> {
+    let settings = &upstream.settings;
+    let first = upstream.state().server;
+    let mut failed = None;
+    for i in 0..settings.servers.len() {
+        let at = (first + i) % settings.servers.len();
+        let server = &settings.servers[at];
+        match client::Client::new(settings, server, key.clone())?
+            .connect()
+            .await
+        {
+            Ok(conn) => {
+                upstream.state().server = at;
+                return Ok(conn);
+            }
+            Err(e) if e.node_failed() => {
+                tracing::warn!(server = %server.address, "upstream: {e}");
+                failed = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(failed
+        .unwrap_or_else(|| UpstreamError::Identity("upstream.address names no server".into())))
+}
+
+/// Write one upstream event to the audit log (names and versions only, never a value).
+async fn audit_event(service: &Service, event: &str, detail: &str) {
+    if let Err(e) = service.audit().event(event, detail).await {
+        tracing::error!("audit log: {e}");
     }
 }

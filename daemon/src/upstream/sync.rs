@@ -106,7 +106,9 @@ impl Reader<'_> {
     /// `e` ends the sync: the connection failed, or the token may be what was refused.
     fn fatal(&self, e: &UpstreamError) -> bool {
         match e {
-            UpstreamError::Http(_) | UpstreamError::Timeout(_) => true,
+            UpstreamError::Http(_) | UpstreamError::Timeout(_) | UpstreamError::Unavailable(_) => {
+                true
+            }
             UpstreamError::Refused { .. } => !self.fresh_token && !self.token_alive,
             _ => false,
         }
@@ -242,6 +244,27 @@ fn parse_read(
     }))
 }
 
+/// A remote version next to the one synced here from the same path.
+#[derive(Debug, PartialEq, Eq)]
+enum Versus {
+    /// Nothing synced yet, or the upstream moved on: write it.
+    Newer,
+    /// Already here.
+    Same,
+    /// Older than what was synced (the version given): a node that lags behind the one it
+    /// was synced from (a standby serving reads from its replica). Never written: a value
+    /// never steps back.
+    Older(u64),
+}
+
+fn versus(synced: Option<u64>, version: u64) -> Versus {
+    match synced {
+        Some(s) if s == version => Versus::Same,
+        Some(s) if s > version => Versus::Older(s),
+        _ => Versus::Newer,
+    }
+}
+
 /// The `(remote path, local name)` pairs of one mapping.
 async fn targets(
     reader: &mut Reader<'_>,
@@ -308,19 +331,27 @@ pub async fn run(
                     continue;
                 }
             };
-            let same_source = |version: u64| {
-                known
-                    .get(&local)
-                    .is_some_and(|(r, v, _)| *r == remote && *v == version)
-            };
+            let synced = known
+                .get(&local)
+                .filter(|(r, _, _)| *r == remote)
+                .map(|(_, v, _)| *v);
             match found {
                 None => outcome.problems.push(format!(
                     "{remote}: not found upstream; {local} left as it is"
                 )),
                 Some(Remote::Value { version, value }) => {
-                    if same_source(version) {
-                        outcome.unchanged += 1;
-                        continue;
+                    match versus(synced, version) {
+                        Versus::Same => {
+                            outcome.unchanged += 1;
+                            continue;
+                        }
+                        Versus::Older(s) => {
+                            outcome.problems.push(format!(
+                                "{remote}: the node answered version {version}, older than version {s} synced here; {local} left as it is"
+                            ));
+                            continue;
+                        }
+                        Versus::Newer => {}
                     }
                     match vault
                         .put_synced_secret(name, value, remote.clone(), version)
@@ -328,6 +359,17 @@ pub async fn run(
                     {
                         Ok(local_version) => {
                             service.announce_change(&local, local_version);
+                            // Audited as it happens, so a sync that fails later leaves no
+                            // change unrecorded.
+                            super::audit_event(
+                                service,
+                                "upstream-change",
+                                &format!(
+                                    "secret {local} version {local_version} from {}/{remote} version {version}",
+                                    settings.mount
+                                ),
+                            )
+                            .await;
                             outcome
                                 .changed
                                 .push((local, local_version, remote, version))
@@ -371,6 +413,13 @@ pub async fn run(
                             }
                         },
                     };
+                    tracing::warn!(secret = %local, "upstream: {done}");
+                    super::audit_event(
+                        service,
+                        "upstream-deleted",
+                        &format!("secret {local}: {done}"),
+                    )
+                    .await;
                     outcome.deleted.push((local, done));
                 }
             }
@@ -422,6 +471,14 @@ mod tests {
             let e = e.to_string();
             assert!(e.contains(says) && !e.contains("p\\\"w"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_version_older_than_the_one_synced_is_never_written() {
+        assert_eq!(versus(None, 1), Versus::Newer);
+        assert_eq!(versus(Some(2), 3), Versus::Newer);
+        assert_eq!(versus(Some(3), 3), Versus::Same);
+        assert_eq!(versus(Some(3), 2), Versus::Older(3));
     }
 
     #[test]
