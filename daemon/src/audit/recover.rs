@@ -105,6 +105,7 @@ impl AuditLog {
                 seq,
                 prev,
                 end,
+                last_line: None,
                 damaged,
                 key: None,
                 next: None,
