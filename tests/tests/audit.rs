@@ -1295,7 +1295,10 @@ fn a_log_damaged_before_its_anchored_checkpoint_still_starts_and_verify_names_th
         .iter()
         .position(|l| Value::from(audit::parse(l).unwrap().seq) == anchor["seq"])
         .unwrap();
-    assert!(middle < anchored, "the read in the middle is before the anchor");
+    assert!(
+        middle < anchored,
+        "the read in the middle is before the anchor"
+    );
     // The read's target edited in place, one byte longer: the chain breaks there, and every
     // byte offset after it moves (the anchor's offset included).
     let mut edited = lines.clone();
@@ -1315,7 +1318,10 @@ fn a_log_damaged_before_its_anchored_checkpoint_still_starts_and_verify_names_th
         "{:?}",
         d.statuses()
     );
-    ok(&d.run(&["secret", "get", "t/0"], b""), "the daemon serves on");
+    ok(
+        &d.run(&["secret", "get", "t/0"], b""),
+        "the daemon serves on",
+    );
     d.stop();
     let aside = std::fs::read_dir(state(&d))
         .unwrap()
