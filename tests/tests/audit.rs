@@ -1293,7 +1293,7 @@ fn a_log_damaged_before_its_anchored_checkpoint_still_starts_and_verify_names_th
             .unwrap();
     let anchored = lines
         .iter()
-        .position(|l| Value::from(audit::parse(l).unwrap().seq) == anchor["seq"])
+        .position(|l| anchor["seq"] == audit::parse(l).unwrap().seq)
         .unwrap();
     assert!(
         middle < anchored,
