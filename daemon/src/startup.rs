@@ -220,11 +220,11 @@ fn spawn_devices(config: &Config) -> BTreeMap<String, DeviceHandle> {
 /// counter when configured) and its state changes sent to `STATUS=`.
 async fn open_vault(
     config: &Config,
+    devices: BTreeMap<String, DeviceHandle>,
     store: Store,
     audit: &Arc<AuditLog>,
     status_line: &Arc<StatusLine>,
 ) -> Result<Vault, StartError> {
-    let devices = spawn_devices(config);
     let on_change: Arc<dyn Fn(&str) + Send + Sync> = {
         let status_line = status_line.clone();
         Arc::new(move |line: &str| status_line.vault(line))
@@ -253,6 +253,24 @@ async fn open_vault(
     }
     vault.set_audit(audit.clone());
     Ok(vault)
+}
+
+/// Where start-up's time goes, stage by stage, at debug level (`KEYWARD_LOG=keywardd=debug`):
+/// the time since start-up began at the end of each stage.
+struct Stages(std::time::Instant);
+
+impl Stages {
+    fn new() -> Self {
+        Self(std::time::Instant::now())
+    }
+
+    fn done(&self, stage: &str) {
+        tracing::debug!(
+            stage,
+            at_ms = self.0.elapsed().as_secs_f64() * 1e3,
+            "start-up"
+        );
+    }
 }
 
 /// The sockets to serve: passed in by systemd, or bound from the config.
@@ -337,22 +355,45 @@ fn bind(settings: &SocketSettings) -> Result<UnixListener, StartError> {
 
 /// Readiness means the devices have been tried and the unattended unseal is done, so a consumer
 /// ordered after us does not race the unseal. Bounded: a hung device must not hold start-up
-/// forever (its calls time out the same way). Key operations a crash cut short are settled once
-/// the devices are up, before requests.
-async fn unseal_and_settle(service: &Service, audit: &Arc<AuditLog>, config: &Config) {
+/// forever (its calls time out the same way). The unseal goes ahead once the devices it tries
+/// have been tried, while the others are still opening (a token's login need not wait for the
+/// TPM's unseal, nor the other way round). Key operations a crash cut short are settled once
+/// every device is up, before requests.
+async fn unseal_and_settle(
+    service: &Service,
+    audit: &Arc<AuditLog>,
+    config: &Config,
+    stages: &Stages,
+) {
     let wait = config.actor.timeout;
-    for device in service.vault().devices().values() {
+    let (unsealers, others): (Vec<_>, Vec<_>) = service
+        .vault()
+        .devices()
+        .values()
+        .partition(|d| config.unseal_order.iter().any(|n| n == d.name()));
+    let unseal = async {
+        tried(unsealers, wait).await;
+        stages.done("unseal devices opened");
+        service.vault().unseal_unattended().await;
+        stages.done("unattended unseal");
+    };
+    tokio::join!(unseal, tried(others, wait));
+    stages.done("every device opened");
+    for line in service.vault().settle_key_intents().await {
+        if let Err(e) = audit.event("key-sweep", &line).await {
+            tracing::error!("audit log: {e}");
+        }
+    }
+}
+
+/// Wait until each of `devices` has been tried once, at most `wait` for each.
+async fn tried(devices: Vec<&DeviceHandle>, wait: std::time::Duration) {
+    for device in devices {
         if tokio::time::timeout(wait, device.ready()).await.is_err() {
             tracing::warn!(
                 device = device.name(),
                 "device still opening after {wait:?}; going on"
             );
-        }
-    }
-    service.vault().unseal_unattended().await;
-    for line in service.vault().settle_key_intents().await {
-        if let Err(e) = audit.event("key-sweep", &line).await {
-            tracing::error!("audit log: {e}");
         }
     }
 }
@@ -419,24 +460,32 @@ pub struct Daemon {
 /// # Errors
 /// The first stage that failed; nothing is served then.
 pub async fn start(config: &Config) -> Result<Daemon, StartError> {
+    let stages = Stages::new();
+    // First: the devices open on their own threads (a token's initialisation and login, the
+    // TPM's connection) while the store and the audit log open here.
+    let devices = spawn_devices(config);
     let database = config.database();
     let store = Store::open(&database).map_err(|e| StartError::Store {
         path: database,
         source: Box::new(e),
     })?;
+    stages.done("store opened");
     let policy = load_policy(config.policy.as_deref())?;
     // Before the first unseal: the vault hands the audit log its signing key when it opens.
     let audit = AuditLog::open(&config.state_dir, config.audit)
         .map_err(|e| StartError::Audit(Box::new(e)))?;
+    stages.done("audit log opened");
     // The audit log is told first (it checks its anchor as the vault opens): what it found
     // rides on every status line.
     let status_line = StatusLine::new(audit.clone());
-    let vault = open_vault(config, store.clone(), &audit, &status_line).await?;
+    let vault = open_vault(config, devices, store.clone(), &audit, &status_line).await?;
     let service = Arc::new(Service::new(vault, policy, audit.clone()));
+    stages.done("vault loaded");
 
     // Listen before unsealing: early clients wait in the backlog instead of failing.
     let listeners = listeners(config)?;
-    unseal_and_settle(&service, &audit, config).await;
+    unseal_and_settle(&service, &audit, config, &stages).await;
+    stages.done("key operations settled");
 
     let (stop, stopped) = watch::channel(false);
     let varlink = tokio::spawn(varlink::serve(
@@ -509,6 +558,7 @@ pub async fn start(config: &Config) -> Result<Daemon, StartError> {
         ))
     });
     let line = status_line.ready(&line);
+    stages.done("ready");
     tracing::info!(socket_activated = listeners.activated, "{line}; ready");
     let device_watch = tokio::spawn(health::watch_devices(
         service.vault().devices().clone(),

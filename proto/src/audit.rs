@@ -49,6 +49,12 @@
 //! rewritten from an earlier checkpoint on with its seq renumbered and its chain recomputed
 //! ([`Problem::AnchorMismatch`]): nobody without the VMK can sign an anchor.
 //!
+//! The daemon's check at start reads only from the anchored record on ([`verify_from`]): the
+//! anchor's `offset` says where its line starts, and the line there must hash to the anchor's
+//! `head` ([`find_anchored`] reads the files for it when there is no offset, or it leads
+//! elsewhere). That is the part of the log no checkpoint signs yet; what comes before the
+//! anchored record is committed to by its `prev`, and `verify` of the whole log checks it.
+//!
 //! What verification still can't see: records after the anchored checkpoint are protected only
 //! by the chain (they were written while sealed, or since the last checkpoint), so an edit
 //! among them that recomputes the chain passes. A log rolled back together with its anchor to
@@ -280,6 +286,13 @@ pub struct Anchor {
     pub counter: Option<u64>,
     /// Base64 Ed25519 signature over [`anchor_message`].
     pub signature: String,
+    /// Where the anchored record's line starts (bytes) in the file that holds it: where the
+    /// daemon's check at start begins to read, so that it reads the records after the anchor
+    /// and none before it. Not signed, and it need not be: it is only a hint, and the line found
+    /// there must hash to `head` (else the files are searched for the anchored record, as for
+    /// an anchor written before the field existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
 }
 
 /// What an anchor's signature covers: a fixed context, then every other field.
@@ -323,6 +336,8 @@ pub struct CheckedAnchor {
     pub key: VerifyingKey,
     pub next: Option<VerifyingKey>,
     pub counter: Option<u64>,
+    /// [`Anchor::offset`], unchecked (a hint).
+    pub offset: Option<u64>,
 }
 
 impl Anchor {
@@ -369,6 +384,7 @@ impl Anchor {
             key,
             next,
             counter: self.counter,
+            offset: self.offset,
         })
     }
 }
@@ -691,6 +707,192 @@ pub fn verify_against(
     trusted: &VerifyingKey,
     expect: Expect<'_>,
 ) -> Result<Report, Failure> {
+    let walk = walk(log, Start::First(expect.anchor))?;
+    if walk.records == 0 {
+        return Err(whole(Problem::Empty));
+    }
+    for due in [expect.last_seq, expect.anchor.map(|a| a.seq)]
+        .into_iter()
+        .flatten()
+    {
+        if due > walk.last_seq {
+            return Err(whole(Problem::Truncated {
+                last_seq: walk.last_seq,
+                expected: due,
+            }));
+        }
+    }
+    if let Some(a) = expect.anchor {
+        if a.seq < walk.first_seq {
+            return Err(whole(Problem::AnchorBefore {
+                anchored: a.seq,
+                first: walk.first_seq,
+            }));
+        }
+    }
+    let (last_checkpoint, signed) = walk
+        .last_checkpoint
+        .ok_or_else(|| whole(Problem::Untrusted))?;
+    if !walk.keys.adopted.contains(trusted) {
+        return Err(whole(Problem::Untrusted));
+    }
+    if let Some(a) = expect.anchor {
+        if !walk.keys.adopted.contains(&a.key) {
+            return Err(whole(Problem::AnchorKey));
+        }
+    }
+    Ok(Report {
+        records: walk.records,
+        first_seq: walk.first_seq,
+        anchored_seq: expect.anchor.map(|a| a.seq),
+        last_seq: walk.last_seq,
+        checkpoints: walk.checkpoints,
+        last_checkpoint,
+        unsigned_tail: walk.records - signed,
+        keys: walk.keys.adopted.iter().map(encode_key).collect(),
+        damage: walk.damage,
+        lost: walk.lost,
+    })
+}
+
+/// What [`verify_from`] found: the anchored record and every record after it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Continuation {
+    /// Records read, the anchored one included.
+    pub records: u64,
+    /// The anchored record's seq.
+    pub first_seq: u64,
+    /// The last record's seq.
+    pub last_seq: u64,
+    /// Checkpoints after the anchored record (and it, if it is one).
+    pub checkpoints: u64,
+    /// Records after the last signed one (the anchored record, or a later checkpoint),
+    /// protected only by the chain.
+    pub unsigned_tail: u64,
+    /// The signing keys from the anchor's on, in hand-over order.
+    pub keys: Vec<String>,
+    /// Damaged bytes the daemon noted after the anchored record and continued after.
+    pub damage: Vec<Damage>,
+    /// Records declared not written, after the anchored record.
+    pub lost: Vec<LostRecords>,
+}
+
+/// Check a log from the record `anchor` signed on: `log` starts with that record's line (a
+/// file read from [`Anchor::offset`], say, and the files after it) and must hold it unchanged
+/// (its line hashes to the anchor's `head`, its seq is the anchor's); every record after it
+/// must follow in an unbroken chain, seq continuous, with damaged bytes only where a resume
+/// record accounts for them, and every later checkpoint must be signed by the anchor's key or
+/// one it was handed over to (the anchor's `next`, or a checkpoint's).
+///
+/// The anchor is the trust here, in place of the checkpoints before it: the caller checks its
+/// signature ([`Anchor::check`]) and whose key it is. Nothing before the anchored record is
+/// read, so nothing before it is checked: [`verify`] of the whole log does that (the
+/// anchored line's `prev` commits to every record before it through the chain).
+///
+/// # Errors
+/// [`Problem::AnchorMismatch`] when the first line is not the anchored record; else the first
+/// bad record after it, as [`verify`] names it.
+pub fn verify_from(log: &[u8], anchor: &CheckedAnchor) -> Result<Continuation, Failure> {
+    let walk = walk(log, Start::Anchored(anchor))?;
+    if walk.records == 0 {
+        return Err(whole(Problem::Empty));
+    }
+    let signed = walk.last_checkpoint.as_ref().map_or(1, |(_, s)| *s);
+    Ok(Continuation {
+        records: walk.records,
+        first_seq: walk.first_seq,
+        last_seq: walk.last_seq,
+        checkpoints: walk.checkpoints,
+        unsigned_tail: walk.records - signed,
+        keys: walk.keys.adopted.iter().map(encode_key).collect(),
+        damage: walk.damage,
+        lost: walk.lost,
+    })
+}
+
+/// Where the record `anchor` signed starts in `log` (a set of files, end to end), found by
+/// reading every record: for an anchor without an [`Anchor::offset`], or one whose offset does
+/// not lead to the record. Only the lines are read, not checked: [`verify_from`] checks from
+/// there on.
+///
+/// # Errors
+/// [`Problem::Truncated`] when the log ends before the anchored seq; [`Problem::AnchorMismatch`]
+/// when the record at that seq is another (the log was rewritten from an earlier point on);
+/// [`Problem::AnchorBefore`] when the log starts after it (its earlier files are gone).
+pub fn find_anchored(log: &[u8], anchor: &CheckedAnchor) -> Result<usize, Failure> {
+    let mut first_seq = None;
+    let mut last_seq = None;
+    for (i, line) in lines(log).iter().enumerate() {
+        let Ok(record) = parse(line.bytes) else {
+            continue;
+        };
+        first_seq.get_or_insert(record.seq);
+        if record.seq == anchor.seq {
+            if line.complete && line_hash(line.bytes) == anchor.head {
+                return Ok(line.start);
+            }
+            return Err(Failure {
+                line: Some(i + 1),
+                seq: Some(record.seq),
+                problem: Problem::AnchorMismatch,
+            });
+        }
+        last_seq = Some(record.seq);
+    }
+    Err(whole(match (first_seq, last_seq) {
+        (None, _) | (_, None) => Problem::Empty,
+        (Some(first), _) if first > anchor.seq => Problem::AnchorBefore {
+            anchored: anchor.seq,
+            first,
+        },
+        (_, Some(last_seq)) if last_seq < anchor.seq => Problem::Truncated {
+            last_seq,
+            expected: anchor.seq,
+        },
+        // Its seq skipped: not what it signed.
+        _ => Problem::AnchorMismatch,
+    }))
+}
+
+/// A failure of the log as a whole.
+fn whole(problem: Problem) -> Failure {
+    Failure {
+        line: None,
+        seq: None,
+        problem,
+    }
+}
+
+/// Where a walk along the chain starts.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    /// At the log's first line: the genesis, or a `continued` record (files given from the
+    /// middle of the set). The record at the anchor's seq, if one is given, must be the one
+    /// it signed.
+    First(Option<&'a CheckedAnchor>),
+    /// At the anchored record, which must be the first line: the anchor vouches for it and
+    /// for its key.
+    Anchored(&'a CheckedAnchor),
+}
+
+/// What a walk along the chain read.
+struct Walk {
+    records: u64,
+    first_seq: u64,
+    /// The last record's seq (0 when there is none).
+    last_seq: u64,
+    checkpoints: u64,
+    /// The last checkpoint and how many records it signs (itself and those before it).
+    last_checkpoint: Option<(CheckpointSummary, u64)>,
+    keys: Keys,
+    damage: Vec<Damage>,
+    lost: Vec<LostRecords>,
+}
+
+/// Read `log` along the chain from `start`: every line a record (or damaged bytes a resume
+/// record accounts for), each record's `prev` the previous line's hash, seq continuous, every
+/// checkpoint's signature valid and its key the current one or the one handed over to.
+fn walk(log: &[u8], start: Start<'_>) -> Result<Walk, Failure> {
     let lines = lines(log);
     let fail = |i: usize, seq: Option<u64>, problem| Failure {
         line: Some(i + 1),
@@ -707,6 +909,11 @@ pub fn verify_against(
     let mut checkpoints = 0u64;
     let mut last_checkpoint: Option<(CheckpointSummary, u64)> = None;
     let mut keys = Keys::default();
+    if let Start::Anchored(a) = start {
+        // The anchor's signer holds the log there, and may have been handing it over.
+        keys.adopted.push(a.key);
+        keys.pending = a.next;
+    }
     let mut damage = Vec::new();
     let mut lost = Vec::new();
     // True when the record at `i` comes right after damaged bytes its resume record explains.
@@ -714,11 +921,23 @@ pub fn verify_against(
     let mut i = 0;
     while i < lines.len() {
         let line = lines[i];
+        let anchored_first = match start {
+            Start::Anchored(a) if i == 0 => Some(a),
+            _ => None,
+        };
+        if let Some(a) = anchored_first {
+            if !line.complete || hash_of(0) != a.head {
+                return Err(fail(0, None, Problem::AnchorMismatch));
+            }
+        }
         if !line.complete {
             return Err(fail(i, None, Problem::Incomplete));
         }
         let record = match parse(line.bytes) {
             Ok(r) => r,
+            Err(e) if anchored_first.is_some() => {
+                return Err(fail(i, None, Problem::Unreadable(e.to_string())))
+            }
             Err(e) => {
                 let start = last.map_or(0, |l| lines[l].start + lines[l].bytes.len() + 1);
                 match find_resume(&lines, i, start, log, &prev, expected) {
@@ -741,10 +960,20 @@ pub fn verify_against(
             unhex32(&record.prev).ok_or_else(|| fail(i, seq, Problem::Malformed("prev")))?;
         // Files given from the middle of the set: the first one carries on from a file not
         // given, so its first record is the chain's start here.
-        if records == 0
+        let continued = matches!(start, Start::First(_))
+            && records == 0
             && last.is_none()
-            && matches!(&record.body, Body::Event(e) if e.event == CONTINUED)
-        {
+            && matches!(&record.body, Body::Event(e) if e.event == CONTINUED);
+        if continued {
+            prev = claimed;
+            expected = record.seq;
+            first_seq = record.seq;
+        }
+        // The anchored record: what came before it is the anchor's to vouch for.
+        if let Some(a) = anchored_first {
+            if record.seq != a.seq {
+                return Err(fail(i, seq, Problem::AnchorMismatch));
+            }
             prev = claimed;
             expected = record.seq;
             first_seq = record.seq;
@@ -796,7 +1025,7 @@ pub fn verify_against(
                 reason: l.reason.clone(),
             });
         }
-        if let Some(a) = expect.anchor {
+        if let Start::First(Some(a)) = start {
             if a.seq == record.seq && a.head != hash_of(i) {
                 return Err(fail(i, seq, Problem::AnchorMismatch));
             }
@@ -808,56 +1037,13 @@ pub fn verify_against(
         last = Some(i);
         i += 1;
     }
-    if records == 0 {
-        return Err(Failure {
-            line: None,
-            seq: None,
-            problem: Problem::Empty,
-        });
-    }
-    let last_seq = expected.saturating_sub(1);
-    let whole = |problem| Failure {
-        line: None,
-        seq: None,
-        problem,
-    };
-    for due in [expect.last_seq, expect.anchor.map(|a| a.seq)]
-        .into_iter()
-        .flatten()
-    {
-        if due > last_seq {
-            return Err(whole(Problem::Truncated {
-                last_seq,
-                expected: due,
-            }));
-        }
-    }
-    if let Some(a) = expect.anchor {
-        if a.seq < first_seq {
-            return Err(whole(Problem::AnchorBefore {
-                anchored: a.seq,
-                first: first_seq,
-            }));
-        }
-    }
-    let (last_checkpoint, signed) = last_checkpoint.ok_or_else(|| whole(Problem::Untrusted))?;
-    if !keys.adopted.contains(trusted) {
-        return Err(whole(Problem::Untrusted));
-    }
-    if let Some(a) = expect.anchor {
-        if !keys.adopted.contains(&a.key) {
-            return Err(whole(Problem::AnchorKey));
-        }
-    }
-    Ok(Report {
+    Ok(Walk {
         records,
         first_seq,
-        anchored_seq: expect.anchor.map(|a| a.seq),
-        last_seq,
+        last_seq: expected.saturating_sub(1),
         checkpoints,
         last_checkpoint,
-        unsigned_tail: records - signed,
-        keys: keys.adopted.iter().map(encode_key).collect(),
+        keys,
         damage,
         lost,
     })
@@ -1453,6 +1639,7 @@ mod tests {
             next_public_key: None,
             counter: None,
             signature: B64.encode(sig.to_bytes()),
+            offset: None,
         }
     }
 
@@ -1630,5 +1817,241 @@ mod tests {
         let back = parse(&line).unwrap();
         assert_eq!(back, record);
         assert!(human(&back).contains("policy rule 3"), "{}", human(&back));
+    }
+
+    /// `w`'s log from the line of `seq` on (the lines start at seq 0), and the anchor `w`'s key
+    /// signs for that record, with its offset.
+    fn from_seq(w: &Writer, seq: u64) -> (Vec<u8>, CheckedAnchor) {
+        let key = w.key.clone();
+        let mut anchor = anchor_at(w, &key, seq);
+        let at = lines(&w.out)[usize::try_from(seq).unwrap()].start;
+        anchor.offset = Some(at as u64);
+        (w.out[at..].to_vec(), anchor.check().unwrap())
+    }
+
+    #[test]
+    fn a_log_verifies_from_its_anchored_record_on_without_what_came_before() {
+        let w = sample();
+        // From the first checkpoint (seq 3): it and the six records after it.
+        let (tail, anchor) = from_seq(&w, 3);
+        assert_eq!(anchor.offset, Some(lines(&w.out)[3].start as u64));
+        let r = verify_from(&tail, &anchor).unwrap();
+        assert_eq!((r.first_seq, r.last_seq, r.records), (3, 9, 7));
+        assert_eq!((r.checkpoints, r.unsigned_tail), (2, 2));
+        assert_eq!(r.keys, [encode_key(&w.public())]);
+        // From a record that is not a checkpoint (the daemon anchors a new log's head so).
+        let (tail, anchor) = from_seq(&w, 5);
+        let r = verify_from(&tail, &anchor).unwrap();
+        assert_eq!(
+            (r.first_seq, r.records, r.checkpoints, r.unsigned_tail),
+            (5, 5, 1, 2)
+        );
+        // From the last record: the anchor alone signs it.
+        let (tail, anchor) = from_seq(&w, 9);
+        let r = verify_from(&tail, &anchor).unwrap();
+        assert_eq!((r.records, r.checkpoints, r.unsigned_tail), (1, 0, 0));
+
+        // Records before the anchored one are not read: edited (and longer), the whole log
+        // fails where they were edited, the check from the anchor on passes, and the anchored
+        // record is still found by reading the lines.
+        let (_, anchor) = from_seq(&w, 7);
+        let mut l = lines_of(&w.out);
+        l[1] = String::from_utf8(l[1].clone())
+            .unwrap()
+            .replace("\"s1\"", "\"a-longer-name\"")
+            .into_bytes();
+        let edited = join(&l);
+        let f = failure(&edited, &w.public());
+        assert_eq!((f.line, f.problem), (Some(2), Problem::Altered));
+        let at = find_anchored(&edited, &anchor).unwrap();
+        assert_eq!(at, lines(&edited)[7].start);
+        assert_ne!(Some(at as u64), anchor.offset, "the edit moved it");
+        let r = verify_from(&edited[at..], &anchor).unwrap();
+        assert_eq!((r.first_seq, r.records), (7, 3));
+    }
+
+    #[test]
+    fn the_check_from_an_anchor_names_what_is_wrong_after_it() {
+        let w = sample();
+        let (tail, anchor) = from_seq(&w, 3);
+        // Not starting at the anchored record: the wrong offset, or a record rewritten there.
+        let l = lines(&w.out);
+        let f = verify_from(&w.out[l[4].start..], &anchor).unwrap_err();
+        assert_eq!((f.line, f.problem), (Some(1), Problem::AnchorMismatch));
+        let mut edited = lines_of(&tail);
+        edited[0] = String::from_utf8(edited[0].clone())
+            .unwrap()
+            .replace("periodic", "admin")
+            .into_bytes();
+        let f = verify_from(&join(&edited), &anchor).unwrap_err();
+        assert_eq!((f.line, f.problem), (Some(1), Problem::AnchorMismatch));
+        assert_eq!(
+            verify_from(b"", &anchor).unwrap_err().problem,
+            Problem::Empty
+        );
+        // An edit after it, as the whole log's check names it (lines counted from the anchor).
+        let mut edited = lines_of(&tail);
+        edited[2] = String::from_utf8(edited[2].clone())
+            .unwrap()
+            .replace("\"s4\"", "\"s9\"")
+            .into_bytes();
+        let f = verify_from(&join(&edited), &anchor).unwrap_err();
+        assert_eq!(
+            (f.line, f.seq, f.problem),
+            (Some(3), Some(5), Problem::Altered)
+        );
+        // A record removed after it.
+        let mut edited = lines_of(&tail);
+        edited.remove(2);
+        let f = verify_from(&join(&edited), &anchor).unwrap_err();
+        assert_eq!(f.problem, Problem::Missing { expected: 5 }, "{f}");
+        // A cut inside the last record.
+        let f = verify_from(&tail[..tail.len() - 5], &anchor).unwrap_err();
+        assert_eq!(f.problem, Problem::Incomplete);
+        // A checkpoint by a key the anchor's never handed over to.
+        let mut w2 = sample();
+        w2.checkpoint_by(&SigningKey::from_bytes(&[7; 32]), None, "periodic");
+        let (tail, anchor) = from_seq(&w2, 3);
+        let f = verify_from(&tail, &anchor).unwrap_err();
+        assert_eq!((f.line, f.problem), (Some(8), Problem::UnknownKey));
+        // The anchored checkpoint's own signature is checked too.
+        let mut l = lines_of(&w.out);
+        let mut cp = parse(&l[3]).unwrap();
+        let Body::Checkpoint(c) = &mut cp.body else {
+            panic!()
+        };
+        let mut sig = B64.decode(&c.signature).unwrap();
+        sig[0] ^= 1;
+        c.signature = B64.encode(sig);
+        l[3] = serde_json::to_vec(&cp).unwrap();
+        let mut forged = Writer::new(1);
+        forged.out = join(&l);
+        let (tail, anchor) = from_seq(&forged, 3);
+        let f = verify_from(&tail, &anchor).unwrap_err();
+        assert_eq!((f.line, f.problem), (Some(1), Problem::BadSignature));
+    }
+
+    #[test]
+    fn the_check_from_an_anchor_follows_damage_and_a_rekey_after_it() {
+        let mut w = sample();
+        let old = w.key.clone();
+        let new = SigningKey::from_bytes(&[2; 32]);
+        w.checkpoint_by(&old, Some(&new), "rekey");
+        // Anchored at the hand-over: the new key's checkpoints are the log's from there on.
+        let anchored = w.seq - 1;
+        let torn = br#"{"seq":11,"time":"2025-01-01T00:0"#;
+        let before = w.prev;
+        w.out.extend_from_slice(torn);
+        w.out.push(b'\n');
+        w.push(Body::Resume(Resume {
+            damaged_bytes: torn.len() as u64,
+            damaged_sha256: hex(&line_hash(torn)),
+            reason: "torn".into(),
+        }));
+        assert_eq!(
+            parse(lines_of(&w.out).last().unwrap()).unwrap().prev,
+            hex(&before)
+        );
+        w.checkpoint_by(&new, None, "rekeyed");
+        w.request("GetSecret", "x");
+        let key = w.key.clone();
+        let mut anchor = {
+            let l = lines_of(&w.out);
+            let head = line_hash(&l[usize::try_from(anchored).unwrap()]);
+            let time = "2025-01-01T00:00:01.000Z";
+            let next = new.verifying_key();
+            let sig = key.sign(&anchor_message(
+                anchored,
+                &head,
+                time,
+                &key.verifying_key(),
+                Some(&next),
+                None,
+            ));
+            Anchor {
+                seq: anchored,
+                head: hex(&head),
+                time: time.into(),
+                public_key: encode_key(&key.verifying_key()),
+                next_public_key: Some(encode_key(&next)),
+                counter: None,
+                signature: B64.encode(sig.to_bytes()),
+                offset: None,
+            }
+        };
+        let at = find_anchored(&w.out, &anchor.check().unwrap()).unwrap();
+        // The offset is a hint: not signed, so adding it keeps the signature good.
+        anchor.offset = Some(at as u64);
+        let checked = anchor.check().unwrap();
+        let r = verify_from(&w.out[at..], &checked).unwrap();
+        assert_eq!(
+            r.keys,
+            [
+                encode_key(&old.verifying_key()),
+                encode_key(&new.verifying_key())
+            ]
+        );
+        assert_eq!(r.damage.len(), 1);
+        assert_eq!((r.checkpoints, r.unsigned_tail), (2, 1));
+    }
+
+    #[test]
+    fn the_anchored_record_is_found_or_the_cut_or_rewrite_named() {
+        let mut w = sample();
+        w.checkpoint();
+        let (_, anchor) = from_seq(&w, 10);
+        assert_eq!(
+            find_anchored(&w.out, &anchor).unwrap(),
+            lines(&w.out)[10].start
+        );
+        // Cut after the checkpoint at seq 7.
+        let l = lines(&w.out);
+        let cut = &w.out[..l[8].start];
+        let f = find_anchored(cut, &anchor).unwrap_err();
+        assert_eq!(
+            (f.line, f.problem),
+            (
+                None,
+                Problem::Truncated {
+                    last_seq: 7,
+                    expected: 10
+                }
+            )
+        );
+        // Rewritten from there on, as long as before.
+        let mut forged = Writer::new(1);
+        forged.out = cut.to_vec();
+        forged.seq = 8;
+        forged.prev = line_hash(&lines_of(cut)[7]);
+        for _ in 8..11 {
+            forged.request("Status", "forged");
+        }
+        let f = find_anchored(&forged.out, &anchor).unwrap_err();
+        assert_eq!(
+            (f.line, f.seq, f.problem),
+            (Some(11), Some(10), Problem::AnchorMismatch)
+        );
+        assert_eq!(
+            find_anchored(b"", &anchor).unwrap_err().problem,
+            Problem::Empty
+        );
+        // The files that held it are gone.
+        let (_, early) = from_seq(&w, 2);
+        assert_eq!(
+            find_anchored(&w.out[l[4].start..], &early)
+                .unwrap_err()
+                .problem,
+            Problem::AnchorBefore {
+                anchored: 2,
+                first: 4
+            }
+        );
+        // An anchor of before the field existed still reads, and one with it round-trips.
+        let text = br#"{"seq":1,"head":"00","time":"t","public_key":"k","signature":"s"}"#;
+        assert_eq!(Anchor::parse(text).unwrap().offset, None);
+        let mut a = anchor_at(&w, &w.key.clone(), 10);
+        a.offset = Some(1234);
+        let json = serde_json::to_vec(&a).unwrap();
+        assert_eq!(Anchor::parse(&json).unwrap(), a);
     }
 }

@@ -1279,3 +1279,62 @@ secrets = [\"b/*\"]
         .unwrap_or_else(|| panic!("{}", out.stdout));
     assert!(line.contains(&format!("policy rule {second}")), "{line}");
 }
+
+/// The check when the vault opens reads the log from the anchored checkpoint on: records
+/// before it that were damaged do not stop the log (they are outside what the next checkpoint
+/// signs), and `keyward audit verify` of the whole log still names the first bad one. A log
+/// cut short or rewritten after the anchor is still set aside (the two tests above).
+#[test]
+fn a_log_damaged_before_its_anchored_checkpoint_still_starts_and_verify_names_the_record() {
+    let token = SoftHsm::new("audit");
+    let (mut d, lines, middle) = signed_log(&token);
+    let anchor: Value =
+        serde_json::from_slice(&std::fs::read(state(&d).join(audit::ANCHOR_FILE)).unwrap())
+            .unwrap();
+    let anchored = lines
+        .iter()
+        .position(|l| anchor["seq"] == audit::parse(l).unwrap().seq)
+        .unwrap();
+    assert!(
+        middle < anchored,
+        "the read in the middle is before the anchor"
+    );
+    // The read's target edited in place, one byte longer: the chain breaks there, and every
+    // byte offset after it moves (the anchor's offset included).
+    let mut edited = lines.clone();
+    edited[middle] = String::from_utf8(edited[middle].clone())
+        .unwrap()
+        .replace("\"t/2\"", "\"t/22\"")
+        .into_bytes();
+    assert_ne!(edited[middle], lines[middle]);
+    write_lines(&log_path(&d), &edited);
+
+    d.start();
+    let status = d.json(&["status"]);
+    assert!(status["audit_finding"].is_null(), "{status}");
+    assert_eq!(status["sealed"], false, "{status}");
+    assert!(
+        d.statuses().iter().all(|s| !s.contains("ANCHOR")),
+        "{:?}",
+        d.statuses()
+    );
+    ok(
+        &d.run(&["secret", "get", "t/0"], b""),
+        "the daemon serves on",
+    );
+    d.stop();
+    let aside = std::fs::read_dir(state(&d))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().is_dir())
+        .count();
+    assert_eq!(aside, 0, "nothing was set aside");
+    // The log went on where it was, and the whole-log check names the edited record.
+    let now = records_in(&log_path(&d));
+    assert!(now.len() > edited.len());
+    assert_eq!(now[middle].seq, audit::parse(&lines[middle]).unwrap().seq);
+    let (code, doc) = verify_args(&d, &[state(&d).to_str().unwrap()]);
+    assert_eq!(code, 1, "{doc}");
+    let p = &doc["error"]["parameters"];
+    assert_eq!(p["line"], middle + 1, "{doc}");
+    assert!(p["problem"].as_str().unwrap().contains("altered"), "{doc}");
+}

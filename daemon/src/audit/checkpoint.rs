@@ -3,6 +3,34 @@
 //! when the key comes, setting a log that fails the check aside for a new one, and
 //! `audit.pub`.
 //!
+//! **What the check when the vault opens proves.** The anchor in `audit.anchor` is signed by
+//! the vault's audit key (or by the key before it, at a rekey's hand-over) over a record's seq
+//! and the hash of its line: normally the newest checkpoint on disk (a new log's first anchor
+//! names its head instead). The check reads the log as it was found at start from that record
+//! on — from the anchor's `offset` in the file that holds it, confirmed by the line there
+//! hashing to the anchor's `head` — and passes when (1) the anchored record is there, unchanged,
+//! at its seq, and (2) every record after it, to the end of the log as found, follows in an
+//! unbroken chain with seq continuous, damaged bytes only where a resume record accounts for
+//! them, and every checkpoint signed by the anchor's key or a key it was handed over to
+//! ([`format::verify_from`]). So a log cut short before the anchored record, or rewritten from
+//! an earlier point on (which changes the anchored line, or its seq), or edited after it
+//! without recomputing the chain, is set aside, and nothing signs over it.
+//!
+//! It reads nothing before the anchored record, so it costs the records written since the
+//! last checkpoint, not the log's length. Records *before* it that were damaged or rewritten
+//! without touching the anchored line (which would need the chain broken, since that line's
+//! `prev` commits to every record before it) do not stop the log: they are not signed over
+//! (they are outside the chain the next checkpoint extends), and `keyward audit verify` of the
+//! whole log (every file, every checkpoint's signature, from the genesis record) names the
+//! first bad record. Until anchors carried their offset, the check read the files from the
+//! start of the one holding the anchored record (the rolled files before it never) and also
+//! failed on a broken chain before the anchored record in that file; an anchor without an
+//! offset, or whose offset leads elsewhere, is still found by reading those files, but only
+//! to locate the record ([`format::find_anchored`]), so the two kinds of anchor prove the
+//! same. As before, records after the anchored record are protected only by the chain (an edit
+//! among them that recomputes the chain passes), and a log rolled back with its anchor passes
+//! unless a TPM counter is kept ([`super::counter`]).
+//!
 //! Must not: write an anchor before its checkpoint is on disk, sign over a log that did not
 //! match its anchor, or keep the signing key anywhere but the writer (zeroized when dropped).
 
@@ -45,7 +73,8 @@ impl AuditLog {
             return Ok(None);
         };
         let counter = w.counter_next;
-        let anchor = sign_anchor(key, seq, &w.prev, time, w.next.as_ref(), counter);
+        let mut anchor = sign_anchor(key, seq, &w.prev, time, w.next.as_ref(), counter);
+        anchor.offset = w.last_line;
         w.counter_next = counter.map(|c| c + 1);
         // The second witness: the journal keeps what the state directory may lose.
         tracing::info!(
@@ -149,7 +178,8 @@ impl AuditLog {
         }
         self.sync_through(self.written.load(Ordering::Acquire))?;
         let counter = w.counter_next;
-        let anchor = sign_anchor(key, w.seq - 1, &w.prev, now(), None, counter);
+        let mut anchor = sign_anchor(key, w.seq - 1, &w.prev, now(), None, counter);
+        anchor.offset = w.last_line;
         self.write_anchor(&mut lock(&self.anchor_lock), &anchor)?;
         if let Some(c) = counter {
             w.counter_next = Some(c + 1);
@@ -190,28 +220,56 @@ impl AuditLog {
                 format::ANCHOR_FILE
             ));
         }
-        let bytes = self
-            .read_from(w, anchor.seq)
-            .map_err(|e| format!("cannot read the log to check it: {e}"))?;
-        let expect = Expect {
-            anchor: Some(&anchor),
-            last_seq: None,
+        let mismatch = |f: format::Failure| {
+            let at = f.seq.map(|s| format!("seq {s}: ")).unwrap_or_default();
+            format!(
+                "the log does not match its anchor (checkpoint seq {}): {at}{}",
+                anchor.seq, f.problem
+            )
         };
-        format::verify_against(&bytes, &anchor.key, expect)
+        let bytes = self
+            .read_anchored(w, &anchor)
+            .map_err(|e| format!("cannot read the log to check it: {e}"))?
+            .map_err(mismatch)?;
+        format::verify_from(&bytes, &anchor)
             .map(|_| Some(anchor.clone()))
-            .map_err(|f| {
-                let at = f.seq.map(|s| format!("seq {s}: ")).unwrap_or_default();
-                format!(
-                    "the log does not match its anchor (checkpoint seq {}): {at}{}",
-                    anchor.seq, f.problem
-                )
-            })
+            .map_err(mismatch)
     }
 
-    /// The log's files from the one that holds `seq` on, end to end (the live one up to its
-    /// last good record). The first time, only the log as it was found at start: what this run
-    /// wrote since then is ours, and must not hide a cut.
-    pub(super) fn read_from(&self, w: &Writer, seq: u64) -> io::Result<Vec<u8>> {
+    /// The log from the anchored record on, as found at start ([`format::verify_from`]'s
+    /// input): read from the anchor's offset when the line there is the anchored one, else
+    /// found by reading the files that may hold it ([`format::find_anchored`]: an anchor
+    /// written before anchors had an offset, or an offset that leads elsewhere). The inner
+    /// `Err` is the record not being found, in the verifier's words.
+    pub(super) fn read_anchored(
+        &self,
+        w: &Writer,
+        anchor: &CheckedAnchor,
+    ) -> io::Result<Result<Vec<u8>, format::Failure>> {
+        let files = self.files_from(w, anchor.seq)?;
+        if let Some(offset) = anchor.offset {
+            let bytes = read_files(&files, offset)?;
+            let first = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
+            if bytes.len() > first.len() && format::line_hash(first) == anchor.head {
+                return Ok(Ok(bytes));
+            }
+            tracing::warn!(
+                seq = anchor.seq,
+                offset,
+                "audit log: the anchored record is not at the anchor's offset; reading the log for it"
+            );
+        }
+        let mut bytes = read_files(&files, 0)?;
+        Ok(format::find_anchored(&bytes, anchor).map(|at| {
+            bytes.drain(..at);
+            bytes
+        }))
+    }
+
+    /// The log's files from the one that holds `seq` on, each with where its bytes end (the
+    /// live one at its last good record). The first time, only the log as it was found at
+    /// start: what this run wrote since then is ours, and must not hide a cut.
+    fn files_from(&self, w: &Writer, seq: u64) -> io::Result<Vec<(PathBuf, Option<u64>)>> {
         let mut files = format::set_in(&self.dir)?;
         let mut live = (
             self.path.clone(),
@@ -236,15 +294,14 @@ impl AuditLog {
                 break;
             }
         }
-        let mut out = Vec::new();
-        for path in &files[start..] {
-            let mut bytes = std::fs::read(path)?;
-            if *path == live.0 {
-                bytes.truncate(usize::try_from(live.1).unwrap_or(usize::MAX));
-            }
-            out.extend_from_slice(&bytes);
-        }
-        Ok(out)
+        Ok(files
+            .split_off(start)
+            .into_iter()
+            .map(|path| {
+                let end = (path == live.0).then_some(live.1);
+                (path, end)
+            })
+            .collect())
     }
 
     /// Whether any of the log's files holds a checkpoint (newest first: it is found at once).
@@ -362,7 +419,25 @@ pub(super) fn sign_anchor(
         next_public_key: next.map(format::encode_key),
         counter,
         signature: B64.encode(signature.to_bytes()),
+        offset: None,
     }
+}
+
+/// `files` end to end, the first from byte `offset` on, each up to its end (if it has one).
+fn read_files(files: &[(PathBuf, Option<u64>)], offset: u64) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for (i, (path, end)) in files.iter().enumerate() {
+        let from = if i == 0 { offset } else { 0 };
+        let mut file = File::open(path)?;
+        file.seek(SeekFrom::Start(from))?;
+        match end {
+            Some(end) => file.take(end.saturating_sub(from)).read_to_end(&mut out)?,
+            None => file.read_to_end(&mut out)?,
+        };
+    }
+    #[cfg(test)]
+    tests::READ.with(|r| r.set(r.get() + out.len() as u64));
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -370,6 +445,108 @@ mod tests {
     use super::*;
     use crate::audit::test_support::*;
     use ed25519_dalek::SigningKey;
+
+    thread_local! {
+        /// Bytes of the log the anchor check read on this thread ([`read_files`]).
+        pub(super) static READ: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A log of `records` reads, signed and stopped: (its length, the bytes the next unseal's
+    /// check read).
+    fn log_of(dir: &Path, records: usize) -> (u64, u64) {
+        let key = SigningKey::from_bytes(&[8; 32]);
+        let log = AuditLog::open(dir, AuditOptions::default()).unwrap();
+        log.key_opened(key.clone(), "test");
+        for n in 0..records {
+            log.request(
+                entry("GetSecret", &format!("s{n}")),
+                Durability::Written,
+                None,
+            )
+            .unwrap();
+        }
+        log.shutdown();
+        let len = std::fs::metadata(dir.join(format::LOG_FILE)).unwrap().len();
+        (len, unseal_again(dir, &key))
+    }
+
+    /// Open the log in `dir` and unseal: the bytes the check read. It must pass.
+    fn unseal_again(dir: &Path, key: &SigningKey) -> u64 {
+        let log = AuditLog::open(dir, AuditOptions::default()).unwrap();
+        READ.with(|r| r.set(0));
+        log.key_opened(key.clone(), "test");
+        let read = READ.with(std::cell::Cell::get);
+        assert_eq!(log.finding(), None);
+        log.shutdown();
+        read
+    }
+
+    #[test]
+    fn the_check_at_unseal_reads_from_the_anchor_on_however_long_the_log() {
+        let (small, big) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (small_len, small_read) = log_of(small.path(), 10);
+        let (big_len, big_read) = log_of(big.path(), 20_000);
+        assert!(big_len > 4 << 20, "{big_len}");
+        // The stop checkpoint (anchored) is all there is after the anchor: one line either way
+        // (the longer log's has longer seq numbers).
+        assert!(
+            small_read > 0 && small_read < 1024,
+            "{small_read} of {small_len}"
+        );
+        assert!(big_read <= small_read + 16, "{big_read} of {big_len}");
+        // An anchor without an offset (written before anchors had one) is found by reading
+        // the file, and passes the same.
+        let anchor_path = big.path().join(format::ANCHOR_FILE);
+        let mut anchor = Anchor::parse(&std::fs::read(&anchor_path).unwrap()).unwrap();
+        assert!(anchor.offset.is_some());
+        anchor.offset = None;
+        std::fs::write(&anchor_path, serde_json::to_vec(&anchor).unwrap()).unwrap();
+        let key = SigningKey::from_bytes(&[8; 32]);
+        let read = unseal_again(big.path(), &key);
+        assert!(read >= big_len, "{read} of {big_len}");
+        // The checkpoints since carry an offset again.
+        assert!(unseal_again(big.path(), &key) < 1024);
+    }
+
+    #[test]
+    fn records_damaged_before_the_anchored_checkpoint_do_not_stop_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[8; 32]);
+        log_of(dir.path(), 20);
+        let path = dir.path().join(format::LOG_FILE);
+        // As long as before (the anchor's offset still leads to its record), then longer.
+        for (from, to) in [("\"s3\"", "\"s4\""), ("\"s5\"", "\"s5-renamed\"")] {
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.contains(from));
+            std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+            unseal_again(dir.path(), &key);
+            // The whole log still says where it was edited.
+            let f = format::verify(&whole_set(dir.path()), &key.verifying_key()).unwrap_err();
+            assert_eq!(f.problem, format::Problem::Altered, "{f}");
+        }
+        // Records written while sealed come after the anchor: one of them edited the same
+        // way is a finding.
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        for n in 0..3 {
+            log.request(
+                entry("GetSecret", &format!("sealed{n}")),
+                Durability::Written,
+                None,
+            )
+            .unwrap();
+        }
+        log.shutdown();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replacen("\"sealed1\"", "\"sealed9\"", 1)).unwrap();
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        log.key_opened(key, "test");
+        let finding = log.finding().expect("a finding");
+        assert!(
+            finding.contains("does not match its anchor") && finding.contains("altered"),
+            "{finding}"
+        );
+        log.shutdown();
+    }
 
     #[test]
     fn the_unsealed_log_signs_every_so_many_records() {

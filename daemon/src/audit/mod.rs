@@ -98,8 +98,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use keyward_proto::audit::{
-    self as format, Anchor, Body, CallerRecord, CheckedAnchor, Checkpoint, EventRecord, Expect,
-    Lost, Record, RequestRecord, Resume,
+    self as format, Anchor, Body, CallerRecord, CheckedAnchor, Checkpoint, EventRecord, Lost,
+    Record, RequestRecord, Resume,
 };
 
 use crate::device::DeviceHandle;

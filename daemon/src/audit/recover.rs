@@ -105,6 +105,7 @@ impl AuditLog {
                 seq,
                 prev,
                 end,
+                last_line: None,
                 damaged,
                 key: None,
                 next: None,
@@ -224,33 +225,44 @@ pub(super) enum Head {
     NoRecord,
 }
 
-/// Find the last readable, newline-terminated record in the last [`TAIL_WINDOW`] bytes.
+/// Find the last readable, newline-terminated record in the last [`TAIL_WINDOW`] bytes. The
+/// end of the file is read first ([`FIRST_WINDOW`]: a record is a few hundred bytes), the
+/// whole window only when that holds no readable record: start-up reads what it needs of a
+/// long log, not a MiB of it.
 pub(super) fn read_head(file: &mut File, len: u64) -> io::Result<Head> {
     if len == 0 {
         return Ok(Head::Empty);
     }
-    let from = len.saturating_sub(TAIL_WINDOW);
-    file.seek(SeekFrom::Start(from))?;
-    let mut tail = Vec::with_capacity(usize::try_from(len - from).unwrap_or(0));
-    file.take(len - from).read_to_end(&mut tail)?;
-    let lines = format::lines(&tail);
-    // Mid-file, the window's first line is most likely cut: it can't be the head anyway
-    // unless it is the only line, and then it is not readable.
-    let skip = usize::from(from > 0);
-    for line in lines.iter().skip(skip).rev() {
-        if !line.complete {
-            continue;
+    for window in [FIRST_WINDOW, TAIL_WINDOW] {
+        let from = len.saturating_sub(window);
+        file.seek(SeekFrom::Start(from))?;
+        let mut tail = Vec::with_capacity(usize::try_from(len - from).unwrap_or(0));
+        file.take(len - from).read_to_end(&mut tail)?;
+        let lines = format::lines(&tail);
+        // Mid-file, the window's first line is most likely cut: it can't be the head anyway
+        // unless it is the only line, and then it is not readable.
+        let skip = usize::from(from > 0);
+        for line in lines.iter().skip(skip).rev() {
+            if !line.complete {
+                continue;
+            }
+            if let Ok(record) = format::parse(line.bytes) {
+                return Ok(Head::At {
+                    seq: record.seq.saturating_add(1),
+                    prev: format::line_hash(line.bytes),
+                    good_end: from + (line.start + line.bytes.len() + 1) as u64,
+                });
+            }
         }
-        if let Ok(record) = format::parse(line.bytes) {
-            return Ok(Head::At {
-                seq: record.seq.saturating_add(1),
-                prev: format::line_hash(line.bytes),
-                good_end: from + (line.start + line.bytes.len() + 1) as u64,
-            });
+        if from == 0 {
+            break;
         }
     }
     Ok(Head::NoRecord)
 }
+
+/// How much of the log's end [`read_head`] reads first.
+const FIRST_WINDOW: u64 = 64 << 10;
 
 #[cfg(test)]
 mod tests {
@@ -334,6 +346,30 @@ mod tests {
             AuditLog::open(dir.path(), AuditOptions::default()),
             Err(AuditError::Unreadable { .. })
         ));
+    }
+
+    #[test]
+    fn the_head_is_found_past_the_first_window_of_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[6; 32]);
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        log.key_opened(key.clone(), "test");
+        log.shutdown();
+        let path = dir.path().join(format::LOG_FILE);
+        let before = std::fs::read(&path).unwrap();
+        // More damaged bytes (no newline) than the first window: the head is still found.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&vec![b'x'; usize::try_from(FIRST_WINDOW).unwrap() + 100])
+            .unwrap();
+        drop(f);
+        let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+        log.key_opened(key.clone(), "test");
+        assert_eq!(log.finding(), None);
+        log.shutdown();
+        let r = verify(dir.path(), &key.verifying_key());
+        assert_eq!(r.damage.len(), 1);
+        assert_eq!(r.damage[0].bytes, FIRST_WINDOW + 100);
+        assert!(std::fs::read(&path).unwrap().starts_with(&before));
     }
 
     #[test]

@@ -125,6 +125,7 @@ impl AuditLog {
             w.damaged = Some((w.end, format!("a write failed: {e}")));
             return Err(AuditError::Write(e));
         }
+        w.last_line = Some(w.end);
         w.end += w.buf.len() as u64;
         w.prev = hash;
         w.since_checkpoint += 1;
@@ -193,6 +194,8 @@ pub(super) struct Writer {
     pub(super) prev: [u8; 32],
     /// File length as written by us.
     pub(super) end: u64,
+    /// Where the last line this run wrote starts in the live file (an anchor's offset).
+    pub(super) last_line: Option<u64>,
     /// Bytes from this offset to the end of the file are damaged: a resume record must come
     /// before the next record. With why.
     pub(super) damaged: Option<(u64, String)>,
