@@ -241,11 +241,21 @@ fn every_request_is_on_record_with_its_caller_and_never_a_secret() {
     let (_, get) = &of(&records, "GetSecret", "db/password")[0];
     assert_eq!(get.caller.via, "varlink");
     assert!(get.caller.pid.is_some());
-    // A mutation is on record before it runs, and its outcome names that record.
+    // A secret's change is on record once, committed with it: which version, and its number
+    // in the outbox it came through.
     let puts = of(&records, "PutSecret", "db/password");
-    assert_eq!(puts.len(), 2, "{puts:#?}");
-    assert_eq!(puts[0].1.result, audit::STARTED);
-    assert_eq!(puts[1].1.intent, Some(puts[0].0));
+    assert_eq!(puts.len(), 1, "{puts:#?}");
+    assert_eq!(puts[0].1.result, audit::OK);
+    assert_eq!(puts[0].1.detail.as_deref(), Some("version 1"));
+    assert!(puts[0].1.outbox.is_some(), "{puts:#?}");
+    let deletes = of(&records, "DeleteSecret", "db/password");
+    assert_eq!(deletes.len(), 1, "{deletes:#?}");
+    assert!(deletes[0].1.outbox > puts[0].1.outbox, "{deletes:#?}");
+    // Other mutations are on record before they run, and their outcome names that record.
+    let creates = of(&records, "CreateKey", "sig");
+    assert_eq!(creates.len(), 2, "{creates:#?}");
+    assert_eq!(creates[0].1.result, audit::STARTED);
+    assert_eq!(creates[1].1.intent, Some(creates[0].0));
     // Reads get one record each.
     assert_eq!(of(&records, "SecretVersions", "db/password").len(), 1);
 
@@ -1257,11 +1267,8 @@ secrets = [\"b/*\"]
     };
     assert_eq!(rules("GetSecret", "b/two", NOBODY), [Some(second)]);
     assert_eq!(rules("GetSecret", "a/one", NOBODY), [Some(first)]);
-    // A mutation's `started` and outcome records both name the rule.
-    assert_eq!(
-        rules("PutSecret", "a/one", 0),
-        [Some(root_rule), Some(root_rule)]
-    );
+    // A secret's change, recorded with its commit, names the rule.
+    assert_eq!(rules("PutSecret", "a/one", 0), [Some(root_rule)]);
     // Refused by the policy: no rule allowed it.
     assert_eq!(rules("GetSecret", "c/three", NOBODY), [None]);
     // No rule decides `Status`.
