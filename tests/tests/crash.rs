@@ -1172,6 +1172,21 @@ fn check_audit(h: &mut Harness, writers: &[Writer]) {
     h.tally.audited_puts = acked.len();
 }
 
+/// How many records the starts appended from the audit outbox (changes a kill cut off after
+/// their commit, before their line), as the daemon logged them.
+fn appended_at_start(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("appended the records of changes committed before the last stop"))
+        .filter_map(|l| l.split("records=").nth(1))
+        .filter_map(|n| {
+            n.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// Seal, then open with the shares of a recovery slot: the last acknowledged rekey's or
 /// enroll's shares must work. Then check a read.
 fn unseal_with_shares(h: &mut Harness, c: &mut Client, admin: &Admin, rng: &mut Rng) {
@@ -1439,7 +1454,7 @@ fn acknowledged_writes_survive_sigkill_and_the_vault_always_opens() {
     );
     eprintln!(
         "crash: kills={kills} ops={} acked={} in_flight={} (committed={}, absent={}) \
-         verified={} audited_puts={} share_unseals={} terms={} keyslots={} keys={} audit_log={} \
+         verified={} audited_puts={} appended_at_start={} share_unseals={} terms={} keyslots={} keys={} audit_log={} \
          failures=0 seed={seed} wall={:.1?}",
         t.sent,
         t.acked,
@@ -1448,6 +1463,7 @@ fn acknowledged_writes_survive_sigkill_and_the_vault_always_opens() {
         t.in_flight_absent,
         t.verified_reads,
         t.audited_puts,
+        appended_at_start(&h.daemon.plain_log()),
         t.share_unseals,
         t.terms_seen.len(),
         admin.slots.len(),

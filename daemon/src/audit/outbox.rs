@@ -339,7 +339,11 @@ mod tests {
         // start after that finds them all in the file and appends nothing.
         for expected in [2, 0] {
             let store = Store::open(&db).unwrap();
-            assert_eq!(rows(&store), 3, "no row is deleted before the restart's export");
+            assert_eq!(
+                rows(&store),
+                3,
+                "no row is deleted before the restart's export"
+            );
             let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
             log.key_opened(key.clone(), "test");
             assert_eq!(log.export_outbox_at_start(&store).unwrap(), expected);
