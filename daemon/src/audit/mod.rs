@@ -125,7 +125,7 @@ use counter::TpmCounter;
 use hooks::HookThread;
 use writer::Writer;
 
-pub use outbox::{Staged, CLEAN_INTERVAL as OUTBOX_CLEAN_INTERVAL};
+pub use outbox::Staged;
 
 /// How long a read's record may wait for `fdatasync`.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
