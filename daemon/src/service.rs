@@ -5,8 +5,10 @@
 //! `Request::audit`, `Request::target`, `Request::detail`); the one match here is the handler.
 //!
 //! Every request is audited, refused ones included, and none is answered unless its record
-//! was written: a mutation (write or admin verb) gets a durable `started` record before it runs
-//! and a durable outcome record before the reply; a read gets one record, written before the
+//! was written: a secret's put or delete commits its record in the change's own transaction
+//! (the audit outbox), and it is appended to the log before the reply; any other mutation
+//! (a device key's create or delete, an admin verb) gets a durable `started` record before it
+//! runs and an outcome record before the reply; a read gets one record, written before the
 //! reply and synced by the audit log's flusher (see [`crate::audit`] for the window).
 //!
 //! The one exception is `Status`: read-only, nothing secret, and how an admin learns that the
@@ -223,12 +225,6 @@ impl Service {
                     shares_needed,
                 })
             }
-            Request::PutSecret(p) => {
-                let name = p.name.to_string();
-                let version = v.put_secret(p.name, p.value).await?;
-                self.announce_change(&name, version);
-                Reply::PutSecret(api::VersionReply { version })
-            }
             Request::GetSecret(p) => {
                 let (value, version) = v.get_secret(p.name, p.version).await?;
                 Reply::GetSecret(api::GetSecretReply { value, version })
@@ -244,12 +240,6 @@ impl Service {
             Request::SecretVersions(p) => Reply::SecretVersions(api::VersionsReply {
                 versions: v.secret_versions(p.name).await?,
             }),
-            Request::DeleteSecret(p) => {
-                let name = p.name.to_string();
-                v.delete_secret(p.name).await?;
-                self.announce_change(&name, 0);
-                Reply::DeleteSecret(api::Done {})
-            }
             Request::CreateKey(p) => Reply::CreateKey(api::PublicKeyReply {
                 public_key: api::Bytes(v.create_key(p.name, p.device, p.algorithm).await?),
             }),
@@ -310,6 +300,12 @@ impl Service {
                     change: api::ChangeKind::Watching,
                     name: None,
                     version: None,
+                })
+            }
+            // Their records are committed with them: `change_on_record`.
+            Request::PutSecret(_) | Request::DeleteSecret(_) => {
+                return Err(ApiError::Internal {
+                    reason: "a secret change must carry its audit record".into(),
                 })
             }
             Request::UpstreamStatus(_) => Reply::UpstreamStatus(match self.upstream.get() {
@@ -400,7 +396,83 @@ fn result_name(result: &Result<impl Sized, ApiError>) -> String {
     }
 }
 
+/// A secret's put or delete: the change whose audit record is committed with it.
+enum SecretChange {
+    Put(api::PutSecretParams),
+    Delete(api::SecretNameParams),
+}
+
+impl SecretChange {
+    fn method(&self) -> &'static str {
+        match self {
+            Self::Put(_) => "PutSecret",
+            Self::Delete(_) => "DeleteSecret",
+        }
+    }
+}
+
 impl Service {
+    /// Run a secret's put or delete with its audit record in the same transaction (the audit
+    /// outbox), then append the record to the log before the reply. The log is asked first
+    /// whether it takes records: if not, nothing is changed. A change that fails, before or in
+    /// its transaction, changes nothing and gets its record the way a read does.
+    ///
+    /// Once committed the change is acknowledged even if its line can't be appended now: the
+    /// record is durable with it, and the next export (or the next start) appends it.
+    async fn change_on_record(
+        &self,
+        caller: &Caller,
+        change: SecretChange,
+        entry: impl Fn(String) -> Entry,
+    ) -> Result<Reply, ApiError> {
+        let staged = self.audit.stage(entry(OK.into())).map_err(|e| {
+            tracing::error!("the audit log takes no records, refusing the change: {e}");
+            ApiError::from(crate::error::Error::from(e))
+        })?;
+        let v = &self.vault;
+        let method = change.method();
+        let (result, name) = match change {
+            SecretChange::Put(p) => {
+                let name = p.name.to_string();
+                let put = v.put_secret(p.name, p.value, staged).await;
+                let result = put.map(|(version, id)| {
+                    self.announce_change(&name, version);
+                    (Reply::PutSecret(api::VersionReply { version }), id)
+                });
+                (result, name)
+            }
+            SecretChange::Delete(p) => {
+                let name = p.name.to_string();
+                let deleted = v.delete_secret_recorded(p.name, staged).await;
+                let result = deleted.map(|id| {
+                    self.announce_change(&name, 0);
+                    (Reply::DeleteSecret(api::Done {}), id)
+                });
+                (result, name)
+            }
+        };
+        match result {
+            Ok((reply, id)) => {
+                if let Err(e) = self.audit.export(v.store(), id) {
+                    tracing::error!(
+                        "audit log: the record of a committed change is not in the file yet \
+                         (it is in the outbox, and goes in with the next one): {e}"
+                    );
+                }
+                tracing::debug!(caller = %caller, method, target = %name, "ok");
+                Ok(reply)
+            }
+            Err(e) => {
+                let e = ApiError::from(e);
+                // Nothing changed: on record like a read.
+                self.record(entry(e.short_name()), Durability::Written, None)
+                    .await?;
+                tracing::info!(caller = %caller, method, target = %name, error = %e.name(), "refused");
+                Err(e)
+            }
+        }
+    }
+
     /// Write one audit record; an audit failure becomes the request's error.
     async fn record(
         &self,
@@ -456,9 +528,10 @@ impl Handler for Service {
         let method = request.method();
         let target = request.target();
         let audit = request.audit();
+        let detail = request.detail();
         let entry = |result: String| {
             let mut e = Entry::new(&caller, method, &target, &result);
-            e.detail = request.detail();
+            e.detail = detail.clone();
             e
         };
         let durability = match audit {
@@ -480,6 +553,17 @@ impl Handler for Service {
             rule,
             ..entry(result)
         };
+        let request = match request {
+            Request::PutSecret(p) => {
+                let change = SecretChange::Put(p);
+                return self.change_on_record(&caller, change, entry).await;
+            }
+            Request::DeleteSecret(p) => {
+                let change = SecretChange::Delete(p);
+                return self.change_on_record(&caller, change, entry).await;
+            }
+            other => other,
+        };
         // A mutation is on record before it runs: nothing the log can't show is done.
         let intent = if audit.mutates() {
             Some(self.record(entry(STARTED.into()), durability, None).await?)
@@ -499,9 +583,9 @@ impl Handler for Service {
             return result;
         }
         let checkpoint = (audit == Audit::AdminChange).then_some("admin");
-        // A secret's put or delete: its `started` record is already durable, and the store's
-        // commit shows what happened, so the outcome line may ride the next group sync (one
-        // `fdatasync` saved per write). Admin verbs sync theirs, with a checkpoint.
+        // A device key's create or delete: its `started` record is already durable, and the
+        // store's commit shows what happened, so the outcome line may ride the next group sync
+        // (one `fdatasync` saved per change). Admin verbs sync theirs, with a checkpoint.
         let outcome_durability = match audit {
             Audit::Change => Durability::Written,
             _ => durability,

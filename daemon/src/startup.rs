@@ -453,6 +453,7 @@ pub struct Daemon {
     device_watch: JoinHandle<()>,
     watchdog_stop: watch::Sender<bool>,
     watchdog: Option<JoinHandle<()>>,
+    outbox_cleaner: JoinHandle<()>,
 }
 
 /// Assemble and start the daemon; `READY=1` has been sent when this returns.
@@ -474,6 +475,13 @@ pub async fn start(config: &Config) -> Result<Daemon, StartError> {
     // Before the first unseal: the vault hands the audit log its signing key when it opens.
     let audit = AuditLog::open(&config.state_dir, config.audit)
         .map_err(|e| StartError::Audit(Box::new(e)))?;
+    // Before anything is served: the records of secret changes committed before the last stop
+    // that the log does not hold yet go in, in order.
+    audit
+        .open_outbox(&store)
+        .await
+        .map_err(|e| StartError::Audit(Box::new(e)))?;
+    let outbox_cleaner = audit.spawn_outbox_cleaner(store.clone());
     stages.done("audit log opened");
     // The audit log is told first (it checks its anchor as the vault opens): what it found
     // rides on every status line.
@@ -579,6 +587,7 @@ pub async fn start(config: &Config) -> Result<Daemon, StartError> {
         device_watch,
         watchdog_stop,
         watchdog,
+        outbox_cleaner,
     })
 }
 
@@ -634,6 +643,11 @@ impl Daemon {
         }
         // Last: every drained request is on record; a final checkpoint signs them.
         self.audit.shutdown();
+        // Every record is durable now: the outbox is emptied, so the next start reads nothing.
+        self.outbox_cleaner.abort();
+        if let Err(e) = self.audit.clean_outbox(self.service.vault().store()).await {
+            tracing::warn!("audit outbox: at stop: {e}");
+        }
         // Then let go of the devices and wait, bounded, for their threads to close them, so that
         // no device library is mid-close while the process exits.
         let closing: Vec<_> = self

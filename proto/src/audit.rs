@@ -11,7 +11,9 @@
 //!   `target` (a secret or key name, a keyslot, or `vault`; never a value, PIN, share or digest)
 //!   and `result` (`ok`, `started` for the record a mutation writes before it runs, or the
 //!   error's stable wire name). An outcome record names its `started` record in `intent`, and
-//!   a call the policy allowed names the rule that did in `rule`.
+//!   a call the policy allowed names the rule that did in `rule`. A secret's put or delete has
+//!   no `started` record: its record was committed in the same database transaction as the
+//!   change and appended here afterwards, and carries its number in that outbox (`outbox`).
 //! - `event`: the daemon starting or stopping.
 //! - `checkpoint`: an Ed25519 signature by the vault's audit key over the chain head (its own
 //!   `seq`, `prev`, `time`, `reason`, `public_key` and `next_public_key`), so one signature
@@ -175,6 +177,13 @@ pub struct RequestRecord {
     /// credential socket's map).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<u32>,
+    /// On the record of a secret's put or delete: its number in the daemon's audit outbox,
+    /// the table the record was committed to in the same transaction as the change. The daemon
+    /// appends each outbox record to the log once, in this order; after a crash it finds by
+    /// this number which ones the log already holds. Absent on every other record (and on
+    /// logs written before the outbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbox: Option<u64>,
 }
 
 /// An event record.
@@ -1220,6 +1229,9 @@ pub fn human(record: &Record) -> String {
             if let Some(rule) = r.rule {
                 let _ = write!(s, "  (policy rule {rule})");
             }
+            if let Some(n) = r.outbox {
+                let _ = write!(s, "  (outbox #{n})");
+            }
             s
         }
         Body::Event(e) => format!("daemon {}: {}", e.event, e.detail),
@@ -1317,6 +1329,7 @@ mod tests {
                 intent: None,
                 detail: None,
                 rule: None,
+                outbox: None,
             }));
         }
 

@@ -9,7 +9,8 @@
 //! decrypt error); the keyslots must be the acknowledged ones (plus or minus the one in
 //! flight); the recovery shares from the last acknowledged rekey or enroll must still open the
 //! vault (tried after a `Seal` now and then); and secrets written under older terms must read
-//! after rotations and rekeys.
+//! after rotations and rekeys. The audit log must agree with the store: every put and delete
+//! that took effect on record exactly once, in commit order, and the chain verifying.
 //!
 //! The kill point is chosen in acknowledged operations, not in time: a seeded generator picks
 //! after how many acknowledgements (counted across the workers) the main thread sends SIGKILL
@@ -29,6 +30,7 @@ use ed25519_dalek::pkcs8::DecodePublicKey as _;
 use keyward::api::{
     ApiError, KeyAlgorithm, Keyslot, KeyslotKind, RekeyReply, SecretString, SlotSpec, UnsealParams,
 };
+use keyward::audit;
 use keyward::varlink::{Client, ClientError};
 use keyward_tests::keywardd::{Keywardd, Setup};
 use keyward_tests::softhsm::SoftHsm;
@@ -127,6 +129,11 @@ struct Writer {
     counter: u64,
     in_flight: Option<SecretOp>,
     rng: Rng,
+    /// Every put acknowledged (or, cut off by a kill, found committed after the restart):
+    /// name and version. Each must be on record in the audit log exactly once.
+    puts: Vec<(String, u64)>,
+    /// Deletes acknowledged or found committed.
+    deletes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -203,6 +210,8 @@ struct Tally {
     in_flight_committed: u64,
     in_flight_absent: u64,
     verified_reads: u64,
+    /// Puts found on record exactly once, in commit order, at the last check of the log.
+    audited_puts: usize,
     share_unseals: u64,
     terms_seen: BTreeSet<u32>,
     /// Operations a kill cut off, by kind: (committed, absent) after the restart.
@@ -303,6 +312,7 @@ fn run_writer(mut w: Writer, socket: PathBuf, round: Arc<Round>) -> Writer {
                         }
                     }
                     versions.insert(version, value);
+                    w.puts.push((name.clone(), version));
                     w.in_flight = None;
                     round.acked();
                 }
@@ -318,6 +328,7 @@ fn run_writer(mut w: Writer, socket: PathBuf, round: Arc<Round>) -> Writer {
             match outcome(&round, c.delete_secret(&name), "DeleteSecret") {
                 Outcome::Acked(()) => {
                     w.names.get_mut(&name).unwrap().clear();
+                    w.deletes += 1;
                     w.in_flight = None;
                     round.acked();
                 }
@@ -733,6 +744,7 @@ fn resolve(h: &mut Harness, c: &mut Client, writers: &mut [Writer], admin: &mut 
                             )
                         });
                         w.names.get_mut(&name).unwrap().insert(*v, value);
+                        w.puts.push((name.clone(), *v));
                         h.settled("put", true);
                     }
                     many => h.fail(format!("{name}: one put in flight left versions {many:?}")),
@@ -743,6 +755,7 @@ fn resolve(h: &mut Harness, c: &mut Client, writers: &mut [Writer], admin: &mut 
                 let now = stored_versions(h, c, &name);
                 if now.is_empty() {
                     w.names.get_mut(&name).unwrap().clear();
+                    w.deletes += 1;
                     h.settled("delete", true);
                 } else {
                     h.check(now == acked, || {
@@ -1070,6 +1083,110 @@ fn verify_all(h: &mut Harness, c: &mut Client, writers: &[Writer], admin: &Admin
     }
 }
 
+/// The audit log against the store, after the restart (whose outbox export appended what a
+/// kill left committed but not yet in the file): the chain verifies; every acknowledged put
+/// (and every put in flight found committed) is on record exactly once, naming its version;
+/// there are as many delete records as deletes that took effect; no put is on record that
+/// did not take effect; and the records come in commit order (outbox numbers rising along
+/// the chain, each name's versions rising).
+fn check_audit(h: &mut Harness, writers: &[Writer]) {
+    let state = h.daemon.dir().join("state");
+    let mut bytes = Vec::new();
+    for file in audit::set_in(&state).unwrap() {
+        bytes.extend(std::fs::read(file).unwrap());
+    }
+    // The daemon runs on (a periodic checkpoint may be going in): complete lines only.
+    let end = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    bytes.truncate(end);
+    let pem = std::fs::read_to_string(state.join(audit::PUBLIC_KEY_FILE)).unwrap();
+    let key = audit::decode_key(&pem).unwrap();
+    if let Err(f) = audit::verify(&bytes, &key) {
+        h.fail(format!("the audit log does not verify: {f}"));
+    }
+    let mut on_record: BTreeMap<(String, u64), usize> = BTreeMap::new();
+    let mut latest: BTreeMap<String, u64> = BTreeMap::new();
+    let mut deletes = 0u64;
+    let mut last_outbox = 0u64;
+    for line in audit::lines(&bytes) {
+        let Ok(record) = audit::parse(line.bytes) else {
+            continue;
+        };
+        let audit::Body::Request(r) = record.body else {
+            continue;
+        };
+        if r.op != "PutSecret" && r.op != "DeleteSecret" || r.result != audit::OK {
+            continue;
+        }
+        let Some(id) = r.outbox else {
+            h.fail(format!(
+                "seq {}: a {} that took effect without an outbox number",
+                record.seq, r.op
+            ));
+        };
+        h.check(id > last_outbox, || {
+            format!(
+                "seq {}: outbox #{id} after #{last_outbox}: not in commit order",
+                record.seq
+            )
+        });
+        last_outbox = id;
+        if r.op == "DeleteSecret" {
+            deletes += 1;
+            continue;
+        }
+        let version = r
+            .detail
+            .as_deref()
+            .and_then(|d| d.strip_prefix("version "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| h.fail(format!("seq {}: a put names no version", record.seq)));
+        let before = latest.insert(r.target.clone(), version).unwrap_or(0);
+        h.check(version > before, || {
+            format!(
+                "seq {}: {} version {version} on record after version {before}",
+                record.seq, r.target
+            )
+        });
+        *on_record.entry((r.target, version)).or_default() += 1;
+    }
+    let mut acked = BTreeSet::new();
+    for (name, version) in writers.iter().flat_map(|w| w.puts.iter()) {
+        acked.insert((name.clone(), *version));
+        let times = on_record
+            .get(&(name.clone(), *version))
+            .copied()
+            .unwrap_or(0);
+        h.check(times == 1, || {
+            format!("{name}@{version} took effect and is on record {times} times")
+        });
+    }
+    for put in on_record.keys() {
+        h.check(acked.contains(put), || {
+            format!("{}@{} is on record but never took effect", put.0, put.1)
+        });
+    }
+    let done: u64 = writers.iter().map(|w| w.deletes).sum();
+    h.check(deletes == done, || {
+        format!("{deletes} deletes on record, {done} took effect")
+    });
+    h.tally.audited_puts = acked.len();
+}
+
+/// How many records the starts appended from the audit outbox (changes a kill cut off after
+/// their commit, before their line), as the daemon logged them.
+fn appended_at_start(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("appended the records of changes committed before the last stop"))
+        .filter_map(|l| l.split("records=").nth(1))
+        .filter_map(|n| {
+            n.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// Seal, then open with the shares of a recovery slot: the last acknowledged rekey's or
 /// enroll's shares must work. Then check a read.
 fn unseal_with_shares(h: &mut Harness, c: &mut Client, admin: &Admin, rng: &mut Rng) {
@@ -1219,6 +1336,8 @@ fn acknowledged_writes_survive_sigkill_and_the_vault_always_opens() {
             counter: 0,
             in_flight: None,
             rng: rng.fork(),
+            puts: Vec::new(),
+            deletes: 0,
         })
         .collect();
 
@@ -1309,6 +1428,7 @@ fn acknowledged_writes_survive_sigkill_and_the_vault_always_opens() {
             )
         });
         verify_all(&mut h, &mut c, &writers, &admin);
+        check_audit(&mut h, &writers);
         refresh_shares(&mut h, &mut c, &mut admin);
         if rng.chance(30) {
             unseal_with_shares(&mut h, &mut c, &admin, &mut rng);
@@ -1323,6 +1443,7 @@ fn acknowledged_writes_survive_sigkill_and_the_vault_always_opens() {
     }
     // The last word: everything reads, and the shares still open it.
     verify_all(&mut h, &mut c, &writers, &admin);
+    check_audit(&mut h, &writers);
     unseal_with_shares(&mut h, &mut c, &admin, &mut rng);
 
     let t = &h.tally;
@@ -1333,7 +1454,7 @@ fn acknowledged_writes_survive_sigkill_and_the_vault_always_opens() {
     );
     eprintln!(
         "crash: kills={kills} ops={} acked={} in_flight={} (committed={}, absent={}) \
-         verified={} share_unseals={} terms={} keyslots={} keys={} audit_log={} \
+         verified={} audited_puts={} appended_at_start={} share_unseals={} terms={} keyslots={} keys={} audit_log={} \
          failures=0 seed={seed} wall={:.1?}",
         t.sent,
         t.acked,
@@ -1341,6 +1462,8 @@ fn acknowledged_writes_survive_sigkill_and_the_vault_always_opens() {
         t.in_flight_committed,
         t.in_flight_absent,
         t.verified_reads,
+        t.audited_puts,
+        appended_at_start(&h.daemon.plain_log()),
         t.share_unseals,
         t.terms_seen.len(),
         admin.slots.len(),

@@ -266,6 +266,12 @@ impl AuditLog {
         }))
     }
 
+    /// The log's files from the one that holds `seq` on, end to end (see
+    /// [`AuditLog::files_from`]).
+    pub(super) fn read_from(&self, w: &Writer, seq: u64) -> io::Result<Vec<u8>> {
+        read_files(&self.files_from(w, seq)?, 0)
+    }
+
     /// The log's files from the one that holds `seq` on, each with where its bytes end (the
     /// live one at its last good record). The first time, only the log as it was found at
     /// start: what this run wrote since then is ours, and must not hide a cut.

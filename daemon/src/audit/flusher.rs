@@ -21,6 +21,7 @@ impl AuditLog {
         match self.live().sync_data() {
             Ok(()) => {
                 self.synced.store(upto, Ordering::Release);
+                self.outbox.synced(upto);
                 self.degraded.store(false, Ordering::Release);
                 Ok(())
             }

@@ -3,13 +3,20 @@
 //! hash-chained and signed at checkpoints. The format and its verification live in
 //! [`keyward_proto::audit`], shared with `keyward audit verify|tail`; this module only writes.
 //!
-//! **Fail closed.** A record that can't be written fails its request. A mutation (a write or
-//! an admin verb) writes a `started` record and makes it durable *before* it runs, and its
-//! outcome record before the reply: a change the log cannot show is never made, and one whose
-//! outcome could not be written is not acknowledged (the caller gets `AuditUnavailable`; the
-//! `started` record shows the attempt). Reads write one record after they run and before the
-//! reply. A record that can't be written because the state directory's file system is full
-//! (`ENOSPC`, `EDQUOT`) fails its request with `StorageFull` instead: the admin's to fix.
+//! **Fail closed.** A record that can't be written fails its request. A secret's put or
+//! delete commits its record in the same SQLite transaction as the change, into the store's
+//! audit outbox ([`outbox`]): the change and its record are durable together with one commit,
+//! or neither is, and the record is appended to `audit.log` (its line carrying its outbox
+//! number, `outbox`) before the reply. The log is asked first whether it takes records (no
+//! failed sync, damage at its end declared): if not, the change is not made. Any other
+//! mutation (a device key's create or delete, an admin verb) writes a `started` record and
+//! makes it durable *before* it runs, and its outcome record before the reply: a change the log
+//! cannot show is never made, and one whose outcome could not be written is not acknowledged
+//! (the caller gets `AuditUnavailable`; the `started` record shows the attempt). Reads, and
+//! puts and deletes refused or failed before their transaction committed (nothing changed),
+//! write one record after they run and before the reply. A record that can't be written because
+//! the state directory's file system is full (`ENOSPC`, `EDQUOT`) fails its request with
+//! `StorageFull` instead: the admin's to fix.
 //!
 //! **Declared losses.** One exception: `Status` (read-only, nothing secret, and how an admin
 //! finds out what is wrong) is answered even when its record can't be written
@@ -17,17 +24,24 @@
 //! get written carries it (`lost`: how many, first and last time, why), so the gap is declared
 //! in the chain, never silent. A count still pending at exit is only in the daemon's log.
 //!
-//! **Durability.** Every change that reaches the disk has a durable `started` record. Admin
-//! verbs also `fdatasync` their outcome (with a checkpoint) before the reply; a secret's put or
-//! delete leaves its outcome line to the group sync below (its commit in the store shows what
-//! happened), which saves one `fdatasync` per write. Refusals and reads (`GetSecret`,
-//! `Sign`, `PublicKey`, `List*`, `SecretVersions`, `Status`, credential deliveries): the record
-//! is in the file (`write(2)` returned) before the reply, so a daemon crash loses nothing; a
-//! background flusher makes it durable within [`SYNC_INTERVAL`] (plus the `fdatasync`'s own
-//! time). So a power loss can lose the records of reads answered in the last 50 ms or so — the
-//! window that keeps the audit from capping read throughput. The window is time, not a count
-//! of records: syncing more often under load makes every append wait behind the flush of the
-//! page it lands on. If a background sync fails, every request fails until one succeeds.
+//! **Durability.** An acknowledged put or delete and its record are durable (one `fsync`, the
+//! store's commit, shared by the writes of its group); its line is in the file (`write(2)`
+//! returned) before the reply, and durable within [`SYNC_INTERVAL`]. If the line could not be
+//! written, or the daemon stopped (a crash, a power loss) before it was durable, the record is
+//! still in the outbox: rows are deleted only once their lines are durable, and at start,
+//! before anything is served, the rows the log does not hold are appended, in order, exactly
+//! once (the lines name their rows). So the log holds every acknowledged change's record once,
+//! in commit order, after the next start at the latest. Device keys' creates and deletes have a
+//! durable `started` record and leave their outcome line to the group sync. Admin verbs also
+//! `fdatasync` their outcome (with a checkpoint) before the reply. Refusals and reads
+//! (`GetSecret`, `Sign`, `PublicKey`, `List*`, `SecretVersions`, `Status`, credential
+//! deliveries): the record is in the file (`write(2)` returned) before the reply, so a daemon
+//! crash loses nothing; a background flusher makes it durable within [`SYNC_INTERVAL`] (plus
+//! the `fdatasync`'s own time). So a power loss can lose the records of reads answered in the
+//! last 50 ms or so — the window that keeps the audit from capping read throughput. The window
+//! is time, not a count of records: syncing more often under load makes every append wait
+//! behind the flush of the page it lands on. If a background sync fails, every request fails
+//! until one succeeds.
 //!
 //! **Checkpoints** are signed with the vault's audit key ([`crate::vault::audit_key`]), which
 //! exists only while the vault is open: at unseal, at seal, at stop, after every admin call,
@@ -79,6 +93,7 @@ mod counter;
 mod flusher;
 mod hooks;
 mod lost;
+mod outbox;
 mod recover;
 #[cfg(test)]
 mod test_support;
@@ -109,6 +124,8 @@ use crate::vault::audit_key::AuditKeys;
 use counter::TpmCounter;
 use hooks::HookThread;
 use writer::Writer;
+
+pub use outbox::Staged;
 
 /// How long a read's record may wait for `fdatasync`.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
@@ -172,6 +189,9 @@ pub enum AuditError {
     /// The thread the vault's hooks run on has stopped.
     #[error("the audit log's hook thread has stopped")]
     HooksStopped,
+    /// The records committed with secret changes can't be read from the store.
+    #[error("cannot read the audit outbox: {0}")]
+    Outbox(#[source] crate::store::StoreError),
 }
 
 /// Whether `e` says the file system is full: no space (`ENOSPC`) or the quota (`EDQUOT`).
@@ -189,6 +209,7 @@ impl AuditError {
             Self::Open { source, .. } | Self::PublicKey { source, .. } => no_space(source),
             Self::Write(e) | Self::Sync(e) | Self::Files(e) => no_space(e),
             Self::Degraded { storage_full } => *storage_full,
+            Self::Outbox(e) => matches!(e, crate::store::StoreError::DiskFull),
             Self::NotAFile { .. }
             | Self::Unreadable { .. }
             | Self::FlusherStopped
@@ -242,6 +263,7 @@ impl Entry {
             intent: self.intent,
             detail: self.detail,
             rule: self.rule,
+            outbox: None,
         })
     }
 }
@@ -315,6 +337,8 @@ pub struct AuditLog {
     counter: std::sync::OnceLock<TpmCounter>,
     /// Where the vault's hooks do their disk work (set once, at open).
     hooks: std::sync::OnceLock<HookThread>,
+    /// The records of secret changes, committed with them in the store ([`outbox`]).
+    outbox: outbox::Outbox,
 }
 
 impl std::fmt::Debug for AuditLog {

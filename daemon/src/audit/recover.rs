@@ -133,6 +133,7 @@ impl AuditLog {
             finding: Mutex::new(None),
             counter: std::sync::OnceLock::new(),
             hooks: std::sync::OnceLock::new(),
+            outbox: Default::default(),
         });
         let hooks = HookThread::start(Arc::downgrade(&log)).map_err(open_err)?;
         let _ = log.hooks.set(hooks);

@@ -38,6 +38,8 @@ const READERS: usize = 4;
 const WRITE_QUEUE: usize = 64;
 /// How long a statement waits for a lock held by another connection (or process).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The schema version that added the audit outbox.
+const OUTBOX_VERSION: i64 = 6;
 
 /// A store failure. No variant carries a secret: the store holds none, and SQLite's messages
 /// name tables and columns, never bound values.
@@ -344,6 +346,11 @@ impl Store {
                 }
             }
             let version: i64 = copy.pragma_query_value(None, "user_version", |row| row.get(0))?;
+            // The audit outbox's rows are this store's records, on their way to this log: a
+            // copy restored elsewhere must not append them to another log.
+            if version >= OUTBOX_VERSION {
+                copy.execute("DELETE FROM audit_outbox", [])?;
+            }
             copy.close().map_err(|(_, e)| StoreError::from(e))?;
             Ok(version)
         })

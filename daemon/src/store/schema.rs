@@ -134,8 +134,27 @@ CREATE TABLE upstream_versions (
 ) STRICT, WITHOUT ROWID;
 ";
 
+/// Schema v6: the audit outbox.
+///
+/// The audit record of a secret's put or delete is inserted here in the transaction that makes
+/// the change, so the change and its record reach the disk with one commit, or neither does.
+/// The audit log appends each row to `audit.log` afterwards, in `id` order, the line carrying
+/// the row's `id`, and the row is deleted once its line is durable there. `after_seq` is the
+/// log's next seq when the record was made: its line can only come at or after it, which bounds
+/// what a start-up after a crash reads to find the rows the log already holds. `AUTOINCREMENT`:
+/// an id is never given out again once its row is deleted (the log's lines name it). `record`
+/// is the record's body as the log writes it (JSON; names, never a value).
+const V6: &str = "
+CREATE TABLE audit_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    after_seq INTEGER NOT NULL CHECK (after_seq >= 0),
+    time TEXT NOT NULL,
+    record TEXT NOT NULL
+) STRICT;
+";
+
 /// The migrations, in order. The schema version this build writes is their count.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
 
 /// The schema version this build knows.
 pub fn current_version() -> i64 {

@@ -1012,6 +1012,66 @@ pub fn list_upstream_versions(conn: &Connection) -> Result<Vec<UpstreamRow>, Sto
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+// the audit outbox
+
+/// An audit record committed with the change it records, waiting to be appended to the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// Its number: the line in the log carries it.
+    pub id: u64,
+    /// The log's next seq when it was made: its line comes at or after it.
+    pub after_seq: u64,
+    /// When the change was made (the line's time).
+    pub time: String,
+    /// The record's body, as the log writes it (JSON).
+    pub record: String,
+}
+
+/// Add a record to the outbox; returns its id.
+///
+/// # Errors
+/// A SQLite failure.
+pub fn insert_outbox(
+    tx: &Transaction<'_>,
+    after_seq: u64,
+    time: &str,
+    record: &str,
+) -> Result<u64, StoreError> {
+    tx.execute(
+        "INSERT INTO audit_outbox (after_seq, time, record) VALUES (?1, ?2, ?3)",
+        params![after_seq, time, record],
+    )?;
+    u64::try_from(tx.last_insert_rowid())
+        .map_err(|_| StoreError::Corrupt("a negative audit outbox id".into()))
+}
+
+/// The outbox's rows with an id above `after`, in id order (the order the log takes them).
+///
+/// # Errors
+/// A SQLite failure; a row that does not decode.
+pub fn outbox_after(conn: &Connection, after: u64) -> Result<Vec<OutboxRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, after_seq, time, record FROM audit_outbox WHERE id > ?1 ORDER BY id",
+    )?;
+    let rows = stmt.query_map([after], |row| {
+        Ok(OutboxRow {
+            id: row.get(0)?,
+            after_seq: row.get(1)?,
+            time: row.get(2)?,
+            record: row.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Drop the rows up to id `through` (their lines are durable in the log); returns how many.
+///
+/// # Errors
+/// A SQLite failure.
+pub fn delete_outbox_through(tx: &Transaction<'_>, through: u64) -> Result<usize, StoreError> {
+    Ok(tx.execute("DELETE FROM audit_outbox WHERE id <= ?1", [through])?)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -1,21 +1,32 @@
 //! Secrets: versioned values, each version AEAD-encrypted under the keyring's current term
 //! with AAD binding vault, name, version and term, so a stored record can't be moved to
 //! another name or version, or replayed from another vault.
+//!
+//! A put or delete made for a client carries its audit record ([`Staged`]) into its
+//! transaction: the change and its record are one commit.
 
 use keyward_proto::api::{self, SecretName, SecretValue};
 
 use super::crypto::{self, Key32};
 use super::Vault;
+use crate::audit::Staged;
 use crate::error::{Error, Param, Thing};
 use crate::store::{self, tables::SecretRow};
 
 impl Vault {
-    /// `PutSecret`: a new version of `name`. Returns the version once committed.
+    /// `PutSecret`: a new version of `name`, with its audit `record` (saying which version)
+    /// in the same transaction. Returns the version and the record's outbox id once committed.
     ///
     /// # Errors
     /// `Sealed`, `TooLarge`, store failures.
-    pub async fn put_secret(&self, name: SecretName, value: SecretValue) -> Result<u64, Error> {
-        self.put_version(name, value, None).await
+    pub async fn put_secret(
+        &self,
+        name: SecretName,
+        value: SecretValue,
+        record: Staged,
+    ) -> Result<(u64, u64), Error> {
+        let (version, id) = self.put_version(name, value, None, Some(record)).await?;
+        Ok((version, id.unwrap_or_default()))
     }
 
     /// A new version of `name` from the OpenBao upstream: the secret version and the record of
@@ -31,8 +42,10 @@ impl Vault {
         remote: String,
         remote_version: u64,
     ) -> Result<u64, Error> {
-        self.put_version(name, value, Some((remote, remote_version)))
-            .await
+        let (version, _) = self
+            .put_version(name, value, Some((remote, remote_version)), None)
+            .await?;
+        Ok(version)
     }
 
     /// What the upstream sync wrote, by secret.
@@ -66,7 +79,8 @@ impl Vault {
         name: SecretName,
         value: SecretValue,
         upstream: Option<(String, u64)>,
-    ) -> Result<u64, Error> {
+        record: Option<Staged>,
+    ) -> Result<(u64, Option<u64>), Error> {
         let name = String::from(name);
         if value.expose().len() > api::MAX_SECRET_LEN {
             return Err(Error::TooLarge {
@@ -81,7 +95,7 @@ impl Vault {
             })
             .await?
             .map_err(Error::Encrypt)?;
-        let version = self
+        let committed = self
             .store
             .try_write(move |tx| {
                 let version = store::tables::next_secret_version(tx, &name)?;
@@ -112,10 +126,13 @@ impl Vault {
                         created,
                     },
                 )?;
-                Ok::<_, Error>(version)
+                let id = record
+                    .map(|r| r.commit(tx, Some(format!("version {version}"))))
+                    .transpose()?;
+                Ok::<_, Error>((version, id))
             })
             .await?;
-        Ok(version)
+        Ok(committed)
     }
 
     /// `GetSecret`: the latest version, or the one asked for.
@@ -203,25 +220,46 @@ impl Vault {
     /// # Errors
     /// `Sealed`, `NotFound`, store failures.
     pub async fn delete_secret(&self, name: SecretName) -> Result<(), Error> {
+        self.delete_version(name, None).await.map(|_| ())
+    }
+
+    /// `DeleteSecret` for a client: [`Vault::delete_secret`] with its audit `record` in the
+    /// same transaction. Returns the record's outbox id once committed.
+    ///
+    /// # Errors
+    /// As [`Vault::delete_secret`].
+    pub async fn delete_secret_recorded(
+        &self,
+        name: SecretName,
+        record: Staged,
+    ) -> Result<u64, Error> {
+        let id = self.delete_version(name, Some(record)).await?;
+        Ok(id.unwrap_or_default())
+    }
+
+    async fn delete_version(
+        &self,
+        name: SecretName,
+        record: Option<Staged>,
+    ) -> Result<Option<u64>, Error> {
         let name = String::from(name);
         self.with_open(|_| ()).await?;
         let target = name.clone();
-        let deleted = self
-            .store
-            .write(move |tx| {
+        self.store
+            .try_write(move |tx| {
                 // A synced secret deleted here is forgotten by the sync too: the next change
                 // upstream brings it back.
                 store::tables::delete_upstream_version(tx, &target)?;
-                store::tables::delete_secret(tx, &target)
+                if !store::tables::delete_secret(tx, &target)? {
+                    // Nothing changed: no record in the outbox (the refusal is recorded as a
+                    // read's is).
+                    return Err(Error::NotFound {
+                        what: Thing::Secret,
+                        name: target,
+                    });
+                }
+                Ok(record.map(|r| r.commit(tx, None)).transpose()?)
             })
-            .await?;
-        if deleted {
-            Ok(())
-        } else {
-            Err(Error::NotFound {
-                what: Thing::Secret,
-                name,
-            })
-        }
+            .await
     }
 }
