@@ -7,7 +7,12 @@
 //! ([`hsm_shim::Signer::shared_signer`]): a pool of sessions. [`DeviceHandle::sign`] signs on
 //! the calling thread, on a session of that pool, instead of queueing to the actor: no thread
 //! hand-off per signature, and as many signatures at once as the machine has cores, where the
-//! actor's one session made them wait in line. The actor still owns the device's life: it makes
+//! actor's one session made them wait in line. The price: a token that hangs inside `C_Sign`
+//! holds the runtime worker that called it (the actor's queue only held its own thread). An
+//! elliptic-curve signature runs right on the worker; an RSA one, milliseconds long, through
+//! [`crate::blocking::here`], so the worker's other tasks move on. If every worker hangs in a
+//! token, the runtime stops answering and the service manager's watchdog (see `health`)
+//! restarts the daemon. The actor still owns the device's life: it makes
 //! the pool when the device opens and drops it when the device goes; a signer that finds the
 //! device gone tells the actor (and waits until the actor has taken the device down), and the
 //! actor reopens it as for any call. A TPM is one serial device: it has no shared signer, and
@@ -368,7 +373,7 @@ impl DeviceHandle {
                     })
                 }
             };
-        let signed = crate::blocking::here(|| {
+        let sign = || {
             catch_unwind(AssertUnwindSafe(|| {
                 signer
                     .sign(&handle, data.input())
@@ -379,7 +384,17 @@ impl DeviceHandle {
                     "a device operation failed unexpectedly (panicked)".into(),
                 ))
             })
-        });
+        };
+        // An elliptic-curve signature takes tens of microseconds: it runs right on this worker,
+        // as a store read does, since telling the runtime that the worker blocks costs more
+        // (a thread woken to take over the worker's queue) than the signature itself. An RSA
+        // signature takes milliseconds, so the worker hands its queue over first.
+        let signed = match handle.algorithm() {
+            KeyAlgorithm::EcdsaP256 | KeyAlgorithm::Ed25519 => sign(),
+            KeyAlgorithm::RsaPss2048 | KeyAlgorithm::RsaPss3072 | KeyAlgorithm::RsaPkcs1_3072 => {
+                crate::blocking::here(sign)
+            }
+        };
         match signed {
             Err(DeviceError::DeviceGone(why)) => {
                 self.lost(opens, why.clone()).await;
