@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::CommandFactory as _;
 use keyward::api::{
-    ConfirmRecoveryReply, KeyAlgorithm, KeyslotKind, SecretString, SecretValue, SlotSpec,
+    ConfirmRecoveryReply, KeyAlgorithm, KeyName, KeyslotKind, SecretString, SecretValue, SlotSpec,
     UnsealParams, UnsealReply, MAX_SECRET_LEN,
 };
 use keyward::{Client, ClientError};
@@ -183,21 +183,34 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Key(cmd) => key(c, &out, cmd),
         Command::Transit(cmd) => transit(c, &out, cmd),
         Command::Backup { file } => super::backup::backup(c, &out, &file),
-        Command::Upstream(cmd) => upstream(c, &out, &cmd),
+        Command::Upstream(cmd) => upstream(c, &out, cmd),
     }
 }
 
-fn upstream(c: &mut Client, out: &Out, cmd: &UpstreamCommand) -> Result<(), CliError> {
+fn upstream(c: &mut Client, out: &Out, cmd: UpstreamCommand) -> Result<(), CliError> {
     use keyward::api::{methods, Empty};
     let status = match cmd {
         UpstreamCommand::Status => c.request::<methods::UpstreamStatus>(&Empty {})?,
-        UpstreamCommand::Sync => c.request::<methods::UpstreamSync>(&Empty {})?,
+        UpstreamCommand::Sync => {
+            let status = c.request::<methods::UpstreamSync>(&Empty {})?;
+            out.emit(&status, || output::upstream(&status))?;
+            return match &status.last_error {
+                Some(e) => Err(CliError::Local(format!("the sync {e}"))),
+                None => Ok(()),
+            };
+        }
+        UpstreamCommand::Csr { subject, dns } => {
+            let status = c.request::<methods::UpstreamStatus>(&Empty {})?;
+            let key = status.key.ok_or_else(|| {
+                CliError::Local("no [upstream] is configured: it names the machine key".into())
+            })?;
+            let name = key
+                .parse()
+                .map_err(|e| CliError::Local(format!("the upstream key {key:?}: {e}")))?;
+            return csr_for(c, out, name, subject, dns);
+        }
     };
-    out.emit(&status, || output::upstream(&status))?;
-    match (cmd, &status.last_error) {
-        (UpstreamCommand::Sync, Some(e)) => Err(CliError::Local(format!("the sync {e}"))),
-        _ => Ok(()),
-    }
+    out.emit(&status, || output::upstream(&status))
 }
 
 /// The recovery keyslots' thresholds, in keyslot order (a rekey's shares come in that order).
@@ -638,6 +651,29 @@ fn key_algorithm(c: &mut Client, name: &str) -> Result<KeyAlgorithm, CliError> {
         .ok_or_else(|| CliError::Usage(format!("key {name} is not in the key list")))
 }
 
+/// A PKCS#10 request for key `name`, signed inside its device (`key csr`, `upstream csr`).
+fn csr_for(
+    c: &mut Client,
+    out: &Out,
+    name: KeyName,
+    subject: x509_cert::name::Name,
+    dns: Vec<der::asn1::Ia5String>,
+) -> Result<(), CliError> {
+    // PublicKey first: it needs the same `sign` right as Sign, so a caller without it gets the
+    // daemon's PermissionDenied (the key list would just leave the key out).
+    let public = c.public_key(&name)?;
+    let algorithm = key_algorithm(c, &name)?;
+    let usage = |e: csr::CsrError| CliError::Usage(format!("key {name}: {e}"));
+    let subject_text = subject.to_string();
+    let unsigned = csr::Unsigned::new(algorithm, subject, &public, &dns).map_err(usage)?;
+    let signature = c.sign(&name, &unsigned.to_be_signed().map_err(usage)?, false)?;
+    let pem = unsigned.finish(&signature).map_err(usage)?;
+    out.emit(
+        &json!({ "name": name, "subject": subject_text, "csr": pem }),
+        || pem.clone(),
+    )
+}
+
 fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
     use base64::engine::general_purpose::STANDARD as B64;
     use base64::Engine as _;
@@ -733,21 +769,7 @@ fn key(c: &mut Client, out: &Out, cmd: KeyCommand) -> Result<(), CliError> {
                 Ok(())
             }
         }
-        KeyCommand::Csr { name, subject, dns } => {
-            // PublicKey first: it needs the same `sign` right as Sign, so a caller without it
-            // gets the daemon's PermissionDenied (the key list would just leave the key out).
-            let public = c.public_key(&name)?;
-            let algorithm = key_algorithm(c, &name)?;
-            let usage = |e: csr::CsrError| CliError::Usage(format!("key {name}: {e}"));
-            let subject_text = subject.to_string();
-            let unsigned = csr::Unsigned::new(algorithm, subject, &public, &dns).map_err(usage)?;
-            let signature = c.sign(&name, &unsigned.to_be_signed().map_err(usage)?, false)?;
-            let pem = unsigned.finish(&signature).map_err(usage)?;
-            out.emit(
-                &json!({ "name": name, "subject": subject_text, "csr": pem }),
-                || pem.clone(),
-            )
-        }
+        KeyCommand::Csr { name, subject, dns } => csr_for(c, out, name, subject, dns),
         KeyCommand::Delete { name } => {
             c.delete_key(&name)?;
             out.emit(&json!({ "deleted": name }), || {

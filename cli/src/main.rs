@@ -196,6 +196,16 @@ pub enum UpstreamCommand {
     Status,
     /// Sync now and show the status after it; exits 1 when the sync failed.
     Sync,
+    /// Print a certificate signing request (PEM) for the machine key `[upstream] key` names,
+    /// signed inside its device: what the cluster's CA signs for `auth/cert`.
+    Csr {
+        /// The subject, RFC 4514 (most specific first): "CN=host.example,O=Example".
+        #[arg(long, value_name = "DN", value_parser = csr::parse_subject)]
+        subject: x509_cert::name::Name,
+        /// A DNS name for the subjectAltName extension request (repeatable).
+        #[arg(long, value_name = "NAME", value_parser = csr::parse_dns_name)]
+        dns: Vec<der::asn1::Ia5String>,
+    },
 }
 
 /// `K/N`: K of N recovery shares open the vault.

@@ -236,6 +236,7 @@ pub fn upstream(s: &UpstreamStatusReply) -> String {
         s.address.as_deref().unwrap_or("-"),
         s.role.as_deref().unwrap_or("-")
     );
+    let _ = writeln!(out, "machine key:   {}", or_dash(s.key.clone()));
     let _ = writeln!(out, "last attempt:  {}", or_dash(s.last_attempt.clone()));
     let _ = writeln!(out, "last success:  {}", or_dash(s.last_success.clone()));
     if let Some(e) = &s.last_error {

@@ -213,12 +213,13 @@ type UpstreamMapping (
   note: ?string
 )
 
-# Where the OpenBao upstream sync ([upstream] in the config) stands: the last sync's start,
-# the last one that ended well, the last error, the seconds the token has left.
+# Where the OpenBao upstream sync ([upstream] in the config) stands: the machine key, the last
+# sync's start, the last one that ended well, the last error, the seconds the token has left.
 method UpstreamStatus() -> (
   configured: bool,
   address: ?string,
   role: ?string,
+  key: ?string,
   last_attempt: ?string,
   last_success: ?string,
   last_error: ?string,
@@ -231,6 +232,7 @@ method UpstreamSync() -> (
   configured: bool,
   address: ?string,
   role: ?string,
+  key: ?string,
   last_attempt: ?string,
   last_success: ?string,
   last_error: ?string,
@@ -814,6 +816,9 @@ pub struct UpstreamStatusReply {
     pub address: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
+    /// The vault key that proves the machine's identity (`[upstream] key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// The last sync's start (RFC 3339 UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_attempt: Option<String>,

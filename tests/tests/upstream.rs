@@ -186,6 +186,26 @@ fn world_with(on: On, bus: Option<&PrivateBus>) -> World {
     let cert = certs.path().join("host.pem");
     issue(&pki, &csr, &cert);
     add_upstream(&mut daemon, &upstream_table(&bao, &pki, &cert, "host"));
+    // With [upstream] set, `upstream csr` asks for the machine key by the name the config gives.
+    let again = ok(
+        &daemon.run(&["upstream", "csr", "--subject", "CN=host1"], b""),
+        "upstream csr",
+    );
+    std::fs::write(certs.path().join("again.csr"), &again).unwrap();
+    let public_of = |csr: &str| {
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-verify", "-noout", "-pubkey", "-in"])
+            .arg(certs.path().join(csr))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(public_of("again.csr"), public_of("host.csr"));
     World {
         pki,
         bao,

@@ -160,6 +160,7 @@ impl Upstream {
                 .get(state.server)
                 .map(|s| s.address.clone()),
             role: Some(self.settings.role.clone()),
+            key: Some(self.settings.key.to_string()),
             last_attempt: state.last_attempt.map(rfc3339),
             last_success: state.last_success.map(rfc3339),
             last_error: state.last_error.clone(),
@@ -177,6 +178,7 @@ pub fn not_configured() -> UpstreamStatusReply {
         configured: false,
         address: None,
         role: None,
+        key: None,
         last_attempt: None,
         last_success: None,
         last_error: None,
