@@ -1055,6 +1055,31 @@ mod tests {
         }
     }
 
+    /// Hold the device thread inside a call until the returned sender sends (or is dropped);
+    /// returns once the call is running, with the task that made it.
+    async fn hold(
+        h: &DeviceHandle,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<(), CallError>>,
+    ) {
+        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
+        let running = tokio::spawn({
+            let h = h.clone();
+            async move {
+                h.call(move |_| {
+                    let _ = started_tx.send(());
+                    let _ = gate_rx.recv();
+                    Ok(())
+                })
+                .await
+            }
+        });
+        started_rx.recv().await.unwrap();
+        (gate_tx, running)
+    }
+
     /// Poll a future once (so a `call` enqueues its job) without waiting for it.
     fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
         std::pin::Pin::new(f).poll(&mut Context::from_waker(Waker::noop()))
@@ -1109,21 +1134,7 @@ mod tests {
             options(4, LONG, Duration::from_millis(10)),
         );
         h.ready().await;
-        // Hold the device thread inside a long call.
-        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
-        let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
-        let running = tokio::spawn({
-            let h = h.clone();
-            async move {
-                h.call(move |_| {
-                    let _ = started_tx.send(());
-                    let _ = gate_rx.recv();
-                    Ok(())
-                })
-                .await
-            }
-        });
-        started_rx.recv().await.unwrap();
+        let (gate_tx, running) = hold(&h).await;
         // A signature does not wait for it: it runs on this task's thread, not the device's.
         let sig = h
             .sign(Arc::new(key()), SignData::Message(b"abc".to_vec()))
@@ -1193,20 +1204,8 @@ mod tests {
             options(1, LONG, LONG),
         );
         h.ready().await;
-        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
-        let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
-        let running = tokio::spawn({
-            let h = h.clone();
-            async move {
-                h.call(move |_| {
-                    let _ = started_tx.send(());
-                    let _ = gate_rx.recv();
-                    Ok(1)
-                })
-                .await
-            }
-        });
-        started_rx.recv().await.unwrap(); // the actor is inside the first call; the queue is empty
+        // The actor is inside the first call; the queue is empty.
+        let (gate_tx, running) = hold(&h).await;
         let mut queued = Box::pin(h.call(|_| Ok(2)));
         assert!(poll_once(&mut queued).is_pending()); // fills the one queue slot
         let e = h.call(|_| Ok(3)).await.unwrap_err();
@@ -1217,7 +1216,7 @@ mod tests {
         assert_eq!(e.to_string(), "device tpm is busy: its queue is full");
 
         gate_tx.send(()).unwrap();
-        assert_eq!(running.await.unwrap().unwrap(), 1);
+        running.await.unwrap().unwrap();
         assert_eq!(queued.await.unwrap(), 2);
         assert_eq!(h.call(|_| Ok(4)).await.unwrap(), 4);
     }

@@ -476,6 +476,17 @@ fn a_synced_change_is_announced_on_dbus() {
     assert!(announced, "no SecretChanged(db-pass, 2): {seen:#?}");
 }
 
+/// Restart the daemon with one more mapping, `other/x`, which the role's policy does not let it
+/// read.
+fn map_a_forbidden_path(w: &mut World) {
+    let cert = w.certs.path().join("host.pem");
+    let table = format!(
+        "{}\n[[upstream.map]]\nremote = \"other/x\"\nsecret = \"x\"\nfield = \"value\"\n",
+        upstream_table(&w.bao, &w.pki, &cert, "host")
+    );
+    replace_upstream(&mut w.daemon, &table);
+}
+
 /// A mapping whose path the upstream's policy does not let the machine read is a problem of
 /// that mapping: the status and the audit log name it, the other mappings are synced.
 #[test]
@@ -485,12 +496,7 @@ fn a_path_the_policy_forbids_is_a_problem_of_its_mapping_only() {
         .ok(&["kv", "put", "secret/other/x", "value=not-yours"]);
     w.bao
         .ok(&["kv", "put", "secret/app/db", "password=s3cret-2"]);
-    let cert = w.certs.path().join("host.pem");
-    let table = format!(
-        "{}\n[[upstream.map]]\nremote = \"other/x\"\nsecret = \"x\"\nfield = \"value\"\n",
-        upstream_table(&w.bao, &w.pki, &cert, "host")
-    );
-    replace_upstream(&mut w.daemon, &table);
+    map_a_forbidden_path(&mut w);
     let d = &w.daemon;
     assert_eq!(get(d, "db-pass"), "s3cret-2");
     let s = status(d);
@@ -757,12 +763,7 @@ fn a_forbidden_path_costs_no_new_login_but_a_revoked_token_does() {
     let mut w = world();
     w.bao
         .ok(&["kv", "put", "secret/other/x", "value=not-yours"]);
-    let cert = w.certs.path().join("host.pem");
-    let table = format!(
-        "{}\n[[upstream.map]]\nremote = \"other/x\"\nsecret = \"x\"\nfield = \"value\"\n",
-        upstream_table(&w.bao, &w.pki, &cert, "host")
-    );
-    replace_upstream(&mut w.daemon, &table);
+    map_a_forbidden_path(&mut w);
     let d = &w.daemon;
     let logins = || {
         events(d, "upstream-login")
