@@ -470,13 +470,13 @@ impl fmt::Debug for SecretRow {
 /// # Errors
 /// A SQLite failure.
 pub fn next_secret_version(tx: &Transaction<'_>, name: &str) -> Result<u64, StoreError> {
-    Ok(tx.query_row(
-        "INSERT INTO secret_names (name, next_version) VALUES (?1, 2)
-         ON CONFLICT (name) DO UPDATE SET next_version = next_version + 1
-         RETURNING next_version - 1",
-        [name],
-        |row| row.get(0),
-    )?)
+    Ok(tx
+        .prepare_cached(
+            "INSERT INTO secret_names (name, next_version) VALUES (?1, 2)
+             ON CONFLICT (name) DO UPDATE SET next_version = next_version + 1
+             RETURNING next_version - 1",
+        )?
+        .query_row([name], |row| row.get(0))?)
 }
 
 /// Store one version of a secret, whose version was reserved by [`next_secret_version`].
@@ -485,11 +485,8 @@ pub fn next_secret_version(tx: &Transaction<'_>, name: &str) -> Result<u64, Stor
 /// [`StoreError::Conflict`] when the version exists or was never reserved; a SQLite failure.
 pub fn insert_secret(tx: &Transaction<'_>, row: &SecretRow) -> Result<(), StoreError> {
     let reserved: Option<u64> = tx
-        .query_row(
-            "SELECT next_version FROM secret_names WHERE name = ?1",
-            [&row.name],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT next_version FROM secret_names WHERE name = ?1")?
+        .query_row([&row.name], |r| r.get(0))
         .optional()?;
     let was_reserved = matches!(reserved, Some(next) if row.version < next);
     if !was_reserved {
@@ -498,11 +495,17 @@ pub fn insert_secret(tx: &Transaction<'_>, row: &SecretRow) -> Result<(), StoreE
             row.version
         )));
     }
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO secrets (name, version, term, ciphertext, created)
          VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![row.name, row.version, row.term, row.ciphertext, row.created],
-    )?;
+    )?
+    .execute(params![
+        row.name,
+        row.version,
+        row.term,
+        row.ciphertext,
+        row.created
+    ])?;
     Ok(())
 }
 
@@ -1037,10 +1040,8 @@ pub fn insert_outbox(
     time: &str,
     record: &str,
 ) -> Result<u64, StoreError> {
-    tx.execute(
-        "INSERT INTO audit_outbox (after_seq, time, record) VALUES (?1, ?2, ?3)",
-        params![after_seq, time, record],
-    )?;
+    tx.prepare_cached("INSERT INTO audit_outbox (after_seq, time, record) VALUES (?1, ?2, ?3)")?
+        .execute(params![after_seq, time, record])?;
     u64::try_from(tx.last_insert_rowid())
         .map_err(|_| StoreError::Corrupt("a negative audit outbox id".into()))
 }
@@ -1069,7 +1070,9 @@ pub fn outbox_after(conn: &Connection, after: u64) -> Result<Vec<OutboxRow>, Sto
 /// # Errors
 /// A SQLite failure.
 pub fn delete_outbox_through(tx: &Transaction<'_>, through: u64) -> Result<usize, StoreError> {
-    Ok(tx.execute("DELETE FROM audit_outbox WHERE id <= ?1", [through])?)
+    Ok(tx
+        .prepare_cached("DELETE FROM audit_outbox WHERE id <= ?1")?
+        .execute([through])?)
 }
 
 #[cfg(test)]
