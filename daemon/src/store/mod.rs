@@ -6,14 +6,22 @@
 //! every blob it stores is opaque, already sealed by the vault, so nothing here is secret and
 //! nothing here can leak a secret.
 //!
-//! Writes go to ONE connection on its own OS thread, through a bounded queue: each
-//! [`Store::write`] is committed (and, with `synchronous=FULL` in WAL mode, fsynced) before the
-//! caller hears `Ok`. The writes queued when the thread looks form one group: one
-//! `BEGIN IMMEDIATE` transaction in which each write runs inside its own savepoint, and one
-//! commit (one fsync) for all of them. A write that fails or panics is rolled back to its
-//! savepoint alone; a failed commit fails every write of the group, none of which is kept.
-//! Under concurrent writers this is group commit; a lone writer gets a group of one. Reads use a small pool
-//! of read-only connections on tokio's blocking threads, so a read never queues behind a write
+//! Writes go to ONE connection, through a bounded queue: each [`Store::write`] is committed
+//! (and, with `synchronous=FULL` in WAL mode, fsynced) before the caller hears `Ok`. The writes
+//! queued when a group starts form that group: one `BEGIN IMMEDIATE` transaction in which each
+//! write runs inside its own savepoint, and one commit (one fsync) for all of them. A write
+//! that fails or panics is rolled back to its savepoint alone; a failed commit fails every
+//! write of the group, none of which is kept. Under concurrent writers this is group commit; a
+//! lone writer gets a group of one.
+//!
+//! Who commits: the caller that finds the connection free commits the queue's group itself,
+//! on its own thread ([`crate::blocking::here`]), so a lone write costs no thread hand-off
+//! (two of them cost more than the write's CPU). Callers that find it busy wait; what was
+//! queued behind the group just committed goes to a blocking thread, which commits until the
+//! queue is empty. Whatever is queued, someone is committing it or about to: a write, once
+//! queued, runs to its end even if its caller stops waiting.
+//!
+//! Reads use a small pool of read-only connections, so a read never queues behind a write
 //! (WAL lets readers and the writer run at once); each read sees one consistent snapshot.
 
 pub mod schema;
@@ -33,7 +41,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Read-only connections kept open for [`Store::read`]: reads beyond this many wait.
 const READERS: usize = 4;
-/// Writes queued for the writer thread before [`Store::write`] waits for room; also the largest
+/// Writes queued for the writer before [`Store::write`] waits for room; also the largest
 /// group committed at once.
 const WRITE_QUEUE: usize = 64;
 /// How long a statement waits for a lock held by another connection (or process).
@@ -75,7 +83,7 @@ pub enum StoreError {
     /// Another constraint failed (SQLite names the table and column, not the values).
     #[error("constraint violated: {0}")]
     Conflict(String),
-    /// The writer thread is gone; no write can succeed any more.
+    /// The writer connection is closed; no write can succeed any more.
     #[error("the database writer has stopped")]
     Closed,
     /// The closure given to [`Store::read`] or [`Store::write`] panicked; a write was rolled back.
@@ -112,7 +120,7 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// A write job for the writer thread: runs its closure in the group's transaction (`None`: the
+/// A write job: runs its closure in the group's transaction (`None`: the
 /// group could not start, run nothing) and says whether its changes are to be kept.
 type Job = Box<dyn FnOnce(Option<&Transaction<'_>>) -> Ran + Send>;
 
@@ -124,8 +132,9 @@ struct Ran {
     answer: Box<dyn FnOnce(Result<(), StoreError>) + Send>,
 }
 
-/// The database. Cheap to clone (an `Arc` inside); `Send + Sync`. The writer thread stops when
-/// the last clone is dropped, after finishing the writes already queued.
+/// The database. Cheap to clone (an `Arc` inside); `Send + Sync`. The writer connection closes
+/// (checkpointing the WAL) when the last clone is dropped; no write is queued then, as every
+/// queued write holds a clone until it is committed.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -133,11 +142,71 @@ pub struct Store {
 
 struct Inner {
     path: PathBuf,
-    writer: mpsc::Sender<Job>,
+    /// The queue of writes.
+    queue: mpsc::Sender<Job>,
+    /// The writer connection and the queue's far end: whoever holds it commits.
+    writer: Mutex<Writer>,
     /// One permit per reader connection, so at most [`READERS`] reads run at once.
     permits: Arc<Semaphore>,
     /// Idle reader connections. Held only to push or pop, never while running a query.
     idle: Mutex<Vec<Connection>>,
+}
+
+/// Who commits a queued write.
+#[derive(Debug, Clone, Copy)]
+enum Commit {
+    /// The caller, on its own thread, if no one is committing; else whoever is.
+    HereIfFree,
+    /// A blocking thread: for a caller that must be able to stop waiting at any moment.
+    Elsewhere,
+}
+
+/// The writer connection (`None` only while it closes) and the queue it takes writes from.
+struct Writer {
+    conn: Option<Connection>,
+    jobs: mpsc::Receiver<Job>,
+}
+
+impl Writer {
+    /// Commit the writes queued now, as one group; false if none were.
+    fn commit_queued(&mut self) -> bool {
+        let mut group = Vec::new();
+        while group.len() < WRITE_QUEUE {
+            match self.jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        if group.is_empty() {
+            return false;
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            for job in group {
+                (job(None).answer)(Err(StoreError::Closed));
+            }
+            return true;
+        };
+        run_group(conn, group);
+        // A failed COMMIT or ROLLBACK can leave a transaction open: never let it leak into the
+        // next group.
+        if !conn.is_autocommit() {
+            if let Err(e) = conn.execute_batch("ROLLBACK") {
+                tracing::error!(error = %StoreError::from(e), "cannot roll back a failed write");
+            }
+        }
+        true
+    }
+}
+
+impl Drop for Writer {
+    /// Close the connection, which checkpoints the WAL into the database file.
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if let Err((_, e)) = conn.close() {
+                tracing::warn!(error = %StoreError::from(e), "closing the database");
+            }
+        }
+    }
 }
 
 impl fmt::Debug for Store {
@@ -167,18 +236,15 @@ impl Store {
         let readers = (0..READERS)
             .map(|_| open_reader(path))
             .collect::<Result<Vec<_>, _>>()?;
-        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        std::thread::Builder::new()
-            .name("keyward-store".into())
-            .spawn(move || writer_loop(writer, rx))
-            .map_err(|source| StoreError::Io {
-                what: "cannot start the database writer thread".into(),
-                source,
-            })?;
+        let (queue, jobs) = mpsc::channel(WRITE_QUEUE);
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
-                writer: tx,
+                queue,
+                writer: Mutex::new(Writer {
+                    conn: Some(writer),
+                    jobs,
+                }),
                 permits: Arc::new(Semaphore::new(READERS)),
                 idle: Mutex::new(readers),
             }),
@@ -190,14 +256,14 @@ impl Store {
         &self.inner.path
     }
 
-    /// Run `f` on the writer thread, in the next group's transaction inside a savepoint of its
-    /// own, and commit it. `Ok` means committed durably; if `f` returns `Err` (or panics)
+    /// Run `f` on the writer connection, in the next group's transaction inside a savepoint of
+    /// its own, and commit it. `Ok` means committed durably; if `f` returns `Err` (or panics)
     /// nothing it did is kept, and the other writes of its group are not affected.
     ///
     /// Once queued, a write runs to its end even if the caller stops waiting for it.
     ///
     /// # Errors
-    /// What `f` returns; [`StoreError::Closed`] when the writer thread is gone;
+    /// What `f` returns; [`StoreError::Closed`] when the writer is closed;
     /// [`StoreError::Panicked`] when `f` panicked; a failed `BEGIN` or `COMMIT`
     /// ([`StoreError::DiskFull`], [`StoreError::Busy`], ...).
     pub async fn write<T: Send + 'static>(
@@ -215,6 +281,19 @@ impl Store {
     pub async fn try_write<T, E>(
         &self,
         f: impl FnOnce(&Transaction<'_>) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        self.submit(f, Commit::HereIfFree).await
+    }
+
+    /// Queue `f`, see that it is committed (`how`), and wait for its outcome.
+    async fn submit<T, E>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, E> + Send + 'static,
+        how: Commit,
     ) -> Result<T, E>
     where
         T: Send + 'static,
@@ -244,11 +323,63 @@ impl Store {
             }
         });
         self.inner
-            .writer
+            .queue
             .send(job)
             .await
             .map_err(|_| StoreError::Closed)?;
+        // No await between the send and this: a caller that stops waiting from here on has
+        // either committed its write already or left it to the one committing.
+        match how {
+            Commit::HereIfFree => self.commit_if_free(),
+            Commit::Elsewhere => self.commit_elsewhere(),
+        }
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// If no one is committing, commit the queued group (this caller's write among them) here;
+    /// then leave what was queued meanwhile to [`Store::commit_until_empty`].
+    fn commit_if_free(&self) {
+        let mut writer = match self.inner.writer.try_lock() {
+            Ok(writer) => writer,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            // Busy: whoever holds it checks the queue after letting go.
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        crate::blocking::here(|| writer.commit_queued());
+        drop(writer);
+        if self.queued() {
+            self.commit_elsewhere();
+        }
+    }
+
+    /// Have a blocking thread commit what is queued.
+    fn commit_elsewhere(&self) {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.commit_until_empty());
+    }
+
+    /// Commit group after group until the queue is empty, then check again after letting go
+    /// of the writer (a caller that found it busy left its write to us). Blocks: run it on a
+    /// blocking thread.
+    fn commit_until_empty(&self) {
+        loop {
+            {
+                let mut writer = self
+                    .inner
+                    .writer
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                while writer.commit_queued() {}
+            }
+            if !self.queued() {
+                return;
+            }
+        }
+    }
+
+    /// Whether writes wait in the queue (or are being put in it).
+    fn queued(&self) -> bool {
+        self.inner.queue.capacity() < self.inner.queue.max_capacity()
     }
 
     /// Run `f` on a read-only connection, inside one read transaction (one consistent
@@ -289,7 +420,7 @@ impl Store {
 
 impl Store {
     /// Whether the store still answers: one `BEGIN IMMEDIATE`, a read of the schema and a
-    /// commit of nothing, on the writer thread. It passes only if the writer thread takes jobs
+    /// commit of nothing, on the writer connection. It passes only if writes are committed
     /// and the database can take a write right now; it writes nothing to disk.
     ///
     /// For the health check: queued behind real writes, it waits as long as they do. A database
@@ -298,15 +429,17 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Busy`] (locked by another process), [`StoreError::Closed`] (the writer
-    /// thread is gone), or what SQLite says about the file.
+    /// is closed), or what SQLite says about the file.
     pub async fn probe(&self) -> Result<(), StoreError> {
-        self.write(|tx| {
+        let probe = |tx: &Transaction<'_>| {
             tx.query_row("SELECT count(*) FROM sqlite_schema", [], |row| {
                 row.get::<_, i64>(0)
             })?;
             Ok(())
-        })
-        .await
+        };
+        // Never on the caller's thread: its caller bounds the wait with a timer, which can't
+        // fire while its own task is blocked in SQLite's busy wait.
+        self.submit(probe, Commit::Elsewhere).await
     }
 }
 
@@ -315,7 +448,7 @@ impl Store {
     /// or an empty file the caller made), with SQLite's online backup API; returns the copy's schema version.
     ///
     /// The copy is ONE backup step of all pages, on a read-only connection of its own, on a
-    /// blocking thread. In WAL mode a reader never blocks the writer, so the writer thread
+    /// blocking thread. In WAL mode a reader never blocks the writer, so the writer
     /// goes on committing while this runs, and the one step reads inside one read
     /// transaction: a consistent snapshot. Copying in steps of a few pages instead would end
     /// the read transaction between steps, and every commit by the writer (another
@@ -474,30 +607,6 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "trusted_schema", "OFF")?;
     Ok(conn)
-}
-
-fn writer_loop(mut conn: Connection, mut jobs: mpsc::Receiver<Job>) {
-    while let Some(first) = jobs.blocking_recv() {
-        let mut group = vec![first];
-        while group.len() < WRITE_QUEUE {
-            match jobs.try_recv() {
-                Ok(job) => group.push(job),
-                Err(_) => break,
-            }
-        }
-        run_group(&mut conn, group);
-        // A failed COMMIT or ROLLBACK can leave a transaction open: never let it leak into the
-        // next group.
-        if !conn.is_autocommit() {
-            if let Err(e) = conn.execute_batch("ROLLBACK") {
-                tracing::error!(error = %StoreError::from(e), "cannot roll back a failed write");
-            }
-        }
-    }
-    // Every Store handle is gone: close, which checkpoints the WAL into the database file.
-    if let Err((_, e)) = conn.close() {
-        tracing::warn!(error = %StoreError::from(e), "closing the database");
-    }
 }
 
 /// One transaction for the whole group, a savepoint per job, one commit; then every caller is

@@ -776,7 +776,7 @@ async fn writes_queued_together_commit_together_and_fail_alone() {
         }));
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while store.inner.writer.capacity() > super::WRITE_QUEUE - 20 {
+    while store.inner.queue.capacity() > super::WRITE_QUEUE - 20 {
         assert!(
             std::time::Instant::now() < deadline,
             "the writes never queued"
