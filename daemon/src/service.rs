@@ -452,8 +452,9 @@ impl Service {
             }
         };
         match result {
-            Ok((reply, id)) => {
-                if let Err(e) = self.audit.export(v.store(), id) {
+            Ok((reply, row)) => {
+                let exported = row.map_or(Ok(()), |row| self.audit.export(v.store(), row));
+                if let Err(e) = exported {
                     tracing::error!(
                         "audit log: the record of a committed change is not in the file yet \
                          (it is in the outbox, and goes in with the next one): {e}"

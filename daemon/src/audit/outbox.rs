@@ -50,18 +50,28 @@ pub struct Staged {
 
 impl Staged {
     /// Insert the record, with `detail` (the version written), into the outbox inside `tx`;
-    /// returns its id, for [`AuditLog::export`] once `tx` is committed.
+    /// returns the row, for [`AuditLog::export`] once `tx` is committed.
     ///
     /// # Errors
     /// A SQLite failure (the change it belongs to fails with it).
-    pub fn commit(self, tx: &Transaction<'_>, detail: Option<String>) -> Result<u64, StoreError> {
+    pub fn commit(
+        self,
+        tx: &Transaction<'_>,
+        detail: Option<String>,
+    ) -> Result<OutboxRow, StoreError> {
         let mut entry = self.entry;
         if detail.is_some() {
             entry.detail = detail;
         }
         let record = serde_json::to_string(&entry.into_body())
             .map_err(|e| StoreError::Corrupt(format!("cannot encode an audit record: {e}")))?;
-        tables::insert_outbox(tx, self.after_seq, &self.time, &record)
+        let id = tables::insert_outbox(tx, self.after_seq, &self.time, &record)?;
+        Ok(OutboxRow {
+            id,
+            after_seq: self.after_seq,
+            time: self.time,
+            record,
+        })
     }
 }
 
@@ -103,19 +113,26 @@ impl AuditLog {
         })
     }
 
-    /// Append every committed outbox row up to id `through` that the file does not hold yet,
-    /// in id order (rows committed since, by other callers, come along). Returns once row
-    /// `through` is in the file (`write(2)` returned; durable within [`SYNC_INTERVAL`]).
+    /// Append every committed outbox row up to `row` that the file does not hold yet, in id
+    /// order (rows committed since, by other callers, come along). Returns once `row` is in
+    /// the file (`write(2)` returned; durable within [`SYNC_INTERVAL`]). When `row` is the
+    /// next one the file takes, it is written as the caller hands it over: no read of the
+    /// store.
     ///
     /// # Errors
     /// The rows can't be read, or a line can't be written (it is appended by a later call, or
     /// at the next start: the row stays until its line is durable).
-    pub fn export(&self, store: &Store, through: u64) -> Result<(), AuditError> {
+    pub fn export(&self, store: &Store, row: OutboxRow) -> Result<(), AuditError> {
         let mut exported = lock(&self.outbox.exported);
-        if *exported >= through {
+        if *exported >= row.id {
             return Ok(());
         }
         let from = *exported;
+        // Ids come from SQLite's rowid, one more for each row committed: if this is the next
+        // one, no other committed row comes before it.
+        if row.id == from + 1 {
+            return self.append_rows(&mut exported, vec![row]);
+        }
         let rows = store
             .read_now(|c| tables::outbox_after(c, from))
             .map_err(AuditError::Outbox)?;
@@ -280,7 +297,12 @@ mod tests {
     use super::*;
     use crate::audit::test_support::*;
 
-    fn put_record(log: &AuditLog, store: &Store, rt: &tokio::runtime::Runtime, n: u32) -> u64 {
+    fn put_record(
+        log: &AuditLog,
+        store: &Store,
+        rt: &tokio::runtime::Runtime,
+        n: u32,
+    ) -> OutboxRow {
         let staged = log.stage(entry("PutSecret", &format!("s{n}"))).unwrap();
         rt.block_on(store.write(move |tx| staged.commit(tx, Some(format!("version {n}")))))
             .unwrap()
@@ -386,12 +408,13 @@ mod tests {
         let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
         let a = put_record(&log, &store, &rt, 1);
         let b = put_record(&log, &store, &rt, 2);
+        let (a_id, b_id) = (a.id, b.id);
         log.export(&store, b).unwrap();
         log.export(&store, a).unwrap();
         log.shutdown();
         assert_eq!(
             outbox_records(dir.path()),
-            [(a, "s1".to_owned()), (b, "s2".to_owned())]
+            [(a_id, "s1".to_owned()), (b_id, "s2".to_owned())]
         );
         // Durable after the stop's sync: deletable.
         rt.block_on(log.clean_outbox(&store)).unwrap();

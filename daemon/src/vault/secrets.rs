@@ -11,11 +11,11 @@ use super::crypto::{self, Key32};
 use super::Vault;
 use crate::audit::Staged;
 use crate::error::{Error, Param, Thing};
-use crate::store::{self, tables::SecretRow};
+use crate::store::{self, tables::OutboxRow, tables::SecretRow};
 
 impl Vault {
     /// `PutSecret`: a new version of `name`, with its audit `record` (saying which version)
-    /// in the same transaction. Returns the version and the record's outbox id once committed.
+    /// in the same transaction. Returns the version and the record's outbox row once committed.
     ///
     /// # Errors
     /// `Sealed`, `TooLarge`, store failures.
@@ -24,9 +24,8 @@ impl Vault {
         name: SecretName,
         value: SecretValue,
         record: Staged,
-    ) -> Result<(u64, u64), Error> {
-        let (version, id) = self.put_version(name, value, None, Some(record)).await?;
-        Ok((version, id.unwrap_or_default()))
+    ) -> Result<(u64, Option<OutboxRow>), Error> {
+        self.put_version(name, value, None, Some(record)).await
     }
 
     /// A new version of `name` from the OpenBao upstream: the secret version and the record of
@@ -80,7 +79,7 @@ impl Vault {
         value: SecretValue,
         upstream: Option<(String, u64)>,
         record: Option<Staged>,
-    ) -> Result<(u64, Option<u64>), Error> {
+    ) -> Result<(u64, Option<OutboxRow>), Error> {
         let name = String::from(name);
         if value.expose().len() > api::MAX_SECRET_LEN {
             return Err(Error::TooLarge {
@@ -224,7 +223,7 @@ impl Vault {
     }
 
     /// `DeleteSecret` for a client: [`Vault::delete_secret`] with its audit `record` in the
-    /// same transaction. Returns the record's outbox id once committed.
+    /// same transaction. Returns the record's outbox row once committed.
     ///
     /// # Errors
     /// As [`Vault::delete_secret`].
@@ -232,16 +231,15 @@ impl Vault {
         &self,
         name: SecretName,
         record: Staged,
-    ) -> Result<u64, Error> {
-        let id = self.delete_version(name, Some(record)).await?;
-        Ok(id.unwrap_or_default())
+    ) -> Result<Option<OutboxRow>, Error> {
+        self.delete_version(name, Some(record)).await
     }
 
     async fn delete_version(
         &self,
         name: SecretName,
         record: Option<Staged>,
-    ) -> Result<Option<u64>, Error> {
+    ) -> Result<Option<OutboxRow>, Error> {
         let name = String::from(name);
         self.with_open(|_| ()).await?;
         let target = name.clone();
