@@ -188,13 +188,9 @@ fn a_watcher_sees_put_new_version_and_delete_in_order_and_only_what_it_may_read(
     assert_eq!(watches[0]["result"], "ok");
 }
 
-/// `keyward watch NAME PREFIX* --restart-unit …` prints one line per change of what it
-/// watches and runs `systemctl try-restart UNIT…` after each (a stand-in `systemctl`, first on
-/// PATH, records its arguments); a unit name systemd could not have is refused before anything
-/// runs.
-#[test]
-fn keyward_watch_prints_each_change_and_restarts_the_units() {
-    let (_token, d) = daemon(None);
+/// A stand-in `systemctl` that appends its arguments to a record file: its directory (keep it),
+/// the record, and a `PATH` that finds it first.
+fn fake_systemctl() -> (tempfile::TempDir, std::path::PathBuf, String) {
     let fake = tempfile::tempdir().unwrap();
     let record = fake.path().join("calls");
     let script = fake.path().join("systemctl");
@@ -209,7 +205,17 @@ fn keyward_watch_prints_each_change_and_restarts_the_units() {
         fake.path().display(),
         std::env::var("PATH").unwrap_or_default()
     );
+    (fake, record, path)
+}
 
+/// `keyward watch NAME PREFIX* --restart-unit …` prints one line per change of what it
+/// watches and runs `systemctl try-restart UNIT…` after each (a stand-in `systemctl`, first on
+/// PATH, records its arguments); a unit name systemd could not have is refused before anything
+/// runs.
+#[test]
+fn keyward_watch_prints_each_change_and_restarts_the_units() {
+    let (_token, d) = daemon(None);
+    let (fake, record, path) = fake_systemctl();
     let mut cmd = Command::new(bin("keyward"));
     cmd.env("PATH", &path);
     let mut child = spawn(
@@ -246,8 +252,10 @@ fn keyward_watch_prints_each_change_and_restarts_the_units() {
         assert_eq!(call, "try-restart app.service web@1.service");
     }
 
-    // A name that is not a unit's: a usage error, and systemctl never runs.
-    std::fs::remove_file(&record).unwrap();
+    // A name that is not a unit's: a usage error, and systemctl never runs. (A stand-in of its
+    // own: one the killed watcher started may still be writing to the first one's record.)
+    drop(fake);
+    let (_fake, record, path) = fake_systemctl();
     let mut cmd = Command::new(bin("keyward"));
     cmd.env("PATH", &path);
     let bad = keyward_tests::keywardd::run_cli(
