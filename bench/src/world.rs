@@ -45,6 +45,9 @@ pub struct World {
     pub raw_tpm: Swtpm,
     /// The daemon every phase measures (and the large vault of the scale phase).
     pub kw: Daemon,
+    /// The echo server's rate at one client, once the GetSecret phase has measured it: one
+    /// Unix-socket round trip, for [`crate::phases`]' ceilings.
+    pub echo_rate: Option<f64>,
     _raw_token: SoftHsm,
 }
 
@@ -82,6 +85,7 @@ impl World {
             raw,
             raw_tpm,
             kw,
+            echo_rate: None,
             _raw_token: raw_token,
         })
     }
