@@ -615,3 +615,71 @@ fn token_signatures_do_not_wait_behind_a_key_generation_on_the_same_token() {
         "at most {best} signatures landed while a key was being generated on the token"
     );
 }
+
+/// A change reaches every reader the moment it is acknowledged, whoever commits it and
+/// whatever the readers hold. Four connections read one name as fast as they can while a fifth
+/// puts 200 versions of it: after each acknowledged put, a read on any connection sees that
+/// version or a later one, and no reader ever sees a version go back. A delete is seen at once
+/// too.
+#[test]
+fn every_read_after_an_acknowledged_change_sees_it_under_concurrent_readers() {
+    let w = world();
+    init(&w.daemon);
+    let socket = w.daemon.socket().to_owned();
+    let mut writer = Client::connect(&socket).unwrap();
+    writer.put_secret("hot", b"0").unwrap();
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (socket, acked, done) = (socket.clone(), acked.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&socket).unwrap();
+                let (mut last, mut reads) = (0, 0u64);
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    // The floor is read before the request: that put was acknowledged before.
+                    let floor = acked.load(std::sync::atomic::Ordering::Acquire);
+                    let reply = c.get_secret("hot", None).unwrap();
+                    assert!(
+                        reply.version >= floor,
+                        "{} < acknowledged {floor}",
+                        reply.version
+                    );
+                    assert!(
+                        reply.version >= last,
+                        "went back from {last} to {}",
+                        reply.version
+                    );
+                    assert_eq!(
+                        reply.value.expose(),
+                        (reply.version - 1).to_string().as_bytes()
+                    );
+                    last = reply.version;
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    for v in 1..200u64 {
+        let version = writer.put_secret("hot", v.to_string().as_bytes()).unwrap();
+        assert_eq!(version, v + 1);
+        acked.store(version, std::sync::atomic::Ordering::Release);
+        let seen = writer.get_secret("hot", None).unwrap();
+        assert_eq!(seen.version, version);
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    for r in readers {
+        assert!(r.join().unwrap() > 0);
+    }
+    let mut c = Client::connect(&socket).unwrap();
+    c.get_secret("hot", None).unwrap();
+    writer.delete_secret("hot").unwrap();
+    assert!(
+        matches!(
+            c.get_secret("hot", None),
+            Err(ClientError::Api(ApiError::NotFound { .. }))
+        ),
+        "a deleted secret was still served"
+    );
+}

@@ -123,7 +123,7 @@ use crate::vault::audit_key::AuditKeys;
 
 use counter::TpmCounter;
 use hooks::HookThread;
-use writer::Writer;
+use writer::{Prepared, Writer};
 
 pub use outbox::Staged;
 
@@ -482,7 +482,8 @@ impl AuditLog {
                 event: "stop".into(),
                 detail: "SIGTERM: requests drained".into(),
             });
-            if let Err(e) = self.write(&mut w, stop) {
+            let written = Prepared::new(now(), &stop).and_then(|line| self.write(&mut w, line));
+            if let Err(e) = written {
                 tracing::error!("audit log: at stop: {e}");
             }
             self.written.fetch_add(1, Ordering::AcqRel);

@@ -10,6 +10,56 @@
 use super::lost::count_lost;
 use super::*;
 
+/// A line's time and body, serialised: everything of a record but its place in the chain.
+pub(super) struct Prepared {
+    time: String,
+    /// The body's JSON object (`{"kind":…}`), whose fields the line takes in.
+    body: Vec<u8>,
+    checkpoint: bool,
+}
+
+impl Prepared {
+    pub(super) fn new(time: String, body: &Body) -> Result<Self, AuditError> {
+        let json = serde_json::to_vec(body).map_err(|e| AuditError::Write(io::Error::other(e)))?;
+        if json.len() < 2 || json.first() != Some(&b'{') || json.last() != Some(&b'}') {
+            return Err(AuditError::Write(io::Error::other(
+                "an audit record body is not a JSON object",
+            )));
+        }
+        Ok(Self {
+            time,
+            body: json,
+            checkpoint: matches!(body, Body::Checkpoint(_)),
+        })
+    }
+
+    /// The line, as `serde_json` writes the [`Record`] (its body flattened), into `out`.
+    fn render(
+        &self,
+        seq: u64,
+        lost: Option<&Lost>,
+        prev: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<(), AuditError> {
+        let json = |e: serde_json::Error| AuditError::Write(io::Error::other(e));
+        out.clear();
+        out.extend_from_slice(b"{\"seq\":");
+        out.extend_from_slice(seq.to_string().as_bytes());
+        out.extend_from_slice(b",\"time\":");
+        serde_json::to_writer(&mut *out, &self.time).map_err(json)?;
+        out.push(b',');
+        out.extend_from_slice(&self.body[1..self.body.len() - 1]);
+        if let Some(lost) = lost {
+            out.extend_from_slice(b",\"lost\":");
+            serde_json::to_writer(&mut *out, lost).map_err(json)?;
+        }
+        out.extend_from_slice(b",\"prev\":");
+        serde_json::to_writer(&mut *out, prev).map_err(json)?;
+        out.push(b'}');
+        Ok(())
+    }
+}
+
 impl AuditLog {
     pub(super) fn live(&self) -> Arc<File> {
         Arc::clone(
@@ -54,9 +104,12 @@ impl AuditLog {
             }
             return Err(e);
         }
+        // The bulk of the line, made before the lock: concurrent requests wait for each
+        // other only for the chain's part (seq, hash, the write).
+        let line = Prepared::new(now(), &body)?;
         let (seq, number) = {
             let mut w = lock(&self.writer);
-            let seq = match self.write(&mut w, body) {
+            let seq = match self.write(&mut w, line) {
                 Ok(seq) => seq,
                 Err(e) => {
                     if lossy {
@@ -87,11 +140,11 @@ impl AuditLog {
     }
 
     /// Write one record (after a resume record if damage is pending) and advance the head.
-    pub(super) fn write(&self, w: &mut Writer, body: Body) -> Result<u64, AuditError> {
+    pub(super) fn write(&self, w: &mut Writer, line: Prepared) -> Result<u64, AuditError> {
         if w.damaged.is_some() {
             self.resume(w)?;
         }
-        self.write_line(w, now(), body)
+        self.write_prepared(w, line)
     }
 
     /// Serialise and write one line at the end; the head moves only if all of it was written.
@@ -101,23 +154,21 @@ impl AuditLog {
         time: String,
         body: Body,
     ) -> Result<u64, AuditError> {
+        let line = Prepared::new(time, &body)?;
+        self.write_prepared(w, line)
+    }
+
+    /// [`AuditLog::write_line`] of a body serialised already.
+    fn write_prepared(&self, w: &mut Writer, line: Prepared) -> Result<u64, AuditError> {
         // A checkpoint's signature would not cover a declaration: the next record carries it.
-        let lost = if matches!(body, Body::Checkpoint(_)) {
+        let lost = if line.checkpoint {
             None
         } else {
             w.lost.clone()
         };
         let declares = lost.is_some();
-        let record = Record {
-            seq: w.seq,
-            time,
-            body,
-            lost,
-            prev: format::hex(&w.prev),
-        };
-        w.buf.clear();
-        serde_json::to_writer(&mut w.buf, &record)
-            .map_err(|e| AuditError::Write(io::Error::other(e)))?;
+        let prev = format::hex(&w.prev);
+        line.render(w.seq, lost.as_ref(), &prev, &mut w.buf)?;
         let hash = format::line_hash(&w.buf);
         w.buf.push(b'\n');
         if let Err(e) = (&*self.live()).write_all(&w.buf) {
@@ -300,6 +351,46 @@ mod tests {
     use super::*;
     use crate::audit::test_support::*;
     use ed25519_dalek::SigningKey;
+
+    /// A line made from a body serialised before the lock is, byte for byte, what
+    /// `serde_json` makes of the whole record: with and without a declaration of lost records,
+    /// for a request and an event, and with characters that JSON escapes.
+    #[test]
+    fn a_prepared_line_is_the_record_as_serde_writes_it() {
+        let lost = Lost {
+            records: 3,
+            first: "2026-01-01T00:00:00.000Z".into(),
+            last: "2026-01-01T00:00:01.000Z".into(),
+            reason: "disk \"full\"\n".into(),
+        };
+        let bodies = [
+            entry("GetSecret", "app/\"db\"\u{1}é").into_body(),
+            Body::Event(EventRecord {
+                event: "start".into(),
+                detail: "a\tb".into(),
+            }),
+        ];
+        for body in bodies {
+            for lost in [None, Some(lost.clone())] {
+                let record = Record {
+                    seq: 42,
+                    time: "2026-12-05T01:02:03.456Z".into(),
+                    body: body.clone(),
+                    lost: lost.clone(),
+                    prev: "ab".repeat(32),
+                };
+                let mut out = Vec::new();
+                Prepared::new(record.time.clone(), &body)
+                    .unwrap()
+                    .render(42, lost.as_ref(), &record.prev, &mut out)
+                    .unwrap();
+                assert_eq!(
+                    String::from_utf8(out).unwrap(),
+                    serde_json::to_string(&record).unwrap()
+                );
+            }
+        }
+    }
 
     #[test]
     fn the_log_rolls_over_and_the_set_verifies_as_one_chain() {
