@@ -4,9 +4,9 @@
 //!
 //! - core dumps off (`RLIMIT_CORE=0`) and the process non-dumpable (`PR_SET_DUMPABLE=0`, which
 //!   also keeps other same-uid processes from ptrace-attaching or reading `/proc/PID/mem`);
-//! - long-lived key material in [`LockedBytes`]: pages of its own, `mlock`ed (never written to
-//!   swap) and `MADV_DONTDUMP` (left out of any core dump even if dumps were turned back on),
-//!   zeroized before they are freed. Per-request plaintexts live for microseconds in zeroizing
+//! - key material in [`LockedBytes`]: pages of its own, `mlock`ed (never written to swap) and
+//!   `MADV_DONTDUMP` (left out of any core dump even if dumps were turned back on), zeroized
+//!   before they are freed or kept, locked, for the next key. Per-request plaintexts live for microseconds in zeroizing
 //!   buffers; the unit's `MemorySwapMax=0` keeps the whole service out of swap for those;
 //! - umask 077, so nothing the daemon creates is readable by others;
 //! - `sd_notify`: `READY=1`, `STATUS=`, `STOPPING=1`, `WATCHDOG=1` (no-ops without
@@ -180,9 +180,35 @@ pub fn memory_locked() -> bool {
     !LOCK_FAILED.load(Ordering::Relaxed)
 }
 
+/// Single locked pages given back by dropped [`LockedBytes`], zeroized, for the next one:
+/// a data key opened for one request (a transit key, the keyring key a write seals with) then
+/// costs no allocation, `mlock`, `madvise` and `munlock` (four system calls and page faults,
+/// more than the request's cryptography).
+static SPARE_PAGES: std::sync::Mutex<Vec<SparePage>> = std::sync::Mutex::new(Vec::new());
+/// Spare pages kept at most (a page each: 256 KiB of locked memory with 4 KiB pages).
+const MAX_SPARE_PAGES: usize = 64;
+
+/// A zeroized page, still locked (if `locked`) and `MADV_DONTDUMP`, owned by the spare list.
+struct SparePage {
+    ptr: NonNull<u8>,
+    locked: bool,
+}
+
+// SAFETY: a spare page is owned by the list alone (no other pointer to it exists), like a
+// `Box<[u8]>` moved between threads.
+unsafe impl Send for SparePage {}
+
+fn spare_pages() -> std::sync::MutexGuard<'static, Vec<SparePage>> {
+    SPARE_PAGES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Secret bytes in pages of their own: locked in RAM, left out of core dumps, zeroized before
-/// they are freed. For the long-lived keys (the VMK, the keyring's data keys), which sit in
-/// memory for as long as the vault is open.
+/// they are freed. For keys: the long-lived ones (the VMK, the keyring's data keys), which sit
+/// in memory for as long as the vault is open, and the ones opened for one request, whose
+/// pages are reused (one-page allocations go back to a bounded spare list, zeroized and still
+/// locked, instead of being unlocked and freed).
 ///
 /// Own pages, because locks do not nest: `munlock` of a page shared with another secret would
 /// unlock that one too. If the kernel refuses the lock (`RLIMIT_MEMLOCK` too low), the bytes are
@@ -209,6 +235,15 @@ impl<const N: usize> LockedBytes<N> {
             Ok(l) => l,
             Err(_) => std::alloc::handle_alloc_error(Layout::new::<u8>()),
         };
+        if size == page {
+            if let Some(spare) = spare_pages().pop() {
+                return Self {
+                    ptr: spare.ptr.cast::<[u8; N]>(),
+                    layout,
+                    locked: spare.locked,
+                };
+            }
+        }
         // SAFETY: `layout` has a non-zero size.
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(raw.cast::<[u8; N]>()) else {
@@ -260,6 +295,17 @@ impl<const N: usize> Drop for LockedBytes<N> {
             std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast::<u8>(), self.layout.size())
         };
         zeroize::Zeroize::zeroize(all);
+        if self.layout.size() == page_size() {
+            let mut spare = spare_pages();
+            if spare.len() < MAX_SPARE_PAGES {
+                // Zeroized above; locked and left out of dumps as it was made.
+                spare.push(SparePage {
+                    ptr: self.ptr.cast::<u8>(),
+                    locked: self.locked,
+                });
+                return;
+            }
+        }
         if self.locked {
             // SAFETY: the region locked in `zeroed`.
             let _ = unsafe { munlock(self.ptr.cast(), self.layout.size()) };
@@ -297,8 +343,27 @@ mod tests {
         assert!(b.is_locked(), "mlock of one page should succeed");
         assert!(vm_locked_kib() > before, "VmLck did not grow");
         assert_eq!(format!("{b:?}"), "LockedBytes(32 bytes, redacted)");
+        let (held, page) = (vm_locked_kib(), b.ptr.as_ptr() as usize);
         drop(b);
-        assert_eq!(vm_locked_kib(), before, "pages not unlocked on drop");
+        // The page went to the spare list: zeroized, still locked, and the next one gets it.
+        assert_eq!(vm_locked_kib(), held, "a spare page was unlocked");
+        let again = LockedBytes::<32>::zeroed();
+        assert_eq!(again.ptr.as_ptr() as usize, page, "the spare page was not reused");
+        assert_eq!(again.get(), &[0u8; 32], "a reused page was not zeroized");
+        assert!(again.is_locked());
+    }
+
+    /// Past the spare list's bound, dropped pages are unlocked and freed.
+    #[test]
+    fn the_spare_list_is_bounded() {
+        let before = vm_locked_kib();
+        let many: Vec<_> = (0..MAX_SPARE_PAGES + 8)
+            .map(|_| LockedBytes::<32>::zeroed())
+            .collect();
+        drop(many);
+        assert_eq!(spare_pages().len(), MAX_SPARE_PAGES);
+        let kib = u64::try_from(MAX_SPARE_PAGES * page_size() / 1024).unwrap();
+        assert_eq!(vm_locked_kib(), before + kib, "the pages past the bound stay locked");
     }
 
     #[test]
