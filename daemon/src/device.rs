@@ -16,7 +16,10 @@
 //! the pool when the device opens and drops it when the device goes; a signer that finds the
 //! device gone tells the actor (and waits until the actor has taken the device down), and the
 //! actor reopens it as for any call. A TPM is one serial device: it has no shared signer, and
-//! its signatures go through the actor's queue.
+//! its signatures go through the actor's queue, since an ESAPI context can't leave the thread
+//! that made it (`tss_esapi::Context` is not `Send`) and a second context on the same TPM
+//! would only wait for the first (swtpm serves one connection at a time). That costs a TPM
+//! signature two thread hand-offs, small next to the TPM's own time.
 //!
 //! This module owns opening a device, noticing that it vanished ([`DeviceError::DeviceGone`]),
 //! reopening it with exponential backoff, and refusing to ever retry a PIN that failed. It must

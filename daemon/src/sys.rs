@@ -348,7 +348,11 @@ mod tests {
         // The page went to the spare list: zeroized, still locked, and the next one gets it.
         assert_eq!(vm_locked_kib(), held, "a spare page was unlocked");
         let again = LockedBytes::<32>::zeroed();
-        assert_eq!(again.ptr.as_ptr() as usize, page, "the spare page was not reused");
+        assert_eq!(
+            again.ptr.as_ptr() as usize,
+            page,
+            "the spare page was not reused"
+        );
         assert_eq!(again.get(), &[0u8; 32], "a reused page was not zeroized");
         assert!(again.is_locked());
     }
@@ -363,7 +367,11 @@ mod tests {
         drop(many);
         assert_eq!(spare_pages().len(), MAX_SPARE_PAGES);
         let kib = u64::try_from(MAX_SPARE_PAGES * page_size() / 1024).unwrap();
-        assert_eq!(vm_locked_kib(), before + kib, "the pages past the bound stay locked");
+        assert_eq!(
+            vm_locked_kib(),
+            before + kib,
+            "only the spare list's pages stay locked"
+        );
     }
 
     #[test]
