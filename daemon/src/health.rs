@@ -12,9 +12,9 @@
 //! vault hooks run on, which the vault waits for under its lock at every seal, unseal and
 //! rekey; when one does not, it stops pinging (so systemd restarts the daemon), says why once
 //! in the log and on `STATUS=`. Its probes can block (a locked database, a stuck audit write,
-//! a hook waiting for a hung TPM counter), so they run on the store's writer thread, on a
-//! blocking thread and on the hook thread itself, each bounded, and never more than one of
-//! each at a time.
+//! a hook waiting for a hung TPM counter), so they run on a blocking thread of the store's
+//! (never on the caller's), on a blocking thread and on the hook thread itself, each bounded,
+//! and never more than one of each at a time.
 //!
 //! Must not: write audit records (a probe is not a request, and one per ping would flood the
 //! log), restart or reopen anything itself (the device actors reopen their devices; systemd

@@ -736,7 +736,7 @@ async fn writes_queued_together_commit_together_and_fail_alone() {
         .unwrap();
     let before = wal_len();
 
-    // A write that holds the writer thread until told to finish: the writes queued meanwhile
+    // A write that holds the writer until told to finish: the writes queued meanwhile
     // are the next group.
     let (running, is_running) = std::sync::mpsc::channel();
     let (release, released) = std::sync::mpsc::channel::<()>();
