@@ -39,29 +39,9 @@ pub fn get_secret(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
             |d| run_clients(&mut base, d, op),
             |d| run_clients(&mut kw, d, op),
         )?;
-        let pairs = c.pairs;
-        let (b, k) = (c.base.stats(), c.keyward.stats());
         let path = format!("GetSecret over Varlink, {}", clients_label(n));
-        let echo_name = "NUL-framed JSON echo";
-        r.row(
-            &path,
-            "throughput",
-            echo_name,
-            Unit::PerSec,
-            (b.rate, k.rate),
-            &pairs,
-            Goal::AtLeast(0.6),
-        );
-        r.row(
-            &path,
-            "p99 latency",
-            echo_name,
-            Unit::Secs,
-            (b.p99, k.p99),
-            &[],
-            Goal::AtMost(2.0),
-        );
-        r.latency(&path, "echo", b, k);
+        let goals = (Goal::AtLeast(0.6), Goal::AtMost(2.0));
+        let (b, _) = r.rate_and_p99(&path, "NUL-framed JSON echo", "echo", c, goals);
         if n == 1 {
             w.echo_rate = Some(b.rate);
         }

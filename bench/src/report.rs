@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
-use crate::measure::{quantile, Stats};
+use crate::measure::{quantile, Compared, Stats};
 
 /// What a ratio (Keyward / baseline) must satisfy.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -201,6 +201,41 @@ impl Report {
             row.verdict()
         );
         self.rows.push(row);
+    }
+
+    /// A comparison's throughput and p99 rows (against `goals`), and both sides' latencies,
+    /// the baseline's under `side`; returns the two sides' figures.
+    pub fn rate_and_p99(
+        &mut self,
+        path: &str,
+        baseline_name: &str,
+        side: &str,
+        c: Compared,
+        (rate, p99): (Goal, Goal),
+    ) -> (Stats, Stats) {
+        let (b, k) = (c.base.stats(), c.keyward.stats());
+        let (pairs, unit) = (&c.pairs, Unit::PerSec);
+        self.row(
+            path,
+            "throughput",
+            baseline_name,
+            unit,
+            (b.rate, k.rate),
+            pairs,
+            rate,
+        );
+        let latency = (b.p99, k.p99);
+        self.row(
+            path,
+            "p99 latency",
+            baseline_name,
+            Unit::Secs,
+            latency,
+            &[],
+            p99,
+        );
+        self.latency(path, side, b, k);
+        (b, k)
     }
 
     /// Record both sides' latency percentiles (the second side is Keyward).

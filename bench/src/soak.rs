@@ -72,27 +72,8 @@ pub fn wide(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
             |d| run_clients(&mut base, d, get),
             |d| run_clients(&mut kw, d, get),
         )?;
-        let (b, k) = (c.base.stats(), c.keyward.stats());
-        let echo_name = "NUL-framed JSON echo";
-        r.row(
-            &path,
-            "throughput",
-            echo_name,
-            Unit::PerSec,
-            (b.rate, k.rate),
-            &c.pairs,
-            Goal::Info,
-        );
-        r.row(
-            &path,
-            "p99 latency",
-            echo_name,
-            Unit::Secs,
-            (b.p99, k.p99),
-            &[],
-            Goal::Info,
-        );
-        r.latency(&path, "echo", b, k);
+        let info = (Goal::Info, Goal::Info);
+        r.rate_and_p99(&path, "NUL-framed JSON echo", "echo", c, info);
     }
     let path = format!("Sign ECDSA P-256 in SoftHSM, {}", clients_label(WIDE));
     {
@@ -109,27 +90,8 @@ pub fn wide(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
             },
             |d| run_clients(&mut kw, d, sign),
         )?;
-        let (b, k) = (c.base.stats(), c.keyward.stats());
         let raw_name = format!("cryptoki C_Sign, {WIDE} sessions");
-        r.row(
-            &path,
-            "throughput",
-            &raw_name,
-            Unit::PerSec,
-            (b.rate, k.rate),
-            &c.pairs,
-            Goal::Info,
-        );
-        r.row(
-            &path,
-            "p99 latency",
-            &raw_name,
-            Unit::Secs,
-            (b.p99, k.p99),
-            &[],
-            Goal::Info,
-        );
-        r.latency(&path, "C_Sign", b, k);
+        r.rate_and_p99(&path, &raw_name, "C_Sign", c, (Goal::Info, Goal::Info));
     }
     let samples = sampler.stop()?;
     let peak = samples.iter().map(|x| x.rss).max().unwrap_or(idle);
