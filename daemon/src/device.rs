@@ -15,11 +15,16 @@
 //! restarts the daemon. The actor still owns the device's life: it makes
 //! the pool when the device opens and drops it when the device goes; a signer that finds the
 //! device gone tells the actor (and waits until the actor has taken the device down), and the
-//! actor reopens it as for any call. A TPM is one serial device: it has no shared signer, and
-//! its signatures go through the actor's queue, since an ESAPI context can't leave the thread
-//! that made it (`tss_esapi::Context` is not `Send`) and a second context on the same TPM
-//! would only wait for the first (swtpm serves one connection at a time). That costs a TPM
-//! signature two thread hand-offs, small next to the TPM's own time.
+//! actor reopens it as for any call.
+//!
+//! A TPM is one serial device (a second context on it would only wait for the first; swtpm
+//! serves one connection at a time): it has no shared signer, and its signatures go through
+//! the actor's queue, on purpose. Its context could be shared under a lock (ESAPI allows any
+//! thread, one at a time), but then a TPM that stops answering would hold the caller's worker
+//! with no way to give up; through the queue the caller hears `Unavailable` at the device
+//! timeout while the actor's thread alone waits (the `faults` test of a hung TPM holds a Sign
+//! and proves it). The price is two thread hand-offs per signature, ~50 µs: a tenth of
+//! swtpm's signature, a thousandth of a hardware TPM's (tens of milliseconds).
 //!
 //! This module owns opening a device, noticing that it vanished ([`DeviceError::DeviceGone`]),
 //! reopening it with exponential backoff, and refusing to ever retry a PIN that failed. It must
