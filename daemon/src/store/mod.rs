@@ -23,6 +23,18 @@
 //!
 //! Reads use a small pool of read-only connections, so a read never queues behind a write
 //! (WAL lets readers and the writer run at once); each read sees one consistent snapshot.
+//!
+//! A reader keeps its read transaction (its snapshot) open between reads for as long as no
+//! write is committed: each commit moves the store's write generation, and a read that finds
+//! it moved since its snapshot began ends it and begins a new one, so a read never misses a
+//! write acknowledged before it. Why: beginning and ending a read transaction takes SQLite's
+//! WAL-index read lock (two `fcntl` calls and a process-wide mutex each time), which cost a
+//! point lookup more than the lookup itself and serialised concurrent readers on the mutex.
+//! The price is that an open snapshot pins the WAL: it can't be checkpointed past it, nor
+//! restarted while any is open. So whoever commits first ends the snapshots of the readers
+//! that sit idle in the pool, and a reader in use ends its own at its next read: at a commit,
+//! only the reads running at that moment hold the WAL, as when every read was its own
+//! transaction.
 
 pub mod schema;
 pub mod tables;
@@ -33,6 +45,7 @@ use std::fmt;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -148,8 +161,72 @@ struct Inner {
     writer: Mutex<Writer>,
     /// One permit per reader connection, so at most [`READERS`] reads run at once.
     permits: Arc<Semaphore>,
-    /// Idle reader connections. Held only to push or pop, never while running a query.
-    idle: Mutex<Vec<Connection>>,
+    /// Idle readers. Held to push or pop, and by a committer ending their snapshots; never
+    /// while running a query.
+    idle: Mutex<Vec<Reader>>,
+    /// The write generation: moved after every group's commit (or failed commit), before any
+    /// of its writers hears the outcome. A reader's snapshot taken at generation `g` has seen
+    /// every commit before `g` was read.
+    generation: AtomicU64,
+}
+
+/// A read-only connection, and the generation at which its open read transaction began.
+struct Reader {
+    conn: Connection,
+    /// `Some(g)`: a read transaction is open, begun at write generation `g`; `None`: none.
+    snapshot: Option<u64>,
+}
+
+impl Reader {
+    fn open(path: &Path) -> Result<Reader, StoreError> {
+        Ok(Reader {
+            conn: open_reader(path)?,
+            snapshot: None,
+        })
+    }
+
+    /// The connection, inside a read transaction that sees every write committed before now:
+    /// the one already open if no write was committed since it began, else a new one.
+    fn fresh(&mut self, generation: &AtomicU64) -> Result<&Connection, StoreError> {
+        let now = generation.load(Ordering::Acquire);
+        if self.snapshot != Some(now) {
+            self.end();
+            // `BEGIN` takes no snapshot yet: the transaction's first read does, after `now`
+            // was read, so it sees every commit that moved the generation up to `now`.
+            self.conn.prepare_cached("BEGIN")?.execute([])?;
+            self.snapshot = Some(now);
+        }
+        Ok(&self.conn)
+    }
+
+    /// End the open read transaction, if any (nothing was written: a rollback).
+    fn end(&mut self) {
+        self.snapshot = None;
+        if self.conn.is_autocommit() {
+            return;
+        }
+        if let Err(e) = self
+            .conn
+            .prepare_cached("ROLLBACK")
+            .and_then(|mut end| end.execute([]))
+        {
+            tracing::warn!(error = %StoreError::from(e), "cannot end a read transaction");
+        }
+    }
+
+    /// Run `f` on a fresh snapshot. A failed read ends the snapshot: the next read begins
+    /// anew rather than trust a transaction the failure may have left in doubt.
+    fn run<T>(
+        &mut self,
+        generation: &AtomicU64,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let result = self.fresh(generation).and_then(f);
+        if result.is_err() {
+            self.end();
+        }
+        result
+    }
 }
 
 /// Who commits a queued write.
@@ -168,8 +245,9 @@ struct Writer {
 }
 
 impl Writer {
-    /// Commit the writes queued now, as one group; false if none were.
-    fn commit_queued(&mut self) -> bool {
+    /// Commit the writes queued now, as one group, moving `generation` before answering its
+    /// writers; false if none were.
+    fn commit_queued(&mut self, generation: &AtomicU64) -> bool {
         let mut group = Vec::new();
         while group.len() < WRITE_QUEUE {
             match self.jobs.try_recv() {
@@ -186,7 +264,7 @@ impl Writer {
             }
             return true;
         };
-        run_group(conn, group);
+        run_group(conn, group, generation);
         // A failed COMMIT or ROLLBACK can leave a transaction open: never let it leak into the
         // next group.
         if !conn.is_autocommit() {
@@ -234,7 +312,7 @@ impl Store {
         configure_writer(&writer)?;
         schema::migrate(&mut writer)?;
         let readers = (0..READERS)
-            .map(|_| open_reader(path))
+            .map(|_| Reader::open(path))
             .collect::<Result<Vec<_>, _>>()?;
         let (queue, jobs) = mpsc::channel(WRITE_QUEUE);
         Ok(Store {
@@ -247,6 +325,7 @@ impl Store {
                 }),
                 permits: Arc::new(Semaphore::new(READERS)),
                 idle: Mutex::new(readers),
+                generation: AtomicU64::new(0),
             }),
         })
     }
@@ -345,7 +424,7 @@ impl Store {
             // Busy: whoever holds it checks the queue after letting go.
             Err(std::sync::TryLockError::WouldBlock) => return,
         };
-        crate::blocking::here(|| writer.commit_queued());
+        crate::blocking::here(|| self.inner.commit_queued(&mut writer));
         drop(writer);
         if self.queued() {
             self.commit_elsewhere();
@@ -369,7 +448,7 @@ impl Store {
                     .writer
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                while writer.commit_queued() {}
+                while self.inner.commit_queued(&mut writer) {}
             }
             if !self.queued() {
                 return;
@@ -383,8 +462,9 @@ impl Store {
     }
 
     /// Run `f` on a read-only connection, inside one read transaction (one consistent
-    /// snapshot), on the calling thread ([`crate::blocking::here`]: a read takes about what two
-    /// thread hand-offs would cost). Reads don't wait for writes.
+    /// snapshot that has seen every write committed before the call), on the calling thread
+    /// ([`crate::blocking::here`]: a read takes about what two thread hand-offs would cost).
+    /// Reads don't wait for writes.
     ///
     /// # Errors
     /// What `f` returns; [`StoreError::Panicked`] when `f` panicked; a reader connection that
@@ -400,15 +480,12 @@ impl Store {
             .await
             .map_err(|_| StoreError::Closed)?;
         crate::blocking::here(|| {
-            let mut conn = self.inner.take_reader()?;
-            let result = std::panic::catch_unwind(AssertUnwindSafe(|| match conn.transaction() {
-                // Dropping the transaction ends the snapshot (a rollback: nothing was written).
-                Ok(snapshot) => f(&snapshot),
-                Err(e) => Err(e.into()),
-            }));
+            let mut reader = self.inner.take_reader()?;
+            let generation = &self.inner.generation;
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| reader.run(generation, f)));
             match result {
                 Ok(result) => {
-                    self.inner.put_reader(conn);
+                    self.inner.put_reader(reader);
                     result
                 }
                 // A reader whose closure panicked is dropped; the pool reopens one.
@@ -497,8 +574,8 @@ impl Store {
 }
 
 impl Store {
-    /// Run `f` right here, on the caller's thread, on a pooled read-only connection, without a
-    /// transaction (so `f` should be one statement, which is its own consistent snapshot).
+    /// Run `f` right here, on the caller's thread, on a pooled read-only connection, on a
+    /// snapshot that has seen every write committed before the call (as [`Store::read`]).
     ///
     /// For the point lookups of the hot paths (a secret by name): from SQLite's page cache they
     /// take a few microseconds, less than the two thread hand-offs of [`Store::read`]. Anything
@@ -511,35 +588,45 @@ impl Store {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let conn = self.inner.take_reader()?;
-        let result = f(&conn);
-        self.inner.put_reader(conn);
+        let mut reader = self.inner.take_reader()?;
+        let result = reader.run(&self.inner.generation, f);
+        self.inner.put_reader(reader);
         result
     }
 }
 
 impl Inner {
-    fn take_reader(&self) -> Result<Connection, StoreError> {
-        let pooled = self
-            .idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .pop();
+    fn take_reader(&self) -> Result<Reader, StoreError> {
+        let pooled = self.idle().pop();
         match pooled {
-            Some(conn) => Ok(conn),
-            None => open_reader(&self.path),
+            Some(reader) => Ok(reader),
+            None => Reader::open(&self.path),
         }
     }
 
-    fn put_reader(&self, conn: Connection) {
-        let mut idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    fn put_reader(&self, reader: Reader) {
+        let mut idle = self.idle();
         // `read_now` callers can outnumber the pool for a moment; keep a few, close the rest.
         if idle.len() < 2 * READERS {
-            idle.push(conn);
+            idle.push(reader);
         }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Reader>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Commit the writes queued now as one group (see [`Writer::commit_queued`]); false if
+    /// none were. Before: the idle readers' snapshots end, so that they don't hold the WAL
+    /// (its checkpoint, its restart) at this commit. After: the generation moves, before
+    /// any writer of the group is answered, so that a read after the answer begins anew.
+    fn commit_queued(&self, writer: &mut Writer) -> bool {
+        for reader in self.idle().iter_mut() {
+            reader.end();
+        }
+        writer.commit_queued(&self.generation)
     }
 }
 
@@ -611,7 +698,7 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
 
 /// One transaction for the whole group, a savepoint per job, one commit; then every caller is
 /// answered. Only after the commit: an `Ok` is never sent for a write that is not durable.
-fn run_group(conn: &mut Connection, group: Vec<Job>) {
+fn run_group(conn: &mut Connection, group: Vec<Job>, generation: &AtomicU64) {
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
@@ -661,6 +748,9 @@ fn run_group(conn: &mut Connection, group: Vec<Job>) {
         None if kept == 0 => tx.rollback(),
         None => tx.commit(),
     };
+    // Whatever the outcome (a failed commit may have kept nothing, or, in doubt, something):
+    // reads from now on take a new snapshot.
+    generation.fetch_add(1, Ordering::AcqRel);
     for answer in answers {
         answer(
             outcome
