@@ -76,6 +76,10 @@ struct Args {
     /// sampled every 10 s (target/soak/soak.{csv,json,png}); both must stay flat within 10%.
     #[arg(long, value_name = "MINUTES", num_args = 0..=1, default_missing_value = "10")]
     soak: Option<f64>,
+    /// Serve the echo baseline on this socket, in this process, until killed (the benchmark
+    /// starts itself so, as a process of its own like keywardd).
+    #[arg(long, hide = true, value_name = "SOCKET")]
+    echo_server: Option<PathBuf>,
 }
 
 /// The parts of a run.
@@ -176,6 +180,15 @@ fn soak_minutes(m: f64) -> f64 {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(socket) = &args.echo_server {
+        return match raw::servers::serve_echo(socket, world::SECRET) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("keyward-bench: echo server: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match run(&args) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),

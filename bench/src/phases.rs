@@ -22,7 +22,7 @@ use crate::Settings;
 /// GetSecret over persistent Varlink connections vs the same client against an echo server.
 pub fn get_secret(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
     let echo = w.scratch.path().join("echo.sock");
-    raw::servers::start_echo(w.rt.handle(), &echo, SECRET)?;
+    let _server = raw::servers::EchoProcess::start(&echo)?;
     let op = |c: &mut Client| -> Result<()> {
         let reply = c.get_secret("bench/secret", None)?;
         ensure!(

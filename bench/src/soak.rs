@@ -62,7 +62,7 @@ pub fn wide(w: &mut World, s: &Settings, r: &mut Report) -> Result<()> {
     let idle = rss(pid)?.1;
     let sampler = Sampler::start(pid, Duration::from_millis(100));
     let echo = w.scratch.path().join("echo-wide.sock");
-    raw::servers::start_echo(w.rt.handle(), &echo, SECRET)?;
+    let _server = raw::servers::EchoProcess::start(&echo)?;
     let path = format!("GetSecret over Varlink, {}", clients_label(WIDE));
     {
         let mut base = connect(&echo, WIDE)?;

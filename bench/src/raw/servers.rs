@@ -2,13 +2,18 @@
 //!
 //! - an echo server speaking Varlink's framing (NUL-terminated JSON): it parses each request
 //!   as JSON and answers with a reply of GetSecret's exact shape and size, so the same
-//!   `keyward::Client` code can call it and decode the answer;
+//!   `keyward::Client` code can call it and decode the answer. It runs in a process of its own
+//!   ([`EchoProcess`]), on a runtime built as keywardd builds its own: a server in the
+//!   benchmark's process would switch to and from its clients without changing address
+//!   space, which no daemon can;
 //! - a credential server that accepts and writes a fixed value, then closes: what systemd's
 //!   `LoadCredential=` socket needs at the very least.
 
+use std::io::{BufRead as _, BufReader as StdBufReader};
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
@@ -19,7 +24,7 @@ use tokio::runtime::Handle;
 ///
 /// # Errors
 /// The socket can't be bound.
-pub fn start_echo(rt: &Handle, path: &Path, value: &[u8]) -> Result<()> {
+fn start_echo(rt: &Handle, path: &Path, value: &[u8]) -> Result<()> {
     let _guard = rt.enter();
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
@@ -30,6 +35,61 @@ pub fn start_echo(rt: &Handle, path: &Path, value: &[u8]) -> Result<()> {
         }
     });
     Ok(())
+}
+
+/// The line [`serve_echo`] prints once it listens.
+const ECHO_READY: &str = "echo ready";
+
+/// Serve the echo protocol on `path` in this process until it is killed: the body of
+/// `keyward-bench --echo-server`.
+///
+/// # Errors
+/// The runtime can't start or the socket can't be bound.
+pub fn serve_echo(path: &Path, value: &[u8]) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    start_echo(rt.handle(), path, value)?;
+    println!("{ECHO_READY}");
+    rt.block_on(std::future::pending::<()>());
+    Ok(())
+}
+
+/// The echo server in a process of its own (this benchmark's binary, `--echo-server`); killed
+/// when dropped.
+pub struct EchoProcess(Child);
+
+impl EchoProcess {
+    /// Start it on `path` and wait until it listens.
+    ///
+    /// # Errors
+    /// It can't start, or it exits before saying it listens.
+    pub fn start(path: &Path) -> Result<EchoProcess> {
+        let exe = std::env::current_exe().context("finding this benchmark's binary")?;
+        let mut child = Command::new(exe)
+            .arg("--echo-server")
+            .arg(path)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the echo server")?;
+        let ready = child.stdout.take().map(|out| {
+            let mut line = String::new();
+            StdBufReader::new(out).read_line(&mut line).map(|_| line)
+        });
+        let echo = EchoProcess(child);
+        match ready {
+            Some(Ok(line)) if line.trim_end() == ECHO_READY => Ok(echo),
+            other => bail!("the echo server did not start: {other:?}"),
+        }
+    }
+}
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 async fn echo_connection(stream: UnixStream, value: String) {

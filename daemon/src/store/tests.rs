@@ -964,7 +964,32 @@ async fn idle_readers_do_not_keep_the_wal_from_restarting() {
     for _ in 0..1500 {
         put(&store, "app/db", &blob).await;
     }
-    let wal = std::fs::metadata(path.with_extension("db-wal")).unwrap().len();
+    let wal = std::fs::metadata(path.with_extension("db-wal"))
+        .unwrap()
+        .len();
     assert!(wal < 8 << 20, "the WAL grew to {wal} bytes");
     assert_eq!(store.read_now(|c| latest(c, "app/db")).unwrap(), Some(blob));
+}
+
+/// The bundled SQLite is built as `.cargo/config.toml` says: no process-wide mutex around
+/// every allocation (memory statistics) and one page cache per connection (no shared cache
+/// behind a mutex of its own). Readers on two threads contended on both.
+#[test]
+fn sqlite_is_built_without_process_wide_mutexes_on_the_read_path() {
+    let conn = rusqlite::Connection::open_in_memory().unwrap();
+    let options: Vec<String> = conn
+        .prepare("PRAGMA compile_options")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+        "{options:?}"
+    );
+    assert!(
+        !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+        "{options:?}"
+    );
 }
