@@ -20,6 +20,15 @@ use crate::measure::rss;
 use crate::raw::pkcs11::RawToken;
 
 /// The value GetSecret returns: 32 bytes, a typical password or token.
+/// The echo server's rates (requests a second), measured by the GetSecret phase.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EchoRates {
+    /// At one client: each request waits for the one before, so this is one round trip's time.
+    pub one: Option<f64>,
+    /// At 32 clients: every core is busy, so this is what one round trip costs in CPU.
+    pub busy: Option<f64>,
+}
+
 pub const SECRET: &[u8] = b"bench-secret-value-0123456789abc";
 /// The value the credential socket serves.
 pub const CREDENTIAL: &[u8] = b"credential-of-bench.service-0001";
@@ -45,9 +54,10 @@ pub struct World {
     pub raw_tpm: Swtpm,
     /// The daemon every phase measures (and the large vault of the scale phase).
     pub kw: Daemon,
-    /// The echo server's rate at one client, once the GetSecret phase has measured it: one
-    /// Unix-socket round trip, for [`crate::phases`]' ceilings.
-    pub echo_rate: Option<f64>,
+    /// The echo server's rates at one client and at 32, once the GetSecret phase has
+    /// measured them: the time of one Unix-socket round trip, and (with every core busy)
+    /// its CPU, for [`crate::phases`]' ceilings.
+    pub echo_rate: EchoRates,
     _raw_token: SoftHsm,
 }
 
@@ -85,7 +95,7 @@ impl World {
             raw,
             raw_tpm,
             kw,
-            echo_rate: None,
+            echo_rate: EchoRates::default(),
             _raw_token: raw_token,
         })
     }
