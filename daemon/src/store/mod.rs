@@ -245,9 +245,11 @@ struct Writer {
 }
 
 impl Writer {
-    /// Commit the writes queued now, as one group, moving `generation` before answering its
-    /// writers; false if none were.
-    fn commit_queued(&mut self, generation: &AtomicU64) -> bool {
+    /// Commit the writes queued now, as one group; false if none were. Before the group: the
+    /// snapshots of `store`'s idle readers end, so that they don't hold the WAL (its
+    /// checkpoint, its restart) at this commit. After it: the store's generation moves, before
+    /// any writer of the group is answered, so that a read after the answer begins anew.
+    fn commit_queued(&mut self, store: &Inner) -> bool {
         let mut group = Vec::new();
         while group.len() < WRITE_QUEUE {
             match self.jobs.try_recv() {
@@ -264,7 +266,10 @@ impl Writer {
             }
             return true;
         };
-        run_group(conn, group, generation);
+        for reader in store.idle().iter_mut() {
+            reader.end();
+        }
+        run_group(conn, group, &store.generation);
         // A failed COMMIT or ROLLBACK can leave a transaction open: never let it leak into the
         // next group.
         if !conn.is_autocommit() {
@@ -424,7 +429,7 @@ impl Store {
             // Busy: whoever holds it checks the queue after letting go.
             Err(std::sync::TryLockError::WouldBlock) => return,
         };
-        crate::blocking::here(|| self.inner.commit_queued(&mut writer));
+        crate::blocking::here(|| writer.commit_queued(&self.inner));
         drop(writer);
         if self.queued() {
             self.commit_elsewhere();
@@ -448,7 +453,7 @@ impl Store {
                     .writer
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                while self.inner.commit_queued(&mut writer) {}
+                while writer.commit_queued(&self.inner) {}
             }
             if !self.queued() {
                 return;
@@ -616,17 +621,6 @@ impl Inner {
         self.idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Commit the writes queued now as one group (see [`Writer::commit_queued`]); false if
-    /// none were. Before: the idle readers' snapshots end, so that they don't hold the WAL
-    /// (its checkpoint, its restart) at this commit. After: the generation moves, before
-    /// any writer of the group is answered, so that a read after the answer begins anew.
-    fn commit_queued(&self, writer: &mut Writer) -> bool {
-        for reader in self.idle().iter_mut() {
-            reader.end();
-        }
-        writer.commit_queued(&self.generation)
     }
 }
 
