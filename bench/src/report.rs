@@ -214,23 +214,22 @@ impl Report {
         (rate, p99): (Goal, Goal),
     ) -> (Stats, Stats) {
         let (b, k) = (c.base.stats(), c.keyward.stats());
-        let (pairs, unit) = (&c.pairs, Unit::PerSec);
+        let name = baseline_name;
         self.row(
             path,
             "throughput",
-            baseline_name,
-            unit,
+            name,
+            Unit::PerSec,
             (b.rate, k.rate),
-            pairs,
+            &c.pairs,
             rate,
         );
-        let latency = (b.p99, k.p99);
         self.row(
             path,
             "p99 latency",
-            baseline_name,
+            name,
             Unit::Secs,
-            latency,
+            (b.p99, k.p99),
             &[],
             p99,
         );

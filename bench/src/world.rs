@@ -19,7 +19,6 @@ use crate::fill;
 use crate::measure::rss;
 use crate::raw::pkcs11::RawToken;
 
-/// The value GetSecret returns: 32 bytes, a typical password or token.
 /// The echo server's rates (requests a second), measured by the GetSecret phase.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct EchoRates {
@@ -29,6 +28,7 @@ pub struct EchoRates {
     pub busy: Option<f64>,
 }
 
+/// The value GetSecret returns: 32 bytes, a typical password or token.
 pub const SECRET: &[u8] = b"bench-secret-value-0123456789abc";
 /// The value the credential socket serves.
 pub const CREDENTIAL: &[u8] = b"credential-of-bench.service-0001";

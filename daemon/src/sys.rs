@@ -6,8 +6,9 @@
 //!   also keeps other same-uid processes from ptrace-attaching or reading `/proc/PID/mem`);
 //! - key material in [`LockedBytes`]: pages of its own, `mlock`ed (never written to swap) and
 //!   `MADV_DONTDUMP` (left out of any core dump even if dumps were turned back on), zeroized
-//!   before they are freed or kept, locked, for the next key. Per-request plaintexts live for microseconds in zeroizing
-//!   buffers; the unit's `MemorySwapMax=0` keeps the whole service out of swap for those;
+//!   before they are freed or kept, locked, for the next key. Per-request plaintexts live for
+//!   microseconds in zeroizing buffers; the unit's `MemorySwapMax=0` keeps the whole service
+//!   out of swap for those;
 //! - umask 077, so nothing the daemon creates is readable by others;
 //! - `sd_notify`: `READY=1`, `STATUS=`, `STOPPING=1`, `WATCHDOG=1` (no-ops without
 //!   `NOTIFY_SOCKET`), and whether systemd asked for watchdog pings;
